@@ -1,0 +1,110 @@
+"""Shared helpers for the benchmarks: timing, peak memory, environment, CSV output.
+
+Every benchmark measures its baseline again in the same run and reports the ratio;
+results are appended to ``benchmarks/results.csv`` (or ``$OUT/results.csv``) with the
+GPU name, commit and date so that a number can be traced to the run that made it.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# Ceilings of the card, measured on an H100 80GB HBM3 (../shared/BASELINES.md).
+H100_BF16_TFLOPS = 764.0
+H100_COPY_TBPS = 3.0
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - no git on the machine: still record the run
+        return "unknown"
+
+
+def env_info() -> dict:
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"device": dev, "torch": torch.__version__, "triton": triton_version, "commit": commit(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")}
+
+
+def bench(fn: Callable[[], object], warmup: int = 3, rep: int = 20) -> float:
+    """Median milliseconds of ``fn()``; CUDA events on a GPU, wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(rep):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        times = []
+        for _ in range(rep):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_mem_mb(fn: Callable[[], object]) -> float:
+    """Extra peak CUDA memory (MB) that one call of ``fn`` allocates above what is live before it."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def results_path() -> Path:
+    out = os.environ.get("OUT")
+    return Path(out) / "results.csv" if out else Path(__file__).resolve().parent / "results.csv"
+
+
+def record(rows: list[dict]) -> None:
+    """Append result rows (dicts with op, impl, shape, ms, ... ) to the CSV with the environment."""
+    if not rows:
+        return
+    info = env_info()
+    path = results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["date", "commit", "device", "torch", "triton", "op", "shape", "impl", "ms", "metric", "value",
+              "unit", "peak_mb", "vs_baseline"]
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**info, **r})
+
+
+def print_table(rows: list[dict]) -> None:
+    """Print rows as a fixed-width table (op, shape, impl, ms, metric, value, unit, peak, ratio)."""
+    cols = ["op", "shape", "impl", "ms", "value", "unit", "peak_mb", "vs_baseline"]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    table = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)] if table else [len(c) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for t in table:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))

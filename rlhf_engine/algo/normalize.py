@@ -1,0 +1,118 @@
+"""Masked statistics, advantage whitening, reward clipping and a running reward normalizer.
+
+Mask convention: ``mask`` is a (B, T) tensor of 0/1 (bool or float); statistics use only
+positions where it is 1. Nothing here syncs with the host.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() if dim is None else (x * m).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of ``x`` over ``mask``; 0 where the mask is empty (never NaN)."""
+    m = mask.to(x.dtype)
+    num = (x * m).sum() if dim is None else (x * m).sum(dim)
+    den = m.sum() if dim is None else m.sum(dim)
+    return num / den.clamp(min=1)
+
+
+def _global_moments(x: torch.Tensor, mask: torch.Tensor, distributed: bool):
+    """(count, sum, sum of squares) over the mask, all-reduced over ranks if asked."""
+    m = mask.to(x.dtype)
+    stats = torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])
+    if distributed and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    return stats[0], stats[1], stats[2]
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, distributed: bool = False) -> torch.Tensor:
+    """Variance of ``x`` over the mask (Bessel-corrected by default), optionally across ranks."""
+    n, s, ss = _global_moments(x, mask, distributed)
+    mean = s / n.clamp(min=1)
+    var = (ss / n.clamp(min=1) - mean * mean).clamp(min=0)
+    if unbiased:
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
+                  distributed: bool = False) -> torch.Tensor:
+    """Whiten ``x`` with masked statistics over the whole batch: (x - mu) / sqrt(var + eps).
+
+    Args:
+        x: (B, T) float tensor (e.g. advantages).
+        mask: (B, T) 0/1 tensor.
+        shift_mean: if False the mean is added back (only the scale changes).
+        eps: added to the variance.
+        distributed: all-reduce the statistics over the default process group (when initialised).
+    Returns:
+        (B, T) whitened tensor, zero outside the mask.
+    """
+    n, s, ss = _global_moments(x, mask, distributed)
+    mean = s / n.clamp(min=1)
+    var = (ss / n.clamp(min=1) - mean * mean).clamp(min=0) * n / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def clip_rewards(rewards: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """Clamp rewards to [-clip, clip]; ``None`` leaves them unchanged."""
+    if clip is None:
+        return rewards
+    if clip <= 0:
+        raise ValueError(f"clip: expected a positive number or None, got {clip}")
+    return rewards.clamp(-clip, clip)
+
+
+class RunningMoments:
+    """Running mean and standard deviation of a stream of scalars (e.g. reward-model scores).
+
+    Batches are merged with Chan et al.'s parallel update, in float64, so the result does not
+    depend on how the stream was split. State stays on the tensors' device (no host sync).
+    """
+
+    def __init__(self) -> None:
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.mean = torch.zeros((), dtype=torch.float64)
+        self.m2 = torch.zeros((), dtype=torch.float64)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.sqrt(self.m2 / (self.count - 1).clamp(min=1))
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1).to(torch.float64)
+        if x.numel() == 0:
+            raise ValueError("x: expected a non-empty tensor of scores")
+        dev = x.device
+        self.count, self.mean, self.m2 = (t.to(dev) for t in (self.count, self.mean, self.m2))
+        n_b = torch.tensor(float(x.numel()), dtype=torch.float64, device=dev)
+        mean_b = x.mean()
+        m2_b = ((x - mean_b) ** 2).sum()
+        total = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * n_b / total
+        self.m2 = self.m2 + m2_b + delta * delta * self.count * n_b / total
+        self.count = total
+
+    def normalize(self, x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+        """(x - mean) / std with the running statistics (scale only if ``shift_mean`` is False)."""
+        std = self.std.to(x.device, torch.float64)
+        out = x.to(torch.float64)
+        if shift_mean:
+            out = out - self.mean.to(x.device)
+        return (out / (std + eps)).to(x.dtype)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count.cpu(), "mean": self.mean.cpu(), "m2": self.m2.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = (state[k].to(torch.float64) for k in ("count", "mean", "m2"))

@@ -1,0 +1,31 @@
+"""Pairwise reward-model loss (Bradley-Terry), with the optional margin of LLaMA-2."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_1d
+
+
+def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor,
+                         margin: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss = mean(-log sigmoid(r_chosen - r_rejected - margin)).
+
+    Args:
+        chosen, rejected: (B,) scalar rewards of the preferred and the other response.
+        margin: None, a float, or a (B,) tensor (LLaMA-2 uses a larger margin for clearer preferences).
+    Returns:
+        loss (0-dim) and accuracy (0-dim, detached): the fraction of pairs with r_chosen > r_rejected.
+    """
+    check_1d("chosen", chosen)
+    check_1d("rejected", rejected, chosen.shape[0])
+    if chosen.shape[0] == 0:
+        raise ValueError("chosen: expected at least one preference pair, got an empty batch")
+    diff = chosen - rejected
+    if margin is not None:
+        if isinstance(margin, torch.Tensor) and margin.dim() > 0:
+            check_1d("margin", margin, chosen.shape[0])
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    accuracy = (chosen > rejected).to(chosen.dtype).mean().detach()
+    return loss, accuracy

@@ -1,0 +1,35 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set
+before triton is first imported, so it is set here, at collection time, and nowhere in
+the library itself. Tests marked ``gpu`` are skipped when CUDA is not available.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device Triton tests run on: CUDA when present, else the CPU (interpreter)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
