@@ -95,8 +95,10 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
         return backend
     if x.is_cuda:
         return "triton"
-    from rlhf_engine.kernels import native
-
+    try:
+        from rlhf_engine.kernels import native
+    except ImportError:  # the wrapper itself failed to import: use the reference
+        return "torch"
     return "cpp" if native.available() else "torch"
 
 

@@ -1,0 +1,53 @@
+"""Rewards for PPO: a protocol, VADER sentiment, and adapters.
+
+A reward is either
+  * a text reward: ``fn(prompts: list[str], responses: list[str]) -> sequence of B floats``, or
+  * a token reward: an object with ``takes_tokens = True`` and
+    ``fn(input_ids (B, T) long, attention_mask (B, T)) -> (B,) float tensor`` scoring the whole
+    prompt + response (a reward model is one).
+Any plain Python callable is treated as a text reward. Scores must be finite: the trainer skips
+a step whose rewards hold NaN or inf and reports it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+class VaderSentimentReward:
+    """VADER compound sentiment of each response, in [-1, 1].
+
+    VADER (Hutto & Gilbert 2014) is a lexicon of 7,506 words whose valence was rated by ten
+    people each, plus rules for negation, intensifiers and punctuation. It is a *lexicon proxy*
+    for human preference: cheap and human-derived, but it scores words, not a person's judgement
+    of the whole text. Only the response is scored, not the prompt.
+    """
+
+    takes_tokens = False
+
+    def __init__(self) -> None:
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("the VADER reward needs the 'vaderSentiment' package: "
+                              "pip install vaderSentiment==3.3.2") from e
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return [self._analyzer.polarity_scores(r)["compound"] for r in responses]
+
+
+def token_reward(fn: Callable) -> Callable:
+    """Mark a callable as a token reward: ``fn(input_ids, attention_mask) -> (B,) tensor``."""
+    fn.takes_tokens = True
+    return fn
+
+
+def as_score_tensor(scores, batch: int, device: torch.device) -> torch.Tensor:
+    """Validate a reward's output: B finite-or-not floats -> (B,) float32 tensor (NaN is kept and
+    caught by the trainer, which then skips the step)."""
+    t = scores.detach().float() if isinstance(scores, torch.Tensor) else torch.tensor(list(scores), dtype=torch.float32)
+    if t.shape != (batch,):
+        raise ValueError(f"reward: expected {batch} scores (one per response), got shape {tuple(t.shape)}")
+    return t.to(device)

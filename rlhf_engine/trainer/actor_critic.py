@@ -1,0 +1,100 @@
+"""The trainable roles around a ``CausalLM``: log-probs of response tokens through the fused
+LM-head kernel (no (N, V) logits on the GPU), and values from a scalar head.
+
+Sequence layout used throughout the trainer: a left-padded prompt of width P followed by a
+right-padded response of width N, so ``input_ids`` is (B, P + N) and its attention mask is one
+contiguous block per row. The hidden state at position P - 1 + t predicts response token t
+(logits at position t predict token t + 1), and the critic's V_t is read at that same position.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlhf_engine.kernels.fused_linear_logprob import fused_linear_logprobs
+
+IGNORE_INDEX = -100
+
+
+class ValueHead(nn.Module):
+    """Scalar head: (..., H) hidden -> (...) fp32 values. Zero-initialised, so a fresh critic
+    predicts 0 everywhere and its first updates are driven by the returns alone."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1, dtype=dtype, device=device)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden.to(self.proj.weight.dtype)).squeeze(-1).float()
+
+
+def response_targets(response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) response ids with IGNORE_INDEX where the mask is 0 (no log-prob computed there)."""
+    return torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, IGNORE_INDEX))
+
+
+def policy_forward(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor, *, temperature: float, with_entropy: bool = False,
+                   value_head: ValueHead | None = None, with_bootstrap_value: bool = False):
+    """One trunk forward giving response log-probs (and entropy, and values from a shared head).
+
+    Args:
+        lm: a CausalLM (``hidden_states`` + ``lm_head_weight``).
+        input_ids: (B, P + N) prompt (left-padded) + response (right-padded).
+        attention_mask: (B, P + N) 0/1.
+        response_ids, response_mask: (B, N).
+        temperature: log-probs are taken under softmax(logits / temperature).
+        with_entropy: also return the per-token entropy (B, N).
+        value_head: when given, values V_t (B, N) are read at the positions predicting each token,
+            and, with ``with_bootstrap_value``, the value after the last column (B,) too.
+    Returns:
+        dict with "logp" (B, N) fp32 (0 where masked), optionally "entropy" (B, N), "values" (B, N),
+        "last_value" (B,).
+    """
+    B, N = response_ids.shape
+    P = input_ids.shape[1] - N
+    if P < 1:
+        raise ValueError(f"input_ids: expected at least one prompt token before the {N} response tokens, "
+                         f"got width {input_ids.shape[1]}")
+    hidden = lm.hidden_states(input_ids, attention_mask)  # (B, P + N, H)
+    H = hidden.shape[-1]
+    h_resp = hidden[:, P - 1:P + N - 1]  # (B, N, H): position P-1+t predicts response token t
+    targets = response_targets(response_ids, response_mask).reshape(-1)  # (B*N,)
+    out = fused_linear_logprobs(h_resp.reshape(B * N, H), lm.lm_head_weight, targets, temperature=temperature,
+                                ignore_index=IGNORE_INDEX, with_entropy=with_entropy)
+    result = {}
+    if with_entropy:
+        logp, ent = out
+        result["entropy"] = ent.view(B, N)
+    else:
+        logp = out
+    result["logp"] = logp.view(B, N)
+    if value_head is not None:
+        stop = P + N if with_bootstrap_value else P + N - 1
+        values = value_head(hidden[:, P - 1:stop])  # (B, N [+1])
+        result["values"] = values[:, :N]
+        if with_bootstrap_value:
+            result["last_value"] = values[:, N]
+    return result
+
+
+class SeparateCritic(nn.Module):
+    """A critic with its own trunk: a CausalLM's transformer (its LM head unused) + a ValueHead."""
+
+    def __init__(self, lm, value_head: ValueHead):
+        super().__init__()
+        self.lm = lm
+        self.value_head = value_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
+                with_bootstrap_value: bool = False) -> dict:
+        P = input_ids.shape[1] - n_response
+        hidden = self.lm.hidden_states(input_ids, attention_mask)
+        stop = P + n_response if with_bootstrap_value else P + n_response - 1
+        values = self.value_head(hidden[:, P - 1:stop])
+        out = {"values": values[:, :n_response]}
+        if with_bootstrap_value:
+            out["last_value"] = values[:, n_response]
+        return out

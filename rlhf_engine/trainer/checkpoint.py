@@ -1,0 +1,118 @@
+"""Atomic checkpoints in safetensors.
+
+Layout of ``<output_dir>/checkpoints``::
+
+    step-000010/            one directory per checkpoint, written to a temporary name and renamed
+        actor.safetensors   trainable model state (value head included when shared)
+        critic.safetensors  a separate critic, if any
+        optim.safetensors   every tensor of the optimizer/scheduler/RNG state, flattened
+        state.json          everything else (step, data position, KL coefficient, ...), and the
+                            structure needed to rebuild the optimizer state from the tensors
+    latest                  a text file naming the newest complete checkpoint (replaced atomically)
+
+A crash at any point leaves the previous checkpoint and ``latest`` intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _flatten(obj, prefix: str, tensors: dict):
+    """Replace every tensor in a nested structure by a reference, collecting the tensors."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "root"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        out = [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": out} if isinstance(obj, tuple) else out
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return {"__float__": repr(obj)}
+    return obj
+
+
+def _unflatten(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: str | Path, step: int, *, models: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
+    """Write ``models`` (name -> state dict) and ``state`` (nested, may hold tensors) atomically.
+
+    Returns the checkpoint directory.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+    try:
+        for name, sd in models.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+        tensors: dict[str, torch.Tensor] = {}
+        structure = _flatten(state, "s", tensors)
+        save_file(tensors, str(tmp / "optim.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "state": structure}, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = root / ".latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, root / "latest")
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    root = Path(root)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, int]:
+    """Returns (models, state, step) as saved by :func:`save_checkpoint`."""
+    path = Path(path)
+    meta_file = path / "state.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"checkpoint: no state.json in {path}")
+    meta = json.loads(meta_file.read_text())
+    tensors = load_file(str(path / "optim.safetensors"))
+    models = {f.stem: load_file(str(f)) for f in path.glob("*.safetensors") if f.stem != "optim"}
+    return models, _unflatten(meta["state"], tensors), int(meta["step"])

@@ -1,0 +1,156 @@
+"""Engine.train_ppo end to end on a tiny random model on the CPU."""
+import copy
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny import CharTokenizer, tiny_model  # noqa: E402
+
+from rlhf_engine import Engine, EngineConfig  # noqa: E402
+from rlhf_engine.trainer.checkpoint import latest_checkpoint  # noqa: E402
+
+PROMPTS = ["hello", "the movie", "abc", "x y z", "good", "it was", "a film", "why"]
+
+
+def _cfg(tmp_path, **sections):
+    base = {
+        "model": {"name_or_path": "preset:tiny-llama"},
+        "generation": {"max_new_tokens": 6, "max_prompt_len": 16},
+        "ppo": {"minibatch_size": 4, "micro_batch_size": 2, "epochs": 2},
+        "optim": {"lr": 1e-3},
+        "run": {"steps": 3, "prompts_per_step": 4, "device": "cpu", "output_dir": str(tmp_path / "run"),
+                "progress": False, "tensorboard": False, "plot": False},
+    }
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return base
+
+
+def length_reward(prompts, responses):
+    return [len(r) / 6.0 for r in responses]
+
+
+def test_ppo_tiny_runs_and_updates_only_the_actor(tmp_path):
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    eng = Engine(_cfg(tmp_path), model=model, tokenizer=CharTokenizer())
+    summary = eng.train_ppo(PROMPTS, reward=length_reward)
+    hist = [h for h in summary["history"] if "loss/policy" in h]
+    assert len(hist) == 3
+    for h in hist:
+        for k in ("loss/policy", "loss/value", "policy/entropy", "kl/mean", "reward/mean"):
+            assert math.isfinite(h[k]), (k, h[k])
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the actor did not change"
+    trainer = eng.last_trainer
+    for k, v in trainer.reference.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)  # the reference is frozen
+    # generation and training share the same parameter tensors: nothing was re-allocated
+    assert ptrs == {n: p.data_ptr() for n, p in model.named_parameters()}
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is not None
+
+
+def test_critic_learns_a_constant_reward(tmp_path):
+    cfg = _cfg(tmp_path, ppo={"vf_coef": 1.0, "epochs": 4, "value_clip": None, "kl_coef": 0.0},
+               optim={"lr": 3e-3}, run={"steps": 6})
+    eng = Engine(cfg, model=tiny_model(), tokenizer=CharTokenizer())
+    summary = eng.train_ppo(PROMPTS, reward=lambda p, r: [2.0] * len(r))
+    hist = [h for h in summary["history"] if "loss/value" in h]
+    # returns are 2 everywhere (gamma=1, no KL): the value loss must fall by a large factor
+    assert hist[-1]["loss/value"] < 0.25 * hist[0]["loss/value"]
+    assert abs(hist[-1]["critic/value_mean"] - 2.0) < 0.6
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    def run(out, steps, resume):
+        cfg = _cfg(tmp_path, run={"steps": steps, "output_dir": str(out), "resume": resume, "checkpoint_every": 1})
+        eng = Engine(cfg, model=tiny_model(seed=3), tokenizer=CharTokenizer())
+        eng.train_ppo(PROMPTS, reward=length_reward)
+        return eng._model.state_dict(), eng.last_trainer
+
+    full, t_full = run(tmp_path / "a", 4, False)
+    run(tmp_path / "b", 2, False)
+    resumed, t_res = run(tmp_path / "b", 4, True)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0)
+    torch.testing.assert_close(t_res.value_head.proj.weight, t_full.value_head.proj.weight, rtol=0, atol=0)
+
+
+def test_nan_reward_skips_the_step_and_keeps_weights(tmp_path):
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    eng = Engine(_cfg(tmp_path, run={"steps": 2}), model=model, tokenizer=CharTokenizer())
+    summary = eng.train_ppo(PROMPTS, reward=lambda p, r: [float("nan")] * len(r))
+    assert summary["skipped_steps"] == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce_pp_baseline", "reinforce_pp", "dr_grpo"])
+def test_critic_free_estimators_run(tmp_path, advantage):
+    cfg = _cfg(tmp_path, ppo={"advantage": advantage, "samples_per_prompt": 2, "kl_loss_coef": 0.01},
+               run={"steps": 1, "prompts_per_step": 2})
+    eng = Engine(cfg, model=tiny_model(), tokenizer=CharTokenizer())
+    summary = eng.train_ppo(PROMPTS, reward=length_reward)
+    h = [h for h in summary["history"] if "loss/policy" in h][0]
+    assert math.isfinite(h["loss/policy"]) and "loss/value" not in h
+
+
+def test_lora_reference_is_the_base_model_without_a_copy(tmp_path):
+    model = tiny_model()
+    base = copy.deepcopy(model.state_dict())
+    cfg = _cfg(tmp_path, lora={"enabled": True, "rank": 4, "alpha": 8.0}, run={"steps": 2})
+    eng = Engine(cfg, model=model, tokenizer=CharTokenizer())
+    eng.train_ppo(PROMPTS, reward=length_reward)
+    trainer = eng.last_trainer
+    assert trainer.reference is None  # the reference is the actor with adapters disabled
+    sd = model.state_dict()
+    for k, v in base.items():
+        assert torch.equal(sd[k], v), f"base weight {k} changed under LoRA"
+    assert any(("lora_B" in n) and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def test_separate_critic(tmp_path):
+    cfg = _cfg(tmp_path, ppo={"critic": "separate"}, run={"steps": 1})
+    eng = Engine(cfg, model=tiny_model(), tokenizer=CharTokenizer())
+    summary = eng.train_ppo(PROMPTS, reward=length_reward)
+    assert eng.last_trainer.critic is not None and eng.last_trainer.value_head is None
+    assert math.isfinite([h for h in summary["history"] if "loss/value" in h][0]["loss/value"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lr=-1", "optim.lr"), ("ppo.advantage=ppo2", "ppo.advantage"), ("run.device=tpu", "run.device"),
+    ("ppo.minibatch_size=64", "ppo.minibatch_size"), ("ppo.advantage=grpo", "samples_per_prompt"),
+    ("generation.top_p=0", "generation.top_p"), ("reward.kind=model", "reward.path"),
+])
+def test_bad_config_gives_clear_error(override, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig.from_dict({}, [override])
+
+
+def test_config_file_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 3e-5\nppo:\n  clip_high: 0.28\nrun:\n  steps: 7\n")
+    cfg = EngineConfig.from_file(path, ["run.seed=5"])
+    assert (cfg.optim.lr, cfg.ppo.clip_high, cfg.run.steps, cfg.run.seed) == (3e-5, 0.28, 7, 5)
+    toml = tmp_path / "c.toml"
+    toml.write_text("[optim]\nlr = 2e-5\n")
+    assert EngineConfig.from_file(toml).optim.lr == 2e-5
+    with pytest.raises(FileNotFoundError):
+        EngineConfig.from_file(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="unknown"):
+        EngineConfig.from_dict({"optimizer": {}})
+
+
+def test_empty_prompts_rejected(tmp_path):
+    eng = Engine(_cfg(tmp_path), model=tiny_model(), tokenizer=CharTokenizer())
+    with pytest.raises(ValueError, match="prompts"):
+        eng.train_ppo([], reward=length_reward)
+    with pytest.raises(TypeError, match="reward"):
+        eng.train_ppo(PROMPTS, reward=3)
