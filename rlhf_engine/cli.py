@@ -16,9 +16,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo_demo.yaml"
 def _read_prompts(path: str | None):
     if path is None:
         return None
-    from .data.datasets import load_prompts
+    from .data.datasets import load_prompt_dataset
 
-    return load_prompts(path)
+    return load_prompt_dataset(path)
 
 
 def _print_samples(title: str, samples, n: int = 4) -> None:

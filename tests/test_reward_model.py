@@ -1,0 +1,179 @@
+"""Reward model: learns a separable preference set, scores at the last valid token whatever the
+padding side, saves/loads atomically with identical scores, clear errors."""
+import random
+
+import pytest
+import torch
+
+from rlhf_engine.data import byte_tokenizer, collate_preference
+from rlhf_engine.model.config import preset
+from rlhf_engine.model.llama import CausalLM
+from rlhf_engine.trainer.reward_model import (RewardModel, evaluate_reward_model, load_reward_model,
+                                              save_reward_model, train_reward_model)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread is faster, and far faster on a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(tok, seed=0, name="tiny-llama"):
+    torch.manual_seed(seed)
+    return CausalLM(preset(name, vocab_size=len(tok), attn_backend="torch"))
+
+
+def separable_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Chosen responses contain an 'A' and rejected ones a 'B' somewhere inside (then EOS)."""
+    rng = random.Random(seed)
+    letters = "abcdefgh"
+    rows = []
+    for _ in range(n):
+        prompt = "".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) + ":"
+        base = [rng.choice(letters) for _ in range(rng.randint(3, 7))]
+        k = rng.randrange(len(base) + 1)
+        rows.append({"prompt": prompt, "chosen": "".join(base[:k] + ["A"] + base[k:]),
+                     "rejected": "".join(base[:k] + ["B"] + base[k:])})
+    return rows
+
+
+def test_learns_separable_preferences(tok):
+    pairs = separable_pairs(160)
+    s = train_reward_model(_model(tok), tok, pairs, eval_fraction=0.25, epochs=2, batch_size=16, lr=2e-3,
+                           max_len=32, progress=False)
+    assert s["n_eval"] == 40 and s["n_train"] == 120 and s["steps"] == 16
+    assert s["eval_accuracy"] >= 0.9, s["eval"]
+    assert s["train_loss"][-1] < s["train_loss"][0]
+    rm = s["reward_model"]
+    ev = evaluate_reward_model(rm, tok, separable_pairs(20, seed=7), max_len=32)
+    assert ev["accuracy"] >= 0.9 and ev["chosen_mean"] > ev["rejected_mean"]
+    # usable as a PPO token reward: rm(input_ids, attention_mask) -> (B,) scores
+    b = collate_preference(tok, separable_pairs(4, seed=8), 32)
+    assert rm.takes_tokens
+    with torch.no_grad():
+        r = rm(b["input_ids"], b["attention_mask"])
+    assert (r[:4] > r[4:]).all()
+
+
+def test_given_model_is_copied_by_default(tok):
+    lm = _model(tok)
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    s = train_reward_model(lm, tok, separable_pairs(8), eval_fraction=0.0, batch_size=8, lr=1e-2, max_len=32,
+                           progress=False)
+    assert s["reward_model"].model is not lm
+    assert all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())
+    s = train_reward_model(lm, tok, separable_pairs(8), eval_fraction=0.0, batch_size=8, lr=1e-2, max_len=32,
+                           progress=False, copy_model=False)
+    assert s["reward_model"].model is lm
+    assert not all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())
+
+
+def test_margin_and_lora(tok):
+    pairs = [dict(p, margin=2.0) for p in separable_pairs(24, seed=1)]
+    model = _model(tok, name="tiny-qwen2")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    s = train_reward_model(model, tok, pairs, eval_fraction=0.0, batch_size=8, lr=1e-3, max_len=32,
+                           lora=dict(rank=2, alpha=4.0, target_modules=("q_proj", "v_proj")), progress=False)
+    assert s["eval"] is None and s["eval_accuracy"] is None and s["steps"] == 3
+    rm = s["reward_model"]
+    for k, v in base.items():
+        assert torch.equal(v, rm.model.state_dict()[k]), k
+    assert rm.score_head.weight.requires_grad
+    # the margin is subtracted: with r_c == r_r the loss is -log σ(-2)
+    b = collate_preference(tok, pairs[:4], 32)
+    with torch.no_grad():
+        rm.score_head.weight.zero_()
+        rm.score_head.bias.zero_()
+    ev = evaluate_reward_model(rm, tok, pairs[:4], max_len=32)
+    assert ev["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(-2.0)).item(), rel=1e-5)
+    assert ev["accuracy"] == 0.0 and b["margin"].tolist() == [2.0] * 4
+
+
+def test_score_reads_the_last_valid_token_any_padding(tok):
+    rm = RewardModel(_model(tok)).eval()
+    b = collate_preference(tok, separable_pairs(3, seed=2), 32)
+    ids, mask = b["input_ids"], b["attention_mask"]  # right padded
+    right = rm.score(ids, mask)
+    # left padding: shift each row's valid run to the end
+    left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    T = ids.shape[1]
+    for i in range(ids.shape[0]):
+        n = int(mask[i].sum())
+        left_ids[i, T - n:], left_mask[i, T - n:] = ids[i, :n], 1
+    torch.testing.assert_close(rm.score(left_ids, left_mask), right, rtol=1e-5, atol=1e-5)
+    single = torch.stack([rm.score(ids[i: i + 1, : int(mask[i].sum())], mask[i: i + 1, : int(mask[i].sum())])[0]
+                          for i in range(ids.shape[0])])
+    torch.testing.assert_close(single, right, rtol=1e-5, atol=1e-5)
+    assert right.dtype == torch.float32 and right.shape == (ids.shape[0],) and not right.requires_grad
+
+
+def test_save_load_round_trip(tok, tmp_path):
+    rm = RewardModel(_model(tok, seed=4))
+    with torch.no_grad():
+        rm.score_head.bias.fill_(0.25)
+    b = collate_preference(tok, separable_pairs(4, seed=3), 32)
+    ref = rm.score(b["input_ids"], b["attention_mask"])
+    out = tmp_path / "rm"
+    save_reward_model(rm, out, tok)
+    save_reward_model(rm, out, tok)  # overwriting an existing directory works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]  # no temp / backup dirs left
+    assert {"config.json", "model.safetensors", "score_head.safetensors", "reward_model.json"} <= \
+        {p.name for p in out.iterdir()}
+    loaded, tok2 = load_reward_model(out, return_tokenizer=True)
+    assert torch.equal(loaded.score(b["input_ids"], b["attention_mask"]), ref)
+    assert tok2.encode("abc", add_special_tokens=False) == tok.encode("abc", add_special_tokens=False)
+    # a saved reward model can be trained further from its path
+    s = train_reward_model(out, None, separable_pairs(8), eval_fraction=0.0, batch_size=8, max_len=32,
+                           progress=False)
+    assert s["steps"] == 1 and isinstance(s["reward_model"], RewardModel)
+
+
+def test_save_merges_lora(tok, tmp_path):
+    from rlhf_engine.model.lora import apply_lora
+
+    rm = RewardModel(_model(tok, seed=5))
+    apply_lora(rm.model, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for n, p in rm.model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.05)
+    b = collate_preference(tok, separable_pairs(3, seed=6), 32)
+    ref = rm.score(b["input_ids"], b["attention_mask"])
+    loaded = load_reward_model(save_reward_model(rm, tmp_path / "rm"))
+    torch.testing.assert_close(loaded.score(b["input_ids"], b["attention_mask"]), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_errors(tok, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_reward_model(tmp_path / "nowhere")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError, match="score_head.safetensors"):
+        load_reward_model(tmp_path / "plain")
+    with pytest.raises(TypeError, match="model_or_path"):
+        train_reward_model(42, tok, separable_pairs(4), progress=False)
+    with pytest.raises(ValueError, match="eval_fraction"):
+        train_reward_model(_model(tok), tok, separable_pairs(4), eval_fraction=1.0, progress=False)
+    with pytest.raises(FileNotFoundError, match="prefs.jsonl"):
+        train_reward_model(_model(tok), tok, tmp_path / "prefs.jsonl", progress=False)
+
+
+@pytest.mark.gpu
+def test_reward_model_on_cuda_bf16(tok, tmp_path):
+    torch.manual_seed(0)
+    lm = CausalLM(preset("tiny-llama", vocab_size=len(tok))).to("cuda", torch.bfloat16)  # attn "auto": Triton
+    s = train_reward_model(lm, tok, separable_pairs(160), eval_fraction=0.25, epochs=2, batch_size=16, lr=2e-3,
+                           max_len=32, progress=False)
+    assert s["eval_accuracy"] >= 0.9, s["eval"]
+    rm = s["reward_model"]
+    b = collate_preference(tok, separable_pairs(4, seed=3), 32)
+    ids, mask = b["input_ids"].cuda(), b["attention_mask"].cuda()
+    loaded = load_reward_model(save_reward_model(rm, tmp_path / "rm"), dtype=torch.bfloat16, device="cuda")
+    assert torch.equal(loaded.score(ids, mask), rm.score(ids, mask))
