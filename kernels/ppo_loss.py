@@ -1,0 +1,537 @@
+"""The PPO objective fused: loss, metrics AND gradients in one pass over the (B, T) tensors.
+
+Per token (notation of ``rlhf_engine.algo.losses``; all derivatives are those autograd takes of
+``ppo_loss_reference``, including at the non-smooth points):
+
+  policy:  x = logp - old_logp,  rho = exp(clamp(x, -20, 20)),  rc = clamp(rho, 1 - eps_low, 1 + eps_high)
+           pg1 = -A rho,  pg2 = -A rc,  pg = max(pg1, pg2)
+           d pg1/d logp = -A rho [-20 <= x <= 20]            (clamp passes the gradient on [lo, hi], ends included)
+           d pg2/d logp = -A rho [-20 <= x <= 20] [1 - eps_low <= rho <= 1 + eps_high]
+           d max(p, q) = dp if p > q, dq if q > p, (dp + dq) / 2 on a tie (as torch.maximum)
+           dual clip (c):  lower = -c A;  pg <- lower where A < 0 and pg > lower (there d pg = 0)
+           clipped = pg2 > pg1 (or the dual clip fired)
+  value:   e = V - G,  vc = V_old + clamp(V - V_old, -eps_v, eps_v),  ec = vc - G
+           vf = 1/2 max(e^2, ec^2);   d(e^2/2)/dV = e,   d(ec^2/2)/dV = ec [-eps_v <= V - V_old <= eps_v]
+           tie e^2 == ec^2 (always in PPO's first epoch, V == V_old): half to each branch, as torch.maximum
+           unclipped (value_clip None): vf = e^2 / 2, d vf/dV = e
+  entropy: H (the given per-token entropy), d/dH = 1
+  KL:      y = logp - ref_logp (kl_estimate, clamp 10):
+           k1 = clamp(y, -10, 10)                     dk/dlogp = [-10 <= y <= 10]
+           k2 = clamp(y^2/2, -10, 10)                 dk/dlogp = y [y^2/2 <= 10]
+           k3 = clamp(e^-yc - 1 + yc, -10, 10), yc = clamp(y, -20, 20)
+                                                      dk/dlogp = (1 - e^-yc) [-20 <= y <= 20] [k3 raw <= 10]
+
+The objective is loss = agg(pg) + vf_coef agg(vf) - ent_coef agg(H) + kl_coef agg(k), where
+agg(l) = sum_{b,t} w_bt l_bt with w = m * s_b / N (``loss_weights``): s_b = 1 / max(n_b, 1) for
+"seq-mean-token-mean" (n_b the row's token count) and 1 otherwise; N = N_tokens ("token-mean"),
+N_seqs ("seq-mean-token-mean", "seq-mean-token-sum"), N_seqs * T_max ("seq-mean-token-sum-norm").
+N is global: N_tokens = num_tokens or max(sum m, 1), N_seqs = num_seqs or max(#non-empty rows, 1).
+
+Kernel 1 (one program per ROWS rows, looping over T) writes per token the gradients of the
+*un-normalized* objective, u = m s_b (d pg + kl_coef dk) for logp, m s_b vf_coef d vf for V and
+-m s_b ent_coef for H, and per row 8 partial sums (token count, then the sums of pg, clipped,
+x^2/2, vf, vclipped, H, k; the loss terms times s_b). Kernel 2 (one program) adds the partials in a
+fixed order (deterministic, no atomics), derives N on the device (no host sync), and writes the
+loss, the metrics and 1/N. The autograd backward is then d input = u * (grad_output / N): no second
+pass over the inputs. Masked tokens (m = 0) contribute nothing, whatever their values.
+
+Metrics (fixed order in the op's ``metrics`` tensor): pg_loss, clip_frac, approx_kl, vf_loss,
+vf_clip_frac, entropy, kl. The loss terms use the loss weights; clip_frac, approx_kl and
+vf_clip_frac are sums over valid tokens divided by N_tokens (as the reference).
+
+The mask is read as 0/1 (nonzero = valid; the reference multiplies by the mask value, the same for
+0/1 masks). Inputs fp32/fp16/bf16, math in fp32; loss and metrics in the dtype of logp, gradients in
+each input's dtype. old_logp, advantages, old_values, returns and ref_logp are constants (no gradient).
+
+Layers: ``_ppo_loss_fwd_kernel`` + ``_ppo_loss_finalize_kernel`` -> ``ppo_loss_forward`` /
+``ppo_loss_backward`` -> ``PPOLossFunction`` and the custom op ``rlhf_engine::ppo_loss`` -> ``ppo_loss_triton``
+(eager: the Function, which is cheaper to call than the custom op; under ``torch.compile``: the custom op;
+with nothing requiring grad: the launch function alone, without gradient buffers).
+"""
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "k2", "k3")
+METRIC_KEYS = ("pg_loss", "clip_frac", "approx_kl", "vf_loss", "vf_clip_frac", "entropy", "kl")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_N_PART = 8  # per-row partials: count, pg, clipped, x^2/2, vf, vclipped, H, k
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _ppo_loss_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, m_ptr,          # (B, T) contiguous
+    v_ptr, vold_ptr, ret_ptr, ref_ptr, ent_ptr,  # (B, T) contiguous, read only with their HAS_* flag
+    dlogp_ptr, dv_ptr, dent_ptr,                 # (B, T) fp32 un-normalized gradients (written with STORE_*)
+    part_ptr,                                    # (8, B) fp32 per-row partial sums
+    B, T,
+    ratio_lo, ratio_hi,                          # 1 - eps_low, 1 + eps_high
+    dual_c, value_clip, vf_coef, ent_coef, kl_coef,
+    HAS_V: tl.constexpr, HAS_ENT: tl.constexpr, HAS_REF: tl.constexpr,
+    DUAL: tl.constexpr, VCLIP: tl.constexpr, KL_KIND: tl.constexpr, ROW_MEAN: tl.constexpr,
+    STORE_DLOGP: tl.constexpr, STORE_DV: tl.constexpr, STORE_DENT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)            # (ROWS,)
+    row_ok = rows < B
+    row_off = rows.to(tl.int64)[:, None] * T                       # (ROWS, 1)
+    cols = tl.arange(0, BLOCK_T)
+    if ROW_MEAN:  # s_b = 1 / max(n_b, 1) is needed before the gradients: count the row's tokens first
+        n_row = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, T, BLOCK_T):
+            t = start + cols
+            ok = row_ok[:, None] & (t < T)[None, :]
+            m = tl.load(m_ptr + row_off + t[None, :], mask=ok, other=0) != 0
+            n_row += tl.sum(m.to(tl.float32), axis=1)
+        s_row = 1.0 / tl.maximum(n_row, 1.0)
+    else:
+        s_row = tl.full([ROWS], 1.0, dtype=tl.float32)
+    acc_n = tl.zeros([ROWS], dtype=tl.float32)
+    acc_pg = tl.zeros([ROWS], dtype=tl.float32)
+    acc_clip = tl.zeros([ROWS], dtype=tl.float32)
+    acc_akl = tl.zeros([ROWS], dtype=tl.float32)
+    acc_vf = tl.zeros([ROWS], dtype=tl.float32)
+    acc_vclip = tl.zeros([ROWS], dtype=tl.float32)
+    acc_ent = tl.zeros([ROWS], dtype=tl.float32)
+    acc_kl = tl.zeros([ROWS], dtype=tl.float32)
+    for start in range(0, T, BLOCK_T):
+        t = start + cols
+        ok = row_ok[:, None] & (t < T)[None, :]                    # (ROWS, BLOCK_T)
+        offs = row_off + t[None, :]
+        m = tl.load(m_ptr + offs, mask=ok, other=0) != 0
+        logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        acc_n += tl.sum(m.to(tl.float32), axis=1)
+
+        # ---- clipped surrogate
+        x = logp - old
+        in_x = (x >= -20.0) & (x <= 20.0)
+        ratio = tl.exp(tl.minimum(tl.maximum(x, -20.0), 20.0))
+        in_r = (ratio >= ratio_lo) & (ratio <= ratio_hi)
+        pg1 = -adv * ratio
+        pg2 = -adv * tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+        d1 = tl.where(in_x, -adv * ratio, 0.0)                     # d pg1 / d logp
+        d2 = tl.where(in_r, d1, 0.0)                               # d pg2 / d logp
+        pg = tl.maximum(pg1, pg2)
+        dpg = tl.where(pg1 > pg2, d1, tl.where(pg2 > pg1, d2, 0.5 * (d1 + d2)))
+        clipped = pg2 > pg1
+        if DUAL:
+            lower = -dual_c * adv
+            dual = (adv < 0.0) & (pg > lower)
+            pg = tl.where(dual, lower, pg)
+            dpg = tl.where(dual, 0.0, dpg)
+            clipped = clipped | dual
+        acc_pg += tl.sum(tl.where(m, pg, 0.0), axis=1)
+        acc_clip += tl.sum(tl.where(m & clipped, 1.0, 0.0), axis=1)
+        acc_akl += tl.sum(tl.where(m, 0.5 * x * x, 0.0), axis=1)
+        dlogp = dpg
+
+        # ---- KL to the reference
+        if HAS_REF:
+            ref = tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            y = logp - ref
+            if KL_KIND == 1:
+                k = tl.minimum(tl.maximum(y, -10.0), 10.0)
+                dk = tl.where((y >= -10.0) & (y <= 10.0), 1.0, 0.0)
+            elif KL_KIND == 2:
+                raw = 0.5 * y * y
+                k = tl.minimum(raw, 10.0)                          # raw >= 0: the lower clamp never binds
+                dk = tl.where(raw <= 10.0, y, 0.0)
+            else:
+                yc = tl.minimum(tl.maximum(y, -20.0), 20.0)
+                e = tl.exp(-yc)
+                raw = e - 1.0 + yc                                 # >= 0: only the upper clamp binds
+                k = tl.minimum(raw, 10.0)
+                dk = tl.where((y >= -20.0) & (y <= 20.0) & (raw <= 10.0), 1.0 - e, 0.0)
+            acc_kl += tl.sum(tl.where(m, k, 0.0), axis=1)
+            dlogp += kl_coef * dk
+        if STORE_DLOGP:
+            tl.store(dlogp_ptr + offs, tl.where(m, dlogp * s_row[:, None], 0.0), mask=ok)
+
+        # ---- value loss
+        if HAS_V:
+            v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            ret = tl.load(ret_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            err = v - ret
+            if VCLIP:
+                v_old = tl.load(vold_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+                dvv = v - v_old
+                errc = v_old + tl.minimum(tl.maximum(dvv, -value_clip), value_clip) - ret
+                e2 = err * err
+                ec2 = errc * errc
+                vf = 0.5 * tl.maximum(e2, ec2)
+                dc = tl.where((dvv >= -value_clip) & (dvv <= value_clip), errc, 0.0)
+                dvf = tl.where(e2 > ec2, err, tl.where(ec2 > e2, dc, 0.5 * (err + dc)))
+                acc_vclip += tl.sum(tl.where(m & (ec2 > e2), 1.0, 0.0), axis=1)
+            else:
+                vf = 0.5 * err * err
+                dvf = err
+            acc_vf += tl.sum(tl.where(m, vf, 0.0), axis=1)
+            if STORE_DV:
+                tl.store(dv_ptr + offs, tl.where(m, (vf_coef * dvf) * s_row[:, None], 0.0), mask=ok)
+
+        # ---- entropy bonus
+        if HAS_ENT:
+            h = tl.load(ent_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            acc_ent += tl.sum(tl.where(m, h, 0.0), axis=1)
+            if STORE_DENT:
+                tl.store(dent_ptr + offs, tl.where(m, -ent_coef * s_row[:, None], 0.0), mask=ok)
+
+    p = part_ptr + rows
+    tl.store(p + 0 * B, acc_n, mask=row_ok)
+    tl.store(p + 1 * B, acc_pg * s_row, mask=row_ok)
+    tl.store(p + 2 * B, acc_clip, mask=row_ok)
+    tl.store(p + 3 * B, acc_akl, mask=row_ok)
+    tl.store(p + 4 * B, acc_vf * s_row, mask=row_ok)
+    tl.store(p + 5 * B, acc_vclip, mask=row_ok)
+    tl.store(p + 6 * B, acc_ent * s_row, mask=row_ok)
+    tl.store(p + 7 * B, acc_kl * s_row, mask=row_ok)
+
+
+@triton.jit
+def _ppo_loss_finalize_kernel(
+    part_ptr,                       # (8, B) fp32 partials from the first kernel
+    loss_ptr, metrics_ptr,          # () and (7,) fp32 outputs
+    inv_n_ptr,                      # () fp32 output: 1 / N of the loss aggregation
+    ntok_ptr, nseq_ptr,             # 0-dim tensors (modes 2)
+    B,
+    ntok_value, nseq_value,         # Python numbers (modes 1)
+    t_max, vf_coef, ent_coef, kl_coef,
+    NTOK_MODE: tl.constexpr, NSEQ_MODE: tl.constexpr,   # 0: from the mask, 1: value, 2: tensor
+    AGG: tl.constexpr,              # index into AGG_MODES
+    BLOCK_B: tl.constexpr,
+):
+    k = tl.arange(0, 8)                                            # partial index
+    offs = tl.arange(0, BLOCK_B)
+    acc = tl.zeros([8, BLOCK_B], dtype=tl.float32)
+    nonempty = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for start in range(0, B, BLOCK_B):                             # fixed order: deterministic
+        rows = start + offs
+        tile = tl.load(part_ptr + k[:, None] * B + rows[None, :], mask=(rows < B)[None, :], other=0.0)
+        acc += tile
+        n_row = tl.sum(tl.where(k[:, None] == 0, tile, 0.0), axis=0)
+        nonempty += tl.where(n_row > 0.0, 1.0, 0.0)
+    sums = tl.sum(acc, axis=1)                                     # (8,)
+    if NTOK_MODE == 0:
+        n_tok = tl.maximum(tl.sum(tl.where(k == 0, sums, 0.0), axis=0), 1.0)
+    elif NTOK_MODE == 1:
+        n_tok = ntok_value
+    else:
+        n_tok = tl.load(ntok_ptr).to(tl.float32)
+    if NSEQ_MODE == 0:
+        n_seq = tl.maximum(tl.sum(nonempty, axis=0), 1.0)
+    elif NSEQ_MODE == 1:
+        n_seq = nseq_value
+    else:
+        n_seq = tl.load(nseq_ptr).to(tl.float32)
+    if AGG == 0:
+        n_agg = n_tok
+    elif AGG == 3:
+        n_agg = n_seq * t_max
+    else:
+        n_agg = n_seq
+    # metrics_j = sums_{j+1} / (N_agg for the loss terms pg, vf, H, k; N_tokens for the fractions and approx_kl)
+    is_loss_term = (k == 1) | (k == 4) | (k == 6) | (k == 7)
+    vals = sums / tl.where(is_loss_term, n_agg, n_tok)
+    coef = tl.where(k == 1, 1.0, tl.where(k == 4, vf_coef, tl.where(k == 6, -ent_coef, tl.where(k == 7, kl_coef, 0.0))))
+    loss = tl.sum(coef * vals, axis=0)
+    tl.store(metrics_ptr + k - 1, vals, mask=k >= 1)
+    tl.store(loss_ptr, loss)
+    tl.store(inv_n_ptr, 1.0 / n_agg)
+
+
+# ----------------------------------------------------------------------------- launch functions
+class PPOLossConfig(NamedTuple):
+    """The scalar hyperparameters of :func:`ppo_loss_triton` (normalized: clip_high filled in)."""
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    value_clip: Optional[float] = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    agg: str = "token-mean"
+    max_len: Optional[int] = None
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_config(B: int, T: int, block_t: Optional[int]) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_T, num_warps): chunks of up to 1024 tokens, short rows packed up to 2048 tokens per program."""
+    if block_t is None:
+        block_t = min(1024, triton.next_power_of_2(max(T, 16)))
+    if block_t < 2 or block_t & (block_t - 1):
+        raise ValueError(f"block_t: expected a power of two >= 2, got {block_t}")
+    rows = max(1, min(triton.next_power_of_2(max(B, 1)), 2048 // block_t))
+    size = rows * block_t
+    num_warps = 8 if size >= 2048 else 4 if size >= 512 else 2
+    return rows, block_t, num_warps
+
+
+def _normalizer(n, name: str, device: torch.device) -> tuple[int, float, Optional[torch.Tensor]]:
+    """(mode, value, tensor) for the finalize kernel: 0 from the mask, 1 a Python number, 2 a device tensor."""
+    if n is None:
+        return 0, 0.0, None
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1:
+            raise ValueError(f"{name}: expected a number or a 0-dim tensor, got shape {tuple(n.shape)}")
+        return 2, 0.0, n.detach().reshape(()).to(device)   # no copy when already on the device
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        raise TypeError(f"{name}: expected None, a number or a 0-dim tensor, got {type(n).__name__}")
+    return 1, float(n), None
+
+
+def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                     values: Optional[torch.Tensor] = None, old_values: Optional[torch.Tensor] = None,
+                     returns: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
+                     entropy: Optional[torch.Tensor] = None, cfg: PPOLossConfig = PPOLossConfig(),
+                     num_tokens=None, num_seqs=None, need_grads: tuple[bool, bool, bool] = (True, True, True),
+                     block_t: Optional[int] = None):
+    """Launch the two forward kernels (no argument checks: see :func:`ppo_loss_triton`).
+
+    Args:
+        logp, old_logp, advantages: (B, T) fp32/fp16/bf16; mask: (B, T) bool/int/float (nonzero = valid).
+        values, old_values, returns, ref_logp, entropy: optional (B, T) floats, as in :func:`ppo_loss_triton`.
+        cfg: the scalar hyperparameters. num_tokens, num_seqs: None, a number or a 0-dim tensor.
+        need_grads: whether to write the gradients for (logp, values, entropy).
+        block_t: tokens per chunk (power of two); default min(1024, next_pow2(T)).
+    Returns:
+        loss: () in logp.dtype; metrics: (7,) in logp.dtype (order :data:`METRIC_KEYS`, 0 for absent terms);
+        u_logp, u_values, u_entropy: (B, T) fp32 gradients of the loss times N (shape (0,) when absent
+        or not needed); inv_n: () fp32, 1 / N. The gradient of ``loss`` w.r.t. logp is u_logp * inv_n.
+    """
+    B, T = logp.shape
+    dev = logp.device
+    has_v, has_ref, has_ent = values is not None, ref_logp is not None, entropy is not None
+    st_logp, st_v, st_ent = need_grads[0], need_grads[1] and has_v, need_grads[2] and has_ent
+    new = lambda on: torch.empty((B, T) if on else (0,), dtype=torch.float32, device=dev)  # noqa: E731
+    u_logp, u_v, u_ent = new(st_logp), new(st_v), new(st_ent)
+    part = torch.empty((_N_PART, B), dtype=torch.float32, device=dev)
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    metrics = torch.empty((len(METRIC_KEYS),), dtype=torch.float32, device=dev)
+    inv_n = torch.empty((), dtype=torch.float32, device=dev)
+    agg = AGG_MODES.index(cfg.agg)
+    ntok_mode, ntok_val, ntok_t = _normalizer(num_tokens, "num_tokens", dev)
+    nseq_mode, nseq_val, nseq_t = _normalizer(num_seqs, "num_seqs", dev)
+    if B > 0:
+        ROWS, BLOCK_T, num_warps = _launch_config(B, T, block_t)
+        c = lambda x: x.contiguous() if x is not None else logp  # noqa: E731 - absent inputs: any valid pointer
+        m = mask.contiguous()
+        m = m.view(torch.uint8) if m.dtype == torch.bool else m
+        _ppo_loss_fwd_kernel[(triton.cdiv(B, ROWS),)](
+            c(logp), c(old_logp), c(advantages), m, c(values), c(old_values), c(returns), c(ref_logp), c(entropy),
+            u_logp if st_logp else part, u_v if st_v else part, u_ent if st_ent else part, part,
+            B, T, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high,
+            float(cfg.dual_clip or 0.0), float(cfg.value_clip or 0.0), float(cfg.vf_coef), float(cfg.ent_coef),
+            float(cfg.kl_coef),
+            HAS_V=has_v, HAS_ENT=has_ent, HAS_REF=has_ref, DUAL=cfg.dual_clip is not None,
+            VCLIP=cfg.value_clip is not None, KL_KIND=KL_KINDS.index(cfg.kl_kind) + 1, ROW_MEAN=agg == 1,
+            STORE_DLOGP=st_logp, STORE_DV=st_v, STORE_DENT=st_ent,
+            ROWS=ROWS, BLOCK_T=BLOCK_T, num_warps=num_warps,
+        )
+    _ppo_loss_finalize_kernel[(1,)](
+        part, loss, metrics, inv_n, ntok_t if ntok_t is not None else part, nseq_t if nseq_t is not None else part,
+        B, ntok_val, nseq_val, float(T if cfg.max_len is None else cfg.max_len),
+        float(cfg.vf_coef), float(cfg.ent_coef), float(cfg.kl_coef),
+        NTOK_MODE=ntok_mode, NSEQ_MODE=nseq_mode, AGG=agg,
+        BLOCK_B=min(1024, triton.next_power_of_2(max(B, 16))), num_warps=4,
+    )
+    if logp.dtype != torch.float32:  # rounded by torch (the interpreter truncates fp32 -> bf16 stores)
+        loss, metrics = loss.to(logp.dtype), metrics.to(logp.dtype)
+    return loss, metrics, u_logp, u_v, u_ent, inv_n
+
+
+def ppo_loss_backward(grad_loss: torch.Tensor, inv_n: torch.Tensor, us: tuple[Optional[torch.Tensor], ...],
+                      dtypes: tuple[Optional[torch.dtype], ...]) -> tuple[Optional[torch.Tensor], ...]:
+    """d input = u * (grad_loss / N): one elementwise op per input (no pass over the other inputs).
+
+    Args: grad_loss: () upstream gradient; inv_n: () fp32 1 / N; us: (B, T) fp32 saved gradients (or None);
+    dtypes: dtype of each returned gradient. Returns one gradient (or None) per entry of ``us``.
+    """
+    scale = grad_loss * inv_n if grad_loss.dtype == torch.float32 else grad_loss.float() * inv_n   # ()
+    out = []
+    for u, dt in zip(us, dtypes):
+        d = None if u is None else u * scale
+        out.append(d if d is None or d.dtype == dt else d.to(dt))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- autograd
+class PPOLossFunction(torch.autograd.Function):
+    """Thin autograd wrapper: the eager path of :func:`ppo_loss_triton` (under ``torch.compile``
+    the custom op ``rlhf_engine::ppo_loss`` is used). Returns (loss, metrics); metrics is detached."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy,
+                num_tokens, num_seqs, cfg):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[8])
+        loss, metrics, u_logp, u_v, u_ent, inv_n = ppo_loss_forward(
+            logp, old_logp, advantages, mask, values=values, old_values=old_values, returns=returns,
+            ref_logp=ref_logp, entropy=entropy, cfg=cfg, num_tokens=num_tokens, num_seqs=num_seqs, need_grads=need)
+        ctx.save_for_backward(u_logp, u_v, u_ent, inv_n)
+        ctx.need = need
+        ctx.dtypes = (logp.dtype, values.dtype if values is not None else None,
+                      entropy.dtype if entropy is not None else None)
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_metrics):
+        u_logp, u_v, u_ent, inv_n = ctx.saved_tensors
+        us = tuple(u if need else None for u, need in zip((u_logp, u_v, u_ent), ctx.need))
+        d_logp, d_v, d_ent = ppo_loss_backward(grad_loss, inv_n, us, ctx.dtypes)
+        return d_logp, None, None, None, d_v, None, None, None, d_ent, None, None, None
+
+
+@torch.library.custom_op("rlhf_engine::ppo_loss", mutates_args=())
+def _ppo_loss_op(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    values: Optional[torch.Tensor], old_values: Optional[torch.Tensor], returns: Optional[torch.Tensor],
+    ref_logp: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+    num_tokens: Optional[torch.Tensor], num_seqs: Optional[torch.Tensor],
+    num_tokens_value: Optional[float], num_seqs_value: Optional[float],
+    clip_low: float, clip_high: float, dual_clip: Optional[float], value_clip: Optional[float],
+    vf_coef: float, ent_coef: float, kl_coef: float, kl_kind: str, agg: str, max_len: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, metrics, u_logp, u_values, u_entropy, inv_n); see :func:`ppo_loss_forward`.
+    A normalizer is given either as a tensor or as a value (``*_value``), or neither (from the mask)."""
+    cfg = PPOLossConfig(clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
+    return ppo_loss_forward(
+        logp, old_logp, advantages, mask, values=values, old_values=old_values, returns=returns, ref_logp=ref_logp,
+        entropy=entropy, cfg=cfg, num_tokens=num_tokens if num_tokens is not None else num_tokens_value,
+        num_seqs=num_seqs if num_seqs is not None else num_seqs_value)
+
+
+@_ppo_loss_op.register_fake
+def _(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, num_tokens, num_seqs,
+      num_tokens_value, num_seqs_value, clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef,
+      kl_kind, agg, max_len):
+    B, T = logp.shape
+    f32 = lambda *s: logp.new_empty(s, dtype=torch.float32)  # noqa: E731
+    return (logp.new_empty(()), logp.new_empty((len(METRIC_KEYS),)), f32(B, T),
+            f32(B, T) if values is not None else f32(0), f32(B, T) if entropy is not None else f32(0), f32())
+
+
+def _setup_context(ctx, inputs, output):
+    u_logp, u_v, u_ent, inv_n = output[2:]
+    ctx.save_for_backward(u_logp, u_v, u_ent, inv_n)
+    logp, values, entropy = inputs[0], inputs[4], inputs[8]
+    ctx.dtypes = (logp.dtype, values.dtype if values is not None else None,
+                  entropy.dtype if entropy is not None else None)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_):
+    u_logp, u_v, u_ent, inv_n = ctx.saved_tensors
+    us = tuple(u if dt is not None else None for u, dt in zip((u_logp, u_v, u_ent), ctx.dtypes))
+    d_logp, d_v, d_ent = ppo_loss_backward(grad_loss, inv_n, us, ctx.dtypes)
+    return (d_logp, None, None, None, d_v, None, None, None, d_ent) + (None,) * 14
+
+
+_ppo_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def _check_args(tensors: dict, cfg: PPOLossConfig) -> None:
+    ref = tensors["logp"]
+    for name, x in tensors.items():
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape != ref.shape:
+            raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (as logp, a (B, T) tensor), "
+                             f"got {tuple(x.shape)}")
+        if x.device != ref.device:
+            raise ValueError(f"{name}: expected device {ref.device} (as logp), got {x.device}")
+        if name != "mask" and x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {x.dtype}")
+    critic = [tensors[n] is None for n in ("values", "old_values", "returns")]
+    if any(critic) and not all(critic):
+        raise ValueError("values, old_values, returns: expected all three or none")
+    if cfg.agg not in AGG_MODES:
+        raise ValueError(f"agg: expected one of {AGG_MODES}, got {cfg.agg!r}")
+    if cfg.kl_kind not in KL_KINDS:
+        raise ValueError(f"kl_kind: expected one of {KL_KINDS}, got {cfg.kl_kind!r}")
+    if not cfg.clip_low > 0 or not cfg.clip_high > 0:
+        raise ValueError(f"clip_low, clip_high: expected > 0, got {cfg.clip_low}, {cfg.clip_high}")
+    if cfg.dual_clip is not None and not cfg.dual_clip > 1:
+        raise ValueError(f"dual_clip: expected > 1 or None, got {cfg.dual_clip}")
+    if cfg.value_clip is not None and not cfg.value_clip > 0:
+        raise ValueError(f"value_clip: expected > 0 or None, got {cfg.value_clip}")
+    if cfg.kl_coef != 0.0 and tensors["ref_logp"] is None:
+        raise ValueError("ref_logp: required when kl_coef != 0")
+    if cfg.ent_coef != 0.0 and tensors["entropy"] is None:
+        raise ValueError("entropy: required when ent_coef != 0")
+
+
+def ppo_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                    values: Optional[torch.Tensor] = None, old_values: Optional[torch.Tensor] = None,
+                    returns: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
+                    entropy: Optional[torch.Tensor] = None, clip_low: float = 0.2, clip_high: Optional[float] = None,
+                    dual_clip: Optional[float] = None, value_clip: Optional[float] = 0.2, vf_coef: float = 0.5,
+                    ent_coef: float = 0.0, kl_coef: float = 0.0, kl_kind: str = "k3", agg: str = "token-mean",
+                    num_tokens=None, num_seqs=None, max_len: Optional[int] = None,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO objective with fused Triton kernels (two launches forward, one elementwise op per input backward).
+
+    Same semantics, arguments and metric keys as ``rlhf_engine.algo.ppo_loss_reference``:
+
+        loss = agg(pg) + vf_coef * agg(vf) - ent_coef * agg(H) + kl_coef * agg(k(logp, ref_logp))
+
+    Args:
+        logp: (B, T) fp32/fp16/bf16 log-probs under the current policy (differentiable).
+        old_logp, advantages: (B, T) floats (treated as constants).
+        mask: (B, T) bool/int/float response mask (nonzero = valid token).
+        values: optional (B, T) critic values (differentiable); old_values, returns: (B, T) (constants);
+            all three or none.
+        ref_logp: optional (B, T) reference log-probs (constant) for the KL term.
+        entropy: optional (B, T) per-token entropy (differentiable).
+        clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind: as the reference
+            (kl_estimate with its default clamp 10).
+        agg: one of :data:`AGG_MODES`. num_tokens, num_seqs: global normalizers (Python numbers or 0-dim
+            tensors), or None to count them from ``mask`` on the device. max_len: T_max of "-norm" (default T).
+    Returns:
+        loss: () in logp.dtype (computed in fp32); metrics: dict of detached () tensors in logp.dtype:
+        pg_loss, clip_frac, approx_kl, plus vf_loss, vf_clip_frac with values, entropy with entropy,
+        kl with ref_logp. Gradients flow to logp, values and entropy only.
+    """
+    cfg = PPOLossConfig(float(clip_low), float(clip_low if clip_high is None else clip_high),
+                        None if dual_clip is None else float(dual_clip),
+                        None if value_clip is None else float(value_clip), float(vf_coef), float(ent_coef),
+                        float(kl_coef), kl_kind, agg, None if max_len is None else int(max_len))
+    tensors = dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, values=values,
+                   old_values=old_values, returns=returns, ref_logp=ref_logp, entropy=entropy)
+    _check_args(tensors, cfg)
+    if torch.compiler.is_compiling():
+        n_t = num_tokens if isinstance(num_tokens, torch.Tensor) else None
+        n_s = num_seqs if isinstance(num_seqs, torch.Tensor) else None
+        loss, metrics, *_ = _ppo_loss_op(
+            logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, n_t, n_s,
+            None if num_tokens is None or n_t is not None else float(num_tokens),
+            None if num_seqs is None or n_s is not None else float(num_seqs), *cfg)
+        metrics = metrics.detach()
+    elif torch.is_grad_enabled() and (logp.requires_grad or (values is not None and values.requires_grad)
+                                      or (entropy is not None and entropy.requires_grad)):
+        loss, metrics = PPOLossFunction.apply(logp, old_logp, advantages, mask, values, old_values, returns,
+                                              ref_logp, entropy, num_tokens, num_seqs, cfg)
+    else:  # evaluation: no gradient buffers, no autograd node
+        loss, metrics, *_ = ppo_loss_forward(
+            logp, old_logp, advantages, mask, values=values, old_values=old_values, returns=returns,
+            ref_logp=ref_logp, entropy=entropy, cfg=cfg, num_tokens=num_tokens, num_seqs=num_seqs,
+            need_grads=(False, False, False))
+    vals = metrics.unbind()                       # 7 views in one op, order METRIC_KEYS
+    out = {"pg_loss": vals[0], "clip_frac": vals[1], "approx_kl": vals[2]}
+    if values is not None:
+        out["vf_loss"], out["vf_clip_frac"] = vals[3], vals[4]
+    if entropy is not None:
+        out["entropy"] = vals[5]
+    if ref_logp is not None:
+        out["kl"] = vals[6]
+    return loss, out
