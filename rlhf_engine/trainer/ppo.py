@@ -15,7 +15,6 @@ import torch
 
 from rlhf_engine import algo
 from rlhf_engine.config import EngineConfig
-from rlhf_engine.generation.generate import generate
 from rlhf_engine.model.lora import disable_adapters, lora_parameters
 from rlhf_engine.rewards import as_score_tensor
 
@@ -24,6 +23,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logging import MetricsLogger, plot_curves
 from .optim import MasterWeightAdamW, lr_schedule
 from .rollout import PromptSampler, Rollout
+from .sampler import PolicySampler
 
 
 class PhaseTimer:
@@ -115,30 +115,8 @@ class PPOTrainer:
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.run.seed)
         self.step_idx = 0
         self.skip_old_logp = False  # set once generation/training log-prob parity is verified
-        eos = tokenizer.eos_token_id
-        self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = pad if pad is not None else self.eos_ids[0]
-
-    # ------------------------------------------------------------------ tokenization
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded (B, P) prompt ids and mask, each prompt cut to its last ``max_prompt_len`` tokens."""
-        limit = self.cfg.generation.max_prompt_len
-        ids = [self.tok.encode(p, add_special_tokens=False)[-limit:] for p in prompts]
-        if any(len(x) == 0 for x in ids):
-            raise ValueError("prompts: an empty prompt encodes to no tokens")
-        P = max(len(x) for x in ids)
-        out = torch.full((len(ids), P), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), P), dtype=torch.long)
-        for i, x in enumerate(ids):
-            out[i, P - len(x):] = torch.tensor(x)
-            mask[i, P - len(x):] = 1
-        return out.to(self.device), mask.to(self.device)
-
-    def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-        lens = response_mask.sum(1).tolist()
-        rows = response_ids.tolist()
-        return [self.tok.decode(r[:n], skip_special_tokens=True) for r, n in zip(rows, lens)]
+        self.sampler = PolicySampler(actor, tokenizer, cfg.generation, self.device, self.gen)
+        self.eos_ids = self.sampler.eos_ids
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -148,24 +126,17 @@ class PPOTrainer:
         if getattr(self.reward, "takes_tokens", False):
             scores = self.reward(gen.sequences, gen.attention_mask)
         else:
-            scores = self.reward(prompts, self.decode_responses(gen.response_ids, gen.response_mask))
+            scores = self.reward(prompts, self.sampler.decode_responses(gen.response_ids, gen.response_mask))
         return as_score_tensor(scores, B, self.device)
-
-    def _generate(self, prompt_ids, prompt_mask, *, greedy: bool = False):
-        gc = self.cfg.generation
-        self.actor.eval()
-        return generate(self.actor, prompt_ids, prompt_mask, max_new_tokens=gc.max_new_tokens,
-                        temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p, greedy=greedy,
-                        eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, generator=self.gen)
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
     def make_rollout(self, prompts: list[str], timer: PhaseTimer) -> tuple[Rollout | None, dict]:
         pc, gc = self.cfg.ppo, self.cfg.generation
         prompts = [p for p in prompts for _ in range(pc.samples_per_prompt)]
-        prompt_ids, prompt_mask = self.encode_prompts(prompts)
+        prompt_ids, prompt_mask = self.sampler.encode_prompts(prompts)
         with timer("generate"):
-            gen = self._generate(prompt_ids, prompt_mask)
+            gen = self.sampler.generate(prompt_ids, prompt_mask)
         seq, attn, resp, rmask = gen.sequences, gen.attention_mask, gen.response_ids, gen.response_mask
         N = resp.shape[1]
         with timer("score"):
@@ -351,24 +322,27 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, prompts: list[str], samples: int = 1) -> tuple[float, list[tuple[str, str, float]]]:
+    def evaluate(self, prompts: list[str], samples: int = 1, *, reward=None) -> tuple[float, list[tuple[str, str, float]]]:
         """Mean reward of sampled continuations of ``prompts`` (``samples`` each), with the samples.
+        ``reward`` scores them instead of the training reward when given (e.g. VADER for a RM run).
 
         Uses its own generator (seeded from run.seed) so that evaluation does not shift the
         training RNG stream and before/after numbers use the same random draws.
         """
         if not prompts:
             return float("nan"), []
-        saved = self.gen
-        self.gen = torch.Generator(device=self.device).manual_seed(self.cfg.run.seed + 12345)
+        saved = self.sampler.gen
+        self.sampler.gen = torch.Generator(device=self.device).manual_seed(self.cfg.run.seed + 12345)
         try:
             rep = [p for p in prompts for _ in range(samples)]
-            ids, mask = self.encode_prompts(rep)
-            gen = self._generate(ids, mask)
-            scores = self.score(rep, gen)
+            texts, gen = self.sampler.sample_texts(rep)
+            saved_reward, self.reward = self.reward, (reward or self.reward)
+            try:
+                scores = self.score(rep, gen)
+            finally:
+                self.reward = saved_reward
         finally:
-            self.gen = saved
-        texts = self.decode_responses(gen.response_ids, gen.response_mask)
+            self.sampler.gen = saved
         return float(scores.mean()), list(zip(rep, texts, scores.tolist()))
 
     # ------------------------------------------------------------------ checkpoints
