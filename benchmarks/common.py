@@ -22,6 +22,9 @@ H100_COPY_TBPS = 3.0
 
 
 def commit() -> str:
+    """The git commit; on a machine with a copy of the tree but no .git, set RLHF_ENGINE_COMMIT."""
+    if os.environ.get("RLHF_ENGINE_COMMIT"):
+        return os.environ["RLHF_ENGINE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, check=True).stdout.strip()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny import CharTokenizer, tiny_model  # noqa: E402
+from tiny import byte_tokenizer, tiny_model  # noqa: E402
 
 from rlhf_engine import Engine, EngineConfig  # noqa: E402
 from rlhf_engine.trainer.checkpoint import latest_checkpoint  # noqa: E402
@@ -38,7 +38,7 @@ def test_ppo_tiny_runs_and_updates_only_the_actor(tmp_path):
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
-    eng = Engine(_cfg(tmp_path), model=model, tokenizer=CharTokenizer())
+    eng = Engine(_cfg(tmp_path), model=model, tokenizer=byte_tokenizer())
     summary = eng.train_ppo(PROMPTS, reward=length_reward)
     hist = [h for h in summary["history"] if "loss/policy" in h]
     assert len(hist) == 3
@@ -59,7 +59,7 @@ def test_ppo_tiny_runs_and_updates_only_the_actor(tmp_path):
 def test_critic_learns_a_constant_reward(tmp_path):
     cfg = _cfg(tmp_path, ppo={"vf_coef": 1.0, "epochs": 4, "value_clip": None, "kl_coef": 0.0},
                optim={"lr": 3e-3}, run={"steps": 6})
-    eng = Engine(cfg, model=tiny_model(), tokenizer=CharTokenizer())
+    eng = Engine(cfg, model=tiny_model(), tokenizer=byte_tokenizer())
     summary = eng.train_ppo(PROMPTS, reward=lambda p, r: [2.0] * len(r))
     hist = [h for h in summary["history"] if "loss/value" in h]
     # returns are 2 everywhere (gamma=1, no KL): the value loss must fall by a large factor
@@ -70,7 +70,7 @@ def test_critic_learns_a_constant_reward(tmp_path):
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     def run(out, steps, resume):
         cfg = _cfg(tmp_path, run={"steps": steps, "output_dir": str(out), "resume": resume, "checkpoint_every": 1})
-        eng = Engine(cfg, model=tiny_model(seed=3), tokenizer=CharTokenizer())
+        eng = Engine(cfg, model=tiny_model(seed=3), tokenizer=byte_tokenizer())
         eng.train_ppo(PROMPTS, reward=length_reward)
         return eng._model.state_dict(), eng.last_trainer
 
@@ -79,13 +79,13 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     resumed, t_res = run(tmp_path / "b", 4, True)
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0)
-    torch.testing.assert_close(t_res.value_head.proj.weight, t_full.value_head.proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(t_res.value_head.weight, t_full.value_head.weight, rtol=0, atol=0)
 
 
 def test_nan_reward_skips_the_step_and_keeps_weights(tmp_path):
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())
-    eng = Engine(_cfg(tmp_path, run={"steps": 2}), model=model, tokenizer=CharTokenizer())
+    eng = Engine(_cfg(tmp_path, run={"steps": 2}), model=model, tokenizer=byte_tokenizer())
     summary = eng.train_ppo(PROMPTS, reward=lambda p, r: [float("nan")] * len(r))
     assert summary["skipped_steps"] == 2
     for k, v in model.state_dict().items():
@@ -96,7 +96,7 @@ def test_nan_reward_skips_the_step_and_keeps_weights(tmp_path):
 def test_critic_free_estimators_run(tmp_path, advantage):
     cfg = _cfg(tmp_path, ppo={"advantage": advantage, "samples_per_prompt": 2, "kl_loss_coef": 0.01},
                run={"steps": 1, "prompts_per_step": 2})
-    eng = Engine(cfg, model=tiny_model(), tokenizer=CharTokenizer())
+    eng = Engine(cfg, model=tiny_model(), tokenizer=byte_tokenizer())
     summary = eng.train_ppo(PROMPTS, reward=length_reward)
     h = [h for h in summary["history"] if "loss/policy" in h][0]
     assert math.isfinite(h["loss/policy"]) and "loss/value" not in h
@@ -106,7 +106,7 @@ def test_lora_reference_is_the_base_model_without_a_copy(tmp_path):
     model = tiny_model()
     base = copy.deepcopy(model.state_dict())
     cfg = _cfg(tmp_path, lora={"enabled": True, "rank": 4, "alpha": 8.0}, run={"steps": 2})
-    eng = Engine(cfg, model=model, tokenizer=CharTokenizer())
+    eng = Engine(cfg, model=model, tokenizer=byte_tokenizer())
     eng.train_ppo(PROMPTS, reward=length_reward)
     trainer = eng.last_trainer
     assert trainer.reference is None  # the reference is the actor with adapters disabled
@@ -118,9 +118,10 @@ def test_lora_reference_is_the_base_model_without_a_copy(tmp_path):
 
 def test_separate_critic(tmp_path):
     cfg = _cfg(tmp_path, ppo={"critic": "separate"}, run={"steps": 1})
-    eng = Engine(cfg, model=tiny_model(), tokenizer=CharTokenizer())
+    eng = Engine(cfg, model=tiny_model(), tokenizer=byte_tokenizer())
     summary = eng.train_ppo(PROMPTS, reward=length_reward)
     assert eng.last_trainer.critic is not None and eng.last_trainer.value_head is None
+    assert eng.last_trainer.critic.model is not eng._model.model  # its own trunk
     assert math.isfinite([h for h in summary["history"] if "loss/value" in h][0]["loss/value"])
 
 
@@ -149,7 +150,7 @@ def test_config_file_round_trip(tmp_path):
 
 
 def test_empty_prompts_rejected(tmp_path):
-    eng = Engine(_cfg(tmp_path), model=tiny_model(), tokenizer=CharTokenizer())
+    eng = Engine(_cfg(tmp_path), model=tiny_model(), tokenizer=byte_tokenizer())
     with pytest.raises(ValueError, match="prompts"):
         eng.train_ppo([], reward=length_reward)
     with pytest.raises(TypeError, match="reward"):

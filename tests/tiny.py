@@ -1,28 +1,10 @@
-"""Tiny models and a character tokenizer for fast CPU tests of the engine."""
+"""A tiny random model for fast CPU tests of the engine (pairs with the byte-level tokenizer
+``rlhf_engine.data.toy_tokenizer.byte_tokenizer``: 263 tokens, pad/bos/eos = 0/1/2)."""
 from __future__ import annotations
 
 import torch
 
-
-class CharTokenizer:
-    """Bytes 0..255 -> ids 3..258; 0 = pad, 1 = bos, 2 = eos. Enough of the HF tokenizer
-    interface (encode / decode / eos_token_id / pad_token_id) for the trainers."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-    vocab_size = 259
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = [b + 3 for b in text.encode("utf-8")]
-        return ([self.bos_token_id] if add_special_tokens else []) + ids
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
-
-    def __call__(self, text, add_special_tokens: bool = False, **_):
-        if isinstance(text, str):
-            return {"input_ids": self.encode(text, add_special_tokens)}
-        return {"input_ids": [self.encode(t, add_special_tokens) for t in text]}
+from rlhf_engine.data.toy_tokenizer import byte_tokenizer  # noqa: F401 - re-exported for the tests
 
 
 def tiny_model(seed: int = 0, **overrides):
@@ -30,6 +12,6 @@ def tiny_model(seed: int = 0, **overrides):
     from rlhf_engine.model.llama import CausalLM
 
     torch.manual_seed(seed)
-    cfg = preset("tiny-llama", vocab_size=259, attn_backend="torch", eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    cfg = preset("tiny-llama", vocab_size=263, attn_backend="torch", eos_token_id=2, pad_token_id=0, bos_token_id=1,
                  **overrides)
     return CausalLM(cfg)

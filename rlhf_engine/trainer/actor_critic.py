@@ -9,25 +9,19 @@ contiguous block per row. The hidden state at position P - 1 + t predicts respon
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from rlhf_engine.kernels.fused_linear_logprob import fused_linear_logprobs
-
-IGNORE_INDEX = -100
+from rlhf_engine.model.heads import ScalarHead, ScalarModel
+from rlhf_engine.model.logprobs import IGNORE_INDEX, linear_logprobs
 
 
-class ValueHead(nn.Module):
-    """Scalar head: (..., H) hidden -> (...) fp32 values. Zero-initialised, so a fresh critic
-    predicts 0 everywhere and its first updates are driven by the returns alone."""
+class ValueHead(ScalarHead):
+    """The critic's scalar head, kept in fp32 whatever the trunk's dtype, and zero-initialised so
+    a fresh critic predicts 0 everywhere and its first updates follow the returns alone."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32, device=None):
-        super().__init__()
-        self.proj = nn.Linear(hidden_size, 1, dtype=dtype, device=device)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+    def __init__(self, hidden_size: int, device=None):
+        super().__init__(hidden_size, bias=True, init_std=0.0, device=device, dtype=torch.float32)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden.to(self.proj.weight.dtype)).squeeze(-1).float()
+        return super().forward(hidden.to(self.weight.dtype))
 
 
 def response_targets(response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -62,8 +56,8 @@ def policy_forward(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, re
     H = hidden.shape[-1]
     h_resp = hidden[:, P - 1:P + N - 1]  # (B, N, H): position P-1+t predicts response token t
     targets = response_targets(response_ids, response_mask).reshape(-1)  # (B*N,)
-    out = fused_linear_logprobs(h_resp.reshape(B * N, H), lm.lm_head_weight, targets, temperature=temperature,
-                                ignore_index=IGNORE_INDEX, with_entropy=with_entropy)
+    out = linear_logprobs(h_resp.reshape(B * N, H), lm.lm_head_weight, targets, temperature=temperature,
+                          with_entropy=with_entropy)
     result = {}
     if with_entropy:
         logp, ent = out
@@ -80,21 +74,20 @@ def policy_forward(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, re
     return result
 
 
-class SeparateCritic(nn.Module):
-    """A critic with its own trunk: a CausalLM's transformer (its LM head unused) + a ValueHead."""
+def separate_critic(lm) -> ScalarModel:
+    """A critic with its own trunk (``lm``'s transformer, not copied; its LM head is dropped) and a ValueHead."""
+    w = lm.model.embed_tokens.weight
+    return ScalarModel(lm.model, ValueHead(lm.config.hidden_size, device=w.device))
 
-    def __init__(self, lm, value_head: ValueHead):
-        super().__init__()
-        self.lm = lm
-        self.value_head = value_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
-                with_bootstrap_value: bool = False) -> dict:
-        P = input_ids.shape[1] - n_response
-        hidden = self.lm.hidden_states(input_ids, attention_mask)
-        stop = P + n_response if with_bootstrap_value else P + n_response - 1
-        values = self.value_head(hidden[:, P - 1:stop])
-        out = {"values": values[:, :n_response]}
-        if with_bootstrap_value:
-            out["last_value"] = values[:, n_response]
-        return out
+def critic_forward(critic: ScalarModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
+                   with_bootstrap_value: bool = False) -> dict:
+    """Values of a separate critic at the positions predicting each response token (layout as
+    :func:`policy_forward`): "values" (B, N) and, optionally, "last_value" (B,)."""
+    P = input_ids.shape[1] - n_response
+    stop = P + n_response if with_bootstrap_value else P + n_response - 1
+    values = critic(input_ids, attention_mask)[:, P - 1:stop]  # (B, N [+1])
+    out = {"values": values[:, :n_response]}
+    if with_bootstrap_value:
+        out["last_value"] = values[:, n_response]
+    return out

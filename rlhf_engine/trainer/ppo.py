@@ -18,7 +18,7 @@ from rlhf_engine.config import EngineConfig
 from rlhf_engine.model.lora import disable_adapters, lora_parameters
 from rlhf_engine.rewards import as_score_tensor
 
-from .actor_critic import SeparateCritic, ValueHead, policy_forward
+from .actor_critic import ValueHead, critic_forward, policy_forward, separate_critic
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logging import MetricsLogger, plot_curves
 from .optim import MasterWeightAdamW, lr_schedule
@@ -87,13 +87,12 @@ class PPOTrainer:
         self.value_head = None
         self.critic = None
         if pc.uses_critic:
-            head = ValueHead(hidden, dtype=torch.float32, device=self.device)
             if pc.critic == "shared":
-                self.value_head = head
+                self.value_head = ValueHead(hidden, device=self.device)
             else:
                 if critic_lm is None:
                     raise ValueError("critic_lm: required when ppo.critic is 'separate'")
-                self.critic = SeparateCritic(critic_lm, head)
+                self.critic = separate_critic(critic_lm)
         actor_params = (lora_parameters(actor) if self.lora else [p for p in actor.parameters() if p.requires_grad])
         if self.value_head is not None:
             actor_params = actor_params + list(self.value_head.parameters())
@@ -161,7 +160,7 @@ class PPOTrainer:
             values = last_value = None
             if need_value:
                 if self.critic is not None:
-                    v = self.critic(seq, attn, N, with_bootstrap_value=pc.bootstrap_truncated)
+                    v = critic_forward(self.critic, seq, attn, N, with_bootstrap_value=pc.bootstrap_truncated)
                 else:
                     v = policy_forward(self.actor, seq, attn, resp, rmask, temperature=gc.temperature,
                                        value_head=self.value_head, with_bootstrap_value=pc.bootstrap_truncated)
@@ -279,7 +278,7 @@ class PPOTrainer:
                              temperature=gc.temperature, with_entropy=with_entropy, value_head=self.value_head)
         values = fwd.get("values")
         if self.critic is not None:
-            values = self.critic(part.input_ids, part.attention_mask, N)["values"]
+            values = critic_forward(self.critic, part.input_ids, part.attention_mask, N)["values"]
         critic_args = {}
         if values is not None:
             critic_args = dict(values=values, old_values=part.values, returns=part.returns)

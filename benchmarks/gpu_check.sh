@@ -1,0 +1,316 @@
+#!/usr/bin/env bash
+# The one-shot GPU check: environment, build, GPU tests, benchmarks, summary, in under 8 minutes.
+#
+#   OUT=/some/folder bash benchmarks/gpu_check.sh      # on the CUDA machine, from anywhere in the repo
+#   bash benchmarks/gpu_check.sh --fingerprint         # print the source fingerprint only (to match a run)
+#
+# Files written to $OUT (default: /tmp/gpu_check_out), seven at most:
+#   gpu_check.log     everything this script printed
+#   build.log         pip install -e . (CMake + nvcc output; the fallback build's too)
+#   gpu_tests.log     pytest -m gpu tests
+#   kernel_tests.log  the kernel test files' other tests, now on the CUDA device
+#   bench.log         benchmarks/run_all.py (every bench_*.py in its own process)
+#   results.csv       the benchmark rows (benchmarks/common.py record())
+#   summary.md        the checks and the summary table (also printed last)
+# Installs no dependency (the machine has no internet). A failing step is recorded and the script
+# goes on; it exits non-zero when the build or any test failed (benchmark errors are only reported).
+#
+# Order: environment, build (<= 150 s), GPU tests (<= 120 s), kernel tests (<= 60 s), benchmarks (the rest,
+# at least 170 s), summary. Knobs (environment): GPU_CHECK_BUDGET_S (total, default 450),
+# GPU_CHECK_BUILD_S (150), GPU_CHECK_TEST_S (120), GPU_CHECK_KTEST_S (60), GPU_CHECK_BENCH_MIN_S (170),
+# GPU_CHECK_SKIP (any of "build tests ktests bench"),
+# GPU_CHECK_BENCH (substrings of the benchmarks to run, e.g. "logprob ppo_step"),
+# RLHF_ENGINE_CUDA_ARCHS (default 90a: Hopper only, to save build time), PYTHON (default python).
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+ROOT=$PWD
+
+fingerprint() {
+  # sha1 over the sources (what the device copy holds), comparable with a local checkout's.
+  find csrc kernels rlhf_engine benchmarks tests CMakeLists.txt setup.py pyproject.toml -type f \
+    \( -name '*.py' -o -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.h' -o -name '*.txt' \
+       -o -name '*.toml' -o -name '*.yaml' -o -name '*.sh' \) ! -path '*/__pycache__/*' 2>/dev/null \
+    | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -c1-12
+}
+if [ "${1:-}" = "--fingerprint" ]; then fingerprint; exit 0; fi
+
+OUT=${OUT:-${TMPDIR:-/tmp}/gpu_check_out}
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+export OUT
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUILD_S=${GPU_CHECK_BUILD_S:-150}
+TEST_S=${GPU_CHECK_TEST_S:-120}
+KTEST_S=${GPU_CHECK_KTEST_S:-60}
+BENCH_MIN_S=${GPU_CHECK_BENCH_MIN_S:-170}  # the tests stop early enough to leave this
+SKIP=" ${GPU_CHECK_SKIP:-} "
+BENCH_ONLY=${GPU_CHECK_BENCH:-}
+PY=${PYTHON:-python}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+export RLHF_ENGINE_CUDA_ARCHS=${RLHF_ENGINE_CUDA_ARCHS:-90a}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+unset TRITON_INTERPRET  # real kernels on the GPU (tests/conftest.py sets it only without CUDA)
+TMPD=$(mktemp -d)
+T0=$(date +%s)
+
+# Test files whose non-gpu-marked tests exercise the real kernels when CUDA is present.
+KERNEL_TESTS="tests/test_logprob.py tests/test_fused_linear_logprob.py tests/test_attention.py
+  tests/test_decode_attention.py tests/test_gae_triton.py tests/test_ppo_loss_triton.py tests/test_native.py
+  tests/test_generation.py tests/test_model.py tests/test_hf_attention.py"
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+# cap WANT [RESERVE]: WANT seconds, or what is left of the budget after RESERVE, whichever is less.
+cap() {
+  local want=$1 left=$(( BUDGET - $(date +%s) + T0 - ${2:-0} ))
+  (( left < want )) && want=$left
+  (( want < 1 )) && want=1
+  echo "$want"
+}
+left() { echo $(( BUDGET - $(date +%s) + T0 - ${1:-0} )); }
+skipped() { [[ "$SKIP" == *" $1 "* ]]; }
+step() { echo; echo "== [$(elapsed) s] $*"; }
+# The pytest summary line ("3 failed, 40 passed in 12.3s") of a log; counts of -v lines if there is none.
+pytest_line() {
+  local line
+  line=$(grep -E "[0-9]+ (passed|failed|error|errors|skipped|deselected)|no tests ran" "$1" 2>/dev/null | tail -n 1)
+  [ -n "$line" ] || line="no summary line; seen: $(grep -c ' PASSED' "$1" 2>/dev/null) passed, \
+$(grep -c ' FAILED' "$1" 2>/dev/null) failed, $(grep -c ' ERROR' "$1" 2>/dev/null) errors"
+  echo "$line" | sed -e 's/^=* *//' -e 's/ *=*$//'
+}
+# run_pytest LOG SECONDS ARGS...: verbose (a timeout still shows what ran); SIGINT at the timeout so
+# that pytest prints its summary and the failures so far.
+run_pytest() {
+  local log=$1 secs=$2
+  shift 2
+  timeout -s INT -k 15 "$secs" "$PY" -m pytest -v -p no:cacheprovider "$@" > "$log" 2>&1
+}
+rc_note() {  # rc_note RC TIMEOUT_S
+  case "$1" in
+    0) echo "ok" ;;
+    5) echo "ok (no tests collected)" ;;
+    124|137) echo "TIMEOUT after $2 s" ;;
+    *) echo "FAILED (exit $1)" ;;
+  esac
+}
+
+make_shim() {
+  # Without the editable install, rlhf_engine imports from the repo root, and this finder maps the
+  # subpackage rlhf_engine.kernels to kernels/ (what setup.py's package_dir does).
+  mkdir -p "$TMPD/shim"
+  cat > "$TMPD/shim/sitecustomize.py" <<EOF
+import importlib.util
+import sys
+
+_ROOT = "$ROOT"
+
+
+class _KernelsFinder:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "rlhf_engine.kernels":
+            return None
+        return importlib.util.spec_from_file_location(name, _ROOT + "/kernels/__init__.py",
+                                                      submodule_search_locations=[_ROOT + "/kernels"])
+
+
+sys.meta_path.insert(0, _KernelsFinder)
+EOF
+  export PYTHONPATH="$ROOT:$TMPD/shim${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+fallback_build() {
+  # What setup.py's CMakeBuild does, without pip/setuptools: the module lands in rlhf_engine/.
+  local pybind pyexe
+  pybind=$("$PY" -c "import pybind11; print(pybind11.get_cmake_dir())") || return 1
+  pyexe=$(command -v "$PY")
+  local gen=()
+  command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+  cmake -S "$ROOT" -B "$TMPD/cmake-build" ${gen[@]+"${gen[@]}"} -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/rlhf_engine" -DPython_EXECUTABLE="$pyexe" \
+    -Dpybind11_DIR="$pybind" -DRLHF_ENGINE_CUDA_ARCHS="$RLHF_ENGINE_CUDA_ARCHS" \
+    && cmake --build "$TMPD/cmake-build" --parallel "$(nproc)"
+}
+
+main() {
+  local FAIL=0 BUILD="skipped" TESTS="skipped" KTESTS="skipped" BENCH="skipped" rc t c
+  echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M UTC'), budget ${BUDGET} s, OUT=$OUT"
+
+  step "environment"
+  nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null
+  local COMMIT FP
+  COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no .git in this copy)")
+  FP=$(fingerprint)
+  echo "commit: $COMMIT; source fingerprint: $FP (compare: bash benchmarks/gpu_check.sh --fingerprint)"
+  "$PY" - <<'EOF'
+import importlib, sys
+import torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cuda available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device:", p.name, "| capability", f"{p.major}.{p.minor}", "| SMs", p.multi_processor_count,
+          "| memory", round(p.total_memory / 2**30, 1), "GiB")
+for m in ("triton", "transformers", "numpy", "pybind11", "liger_kernel"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as e:  # noqa: BLE001
+        print(m, "not importable:", type(e).__name__)
+sys.exit(0 if torch.cuda.is_available() else 3)
+EOF
+  local env_rc=$? CUDA="ok"
+  if [ "$env_rc" -ne 0 ]; then
+    CUDA="NOT AVAILABLE (torch sees no CUDA device): every GPU test and benchmark was skipped"
+    echo "WARNING: $CUDA"
+    FAIL=1
+  fi
+  if ! command -v nvcc >/dev/null 2>&1; then
+    for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+      if [ -x "$d/nvcc" ]; then export PATH="$d:$PATH"; break; fi
+    done
+  fi
+  if command -v nvcc >/dev/null 2>&1; then
+    export CUDACXX=${CUDACXX:-$(command -v nvcc)}
+    echo "nvcc: $CUDACXX ($(nvcc --version | grep -o 'release [0-9.]*'))"
+  else
+    echo "nvcc: not found: the extension will be built without its CUDA ops"
+  fi
+  echo "cmake: $(cmake --version 2>/dev/null | head -n 1)"
+  echo "ninja: $(ninja --version 2>/dev/null || echo none)"
+
+  step "build (pip install -e ., RLHF_ENGINE_CUDA_ARCHS=$RLHF_ENGINE_CUDA_ARCHS)"
+  if skipped build; then
+    echo "skipped (GPU_CHECK_SKIP)"
+  else
+    t=$(date +%s); c=$(cap "$BUILD_S")
+    timeout -k 5 "$c" "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e . \
+      > "$OUT/build.log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then
+      BUILD="pip install ok ($(( $(date +%s) - t )) s)"
+    else
+      echo "pip install failed: $(rc_note $rc "$c"); last lines of build.log:"
+      tail -n 15 "$OUT/build.log"
+      if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        echo "not retrying the compile (it timed out); Python-only imports through a shim"
+      else  # e.g. no pip or setuptools in this environment: build as setup.py would, import through a shim
+        echo "falling back to a direct CMake build + an import shim"
+        { echo; echo "===== fallback: direct CMake build ====="; } >> "$OUT/build.log"
+        t=$(date +%s); c=$(cap "$BUILD_S")
+        timeout -k 5 "$c" bash -c "$(declare -f fallback_build); ROOT='$ROOT' TMPD='$TMPD' PY='$PY' fallback_build" \
+          >> "$OUT/build.log" 2>&1
+        rc=$?
+      fi
+      make_shim
+      if [ $rc -eq 0 ]; then
+        BUILD="FAILED with pip; fallback CMake build ok ($(( $(date +%s) - t )) s), imports through a shim"
+      else
+        BUILD="FAILED (see build.log): no native extension; Python-only imports through a shim"
+      fi
+      FAIL=1
+    fi
+  fi
+  local NATIVE
+  native_check() {
+    "$PY" - 2>&1 <<'EOF'
+import rlhf_engine
+from rlhf_engine.kernels import native
+print(f"rlhf_engine from {rlhf_engine.__path__[0]}; _C built: {native.available()}, "
+      f"with CUDA ops: {native.cuda_available()}")
+EOF
+  }
+  NATIVE=$(native_check)
+  if ! echo "$NATIVE" | grep -q "^rlhf_engine from"; then  # the package does not import at all
+    echo "$NATIVE" | tail -n 5
+    echo "rlhf_engine does not import: adding the import shim"
+    make_shim
+    NATIVE=$(native_check)
+  fi
+  echo "$NATIVE"
+  if ! echo "$NATIVE" | grep -q "with CUDA ops: True"; then
+    BUILD="$BUILD; the extension's CUDA ops are NOT available (${NATIVE##*$'\n'})"
+    skipped build || FAIL=1
+  fi
+  echo "build: $BUILD"
+
+  step "GPU tests: pytest -m gpu tests"
+  if skipped tests; then
+    echo "skipped (GPU_CHECK_SKIP)"
+  else
+    c=$(cap "$TEST_S" "$BENCH_MIN_S")
+    run_pytest "$OUT/gpu_tests.log" "$c" -m gpu tests --durations=10
+    rc=$?
+    TESTS="$(rc_note $rc "$c"): $(pytest_line "$OUT/gpu_tests.log")"
+    case $rc in 0|5) ;; *) FAIL=1 ;; esac
+    echo "gpu tests: $TESTS"
+    grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.log" | head -n 20
+  fi
+
+  step "kernel tests on CUDA (not gpu-marked, not slow)"
+  if skipped ktests; then
+    echo "skipped (GPU_CHECK_SKIP)"
+  else
+    local files=() f
+    for f in $KERNEL_TESTS; do [ -f "$f" ] && files+=("$f"); done
+    c=$(cap "$KTEST_S" "$BENCH_MIN_S")
+    if (( c < 20 )); then
+      KTESTS="skipped (${c} s left before the benchmarks' share of the budget)"
+    elif (( ${#files[@]} == 0 )); then
+      KTESTS="skipped (no kernel test files)"
+    else
+      run_pytest "$OUT/kernel_tests.log" "$c" -m "not gpu and not slow" "${files[@]}" --durations=5
+      rc=$?
+      KTESTS="$(rc_note $rc "$c"): $(pytest_line "$OUT/kernel_tests.log")"
+      case $rc in 0|5) ;; *) FAIL=1 ;; esac
+      grep -E "^(FAILED|ERROR) " "$OUT/kernel_tests.log" | head -n 20
+    fi
+    echo "kernel tests: $KTESTS"
+  fi
+
+  step "benchmarks: benchmarks/run_all.py"
+  if skipped bench; then
+    echo "skipped (GPU_CHECK_SKIP)"
+  else
+    local b
+    b=$(left 15)
+    if (( b < 30 )); then
+      BENCH="skipped (${b} s left in the budget)"
+    else
+      # shellcheck disable=SC2086 # BENCH_ONLY is a list of words
+      timeout -k 5 $(( b + 30 )) "$PY" benchmarks/run_all.py --budget "$b" --summary "$TMPD/bench_summary.md" \
+        ${BENCH_ONLY:+--only $BENCH_ONLY} > "$OUT/bench.log" 2>&1
+      rc=$?
+      BENCH="run_all exit $rc ($(rc_note $rc $(( b + 30 )))), budget $b s"
+      grep -E "^----- " "$OUT/bench.log" | sed 's/^----- /  /'
+    fi
+    echo "benchmarks: $BENCH"
+  fi
+
+  {
+    echo "# GPU check"
+    echo
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'); commit $COMMIT; source fingerprint $FP; $(elapsed) s in all"
+    nvidia-smi -L 2>/dev/null | head -n 1
+    echo
+    echo "## checks"
+    echo "- CUDA: $CUDA"
+    echo "- build: $BUILD"
+    echo "- GPU tests (pytest -m gpu tests): $TESTS"
+    echo "- kernel tests on CUDA (not gpu-marked): $KTESTS"
+    echo "- benchmarks: $BENCH"
+    grep -hE "^(FAILED|ERROR) " "$OUT/gpu_tests.log" "$OUT/kernel_tests.log" 2>/dev/null | head -n 20 \
+      | sed 's/^/  - /'
+    echo
+    echo "## benchmarks (ratio = baseline ms / our ms, baseline measured in the same run)"
+    if [ -s "$TMPD/bench_summary.md" ]; then cat "$TMPD/bench_summary.md"; else echo "(no benchmark summary)"; fi
+  } > "$OUT/summary.md"
+  echo
+  echo "==================== SUMMARY ($(elapsed) s) ===================="
+  cat "$OUT/summary.md"
+  return $FAIL
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
+status=${PIPESTATUS[0]}
+rm -rf "$TMPD"
+exit "$status"
