@@ -155,3 +155,12 @@ def test_empty_prompts_rejected(tmp_path):
         eng.train_ppo([], reward=length_reward)
     with pytest.raises(TypeError, match="reward"):
         eng.train_ppo(PROMPTS, reward=3)
+
+
+def test_generation_logprobs_reused_when_parity_holds(tmp_path):
+    cfg = _cfg(tmp_path, ppo={"logprob_parity_tol": 1e-4}, run={"steps": 2})
+    eng = Engine(cfg, model=tiny_model(), tokenizer=byte_tokenizer())
+    summary = eng.train_ppo(PROMPTS, reward=length_reward)
+    first = [h for h in summary["history"] if "loss/policy" in h][0]
+    assert first["logprob/gen_vs_train_max_abs"] <= 1e-5  # fp32 on the CPU
+    assert eng.last_trainer.skip_old_logp

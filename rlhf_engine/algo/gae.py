@@ -89,12 +89,15 @@ def gae_reference(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
     return advantages, returns
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+def _resolve_backend(backend: str, x: torch.Tensor, *others: torch.Tensor | None) -> str:
+    """"auto" -> Triton on CUDA; the C++ op on the CPU for fp32/fp64 inputs of one dtype; else the reference."""
     check_choice("backend", backend, ("auto", "torch", "triton", "cpp", "cuda"))
     if backend != "auto":
         return backend
     if x.is_cuda:
         return "triton"
+    if x.dtype not in (torch.float32, torch.float64) or any(o is not None and o.dtype != x.dtype for o in others):
+        return "torch"
     try:
         from rlhf_engine.kernels import native
     except ImportError:  # the wrapper itself failed to import: use the reference
@@ -119,7 +122,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         advantages (B, T) and returns (B, T) = advantages + values, both zero outside the mask.
     """
     _check_gae_args(rewards, values, mask, last_value, gamma, lam, mask_mode)
-    backend = _resolve_backend(backend, rewards)
+    backend = _resolve_backend(backend, rewards, values, last_value)
     if backend == "torch":
         return gae_reference(rewards, values, mask, gamma=gamma, lam=lam, mask_mode=mask_mode,
                              last_value=last_value)

@@ -139,7 +139,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     if backend == "auto":
         from .gae import _resolve_backend
 
-        backend = _resolve_backend("auto", logp)
+        backend = _resolve_backend("auto", logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy)
     kwargs = dict(values=values, old_values=old_values, returns=returns, ref_logp=ref_logp, entropy=entropy,
                   clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, value_clip=value_clip,
                   vf_coef=vf_coef, ent_coef=ent_coef, kl_coef=kl_coef, kl_kind=kl_kind, agg=agg,

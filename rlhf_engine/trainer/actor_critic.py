@@ -31,7 +31,8 @@ def response_targets(response_ids: torch.Tensor, response_mask: torch.Tensor) ->
 
 def policy_forward(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
                    response_mask: torch.Tensor, *, temperature: float, with_entropy: bool = False,
-                   value_head: ValueHead | None = None, with_bootstrap_value: bool = False):
+                   value_head: ValueHead | None = None, with_bootstrap_value: bool = False,
+                   with_logp: bool = True):
     """One trunk forward giving response log-probs (and entropy, and values from a shared head).
 
     Args:
@@ -54,17 +55,16 @@ def policy_forward(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, re
                          f"got width {input_ids.shape[1]}")
     hidden = lm.hidden_states(input_ids, attention_mask)  # (B, P + N, H)
     H = hidden.shape[-1]
-    h_resp = hidden[:, P - 1:P + N - 1]  # (B, N, H): position P-1+t predicts response token t
-    targets = response_targets(response_ids, response_mask).reshape(-1)  # (B*N,)
-    out = linear_logprobs(h_resp.reshape(B * N, H), lm.lm_head_weight, targets, temperature=temperature,
-                          with_entropy=with_entropy)
     result = {}
-    if with_entropy:
-        logp, ent = out
-        result["entropy"] = ent.view(B, N)
-    else:
-        logp = out
-    result["logp"] = logp.view(B, N)
+    if with_logp:
+        h_resp = hidden[:, P - 1:P + N - 1]  # (B, N, H): position P-1+t predicts response token t
+        targets = response_targets(response_ids, response_mask).reshape(-1)  # (B*N,)
+        out = linear_logprobs(h_resp.reshape(B * N, H), lm.lm_head_weight, targets, temperature=temperature,
+                              with_entropy=with_entropy)
+        logp, ent = out if with_entropy else (out, None)
+        result["logp"] = logp.view(B, N)
+        if with_entropy:
+            result["entropy"] = ent.view(B, N)
     if value_head is not None:
         stop = P + N if with_bootstrap_value else P + N - 1
         values = value_head(hidden[:, P - 1:stop])  # (B, N [+1])

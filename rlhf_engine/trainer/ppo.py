@@ -143,27 +143,30 @@ class PPOTrainer:
             stats = {}
             if not bool(torch.isfinite(scores).all()):  # one sync: a bad reward must not reach the weights
                 return None, {"skipped/nonfinite_reward": 1.0}
-            need_value = pc.uses_critic
             self.actor.eval()
-            if self.skip_old_logp:
+            shared_values = pc.uses_critic and self.value_head is not None
+            values = last_value = None
+            if self.skip_old_logp and not shared_values:
                 old = {"logp": gen.logprobs.float() * rmask}
-            else:
-                old = policy_forward(self.actor, seq, attn, resp, rmask, temperature=gc.temperature)
-                if pc.logprob_parity_tol is not None and self.step_idx == 0:
+            else:  # one trunk pass gives the old log-probs and, for a shared critic, the values
+                old = policy_forward(self.actor, seq, attn, resp, rmask, temperature=gc.temperature,
+                                     value_head=self.value_head if shared_values else None,
+                                     with_bootstrap_value=shared_values and pc.bootstrap_truncated,
+                                     with_logp=not self.skip_old_logp)
+                if shared_values:
+                    values, last_value = old["values"] * rmask, old.get("last_value")
+                if pc.logprob_parity_tol is not None and not self.skip_old_logp and self.step_idx == 0:
                     diff = ((old["logp"] - gen.logprobs.float()).abs() * rmask).max().item()
                     stats["logprob/gen_vs_train_max_abs"] = diff
                     self.skip_old_logp = diff <= pc.logprob_parity_tol
+                if self.skip_old_logp:
+                    old["logp"] = gen.logprobs.float() * rmask
             ref_ctx = disable_adapters(self.actor) if self.lora else nullcontext()
             with ref_ctx:
                 ref_model = self.actor if self.lora else self.reference
                 ref = policy_forward(ref_model, seq, attn, resp, rmask, temperature=gc.temperature)
-            values = last_value = None
-            if need_value:
-                if self.critic is not None:
-                    v = critic_forward(self.critic, seq, attn, N, with_bootstrap_value=pc.bootstrap_truncated)
-                else:
-                    v = policy_forward(self.actor, seq, attn, resp, rmask, temperature=gc.temperature,
-                                       value_head=self.value_head, with_bootstrap_value=pc.bootstrap_truncated)
+            if self.critic is not None:
+                v = critic_forward(self.critic, seq, attn, N, with_bootstrap_value=pc.bootstrap_truncated)
                 values, last_value = v["values"] * rmask, v.get("last_value")
         with timer("advantage"):
             raw_scores = scores

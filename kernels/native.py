@@ -1,0 +1,411 @@
+"""Python wrappers of the native extension ``rlhf_engine._C``: GAE and the fused PPO loss.
+
+The extension does not link libtorch: these wrappers check every argument (dtype, device,
+shape), make the inputs contiguous, allocate the outputs with torch and hand the C++/CUDA ops
+raw data pointers, sizes, scalars and, on CUDA, the current stream. CPU tensors run the C++ ops
+(OpenMP over rows), CUDA tensors the CUDA ops (when the extension was built with nvcc).
+
+Conventions:
+  * dtypes: float32 or float64 on both devices (every floating-point input of a call has the
+    same dtype; ``last_value`` and 0-dim normalizers are cast to it).
+  * masks: any dtype; converted to uint8 ``mask != 0`` (nonzero = valid token). For the 0/1
+    masks of the reference this is the same as ``mask.to(dtype)``.
+  * tokens outside the mask are never read by the math (the reference multiplies them by 0, so
+    a NaN/inf there would poison its result; here it is ignored).
+
+Public API: :func:`available`, :func:`cuda_available`, :func:`gae`, :func:`ppo_loss`.
+The semantics are exactly those of ``rlhf_engine.algo.gae.gae_reference`` and
+``rlhf_engine.algo.losses.ppo_loss_reference``; tests/test_native.py checks them against each other.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch.autograd.function import once_differentiable
+
+try:
+    from rlhf_engine import _C
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # not built: the Python references still work
+    _C = None
+    _IMPORT_ERROR = exc
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "k2", "k3")
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_METRICS = ("pg_loss", "clip_frac", "approx_kl", "vf_loss", "vf_clip_frac", "entropy", "kl")  # csrc order
+_NORM_FROM_MASK, _NORM_VALUE, _NORM_POINTER = 0, 1, 2  # csrc/ppo_math.h NormMode
+
+
+def available() -> bool:
+    """True when the extension ``rlhf_engine._C`` imports (the C++ CPU ops are there)."""
+    return _C is not None
+
+
+def cuda_available() -> bool:
+    """True when the extension was compiled with its CUDA ops (``_C.with_cuda``)."""
+    return _C is not None and bool(_C.with_cuda)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _require() -> None:
+    if _C is None:
+        raise RuntimeError(f"rlhf_engine._C is not built ({_IMPORT_ERROR}); "
+                           "run `pip install -e . --no-build-isolation`")
+
+
+def _dtype_name(name: str, x: torch.Tensor) -> str:
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
+    return _DTYPES[x.dtype]
+
+
+def _check_tensor(name: str, x, ref: torch.Tensor | None = None, ref_name: str = "", *,
+                  same_dtype: bool = True) -> None:
+    """``x`` must be a (B, T) tensor; with ``ref``: same shape, device (and dtype)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a (B, T) tensor, got shape {tuple(x.shape)}")
+    if ref is None:
+        return
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (as {ref_name}), got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {x.device}")
+    if same_dtype and x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {x.dtype}")
+
+
+def _device_kind(name: str, x: torch.Tensor) -> str:
+    """"cpu" or "cuda" for the op to run; raises when the extension cannot serve the device."""
+    _require()
+    if x.device.type == "cpu":
+        return "cpu"
+    if x.device.type == "cuda":
+        if not cuda_available():
+            raise RuntimeError(f"{name}: got a CUDA tensor but rlhf_engine._C was built without CUDA "
+                               "(rebuild with nvcc on the PATH and without RLHF_ENGINE_CPU_ONLY)")
+        return "cuda"
+    raise ValueError(f"{name}: expected a cpu or cuda tensor, got device {x.device}")
+
+
+def _mask_u8(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) uint8 contiguous copy/view of a 0/1 mask of any dtype (nonzero = valid)."""
+    if mask.dtype == torch.bool:
+        return mask.contiguous().view(torch.uint8)
+    if mask.dtype == torch.uint8:
+        return mask.contiguous()
+    return (mask != 0).to(torch.uint8)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _ptr(x: torch.Tensor | None) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+class _on_device:
+    """Makes ``device`` current for the launch (the CUDA ops launch on the current device)."""
+
+    def __init__(self, device: torch.device):
+        self.guard = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.guard is not None:
+            self.guard.__enter__()
+
+    def __exit__(self, *exc):
+        if self.guard is not None:
+            self.guard.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------- GAE
+
+def gae_forward(rewards: torch.Tensor, values: torch.Tensor, mask_u8: torch.Tensor, last_value: torch.Tensor | None,
+                *, gamma: float, lam: float, carry: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the GAE forward op on contiguous, checked inputs (see :func:`gae`)."""
+    B, T = rewards.shape
+    adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
+    args = (rewards.data_ptr(), values.data_ptr(), mask_u8.data_ptr(), _ptr(last_value), adv.data_ptr(),
+            ret.data_ptr(), B, T, float(gamma), float(lam), bool(carry), _DTYPES[rewards.dtype])
+    if rewards.is_cuda:
+        with _on_device(rewards.device):
+            _C.gae_forward_cuda(*args, _stream(rewards.device))
+    else:
+        _C.gae_forward_cpu(*args)
+    return adv, ret
+
+
+def gae_backward(mask_u8: torch.Tensor, grad_adv: torch.Tensor | None, grad_ret: torch.Tensor | None, *,
+                 gamma: float, lam: float, carry: bool, dtype: torch.dtype, with_last_value: bool):
+    """Launch the GAE backward op: (d rewards, d values, d last_value or None) from d adv, d returns."""
+    B, T = mask_u8.shape
+    grad_adv = None if grad_adv is None else grad_adv.to(dtype).contiguous()
+    grad_ret = None if grad_ret is None else grad_ret.to(dtype).contiguous()
+    d_r = torch.empty(B, T, dtype=dtype, device=mask_u8.device)
+    d_v = torch.empty_like(d_r)
+    d_lv = torch.empty(B, dtype=dtype, device=mask_u8.device) if with_last_value else None
+    args = (mask_u8.data_ptr(), _ptr(grad_adv), _ptr(grad_ret), d_r.data_ptr(), d_v.data_ptr(), _ptr(d_lv), B, T,
+            float(gamma), float(lam), bool(carry), _DTYPES[dtype])
+    if mask_u8.is_cuda:
+        with _on_device(mask_u8.device):
+            _C.gae_backward_cuda(*args, _stream(mask_u8.device))
+    else:
+        _C.gae_backward_cpu(*args)
+    return d_r, d_v, d_lv
+
+
+class _GAEFunction(torch.autograd.Function):
+    """GAE with its analytic (linear) backward: d rewards, d values, d last_value."""
+
+    @staticmethod
+    def forward(ctx, rewards, values, last_value, mask_u8, gamma, lam, carry):
+        adv, ret = gae_forward(rewards, values, mask_u8, last_value, gamma=gamma, lam=lam, carry=carry)
+        ctx.save_for_backward(mask_u8)
+        ctx.cfg = dict(gamma=gamma, lam=lam, carry=carry, dtype=rewards.dtype)
+        return adv, ret
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_adv, grad_ret):
+        (mask_u8,) = ctx.saved_tensors
+        d_r, d_v, d_lv = gae_backward(mask_u8, grad_adv, grad_ret, with_last_value=ctx.needs_input_grad[2],
+                                      **ctx.cfg)
+        return d_r, d_v, d_lv, None, None, None, None
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, last_value: torch.Tensor | None = None, *,
+        gamma: float = 1.0, lam: float = 0.95, carry: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages and returns with the native ops (C++ on CPU tensors, CUDA on CUDA tensors).
+
+    Semantics of ``rlhf_engine.algo.gae.gae_reference`` (``carry=True`` is mask_mode="carry").
+    Differentiable w.r.t. rewards, values and last_value (analytic backward, once differentiable).
+
+    Args:
+        rewards: (B, T) float32/float64 per-token rewards.
+        values: (B, T) critic values, same dtype and device as rewards.
+        mask: (B, T) 0/1 response mask, any dtype (nonzero = valid).
+        last_value: optional (B,) bootstrap value after each row's last valid token (cast to the dtype).
+        gamma, lam: discount and GAE lambda, in [0, 1].
+        carry: "carry" mask mode (skip masked tokens) instead of "zero".
+    Returns:
+        advantages (B, T), returns (B, T) = advantages + values, both zero outside the mask.
+    """
+    _check_tensor("rewards", rewards)
+    _dtype_name("rewards", rewards)
+    _check_tensor("values", values, rewards, "rewards")
+    _check_tensor("mask", mask, rewards, "rewards", same_dtype=False)
+    B = rewards.shape[0]
+    if last_value is not None:
+        if not isinstance(last_value, torch.Tensor):
+            raise TypeError(f"last_value: expected a torch.Tensor or None, got {type(last_value).__name__}")
+        if last_value.dim() != 1 or last_value.shape[0] != B:
+            raise ValueError(f"last_value: expected shape ({B},), got {tuple(last_value.shape)}")
+        if last_value.device != rewards.device:
+            raise ValueError(f"last_value: expected device {rewards.device} (as rewards), got {last_value.device}")
+        if not last_value.is_floating_point():
+            raise TypeError(f"last_value: expected a floating-point tensor, got {last_value.dtype}")
+        last_value = last_value.to(rewards.dtype).contiguous()
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma: expected a value in [0, 1], got {gamma}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam: expected a value in [0, 1], got {lam}")
+    _device_kind("rewards", rewards)
+    return _GAEFunction.apply(rewards.contiguous(), values.contiguous(), last_value, _mask_u8(mask),
+                              float(gamma), float(lam), bool(carry))
+
+
+# ----------------------------------------------------------------------------- PPO loss
+
+def _normalizer(name: str, x, dtype: torch.dtype, device: torch.device):
+    """(mode, value, tensor) for num_tokens / num_seqs: from the mask, a number, or a device scalar.
+
+    A tensor on the inputs' CUDA device is read by the kernel (no host sync); a CPU tensor is read
+    on the host (no device sync either).
+    """
+    if x is None:
+        return _NORM_FROM_MASK, 0.0, None
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name}: expected a number or a 1-element tensor, got shape {tuple(x.shape)}")
+        if x.device.type == "cpu":
+            return _NORM_VALUE, float(x.reshape(()).to(dtype).item()), None
+        if x.device != device:
+            raise ValueError(f"{name}: expected a CPU tensor or one on {device} (as logp), got {x.device}")
+        return _NORM_POINTER, 0.0, x.reshape(()).to(dtype).contiguous()
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return _NORM_VALUE, float(x), None
+    raise TypeError(f"{name}: expected None, a number or a tensor, got {type(x).__name__}")
+
+
+class _PPOCall:
+    """One PPO loss call: the constant tensors (no gradient flows to them) and the hyperparameters."""
+
+    def __init__(self, old_logp, advantages, mask_u8, old_values, returns, ref_logp, cfg: dict, norms: dict):
+        self.old_logp, self.advantages, self.mask_u8 = old_logp, advantages, mask_u8
+        self.old_values, self.returns, self.ref_logp = old_values, returns, ref_logp
+        self.cfg, self.norms = cfg, norms
+
+    def run(self, logp, values, entropy, needs_grad):
+        """Loss (), metrics (7,), unnormalized grads (logp, values, entropy or None), row_scale (B,)."""
+        B, T = logp.shape
+        dev, dtype = logp.device, logp.dtype
+        grads = [torch.empty_like(x) if x is not None and need else None
+                 for x, need in zip((logp, values, entropy), needs_grad)]
+        # One float64 workspace: row partial sums (B, P) then the row scales c_b (B,).
+        nb, P = max(B, 1), _C.ppo_num_partials
+        work = torch.empty(nb * (P + 1), dtype=torch.float64, device=dev)
+        partials, row_scale = work[: nb * P], work[nb * P:]
+        loss = torch.empty((), dtype=dtype, device=dev)
+        metrics = torch.empty(len(_METRICS), dtype=dtype, device=dev)
+        a = _C.PpoLossArgs()
+        a.logp, a.old_logp, a.advantages, a.mask = logp.data_ptr(), self.old_logp.data_ptr(), \
+            self.advantages.data_ptr(), self.mask_u8.data_ptr()
+        a.values, a.old_values, a.returns = _ptr(values), _ptr(self.old_values), _ptr(self.returns)
+        a.ref_logp, a.entropy = _ptr(self.ref_logp), _ptr(entropy)
+        a.grad_logp, a.grad_values, a.grad_entropy = (_ptr(g) for g in grads)
+        a.row_partials, a.row_scale, a.loss, a.metrics = (partials.data_ptr(), row_scale.data_ptr(), loss.data_ptr(),
+                                                          metrics.data_ptr())
+        a.B, a.T, a.dtype = B, T, _DTYPES[dtype]
+        for key, value in self.cfg.items():
+            setattr(a, key, value)
+        for key, (mode, value, tensor) in self.norms.items():
+            setattr(a, f"{key}_mode", mode)
+            setattr(a, f"{key}_value", value)
+            setattr(a, f"{key}_ptr", _ptr(tensor))
+        if logp.is_cuda:
+            with _on_device(dev):
+                a.stream = _stream(dev)
+                _C.ppo_loss_forward_cuda(a)
+        else:
+            _C.ppo_loss_forward_cpu(a)
+        return loss, metrics, grads, row_scale
+
+
+def ppo_loss_backward(grads, row_scale: torch.Tensor, grad_output: torch.Tensor):
+    """d loss / d (logp, values, entropy) = saved grads * row_scale[b] * grad_output (None stays None)."""
+    g_lp, g_v, g_h = grads
+    ref = next(g for g in grads if g is not None)
+    B, T = ref.shape
+    go = grad_output if grad_output.dtype == ref.dtype else grad_output.to(ref.dtype)
+    go = go.reshape(()).contiguous()
+    outs = [None if g is None else torch.empty_like(g) for g in grads]
+    args = (row_scale.data_ptr(), go.data_ptr(), _ptr(g_lp), _ptr(outs[0]), _ptr(g_v), _ptr(outs[1]), _ptr(g_h),
+            _ptr(outs[2]), B, T, _DTYPES[ref.dtype])
+    if ref.is_cuda:
+        with _on_device(ref.device):
+            _C.ppo_loss_backward_cuda(*args, _stream(ref.device))
+    else:
+        _C.ppo_loss_backward_cpu(*args)
+    return outs
+
+
+class _PPOLossFunction(torch.autograd.Function):
+    """Fused PPO loss: the forward computes the gradients too; the backward only rescales them."""
+
+    @staticmethod
+    def forward(ctx, logp, values, entropy, call: _PPOCall):
+        loss, metrics, grads, row_scale = call.run(logp, values, entropy, ctx.needs_input_grad[:3])
+        ctx.save_for_backward(*grads, row_scale)
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_metrics):  # noqa: ARG004 - metrics are not differentiable
+        *grads, row_scale = ctx.saved_tensors
+        if all(g is None for g in grads):
+            return None, None, None, None
+        return (*ppo_loss_backward(grads, row_scale, grad_loss), None)
+
+
+def _check_ppo_scalars(clip_low, clip_high, dual_clip, value_clip, kl_kind, agg, kl_coef, ent_coef, ref_logp,
+                       entropy) -> None:
+    if not clip_low > 0:
+        raise ValueError(f"clip_low: expected > 0, got {clip_low}")
+    if clip_high is not None and not clip_high > 0:
+        raise ValueError(f"clip_high: expected > 0 or None, got {clip_high}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip: expected > 1 or None, got {dual_clip}")
+    if value_clip is not None and not value_clip > 0:
+        raise ValueError(f"value_clip: expected > 0 or None, got {value_clip}")
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"kl_kind: expected one of {KL_KINDS}, got {kl_kind!r}")
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg: expected one of {AGG_MODES}, got {agg!r}")
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError("ref_logp: required when kl_coef != 0")
+    if ent_coef != 0.0 and entropy is None:
+        raise ValueError("entropy: required when ent_coef != 0")
+
+
+def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+             values: torch.Tensor | None = None, old_values: torch.Tensor | None = None,
+             returns: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
+             entropy: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float | None = None,
+             dual_clip: float | None = None, value_clip: float | None = 0.2, vf_coef: float = 0.5,
+             ent_coef: float = 0.0, kl_coef: float = 0.0, kl_kind: str = "k3", agg: str = "token-mean",
+             num_tokens=None, num_seqs=None, max_len: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The PPO objective, fused: one pass computes the loss, the metrics and the gradients.
+
+        loss = agg(pg) + vf_coef * agg(vf) - ent_coef * agg(H) + kl_coef * agg(k(logp, ref_logp))
+
+    Semantics, arguments and metrics exactly as ``rlhf_engine.algo.losses.ppo_loss_reference``.
+    Gradients flow to ``logp``, ``values`` and ``entropy`` only; old_logp, advantages, old_values,
+    returns and ref_logp are treated as constants (as in PPO, where they are detached).
+
+    Args:
+        logp: (B, T) float32/float64 log-probs of the taken tokens under the current policy.
+        old_logp, advantages: (B, T), same dtype and device as logp.
+        mask: (B, T) 0/1 response mask, any dtype (nonzero = valid).
+        values, old_values, returns: optional (B, T), all three or none (clipped value loss).
+        ref_logp: optional (B, T) reference log-probs (KL term, ``kl_coef``, estimator ``kl_kind``).
+        entropy: optional (B, T) per-token entropy (bonus ``ent_coef``).
+        clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind: as the reference.
+        agg: one of :data:`AGG_MODES`.
+        num_tokens, num_seqs: global normalizers: None (count from the mask), a number, or a 0-dim
+            tensor (on the inputs' device it is read by the kernel: no host sync).
+        max_len: T_max of "seq-mean-token-sum-norm" (default T).
+    Returns:
+        loss (0-dim, differentiable), metrics: dict of detached 0-dim tensors: pg_loss, clip_frac,
+        approx_kl, and vf_loss, vf_clip_frac / entropy / kl when their inputs are given.
+    """
+    _check_tensor("logp", logp)
+    _dtype_name("logp", logp)
+    for name, x in (("old_logp", old_logp), ("advantages", advantages), ("values", values),
+                    ("old_values", old_values), ("returns", returns), ("ref_logp", ref_logp), ("entropy", entropy)):
+        if x is not None:
+            _check_tensor(name, x, logp, "logp")
+    _check_tensor("mask", mask, logp, "logp", same_dtype=False)
+    critic = [values is None, old_values is None, returns is None]
+    if any(critic) and not all(critic):
+        raise ValueError("values, old_values, returns: expected all three or none")
+    _check_ppo_scalars(clip_low, clip_high, dual_clip, value_clip, kl_kind, agg, kl_coef, ent_coef, ref_logp,
+                       entropy)
+    _device_kind("logp", logp)
+    dtype, dev, T = logp.dtype, logp.device, logp.shape[1]
+    cfg = dict(clip_low=float(clip_low), clip_high=float(clip_low if clip_high is None else clip_high),
+               dual_clip=0.0 if dual_clip is None else float(dual_clip),
+               value_clip=0.0 if value_clip is None else float(value_clip), vf_coef=float(vf_coef),
+               ent_coef=float(ent_coef), kl_coef=float(kl_coef), kl_kind=KL_KINDS.index(kl_kind) + 1,
+               agg=AGG_MODES.index(agg), max_len=float(T if max_len is None else max_len))
+    norms = {"ntok": _normalizer("num_tokens", num_tokens, dtype, dev),
+             "nseq": _normalizer("num_seqs", num_seqs, dtype, dev)}
+    c = lambda x: None if x is None else x.detach().contiguous()  # noqa: E731
+    call = _PPOCall(c(old_logp), c(advantages), _mask_u8(mask), c(old_values), c(returns), c(ref_logp), cfg, norms)
+    loss, metrics_buf = _PPOLossFunction.apply(logp.contiguous(), None if values is None else values.contiguous(),
+                                               None if entropy is None else entropy.contiguous(), call)
+    keep = ["pg_loss", "clip_frac", "approx_kl"]
+    if values is not None:
+        keep += ["vf_loss", "vf_clip_frac"]
+    if entropy is not None:
+        keep.append("entropy")
+    if ref_logp is not None:
+        keep.append("kl")
+    by_name = dict(zip(_METRICS, metrics_buf.unbind(0)))
+    return loss, {k: by_name[k] for k in keep}
