@@ -1,0 +1,158 @@
+"""GQA causal attention, bf16, forward and forward+backward: ours vs SDPA (default, FLASH forced) vs FlexAttention.
+
+FLOP counts (causal: half of the T x T score matrix is computed):
+    forward  = 2 matmuls (Q K^T, P V) = 2 * (2 * B * Hq * T * T * D) / 2 = 4 * B * Hq * T^2 * D / 2
+    backward = 5 matmuls (Q K^T recompute, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q) = 2.5 x forward
+    forward + backward = 3.5 x forward
+Floor: the bf16 dense matmul ceiling of the card (764 TFLOP/s on an H100, ../shared/BASELINES.md).
+Run: python benchmarks/bench_attention.py [--no-flex]   (needs a CUDA device; exits with a message otherwise)
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import H100_BF16_TFLOPS, bench, peak_mem_mb, print_table, record  # noqa: E402
+
+from rlhf_engine.kernels.attention import flash_attention  # noqa: E402
+
+SHAPES = [  # (B, Hq, Hkv, T, D): Qwen2.5-0.5B-like, Llama-3-8B-like
+    (8, 14, 2, 2048, 64),
+    (2, 32, 8, 4096, 128),
+]
+
+
+def _flex():
+    """A compiled FlexAttention with a causal block mask, or None when it is unavailable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def run(q, k, v, block_mask):
+            return compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+        def mask_for(T, device):
+            return create_block_mask(lambda b, h, qi, kj: qi >= kj, None, None, T, T, device=device)
+
+        return run, mask_for
+    except Exception as e:  # noqa: BLE001 - report and go on without it
+        print(f"FlexAttention unavailable: {e!r}")
+        return None
+
+
+def _inputs(B, Hq, Hkv, T, D, dev):
+    """(B, H, T, D) leaves for SDPA / flex and (B, T, H, D) leaves for ours, same values, bf16."""
+    dt = torch.bfloat16
+    qb = torch.randn(B, Hq, T, D, device=dev, dtype=dt, requires_grad=True)
+    kb = torch.randn(B, Hkv, T, D, device=dev, dtype=dt, requires_grad=True)
+    vb = torch.randn(B, Hkv, T, D, device=dev, dtype=dt, requires_grad=True)
+    qs, ks, vs = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (qb, kb, vb))
+    return (qb, kb, vb), (qs, ks, vs)
+
+
+def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool):
+    """name -> (forward fn, leaves needing grad). Each impl gets its inputs in its native layout."""
+    (qb, kb, vb), (qs, ks, vs) = _inputs(B, Hq, Hkv, T, D, dev)
+    g = Hq // Hkv
+    if with_flex:
+        flex = _flex()
+        if flex is None:
+            return {}
+        run, mask_for = flex
+        try:
+            bm = mask_for(T, dev)
+            run(qb, kb, vb, bm)  # compile now; a failure drops the row
+        except Exception as e:  # noqa: BLE001
+            print(f"FlexAttention failed to compile: {e!r}")
+            return {}
+        return {"flex_attention": (lambda: run(qb, kb, vb, bm), (qb, kb, vb))}
+
+    def fa2():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # FA2 takes no GQA flag: expand KV inside the timing
+            return F.scaled_dot_product_attention(qb, kb.repeat_interleave(g, 1), vb.repeat_interleave(g, 1),
+                                                  is_causal=True)
+
+    return {
+        "sdpa_default": (lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True),
+                         (qb, kb, vb)),
+        "sdpa_flash_fa2": (fa2, (qb, kb, vb)),
+        "ours": (lambda: flash_attention(qs, ks, vs, causal=True), (qs, ks, vs)),
+    }
+
+
+def _measure(impls, shape, fwd_flops) -> list[dict]:
+    rows = []
+    for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
+        for name, (fn, leaves) in impls.items():
+            if mode == "fwd":
+                def step(fn=fn):
+                    with torch.no_grad():
+                        fn()
+            else:
+                do = torch.randn_like(fn())
+
+                def step(fn=fn, leaves=leaves, do=do):
+                    for t in leaves:
+                        t.grad = None
+                    fn().backward(do)
+            try:
+                ms = bench(step, warmup=5, rep=30)  # the first calls also autotune ours
+                mem = peak_mem_mb(step)
+            except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+                print(f"{name} {mode} failed: {e!r}")
+                continue
+            rows.append({"op": f"attention_{mode}", "shape": shape, "impl": name, "ms": ms, "metric": "TFLOP/s",
+                         "value": flops / ms / 1e9, "unit": "TFLOP/s", "peak_mb": mem})
+    return rows
+
+
+def main(with_flex: bool = True, flex_deadline_s: float = 60.0) -> list[dict]:
+    """Ours and SDPA on every shape first; FlexAttention (compiles for tens of seconds) only while the run is
+    younger than ``flex_deadline_s``, so the whole script stays inside the runner's 120 s."""
+    if not torch.cuda.is_available():
+        print("bench_attention: needs a CUDA device (the Triton kernels only run on the interpreter here); skipped.")
+        return []
+    dev = torch.device("cuda")
+    t0 = time.perf_counter()
+    rows = []
+    for flex_pass in ((False, True) if with_flex else (False,)):
+        for B, Hq, Hkv, T, D in SHAPES:
+            if flex_pass and time.perf_counter() - t0 > flex_deadline_s:
+                print("FlexAttention skipped: out of time")
+                break
+            shape = f"B={B} Hq={Hq} Hkv={Hkv} T={T} D={D}"
+            fwd_flops = 4 * B * Hq * T * T * D / 2
+            rows += _measure(_impls(B, Hq, Hkv, T, D, dev, flex_pass), shape, fwd_flops)
+            if not flex_pass:
+                for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
+                    rows.append({"op": f"attention_{mode}", "shape": shape, "impl": "floor",
+                                 "ms": flops / (H100_BF16_TFLOPS * 1e9), "metric": "TFLOP/s",
+                                 "value": H100_BF16_TFLOPS, "unit": "TFLOP/s"})
+            torch.cuda.empty_cache()
+    ms_of = {(r["op"], r["shape"], r["impl"]): r["ms"] for r in rows}
+    for r in rows:
+        base = ms_of.get((r["op"], r["shape"], "sdpa_default"))
+        fa2 = ms_of.get((r["op"], r["shape"], "sdpa_flash_fa2"))
+        r["vs_baseline"] = base / r["ms"] if base else float("nan")  # speedup over default SDPA
+        r["vs_fa2"] = fa2 / r["ms"] if fa2 else float("nan")
+    print_table(rows)
+    print(f"floor: {H100_BF16_TFLOPS:.0f} TFLOP/s (bf16 matmul ceiling, H100). vs_baseline = speedup over default "
+          "SDPA (>1 is faster); targets: ours >= 0.9x default SDPA and >= 1.3x FA2.")
+    for r in rows:
+        if r["impl"] == "ours":
+            print(f"ours {r['op']:<18} {r['shape']:<32} {r['value']:7.1f} TFLOP/s  "
+                  f"x{r['vs_baseline']:.2f} vs SDPA default  x{r['vs_fa2']:.2f} vs FA2")
+    record(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main(with_flex="--no-flex" not in sys.argv)

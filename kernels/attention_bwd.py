@@ -1,0 +1,390 @@
+"""FlashAttention-2 style backward kernels for GQA attention, layout (B, T, H, D).
+
+With S = c * Q K^T (c = softmax_scale), P = softmax(S) (recomputed from the saved lse: P = exp(S - lse)),
+O = P V and dO the incoming gradient:
+    dV = P^T dO
+    dP = dO V^T
+    dS = P * (dP - delta),   delta_i = sum_j P_ij dP_ij = rowsum(dO * O)_i   (preprocess kernel)
+    dQ = c * dS K
+    dK = c * dS^T Q
+As in the forward, exponentials run in base 2: P = exp2(S * log2(e) - lse * log2(e)).
+
+Three kernels:
+* ``_bwd_preprocess_kernel``: delta (B, Hq, Tq) fp32.
+* ``_bwd_dkdv_kernel``: one program per (key block, batch, KV head). It keeps its K, V tile and the dK, dV
+  accumulators on chip and loops over the ``group = Hq / Hkv`` query heads that read this KV head, and over their
+  query blocks: GQA gradients are summed inside the kernel, K/V are never expanded in memory.
+* ``_bwd_dq_kernel``: one program per (query block, batch, query head), looping over key blocks as the forward.
+Rows without a valid key have lse = -inf; it is replaced by +inf so that their P (and so dS, dQ) is exactly 0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_fwd import (
+    INTERPRETER_BLOCK_M,
+    INTERPRETER_BLOCK_N,
+    LOG2E,
+    dot_precision,
+    next_pow2,
+    prune_configs,
+    t_bucket,
+)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    Hq, Tq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # delta_i = sum_d dO_id * O_id  (fp32)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+    offs_n, offs_d, lo, hi, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    dmask = offs_d[None, :] < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
+        if MASKED:
+            row_ok = offs_m < Tq
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & dmask, other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & dmask, other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            if HEAD_DIM == BLOCK_D:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=dmask, other=0.0)
+                do = tl.load(do_ptrs, mask=dmask, other=0.0)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        lse2 = lse * 1.4426950408889634  # natural -> base-2 log-sum-exp
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # empty rows: P = 0
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M) = (Q K^T)^T
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            valid = ((offs_n >= kv_lo) & (offs_n < kv_hi))[:, None] & (offs_m < Tq)[None, :]
+            if IS_CAUSAL:
+                valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
+            pT = tl.where(valid, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO V^T)^T
+        dsT = pT * (dpT - delta[None, :])  # dS^T = P^T * (dP^T - delta)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)  # dK += dS^T Q  (scaled by c later)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    Hq, Hkv, Tq, Tk, group, qk_scale, sm_scale,
+    T_BUCKET,  # autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Causal: early key blocks are read by the most query blocks; pid 0 (launched first) is the heaviest.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    hk = bh % Hkv
+    b64 = b.to(tl.int64)
+    if HAS_KV_RANGE:
+        kv_lo = tl.maximum(tl.load(KV_START + b), 0)
+        kv_hi = tl.minimum(tl.load(KV_END + b), Tk)
+    else:
+        kv_lo = 0
+        kv_hi = Tk
+    causal_shift = Tk - Tq
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_ok = (offs_n >= kv_lo) & (offs_n < kv_hi)
+    ld_mask = kv_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b64 * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=ld_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=ld_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    if (n0 < kv_hi) & (n0 + BLOCK_N > kv_lo):  # else: no valid key here, dK = dV = 0
+        # Query rows reading this key block: causal, row i sees key n iff n <= i + shift.
+        if IS_CAUSAL:
+            m_lo = (tl.maximum(n0 - causal_shift, 0) // BLOCK_M) * BLOCK_M
+            # first tile whose every row sees the whole key block: m >= n0 + BLOCK_N - 1 - shift
+            m_mid = ((tl.maximum(n0 + BLOCK_N - 1 - causal_shift, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        else:
+            m_lo = 0
+            m_mid = 0
+        m_mid = tl.minimum(m_mid, ((Tq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        m_full = tl.maximum((Tq // BLOCK_M) * BLOCK_M, m_mid)  # tiles below this have no row >= Tq
+        edge = (n0 < kv_lo) | (n0 + BLOCK_N > kv_hi)  # a padding edge inside the block: mask every tile
+        for g in range(0, group):
+            h = hk * group + g
+            bhq = (b * Hq + h).to(tl.int64)
+            q_base = Q + b64 * stride_qb + h * stride_qh
+            do_base = DO + b64 * stride_dob + h * stride_doh
+            lse_base = LSE + bhq * Tq
+            delta_base = DELTA + bhq * Tq
+            if edge:
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    offs_n, offs_d, m_lo, Tq, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+            else:
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    offs_n, offs_d, m_lo, m_mid, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    offs_n, offs_d, m_mid, m_full, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION)
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    offs_n, offs_d, m_full, Tq, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+
+    dk = dk * sm_scale
+    st_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + b64 * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=st_mask)
+    tl.store(DV + b64 * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta,
+    k_base, v_base, stride_kt, stride_vt,
+    offs_m, offs_n, offs_d, lo, hi, kv_lo, kv_hi, causal_shift, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    dmask = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            kv_ok = (cols >= kv_lo) & (cols < kv_hi)
+            k = tl.load(k_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=dmask, other=0.0)
+            v = tl.load(v_ptrs, mask=dmask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            valid = kv_ok[None, :]
+            if IS_CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dP = dO V^T
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # dQ += dS K  (scaled by c later)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    Hq, Tq, Tk, group, qk_scale, sm_scale,
+    T_BUCKET,  # autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy causal blocks first
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    b64 = b.to(tl.int64)
+    if HAS_KV_RANGE:
+        kv_lo = tl.maximum(tl.load(KV_START + b), 0)
+        kv_hi = tl.minimum(tl.load(KV_END + b), Tk)
+    else:
+        kv_lo = 0
+        kv_hi = Tk
+    causal_shift = Tk - Tq
+
+    m0 = start_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Tq
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    lse2 = lse * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # empty rows: P = 0
+    k_base = K + b64 * stride_kb + hk * stride_kh
+    v_base = V + b64 * stride_vb + hk * stride_vh
+
+    # Same key ranges as the forward: masked head, unmasked middle, masked tail.
+    if IS_CAUSAL:
+        n_hi = tl.minimum(kv_hi, m0 + BLOCK_M + causal_shift)
+        n_full = tl.minimum(kv_hi, m0 + causal_shift + 1)
+    else:
+        n_hi = kv_hi
+        n_full = kv_hi
+    n_full = tl.maximum(n_full, 0)
+    n_lo = (kv_lo // BLOCK_N) * BLOCK_N
+    n_a = ((kv_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    n_b = tl.maximum((n_full // BLOCK_N) * BLOCK_N, n_a)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
+                       n_lo, tl.minimum(n_a, n_hi), kv_lo, kv_hi, causal_shift, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
+                       n_a, n_b, kv_lo, kv_hi, causal_shift, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
+                       n_b, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    bd = kwargs["BLOCK_D"]
+    # resident K, V tiles + num_stages buffered (Q, dO) tiles, 2 bytes per element
+    smem = lambda c: 2 * bd * (2 * c.kwargs["BLOCK_N"] + 2 * c.num_stages * c.kwargs["BLOCK_M"])  # noqa: E731
+    return prune_configs(configs, named_args["T_BUCKET"], smem)
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    bd = kwargs["BLOCK_D"]
+    # resident Q, dO tiles + num_stages buffered (K, V) tiles
+    smem = lambda c: 2 * bd * (2 * c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"])  # noqa: E731
+    return prune_configs(configs, named_args["T_BUCKET"], smem)
+
+
+# dK/dV: a tall key tile (BLOCK_N) stays resident with its fp32 dK, dV accumulators; short query tiles stream by.
+# dQ: a tall query tile stays resident, short key tiles stream by (as in the Triton fused-attention tutorial).
+_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2)]
+]
+_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 16, 4, 2)]
+]
+_TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "IS_CAUSAL", "HAS_KV_RANGE"]
+_bwd_dkdv_kernel_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
+                                         prune_configs_by={"early_config_prune": _prune_dkdv})(_bwd_dkdv_kernel)
+_bwd_dq_kernel_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY,
+                                       prune_configs_by={"early_config_prune": _prune_dq})(_bwd_dq_kernel)
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    kv_start: torch.Tensor | None,
+    kv_end: torch.Tensor | None,
+    softmax_scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch preprocess, dK/dV and dQ kernels. Returns dq (B, Tq, Hq, D), dk, dv (B, Tk, Hkv, D) in the input dtypes.
+
+    do/q/o (B, Tq, Hq, D), k/v (B, Tk, Hkv, D), all with unit stride on D; lse (B, Hq, Tq) fp32 from the forward.
+    """
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    dq = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Tk, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Tk, Hkv, D), dtype=v.dtype, device=v.device)
+    if B * Hq * Tq * Tk == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    BLOCK_D = max(16, next_pow2(D))
+    pre_bm = 64
+    _bwd_preprocess_kernel[(triton.cdiv(Tq, pre_bm), B * Hq)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm)
+
+    has_range = kv_start is not None
+    ks = kv_start if has_range else lse
+    ke = kv_end if has_range else lse
+    group = Hq // Hkv
+    qk_scale = softmax_scale * LOG2E
+    tb = t_bucket(max(Tq, Tk))
+    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_CAUSAL=causal, HAS_KV_RANGE=has_range,
+                PRECISION=dot_precision(q.dtype))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, ks, ke, *strides,
+                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                 Hq, Hkv, Tq, Tk, group, qk_scale, softmax_scale, tb)
+    dq_args = (q, k, v, do, lse, delta, dq, ks, ke, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+               Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)
+    if q.is_cuda and block_m is None and block_n is None:
+        _bwd_dkdv_kernel_tuned[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta)
+        _bwd_dq_kernel_tuned[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)](*dq_args, **meta)
+    else:
+        bm = block_m or INTERPRETER_BLOCK_M
+        bn = block_n or INTERPRETER_BLOCK_N
+        _bwd_dkdv_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
+            *dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
+        _bwd_dq_kernel[(triton.cdiv(Tq, bm), B * Hq)](
+            *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
+    return dq, dk, dv

@@ -1,0 +1,248 @@
+"""FlashAttention-2 style forward kernel for GQA attention, layout (B, T, H, D), with per-sequence key ranges.
+
+Math (one query row i of head h, KV head hk = h // group, scale c = softmax_scale):
+    s_j = c * q_i . k_j                        for valid keys j (kv_start <= j < kv_end, causal: j <= i + Tk - Tq)
+    o_i = sum_j exp(s_j - lse_i) v_j,  lse_i = log sum_j exp(s_j)
+computed block by block over keys with the online softmax: keep the running max m, the running sum l and the
+unnormalized accumulator acc; for a new key block with scores s:
+    m' = max(m, max_j s_j);  p_j = exp(s_j - m');  l' = l * exp(m - m') + sum_j p_j;  acc' = acc * exp(m - m') + p @ V
+Everything runs in the base-2 domain: exp(x) = exp2(x * log2(e)), so the scores are scaled once by
+c * log2(e) (1.4426950408889634 = 1 / ln 2) and exp2 maps to the fast hardware ex2 instruction. The saved
+log-sum-exp is converted back to natural log: lse = (m + log2(l)) * ln 2 (0.6931471805599453 = ln 2).
+
+Each program owns BLOCK_M query rows of one (batch, query head) and walks the key blocks in up to three loops:
+a masked head block (the one holding kv_start), an unmasked middle (blocks every row of the tile may fully see:
+no mask is built and loads need no predicates), and a masked tail (the causal diagonal and the kv_end edge).
+A row that has no valid key keeps m = -inf and l = 0: it writes o = 0 and lse = -inf, never NaN.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e) = 1 / ln 2
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots ("ieee"), not TF32; 16-bit inputs ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def t_bucket(t: int) -> int:
+    """Autotune key: sequence lengths rounded up to a power of two (64 .. 16384)."""
+    return min(max(next_pow2(t), 64), 16384)
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_base, v_base, stride_kt, stride_vt,
+    offs_m, offs_n, offs_d,
+    lo, hi, kv_lo, kv_hi, causal_shift, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    dmask = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BLOCK_N,) key positions
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            # Keys outside [kv_lo, kv_hi) are never read: they may be garbage (NaN in an unwritten cache).
+            kv_ok = (cols >= kv_lo) & (cols < kv_hi)
+            k = tl.load(k_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=dmask, other=0.0)
+            v = tl.load(v_ptrs, mask=dmask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32, q . k
+        if MASKED:
+            valid = kv_ok[None, :]
+            if IS_CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            qk = tl.where(valid, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no valid key yet keeps m = -inf; subtract 0 instead so exp2(-inf - -inf)
+            # never produces NaN (its p and alpha are then exactly 0).
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            qk = qk * qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])  # exp(s - m') in base 2
+        alpha = tl.math.exp2(m_i - m_use)  # rescale of the old sum and accumulator
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, KV_START, KV_END,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    Hq, Tq, Tk, group, qk_scale,
+    T_BUCKET,  # autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    # Causal work grows with the query block: launch the heavy (last) blocks first.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group  # GQA: query head h reads KV head h // (Hq / Hkv)
+    b64 = b.to(tl.int64)
+
+    if HAS_KV_RANGE:
+        kv_lo = tl.maximum(tl.load(KV_START + b), 0)
+        kv_hi = tl.minimum(tl.load(KV_END + b), Tk)
+    else:
+        kv_lo = 0
+        kv_hi = Tk
+    causal_shift = Tk - Tq  # bottom-right alignment: query i sits at key position i + Tk - Tq
+
+    m0 = start_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = K + b64 * stride_kb + hk * stride_kh
+    v_base = V + b64 * stride_vb + hk * stride_vh
+
+    # Key ranges: [n_lo, n_a) masked head, [n_a, n_b) unmasked middle, [max(n_a, n_b), n_hi) masked tail.
+    if IS_CAUSAL:
+        n_hi = tl.minimum(kv_hi, m0 + BLOCK_M + causal_shift)  # one past the last row's last key
+        n_full = tl.minimum(kv_hi, m0 + causal_shift + 1)  # every row of the tile sees all keys < n_full
+    else:
+        n_hi = kv_hi
+        n_full = kv_hi
+    n_full = tl.maximum(n_full, 0)
+    n_lo = (kv_lo // BLOCK_N) * BLOCK_N
+    n_a = ((kv_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    n_b = tl.maximum((n_full // BLOCK_N) * BLOCK_N, n_a)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
+        n_lo, tl.minimum(n_a, n_hi), kv_lo, kv_hi, causal_shift, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
+        n_a, n_b, kv_lo, kv_hi, causal_shift, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
+        n_b, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, PRECISION)
+
+    empty = l_i == 0.0  # no valid key: o = 0, lse = -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # * ln 2
+    o_ptrs = O + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+SMEM_BUDGET = 200 * 1024  # bytes; H100 allows 227 KB per block, leave room for layout-conversion scratch
+
+
+def prune_configs(configs, tb: int, smem_bytes) -> list:
+    """Keep tiles not much longer than the sequence and whose pipelined buffers fit in shared memory, so no
+    compile time is spent on configs that cannot win (or cannot run)."""
+    kept = [c for c in configs
+            if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(tb, 64) and smem_bytes(c) <= SMEM_BUDGET]
+    return kept or [min(configs, key=smem_bytes)]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    bd = kwargs["BLOCK_D"]
+    # resident Q tile + num_stages buffered (K, V) tiles, 2 bytes per element
+    smem = lambda c: 2 * bd * (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"])  # noqa: E731
+    return prune_configs(configs, named_args["T_BUCKET"], smem)
+
+
+# H100 (228 KB shared memory per SM): the Q tile stays resident, K/V tiles are pipelined num_stages deep.
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (64, 64, 4, 3),
+        (64, 32, 4, 2),  # fits D = 256
+    ]
+]
+_attn_fwd_kernel_tuned = triton.autotune(
+    configs=_FWD_CONFIGS, key=["HEAD_DIM", "T_BUCKET", "IS_CAUSAL", "HAS_KV_RANGE"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)(_attn_fwd_kernel)
+
+# Small fixed tiles for the CPU interpreter (autotuning there would run every config).
+INTERPRETER_BLOCK_M = 32
+INTERPRETER_BLOCK_N = 64
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    kv_start: torch.Tensor | None,
+    kv_end: torch.Tensor | None,
+    softmax_scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Inputs are assumed validated (see ``kernels.attention``).
+
+    q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) with unit stride on D; kv_start/kv_end (B,) int32 or None.
+    Returns o (B, Tq, Hq, D) in q.dtype (contiguous) and lse (B, Hq, Tq) fp32 (natural log, -inf on empty rows).
+    On CUDA with block_m/block_n None the tile is autotuned; otherwise the given (or interpreter) tile is used.
+    """
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    o = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    if B * Hq * Tq == 0:
+        return o, lse
+    has_range = kv_start is not None
+    ks = kv_start if has_range else lse  # dummy pointer when absent (never read)
+    ke = kv_end if has_range else lse
+    args = (
+        q, k, v, o, lse, ks, ke,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E, t_bucket(max(Tq, Tk)),
+    )
+    meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), IS_CAUSAL=causal, HAS_KV_RANGE=has_range,
+                PRECISION=dot_precision(q.dtype))
+    if q.is_cuda and block_m is None and block_n is None:
+        grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
+        _attn_fwd_kernel_tuned[grid](*args, **meta)
+    else:
+        bm = block_m or INTERPRETER_BLOCK_M
+        bn = block_n or INTERPRETER_BLOCK_N
+        _attn_fwd_kernel[(triton.cdiv(Tq, bm), B * Hq)](
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
+    return o, lse

@@ -1,0 +1,304 @@
+"""Split-KV flash-decoding over a static KV cache, for a few new query tokens, with GQA, in Triton.
+
+q: (B, Tn, Hq, D) holds Tn (1..~8) new tokens that are already written at the end of each sequence's cache:
+query t of sequence b sits at cache position ``cache_lens[b] - Tn + t`` and sees the positions j with
+``cache_start[b] <= j <= cache_lens[b] - Tn + t`` (causal among the new tokens; cache_start > 0 skips the left
+padding of a prompt). k_cache, v_cache: (B, L, Hkv, D).
+
+Decoding reads the whole KV cache to produce a handful of rows: it is bound by memory bandwidth. Two kernels:
+1. ``_decode_split_kernel``, grid (B, Hkv, num_splits): each program owns one chunk of one sequence's valid
+   positions for one KV head and loads every K/V block of it exactly once for all ``group = Hq / Hkv`` query heads
+   and all Tn new tokens: the query tile is (group * Tn, D) (padded to >= 16 rows for tl.dot), so one tl.dot per
+   block serves the whole group. It runs the online softmax of ``attention_fwd.py`` over its chunk and writes the
+   normalized partial output and its log-sum-exp.
+2. ``_decode_reduce_kernel``, one program per (b, h, t): combines the splits,
+       o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s,
+   and writes zeros for rows with no valid position. With one split the first kernel writes o directly.
+Splitting the sequence gives the card enough programs when B * Hkv is small (64 * 2 = 128 programs for 132 SMs).
+"""
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_fwd import LOG2E, dot_precision, next_pow2
+from .reference.attention import decode_attention_reference
+
+_BACKENDS = ("auto", "triton", "torch")
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, O, O_PART, LSE_PART, CACHE_LENS, CACHE_START,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    Hq, Tn, L, group, qk_scale, num_splits,
+    L_BUCKET,  # autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_START: tl.constexpr, SINGLE_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
+    b64 = b.to(tl.int64)
+
+    # Query rows r = g * Tn + t: head h = hk * group + g, new token t.
+    rows = tl.arange(0, BLOCK_R)
+    g = rows // Tn
+    t = rows % Tn
+    row_ok = rows < group * Tn
+    h = hk * group + g
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    q = tl.load(Q + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & dmask, other=0.0)
+
+    cache_len = tl.load(CACHE_LENS + b)
+    pos = cache_len - Tn + t  # (BLOCK_R,) cache position of each query row
+    n_end = tl.minimum(cache_len, L)
+    if HAS_START:
+        n_start = tl.maximum(tl.load(CACHE_START + b), 0)
+    else:
+        n_start = 0
+    # This program's chunk of [n_start, n_end): chunk length rounded up to whole blocks.
+    span = tl.maximum(n_end - n_start, 0)
+    chunk = ((span + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo = n_start + split * chunk
+    hi = tl.minimum(lo + chunk, n_end)
+
+    k_base = K + b64 * stride_kb + hk * stride_kh
+    v_base = V + b64 * stride_vb + hk * stride_vh
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = cols < hi  # cols >= lo >= n_start by construction; never read unwritten positions
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_ok[:, None] & dmask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_ok[:, None] & dmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_R, BLOCK_N)
+        valid = kv_ok[None, :] & (cols[None, :] <= pos[:, None])
+        s = tl.where(valid, s * qk_scale, float("-inf"))  # base-2 scores: c * log2(e) * q.k
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: avoid -inf - -inf
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    if SINGLE_SPLIT:
+        o_ptrs = O + b64 * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask)
+    else:
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))  # base-2 lse of this chunk
+        # Workspace: O_PART (B, Hq, Tn, S, D) fp32, LSE_PART (B, Hq, Tn, S) fp32.
+        part = ((b64 * Hq + h) * Tn + t) * num_splits + split  # (BLOCK_R,)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None] & dmask)
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    O, O_PART, LSE_PART,
+    stride_ob, stride_ot, stride_oh,
+    Hq, Tn, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # o = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse_s - max_s lse_s); all -inf: o = 0.
+    row = tl.program_id(0).to(tl.int64)  # ((b * Hq + h) * Tn + t)
+    t = row % Tn
+    h = (row // Tn) % Hq
+    b = row // (Tn * Hq)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m_use)  # 0 for empty splits
+    denom = tl.sum(w, 0)
+    parts = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(O + b * stride_ob + t * stride_ot + h * stride_oh + offs_d, o.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+# Memory-bound: deeper pipelines and small warps counts; tiles of 32..128 cache positions.
+_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bn, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)]
+]
+_decode_split_kernel_tuned = triton.autotune(
+    # Coarse key: a growing dynamic cache must not trigger a new tuning run at every power of two.
+    configs=_DECODE_CONFIGS, key=["HEAD_DIM", "BLOCK_R", "L_BUCKET"],
+)(_decode_split_kernel)
+INTERPRETER_BLOCK_N = 32
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head) so that about 4 programs run per SM (132 SMs on an H100), each split
+    keeping at least 128 positions; depends only on shapes (never on cache_lens), so it is CUDA-graph safe."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    programs = max(batch * kv_heads, 1)
+    splits = math.ceil(4 * sms / programs)
+    return int(max(1, min(splits, math.ceil(cache_len / 128), 64)))
+
+
+def decode_attention_forward(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    cache_start: Optional[torch.Tensor],
+    softmax_scale: float,
+    num_splits: int,
+    block_n: Optional[int] = None,
+) -> torch.Tensor:
+    """Launch the split and reduce kernels; inputs validated by ``decode_attention``. Returns o (B, Tn, Hq, D)."""
+    B, Tn, Hq, D = q.shape
+    L, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    o = torch.empty((B, Tn, Hq, D), dtype=q.dtype, device=q.device)
+    if B * Tn * Hq == 0:
+        return o
+    single = num_splits == 1
+    if single:
+        o_part = lse_part = o  # unused
+    else:
+        o_part = torch.empty((B, Hq, Tn, num_splits, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B, Hq, Tn, num_splits), dtype=torch.float32, device=q.device)
+    has_start = cache_start is not None
+    args = (
+        q, k_cache, v_cache, o, o_part, lse_part, cache_lens, cache_start if has_start else cache_lens,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        Hq, Tn, L, group, softmax_scale * LOG2E, num_splits, min(max(next_pow2(L), 1024), 16384),
+    )
+    meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_R=max(16, next_pow2(group * Tn)),
+                HAS_START=has_start, SINGLE_SPLIT=single, PRECISION=dot_precision(q.dtype))
+    grid = (B, Hkv, num_splits)
+    if q.is_cuda and block_n is None:
+        _decode_split_kernel_tuned[grid](*args, **meta)
+    else:
+        _decode_split_kernel[grid](*args, **meta, BLOCK_N=block_n or INTERPRETER_BLOCK_N, num_warps=4,
+                                   num_stages=2)
+    if not single:
+        _decode_reduce_kernel[(B * Hq * Tn,)](
+            o, o_part, lse_part, o.stride(0), o.stride(1), o.stride(2), Hq, Tn, num_splits,
+            HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_S=max(2, next_pow2(num_splits)), num_warps=1)
+    return o
+
+
+@torch.library.custom_op("rlhf_engine::decode_attention", mutates_args=())
+def decode_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
+    cache_start: Optional[torch.Tensor], softmax_scale: float, num_splits: int,
+) -> torch.Tensor:
+    """o (B, Tn, Hq, D) = decode_attention_forward(...); inference only (no autograd)."""
+    return decode_attention_forward(q, k_cache, v_cache, cache_lens, cache_start, softmax_scale, num_splits)
+
+
+@decode_attention_op.register_fake
+def _decode_attention_fake(q, k_cache, v_cache, cache_lens, cache_start, softmax_scale, num_splits):
+    return q.new_empty(q.shape)
+
+
+def _check_lens(name: str, t: Optional[torch.Tensor], batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or t.shape != (batch,):
+        raise ValueError(f"{name}: expected a ({batch},) integer tensor, got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer dtype, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    return t.to(torch.int32).contiguous()
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    *,
+    cache_start: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    num_splits: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of Tn new tokens over a static KV cache (inference only, no autograd).
+
+    Args:
+        q: (B, Tn, Hq, D) bf16/fp16/fp32, Tn small (1..~8). Query t sits at position cache_lens[b] - Tn + t.
+        k_cache, v_cache: (B, L, Hkv, D), dtype of q, any strides with unit stride on D (a transposed
+            (B, Hkv, L, D) HF cache works as a view). Hq % Hkv == 0; head h reads KV head h // (Hq / Hkv).
+        cache_lens: (B,) int, valid positions per sequence INCLUDING the Tn new tokens (already written).
+        cache_start: optional (B,) int, first valid position (left-padded prompts). Default 0.
+        softmax_scale: default 1 / sqrt(D).
+        num_splits: chunks per (sequence, KV head); default from B * Hkv vs the SM count (``default_num_splits``).
+        backend: "auto" | "triton" | "torch" (see ``kernels.attention.flash_attention``).
+    Returns:
+        o: (B, Tn, Hq, D) in q.dtype; rows without a valid position are zeros.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-dim tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    B, Tn, Hq, D = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"v_cache: expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    if k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache: expected shape ({B}, L, Hkv, {D}), got {tuple(k_cache.shape)}")
+    Hkv = k_cache.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"k_cache: expected a number of KV heads dividing Hq={Hq}, got {Hkv}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"k_cache, v_cache: expected dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError(f"k_cache, v_cache: expected device {q.device}, got {k_cache.device}, {v_cache.device}")
+    if D > 256:
+        raise ValueError(f"q: expected head dim <= 256, got {D}")
+    cache_lens = _check_lens("cache_lens", cache_lens, B, q.device)
+    if cache_lens is None:
+        raise ValueError("cache_lens: expected a (B,) integer tensor, got None")
+    cache_start = _check_lens("cache_start", cache_start, B, q.device)
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits: expected a positive int or None, got {num_splits!r}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    if not use_triton:
+        return decode_attention_reference(q, k_cache, v_cache, cache_lens, cache_start=cache_start,
+                                          softmax_scale=scale)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q: expected fp16/bf16/fp32 for the Triton backend, got {q.dtype}")
+    if num_splits is None:
+        num_splits = default_num_splits(B, Hkv, k_cache.shape[1], q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache, v_cache: expected unit stride on the head dim (copying a cache is never wanted)")
+    if torch.compiler.is_compiling():
+        return decode_attention_op(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits)
+    return decode_attention_forward(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits)

@@ -1,0 +1,188 @@
+"""Run Hugging Face transformers models (5.x) on our attention kernels.
+
+    from rlhf_engine.integrations.hf_attention import register_hf_attention
+    register_hf_attention()                                    # registers "rlhf_engine"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="rlhf_engine")
+    # or: model.set_attn_implementation("rlhf_engine")
+
+HF calls ``attention_fn(module, query, key, value, attention_mask, dropout=, scaling=, **kwargs)`` with
+query (B, Hq, Tq, D), key/value (B, Hkv, Tk, D) (the whole cache when there is one) and expects
+(attn_output (B, Tq, Hq, D), attn_weights or None). We also register HF's ``sdpa_mask`` as the mask builder for our
+name (without it HF would hand a custom implementation no mask at all), so attention_mask is either None (plain
+causal, no padding: HF skipped building it) or a 4D bool mask (B, 1, Tq, Tk) with True = attend.
+
+How a 4D mask becomes kernel arguments (``mask_to_kv_range``): per sequence the attended keys must be one range
+[kv_start, kv_end) intersected with a causal limit j <= i + offset shared by the batch (offset = position of query 0
+in the key array). That covers left padding, right padding, DynamicCache and StaticCache (unwritten slots are
+masked: we cut the key array at Tq + offset so our bottom-right causal alignment matches). The mask is rebuilt
+from these numbers and compared with HF's: anything else (sliding window, packed sequences, custom masks) falls
+back to HF's own SDPA path, with a one-time warning naming the reason. Padding query rows (no valid key) output
+zeros in our path; HF's backends output arbitrary values there (they are never used).
+
+Routing: few new tokens without autograd (decoding) and every sequence ending at the last query -> the split-KV
+``decode_attention`` kernel (reads HF's (B, Hkv, L, D) cache through a transposed view, no copy); everything else
+-> ``flash_attention``. Deriving the ranges reads the mask on the host once per mask object (cached for the
+following layers of the same forward), so this integration targets eager execution, not ``torch.compile``.
+"""
+import logging
+import weakref
+from typing import Optional
+
+import torch
+
+from ..kernels.attention import flash_attention
+from ..kernels.decode_attention import decode_attention
+
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+DECODE_MAX_NEW_TOKENS = 8
+
+
+class _MaskRanges:
+    """kv_start/kv_end (B,) int32 on the mask's device, offset of query 0, and two host-side facts."""
+
+    def __init__(self, kv_start, kv_end, offset: int, max_end: int, ends_at_query: bool):
+        self.kv_start, self.kv_end, self.offset = kv_start, kv_end, offset
+        self.max_end, self.ends_at_query = max_end, ends_at_query
+
+
+_last_mask: dict = {"ref": None, "version": -1, "shape": None, "ranges": None}
+
+
+def mask_to_kv_range(mask: torch.Tensor, batch: int, tq: int, tk: int) -> Optional[_MaskRanges]:
+    """Represent a 4D HF mask (B|1, 1, Tq, Tk) (bool: True = attend; float: 0 = attend, very negative = blocked)
+    as kv_start <= j < kv_end and j <= i + offset; None if it is not of that form. One host sync."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (tq, tk) or mask.shape[0] not in (1, batch):
+        return None
+    m = mask[:, 0].expand(batch, tq, tk)
+    if m.dtype == torch.bool:
+        allowed = m
+    else:
+        allowed = m == 0
+        blocked = m <= torch.finfo(m.dtype).min / 2
+        if not bool((allowed | blocked).all()):  # an additive bias, not a mask
+            return None
+    dev = allowed.device
+    j = torch.arange(tk, device=dev)
+    i = torch.arange(tq, device=dev)
+    cols = allowed.any(1)  # (B, Tk) keys attended by some query
+    kv_start = torch.where(cols, j, tk).amin(-1)  # (B,), tk when nothing is attended
+    kv_end = torch.where(cols, j + 1, 0).amax(-1)  # (B,), 0 when nothing is attended
+    row_last = torch.where(allowed, j, -1).amax(-1)  # (B, Tq) last attended key per row, -1 if none
+    nonempty = row_last >= 0
+    offset = torch.where(nonempty, row_last - i, -(2 * tk + tq)).amax()
+    offset = torch.where(nonempty.any(), offset, tk - tq)
+    rebuilt = (j >= kv_start[:, None, None]) & (j < kv_end[:, None, None]) & (j <= i[:, None] + offset)
+    same, off, max_end, at_query = torch.stack(
+        [(rebuilt == allowed).all().long(), offset, kv_end.max(), (kv_end == tq + offset).all().long()]).tolist()
+    if not same:
+        return None
+    return _MaskRanges(kv_start.to(torch.int32), kv_end.to(torch.int32), int(off), int(max_end), bool(at_query))
+
+
+def _ranges_cached(mask: torch.Tensor, batch: int, tq: int, tk: int) -> Optional[_MaskRanges]:
+    """All layers of one forward get the same mask object: derive the ranges once."""
+    c = _last_mask
+    key = (batch, tq, tk)
+    if c["ref"] is not None and c["ref"]() is mask and c["version"] == mask._version and c["shape"] == key:
+        return c["ranges"]
+    ranges = mask_to_kv_range(mask, batch, tq, tk)
+    c.update(ref=weakref.ref(mask), version=mask._version, shape=key, ranges=ranges)
+    return ranges
+
+
+def _fallback(reason: str, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        logger.warning("rlhf_engine attention: %s; using transformers' SDPA attention for this call", reason)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def rlhf_engine_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    *,
+    backend: str = "auto",
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """HF attention function. query (B, Hq, Tq, D), key/value (B, Hkv, Tk, D), attention_mask None or
+    (B|1, 1, Tq, Tk). Returns (attn_output (B, Tq, Hq, D) in query.dtype, None)."""
+    args = (module, query, key, value, attention_mask, dropout, scaling,
+            kwargs if is_causal is None else {**kwargs, "is_causal": is_causal})
+    if dropout and module.training:
+        return _fallback("attention dropout is not supported", *args)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+        return _fallback("softcap / attention sinks / position bias are not supported", *args)
+    if query.shape[-1] != value.shape[-1] or query.shape[-1] != key.shape[-1] or query.shape[-1] > 256:
+        return _fallback("head dims of q, k, v differ or exceed 256", *args)
+    B, Hq, Tq, D = query.shape
+    Tk = key.shape[2]
+    window = kwargs.get("sliding_window")
+    if window is not None and Tk > window:
+        return _fallback("sliding-window attention is not supported", *args)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    q = query.transpose(1, 2)  # (B, Tq, Hq, D) view
+    k = key.transpose(1, 2)  # (B, Tk, Hkv, D) view
+    v = value.transpose(1, 2)
+    kv_start = kv_end = None
+    ends_at_query = True
+    if attention_mask is None:
+        if causal and 1 < Tq < Tk:
+            # HF skips the mask for a prefill into an empty static cache and relies on a top-left aligned
+            # is_causal (as its SDPA path does): the keys past Tq are unwritten slots.
+            k, v = k[:, :Tq], v[:, :Tq]
+    else:
+        ranges = _ranges_cached(attention_mask, B, Tq, Tk)
+        if ranges is None:
+            return _fallback("the attention mask is not a per-sequence key range with a causal limit", *args)
+        kv_start, kv_end = ranges.kv_start, ranges.kv_end
+        ends_at_query = ranges.ends_at_query
+        if ranges.offset >= ranges.max_end - 1:
+            causal = False  # the causal limit never binds (single query row, or bidirectional mask)
+        elif Tq + ranges.offset <= Tk:
+            causal = True
+            k, v = k[:, : Tq + ranges.offset], v[:, : Tq + ranges.offset]  # query 0 now sits at Tk' - Tq
+        else:
+            return _fallback("causal offset beyond the key array", *args)
+    decoding = (Tq <= DECODE_MAX_NEW_TOKENS and ends_at_query and (causal or Tq == 1)
+                and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                       or value.requires_grad)))
+    if decoding and (backend == "triton" or (backend == "auto" and query.is_cuda)):
+        tk = k.shape[1]
+        if kv_end is None:
+            kv_end = torch.full((B,), tk, dtype=torch.int32, device=query.device)
+        o = decode_attention(q, k, v, kv_end, cache_start=kv_start, softmax_scale=scaling, backend=backend)
+        return o, None
+    o = flash_attention(q, k, v, causal=causal, kv_start=kv_start, kv_end=kv_end, softmax_scale=scaling,
+                        backend=backend)
+    return o, None
+
+
+def register_hf_attention(name: str = "rlhf_engine", *, backend: str = "auto") -> str:
+    """Register our attention (and HF's SDPA mask builder) under ``name`` in transformers' global interfaces.
+
+    backend: "auto" (Triton on CUDA, the PyTorch reference on CPU), "triton" (CPU only under TRITON_INTERPRET=1),
+    "torch". Returns ``name``, to pass as ``attn_implementation``.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+
+    def attention_fn(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        return rlhf_engine_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                             scaling=scaling, backend=backend, **kwargs)
+
+    AttentionInterface.register(name, attention_fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name

@@ -1,0 +1,237 @@
+"""decode_attention (split-KV flash-decoding), write_kv_cache and apply_rope against the PyTorch references."""
+import pytest
+import torch
+
+from rlhf_engine.kernels.attention import flash_attention
+from rlhf_engine.kernels.decode_attention import decode_attention, decode_attention_op, default_num_splits
+from rlhf_engine.kernels.kv_cache import apply_rope, write_kv_cache
+from rlhf_engine.kernels.reference.attention import (
+    apply_rope_reference,
+    decode_attention_reference,
+    rotate_half,
+    write_kv_cache_reference,
+)
+
+
+def _cache(B, L, Hkv, D, dtype, device, lens, start=None):
+    """Random caches whose unwritten slots (outside [start, lens)) hold NaN: they must never be read."""
+    k = torch.randn(B, L, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(B, L, Hkv, D, device=device, dtype=dtype)
+    for b in range(B):
+        lo = 0 if start is None else int(start[b])
+        for t in (k, v):
+            t[b, int(lens[b]):] = float("nan")
+            t[b, :lo] = float("nan")
+    return k, v
+
+
+# (B, L, Hq, Hkv, D, Tn, num_splits)
+CASES = [
+    (3, 100, 14, 2, 64, 1, None),
+    (3, 100, 14, 2, 64, 3, 4),
+    (2, 77, 9, 3, 80, 1, 1),
+    (2, 77, 9, 3, 80, 3, 3),
+    (4, 64, 4, 4, 64, 1, 2),
+    (2, 130, 8, 2, 96, 2, 7),
+]
+
+
+@pytest.mark.parametrize("B,L,Hq,Hkv,D,Tn,num_splits", CASES)
+@pytest.mark.parametrize("with_start", [False, True])
+def test_decode_matches_reference(B, L, Hq, Hkv, D, Tn, num_splits, with_start, device):
+    lens = torch.tensor([L - 5 * b for b in range(B)], dtype=torch.int32, device=device)
+    lens[-1] = max(Tn, 3)  # a short sequence: most splits are empty
+    start = torch.tensor([(7 * b) % 11 for b in range(B)], dtype=torch.int32, device=device) if with_start else None
+    k, v = _cache(B, L, Hkv, D, torch.float32, device, lens, start)
+    q = torch.randn(B, Tn, Hq, D, device=device)
+    o = decode_attention(q, k, v, lens, cache_start=start, num_splits=num_splits, backend="triton")
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lens, cache_start=start)
+    assert not torch.isnan(o).any()
+    torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_empty_rows_and_fp16(device):
+    """A sequence whose start is past the queries: zeros, not NaN; fp16 through the interpreter."""
+    B, L, Hq, Hkv, D, Tn = 2, 50, 6, 2, 64, 3
+    lens = torch.tensor([50, 20], dtype=torch.int32, device=device)
+    start = torch.tensor([49, 0], dtype=torch.int32, device=device)  # seq 0: only query 2 (pos 49) sees a key
+    k, v = _cache(B, L, Hkv, D, torch.float16, device, lens, start)
+    q = torch.randn(B, Tn, Hq, D, device=device, dtype=torch.float16)
+    for splits in (1, 3):
+        o = decode_attention(q, k, v, lens, cache_start=start, num_splits=splits, backend="triton")
+        assert not torch.isnan(o).any()
+        assert (o[0, :2] == 0).all()
+        ref = decode_attention_reference(q.double(), k.double(), v.double(), lens, cache_start=start)
+        torch.testing.assert_close(o.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_decode_strided_hf_cache(device):
+    """HF caches are (B, Hkv, L, D): a transposed view works without a copy."""
+    B, L, Hq, Hkv, D = 2, 40, 4, 2, 64
+    kh = torch.randn(B, Hkv, L, D, device=device)
+    vh = torch.randn(B, Hkv, L, D, device=device)
+    q = torch.randn(B, Hq, 1, D, device=device).transpose(1, 2)
+    lens = torch.tensor([40, 33], dtype=torch.int32, device=device)
+    o = decode_attention(q, kh.transpose(1, 2), vh.transpose(1, 2), lens, num_splits=2, backend="triton")
+    ref = decode_attention_reference(q, kh.transpose(1, 2), vh.transpose(1, 2), lens)
+    torch.testing.assert_close(o, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_matches_flash_attention_on_full_sequence(device):
+    """Prefill with flash_attention and decode the last Tn tokens over the cache: same rows."""
+    B, T, Hq, Hkv, D, Tn = 2, 45, 6, 3, 64, 3
+    q = torch.randn(B, T, Hq, D, device=device)
+    k = torch.randn(B, T, Hkv, D, device=device)
+    v = torch.randn(B, T, Hkv, D, device=device)
+    ks = torch.tensor([0, 9], dtype=torch.int32, device=device)  # left padding of sequence 1
+    full = flash_attention(q, k, v, kv_start=ks, backend="triton")
+    lens = torch.full((B,), T, dtype=torch.int32, device=device)
+    o = decode_attention(q[:, -Tn:], k, v, lens, cache_start=ks, num_splits=2, backend="triton")
+    torch.testing.assert_close(o, full[:, -Tn:], atol=2e-5, rtol=1e-4)
+
+
+def test_decode_op_fake_validation_and_splits(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(4, 1, 14, 64)
+        kc = torch.empty(4, 128, 2, 64)
+        assert decode_attention_op(q, kc, kc, torch.empty(4, dtype=torch.int32), None, 0.125, 3).shape == q.shape
+    q = torch.randn(2, 1, 4, 16, device=device)
+    kc = torch.randn(2, 8, 2, 16, device=device)
+    lens = torch.tensor([8, 5], device=device)
+    torch.testing.assert_close(decode_attention(q, kc, kc, lens, backend="torch"),
+                               decode_attention_reference(q, kc, kc, lens))
+    with pytest.raises(ValueError, match="cache_lens"):
+        decode_attention(q, kc, kc, lens[:1])
+    with pytest.raises(ValueError, match="KV heads"):
+        decode_attention(q, kc[:, :, :1].expand(2, 8, 3, 16), kc[:, :, :1].expand(2, 8, 3, 16), lens)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_attention(q, kc, kc, lens, num_splits=0)
+    assert default_num_splits(64, 2, 2048, torch.device("cpu")) >= 1
+    assert default_num_splits(64, 8, 64, torch.device("cpu")) == 1
+
+
+# ----------------------------------------------------------------------------- cache write and RoPE
+def _tables(P, D, device, dtype=torch.float32):
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
+    ang = torch.arange(P, device=device, dtype=torch.float32)[:, None] * inv[None]
+    ang = torch.cat((ang, ang), -1)  # HF: duplicated halves
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("D", [64, 80])
+def test_write_kv_cache(rope, D, device):
+    B, L, Hkv, Tn = 3, 20, 3, 4
+    kc, vc = torch.randn(B, L, Hkv, D, device=device), torch.randn(B, L, Hkv, D, device=device)
+    kn, vn = torch.randn(B, Tn, Hkv, D, device=device), torch.randn(B, Tn, Hkv, D, device=device)
+    pos = torch.tensor([0, 9, 18], device=device)  # the last one runs past L: those rows are dropped
+    kw = {}
+    if rope:
+        cos, sin = _tables(64, D, device)
+        kw = dict(cos=cos, sin=sin, rope_positions=pos + 2)
+    a = (kc.clone(), vc.clone())
+    b = (kc.clone(), vc.clone())
+    write_kv_cache(*a, kn, vn, pos, backend="triton", **kw)
+    write_kv_cache_reference(*b, kn, vn, pos, **kw)
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
+    torch.testing.assert_close(a[1][2, 18:], vn[2, :2])
+    if rope:  # the reference itself against HF's formula
+        c, s = cos[pos[1] + 2: pos[1] + 2 + Tn, None], sin[pos[1] + 2: pos[1] + 2 + Tn, None]
+        torch.testing.assert_close(b[0][1, 9:13], kn[1] * c + rotate_half(kn[1]) * s)
+
+
+def test_write_kv_cache_half_tables_and_bf16_cache(device):
+    """Tables of width D/2 and a cast to the cache dtype (fp16 cache, fp32 new rows)."""
+    B, L, Hkv, D, Tn = 2, 12, 2, 64, 1
+    cos, sin = _tables(16, D, device)
+    kc = torch.zeros(B, L, Hkv, D, device=device, dtype=torch.float16)
+    vc = torch.zeros_like(kc)
+    kn, vn = torch.randn(B, Tn, Hkv, D, device=device), torch.randn(B, Tn, Hkv, D, device=device)
+    pos = torch.tensor([3, 11], device=device)
+    write_kv_cache(kc, vc, kn, vn, pos, cos=cos[:, : D // 2], sin=sin[:, : D // 2], backend="triton")
+    rk, rv = torch.zeros_like(kc), torch.zeros_like(vc)
+    write_kv_cache_reference(rk, rv, kn, vn, pos, cos=cos, sin=sin)
+    torch.testing.assert_close(kc, rk, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(vc, rv)
+    with pytest.raises(ValueError, match="positions"):
+        write_kv_cache(kc, vc, kn, vn, pos[:1])
+    with pytest.raises(ValueError, match="cos, sin"):
+        write_kv_cache(kc, vc, kn, vn, pos, cos=cos)
+
+
+def test_apply_rope_forward_backward(device):
+    B, T, H, D = 2, 7, 3, 80
+    x = torch.randn(B, T, H, D, device=device, dtype=torch.float64)
+    cos, sin = _tables(T, D, device, torch.float64)
+    cos_b, sin_b = cos[None].expand(B, T, D), sin[None].expand(B, T, D)
+    xf = x.float().requires_grad_()
+    y = apply_rope(xf, cos_b.float(), sin_b.float(), backend="triton")
+    x64 = x.clone().requires_grad_()
+    ref = apply_rope_reference(x64, cos_b[:, :, None], sin_b[:, :, None])
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(y, xf, g.float())
+    (gr,) = torch.autograd.grad(ref, x64, g)
+    torch.testing.assert_close(gx.double(), gr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(apply_rope(x, cos, sin, backend="torch"), ref.detach())  # (T, D) tables
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("Tn", [1, 4])
+@pytest.mark.parametrize("B,L,Hq,Hkv,D", [(64, 2048, 14, 2, 64), (8, 4096, 32, 8, 128), (5, 1000, 9, 3, 80)])
+def test_decode_bf16_gpu(B, L, Hq, Hkv, D, Tn, device):
+    """bf16: our error vs fp64 <= 2x the error of the same math in PyTorch bf16."""
+    lens = torch.randint(L // 2, L + 1, (B,), device=device, dtype=torch.int32)
+    start = torch.randint(0, 50, (B,), device=device, dtype=torch.int32)
+    k, v = _cache(B, L, Hkv, D, torch.bfloat16, device, lens, start)
+    q = torch.randn(B, Tn, Hq, D, device=device, dtype=torch.bfloat16)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lens, cache_start=start)
+    k0, v0 = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    pos = lens.long()[:, None] - Tn + torch.arange(Tn, device=device)[None]
+    j = torch.arange(L, device=device)
+    mask = (j[None, None] <= pos[..., None]) & (j[None, None] >= start.long()[:, None, None])  # (B, Tn, L)
+    theirs = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k0.transpose(1, 2).repeat_interleave(Hq // Hkv, 1),
+        v0.transpose(1, 2).repeat_interleave(Hq // Hkv, 1), attn_mask=mask[:, None]).transpose(1, 2)
+    for splits in (None, 1, 8):
+        o = decode_attention(q, k, v, lens, cache_start=start, num_splits=splits)
+        assert torch.isfinite(o).all()
+        err = (o.double() - ref).abs().max().item()
+        err_torch = (theirs.double() - ref).abs().max().item()
+        assert err <= 2 * err_torch + 1e-6, f"splits={splits}: ours {err:.3e} vs torch {err_torch:.3e}"
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_gpu(device):
+    B, L, Hq, Hkv, D = 16, 512, 14, 2, 64
+    k = torch.randn(B, L, Hkv, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(B, 1, Hq, D, device=device, dtype=torch.bfloat16)
+    lens = torch.full((B,), 100, device=device, dtype=torch.int32)
+    decode_attention(q, k, v, lens)  # autotune outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = decode_attention(q, k, v, lens)
+    lens.fill_(400)
+    g.replay()
+    torch.testing.assert_close(out, decode_attention(q, k, v, lens), atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_write_kv_cache_bf16_gpu(device):
+    B, L, Hkv, D, Tn = 8, 64, 2, 128, 3
+    cos, sin = _tables(128, D, device)
+    kc = torch.zeros(B, L, Hkv, D, device=device, dtype=torch.bfloat16)
+    vc = torch.zeros_like(kc)
+    kn = torch.randn(B, Tn, Hkv, D, device=device, dtype=torch.bfloat16)
+    vn = torch.randn_like(kn)
+    pos = torch.randint(0, L - Tn, (B,), device=device)
+    write_kv_cache(kc, vc, kn, vn, pos, cos=cos, sin=sin)
+    rk, rv = torch.zeros_like(kc), torch.zeros_like(vc)
+    write_kv_cache_reference(rk, rv, kn, vn, pos, cos=cos, sin=sin)
+    torch.testing.assert_close(kc.float(), rk.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(vc, rv, atol=0, rtol=0)
