@@ -1,0 +1,108 @@
+"""A static KV cache: fixed-shape buffers allocated once, passed explicitly to the model.
+
+All layers live in two tensors ``k_all`` / ``v_all`` of shape (n_layers, B, L, Hkv, D);
+``k[i]`` / ``v[i]`` are (B, L, Hkv, D) views of layer i. Sequences advance in lockstep:
+slot s of row b holds the token at sequence column s, the prompt is left-padded so row
+b's valid slots are [start[b], lengths[b]). Static shapes let the decode step be
+captured in a CUDA graph (gpt-fast / nano-vllm style).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf_engine.model.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Per-layer K/V buffers plus per-sequence bookkeeping.
+
+    k_all, v_all: (n_layers, B, L, Hkv, D) in the cache dtype.
+    lengths: (B,) int32 — number of slots written (the next token goes to slot lengths[b]).
+    start: (B,) int32 — first valid slot (number of left-padding columns of the prompt).
+    """
+
+    k_all: torch.Tensor
+    v_all: torch.Tensor
+    lengths: torch.Tensor
+    start: torch.Tensor
+    k: list[torch.Tensor] = field(init=False, repr=False)
+    v: list[torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.k_all.dim() != 5 or self.k_all.shape != self.v_all.shape:
+            raise ValueError(f"KVCache: expected k_all and v_all of equal shape (n_layers, B, L, Hkv, D), got "
+                             f"{tuple(self.k_all.shape)} and {tuple(self.v_all.shape)}")
+        B = self.k_all.shape[1]
+        for name in ("lengths", "start"):
+            t = getattr(self, name)
+            if t.shape != (B,) or t.dtype != torch.int32:
+                raise ValueError(f"KVCache.{name}: expected ({B},) int32, got {tuple(t.shape)} {t.dtype}")
+        self.k = list(self.k_all.unbind(0))
+        self.v = list(self.v_all.unbind(0))
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> "KVCache":
+        """Zero-filled cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + new)."""
+        if batch <= 0 or max_len <= 0:
+            raise ValueError(f"KVCache.allocate: expected batch > 0 and max_len > 0, got {batch} and {max_len}")
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(k_all=torch.zeros(shape, dtype=dtype, device=device),
+                   v_all=torch.zeros(shape, dtype=dtype, device=device),
+                   lengths=torch.zeros(batch, dtype=torch.int32, device=device),
+                   start=torch.zeros(batch, dtype=torch.int32, device=device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_all.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k_all.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k_all.numel() * self.k_all.element_size()
+
+    def reset(self) -> None:
+        """Forget all sequences (K/V contents are left as they are: slots beyond lengths are never read)."""
+        self.lengths.zero_()
+        self.start.zero_()
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new, smaller cache holding the given rows (int64 (B',) on the cache device), e.g. to drop finished ones."""
+        return KVCache(k_all=self.k_all.index_select(1, rows), v_all=self.v_all.index_select(1, rows),
+                       lengths=self.lengths.index_select(0, rows), start=self.start.index_select(0, rows))
+
+
+    def copy_rows_to(self, rows: torch.Tensor, dst: "KVCache") -> None:
+        """dst[i] = self[rows[i]] for K/V, lengths and start; dst has len(rows) rows and the same L."""
+        if dst.k_all.shape[2:] != self.k_all.shape[2:] or dst.batch_size != rows.numel():
+            raise ValueError(f"dst: expected a cache of shape (n_layers, {rows.numel()}, "
+                             f"{', '.join(map(str, self.k_all.shape[2:]))}), got {tuple(dst.k_all.shape)}")
+        torch.index_select(self.k_all, 1, rows, out=dst.k_all)
+        torch.index_select(self.v_all, 1, rows, out=dst.v_all)
+        torch.index_select(self.lengths, 0, rows, out=dst.lengths)
+        torch.index_select(self.start, 0, rows, out=dst.start)
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V over all layers for one token."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def max_batch_from_free_memory(config: ModelConfig, max_len: int, dtype: torch.dtype = torch.bfloat16,
+                               device: torch.device | str = "cuda", fraction: float = 0.9,
+                               reserve_bytes: int = 0) -> int:
+    """Largest batch whose cache of ``max_len`` tokens fits in ``fraction`` of the free CUDA memory
+    minus ``reserve_bytes`` (room for activations and logits of one step)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"max_batch_from_free_memory: expected a CUDA device, got {device}")
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = int(free * fraction) - reserve_bytes
+    per_seq = kv_bytes_per_token(config, dtype) * max_len
+    return max(0, budget // per_seq)

@@ -1,0 +1,114 @@
+"""The decode step captured in a CUDA graph (static input buffer, static KV cache).
+
+One graph replays ``model.decode_step`` for a fixed cache (hence a fixed batch size and
+cache length): embedding, every layer's K/V write + decode attention, the final norm and
+the LM head, as one launch. Inputs are copied into a static (B, 1) buffer; the logits
+come back in a static (B, 1, V) buffer that the next replay overwrites.
+
+Capture rules followed here: the step never syncs with the host (decode_step reads its
+positions from ``cache.lengths`` on the device), Triton autotuning and lazy imports happen
+in the warm-up call before capture, and the warm-up's effect on the cache (K/V written at
+slot ``lengths``, ``lengths += 1``) is undone by restoring ``lengths`` — the slot it wrote
+is overwritten by the next real write there.
+
+``DecodeGraphCache`` keeps caches + graphs between ``generate`` calls (one per batch-size
+bucket and rounded cache length), so a training loop captures each bucket once. A graph
+reads the parameters at the addresses it was captured with: optimizer steps update them in
+place and are seen by the next replay; anything that swaps parameter tensors (``.to()``,
+``load_state_dict(assign=True)``, ``merge_lora``) or toggles LoRA adapters is detected by a
+fingerprint and triggers a new capture.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .cache import KVCache
+
+
+class CudaGraphDecoder:
+    """Callable ids (B, 1) int64 -> logits (B, 1, V) that replays a captured decode step.
+
+    model: a CausalLM on CUDA; cache: the KVCache the graph is bound to (the same tensors
+    must stay alive and be updated in place); attn_backend: resolved backend name.
+    capture=False runs the same step eagerly instead (any device; for debugging and tests).
+    """
+
+    def __init__(self, model, cache: KVCache, *, attn_backend: str, warmup: int = 1, capture: bool = True):
+        device = cache.k_all.device
+        self.cache = cache
+        self.graph = None
+        if not capture:
+            self._eager = lambda ids: model.decode_step(ids, cache, attn_backend=attn_backend)
+            return
+        if device.type != "cuda":
+            raise ValueError(f"CudaGraphDecoder: expected a CUDA cache, got device {device}")
+        self.static_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        saved_lengths = cache.lengths.clone()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                model.decode_step(self.static_ids, cache, attn_backend=attn_backend)
+                cache.lengths.copy_(saved_lengths)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = model.decode_step(self.static_ids, cache, attn_backend=attn_backend)
+        cache.lengths.copy_(saved_lengths)  # capture does not execute, but keep the invariant explicit
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self._eager(input_ids)
+        self.static_ids.copy_(input_ids)
+        self.graph.replay()
+        return self.static_logits
+
+
+def model_fingerprint(model) -> tuple:
+    """What a captured graph depends on: parameter addresses/shapes/dtypes and LoRA adapter switches."""
+    params = tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in model.parameters())
+    switches = tuple(m.adapters_enabled for m in model.modules() if hasattr(m, "adapters_enabled"))
+    return (id(model), params, switches)
+
+
+class DecodeGraphCache:
+    """Static KV caches and their captured decode graphs, reused across ``generate`` calls.
+
+    Keyed by (batch, cache length rounded up to ``len_multiple``, backend, capture); pass the same
+    object to every ``generate(..., graph_cache=...)`` call of a training loop. Holds the
+    cache memory of every bucket used (``nbytes``); ``clear()`` frees it.
+    """
+
+    def __init__(self, len_multiple: int = 256):
+        if len_multiple <= 0:
+            raise ValueError(f"len_multiple: expected > 0, got {len_multiple}")
+        self.len_multiple = len_multiple
+        self._entries: dict[tuple, tuple[tuple, KVCache, CudaGraphDecoder]] = {}
+
+    def cache_len(self, min_len: int) -> int:
+        return math.ceil(min_len / self.len_multiple) * self.len_multiple
+
+    def get(self, model, batch: int, min_len: int, attn_backend: str,
+            capture: bool = True) -> tuple[KVCache, CudaGraphDecoder]:
+        """(cache, decoder) for ``batch`` rows and at least ``min_len`` slots; captured on first use
+        (``capture=False``: an eager decoder over a reused static cache, on any device)."""
+        L = self.cache_len(min_len)
+        key = (batch, L, attn_backend, capture)
+        fp = model_fingerprint(model)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == fp:
+            return entry[1], entry[2]
+        self._entries.pop(key, None)  # stale: drop before allocating the new one
+        cache = KVCache.allocate(model.config, batch, L, dtype=model.dtype, device=model.device)
+        decoder = CudaGraphDecoder(model, cache, attn_backend=attn_backend, capture=capture)
+        self._entries[key] = (fp, cache, decoder)
+        return cache, decoder
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e[1].nbytes for e in self._entries.values())
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,202 @@
+"""Batched autoregressive generation with a static KV cache (prefill + decode loop).
+
+``generate`` runs on the model's own parameter tensors (no copy or cast per rollout), so
+a rollout after an optimizer step sees the new weights. Per step it does one decode
+forward (a CUDA graph replay on GPU), samples without a host sync, and tracks finished
+rows on the device; it looks at the host only every ``check_every`` steps to stop early
+and, optionally, to compact the batch so finished rows stop costing compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from rlhf_engine.model.attention import resolve_backend
+
+from .cache import KVCache
+from .sampling import sample_tokens
+
+
+@dataclass
+class GenerationOutput:
+    """Result of ``generate`` for B prompts of padded length P and N generated columns.
+
+    sequences: (B, P + N) int64 — left-padded prompt followed by the response.
+    attention_mask: (B, P + N) int64 — prompt mask followed by response_mask.
+    response_ids: (B, N) int64 — generated tokens, ``pad_token_id`` after EOS.
+    response_mask: (B, N) int64 — 1 up to and including the EOS token, 0 after.
+    logprobs: (B, N) fp32 — log softmax(logits / temperature)[token] of each generated
+        token (0 where response_mask is 0). Untruncated by top-k/top-p: see ``generate``.
+    prompt_len: P. num_steps: N (<= max_new_tokens; with trim=True, the columns after the last
+        row's EOS are dropped).
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    prompt_len: int
+    num_steps: int
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """(B,) int64 number of valid response tokens."""
+        return self.response_mask.sum(1)
+
+
+def _check_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+    if prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids: expected (B, P), got {tuple(prompt_ids.shape)}")
+    if prompt_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"prompt_ids: expected int64 or int32, got {prompt_ids.dtype}")
+    if prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"prompt_mask: expected shape {tuple(prompt_ids.shape)}, got {tuple(prompt_mask.shape)}")
+    if prompt_mask.device != prompt_ids.device:
+        raise ValueError(f"prompt_mask: expected device {prompt_ids.device}, got {prompt_mask.device}")
+    B, P = prompt_ids.shape
+    m = prompt_mask.bool()
+    n = m.sum(1)
+    expected = torch.arange(P, device=m.device)[None, :] >= (P - n)[:, None]
+    if bool((expected != m).any() | (n == 0).any()):  # the one host sync of the prompt checks
+        raise ValueError("prompt_mask: expected LEFT-padded prompts (each row: zeros then at least one 1)")
+
+
+def _make_decoder(model, cache: KVCache, backend: str, use_cuda_graph: bool, prompt_len: int, runner=None):
+    """Callable (ids (B,1), step) -> logits (B, V): a given decoder, a new CUDA graph, or an eager step."""
+    if runner is None and use_cuda_graph:
+        from .cuda_graph import CudaGraphDecoder
+
+        runner = CudaGraphDecoder(model, cache, attn_backend=backend)
+    if runner is not None:
+        return lambda ids, step: runner(ids)[:, 0]
+    # Eager: on the torch path, only attend over the slots written so far (host-known).
+    return lambda ids, step: model.decode_step(ids, cache, attn_backend=backend,
+                                               kv_len=prompt_len + step + 1 if backend == "torch" else None)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+             eos_token_ids: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, attn_backend: str | None = None,
+             use_cuda_graph: bool | None = None, graph_cache=None, check_every: int = 8, compact: bool = True,
+             min_compact_batch: int = 8, trim: bool = True) -> GenerationOutput:
+    """Sample up to ``max_new_tokens`` tokens after each left-padded prompt.
+
+    model: a CausalLM. prompt_ids: (B, P) int64, LEFT-padded. prompt_mask: (B, P) 0/1
+    (None: all ones); every row needs at least one prompt token.
+    temperature (> 0), top_k (0 = off), top_p (1.0 = off) shape the sampling distribution
+    in HF order (logits / T, then top-k, then top-p); greedy takes the argmax.
+    Returned ``logprobs`` are log softmax(logits / T) of the chosen token WITHOUT the
+    top-k/top-p truncation — what the PPO training forward recomputes at temperature T —
+    so with top_k/top_p active they are not the log-probs of the distribution actually
+    sampled from.
+    eos_token_ids: stop tokens (default: the config's); a row is finished after emitting
+    one, later positions get ``pad_token_id`` (default: config pad, else the first EOS,
+    else 0) with response_mask 0. generator: torch.Generator on the model's device.
+    attn_backend: None -> the config's. use_cuda_graph: None -> True on CUDA.
+    graph_cache: a ``DecodeGraphCache`` to reuse static caches and captured graphs across
+    calls (capture once per batch bucket and rounded length; with use_cuda_graph=False, e.g.
+    on the CPU, only the caches are reused); None: allocate (and capture) per call.
+    check_every: steps between host checks (stop when all rows finished; compaction).
+    compact: at those checks, when at most half the rows are still running and the batch
+    is larger than ``min_compact_batch``, move the running rows into a smaller cache
+    (power-of-two bucket) so finished rows stop costing compute. Greedy results are
+    unchanged by compaction; sampled ones use the random stream differently.
+    trim: drop trailing columns where every row has finished (else N = max_new_tokens always).
+    The KV cache has the parameter dtype.
+    Never copies or casts the parameters: generation reads the tensors training updates.
+    """
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids)
+    _check_prompt(prompt_ids, prompt_mask)
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens: expected > 0, got {max_new_tokens}")
+    if check_every <= 0:
+        raise ValueError(f"check_every: expected > 0, got {check_every}")
+    config = model.config
+    device = prompt_ids.device
+    if model.device != device:
+        raise ValueError(f"prompt_ids: expected the model's device {model.device}, got {device}")
+    backend = resolve_backend(attn_backend or config.attn_backend, device)
+    if use_cuda_graph is None:
+        use_cuda_graph = device.type == "cuda"
+    if use_cuda_graph and device.type != "cuda":
+        raise ValueError(f"use_cuda_graph=True needs a CUDA model, got device {device}")
+    if eos_token_ids is None:
+        eos_token_ids = config.eos_token_ids
+    elif isinstance(eos_token_ids, int):
+        eos_token_ids = (eos_token_ids,)
+    eos_token_ids = tuple(eos_token_ids)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (
+            eos_token_ids[0] if eos_token_ids else 0)
+
+    B, P = prompt_ids.shape
+    N = max_new_tokens
+    sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+    eos = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=device)
+    response = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros((B, N), dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, N), dtype=torch.float32, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        pooled = graph_cache is not None
+        runner = None
+        if pooled:
+            cache, runner = graph_cache.get(model, B, P + N, backend, capture=use_cuda_graph)
+        else:
+            cache = KVCache.allocate(config, B, P + N, dtype=model.dtype, device=device)
+        logits = model.prefill(prompt_ids, prompt_mask, cache, attn_backend=backend)  # (B, V)
+        decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner)
+        rows = torch.arange(B, device=device)  # original row of each cache row
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        steps = N
+        for t in range(N):
+            tok, lp = sample_tokens(logits, **sample_kw)  # (Ba,), (Ba,)
+            alive = ~finished
+            tok = torch.where(alive, tok, pad_token_id)
+            response[rows, t] = tok
+            response_mask[rows, t] = alive.long()
+            logprobs[rows, t] = torch.where(alive, lp, 0.0)
+            finished = finished | torch.isin(tok, eos)
+            if t == N - 1:
+                break
+            if (t + 1) % check_every == 0:
+                n_alive = int((~finished).sum())  # host sync, once every check_every steps
+                if n_alive == 0:
+                    steps = t + 1
+                    break
+                Ba = rows.numel()
+                if compact and Ba > min_compact_batch and n_alive <= Ba // 2:
+                    Bn = max(min_compact_batch, 1 << (n_alive - 1).bit_length())
+                    keep = torch.argsort(finished.to(torch.int8), stable=True)[:Bn]  # running rows first
+                    del decode
+                    if pooled:
+                        small, runner = graph_cache.get(model, Bn, cache.max_len, backend, capture=use_cuda_graph)
+                        cache.copy_rows_to(keep, small)
+                    else:
+                        small, runner = cache.select(keep), None
+                    cache = small
+                    rows, finished, logits, tok = rows[keep], finished[keep], logits[keep], tok[keep]
+                    decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner)
+            logits = decode(tok[:, None], t)  # (Ba, V)
+    finally:
+        model.train(was_training)
+
+    if trim:
+        # Rows stop for good, so the columns where some row is still running form a prefix.
+        steps = int(response_mask[:, :steps].any(0).sum())
+    else:
+        steps = N  # columns after an early stop keep pad / mask 0
+    if steps < N:
+        response, response_mask, logprobs = response[:, :steps], response_mask[:, :steps], logprobs[:, :steps]
+    sequences = torch.cat([prompt_ids.long(), response], dim=1)
+    attention_mask = torch.cat([prompt_mask.long(), response_mask], dim=1)
+    return GenerationOutput(sequences=sequences, attention_mask=attention_mask, response_ids=response,
+                            response_mask=response_mask, logprobs=logprobs, prompt_len=P, num_steps=steps)

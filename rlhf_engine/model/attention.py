@@ -1,0 +1,170 @@
+"""Attention dispatch for the model: PyTorch SDPA ("torch") or the Triton kernels ("triton").
+
+The backend is always chosen explicitly (``resolve_backend``): "auto" means Triton for
+CUDA tensors and PyTorch elsewhere. The "torch" path runs anywhere, including the CPU,
+and accepts any 0/1 attention mask; the "triton" path needs each sequence's valid
+tokens to be one contiguous run ``[kv_start, kv_end)`` (left padding, right padding or
+both), which is what batches of prompts + responses look like.
+
+Conventions (all tensors in the model's (B, T, H, D) layout):
+  q: (B, T, Hq, D); k, v: (B, T, Hkv, D); query head h reads KV head h // (Hq // Hkv).
+  Full-sequence attention is causal: query i sees key j iff j <= i and j is valid.
+  A query row with no valid key (a left-padding position) attends to itself only, so
+  its output stays finite; its value is meaningless and must be masked downstream.
+  Decode: the cache holds (B, L, Hkv, D) per layer; sequence b's valid slots are
+  [cache_start[b], cache_lens[b]) and its Tn new queries sit at slots
+  cache_lens[b] - Tn + i (cache_lens already counts the new tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import ATTN_BACKENDS
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "triton" on CUDA, else "torch"; "torch"/"triton" are returned as given."""
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend: expected one of {ATTN_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+@dataclass
+class AttnMeta:
+    """Per-forward attention inputs shared by every layer (built once by the model).
+
+    mode: "full" (no cache), "prefill" (full attention, then K/V written to cache
+      slots [0, T)) or "decode" (new tokens written at slot ``write_pos`` and attention
+      over the cache).
+    attention_mask: (B, T) bool or None — torch path, full/prefill: valid keys.
+    kv_start, kv_end: (B,) int32 or None — triton path, full/prefill: valid run.
+    cache: object with per-layer lists ``k``/``v`` of (B, L, Hkv, D) tensors, or None.
+    write_pos: (B,) int64 — decode: slot of the first new token of each sequence.
+    cache_lens: (B,) int32 — decode: valid length including the new tokens.
+    cache_start: (B,) int32 — decode: first valid slot (left padding of the prompt).
+    kv_len: host int bound on the used cache length (torch decode only; None = all L).
+    """
+
+    backend: str
+    mode: str = "full"
+    attention_mask: torch.Tensor | None = None
+    kv_start: torch.Tensor | None = None
+    kv_end: torch.Tensor | None = None
+    cache: Any = None
+    write_pos: torch.Tensor | None = None
+    cache_lens: torch.Tensor | None = None
+    cache_start: torch.Tensor | None = None
+    kv_len: int | None = None
+
+
+def mask_to_kv_range(attention_mask: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) 0/1 mask -> kv_start, kv_end (B,) int32 with mask[b] == 1 exactly on [kv_start, kv_end).
+
+    An all-zero row gives kv_start = kv_end = 0. ``validate`` checks that every row is one
+    contiguous run (one host sync) and raises ValueError otherwise.
+    """
+    B, T = attention_mask.shape
+    m = attention_mask.bool()
+    any_valid = m.any(dim=1)
+    first = torch.argmax(m.to(torch.uint8), dim=1)  # first 1
+    last_from_end = torch.argmax(m.flip(1).to(torch.uint8), dim=1)  # first 1 from the right
+    kv_start = torch.where(any_valid, first, torch.zeros_like(first)).to(torch.int32)
+    kv_end = torch.where(any_valid, T - last_from_end, torch.zeros_like(first)).to(torch.int32)
+    if validate:
+        j = torch.arange(T, device=m.device)
+        expected = (j[None, :] >= kv_start[:, None]) & (j[None, :] < kv_end[:, None])
+        if not bool(torch.equal(expected, m)):
+            raise ValueError("attention_mask: the triton attention backend needs each row's valid tokens to be one "
+                             "contiguous run (left and/or right padding); got a mask with holes. Use "
+                             "attn_backend='torch' for arbitrary masks.")
+    return kv_start, kv_end
+
+
+def _expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, L, D) -> (B, Hkv * n_rep, L, D) with head h reading KV head h // n_rep."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Causal GQA attention with SDPA. q (B,T,Hq,D), k/v (B,T,Hkv,D), mask (B,T) or None -> (B,T,Hq,D)."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    if attention_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv)
+    else:
+        idx = torch.arange(T, device=q.device)
+        causal = idx[None, :] <= idx[:, None]  # (T, T): key j <= query i
+        allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, T)
+        allowed = allowed | (idx[None, :] == idx[:, None])[None]  # rows with no valid key see themselves
+        k, v = _expand_kv(k, Hq // Hkv), _expand_kv(v, Hq // Hkv)  # (B, Hq, T, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+    return out.transpose(1, 2)  # (B, T, Hq, D)
+
+
+def torch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
+                           cache_start: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+    """Attention of Tn new queries over the cache. q (B,Tn,Hq,D), caches (B,L,Hkv,D) -> (B,Tn,Hq,D).
+
+    The G = Hq/Hkv query heads of a KV head are packed as G·Tn query rows of that head, so
+    the cache is read in place, never expanded to Hq heads.
+    """
+    B, Tn, Hq, D = q.shape
+    if kv_len is not None:
+        k_cache, v_cache = k_cache[:, :kv_len], v_cache[:, :kv_len]
+    L, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    j = torch.arange(L, device=q.device)
+    q_slot = cache_lens[:, None].long() - Tn + torch.arange(Tn, device=q.device)  # (B, Tn)
+    allowed = (j[None, None, :] <= q_slot[:, :, None]) & (j[None, None, :] >= cache_start[:, None, None].long())
+    allowed = allowed[:, None].expand(B, G, Tn, L).reshape(B, 1, G * Tn, L)  # row g*Tn + t
+    qh = q.view(B, Tn, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Tn, D)  # head h = kv*G + g
+    kh, vh = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, Hkv, L, D) views
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed)  # (B, Hkv, G*Tn, D)
+    return out.view(B, Hkv, G, Tn, D).permute(0, 3, 1, 2, 4).reshape(B, Tn, Hq, D)
+
+
+def torch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                   write_pos: torch.Tensor) -> None:
+    """k_cache[b, write_pos[b] + i] = k_new[b, i] (same for v). caches (B,L,Hkv,D), new (B,Tn,Hkv,D)."""
+    B, Tn, Hkv, D = k_new.shape
+    slots = write_pos.long()[:, None] + torch.arange(Tn, device=k_new.device)  # (B, Tn)
+    idx = slots[:, :, None, None].expand(B, Tn, Hkv, D)
+    k_cache.scatter_(1, idx, k_new.to(k_cache.dtype))
+    v_cache.scatter_(1, idx, v_new.to(v_cache.dtype))
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    """Causal attention over the sequence itself (training forward and prefill): (B,T,Hq,D)."""
+    if meta.backend == "torch":
+        return torch_attention(q, k, v, meta.attention_mask)
+    from rlhf_engine.kernels.attention import flash_attention  # lazy: Triton is optional
+
+    return flash_attention(q, k, v, causal=True, kv_start=meta.kv_start, kv_end=meta.kv_end, backend="triton")
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+             meta: AttnMeta) -> None:
+    """Write the new tokens' K/V (B,Tn,Hkv,D) into the cache at ``meta.write_pos`` (decode)."""
+    if meta.backend == "torch":
+        torch_write_kv(k_cache, v_cache, k_new, v_new, meta.write_pos)
+        return
+    from rlhf_engine.kernels.kv_cache import write_kv_cache
+
+    write_kv_cache(k_cache, v_cache, k_new, v_new, meta.write_pos, backend="triton")
+
+
+def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    """Decode attention of q (B,Tn,Hq,D) over the cache (B,L,Hkv,D) -> (B,Tn,Hq,D)."""
+    if meta.backend == "torch":
+        return torch_decode_attention(q, k_cache, v_cache, meta.cache_lens, meta.cache_start, meta.kv_len)
+    from rlhf_engine.kernels.decode_attention import decode_attention
+
+    return decode_attention(q, k_cache, v_cache, meta.cache_lens, cache_start=meta.cache_start, backend="triton")

@@ -1,0 +1,299 @@
+"""A Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM2) in one readable file.
+
+Module names follow Hugging Face, so ``state_dict()`` keys map 1:1 to HF checkpoint keys
+(``model.layers.{i}.self_attn.q_proj.weight``, ``model.norm.weight``, ``lm_head.weight``).
+
+Three ways to run the trunk, all with explicit inputs (no state hidden in modules):
+  * ``hidden_states`` / ``forward``: the whole sequence (training, scoring);
+  * ``prefill``: a left-padded prompt, writing K/V into a cache passed in;
+  * ``decode_step``: Tn new tokens per sequence against that cache.
+The attention implementation is picked per call (``attn_backend``), defaulting to the
+config's ("auto": Triton kernels on CUDA, PyTorch SDPA elsewhere).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttnMeta, cache_attention, full_attention, mask_to_kv_range, resolve_backend, write_kv
+from .config import ModelConfig
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """y = w · x / sqrt(mean(x²) + eps), the statistics in fp32 (as transformers)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.rms_norm is one fused kernel on recent CUDA builds; the cast back to x's dtype
+        # happens before the weight multiply, as in transformers.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE: Hq query heads share Hkv key/value heads."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        H = config.hidden_size
+        self.q_proj = nn.Linear(H, config.q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(H, config.kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(H, config.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.q_size, H, bias=config.o_proj_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        if meta.backend == "triton":  # one fused kernel per tensor instead of ~5 elementwise ops
+            from rlhf_engine.kernels.kv_cache import apply_rope
+
+            q, k = apply_rope(q, cos, sin, backend="triton"), apply_rope(k, cos, sin, backend="triton")
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if meta.mode == "decode":
+            k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]  # (B, L, Hkv, D)
+            write_kv(k_cache, v_cache, k, v, meta)
+            y = cache_attention(q, k_cache, v_cache, meta)  # (B, T, Hq, D)
+        else:
+            y = full_attention(q, k, v, meta)  # (B, T, Hq, D)
+            if meta.mode == "prefill":
+                meta.cache.k[self.layer_idx][:, :T].copy_(k)
+                meta.cache.v[self.layer_idx][:, :T].copy_(v)
+        y = y.reshape(B, T, self.n_head * self.head_dim)  # (B, T, Hq*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, I = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """HF convention: position = (number of valid tokens before this one), clamped at 0. (B,T) int64."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Transformer(nn.Module):
+    """Embedding -> decoder layers -> final RMSNorm. Returns hidden states (B, T, H)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def _check_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> tuple[int, int]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"{name}: expected a (B, T) tensor, got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name}: expected int64 or int32, got {input_ids.dtype}")
+        return input_ids.shape
+
+    def run_layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        """input_ids (B, T), position_ids (B, T) -> hidden after the final norm (B, T, H)."""
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = self.rotary(position_ids, x.dtype)  # (B, T, D) each
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt:
+                x = checkpoint(layer, x, cos, sin, meta, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, meta)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, *, attn_backend: str | None = None,
+                validate_mask: bool = True) -> torch.Tensor:
+        """Hidden states of the whole sequence.
+
+        input_ids: (B, T) int64. attention_mask: (B, T) 0/1 (any int/bool dtype) or None
+        (all valid). position_ids: (B, T) int64 or None -> cumsum(mask) - 1 clamped at 0.
+        Returns (B, T, H) in the parameter dtype, after the final norm. Positions where the
+        mask is 0 hold finite but meaningless values.
+        """
+        B, T = self._check_ids(input_ids)
+        backend = resolve_backend(attn_backend or self.config.attn_backend, input_ids.device)
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask: expected shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = (default_position_ids(attention_mask) if attention_mask is not None
+                            else torch.arange(T, device=input_ids.device).expand(B, T))
+        elif tuple(position_ids.shape) != (B, T):
+            raise ValueError(f"position_ids: expected shape {(B, T)}, got {tuple(position_ids.shape)}")
+        meta = AttnMeta(backend=backend)
+        if attention_mask is not None:
+            if backend == "torch":
+                meta.attention_mask = attention_mask.bool()
+            else:
+                meta.kv_start, meta.kv_end = mask_to_kv_range(attention_mask, validate=validate_mask)
+        return self.run_layers(input_ids, position_ids, meta)
+
+
+class CausalLM(nn.Module):
+    """Transformer trunk + LM head (tied to the embedding or not).
+
+    ``model.gradient_checkpointing = True`` recomputes each layer in the backward pass
+    (torch.utils.checkpoint, use_reentrant=False) while training.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Transformer(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The (V, H) output projection (the embedding matrix when tied)."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.model.gradient_checkpointing = bool(value)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    # ------------------------------------------------------------------ full-sequence paths
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, *, attn_backend: str | None = None,
+                      validate_mask: bool = True) -> torch.Tensor:
+        """(B, T) ids, (B, T) 0/1 mask -> (B, T, H) hidden states after the final norm. See Transformer.forward."""
+        return self.model(input_ids, attention_mask, position_ids, attn_backend=attn_backend,
+                          validate_mask=validate_mask)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden -> (..., V) logits in the parameter dtype."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, *, attn_backend: str | None = None) -> torch.Tensor:
+        """Logits (B, T, V) in the parameter dtype; logits at position t predict token t+1.
+
+        Materializes B·T·V logits: trainers should use ``sequence_logprobs`` (fused LM head).
+        """
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, attn_backend=attn_backend))
+
+    # ------------------------------------------------------------------ cached generation paths
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *,
+                attn_backend: str | None = None) -> torch.Tensor:
+        """Run a LEFT-padded prompt, fill the cache, return the last position's logits (B, V).
+
+        input_ids: (B, P) int64; attention_mask: (B, P) 0/1 with every row's valid tokens
+        at the end (left padding), at least one per row. cache: a KVCache (see
+        ``rlhf_engine.generation.cache``) with B rows and room for L >= P slots; on return
+        its K/V slots [0, P) hold the prompt, ``cache.start`` = P - prompt length and
+        ``cache.lengths`` = P. No host sync (the mask layout is the caller's contract).
+        """
+        B, P = self.model._check_ids(input_ids)
+        if tuple(attention_mask.shape) != (B, P):
+            raise ValueError(f"attention_mask: expected shape {(B, P)}, got {tuple(attention_mask.shape)}")
+        _check_cache(cache, B, P, self.config)
+        backend = resolve_backend(attn_backend or self.config.attn_backend, input_ids.device)
+        n_valid = attention_mask.long().sum(1)  # (B,)
+        start = (P - n_valid).to(torch.int32)  # (B,)
+        meta = AttnMeta(backend=backend, mode="prefill", cache=cache)
+        if backend == "torch":
+            meta.attention_mask = attention_mask.bool()
+        else:
+            meta.kv_start, meta.kv_end = start, torch.full_like(start, P)
+        position_ids = default_position_ids(attention_mask)
+        hidden = self.model.run_layers(input_ids, position_ids, meta)  # (B, P, H)
+        cache.start.copy_(start)
+        cache.lengths.fill_(P)
+        return self.logits(hidden[:, -1])  # (B, V)
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, cache, *, attn_backend: str | None = None,
+                    kv_len: int | None = None) -> torch.Tensor:
+        """Append Tn tokens per sequence to the cache and return their logits (B, Tn, V).
+
+        input_ids: (B, Tn) int64, written at slots [cache.lengths, cache.lengths + Tn);
+        position ids are slot - cache.start. Mutates the cache in place (K/V and
+        ``cache.lengths += Tn``) and never syncs with the host, so the step can be
+        captured in a CUDA graph. kv_len: optional host-side upper bound on the used
+        cache length after this step (lets the torch path skip the unused tail).
+        """
+        B, Tn = self.model._check_ids(input_ids)
+        _check_cache(cache, B, None, self.config)
+        backend = resolve_backend(attn_backend or self.config.attn_backend, input_ids.device)
+        write_pos = cache.lengths.long()  # (B,)
+        slots = write_pos[:, None] + torch.arange(Tn, device=input_ids.device)  # (B, Tn)
+        position_ids = slots - cache.start.long()[:, None]  # (B, Tn)
+        meta = AttnMeta(backend=backend, mode="decode", cache=cache, write_pos=write_pos,
+                        cache_lens=(cache.lengths + Tn).to(torch.int32), cache_start=cache.start, kv_len=kv_len)
+        hidden = self.model.run_layers(input_ids, position_ids, meta)  # (B, Tn, H)
+        cache.lengths.add_(Tn)
+        return self.logits(hidden)  # (B, Tn, V)
+
+
+def _check_cache(cache, B: int, P: int | None, config: ModelConfig) -> None:
+    if len(cache.k) != config.num_layers:
+        raise ValueError(f"cache: expected {config.num_layers} layers, got {len(cache.k)}")
+    k0 = cache.k[0]
+    if k0.shape[0] != B or k0.shape[2] != config.num_kv_heads or k0.shape[3] != config.head_dim:
+        raise ValueError(f"cache: expected K/V of shape ({B}, L, {config.num_kv_heads}, {config.head_dim}), "
+                         f"got {tuple(k0.shape)}")
+    if P is not None and k0.shape[1] < P:
+        raise ValueError(f"cache: capacity {k0.shape[1]} is smaller than the prompt length {P}")

@@ -1,0 +1,69 @@
+"""Rotary position embedding (RoPE), with Llama-3 ("llama3") frequency scaling.
+
+The layout is the Hugging Face one ("rotate half"): a head vector x of size D is split
+into halves (x1, x2) and rotated as (x1·cos − x2·sin, x2·cos + x1·sin), with the
+frequency of pair i equal to inv_freq[i] = θ^(−2i/D), i < D/2.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, RopeScaling
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) fp32 on the CPU, computed exactly as transformers does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    # Llama 3.1: long wavelengths (low frequencies) are divided by `factor`, short ones kept,
+    # and the band between is interpolated smoothly.
+    factor, lo, hi = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_ctx = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_ctx / lo
+    high_freq_wavelen = old_ctx / hi
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes (cos, sin) for given positions; holds no parameters or buffers.
+
+    ``inv_freq`` is kept in fp32 on each device it is used on (not a buffer, so that
+    ``model.to(torch.bfloat16)`` cannot round it), computed once per device.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self._inv_freq = {"cpu": rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = self._inv_freq["cpu"].to(device)
+        return self._inv_freq[key]
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) int -> cos, sin (B, T, D) in ``dtype`` (angles computed in fp32)."""
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D) rotated by cos, sin (B, T, D); returns (B, T, H, D) in x's dtype."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D)
+    return x * cos + rotate_half(x) * sin

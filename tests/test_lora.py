@@ -1,0 +1,117 @@
+"""LoRA: shared frozen base weights, adapters off = the base (reference) model, merging, saving."""
+import pytest
+import torch
+
+from rlhf_engine.generation import generate
+from rlhf_engine.model import (CausalLM, apply_lora, disable_adapters, load_pretrained, lora_parameters, merge_lora,
+                               preset, save_pretrained, sequence_logprobs)
+from rlhf_engine.model.lora import LoRALinear, merged_state_dict
+
+
+def _model(name: str = "tiny-llama") -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(preset(name, initializer_range=0.1)).eval()
+
+
+def _batch(vocab: int):
+    ids = torch.randint(3, vocab, (3, 14))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return ids, mask
+
+
+def _train_adapters(m, ids, mask, steps: int = 3):
+    opt = torch.optim.Adam(lora_parameters(m), lr=0.05)
+    m.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        (-sequence_logprobs(m, ids, mask, start=6).sum()).backward()
+        opt.step()
+    m.eval()
+
+
+def test_apply_lora_shares_and_freezes_base():
+    m = _model()
+    base_ptrs = {n: p.data_ptr() for n, p in m.named_parameters()}
+    ids, mask = _batch(m.config.vocab_size)
+    with torch.no_grad():
+        before = m(ids, mask)
+    apply_lora(m, rank=4, alpha=8.0)
+    assert sum(isinstance(x, LoRALinear) for x in m.modules()) == 7 * m.config.num_layers
+    for n, p in m.named_parameters():
+        if "lora_" in n:
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad and p.data_ptr() == base_ptrs[n], n  # same tensor, not a copy
+    assert len(lora_parameters(m)) == 2 * 7 * m.config.num_layers
+    assert "model.layers.0.self_attn.q_proj.weight" in m.state_dict()
+    assert "model.layers.0.self_attn.q_proj.lora_A" in m.state_dict()
+    with torch.no_grad():
+        assert torch.equal(m(ids, mask), before)  # B = 0 at init
+
+
+def test_disable_adapters_is_the_base_model():
+    m = _model("tiny-qwen2")
+    ids, mask = _batch(m.config.vocab_size)
+    with torch.no_grad():
+        base = m(ids, mask)
+    apply_lora(m, rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    _train_adapters(m, ids, mask)
+    with torch.no_grad():
+        adapted = m(ids, mask)
+        with disable_adapters(m):
+            ref = m(ids, mask)
+        again = m(ids, mask)
+    assert (adapted - base).abs().max() > 1e-3
+    assert torch.equal(ref, base)
+    assert torch.equal(again, adapted)
+
+
+def test_merge_lora_and_save(tmp_path):
+    m = _model()
+    ids, mask = _batch(m.config.vocab_size)
+    apply_lora(m, rank=2, alpha=4.0)
+    _train_adapters(m, ids, mask)
+    with torch.no_grad():
+        adapted = m(ids, mask)
+    sd = merged_state_dict(m)
+    assert not [k for k in sd if "lora_" in k]
+    save_pretrained(m, tmp_path / "merged")  # adapters folded into the saved weights
+    loaded, _ = load_pretrained(tmp_path / "merged")
+    merge_lora(m)
+    assert not any(isinstance(x, LoRALinear) for x in m.modules())
+    with torch.no_grad():
+        assert (m(ids, mask) - adapted).abs().max() <= 1e-5
+        assert (loaded(ids, mask) - adapted).abs().max() <= 1e-5
+
+
+def test_generation_with_adapters_and_reference():
+    """Rollouts run the adapted policy; the reference is the same module with adapters off."""
+    m = _model()
+    ids, mask = _batch(m.config.vocab_size)
+    base_out = generate(m, ids, mask, max_new_tokens=6, greedy=True, eos_token_ids=())
+    apply_lora(m, rank=4, alpha=16.0)
+    _train_adapters(m, ids, mask, steps=5)
+    out = generate(m, ids, mask, max_new_tokens=6, greedy=True, eos_token_ids=())
+    lp = sequence_logprobs(m, out.sequences, out.attention_mask, start=out.prompt_len)
+    assert ((lp - out.logprobs).abs() * out.response_mask).max() <= 1e-5
+    with torch.no_grad(), disable_adapters(m):
+        ref_lp = sequence_logprobs(m, base_out.sequences, base_out.attention_mask, start=base_out.prompt_len)
+    assert (ref_lp - base_out.logprobs).abs().max() <= 1e-5
+
+
+def test_lora_dtype_and_errors():
+    m = _model()
+    apply_lora(m, rank=2, alpha=2.0, target_modules=("o_proj",), dtype=torch.float64, freeze_base=False)
+    assert m.model.layers[0].self_attn.o_proj.lora_A.dtype == torch.float64
+    assert m.model.embed_tokens.weight.requires_grad  # freeze_base=False keeps the base trainable
+    ids, mask = _batch(m.config.vocab_size)
+    assert m(ids, mask).dtype == torch.float32
+    with pytest.raises(ValueError, match="already"):
+        apply_lora(m, rank=2, alpha=2.0, target_modules=("o_proj",))
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        apply_lora(_model(), target_modules=("nope",))
+    with pytest.raises(ValueError, match="lm_head"):
+        apply_lora(_model(), target_modules=("lm_head",))
+    with pytest.raises(ValueError, match="rank"):
+        apply_lora(_model(), rank=0)
