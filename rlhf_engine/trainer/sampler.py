@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_engine.generation.cuda_graph import DecodeGraphCache
 from rlhf_engine.generation.generate import generate
 
 
@@ -27,6 +28,9 @@ class PolicySampler:
         self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else self.eos_ids[0]
+        # On a GPU the static KV caches and captured decode graphs are kept across rollouts
+        # (reused, not reallocated, each step); on the CPU each call allocates its own cache.
+        self.graph_cache = DecodeGraphCache() if torch.device(device).type == "cuda" else None
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (B, P) prompt ids and mask; each prompt keeps its last ``max_prompt_len`` tokens."""
@@ -48,7 +52,8 @@ class PolicySampler:
         self.model.eval()
         return generate(self.model, prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens,
                         temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, greedy=greedy,
-                        eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, generator=self.gen)
+                        eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, generator=self.gen,
+                        graph_cache=self.graph_cache)
 
     def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         lens = response_mask.sum(1).tolist()
