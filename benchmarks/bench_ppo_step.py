@@ -226,6 +226,7 @@ def build_ours(s: Setup, device: torch.device, dtype: torch.dtype, steps: int):
     from rlhf_engine.model.heads import ScalarModel
     from rlhf_engine.model.llama import CausalLM
     from rlhf_engine.rewards import token_reward
+    from rlhf_engine.trainer.actor_critic import separate_critic
     from rlhf_engine.trainer.ppo import PPOTrainer
 
     mcfg = preset(s.preset)
@@ -247,7 +248,7 @@ def build_ours(s: Setup, device: torch.device, dtype: torch.dtype, steps: int):
                 "tensorboard": False, "plot": False},
     })
     tok = IdTokenizer(mcfg.vocab_size, mcfg.pad_token_id if mcfg.pad_token_id is not None else 0)
-    return PPOTrainer(cfg, actor, tok, reward, critic_lm=critic_lm, device=device)
+    return PPOTrainer(cfg, actor, tok, reward, critic=separate_critic(critic_lm), device=device)
 
 
 # ----------------------------------------------------------------------------- report

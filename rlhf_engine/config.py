@@ -149,6 +149,8 @@ class PPOConfig:
         _choice("ppo.agg", self.agg, AGG_MODES)
         _choice("ppo.critic", self.critic, ("shared", "separate"))
         _choice("ppo.critic_init", self.critic_init, ("policy", "reward"))
+        _check(self.logprob_parity_tol is None or self.logprob_parity_tol >= 0, "ppo.logprob_parity_tol",
+               ">= 0 or null", self.logprob_parity_tol)
 
     @property
     def uses_critic(self) -> bool:
@@ -206,6 +208,7 @@ class RunConfig:
     deterministic: bool = False
     eval_prompts: int = 0  # held-out prompts scored before and after training (0: none)
     eval_samples: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
     tensorboard: bool = True
     progress: bool = True
     plot: bool = True
@@ -214,7 +217,8 @@ class RunConfig:
         _check(isinstance(self.steps, int) and self.steps >= 0, "run.steps", "an int >= 0", self.steps)
         _check(isinstance(self.prompts_per_step, int) and self.prompts_per_step >= 1, "run.prompts_per_step",
                "an int >= 1", self.prompts_per_step)
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "run.device",
+        _check(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
+               "run.device",
                "'auto', 'cpu' or 'cuda[:N]'", self.device)
         _check(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0, "run.checkpoint_every",
                "an int >= 0", self.checkpoint_every)
@@ -222,6 +226,8 @@ class RunConfig:
                self.eval_prompts)
         _check(isinstance(self.eval_samples, int) and self.eval_samples >= 1, "run.eval_samples", "an int >= 1",
                self.eval_samples)
+        _check(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 1, "run.keep_checkpoints",
+               "an int >= 1", self.keep_checkpoints)
 
 
 @dataclass
@@ -313,6 +319,9 @@ def _coerce(tp, value, name: str):
         return tuple(value)
     args = typing.get_args(tp)
     allowed = set(args) if args else {tp}
+    if isinstance(value, bool) and bool not in allowed:
+        raise TypeError(f"{name}: expected {' or '.join(t.__name__ for t in allowed if t is not type(None))}, "
+                        f"got {value!r}")
     if float in allowed and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)

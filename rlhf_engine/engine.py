@@ -107,6 +107,9 @@ class Engine:
             self._tokenizer = self._tokenizer or tok
         if self._tokenizer is None:
             raise ValueError("tokenizer: the model has no tokenizer; pass Engine(..., tokenizer=...)")
+        dev = self._model.lm_head_weight.device
+        if dev.type != self.device.type or (self.device.index is not None and dev.index != self.device.index):
+            raise ValueError(f"model: expected its parameters on run.device = {self.device}, got {dev}")
         return self._model, self._tokenizer
 
     def _reward(self, reward):
@@ -121,8 +124,40 @@ class Engine:
             return VaderSentimentReward()
         from .trainer.reward_model import load_reward_model
 
-        rm = load_reward_model(rs.path, device=self.device)
-        return rm
+        rm = load_reward_model(rs.path, dtype=resolve_dtype(self.config.model.dtype, self.device), device=self.device)
+        return rm.eval().requires_grad_(False)
+
+    def build_ppo_trainer(self, reward: Callable | None = None):
+        """The PPO trainer for this config: policy (+ LoRA), reference, critic and reward roles."""
+        import copy
+
+        from .model.lora import apply_lora, lora_parameters
+        from .trainer.actor_critic import separate_critic
+        from .trainer.ppo import PPOTrainer
+
+        cfg = self.config
+        if cfg.lora.enabled and cfg.lora.dropout > 0:
+            raise ValueError(f"lora.dropout: expected 0 for PPO (old log-probs are taken without dropout, so the "
+                             f"ratio would not start at 1), got {cfg.lora.dropout}")
+        model, tok = self.policy()
+        if model.dtype == torch.float16:
+            raise ValueError("model.dtype: float16 has no loss scaling here; use bfloat16 (GPU) or float32")
+        reward_fn = self._reward(reward)
+        critic = None
+        if cfg.ppo.uses_critic and cfg.ppo.critic == "separate":
+            if cfg.ppo.critic_init == "reward":
+                if not hasattr(reward_fn, "score_head"):
+                    raise ValueError("ppo.critic_init: 'reward' needs a reward model (reward.kind 'model')")
+                critic = separate_critic(copy.deepcopy(reward_fn.model).requires_grad_(True), head=reward_fn.score_head)
+            else:  # a copy of the policy's weights, taken before any adapters are added
+                critic = separate_critic(copy.deepcopy(model).requires_grad_(True))
+        if cfg.lora.enabled and not lora_parameters(model):
+            model.requires_grad_(False)
+            apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                       dropout=cfg.lora.dropout)
+        trainer = PPOTrainer(cfg, model, tok, reward_fn, critic=critic, device=self.device)
+        self.last_trainer = trainer
+        return trainer
 
     # ------------------------------------------------------------------ stages
     def train_ppo(self, prompts: Sequence[str] | None = None, reward: Callable | None = None, *,
@@ -139,38 +174,18 @@ class Engine:
             a summary dict: per-step history, eval reward before/after with samples, checkpoint and
             plot paths.
         """
-        from .model.lora import apply_lora
-        from .trainer.ppo import PPOTrainer
-
         train_default, heldout_default = default_prompts()
+        for name, value in (("prompts", prompts), ("eval_prompts", eval_prompts)):
+            if isinstance(value, str):
+                raise TypeError(f"{name}: expected a list of strings, got a single string")
         prompts = list(train_default if prompts is None else prompts)
         if not prompts:
             raise ValueError("prompts: expected at least one prompt, got an empty list")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts: expected a list of strings")
         if eval_prompts is None:
             eval_prompts = heldout_default[:self.config.run.eval_prompts]
-        model, tok = self.policy()
-        cfg = self.config
-        critic_lm = None
-        if cfg.ppo.uses_critic and cfg.ppo.critic == "separate":
-            if cfg.ppo.critic_init == "reward":
-                if cfg.reward.kind != "model":
-                    raise ValueError("ppo.critic_init: 'reward' needs reward.kind 'model'")
-                from .trainer.reward_model import load_reward_model
-
-                critic_lm = load_reward_model(cfg.reward.path, device=self.device).model
-            else:  # a copy of the policy's weights, taken before any adapters are added
-                import copy
-
-                critic_lm = copy.deepcopy(model).requires_grad_(True)
-        if cfg.lora.enabled:
-            from .model.lora import lora_parameters
-
-            if not lora_parameters(model):
-                model.requires_grad_(False)
-                apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                           dropout=cfg.lora.dropout)
-        trainer = PPOTrainer(cfg, model, tok, self._reward(reward), critic_lm=critic_lm, device=self.device)
-        self.last_trainer = trainer
+        trainer = self.build_ppo_trainer(reward)
         return trainer.train(prompts, list(eval_prompts))
 
     def train_sft(self, dataset, **kwargs) -> dict:

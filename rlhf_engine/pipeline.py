@@ -64,7 +64,6 @@ def sample_preference_pairs(engine: Engine, prompts: list[str], vader: VaderSent
 def run_pipeline(engine: Engine, options: PipelineOptions | None = None) -> dict:
     """Run the four stages; returns a summary (pairs, RM accuracy, VADER before/after, timings)."""
     from .trainer.reward_model import save_reward_model, train_reward_model
-    from .trainer.ppo import PPOTrainer
 
     opt = options or PipelineOptions()
     cfg = engine.config
@@ -94,7 +93,7 @@ def run_pipeline(engine: Engine, options: PipelineOptions | None = None) -> dict
     t2 = time.perf_counter()
     rm.eval().requires_grad_(False)
     eval_prompts = heldout[:max(1, cfg.run.eval_prompts)]
-    trainer = PPOTrainer(cfg, model, tok, rm, device=engine.device)
+    trainer = engine.build_ppo_trainer(rm)
     before, samples_before = trainer.evaluate(eval_prompts, cfg.run.eval_samples, reward=vader)
     ppo = trainer.train(train_prompts)
     after, samples_after = trainer.evaluate(eval_prompts, cfg.run.eval_samples, reward=vader)

@@ -94,9 +94,16 @@ def _resolve_backend(backend: str, x: torch.Tensor, *others: torch.Tensor | None
     check_choice("backend", backend, ("auto", "torch", "triton", "cpp", "cuda"))
     if backend != "auto":
         return backend
+    same_dtype = all(o is None or o.dtype == x.dtype for o in others)
     if x.is_cuda:
-        return "triton"
-    if x.dtype not in (torch.float32, torch.float64) or any(o is not None and o.dtype != x.dtype for o in others):
+        if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return "triton"
+        try:  # fp64 on a GPU: the CUDA op when it is built, else the reference
+            from rlhf_engine.kernels import native
+        except ImportError:
+            return "torch"
+        return "cuda" if x.dtype == torch.float64 and same_dtype and native.cuda_available() else "torch"
+    if x.dtype not in (torch.float32, torch.float64) or not same_dtype:
         return "torch"
     try:
         from rlhf_engine.kernels import native
@@ -142,6 +149,5 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: floa
     This is GAE with V = 0 and lam = 1 in the "carry" convention.
     """
     check_same({"rewards": rewards, "mask": mask})
-    zeros = torch.zeros_like(rewards)
-    adv, _ = gae_reference(rewards, zeros, mask, gamma=gamma, lam=1.0, mask_mode="carry")
+    adv, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, mask_mode="carry")
     return adv

@@ -8,6 +8,8 @@ Estimates are clamped to [-clamp, clamp] (10 by default, as OpenRLHF and verl do
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import check_1d, check_choice, check_same
@@ -109,7 +111,10 @@ class AdaptiveKLController:
         self.horizon = int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        """``current_kl``: mean per-sequence KL of the last batch (a float); ``n_steps``: samples seen."""
+        """``current_kl``: mean per-sequence KL of the last batch (a float); ``n_steps``: samples seen.
+        A non-finite KL is ignored (it would otherwise turn the coefficient into NaN for good)."""
+        if not math.isfinite(float(current_kl)):
+            return
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
 

@@ -53,7 +53,8 @@ def policy_forward(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, re
     if P < 1:
         raise ValueError(f"input_ids: expected at least one prompt token before the {N} response tokens, "
                          f"got width {input_ids.shape[1]}")
-    hidden = lm.hidden_states(input_ids, attention_mask)  # (B, P + N, H)
+    # The layout is one contiguous block per row by construction: skip the mask check (a host sync).
+    hidden = lm.hidden_states(input_ids, attention_mask, validate_mask=False)  # (B, P + N, H)
     H = hidden.shape[-1]
     result = {}
     if with_logp:
@@ -74,10 +75,16 @@ def policy_forward(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, re
     return result
 
 
-def separate_critic(lm) -> ScalarModel:
-    """A critic with its own trunk (``lm``'s transformer, not copied; its LM head is dropped) and a ValueHead."""
+def separate_critic(lm, head: torch.nn.Linear | None = None) -> ScalarModel:
+    """A critic with its own trunk (``lm``'s transformer, not copied; its LM head is dropped) and a
+    ValueHead, zero-initialised or copied from ``head`` (e.g. a reward model's score head)."""
     w = lm.model.embed_tokens.weight
-    return ScalarModel(lm.model, ValueHead(lm.config.hidden_size, device=w.device))
+    value_head = ValueHead(lm.config.hidden_size, device=w.device)
+    if head is not None:
+        with torch.no_grad():
+            value_head.weight.copy_(head.weight)
+            value_head.bias.copy_(head.bias)
+    return ScalarModel(lm.model, value_head)
 
 
 def critic_forward(critic: ScalarModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
@@ -85,8 +92,12 @@ def critic_forward(critic: ScalarModel, input_ids: torch.Tensor, attention_mask:
     """Values of a separate critic at the positions predicting each response token (layout as
     :func:`policy_forward`): "values" (B, N) and, optionally, "last_value" (B,)."""
     P = input_ids.shape[1] - n_response
+    if P < 1:
+        raise ValueError(f"input_ids: expected at least one prompt token before the {n_response} response tokens, "
+                         f"got width {input_ids.shape[1]}")
     stop = P + n_response if with_bootstrap_value else P + n_response - 1
-    values = critic(input_ids, attention_mask)[:, P - 1:stop]  # (B, N [+1])
+    hidden = critic.model(input_ids, attention_mask, validate_mask=False)  # (B, P + N, H)
+    values = critic.score(hidden[:, P - 1:stop])  # (B, N [+1]): the head only on the positions used
     out = {"values": values[:, :n_response]}
     if with_bootstrap_value:
         out["last_value"] = values[:, n_response]

@@ -84,17 +84,32 @@ def save_checkpoint(root: str | Path, step: int, *, models: dict[str, dict[str, 
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        backup = None
+        if final.exists():  # re-saving a step: keep the old copy until the new one is in place
+            backup = root / f".old-{final.name}"
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(final, backup)
         os.replace(tmp, final)
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, root / "latest")
         _fsync_dir(root)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
+    root = Path(root)
+    latest = latest_checkpoint(root)
+    dirs = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in dirs[:-keep] if keep > 0 else []:
+        if latest is None or old.resolve() != latest.resolve():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

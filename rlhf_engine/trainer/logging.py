@@ -14,15 +14,22 @@ class MetricsLogger:
         output_dir: directory for ``metrics.jsonl``, ``tensorboard/`` and ``reward_curve.png``.
         tensorboard: also write TensorBoard event files.
         stdout: print a one-line summary per step (off when a progress bar shows it).
+        history: records to start metrics.jsonl from (a resumed run), instead of appending.
     """
 
     SHOWN = {"reward/mean": "reward", "kl/mean": "kl", "loss/policy": "pg_loss", "loss/value": "vf_loss",
              "policy/entropy": "entropy", "eval/reward": "eval_reward", "time/step_s": "step_s"}
 
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, stdout: bool = True):
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, stdout: bool = True,
+                 history: list[dict] | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (self.dir / "metrics.jsonl").open("a")
+        if history is not None:  # resuming: the file restarts from the checkpoint's records
+            self.jsonl = (self.dir / "metrics.jsonl").open("w")
+            for record in history:
+                self.jsonl.write(json.dumps(record) + "\n")
+        else:
+            self.jsonl = (self.dir / "metrics.jsonl").open("a")
         self.stdout = stdout
         self.writer = None
         if tensorboard:

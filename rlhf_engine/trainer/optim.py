@@ -80,6 +80,10 @@ class MasterWeightAdamW:
 
 def lr_schedule(optimizer: MasterWeightAdamW, *, schedule: str, warmup_steps: int, total_steps: int) -> LambdaLR:
     """Linear warmup then "constant", "linear" decay to 0, or "cosine" decay to 0."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"schedule: expected 'constant', 'linear' or 'cosine', got {schedule!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps}")
     total = max(1, total_steps)
 
     def factor(step: int) -> float:

@@ -18,8 +18,8 @@ from rlhf_engine.config import EngineConfig
 from rlhf_engine.model.lora import disable_adapters, lora_parameters
 from rlhf_engine.rewards import as_score_tensor
 
-from .actor_critic import ValueHead, critic_forward, policy_forward, separate_critic
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .actor_critic import ValueHead, critic_forward, policy_forward
+from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .logging import MetricsLogger, plot_curves
 from .optim import MasterWeightAdamW, lr_schedule
 from .rollout import PromptSampler, Rollout
@@ -67,11 +67,12 @@ class PPOTrainer:
         actor: the policy (a CausalLM, trainable; LoRA adapters already applied when ``cfg.lora.enabled``).
         tokenizer: encodes prompts and decodes responses (``encode``, ``decode``, ``eos_token_id``).
         reward: a text or token reward (see ``rlhf_engine.rewards``).
-        critic_lm: for ``ppo.critic == "separate"``, the critic's trunk (a CausalLM); None otherwise.
+        critic: for ``ppo.critic == "separate"``, the critic (a ScalarModel, see
+            ``actor_critic.separate_critic``); None otherwise.
         device: where everything runs.
     """
 
-    def __init__(self, cfg: EngineConfig, actor, tokenizer, reward, *, critic_lm=None,
+    def __init__(self, cfg: EngineConfig, actor, tokenizer, reward, *, critic=None,
                  device: torch.device | str = "cpu"):
         self.cfg, self.actor, self.tok, self.reward = cfg, actor, tokenizer, reward
         self.device = torch.device(device)
@@ -90,9 +91,9 @@ class PPOTrainer:
             if pc.critic == "shared":
                 self.value_head = ValueHead(hidden, device=self.device)
             else:
-                if critic_lm is None:
-                    raise ValueError("critic_lm: required when ppo.critic is 'separate'")
-                self.critic = separate_critic(critic_lm)
+                if critic is None:
+                    raise ValueError("critic: required when ppo.critic is 'separate'")
+                self.critic = critic
         actor_params = (lora_parameters(actor) if self.lora else [p for p in actor.parameters() if p.requires_grad])
         if self.value_head is not None:
             actor_params = actor_params + list(self.value_head.parameters())
@@ -116,6 +117,7 @@ class PPOTrainer:
         self.skip_old_logp = False  # set once generation/training log-prob parity is verified
         self.sampler = PolicySampler(actor, tokenizer, cfg.generation, self.device, self.gen)
         self.eos_ids = self.sampler.eos_ids
+        self.eos_tensor = torch.tensor(self.eos_ids, device=self.device)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -141,8 +143,6 @@ class PPOTrainer:
         with timer("score"):
             scores = self.score(prompts, gen)
             stats = {}
-            if not bool(torch.isfinite(scores).all()):  # one sync: a bad reward must not reach the weights
-                return None, {"skipped/nonfinite_reward": 1.0}
             self.actor.eval()
             shared_values = pc.uses_critic and self.value_head is not None
             values = last_value = None
@@ -168,6 +168,11 @@ class PPOTrainer:
             if self.critic is not None:
                 v = critic_forward(self.critic, seq, attn, N, with_bootstrap_value=pc.bootstrap_truncated)
                 values, last_value = v["values"] * rmask, v.get("last_value")
+            finite = torch.isfinite(scores).all() & torch.isfinite(old["logp"]).all() & torch.isfinite(ref["logp"]).all()
+            if values is not None:
+                finite = finite & torch.isfinite(values).all()
+            if not bool(finite):  # one sync: a NaN/inf reward or log-prob must not reach the weights
+                return None, {"skipped/nonfinite_reward": 1.0}
         with timer("advantage"):
             raw_scores = scores
             if pc.normalize_rewards:
@@ -175,6 +180,8 @@ class PPOTrainer:
                 scores = self.score_moments.normalize(scores)
             old_logp, ref_logp = old["logp"], ref["logp"]
             mask = rmask.float()
+            last_tok = resp.gather(1, (rmask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)  # (B,)
+            ended = torch.isin(last_tok, self.eos_tensor) & (rmask.sum(1) > 0)  # finished with EOS
             if pc.advantage in ("gae", "reinforce_pp"):
                 rewards, kl = algo.kl_penalized_rewards(scores, old_logp, ref_logp, mask, kl_coef=self.kl_ctl.value,
                                                         kind=pc.kl_kind, reward_clip=pc.reward_clip)
@@ -184,9 +191,7 @@ class PPOTrainer:
             if pc.advantage == "gae":
                 boot = None
                 if pc.bootstrap_truncated:
-                    last_tok = resp.gather(1, (rmask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
-                    truncated = ~torch.isin(last_tok, torch.tensor(self.eos_ids, device=self.device))
-                    boot = last_value * truncated.float()
+                    boot = last_value * (~ended).float()
                 adv, ret = algo.gae(rewards, values, mask, gamma=pc.gamma, lam=pc.lam, mask_mode=pc.mask_mode,
                                     last_value=boot)
                 if pc.whiten_advantages:
@@ -212,7 +217,7 @@ class PPOTrainer:
         stats_t = {
             "reward/mean": raw_scores.mean(), "reward/std": raw_scores.std() if raw_scores.numel() > 1
             else torch.zeros(()), "kl/mean": algo.sequence_kl(kl, mask), "response/length_mean": lengths.mean(),
-            "response/eos_fraction": 1.0 - (lengths == N).float().mean() if N > 0 else torch.zeros(()),
+            "response/eos_fraction": ended.float().mean(),
         }
         if values is not None:
             stats_t["critic/explained_variance"] = algo.explained_variance(values, ret, mask)
@@ -291,7 +296,7 @@ class PPOTrainer:
             ref_logp=part.ref_logp if pc.kl_loss_coef > 0 else None, entropy=entropy,
             clip_low=pc.clip_low, clip_high=pc.clip_high, dual_clip=pc.dual_clip, value_clip=pc.value_clip,
             vf_coef=pc.vf_coef, ent_coef=pc.ent_coef, kl_coef=pc.kl_loss_coef, kl_kind=pc.kl_loss_kind,
-            agg=pc.agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=N, backend="auto")
+            agg=pc.agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=gc.max_new_tokens, backend="auto")
         return loss, metrics
 
     # ------------------------------------------------------------------ one step
@@ -303,8 +308,7 @@ class PPOTrainer:
         if ro is not None:
             with timer("train"):
                 stats.update(self.update(ro))
-            self.kl_ctl.update(float(stats["kl/mean"]), n_steps=ro.batch_size)
-        stats["kl/coef"] = self.kl_ctl.value
+        kl_coef_used = self.kl_ctl.value
         self.step_idx += 1
         elapsed = time.perf_counter() - t0
         keys = list(stats)
@@ -315,6 +319,9 @@ class PPOTrainer:
             for i, v in zip(tensor_idx, synced):
                 vals[i] = v
         out = dict(zip(keys, vals))
+        if ro is not None:
+            self.kl_ctl.update(out["kl/mean"], n_steps=ro.batch_size)
+        out["kl/coef"] = kl_coef_used
         out.update(timer.metrics)
         out["time/step_s"] = elapsed
         out["throughput/tokens_per_s"] = out.get("tokens/generated", 0.0) / elapsed
@@ -413,9 +420,13 @@ class PPOTrainer:
         ckpt_root = out_dir / "checkpoints"
         sampler = PromptSampler(prompts, rc.prompts_per_step, rc.seed)
         history: list[dict] = []
-        if rc.resume and latest_checkpoint(ckpt_root) is not None:
+        resumed = rc.resume and latest_checkpoint(ckpt_root) is not None
+        if resumed:
             history = self.load(latest_checkpoint(ckpt_root), sampler)
-        logger = MetricsLogger(out_dir, tensorboard=rc.tensorboard, stdout=not rc.progress)
+        # A resumed run rewrites metrics.jsonl from the checkpoint, so steps logged after the
+        # last checkpoint by the interrupted run do not appear twice.
+        logger = MetricsLogger(out_dir, tensorboard=rc.tensorboard, stdout=not rc.progress,
+                               history=history if resumed else None)
         summary: dict = {"output_dir": str(out_dir)}
         eval_prompts = list(eval_prompts or [])
         if eval_prompts and self.step_idx == 0:
@@ -439,10 +450,15 @@ class PPOTrainer:
                                     kl=f"{metrics.get('kl/mean', float('nan')):.3f}")
                 if rc.checkpoint_every and self.step_idx % rc.checkpoint_every == 0:
                     self.save(ckpt_root, sampler, history)
+                    prune_checkpoints(ckpt_root, rc.keep_checkpoints)
         finally:
             if bar is not None:
                 bar.close()
-        summary["checkpoint"] = str(self.save(ckpt_root, sampler, history))
+        last = latest_checkpoint(ckpt_root)
+        if last is None or last.name != f"step-{self.step_idx:06d}":
+            last = self.save(ckpt_root, sampler, history)
+            prune_checkpoints(ckpt_root, rc.keep_checkpoints)
+        summary["checkpoint"] = str(last)
         if eval_prompts:
             after, samples = self.evaluate(eval_prompts, rc.eval_samples)
             summary["eval_after"], summary["samples_after"] = after, samples
