@@ -59,12 +59,13 @@ Layers: ``_gae_fwd_kernel`` / ``_gae_bwd_kernel`` -> ``gae_forward`` / ``gae_bac
 (eager: the Function; under ``torch.compile``: the custom op; with nothing requiring grad, the usual
 case for advantages: the launch function alone).
 """
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import row_launch_config
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -193,17 +194,8 @@ def _gae_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launch functions
-@functools.lru_cache(maxsize=256)
 def _launch_config(B: int, T: int, block_t: Optional[int]) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_T, num_warps): up to 2048 tokens per chunk; short rows are packed several per program."""
-    if block_t is None:
-        block_t = min(2048, triton.next_power_of_2(max(T, 16)))
-    if block_t < 2 or block_t & (block_t - 1):
-        raise ValueError(f"block_t: expected a power of two >= 2, got {block_t}")
-    rows = max(1, min(triton.next_power_of_2(max(B, 1)), 2048 // block_t))
-    size = rows * block_t
-    num_warps = 8 if size >= 2048 else 4 if size >= 512 else 2
-    return rows, block_t, num_warps
+    return row_launch_config(B, T, block_t, 2048)
 
 
 def _mask_arg(mask: torch.Tensor) -> torch.Tensor:

@@ -48,12 +48,13 @@ Layers: ``_ppo_loss_fwd_kernel`` + ``_ppo_loss_finalize_kernel`` -> ``ppo_loss_f
 (eager: the Function, which is cheaper to call than the custom op; under ``torch.compile``: the custom op;
 with nothing requiring grad: the launch function alone, without gradient buffers).
 """
-import functools
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import row_launch_config
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
@@ -261,17 +262,8 @@ class PPOLossConfig(NamedTuple):
     max_len: Optional[int] = None
 
 
-@functools.lru_cache(maxsize=256)
 def _launch_config(B: int, T: int, block_t: Optional[int]) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_T, num_warps): chunks of up to 1024 tokens, short rows packed up to 2048 tokens per program."""
-    if block_t is None:
-        block_t = min(1024, triton.next_power_of_2(max(T, 16)))
-    if block_t < 2 or block_t & (block_t - 1):
-        raise ValueError(f"block_t: expected a power of two >= 2, got {block_t}")
-    rows = max(1, min(triton.next_power_of_2(max(B, 1)), 2048 // block_t))
-    size = rows * block_t
-    num_warps = 8 if size >= 2048 else 4 if size >= 512 else 2
-    return rows, block_t, num_warps
+    return row_launch_config(B, T, block_t, 1024)
 
 
 def _normalizer(n, name: str, device: torch.device) -> tuple[int, float, Optional[torch.Tensor]]:

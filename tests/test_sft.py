@@ -16,15 +16,6 @@ def tok():
     return byte_tokenizer()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster, and far faster on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(tok, seed=0):
     torch.manual_seed(seed)
     return CausalLM(preset("tiny-llama", vocab_size=len(tok), attn_backend="torch"))

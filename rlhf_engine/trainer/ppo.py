@@ -232,7 +232,7 @@ class PPOTrainer:
 
     def update(self, ro: Rollout) -> dict:
         """``ppo.epochs`` passes over the rollout in shuffled minibatches of micro-batches."""
-        pc, gc = self.cfg.ppo, self.cfg.generation
+        pc = self.cfg.ppo
         B = ro.batch_size
         self.actor.train()
         sums: dict[str, torch.Tensor] = {}

@@ -1,0 +1,22 @@
+"""Launch geometry shared by the row-wise RL kernels (GAE, PPO loss)."""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import triton
+
+
+@functools.lru_cache(maxsize=256)
+def row_launch_config(B: int, T: int, block_t: Optional[int], max_block_t: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_T, num_warps) for kernels that walk (B, T) rows in chunks of BLOCK_T tokens:
+    chunks of up to ``max_block_t`` tokens, short rows packed several per program (up to 2048
+    tokens a program), and more warps for bigger tiles."""
+    if block_t is None:
+        block_t = min(max_block_t, triton.next_power_of_2(max(T, 16)))
+    if block_t < 2 or block_t & (block_t - 1):
+        raise ValueError(f"block_t: expected a power of two >= 2, got {block_t}")
+    rows = max(1, min(triton.next_power_of_2(max(B, 1)), 2048 // block_t))
+    size = rows * block_t
+    num_warps = 8 if size >= 2048 else 4 if size >= 512 else 2
+    return rows, block_t, num_warps
