@@ -52,9 +52,13 @@ def cmd_pipeline(args) -> int:
     from .engine import Engine
     from .pipeline import PipelineOptions, run_pipeline
 
-    overrides = ["run.output_dir=runs/pipeline", *args.overrides]
+    # PPO against a small learned reward model: a stronger KL anchor and a gentler step than the
+    # VADER demo, since the reward model is wrong on a fair share of held-out pairs.
+    overrides = ["run.output_dir=runs/pipeline", "ppo.kl_coef=0.1", "optim.lr=2e-5", "run.steps=30",
+                 *args.overrides]
     engine = Engine(args.config or DEMO_CONFIG, overrides=overrides)
-    opts = PipelineOptions(pair_prompts=args.pair_prompts, rm_epochs=args.rm_epochs, rm_lr=args.rm_lr)
+    opts = PipelineOptions(pair_prompts=args.pair_prompts, samples_per_prompt=args.samples_per_prompt,
+                           rm_epochs=args.rm_epochs, rm_lr=args.rm_lr)
     print(f"rlhf_engine pipeline: model={engine.config.model.name_or_path} device={engine.device}", flush=True)
     s = run_pipeline(engine, opts)
     _print_samples("Held-out continuations BEFORE PPO:", s["samples_before"])
@@ -80,8 +84,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_ppo)
     q = sub.add_parser("pipeline", help="sample pairs -> label with VADER -> train a reward model -> PPO on it")
     q.add_argument("--config", help="engine config (default: the demo config, output in runs/pipeline)")
-    q.add_argument("--pair-prompts", type=int, default=96, help="prompts sampled twice for preference pairs")
-    q.add_argument("--rm-epochs", type=int, default=2)
+    q.add_argument("--pair-prompts", type=int, default=96, help="prompts sampled for preference pairs")
+    q.add_argument("--samples-per-prompt", type=int, default=4, help="samples per prompt (best vs worst -> a pair)")
+    q.add_argument("--rm-epochs", type=int, default=3)
     q.add_argument("--rm-lr", type=float, default=2e-5)
     q.add_argument("overrides", nargs="*", help="section.key=value overrides")
     q.set_defaults(func=cmd_pipeline)

