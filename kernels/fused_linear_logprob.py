@@ -188,6 +188,9 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             hidden, weight, targets, bias, temperature, ignore_index, with_entropy, chunk_size)
         ctx.save_for_backward(hidden, weight, targets, bias, lse, pz)
         ctx.args = (temperature, ignore_index, with_entropy, chunk_size)
+        # An output nobody differentiates (e.g. an entropy kept only as a metric) arrives as None
+        # instead of a zero tensor, so the backward skips its term entirely.
+        ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod

@@ -244,3 +244,20 @@ def test_gpu_qwen_shape_bf16_rule_memory_determinism():
         err_o = (o.double() - r).abs().max().item()
         err_e = (e.double() - r).abs().max().item()
         assert torch.isfinite(o).all() and err_o <= 2 * err_e + 1e-6, f"{name}: ours {err_o:.3g} vs eager {err_e:.3g}"
+
+
+def test_entropy_kept_as_a_metric_does_not_change_grads(device):
+    """Entropy computed but not differentiated (a metric): its gradient arrives as None and the
+    hidden/weight gradients equal those of the log-prob alone."""
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(29, 40, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(1003, 40, generator=g) * 0.2).to(device).requires_grad_()
+    targets = torch.randint(0, 1003, (29,), generator=g).to(device)
+    gout = torch.randn(29, generator=g).to(device)
+    logp, ent = fused_linear_logprobs(hidden, weight, targets, with_entropy=True, chunk_size=1500, backend="triton")
+    dh1, dw1 = torch.autograd.grad((logp * gout).sum(), [hidden, weight])
+    logp2 = fused_linear_logprobs(hidden, weight, targets, chunk_size=1500, backend="triton")
+    dh2, dw2 = torch.autograd.grad((logp2 * gout).sum(), [hidden, weight])
+    assert torch.isfinite(ent).all()
+    torch.testing.assert_close(dh1, dh2)
+    torch.testing.assert_close(dw1, dw2)

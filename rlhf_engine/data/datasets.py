@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from rlhf_engine.algo.gae import last_valid_index
+
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -392,11 +394,8 @@ def pack_examples(examples: Sequence[tuple[torch.Tensor, torch.Tensor]], seq_len
 
 
 # ============================================================================ preference / prompt collation
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 0/1 mask -> (B,) int64 index of each row's last valid token (any padding side); -1 if empty."""
-    T = attention_mask.shape[1]
-    idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)  # (B, T)
-    return torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).amax(dim=1)
+# (B, T) 0/1 mask -> (B,) int64 index of each row's last valid token (any padding side); -1 if empty.
+last_token_index = last_valid_index
 
 
 def collate_preference(tokenizer, examples: Sequence[dict], max_len: int, *, chat_template: bool = False,
