@@ -28,6 +28,7 @@ from .attention_fwd import (
     INTERPRETER_BLOCK_N,
     LOG2E,
     dot_precision,
+    load_kv_tile,
     next_pow2,
     prune_configs,
     t_bucket,
@@ -199,18 +200,9 @@ def _bwd_dq_inner(
     dmask = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
-            kv_ok = (cols >= kv_lo) & (cols < kv_hi)
-            k = tl.load(k_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
-        elif HEAD_DIM == BLOCK_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=dmask, other=0.0)
-            v = tl.load(v_ptrs, mask=dmask, other=0.0)
+        kv_ok = (cols >= kv_lo) & (cols < kv_hi)  # (BLOCK_N,) used only when MASKED
+        k, v = load_kv_tile(k_base, v_base, cols, offs_d, stride_kt, stride_vt, kv_ok, dmask,
+                            HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:

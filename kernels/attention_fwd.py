@@ -39,6 +39,26 @@ def t_bucket(t: int) -> int:
 
 
 @triton.jit
+def load_kv_tile(k_base, v_base, cols, offs_d, stride_kt, stride_vt, kv_ok, dmask,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """K and V rows ``cols`` (BLOCK_N,) of one head: (BLOCK_N, BLOCK_D) each, zero-padded past HEAD_DIM.
+    With MASKED, keys where ``kv_ok`` is False are never read: they may be garbage (NaN in an
+    unwritten cache)."""
+    k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=dmask, other=0.0)
+        v = tl.load(v_ptrs, mask=dmask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, stride_kt, stride_vt,
@@ -50,19 +70,9 @@ def _attn_fwd_inner(
     dmask = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions
-        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
-            # Keys outside [kv_lo, kv_hi) are never read: they may be garbage (NaN in an unwritten cache).
-            kv_ok = (cols >= kv_lo) & (cols < kv_hi)
-            k = tl.load(k_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok[:, None] & dmask, other=0.0)
-        elif HEAD_DIM == BLOCK_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=dmask, other=0.0)
-            v = tl.load(v_ptrs, mask=dmask, other=0.0)
+        kv_ok = (cols >= kv_lo) & (cols < kv_hi)  # (BLOCK_N,) used only when MASKED
+        k, v = load_kv_tile(k_base, v_base, cols, offs_d, stride_kt, stride_vt, kv_ok, dmask,
+                            HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32, q . k
         if MASKED:
             valid = kv_ok[None, :]
