@@ -28,6 +28,7 @@ from .attention_fwd import (
     INTERPRETER_BLOCK_N,
     LOG2E,
     dot_precision,
+    element_size,
     load_kv_tile,
     next_pow2,
     prune_configs,
@@ -289,16 +290,17 @@ def _bwd_dq_kernel(
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
-    bd = kwargs["BLOCK_D"]
-    # resident K, V tiles + num_stages buffered (Q, dO) tiles, 2 bytes per element
-    smem = lambda c: 2 * bd * (2 * c.kwargs["BLOCK_N"] + 2 * c.num_stages * c.kwargs["BLOCK_M"])  # noqa: E731
+    bd, es = kwargs["BLOCK_D"], element_size(named_args)
+    # resident K, V tiles + num_stages buffered (Q, dO) tiles; x1.65: sm_90 compiles used 1.44-1.61x this
+    # count (layout conversions of the fp32 dK/dV accumulators; tests/test_triton_compile.py)
+    smem = lambda c: int(1.65 * es * bd * (2 * c.kwargs["BLOCK_N"] + 2 * c.num_stages * c.kwargs["BLOCK_M"]))  # noqa: E731
     return prune_configs(configs, named_args["T_BUCKET"], smem)
 
 
 def _prune_dq(configs, named_args, **kwargs):
-    bd = kwargs["BLOCK_D"]
-    # resident Q, dO tiles + num_stages buffered (K, V) tiles
-    smem = lambda c: 2 * bd * (2 * c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"])  # noqa: E731
+    bd, es = kwargs["BLOCK_D"], element_size(named_args)
+    # resident Q, dO tiles + num_stages buffered (K, V) tiles; x1.25 (sm_90 compiles used up to 1.17x)
+    smem = lambda c: int(1.25 * es * bd * (2 * c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"]))  # noqa: E731
     return prune_configs(configs, named_args["T_BUCKET"], smem)
 
 

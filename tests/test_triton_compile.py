@@ -1,0 +1,283 @@
+"""Ahead-of-time compilation of every Triton kernel for an H100 (sm_90), without a GPU.
+
+The CPU test suite runs the kernels under ``TRITON_INTERPRET=1``, which never calls Triton's
+compiler: a kernel that only breaks when compiled for a GPU (``tl.dot`` operand types, constexpr
+misuse, a tile that overflows shared memory, a ptxas error) would first fail in a scarce GPU session.
+Here each ``@triton.jit`` kernel is built with ``triton.compile(ASTSource(...), GPUTarget("cuda", 90, 32))``
+for bf16, fp16 and fp32 operands, with constexprs and num_warps/num_stages taken from the launch code
+and the autotune configs, and its shared memory is checked against the H100 per-block limit.
+
+conftest.py sets TRITON_INTERPRET=1 before triton is imported, so the compilation runs in a child
+process whose environment lacks that variable (and whose Triton cache is a fresh directory, so
+every case really goes through the compiler and ptxas). Triton's PyPI wheel ships ptxas and
+cuobjdump: nothing beyond ``pip install triton==3.6.0`` is needed, and no CUDA driver.
+
+The fp32 attention cases use the smallest autotune tile: with ``input_precision="ieee"`` the
+dots go through FMA code, which takes ptxas one to two minutes per large tile.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+H100_SMEM_PER_BLOCK = 227 * 1024  # bytes of shared memory one block may use (228 KB per SM)
+COMPILE_TIMEOUT_S = 900
+
+# ----------------------------------------------------------------------------- cases
+# A case: (id, module, kernel, pointer dtypes, fp32 scalar args, constexprs, num_warps, num_stages).
+# Arguments not named in the pointer or fp32 maps are i32 scalars; "{dt}" in a pointer dtype is
+# replaced by the case's dtype. Autotuned kernels are compiled through the undecorated JITFunction
+# (the module's ``_xxx_kernel``), with the BLOCK_* of one of their ``triton.Config`` entries.
+_DTYPES = {"bf16": "tf32", "fp16": "tf32", "fp32": "ieee"}  # dtype -> attention PRECISION (dot_precision)
+
+
+def _case(cid, module, kernel, ptrs, floats, constexprs, num_warps, num_stages=3):
+    return pytest.param(dict(module=f"rlhf_engine.kernels.{module}", kernel=kernel, ptrs=ptrs, floats=floats,
+                             constexprs=constexprs, num_warps=num_warps, num_stages=num_stages), id=cid)
+
+
+def _logprob_cases():
+    fwd = {"x_ptr": "{dt}", "tgt_ptr": "i64", "logp_ptr": "fp32", "ent_ptr": "fp32", "lse_ptr": "fp32",
+           "pz_ptr": "fp32"}
+    bwd = {"x_ptr": "{dt}", "dx_ptr": "{dt}", "tgt_ptr": "i64", "lse_ptr": "fp32", "pz_ptr": "fp32",
+           "g_ptr": "fp32", "ge_ptr": "fp32"}
+    # _launch_config: BLOCK_V 4096 with 8 warps (V >= 4096), 1024 with 4 warps (the fused LM head's fp32 chunks)
+    for dt, ent, bv, w in [("bf16", True, 4096, 8), ("fp16", False, 4096, 8), ("fp32", True, 1024, 4)]:
+        yield _case(f"logprob_fwd-{dt}", "logprob", "_logprob_fwd_kernel", _sub(fwd, dt), ["scale2"],
+                    dict(WITH_ENTROPY=ent, BLOCK_V=bv), w)
+        yield _case(f"logprob_bwd-{dt}", "logprob", "_logprob_bwd_kernel", _sub(bwd, dt), ["inv_t", "scale2"],
+                    dict(HAS_G=True, HAS_GE=ent, BLOCK_V=bv), w)
+
+
+def _gae_cases():
+    fwd = {"r_ptr": "{dt}", "v_ptr": "{dt}", "m_ptr": "u8", "lv_ptr": "{dt}", "adv_ptr": "{dt}", "ret_ptr": "{dt}"}
+    bwd = {"ga_ptr": "{dt}", "gr_ptr": "{dt}", "m_ptr": "u8", "dr_ptr": "{dt}", "dv_ptr": "{dt}", "dlv_ptr": "fp32"}
+    # row_launch_config(B, T, None, 2048): (ROWS, BLOCK_T, num_warps) for long rows and for short packed rows
+    for dt, (rows, bt, w), carry in [("bf16", (1, 2048, 8), True), ("fp16", (16, 128, 8), False),
+                                     ("fp32", (4, 256, 4), True)]:
+        yield _case(f"gae_fwd-{dt}", "gae", "_gae_fwd_kernel", _sub(fwd, dt), ["gamma", "gamma_lam"],
+                    dict(HAS_LV=True, CARRY=carry, ROWS=rows, BLOCK_T=bt), w)
+        yield _case(f"gae_bwd-{dt}", "gae", "_gae_bwd_kernel", _sub(bwd, dt), ["gamma", "gamma_lam"],
+                    dict(HAS_GA=True, HAS_GR=True, HAS_LV=True, CARRY=carry, ROWS=rows, BLOCK_T=bt), w)
+
+
+def _ppo_cases():
+    ptrs = {n: "{dt}" for n in ["logp_ptr", "old_ptr", "adv_ptr", "v_ptr", "vold_ptr", "ret_ptr", "ref_ptr", "ent_ptr"]}
+    ptrs.update(m_ptr="u8", dlogp_ptr="fp32", dv_ptr="fp32", dent_ptr="fp32", part_ptr="fp32")
+    floats = ["ratio_lo", "ratio_hi", "dual_c", "value_clip", "vf_coef", "ent_coef", "kl_coef"]
+    # row_launch_config(B, T, None, 1024)
+    for dt, (rows, bt, w), kl, row_mean in [("bf16", (2, 1024, 8), 3, False), ("fp16", (16, 128, 8), 1, True),
+                                             ("fp32", (1, 512, 4), 2, False)]:
+        yield _case(f"ppo_loss_fwd-{dt}", "ppo_loss", "_ppo_loss_fwd_kernel", _sub(ptrs, dt), floats,
+                    dict(HAS_V=True, HAS_ENT=True, HAS_REF=True, DUAL=True, VCLIP=True, KL_KIND=kl, ROW_MEAN=row_mean,
+                         STORE_DLOGP=True, STORE_DV=True, STORE_DENT=True, ROWS=rows, BLOCK_T=bt), w)
+    fin = {"part_ptr": "fp32", "loss_ptr": "fp32", "metrics_ptr": "fp32", "inv_n_ptr": "fp32",
+           "ntok_ptr": "fp32", "nseq_ptr": "fp32"}
+    yield _case("ppo_loss_finalize-fp32", "ppo_loss", "_ppo_loss_finalize_kernel", fin,
+                ["ntok_value", "nseq_value", "t_max", "vf_coef", "ent_coef", "kl_coef"],
+                dict(NTOK_MODE=0, NSEQ_MODE=2, AGG=3, BLOCK_B=1024), 4)
+
+
+def _attention_cases():
+    fwd = {"Q": "{dt}", "K": "{dt}", "V": "{dt}", "O": "{dt}", "LSE": "fp32", "KV_START": "i32", "KV_END": "i32"}
+    # (dtype, HEAD_DIM, (BLOCK_M, BLOCK_N, num_warps, num_stages) from _FWD_CONFIGS, causal)
+    for dt, d, (bm, bn, w, s), causal in [("bf16", 128, (128, 64, 4, 3), True), ("fp16", 128, (128, 128, 8, 2), False),
+                                          ("bf16", 256, (64, 32, 4, 2), True), ("fp32", 64, (64, 32, 4, 2), True)]:
+        yield _case(f"attn_fwd-{dt}-d{d}-{bm}x{bn}", "attention_fwd", "_attn_fwd_kernel", _sub(fwd, dt), ["qk_scale"],
+                    dict(HEAD_DIM=d, BLOCK_D=d, IS_CAUSAL=causal, HAS_KV_RANGE=True, PRECISION=_DTYPES[dt],
+                         BLOCK_M=bm, BLOCK_N=bn), w, s)
+    pre = {"O": "{dt}", "DO": "{dt}", "DELTA": "fp32"}
+    for dt in _DTYPES:
+        yield _case(f"attn_bwd_preprocess-{dt}", "attention_bwd", "_bwd_preprocess_kernel", _sub(pre, dt), [],
+                    dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64), 4)
+    dkdv = {"Q": "{dt}", "K": "{dt}", "V": "{dt}", "DO": "{dt}", "LSE": "fp32", "DELTA": "fp32", "DK": "{dt}",
+            "DV": "{dt}", "KV_START": "i32", "KV_END": "i32"}
+    dq = {k: v for k, v in dkdv.items() if k not in ("DK", "DV")} | {"DQ": "{dt}"}
+    # (dtype, HEAD_DIM, _DKDV_CONFIGS entry, _DQ_CONFIGS entry)
+    for dt, d, kv_cfg, q_cfg in [("bf16", 128, (32, 128, 4, 3), (128, 32, 4, 3)),
+                                 ("fp16", 128, (64, 128, 8, 2), (128, 64, 8, 2)),
+                                 ("fp32", 64, (16, 64, 4, 2), (64, 16, 4, 2))]:
+        for name, kernel, ptrs, (bm, bn, w, s) in [("dkdv", "_bwd_dkdv_kernel", dkdv, kv_cfg),
+                                                   ("dq", "_bwd_dq_kernel", dq, q_cfg)]:
+            yield _case(f"attn_bwd_{name}-{dt}-d{d}-{bm}x{bn}", "attention_bwd", kernel, _sub(ptrs, dt),
+                        ["qk_scale", "sm_scale"],
+                        dict(HEAD_DIM=d, BLOCK_D=d, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION=_DTYPES[dt],
+                             BLOCK_M=bm, BLOCK_N=bn), w, s)
+
+
+def _decode_cases():
+    split = {"Q": "{dt}", "K": "{dt}", "V": "{dt}", "O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32",
+             "CACHE_LENS": "i32", "CACHE_START": "i32"}
+    # (dtype, HEAD_DIM, BLOCK_R = max(16, next_pow2(group * Tn)), single split, _DECODE_CONFIGS entry)
+    for dt, d, br, single, (bn, w, s) in [("bf16", 128, 16, False, (64, 4, 3)), ("fp16", 128, 64, True, (128, 8, 3)),
+                                          ("fp32", 64, 16, False, (32, 4, 4))]:
+        yield _case(f"decode_split-{dt}-d{d}-r{br}-n{bn}", "decode_attention", "_decode_split_kernel", _sub(split, dt),
+                    ["qk_scale"], dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=br, HAS_START=True, SINGLE_SPLIT=single,
+                                       PRECISION=_DTYPES[dt], BLOCK_N=bn), w, s)
+    red = {"O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32"}
+    for dt in ("bf16", "fp32"):
+        yield _case(f"decode_reduce-{dt}", "decode_attention", "_decode_reduce_kernel", _sub(red, dt), [],
+                    dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64), 1)
+
+
+def _kv_cache_cases():
+    write = {"KC": "{dt}", "VC": "{dt}", "KN": "{dt}", "VN": "{dt}", "POS": "i32", "ROPE_POS": "i32",
+             "COS": "fp32", "SIN": "fp32"}
+    # write_kv_cache_forward: HALF = D // 2, BLOCK_H = next_pow2(Hkv), num_warps 1 if Hkv * D <= 512 else 4
+    for dt, d, hkv, rope in [("bf16", 128, 8, True), ("fp16", 64, 2, False), ("fp32", 96, 4, True)]:
+        yield _case(f"write_kv-{dt}-d{d}", "kv_cache", "_write_kv_kernel", _sub(write, dt), [],
+                    dict(HEAD_DIM=d, BLOCK_D=_pow2(d), HALF=d // 2, BLOCK_HALF=_pow2(d // 2), BLOCK_H=hkv,
+                         HAS_ROPE=rope), 1 if hkv * d <= 512 else 4)
+    rope = {"X": "{dt}", "Y": "{dt}", "COS": "{dt}", "SIN": "{dt}"}
+    for dt, d, h in [("bf16", 128, 32), ("fp32", 64, 4)]:
+        yield _case(f"rope-{dt}-d{d}", "kv_cache", "_rope_kernel", _sub(rope, dt), ["sin_sign"],
+                    dict(HALF=d // 2, BLOCK_HALF=d // 2, BLOCK_H=h), 1 if h * d <= 512 else 4)
+
+
+def _autotune_kept_cases():
+    """bf16 attention at HEAD_DIM 256 (the largest tile per row): every autotune config that the module's own
+    early_config_prune keeps for a long sequence must fit in shared memory, or the prune is letting through
+    configs that can only fail with OutOfResources on the GPU (after a full compile)."""
+    from rlhf_engine.kernels import attention_bwd, attention_fwd  # pure-Python prune functions, no launch
+
+    d, dt = 256, "bf16"
+    fwd = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "KV_START": "i32", "KV_END": "i32"}
+    dkdv = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "fp32", "DELTA": "fp32", "DK": dt, "DV": dt,
+            "KV_START": "i32", "KV_END": "i32"}
+    dq = {k: v for k, v in dkdv.items() if k not in ("DK", "DV")} | {"DQ": dt}
+    two = ["qk_scale", "sm_scale"]
+    kernels = [  # (name, module, kernel, autotune configs, prune, pointers, fp32 scalars)
+        ("attn_fwd", "attention_fwd", "_attn_fwd_kernel", attention_fwd._FWD_CONFIGS, attention_fwd._prune_fwd,
+         fwd, ["qk_scale"]),
+        ("attn_bwd_dkdv", "attention_bwd", "_bwd_dkdv_kernel", attention_bwd._DKDV_CONFIGS, attention_bwd._prune_dkdv,
+         dkdv, two),
+        ("attn_bwd_dq", "attention_bwd", "_bwd_dq_kernel", attention_bwd._DQ_CONFIGS, attention_bwd._prune_dq, dq, two),
+    ]
+    for name, module, kernel, configs, prune, ptrs, floats in kernels:
+        for c in prune(configs, {"T_BUCKET": 16384}, BLOCK_D=d):
+            bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+            cid = f"autotune_kept-{name}-{dt}-d{d}-{bm}x{bn}-w{w}s{s}"
+            marks = [pytest.mark.xfail(strict=True, reason=_KNOWN_OVERFLOW[cid])] if cid in _KNOWN_OVERFLOW else []
+            p = _case(cid, module, kernel, ptrs, floats,
+                      dict(HEAD_DIM=d, BLOCK_D=d, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION="tf32",
+                           BLOCK_M=bm, BLOCK_N=bn), w, s)
+            yield pytest.param(*p.values, id=p.id, marks=marks)
+
+
+# Configs the prune keeps that need more than 227 KB (found by this test; remove the entry once the prune is fixed).
+_KNOWN_OVERFLOW: dict[str, str] = {}
+
+
+def _sub(ptrs: dict, dt: str) -> dict:
+    return {k: v.replace("{dt}", dt) for k, v in ptrs.items()}
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_decode_cases(), *_kv_cache_cases(),
+         *_autotune_kept_cases()]
+
+# ----------------------------------------------------------------------------- the child process
+# Reads a JSON list of cases from argv[1], compiles each, writes one JSON result per case to argv[2].
+_SCRIPT = r'''
+import importlib, json, os, re, subprocess, sys, tempfile, time, traceback
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resources(cubin):
+    """(registers, stack frame bytes: register spills) per thread, from cuobjdump; None if unavailable."""
+    if not os.access(CUOBJDUMP, os.X_OK):
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return (int(reg.group(1)) if reg else None), (int(stack.group(1)) if stack else None)
+
+
+def compile_case(case):
+    fn = getattr(importlib.import_module(case["module"]), case["kernel"])
+    while not isinstance(fn, JITFunction):  # an Autotuner (or Heuristics) wraps the JITFunction
+        fn = fn.fn
+    names = [p.name for p in fn.params]
+    unknown = (set(case["ptrs"]) | set(case["floats"]) | set(case["constexprs"])) - set(names)
+    if unknown:
+        raise KeyError(f"{case['kernel']} has no argument(s) {sorted(unknown)}; its arguments are {names}")
+    signature, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            if p.name not in case["constexprs"]:
+                raise KeyError(f"{case['kernel']}: no value for constexpr {p.name}")
+            signature[p.name] = "constexpr"
+        elif p.name in case["ptrs"]:
+            signature[p.name] = "*" + case["ptrs"][p.name]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif p.name in case["floats"]:
+            signature[p.name] = "fp32"
+        else:
+            signature[p.name] = "i32"
+            if p.name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # row strides are multiples of 16 (D, V, H * D)
+    src = ASTSource(fn=fn, signature=signature, constexprs=case["constexprs"], attrs=attrs)
+    opts = {"num_warps": case["num_warps"], "num_stages": case["num_stages"]}
+    t0 = time.perf_counter()
+    k = triton.compile(src, target=TARGET, options=opts)
+    seconds = time.perf_counter() - t0
+    regs, stack = resources(k.asm["cubin"])
+    return dict(ok=True, shared=k.metadata.shared, regs=regs, stack=stack, seconds=round(seconds, 2))
+
+
+def main():
+    cases = json.load(open(sys.argv[1]))
+    results = {}
+    for cid, case in cases.items():
+        try:
+            results[cid] = compile_case(case)
+        except Exception as e:  # report every failure, keep compiling the rest
+            msg = f"{type(e).__name__}: {e}"
+            results[cid] = dict(ok=False, error=msg[-4000:], traceback=traceback.format_exc()[-4000:])
+        json.dump(results, open(sys.argv[2], "w"), indent=1)
+
+
+main()
+'''
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{case id: result dict} for all cases, compiled in one child process (one import of torch and triton)."""
+    tmp = tmp_path_factory.mktemp("triton_compile")
+    cases = {p.id: p.values[0] for p in CASES}
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # fresh cache: every case goes through the compiler
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp / "cases.json"), str(tmp / "results.json")],
+                          env=env, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    if proc.returncode != 0 or not (tmp / "results.json").exists():
+        pytest.fail(f"compile subprocess failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    results = json.loads((tmp / "results.json").read_text())
+    rows = [f"{cid:40s} {r.get('shared', '-'):>8} {r.get('regs', '-'):>5} {r.get('stack', '-'):>6} "
+            f"{r.get('seconds', '-'):>6}" + ("" if r["ok"] else "  FAILED") for cid, r in results.items()]
+    print("\n" + f"{'case':40s} {'smem B':>8} {'regs':>5} {'stack':>6} {'sec':>6}\n" + "\n".join(rows))
+    return results
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiles_for_sm90(compiled, case, request):
+    cid = request.node.callspec.id
+    r = compiled[cid]
+    assert r["ok"], f"{case['kernel']} ({cid}) does not compile for sm_90:\n{r['error']}\n{r['traceback']}"
+    assert r["shared"] <= H100_SMEM_PER_BLOCK, (
+        f"{case['kernel']} ({cid}) needs {r['shared']} B of shared memory, "
+        f"H100 allows {H100_SMEM_PER_BLOCK} B per block")
