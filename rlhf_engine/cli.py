@@ -58,7 +58,7 @@ def cmd_pipeline(args) -> int:
                  *args.overrides]
     engine = Engine(args.config or DEMO_CONFIG, overrides=overrides)
     opts = PipelineOptions(pair_prompts=args.pair_prompts, samples_per_prompt=args.samples_per_prompt,
-                           rm_epochs=args.rm_epochs, rm_lr=args.rm_lr)
+                           pairs_per_prompt=args.pairs_per_prompt, rm_epochs=args.rm_epochs, rm_lr=args.rm_lr)
     print(f"rlhf_engine pipeline: model={engine.config.model.name_or_path} device={engine.device}", flush=True)
     s = run_pipeline(engine, opts)
     _print_samples("Held-out continuations BEFORE PPO:", s["samples_before"])
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     q.add_argument("--config", help="engine config (default: the demo config, output in runs/pipeline)")
     q.add_argument("--pair-prompts", type=int, default=96, help="prompts sampled for preference pairs")
     q.add_argument("--samples-per-prompt", type=int, default=4, help="samples per prompt (best vs worst -> a pair)")
+    q.add_argument("--pairs-per-prompt", type=int, default=1, help="i-th best vs i-th worst, i < this")
     q.add_argument("--rm-epochs", type=int, default=3)
     q.add_argument("--rm-lr", type=float, default=2e-5)
     q.add_argument("overrides", nargs="*", help="section.key=value overrides")

@@ -25,7 +25,8 @@ from .rewards import VaderSentimentReward
 @dataclass
 class PipelineOptions:
     pair_prompts: int = 96  # prompts sampled to build preference pairs (one pair per prompt)
-    samples_per_prompt: int = 4  # the most and the least positive of these form the pair
+    samples_per_prompt: int = 4  # ranked by VADER; the i-th most and i-th least positive form pair i
+    pairs_per_prompt: int = 1
     min_words: int = 4  # responses shorter than this are not used in pairs (see sample_preference_pairs)
     rm_epochs: int = 3
     rm_lr: float = 2e-5
@@ -37,15 +38,20 @@ class PipelineOptions:
             raise ValueError(f"pair_prompts: expected >= 2, got {self.pair_prompts}")
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt: expected >= 2, got {self.samples_per_prompt}")
+        if not 1 <= self.pairs_per_prompt <= self.samples_per_prompt // 2:
+            raise ValueError(f"pairs_per_prompt: expected 1..samples_per_prompt // 2 = {self.samples_per_prompt // 2}, "
+                             f"got {self.pairs_per_prompt}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction: expected a value in (0, 1), got {self.eval_fraction}")
 
 
 @torch.no_grad()
 def sample_preference_pairs(engine: Engine, prompts: list[str], vader: VaderSentimentReward, *,
-                            samples_per_prompt: int = 4, min_words: int = 4) -> list[dict]:
-    """Per prompt, ``samples_per_prompt`` sampled continuations scored by VADER; the most positive is
-    "chosen", the least positive "rejected" (ties dropped): [{prompt, chosen, rejected, margin}].
+                            samples_per_prompt: int = 4, pairs_per_prompt: int = 1,
+                            min_words: int = 4) -> list[dict]:
+    """Per prompt, ``samples_per_prompt`` sampled continuations ranked by VADER; pair i has the i-th
+    most positive as "chosen" and the i-th least positive as "rejected" (disjoint samples, ties
+    dropped), for i < ``pairs_per_prompt``: [{prompt, chosen, rejected, margin}].
 
     Responses under ``min_words`` words are left out: an empty or one-word continuation scores a
     neutral 0, which would teach the reward model "shorter beats negative" -- a length preference
@@ -67,11 +73,11 @@ def sample_preference_pairs(engine: Engine, prompts: list[str], vader: VaderSent
         for j, prompt in enumerate(chunk):
             cands = [(scores[j * k + c], texts[j * k + c]) for c in range(k)
                      if len(texts[j * k + c].split()) >= min_words]
-            if len(cands) < 2:
-                continue
-            (s_hi, hi), (s_lo, lo) = max(cands), min(cands)
-            if s_hi > s_lo:
-                pairs.append({"prompt": prompt, "chosen": hi, "rejected": lo, "margin": None})
+            ranked = sorted(cands, key=lambda c: c[0], reverse=True)
+            for i in range(min(pairs_per_prompt, len(ranked) // 2)):
+                (s_hi, hi), (s_lo, lo) = ranked[i], ranked[-1 - i]
+                if s_hi > s_lo:
+                    pairs.append({"prompt": prompt, "chosen": hi, "rejected": lo, "margin": None})
     return pairs
 
 
@@ -88,7 +94,8 @@ def run_pipeline(engine: Engine, options: PipelineOptions | None = None) -> dict
     summary: dict = {}
     t0 = time.perf_counter()
     pairs = sample_preference_pairs(engine, train_prompts[:opt.pair_prompts], vader,
-                                    samples_per_prompt=opt.samples_per_prompt, min_words=opt.min_words)
+                                    samples_per_prompt=opt.samples_per_prompt,
+                                    pairs_per_prompt=opt.pairs_per_prompt, min_words=opt.min_words)
     if len(pairs) < 4:
         raise ValueError(f"pipeline: only {len(pairs)} usable preference pairs were sampled; raise pair_prompts")
     (out / "preference_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))

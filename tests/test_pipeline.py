@@ -25,7 +25,7 @@ def test_pipeline_runs_end_to_end(tmp_path, monkeypatch):
            "run": {"steps": 2, "prompts_per_step": 4, "device": "cpu", "output_dir": str(tmp_path),
                    "eval_prompts": 4, "eval_samples": 1, "progress": False, "tensorboard": False, "plot": False}}
     eng = Engine(cfg, model=tiny_model(), tokenizer=byte_tokenizer())
-    s = pipeline.run_pipeline(eng, pipeline.PipelineOptions(pair_prompts=12, samples_per_prompt=3, min_words=1, rm_epochs=1, rm_lr=1e-3))
+    s = pipeline.run_pipeline(eng, pipeline.PipelineOptions(pair_prompts=12, samples_per_prompt=4, pairs_per_prompt=2, min_words=1, rm_epochs=1, rm_lr=1e-3))
     assert s["pairs"] >= 4
     assert 0.0 <= s["rm_eval_accuracy"] <= 1.0
     assert s["ppo_steps"] == 2
