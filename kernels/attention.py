@@ -61,30 +61,38 @@ def _check_range(name: str, t: Optional[torch.Tensor], batch: int, device: torch
     return t.to(torch.int32).contiguous()
 
 
-def check_attention_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    kv_start: Optional[torch.Tensor], kv_end: Optional[torch.Tensor],
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Validate shapes/dtypes/devices; return (kv_start, kv_end) as int32 (both set, or both None)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name: str = "k",
+              v_name: str = "v") -> tuple[int, int, int, int]:
+    """Shapes, dtypes and devices of q (B, Tq, Hq, D) against k, v (B, Tk, Hkv, D) (or a KV cache,
+    named ``k_name`` / ``v_name`` in the errors). Returns (B, Tq, Hq, D)."""
+    for name, t in (("q", q), (k_name, k), (v_name, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name}: expected 4 dims (B, T, H, D), got shape {tuple(t.shape)}")
     B, Tq, Hq, D = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        raise ValueError(f"{v_name}: expected the shape of {k_name} {tuple(k.shape)}, got {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k: expected shape ({B}, Tk, Hkv, {D}), got {tuple(k.shape)}")
+        raise ValueError(f"{k_name}: expected shape ({B}, T, Hkv, {D}), got {tuple(k.shape)}")
     Hkv = k.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"k: expected a number of KV heads dividing Hq={Hq}, got Hkv={Hkv}")
+        raise ValueError(f"{k_name}: expected a number of KV heads dividing Hq={Hq}, got Hkv={Hkv}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got {k.dtype} and {v.dtype}")
+        raise TypeError(f"{k_name}, {v_name}: expected the dtype of q ({q.dtype}), got {k.dtype} and {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"k, v: expected the device of q ({q.device}), got {k.device} and {v.device}")
+        raise ValueError(f"{k_name}, {v_name}: expected the device of q ({q.device}), got {k.device} and {v.device}")
     if D > 256:
         raise ValueError(f"q: expected head dim <= 256, got {D}")
+    return B, Tq, Hq, D
+
+
+def check_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_start: Optional[torch.Tensor], kv_end: Optional[torch.Tensor],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Validate shapes/dtypes/devices; return (kv_start, kv_end) as int32 (both set, or both None)."""
+    B = check_qkv(q, k, v)[0]
     kv_start = _check_range("kv_start", kv_start, B, q.device)
     kv_end = _check_range("kv_end", kv_end, B, q.device)
     if kv_start is None and kv_end is not None:

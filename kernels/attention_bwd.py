@@ -29,6 +29,7 @@ from .attention_fwd import (
     LOG2E,
     dot_precision,
     element_size,
+    load_kv_range,
     load_kv_tile,
     next_pow2,
     prune_configs,
@@ -124,12 +125,7 @@ def _bwd_dkdv_kernel(
     b = bh // Hkv
     hk = bh % Hkv
     b64 = b.to(tl.int64)
-    if HAS_KV_RANGE:
-        kv_lo = tl.maximum(tl.load(KV_START + b), 0)
-        kv_hi = tl.minimum(tl.load(KV_END + b), Tk)
-    else:
-        kv_lo = 0
-        kv_hi = Tk
+    kv_lo, kv_hi = load_kv_range(KV_START, KV_END, b, Tk, HAS_KV_RANGE)
     causal_shift = Tk - Tq
 
     n0 = pid_n * BLOCK_N
@@ -237,12 +233,7 @@ def _bwd_dq_kernel(
     h = bh % Hq
     hk = h // group
     b64 = b.to(tl.int64)
-    if HAS_KV_RANGE:
-        kv_lo = tl.maximum(tl.load(KV_START + b), 0)
-        kv_hi = tl.minimum(tl.load(KV_END + b), Tk)
-    else:
-        kv_lo = 0
-        kv_hi = Tk
+    kv_lo, kv_hi = load_kv_range(KV_START, KV_END, b, Tk, HAS_KV_RANGE)
     causal_shift = Tk - Tq
 
     m0 = start_m * BLOCK_M

@@ -39,6 +39,18 @@ def t_bucket(t: int) -> int:
 
 
 @triton.jit
+def load_kv_range(KV_START, KV_END, b, Tk, HAS_KV_RANGE: tl.constexpr):
+    """[kv_lo, kv_hi): the valid keys of sequence ``b`` (all Tk without per-sequence ranges), clamped to [0, Tk]."""
+    if HAS_KV_RANGE:
+        kv_lo = tl.maximum(tl.load(KV_START + b), 0)
+        kv_hi = tl.minimum(tl.load(KV_END + b), Tk)
+    else:
+        kv_lo = 0
+        kv_hi = Tk
+    return kv_lo, kv_hi
+
+
+@triton.jit
 def load_kv_tile(k_base, v_base, cols, offs_d, stride_kt, stride_vt, kv_ok, dmask,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
     """K and V rows ``cols`` (BLOCK_N,) of one head: (BLOCK_N, BLOCK_D) each, zero-padded past HEAD_DIM.
@@ -118,12 +130,7 @@ def _attn_fwd_kernel(
     hk = h // group  # GQA: query head h reads KV head h // (Hq / Hkv)
     b64 = b.to(tl.int64)
 
-    if HAS_KV_RANGE:
-        kv_lo = tl.maximum(tl.load(KV_START + b), 0)
-        kv_hi = tl.minimum(tl.load(KV_END + b), Tk)
-    else:
-        kv_lo = 0
-        kv_hi = Tk
+    kv_lo, kv_hi = load_kv_range(KV_START, KV_END, b, Tk, HAS_KV_RANGE)
     causal_shift = Tk - Tq  # bottom-right alignment: query i sits at key position i + Tk - Tq
 
     m0 = start_m * BLOCK_M

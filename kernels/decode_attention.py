@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import check_qkv
 from .attention_fwd import LOG2E, dot_precision, next_pow2
 from .reference.attention import decode_attention_reference
 
@@ -263,24 +264,7 @@ def decode_attention(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-dim tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    B, Tn, Hq, D = q.shape
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"v_cache: expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    if k_cache.shape[0] != B or k_cache.shape[3] != D:
-        raise ValueError(f"k_cache: expected shape ({B}, L, Hkv, {D}), got {tuple(k_cache.shape)}")
-    Hkv = k_cache.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"k_cache: expected a number of KV heads dividing Hq={Hq}, got {Hkv}")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"k_cache, v_cache: expected dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
-    if not (q.device == k_cache.device == v_cache.device):
-        raise ValueError(f"k_cache, v_cache: expected device {q.device}, got {k_cache.device}, {v_cache.device}")
-    if D > 256:
-        raise ValueError(f"q: expected head dim <= 256, got {D}")
+    B, Tn, Hq, D = check_qkv(q, k_cache, v_cache, "k_cache", "v_cache")
     cache_lens = _check_lens("cache_lens", cache_lens, B, q.device)
     if cache_lens is None:
         raise ValueError("cache_lens: expected a (B,) integer tensor, got None")
@@ -295,7 +279,7 @@ def decode_attention(
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"q: expected fp16/bf16/fp32 for the Triton backend, got {q.dtype}")
     if num_splits is None:
-        num_splits = default_num_splits(B, Hkv, k_cache.shape[1], q.device)
+        num_splits = default_num_splits(B, k_cache.shape[2], k_cache.shape[1], q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache, v_cache: expected unit stride on the head dim (copying a cache is never wanted)")
