@@ -5,7 +5,8 @@ FLOP counts (causal: half of the T x T score matrix is computed):
     backward = 5 matmuls (Q K^T recompute, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q) = 2.5 x forward
     forward + backward = 3.5 x forward
 Floor: the bf16 dense matmul ceiling of the card (764 TFLOP/s on an H100, ../shared/BASELINES.md).
-Run: python benchmarks/bench_attention.py [--no-flex]   (needs a CUDA device; exits with a message otherwise)
+Run: python benchmarks/bench_attention.py [--no-flex]   (needs a CUDA device; exits with a message otherwise;
+RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1 runs it on a tiny fp32 shape on the CPU, without FlexAttention)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import H100_BF16_TFLOPS, bench, peak_mem_mb, print_table, record  # noqa: E402
+from common import H100_BF16_TFLOPS, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels.attention import flash_attention  # noqa: E402
 
@@ -25,6 +26,7 @@ SHAPES = [  # (B, Hq, Hkv, T, D): Qwen2.5-0.5B-like, Llama-3-8B-like
     (8, 14, 2, 2048, 64),
     (2, 32, 8, 4096, 128),
 ]
+SMOKE_SHAPES = [(1, 4, 2, 40, 16)]
 
 
 def _flex():
@@ -48,7 +50,7 @@ def _flex():
 
 def _inputs(B, Hq, Hkv, T, D, dev):
     """(B, H, T, D) leaves for SDPA / flex and (B, T, H, D) leaves for ours, same values, bf16."""
-    dt = torch.bfloat16
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the interpreter's bf16 tl.dot is wrong
     qb = torch.randn(B, Hq, T, D, device=dev, dtype=dt, requires_grad=True)
     kb = torch.randn(B, Hkv, T, D, device=dev, dtype=dt, requires_grad=True)
     vb = torch.randn(B, Hkv, T, D, device=dev, dtype=dt, requires_grad=True)
@@ -84,12 +86,36 @@ def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool):
         "sdpa_default": (lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True),
                          (qb, kb, vb)),
         "sdpa_flash_fa2": (fa2, (qb, kb, vb)),
-        "ours": (lambda: flash_attention(qs, ks, vs, causal=True), (qs, ks, vs)),
+        "ours": (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
     }
+
+
+def _check(impls) -> str:
+    """Ours against default SDPA, forward and input gradients (a fast wrong kernel is not a result):
+    '' when they agree, else what disagrees (printed, and put in the name of our rows)."""
+    if "ours" not in impls or "sdpa_default" not in impls:
+        return ""
+    outs = {}
+    for name in ("sdpa_default", "ours"):
+        fn, leaves = impls[name]
+        o = fn()
+        grads = torch.autograd.grad(o, leaves, torch.ones_like(o) * 0.5)
+        if name == "sdpa_default":  # (B, H, T, D) -> ours' (B, T, H, D)
+            o, grads = o.transpose(1, 2), [g.transpose(1, 2) for g in grads]
+        outs[name] = [o.float(), *(g.float() for g in grads)]
+    bad = []
+    for what, a, b in zip(("o", "dq", "dk", "dv"), outs["ours"], outs["sdpa_default"]):
+        err = ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item()
+        if not err < 2e-2:  # NaN fails too
+            bad.append(f"{what} rel err {err:.2g}")
+    if bad:
+        print(f"WARNING: ours disagrees with SDPA: {', '.join(bad)}")
+    return ", ".join(bad)
 
 
 def _measure(impls, shape, fwd_flops) -> list[dict]:
     rows = []
+    reps = dict(warmup=1, rep=2) if smoke() else dict(warmup=5, rep=30)
     for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
         for name, (fn, leaves) in impls.items():
             if mode == "fwd":
@@ -104,7 +130,7 @@ def _measure(impls, shape, fwd_flops) -> list[dict]:
                         t.grad = None
                     fn().backward(do)
             try:
-                ms = bench(step, warmup=5, rep=30)  # the first calls also autotune ours
+                ms = bench(step, **reps)  # the first calls also autotune ours
                 mem = peak_mem_mb(step)
             except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
                 print(f"{name} {mode} failed: {e!r}")
@@ -117,20 +143,27 @@ def _measure(impls, shape, fwd_flops) -> list[dict]:
 def main(with_flex: bool = True, flex_deadline_s: float = 60.0) -> list[dict]:
     """Ours and SDPA on every shape first; FlexAttention (compiles for tens of seconds) only while the run is
     younger than ``flex_deadline_s``, so the whole script stays inside the runner's 120 s."""
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not smoke():
         print("bench_attention: needs a CUDA device (the Triton kernels only run on the interpreter here); skipped.")
         return []
-    dev = torch.device("cuda")
+    dev = torch.device(device())
+    with_flex = with_flex and dev.type == "cuda"
     t0 = time.perf_counter()
     rows = []
     for flex_pass in ((False, True) if with_flex else (False,)):
-        for B, Hq, Hkv, T, D in SHAPES:
+        for B, Hq, Hkv, T, D in SMOKE_SHAPES if smoke() else SHAPES:
             if flex_pass and time.perf_counter() - t0 > flex_deadline_s:
                 print("FlexAttention skipped: out of time")
                 break
             shape = f"B={B} Hq={Hq} Hkv={Hkv} T={T} D={D}"
             fwd_flops = 4 * B * Hq * T * T * D / 2
-            rows += _measure(_impls(B, Hq, Hkv, T, D, dev, flex_pass), shape, fwd_flops)
+            impls = _impls(B, Hq, Hkv, T, D, dev, flex_pass)
+            bad = _check(impls)
+            new = _measure(impls, shape, fwd_flops)
+            for r in new:
+                if bad and r["impl"] == "ours":
+                    r["impl"] = f"ours (MISMATCH vs SDPA: {bad})"
+            rows += new
             if not flex_pass:
                 for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
                     rows.append({"op": f"attention_{mode}", "shape": shape, "impl": "floor",
@@ -147,7 +180,7 @@ def main(with_flex: bool = True, flex_deadline_s: float = 60.0) -> list[dict]:
     print(f"floor: {H100_BF16_TFLOPS:.0f} TFLOP/s (bf16 matmul ceiling, H100). vs_baseline = speedup over default "
           "SDPA (>1 is faster); targets: ours >= 0.9x default SDPA and >= 1.3x FA2.")
     for r in rows:
-        if r["impl"] == "ours":
+        if r["impl"].startswith("ours"):
             print(f"ours {r['op']:<18} {r['shape']:<32} {r['value']:7.1f} TFLOP/s  "
                   f"x{r['vs_baseline']:.2f} vs SDPA default  x{r['vs_fa2']:.2f} vs FA2")
     record(rows)

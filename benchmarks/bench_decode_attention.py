@@ -4,7 +4,8 @@ Bytes: the kernel must read the whole K and V cache once: 2 * B * L * Hkv * D * 
 (B=64, L=2048, Hkv=2, D=64: 67.1 MB -> 22.4 us at the 3.0 TB/s copy ceiling of an H100); q and o are negligible.
 Reported: microseconds per call and TB/s of KV read, eager and replayed from a CUDA graph (launch overhead removed;
 that is how a decode step runs in the generation engine).
-Run: python benchmarks/bench_decode_attention.py   (needs a CUDA device; exits with a message otherwise)
+Run: python benchmarks/bench_decode_attention.py   (needs a CUDA device; exits with a message otherwise;
+RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1 runs it on a tiny fp32 shape on the CPU, without the CUDA graph)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import H100_COPY_TBPS, bench, peak_mem_mb, print_table, record  # noqa: E402
+from common import H100_COPY_TBPS, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels.decode_attention import decode_attention, default_num_splits  # noqa: E402
 
@@ -23,6 +24,7 @@ SHAPES = [  # (B, Hq, Hkv, L, D)
     (64, 14, 2, 2048, 64),
     (64, 32, 8, 2048, 128),
 ]
+SMOKE_SHAPES = [(2, 6, 2, 300, 16)]
 
 
 def _graphed(fn):
@@ -41,12 +43,14 @@ def _graphed(fn):
 
 
 def main() -> list[dict]:
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not smoke():
         print("bench_decode_attention: needs a CUDA device; skipped.")
         return []
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    dev = torch.device(device())
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the interpreter's bf16 tl.dot is wrong
+    reps = dict(warmup=1, rep=2) if smoke() else dict(warmup=10, rep=100)
     rows = []
-    for B, Hq, Hkv, L, D in SHAPES:
+    for B, Hq, Hkv, L, D in SMOKE_SHAPES if smoke() else SHAPES:
         shape = f"B={B} Hq={Hq} Hkv={Hkv} L={L} D={D} Tn=1"
         kv_bytes = 2 * B * L * Hkv * D * 2
         q = torch.randn(B, 1, Hq, D, device=dev, dtype=dt)
@@ -58,16 +62,26 @@ def main() -> list[dict]:
         vh = v.transpose(1, 2).contiguous()
         impls = {"sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True)}
         default = default_num_splits(B, Hkv, L, dev)
-        impls[f"ours (splits={default})"] = lambda: decode_attention(q, k, v, lens)  # default split heuristic
-        impls["ours_no_split (splits=1)"] = lambda: decode_attention(q, k, v, lens, num_splits=1)
+        impls[f"ours (splits={default})"] = lambda: decode_attention(q, k, v, lens, backend="triton")  # default splits
+        impls["ours_no_split (splits=1)"] = lambda: decode_attention(q, k, v, lens, num_splits=1, backend="triton")
+        with torch.no_grad():  # correctness first: every variant against SDPA
+            want = impls["sdpa"]().transpose(1, 2).float()
+            bad = {}
+            for name, fn in impls.items():
+                err = ((fn().float() - want).abs().max() / want.abs().max()).item() if name != "sdpa" else 0.0
+                if not err < 2e-2:  # NaN fails too
+                    bad[name] = f" (MISMATCH vs SDPA: rel err {err:.2g})"
+                    print(f"WARNING: {name}{bad[name]}")
         base = None
         for name, fn in impls.items():
             with torch.no_grad():
-                for mode, run in (("eager", fn), ("graph", _graphed(fn))):
-                    ms = bench(run, warmup=10, rep=100)
+                modes = (("eager", fn), ("graph", _graphed(fn))) if dev.type == "cuda" else (("eager", fn),)
+                for mode, run in modes:
+                    ms = bench(run, **reps)
                     if name == "sdpa" and mode == "eager":
                         base = ms
-                    rows.append({"op": "decode_attention", "shape": shape, "impl": f"{name} [{mode}]", "ms": ms,
+                    impl = f"{name} [{mode}]{bad.get(name, '')}"
+                    rows.append({"op": "decode_attention", "shape": shape, "impl": impl, "ms": ms,
                                  "metric": "TB/s", "value": kv_bytes / ms / 1e9, "unit": "TB/s",
                                  "peak_mb": peak_mem_mb(run), "us": ms * 1e3})
         floor_us = kv_bytes / (H100_COPY_TBPS * 1e12) * 1e6

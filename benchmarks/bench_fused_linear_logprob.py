@@ -5,7 +5,8 @@ Baselines (same run): eager ``h @ W.T`` → ``log_softmax(float)`` → ``gather`
 Work: 6·N·H·V FLOPs for fwd+bwd (2 forward, 4 backward) — our chunked path actually does 8·N·H·V
 (it recomputes the logits in the backward); TFLOP/s below is always against 6·N·H·V.
 Floor: 6·N·H·V at 764 TFLOP/s ≈ 8.8 ms on an H100.
-Run: ``python benchmarks/bench_fused_linear_logprob.py`` (needs a CUDA GPU; exits with a message otherwise).
+Run: ``python benchmarks/bench_fused_linear_logprob.py`` (needs a CUDA GPU; exits with a message otherwise;
+``RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1`` runs it on tiny shapes on the CPU).
 """
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import H100_BF16_TFLOPS, bench, peak_mem_mb, print_table, record  # noqa: E402
+from common import H100_BF16_TFLOPS, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels.fused_linear_logprob import fused_linear_logprobs  # noqa: E402
 
@@ -33,11 +34,14 @@ def _liger():
 
 
 def main(N: int = 8192, H: int = 896, V: int = 151936) -> list[dict]:
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not smoke():
         print("bench_fused_linear_logprob: needs a CUDA GPU; skipping.")
         return []
+    if smoke():
+        N, H, V = 40, 32, 1000
     torch.manual_seed(0)
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = device(), torch.bfloat16
+    reps = dict(warmup=1, rep=2) if smoke() else dict(warmup=2, rep=10)
     h = torch.randn(N, H, device=dev, dtype=dt).requires_grad_()
     w = (torch.randn(V, H, device=dev) * H**-0.5).to(dt).requires_grad_()
     targets = torch.randint(0, V, (N,), device=dev)
@@ -48,11 +52,12 @@ def main(N: int = 8192, H: int = 896, V: int = 151936) -> list[dict]:
 
     def add(op, impl, fn, flops, base_ms=None):
         try:
-            ms = bench(fn, warmup=2, rep=10)
+            ms = bench(fn, **reps)
             peak = peak_mem_mb(fn)
         except Exception as e:  # noqa: BLE001 - a failing baseline (e.g. Liger version) must not stop the run
             print(f"{impl}: failed: {type(e).__name__}: {e}")
             return None
+        impl += tag if impl.startswith("ours") else ""
         rows.append({"op": op, "shape": shape, "impl": impl, "ms": ms, "metric": "throughput",
                      "value": flops / ms / 1e9, "unit": "TFLOP/s", "peak_mb": peak,
                      "vs_baseline": (base_ms / ms) if base_ms else 1.0})
@@ -71,9 +76,18 @@ def main(N: int = 8192, H: int = 896, V: int = 151936) -> list[dict]:
                 return f(h, w, targets)
         return run
 
-    ours = lambda hh, ww, t, **kw: fused_linear_logprobs(hh, ww, t, **kw)  # noqa: E731
+    ours = lambda hh, ww, t, **kw: fused_linear_logprobs(hh, ww, t, backend="triton", **kw)  # noqa: E731
+    # correctness first: the log-probs and both gradients against eager autograd (bf16 matmuls on both sides)
+    got, want = fwd_bwd(ours)(), fwd_bwd(_eager)()
+    with torch.no_grad():
+        lp_err = (ours(h, w, targets) - _eager(h, w, targets)).abs().max().item()
+    g_err = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(got, want))
+    tag = "" if lp_err < 5e-2 and g_err < 5e-2 else f" MISMATCH vs eager: logp {lp_err:.2g}, grads (rel) {g_err:.2g}"
+    if tag:
+        print(f"WARNING:{tag}")
+    del got, want
     base = add("lm_head+logprob fwd+bwd", "eager matmul+log_softmax+gather", fwd_bwd(_eager), flops_fb)
-    liger = _liger()
+    liger = _liger() if dev == "cuda" else None
     if liger is not None:
         add("lm_head+logprob fwd+bwd", "Liger FLCE reduction=none", fwd_bwd(liger), flops_fb, base)
     else:

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
 
     import torch
+    if os.environ.get("RLHF_BENCH_SMOKE", "") == "1":  # run_all.py --smoke (common.smoke(); triton not yet imported)
+        args.cpu_tiny = True
     if not torch.cuda.is_available():
         if not args.cpu_tiny:
             print("bench_gae: CUDA is not available; nothing to measure (use --cpu-tiny for an interpreter smoke run)")
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = f"B={B},T={T},fp32"
     nbytes = B * T * (4 + 4 + 1 + 4 + 4)
     rep_loop = 5 if device == "cpu" else 20
+    w_ours, rep_ours = (1, 3) if device == "cpu" else (10, 100)  # the interpreter: ~0.1 s per call
 
     impls = {
         "python loop (gae_reference)": lambda: gae_reference(r, v, mask, gamma=0.99, lam=0.95, last_value=lv),
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with torch.no_grad():
         for name, fn in impls.items():
             is_loop = name.startswith("python")
-            ms = bench(fn, warmup=1 if is_loop else 10, rep=rep_loop if is_loop else 100)
+            ms = bench(fn, warmup=1 if is_loop else w_ours, rep=rep_loop if is_loop else rep_ours)
             base_ms = ms if is_loop else base_ms
             rows.append(row("gae", name, ms, nbytes, base_ms, peak_mem_mb(fn)))
     floor_ms = max(nbytes / (H100_COPY_TBPS * 1e12) * 1e3, 0.005)
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base_ms = None
     for name, fn in fb.items():
         is_loop = name.startswith("python")
-        ms = bench(fn, warmup=1 if is_loop else 10, rep=max(3, rep_loop // 4) if is_loop else 100)
+        ms = bench(fn, warmup=1 if is_loop else w_ours, rep=max(3, rep_loop // 4) if is_loop else rep_ours)
         base_ms = ms if is_loop else base_ms
         rows.append(row("gae fwd+bwd", name, ms, 2 * nbytes, base_ms, peak_mem_mb(fn)))
     floor_ms = max(2 * nbytes / (H100_COPY_TBPS * 1e12) * 1e3, 0.010)

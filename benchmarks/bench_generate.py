@@ -12,6 +12,7 @@ reused across calls, as a training loop would); ms/step = (total - prefill) / N.
 
     python benchmarks/bench_generate.py              # GPU: both shapes
     python benchmarks/bench_generate.py --cpu        # CPU: SmolLM2-135M (real weights if installed), B=4, 16 new
+    RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1 python benchmarks/bench_generate.py   # tiny model on the CPU (smoke)
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import H100_COPY_TBPS, print_table, record  # noqa: E402
+from common import H100_COPY_TBPS, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.generation import DecodeGraphCache, KVCache, generate  # noqa: E402
 from rlhf_engine.generation.cache import kv_bytes_per_token  # noqa: E402
@@ -137,7 +138,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--new-tokens", type=int, default=None)
     args = ap.parse_args(argv if argv is not None else [])
     rows: list[dict] = []
-    if args.cpu:
+    if smoke() and not torch.cuda.is_available():  # the script's path on a tiny model; no CUDA graph on a CPU
+        variants = {"ours (triton, eager)": {"attn_backend": "triton", "use_cuda_graph": False},
+                    "ours (sdpa, eager)": {"attn_backend": "torch", "use_cuda_graph": False}}
+        rows += run_case("tiny-qwen2", 2, 8, 4, torch.device("cpu"), torch.float32, variants=variants)
+    elif args.cpu:
         real = None
         try:
             from rlhf_engine.model.loading import smollm2_135m_instruct
@@ -152,7 +157,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     else:
         wanted = args.cases.split(",")
-        for name, B, P, N in GPU_CASES:
+        cases = [("tiny-qwen2", 4, 16, 8)] if smoke() else GPU_CASES
+        wanted += ["tiny-qwen2"] if smoke() else []
+        for name, B, P, N in cases:
             if name in wanted:
                 variants = {"ours (triton, cuda graph)": {},
                             "ours (triton, cuda graph reused across calls)": {"graph_cache": DecodeGraphCache()},

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import H100_COPY_TBPS, bench, print_table, record  # noqa: E402
+from common import H100_COPY_TBPS, bench, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.algo import gae_reference, ppo_loss_reference  # noqa: E402
 from rlhf_engine.kernels import native  # noqa: E402
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads on the CPU (default: torch's)")
     p.add_argument("--rep", type=int, default=20)
     args = p.parse_args(argv)
+    if smoke():
+        args.rep = 2
     if not native.available():
         print("rlhf_engine._C is not built: run `pip install -e . --no-build-isolation`; nothing to benchmark")
         return []

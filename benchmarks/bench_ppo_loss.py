@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
 
     import torch
+    if os.environ.get("RLHF_BENCH_SMOKE", "") == "1":  # run_all.py --smoke (common.smoke(); triton not yet imported)
+        args.cpu_tiny = True
     if not torch.cuda.is_available():
         if not args.cpu_tiny:
             print("bench_ppo_loss: CUDA is not available; nothing to measure (use --cpu-tiny for an interpreter "

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, record  # noqa: E402
+from common import print_table, record, smoke as smoke_env  # noqa: E402
 
 PHASES = ("generate", "score", "advantage", "train")
 
@@ -284,8 +284,10 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def main(smoke: bool = False, steps: int = 1, device: str | None = None, baseline: bool = True) -> list[dict]:
-    """Measure the baseline step, then ours; returns the rows (recorded to the results CSV unless smoke)."""
+def main(smoke: bool | None = None, steps: int = 1, device: str | None = None, baseline: bool = True) -> list[dict]:
+    """Measure the baseline step, then ours; returns the rows (recorded to the results CSV unless smoke).
+    smoke: None -> ``RLHF_BENCH_SMOKE=1`` (``run_all.py --smoke``)."""
+    smoke = smoke_env() if smoke is None else smoke
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() and not smoke else "cpu"))
     if dev.type != "cuda" and not smoke:
         print("bench_ppo_step: needs a CUDA GPU (use --smoke for a tiny CPU run of the script); skipping.")

@@ -21,6 +21,19 @@ H100_BF16_TFLOPS = 764.0
 H100_COPY_TBPS = 3.0
 
 
+def smoke() -> bool:
+    """True under ``RLHF_BENCH_SMOKE=1`` (``run_all.py --smoke``): each script runs its whole code path on tiny
+    shapes, on the CPU under ``TRITON_INTERPRET=1`` when there is no GPU, so that a script that would crash is
+    found before GPU time is spent on it. Its numbers mean nothing: :func:`record` writes them only to an
+    explicit ``$OUT`` (never to ``benchmarks/results.csv``)."""
+    return os.environ.get("RLHF_BENCH_SMOKE", "") == "1"
+
+
+def device() -> str:
+    """'cuda' when a GPU is there, else 'cpu' (only meaningful in a smoke run)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def commit() -> str:
     """The git commit; on a machine with a copy of the tree but no .git, set RLHF_ENGINE_COMMIT."""
     if os.environ.get("RLHF_ENGINE_COMMIT"):
@@ -86,7 +99,7 @@ def results_path() -> Path:
 
 def record(rows: list[dict]) -> None:
     """Append result rows (dicts with op, impl, shape, ms, ... ) to the CSV with the environment."""
-    if not rows:
+    if not rows or (smoke() and not os.environ.get("OUT")):
         return
     info = env_info()
     path = results_path()

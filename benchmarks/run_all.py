@@ -11,6 +11,12 @@ crashes, times out or returns nothing is reported in the summary and the run goe
     python benchmarks/run_all.py --budget 240             # stop starting scripts after 240 s in all
     python benchmarks/run_all.py --only logprob ppo_step  # substrings of script names
     python benchmarks/run_all.py --summary summary.md     # also write the summary as markdown
+    python benchmarks/run_all.py --smoke --out /tmp/smoke  # every script on tiny shapes (the CPU: interpreter)
+
+``--smoke`` (``RLHF_BENCH_SMOKE=1`` for the scripts, ``TRITON_INTERPRET=1`` without a GPU) runs each script's
+whole code path, its correctness check against the baseline included, on tiny shapes, so that a script that
+would crash is found on the CPU before GPU time is spent on it (``tests/test_benchmarks.py``). Its numbers
+mean nothing and are recorded only to an explicit ``--out``.
 
 Row conventions the summary relies on (see benchmarks/README.md): ``impl`` starting with "ours" is
 our implementation, with "floor" the physical floor; other rows are baselines; ``vs_baseline`` is
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--only", nargs="*", default=None, help="substrings of script names to run")
     p.add_argument("--summary", default=None, help="also write the summary as markdown to this file")
     p.add_argument("--out", default=None, help="results folder (sets $OUT; default: $OUT or benchmarks/)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; without a GPU, the Triton interpreter")
     p.add_argument("--child", nargs=2, metavar=("SCRIPT", "ROWS_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -311,13 +318,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.out:
         os.environ["OUT"] = str(Path(args.out).resolve())
         Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.smoke:  # inherited by every child (set before anything imports triton)
+        os.environ["RLHF_BENCH_SMOKE"] = "1"
 
     sys.path.insert(0, str(HERE))
     from common import env_info  # imports torch: once here, for the header
 
     env = env_info()
+    if args.smoke and env["device"] == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
     print(f"run_all: {env}", flush=True)
-    if env["device"] == "cpu":
+    if env["device"] == "cpu" and not args.smoke:
         print("run_all: no CUDA device: the scripts will report that they have nothing to measure.", flush=True)
     scripts = discover(args.only)
     if args.only and not scripts:

@@ -1,0 +1,107 @@
+"""The benchmark scripts: every one runs end to end on tiny shapes (``run_all.py --smoke``), and the
+runner's target verdicts are right.
+
+GPU time is scarce (one short session, when one is lent at all): a benchmark that crashes on a typo,
+a wrong keyword or a CPU/GPU mix-up would cost that session its numbers. The smoke run executes each
+script's whole path here, its correctness check against the baseline included, on the CPU under the
+Triton interpreter. Only the CUDA-graph and FlexAttention branches are left for the GPU.
+"""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import run_all  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_smoke")
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "RLHF_BENCH_SMOKE")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke", "--out", str(out),
+                           "--summary", str(out / "summary.md"), "--timeout", "240"],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    return proc, out
+
+
+def test_every_benchmark_runs_in_smoke_mode(smoke_run):
+    proc, out = smoke_run
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    scripts = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
+    summary = (out / "summary.md").read_text()
+    for name in scripts:
+        line = next((s for s in summary.splitlines() if s.startswith(f"- {name}: ")), None)
+        assert line is not None, f"{name} missing from the summary:\n{summary}"
+        assert line.startswith(f"- {name}: ok ("), f"{name} did not run cleanly: {line}\n{log[-5000:]}"
+    assert "MISMATCH" not in log, "a benchmark's correctness check failed:\n" + log[-5000:]
+    assert "Traceback" not in log, log[-5000:]
+
+
+def test_smoke_rows_reach_the_csv(smoke_run):
+    _, out = smoke_run
+    with (out / "results.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    ops = {r["op"] for r in rows}
+    for op in ("logprob fwd", "lm_head+logprob fwd+bwd", "attention_fwd+bwd", "decode_attention", "generate",
+               "ppo step"):
+        assert op in ops, f"no {op!r} rows in results.csv (ops: {sorted(ops)})"
+    for r in rows:
+        ms = float(r["ms"])
+        assert ms == ms and ms > 0, f"bad ms in {r}"
+
+
+def test_smoke_does_not_touch_the_committed_csv(tmp_path, monkeypatch):
+    """Without an explicit $OUT a smoke run records nothing (benchmarks/results.csv holds GPU numbers only)."""
+    import common
+
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setenv("RLHF_BENCH_SMOKE", "1")
+    before = common.results_path().read_bytes() if common.results_path().exists() else None
+    common.record([{"op": "x", "impl": "ours", "ms": 1.0}])
+    after = common.results_path().read_bytes() if common.results_path().exists() else None
+    assert before == after
+
+
+def _row(op, impl, ms, **kw):
+    return {"op": op, "shape": "s", "impl": impl, "ms": ms, **kw}
+
+
+@pytest.mark.parametrize("ours_ms, met", [(0.08, "yes"), (0.2, "NO")])
+def test_target_ppo_loss(ours_ms, met):
+    group = [_row("ppo_loss fwd+bwd", "eager PyTorch", 1.87, vs_baseline=1.0),
+             _row("ppo_loss fwd+bwd", "ours triton", ours_ms, vs_baseline=1.87 / ours_ms)]
+    assert run_all.target(group[1], group) == (">=20x eager", met)
+
+
+def test_target_attention_needs_both_baselines():
+    group = [_row("attention_fwd", "sdpa_default", 1.0), _row("attention_fwd", "sdpa_flash_fa2", 1.5),
+             _row("attention_fwd", "ours", 1.1)]
+    assert run_all.target(group[2], group)[1] == "yes"          # 1.36x FA2, 0.91x SDPA
+    group[2]["ms"] = 1.2                                        # 1.25x FA2: misses
+    assert run_all.target(group[2], group)[1] == "NO"
+    group[2]["ms"] = 1.1
+    assert run_all.target(group[2], group[1:])[1] == "?"        # no default SDPA row: cannot judge
+
+
+def test_target_logprob_uses_the_floor():
+    group = [_row("logprob fwd", "eager", 16.0), _row("logprob fwd", "ours (triton)", 2.0, vs_baseline=8.0,
+                                                      floor_ms=1.66)]
+    assert run_all.target(group[1], group)[1] == "yes"
+    group[1].update(ms=2.6, vs_baseline=16.0 / 2.6)             # > 1.5x the floor
+    assert run_all.target(group[1], group)[1] == "NO"
+
+
+def test_summary_marks_cpu_runs_not_judged():
+    res = [{"script": "bench_gae", "status": "ok", "seconds": 1.0,
+            "rows": [_row("gae", "python loop", 80.0, vs_baseline=1.0), _row("gae", "ours", 0.05, vs_baseline=1600.0)]}]
+    lines, status = run_all.summarize(res, on_gpu=False)
+    assert lines[1][-1] == "n/a (CPU)" and status == ["bench_gae: ok (2 rows, 1.0 s)"]
+    lines, _ = run_all.summarize(res, on_gpu=True)
+    assert lines[1][-1] == "yes"
