@@ -24,13 +24,15 @@ def _eager(h, w, targets):
     return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
 
 
-def _liger():
+def _liger(reduction: str):
+    """Liger's fused linear cross-entropy as a log-prob function (per token for "none"; the summed
+    log-prob, a scalar, for "sum", the variant BASELINES.md found fastest), or None without liger_kernel."""
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
+    except ImportError:  # on the GPU machine: bash benchmarks/fetch_baselines.sh, carry benchmarks/.vendor
         return None
-    loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="none")
-    return lambda h, w, targets: -loss_fn(w, h, targets)                 # logp = −CE per token
+    loss_fn = LigerFusedLinearCrossEntropyLoss(reduction=reduction)
+    return lambda h, w, targets: -loss_fn(w, h, targets)                 # logp = −CE
 
 
 def main(N: int = 8192, H: int = 896, V: int = 151936) -> list[dict]:
@@ -87,11 +89,12 @@ def main(N: int = 8192, H: int = 896, V: int = 151936) -> list[dict]:
         print(f"WARNING:{tag}")
     del got, want
     base = add("lm_head+logprob fwd+bwd", "eager matmul+log_softmax+gather", fwd_bwd(_eager), flops_fb)
-    liger = _liger() if dev == "cuda" else None
-    if liger is not None:
-        add("lm_head+logprob fwd+bwd", "Liger FLCE reduction=none", fwd_bwd(liger), flops_fb, base)
-    else:
-        print("liger_kernel not importable: Liger baseline skipped")
+    for reduction in ("none", "sum"):
+        liger = _liger(reduction)
+        if liger is None:
+            print("liger_kernel not importable (bash benchmarks/fetch_baselines.sh): Liger baseline skipped")
+            break
+        add("lm_head+logprob fwd+bwd", f"Liger FLCE reduction={reduction}", fwd_bwd(liger), flops_fb, base)
     add("lm_head+logprob fwd+bwd", "ours (chunked, default chunk)", fwd_bwd(ours), flops_fb, base)
     for cs in (2**25, 2**26, 2**28):
         add("lm_head+logprob fwd+bwd", f"ours (chunk_size=2^{cs.bit_length() - 1})",

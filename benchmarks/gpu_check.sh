@@ -21,6 +21,8 @@
 # GPU_CHECK_SKIP (any of "build tests ktests bench"),
 # GPU_CHECK_BENCH (substrings of the benchmarks to run, e.g. "logprob ppo_step"),
 # RLHF_ENGINE_CUDA_ARCHS (default 90a: Hopper only, to save build time), PYTHON (default python).
+# Baselines the machine lacks (Liger-Kernel): `bash benchmarks/fetch_baselines.sh` here first, then carry
+# benchmarks/.vendor with the run; it is put on PYTHONPATH.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
@@ -50,6 +52,8 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 export RLHF_ENGINE_CUDA_ARCHS=${RLHF_ENGINE_CUDA_ARCHS:-90a}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET  # real kernels on the GPU (tests/conftest.py sets it only without CUDA)
+# Pure-Python baselines (Liger-Kernel) unpacked by benchmarks/fetch_baselines.sh and carried here.
+if [ -d "$ROOT/benchmarks/.vendor" ]; then export PYTHONPATH="$ROOT/benchmarks/.vendor${PYTHONPATH:+:$PYTHONPATH}"; fi
 TMPD=$(mktemp -d)
 T0=$(date +%s)
 

