@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from common import H100_COPY_TBPS, bench, peak_mem_mb, print_table, record
 
     from rlhf_engine.algo import ppo_loss_reference
-    from rlhf_engine.kernels.ppo_loss import ppo_loss_triton
+    from rlhf_engine.kernels.ppo_loss import ppo_loss_triton, ppo_loss_with_grads
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     B, T = args.B, args.T
@@ -75,8 +75,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             return torch.autograd.grad(loss, (logp, values))
         return run
 
+    def fused():  # loss + gradients, two launches, no autograd node: the gradients are the output
+        _, _, g = ppo_loss_with_grads(logp, t["old_logp"], t["advantages"], t["mask"], values=values,
+                                      old_values=t["old_values"], returns=t["returns"], ref_logp=t["ref_logp"], **KW)
+        return g["logp"], g["values"]
+
     impls = {"eager PyTorch (ppo_loss_reference)": fwd_bwd(ppo_loss_reference),
-             "ours triton (ppo_loss_triton)": fwd_bwd(ppo_loss_triton)}
+             "ours triton (ppo_loss_triton)": fwd_bwd(ppo_loss_triton),
+             "ours triton, loss + grads in 2 launches (ppo_loss_with_grads)": fused}
     try:
         from rlhf_engine.kernels import native
 
@@ -87,10 +93,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     # correctness first: the fused gradients must match eager autograd
     ref = impls["eager PyTorch (ppo_loss_reference)"]()
-    ours = impls["ours triton (ppo_loss_triton)"]()
-    for a, b, name in zip(ours, ref, ("d logp", "d values")):
-        err = ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
-        assert err < 1e-4, f"triton PPO loss {name} disagrees with eager: relative err {err}"
+    for name in list(impls)[1:]:
+        for a, b, what in zip(impls[name](), ref, ("d logp", "d values")):
+            err = ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+            assert err < 1e-4, f"{name}: {what} disagrees with eager: relative err {err}"
 
     rows = []
     base_ms = None

@@ -29,7 +29,7 @@ ROOT=$PWD
 
 fingerprint() {
   # sha1 over the sources (what the device copy holds), comparable with a local checkout's.
-  find csrc kernels rlhf_engine benchmarks tests CMakeLists.txt setup.py pyproject.toml -type f \
+  find csrc kernels rlhf_engine benchmarks tests CMakeLists.txt setup.py pyproject.toml -type f ! -path '*/.vendor/*' \
     \( -name '*.py' -o -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.h' -o -name '*.txt' \
        -o -name '*.toml' -o -name '*.yaml' -o -name '*.sh' \) ! -path '*/__pycache__/*' 2>/dev/null \
     | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -c1-12

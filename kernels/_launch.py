@@ -1,10 +1,23 @@
-"""Launch geometry shared by the row-wise RL kernels (GAE, PPO loss)."""
+"""Launch geometry shared by the kernels' host code.
+
+``cdiv`` and ``next_pow2`` are plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are
+``ConstexprFunction`` objects whose call costs ~3 us on the host, several times per launch, and the
+small RL ops (GAE, PPO loss) are bound by exactly that host time.
+"""
 from __future__ import annotations
 
 import functools
 from typing import Optional
 
-import triton
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative ints."""
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=256)
@@ -13,10 +26,10 @@ def row_launch_config(B: int, T: int, block_t: Optional[int], max_block_t: int) 
     chunks of up to ``max_block_t`` tokens, short rows packed several per program (up to 2048
     tokens a program), and more warps for bigger tiles."""
     if block_t is None:
-        block_t = min(max_block_t, triton.next_power_of_2(max(T, 16)))
+        block_t = min(max_block_t, next_pow2(max(T, 16)))
     if block_t < 2 or block_t & (block_t - 1):
         raise ValueError(f"block_t: expected a power of two >= 2, got {block_t}")
-    rows = max(1, min(triton.next_power_of_2(max(B, 1)), 2048 // block_t))
+    rows = max(1, min(next_pow2(max(B, 1)), 2048 // block_t))
     size = rows * block_t
     num_warps = 8 if size >= 2048 else 4 if size >= 512 else 2
     return rows, block_t, num_warps

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv
 from .attention_fwd import (
     INTERPRETER_BLOCK_M,
     INTERPRETER_BLOCK_N,
@@ -343,7 +344,7 @@ def attention_backward(
     delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     BLOCK_D = max(16, next_pow2(D))
     pre_bm = 64
-    _bwd_preprocess_kernel[(triton.cdiv(Tq, pre_bm), B * Hq)](
+    _bwd_preprocess_kernel[(cdiv(Tq, pre_bm), B * Hq)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm)
 
@@ -363,13 +364,13 @@ def attention_backward(
     dq_args = (q, k, v, do, lse, delta, dq, ks, ke, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
                Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)
     if q.is_cuda and block_m is None and block_n is None:
-        _bwd_dkdv_kernel_tuned[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta)
-        _bwd_dq_kernel_tuned[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)](*dq_args, **meta)
+        _bwd_dkdv_kernel_tuned[lambda META: (cdiv(Tk, META["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta)
+        _bwd_dq_kernel_tuned[lambda META: (cdiv(Tq, META["BLOCK_M"]), B * Hq)](*dq_args, **meta)
     else:
         bm = block_m or INTERPRETER_BLOCK_M
         bn = block_n or INTERPRETER_BLOCK_N
-        _bwd_dkdv_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
+        _bwd_dkdv_kernel[(cdiv(Tk, bn), B * Hkv)](
             *dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
-        _bwd_dq_kernel[(triton.cdiv(Tq, bm), B * Hq)](
+        _bwd_dq_kernel[(cdiv(Tq, bm), B * Hq)](
             *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
     return dq, dk, dv

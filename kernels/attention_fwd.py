@@ -21,11 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_pow2
+
 LOG2E = 1.4426950408889634  # log2(e) = 1 / ln 2
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -262,11 +260,11 @@ def attention_forward(
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), IS_CAUSAL=causal, HAS_KV_RANGE=has_range,
                 PRECISION=dot_precision(q.dtype))
     if q.is_cuda and block_m is None and block_n is None:
-        grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
+        grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
         _attn_fwd_kernel_tuned[grid](*args, **meta)
     else:
         bm = block_m or INTERPRETER_BLOCK_M
         bn = block_n or INTERPRETER_BLOCK_N
-        _attn_fwd_kernel[(triton.cdiv(Tq, bm), B * Hq)](
+        _attn_fwd_kernel[(cdiv(Tq, bm), B * Hq)](
             *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
     return o, lse

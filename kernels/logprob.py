@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import next_pow2
 from .reference.logprob import logprobs_reference
 
 _LOG2E = 1.4426950408889634  # 1 / ln 2: e^x = 2^(x · log2 e)
@@ -150,7 +151,7 @@ def _row_layout(x: torch.Tensor) -> tuple[int, int, int]:
 def _launch_config(V: int, block_v: Optional[int]) -> tuple[int, int]:
     """(BLOCK_V, num_warps): 4096-wide chunks (8 KB of bf16 per load round) over 8 warps by default."""
     if block_v is None:
-        block_v = min(4096, triton.next_power_of_2(max(V, 16)))
+        block_v = min(4096, next_pow2(max(V, 16)))
     num_warps = 8 if block_v >= 4096 else 4 if block_v >= 1024 else 2
     return block_v, num_warps
 

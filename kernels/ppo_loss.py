@@ -47,6 +47,13 @@ Layers: ``_ppo_loss_fwd_kernel`` + ``_ppo_loss_finalize_kernel`` -> ``ppo_loss_f
 ``ppo_loss_backward`` -> ``PPOLossFunction`` and the custom op ``rlhf_engine::ppo_loss`` -> ``ppo_loss_triton``
 (eager: the Function, which is cheaper to call than the custom op; under ``torch.compile``: the custom op;
 with nothing requiring grad: the launch function alone, without gradient buffers).
+
+``ppo_loss_with_grads`` returns the loss, the metrics and the final gradients with no autograd node, in two
+launches: kernel 1 as above, then ``_ppo_loss_finalize_grads_kernel``, whose every program reduces the
+(8, B) partials itself (same order, same N everywhere) and scales its slice of u by grad_scale / N, program
+0 also writing the loss and metrics. The loss is launch-bound (a few MB of traffic, ~3 us at HBM speed), so
+its cost is host overhead: one Python call and two launches, against the autograd path's Function, two
+launches, the engine and three elementwise ops.
 """
 from typing import NamedTuple, Optional
 
@@ -54,13 +61,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import row_launch_config
+from ._launch import cdiv, next_pow2, row_launch_config
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
 METRIC_KEYS = ("pg_loss", "clip_frac", "approx_kl", "vf_loss", "vf_clip_frac", "entropy", "kl")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _N_PART = 8  # per-row partials: count, pg, clipped, x^2/2, vf, vclipped, H, k
+_GRAD_BLOCK = 2048        # tokens per step of the gradient loop of _ppo_loss_finalize_grads_kernel
+_GRAD_MAX_PROGRAMS = 512  # its grid (each program re-reduces the (8, B) partials: bounded L2 traffic)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -196,18 +205,9 @@ def _ppo_loss_fwd_kernel(
 
 
 @triton.jit
-def _ppo_loss_finalize_kernel(
-    part_ptr,                       # (8, B) fp32 partials from the first kernel
-    loss_ptr, metrics_ptr,          # () and (7,) fp32 outputs
-    inv_n_ptr,                      # () fp32 output: 1 / N of the loss aggregation
-    ntok_ptr, nseq_ptr,             # 0-dim tensors (modes 2)
-    B,
-    ntok_value, nseq_value,         # Python numbers (modes 1)
-    t_max, vf_coef, ent_coef, kl_coef,
-    NTOK_MODE: tl.constexpr, NSEQ_MODE: tl.constexpr,   # 0: from the mask, 1: value, 2: tensor
-    AGG: tl.constexpr,              # index into AGG_MODES
-    BLOCK_B: tl.constexpr,
-):
+def _reduce_partials(part_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_max, vf_coef, ent_coef, kl_coef,
+                     NTOK_MODE: tl.constexpr, NSEQ_MODE: tl.constexpr, AGG: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(metrics (8,) with entry j + 1 = metric j, loss, N_agg) from the (8, B) partials, in a fixed order."""
     k = tl.arange(0, 8)                                            # partial index
     offs = tl.arange(0, BLOCK_B)
     acc = tl.zeros([8, BLOCK_B], dtype=tl.float32)
@@ -242,9 +242,62 @@ def _ppo_loss_finalize_kernel(
     vals = sums / tl.where(is_loss_term, n_agg, n_tok)
     coef = tl.where(k == 1, 1.0, tl.where(k == 4, vf_coef, tl.where(k == 6, -ent_coef, tl.where(k == 7, kl_coef, 0.0))))
     loss = tl.sum(coef * vals, axis=0)
+    return vals, loss, n_agg
+
+
+@triton.jit
+def _ppo_loss_finalize_kernel(
+    part_ptr,                       # (8, B) fp32 partials from the first kernel
+    loss_ptr, metrics_ptr,          # () and (7,) fp32 outputs
+    inv_n_ptr,                      # () fp32 output: 1 / N of the loss aggregation
+    ntok_ptr, nseq_ptr,             # 0-dim tensors (modes 2)
+    B,
+    ntok_value, nseq_value,         # Python numbers (modes 1)
+    t_max, vf_coef, ent_coef, kl_coef,
+    NTOK_MODE: tl.constexpr, NSEQ_MODE: tl.constexpr,   # 0: from the mask, 1: value, 2: tensor
+    AGG: tl.constexpr,              # index into AGG_MODES
+    BLOCK_B: tl.constexpr,
+):
+    vals, loss, n_agg = _reduce_partials(part_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_max, vf_coef,
+                                         ent_coef, kl_coef, NTOK_MODE, NSEQ_MODE, AGG, BLOCK_B)
+    k = tl.arange(0, 8)
     tl.store(metrics_ptr + k - 1, vals, mask=k >= 1)
     tl.store(loss_ptr, loss)
     tl.store(inv_n_ptr, 1.0 / n_agg)
+
+
+@triton.jit
+def _ppo_loss_finalize_grads_kernel(
+    part_ptr, loss_ptr, metrics_ptr, inv_n_ptr, ntok_ptr, nseq_ptr,   # as _ppo_loss_finalize_kernel
+    B, ntok_value, nseq_value, t_max, vf_coef, ent_coef, kl_coef,
+    u0_ptr, u1_ptr, u2_ptr,         # (n,) fp32 un-normalized gradients of logp, values, entropy (kernel 1)
+    g0_ptr, g1_ptr, g2_ptr,         # (n,) the gradients, each in its input's dtype (may alias u: in place)
+    n, grad_scale,
+    NTOK_MODE: tl.constexpr, NSEQ_MODE: tl.constexpr, AGG: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS1: tl.constexpr, HAS2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Every program reduces the (8, B) partials itself (a few KB from L2, the same order everywhere, so the
+    # same N in every program): the gradients d = u * grad_scale / N need no third launch. Program 0 writes
+    # the loss and the metrics. Grid-stride over the n tokens.
+    vals, loss, n_agg = _reduce_partials(part_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_max, vf_coef,
+                                         ent_coef, kl_coef, NTOK_MODE, NSEQ_MODE, AGG, BLOCK_B)
+    pid = tl.program_id(0)
+    k = tl.arange(0, 8)
+    tl.store(metrics_ptr + k - 1, vals, mask=(k >= 1) & (pid == 0))
+    tl.store(loss_ptr, loss, mask=pid == 0)
+    tl.store(inv_n_ptr, 1.0 / n_agg, mask=pid == 0)
+    scale = grad_scale / n_agg
+    for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < n
+        u = tl.load(u0_ptr + offs, mask=ok, other=0.0)
+        tl.store(g0_ptr + offs, (u * scale).to(g0_ptr.dtype.element_ty), mask=ok)
+        if HAS1:
+            u = tl.load(u1_ptr + offs, mask=ok, other=0.0)
+            tl.store(g1_ptr + offs, (u * scale).to(g1_ptr.dtype.element_ty), mask=ok)
+        if HAS2:
+            u = tl.load(u2_ptr + offs, mask=ok, other=0.0)
+            tl.store(g2_ptr + offs, (u * scale).to(g2_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- launch functions
@@ -284,7 +337,7 @@ def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
                      returns: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
                      entropy: Optional[torch.Tensor] = None, cfg: PPOLossConfig = PPOLossConfig(),
                      num_tokens=None, num_seqs=None, need_grads: tuple[bool, bool, bool] = (True, True, True),
-                     block_t: Optional[int] = None):
+                     block_t: Optional[int] = None, grad_scale: Optional[float] = None):
     """Launch the two forward kernels (no argument checks: see :func:`ppo_loss_triton`).
 
     Args:
@@ -293,10 +346,14 @@ def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
         cfg: the scalar hyperparameters. num_tokens, num_seqs: None, a number or a 0-dim tensor.
         need_grads: whether to write the gradients for (logp, values, entropy).
         block_t: tokens per chunk (power of two); default min(1024, next_pow2(T)).
+        grad_scale: None: the second launch only reduces (the autograd path scales in its backward). A number:
+            the second launch also turns u into the final gradients of ``grad_scale * loss``, in place for
+            fp32 inputs, else into new tensors of each input's dtype (:func:`ppo_loss_with_grads`).
     Returns:
         loss: () in logp.dtype; metrics: (7,) in logp.dtype (order :data:`METRIC_KEYS`, 0 for absent terms);
         u_logp, u_values, u_entropy: (B, T) fp32 gradients of the loss times N (shape (0,) when absent
         or not needed); inv_n: () fp32, 1 / N. The gradient of ``loss`` w.r.t. logp is u_logp * inv_n.
+        With ``grad_scale``: the three gradients are the final ones (each in its input's dtype).
     """
     B, T = logp.shape
     dev = logp.device
@@ -316,7 +373,7 @@ def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
         c = lambda x: x.contiguous() if x is not None else logp  # noqa: E731 - absent inputs: any valid pointer
         m = mask.contiguous()
         m = m.view(torch.uint8) if m.dtype == torch.bool else m
-        _ppo_loss_fwd_kernel[(triton.cdiv(B, ROWS),)](
+        _ppo_loss_fwd_kernel[(cdiv(B, ROWS),)](
             c(logp), c(old_logp), c(advantages), m, c(values), c(old_values), c(returns), c(ref_logp), c(entropy),
             u_logp if st_logp else part, u_v if st_v else part, u_ent if st_ent else part, part,
             B, T, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high,
@@ -327,13 +384,25 @@ def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
             STORE_DLOGP=st_logp, STORE_DV=st_v, STORE_DENT=st_ent,
             ROWS=ROWS, BLOCK_T=BLOCK_T, num_warps=num_warps,
         )
-    _ppo_loss_finalize_kernel[(1,)](
-        part, loss, metrics, inv_n, ntok_t if ntok_t is not None else part, nseq_t if nseq_t is not None else part,
-        B, ntok_val, nseq_val, float(T if cfg.max_len is None else cfg.max_len),
-        float(cfg.vf_coef), float(cfg.ent_coef), float(cfg.kl_coef),
-        NTOK_MODE=ntok_mode, NSEQ_MODE=nseq_mode, AGG=agg,
-        BLOCK_B=min(1024, triton.next_power_of_2(max(B, 16))), num_warps=4,
-    )
+    fin_args = (part, loss, metrics, inv_n, ntok_t if ntok_t is not None else part,
+                nseq_t if nseq_t is not None else part, B, ntok_val, nseq_val,
+                float(T if cfg.max_len is None else cfg.max_len), float(cfg.vf_coef), float(cfg.ent_coef),
+                float(cfg.kl_coef))
+    fin_meta = dict(NTOK_MODE=ntok_mode, NSEQ_MODE=nseq_mode, AGG=agg,
+                    BLOCK_B=min(1024, next_pow2(max(B, 16))), num_warps=4)
+    if grad_scale is None:
+        _ppo_loss_finalize_kernel[(1,)](*fin_args, **fin_meta)
+    else:
+        us = (u_logp, u_v, u_ent)
+        outs = tuple(u if u.numel() == 0 or x is None or x.dtype == torch.float32 else torch.empty_like(x)
+                     for u, x in zip(us, (logp, values, entropy)))
+        n = B * T if st_logp else 0
+        grid = (max(1, min(cdiv(n, _GRAD_BLOCK), _GRAD_MAX_PROGRAMS)),)
+        ptr = lambda x: x if x.numel() else part  # noqa: E731 - absent gradients: any valid pointer
+        _ppo_loss_finalize_grads_kernel[grid](
+            *fin_args, *map(ptr, us), *map(ptr, outs), n, float(grad_scale), **fin_meta, HAS1=st_v, HAS2=st_ent,
+            BLOCK=_GRAD_BLOCK)
+        u_logp, u_v, u_ent = outs
     if logp.dtype != torch.float32:  # rounded by torch (the interpreter truncates fp32 -> bf16 stores)
         loss, metrics = loss.to(logp.dtype), metrics.to(logp.dtype)
     return loss, metrics, u_logp, u_v, u_ent, inv_n
@@ -527,3 +596,62 @@ def ppo_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     if ref_logp is not None:
         out["kl"] = vals[6]
     return loss, out
+
+
+def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                        values: Optional[torch.Tensor] = None, old_values: Optional[torch.Tensor] = None,
+                        returns: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
+                        entropy: Optional[torch.Tensor] = None, clip_low: float = 0.2,
+                        clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
+                        value_clip: Optional[float] = 0.2, vf_coef: float = 0.5, ent_coef: float = 0.0,
+                        kl_coef: float = 0.0, kl_kind: str = "k3", agg: str = "token-mean", num_tokens=None,
+                        num_seqs=None, max_len: Optional[int] = None, grad_scale: float = 1.0,
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The PPO objective AND its gradients, in two launches and no autograd graph.
+
+    Same arguments, semantics and metrics as :func:`ppo_loss_triton`, but nothing is differentiated through:
+    the first launch computes per-token gradients and per-row partial sums, the second reduces the partials
+    (loss, metrics, the global normalizer N, all on the device) and scales the gradients by ``grad_scale / N``.
+    The backward pass of the PPO loss is then no separate step; hand the gradients to the model's graph::
+
+        loss, metrics, grads = ppo_loss_with_grads(logp.detach(), old_logp, adv, mask, values=v.detach(), ...)
+        torch.autograd.backward([logp, v], [grads["logp"], grads["values"]])
+
+    (the same parameter gradients as ``(grad_scale * ppo_loss_triton(logp, ...)[0]).backward()``). This is
+    the cheapest call of the loss: one Python function, two kernel launches, one or two allocations.
+
+    Args:
+        as :func:`ppo_loss_triton`; ``logp``, ``values`` and ``entropy`` need not require grad.
+        grad_scale: the gradients are those of ``grad_scale * loss`` (e.g. 1 / accumulation steps).
+    Returns:
+        loss: () in logp.dtype (detached); metrics: as :func:`ppo_loss_triton`;
+        grads: {"logp": (B, T), plus "values" when values is given, "entropy" when entropy is given},
+        each in its input's dtype (fp32 inputs: written into the kernel's own buffers, no extra copy).
+    """
+    cfg = PPOLossConfig(float(clip_low), float(clip_low if clip_high is None else clip_high),
+                        None if dual_clip is None else float(dual_clip),
+                        None if value_clip is None else float(value_clip), float(vf_coef), float(ent_coef),
+                        float(kl_coef), kl_kind, agg, None if max_len is None else int(max_len))
+    tensors = dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, values=values,
+                   old_values=old_values, returns=returns, ref_logp=ref_logp, entropy=entropy)
+    _check_args(tensors, cfg)
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or grad_scale != grad_scale:
+        raise TypeError(f"grad_scale: expected a finite Python number, got {grad_scale!r}")
+    with torch.no_grad():
+        loss, metrics, g_logp, g_v, g_ent, _ = ppo_loss_forward(
+            logp.detach(), old_logp, advantages, mask, values=None if values is None else values.detach(),
+            old_values=old_values, returns=returns, ref_logp=ref_logp,
+            entropy=None if entropy is None else entropy.detach(), cfg=cfg, num_tokens=num_tokens,
+            num_seqs=num_seqs, need_grads=(True, True, True), grad_scale=float(grad_scale))
+    vals = metrics.unbind()
+    out = {"pg_loss": vals[0], "clip_frac": vals[1], "approx_kl": vals[2]}
+    grads = {"logp": g_logp}
+    if values is not None:
+        out["vf_loss"], out["vf_clip_frac"] = vals[3], vals[4]
+        grads["values"] = g_v
+    if entropy is not None:
+        out["entropy"] = vals[5]
+        grads["entropy"] = g_ent
+    if ref_logp is not None:
+        out["kl"] = vals[6]
+    return loss, out, grads

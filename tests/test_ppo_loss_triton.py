@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf_engine.algo import ppo_loss, ppo_loss_reference
-from rlhf_engine.kernels.ppo_loss import _ppo_loss_op, ppo_loss_forward, ppo_loss_triton
+from rlhf_engine.kernels.ppo_loss import _ppo_loss_op, ppo_loss_forward, ppo_loss_triton, ppo_loss_with_grads
 
 FRACTIONS = ("clip_frac", "vf_clip_frac")  # counts of comparisons: checked against the fp32 reference
 GRAD_SCALE = 3.7
@@ -252,3 +252,77 @@ def test_empty_shapes(B, T, device):
     loss, metrics = ppo_loss_triton(x, z, z, m, values=x, old_values=z, returns=z)
     loss.backward()
     assert loss.item() == 0.0 and x.grad.shape == (B, T) and all(v.item() == 0.0 for v in metrics.values())
+
+
+# ----------------------------------------------------------------------------- loss and gradients, no autograd
+def _with_grads(t, kw, grad_scale=GRAD_SCALE):
+    t = {k: v for k, v in t.items() if v is not None}
+    args = [t.pop(k) for k in ("logp", "old_logp", "advantages", "mask")]
+    return ppo_loss_with_grads(*args, **t, **kw, grad_scale=grad_scale)
+
+
+@pytest.mark.parametrize("drop, kw", CONFIGS)
+def test_with_grads_matches_reference(drop, kw, device):
+    """The two-launch loss + gradients equal autograd of the fp64 reference (gradients of GRAD_SCALE * loss)."""
+    t = _inputs(37, 97, device)
+    for k in drop:
+        t[k] = None
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    loss, metrics, grads = _with_grads(t, kw)
+    ref_loss, ref_metrics, ref_grads = _run(ppo_loss_reference, t, kw, dtype=torch.float64)
+    _, f32_metrics, _ = _run(ppo_loss_reference, t, kw, dtype=torch.float32)
+    assert not loss.requires_grad and set(metrics) == set(ref_metrics) and set(grads) == set(ref_grads)
+    _assert_close(loss, ref_loss, 2e-5, "loss")
+    for k in metrics:
+        _assert_close(metrics[k], f32_metrics[k] if k in FRACTIONS else ref_metrics[k], 2e-5, k)
+    for k in grads:
+        assert grads[k].dtype == torch.float32 and grads[k].shape == t["logp"].shape
+        _assert_close(grads[k], ref_grads[k], 2e-5, f"d {k}")
+
+
+def test_with_grads_feeds_autograd_backward(device):
+    """Handing the gradients to the producer's graph gives the parameter gradients of loss.backward()."""
+    t = _inputs(9, 33, device)
+    w = torch.randn(33, device=device)
+    kw = dict(agg="seq-mean-token-mean", kl_coef=0.1, ent_coef=0.01)
+    results = []
+    for fused in (False, True):
+        p = w.clone().requires_grad_()
+        logp, values, ent = t["logp"] * p, t["values"] + p, t["entropy"] * p.abs()   # a toy "model"
+        args = (t["old_logp"], t["advantages"], t["mask"])
+        rest = dict(values=values, old_values=t["old_values"], returns=t["returns"], ref_logp=t["ref_logp"],
+                    entropy=ent, **kw)
+        if fused:
+            _, _, g = ppo_loss_with_grads(logp, *args, **rest, grad_scale=0.25)
+            torch.autograd.backward([logp, values, ent], [g["logp"], g["values"], g["entropy"]])
+        else:
+            (0.25 * ppo_loss_triton(logp, *args, **rest)[0]).backward()
+        results.append(p.grad)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_with_grads_low_precision_inputs(device):
+    """bf16 inputs: gradients come back in bf16, equal to the fp32 gradients of the same (rounded) inputs."""
+    t = _inputs(11, 70, device, dtype=torch.bfloat16)
+    kw = dict(agg="token-mean", kl_coef=0.1, ent_coef=0.01)
+    loss, _, grads = _with_grads(t, kw)
+    t32 = {k: v.float() if k != "mask" else v for k, v in t.items()}
+    loss32, _, grads32 = _with_grads(t32, kw)
+    assert loss.dtype == torch.bfloat16
+    for k in grads:
+        assert grads[k].dtype == torch.bfloat16
+        torch.testing.assert_close(grads[k].float(), grads32[k], rtol=8e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("B, T", [(0, 5), (3, 0)])
+def test_with_grads_empty_shapes(B, T, device):
+    z, m = torch.zeros(B, T, device=device), torch.ones(B, T, device=device, dtype=torch.bool)
+    loss, metrics, grads = ppo_loss_with_grads(z, z, z, m, values=z, old_values=z, returns=z)
+    assert loss.item() == 0.0 and grads["logp"].shape == (B, T) and grads["values"].shape == (B, T)
+
+
+@pytest.mark.parametrize("bad", [None, "1", float("nan"), True])
+def test_with_grads_bad_grad_scale(bad):
+    z = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="grad_scale"):
+        ppo_loss_with_grads(z, z, z, z, grad_scale=bad)
