@@ -28,8 +28,10 @@ from .attention_fwd import (
     INTERPRETER_BLOCK_M,
     INTERPRETER_BLOCK_N,
     LOG2E,
+    autotune_enabled,
     dot_precision,
     element_size,
+    fixed_config,
     load_kv_range,
     load_kv_tile,
     next_pow2,
@@ -65,12 +67,17 @@ def _bwd_preprocess_kernel(
 def _bwd_dkdv_inner(
     dk, dv, k, v,
     q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-    offs_n, offs_d, lo, hi, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
+    offs_n, offs_d, lo, hi, lo2, hi2, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # Query tiles [lo, hi) then [lo2, hi2) (lo, lo2 multiples of BLOCK_M) in ONE loop: every copy of this loop
+    # keeps its own pipeline and live ranges, and ptxas spilled the dK/dV accumulators with three copies.
     dmask = offs_d[None, :] < HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
+    n1 = tl.maximum(hi - lo + BLOCK_M - 1, 0) // BLOCK_M
+    n2 = tl.maximum(hi2 - lo2 + BLOCK_M - 1, 0) // BLOCK_M
+    for it in range(0, n1 + n2):
+        start_m = tl.where(it < n1, lo + it * BLOCK_M, lo2 + (it - n1) * BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
@@ -141,43 +148,44 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    if (n0 < kv_hi) & (n0 + BLOCK_N > kv_lo):  # else: no valid key here, dK = dV = 0
-        # Query rows reading this key block: causal, row i sees key n iff n <= i + shift.
-        if IS_CAUSAL:
-            m_lo = (tl.maximum(n0 - causal_shift, 0) // BLOCK_M) * BLOCK_M
-            # first tile whose every row sees the whole key block: m >= n0 + BLOCK_N - 1 - shift
-            m_mid = ((tl.maximum(n0 + BLOCK_N - 1 - causal_shift, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-        else:
-            m_lo = 0
-            m_mid = 0
-        m_mid = tl.minimum(m_mid, ((Tq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
-        m_full = tl.maximum((Tq // BLOCK_M) * BLOCK_M, m_mid)  # tiles below this have no row >= Tq
-        edge = (n0 < kv_lo) | (n0 + BLOCK_N > kv_hi)  # a padding edge inside the block: mask every tile
-        for g in range(0, group):
-            h = hk * group + g
-            bhq = (b * Hq + h).to(tl.int64)
-            q_base = Q + b64 * stride_qb + h * stride_qh
-            do_base = DO + b64 * stride_dob + h * stride_doh
-            lse_base = LSE + bhq * Tq
-            delta_base = DELTA + bhq * Tq
-            if edge:
-                dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                    offs_n, offs_d, m_lo, Tq, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
-                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
-            else:
-                dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                    offs_n, offs_d, m_lo, m_mid, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
-                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
-                dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                    offs_n, offs_d, m_mid, m_full, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
-                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION)
-                dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                    offs_n, offs_d, m_full, Tq, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
-                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+    # Query rows reading this key block: causal, row i sees key n iff n <= i + shift.
+    if IS_CAUSAL:
+        m_lo = (tl.maximum(n0 - causal_shift, 0) // BLOCK_M) * BLOCK_M
+        # first tile whose every row sees the whole key block: m >= n0 + BLOCK_N - 1 - shift
+        m_mid = ((tl.maximum(n0 + BLOCK_N - 1 - causal_shift, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+        m_mid = 0
+    tq_ceil = ((Tq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    m_mid = tl.minimum(m_mid, tq_ceil)
+    m_full = tl.maximum((Tq // BLOCK_M) * BLOCK_M, m_mid)  # tiles below this have no row >= Tq
+    # A padding edge inside the key block: every tile is masked, i.e. the masked ranges cover everything and
+    # the unmasked one is empty. Loop bounds, not an if/else around the loops: two copies of the loops merging
+    # their dK/dV accumulators made ptxas spill (tests/test_triton_compile.py reports the stack).
+    edge = (n0 < kv_lo) | (n0 + BLOCK_N > kv_hi)
+    m_mid = tl.where(edge, tq_ceil, m_mid)
+    m_full = tl.where(edge, tq_ceil, m_full)
+    # No valid key in the block (padding): every range empty, dK = dV = 0.
+    none = (n0 >= kv_hi) | (n0 + BLOCK_N <= kv_lo)
+    m_lo = tl.where(none, tq_ceil, m_lo)
+    m_mid = tl.where(none, tq_ceil, m_mid)
+    m_full = tl.where(none, tq_ceil, m_full)
+    for g in range(0, group):
+        h = hk * group + g
+        bhq = (b * Hq + h).to(tl.int64)
+        q_base = Q + b64 * stride_qb + h * stride_qh
+        do_base = DO + b64 * stride_dob + h * stride_doh
+        lse_base = LSE + bhq * Tq
+        delta_base = DELTA + bhq * Tq
+        # masked: the diagonal tiles [m_lo, m_mid) and the partial last tile [m_full, Tq); unmasked: the rest
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+            offs_n, offs_d, m_lo, m_mid, m_full, Tq, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+            offs_n, offs_d, m_mid, m_full, 0, 0, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION)
 
     dk = dk * sm_scale
     st_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
@@ -283,9 +291,9 @@ def _bwd_dq_kernel(
 
 def _prune_dkdv(configs, named_args, **kwargs):
     bd, es = kwargs["BLOCK_D"], element_size(named_args)
-    # resident K, V tiles + num_stages buffered (Q, dO) tiles; x1.65: sm_90 compiles used 1.44-1.61x this
-    # count (layout conversions of the fp32 dK/dV accumulators; tests/test_triton_compile.py)
-    smem = lambda c: int(1.65 * es * bd * (2 * c.kwargs["BLOCK_N"] + 2 * c.num_stages * c.kwargs["BLOCK_M"]))  # noqa: E731
+    # resident K, V tiles + num_stages buffered (Q, dO) tiles; x1.1 for the compiler's scratch (sm_90 compiles
+    # used 1.00-1.03x this count since the loops are two, not six; tests/test_triton_compile.py)
+    smem = lambda c: int(1.1 * es * bd * (2 * c.kwargs["BLOCK_N"] + 2 * c.num_stages * c.kwargs["BLOCK_M"]))  # noqa: E731
     return prune_configs(configs, named_args["T_BUCKET"], smem)
 
 
@@ -297,15 +305,24 @@ def _prune_dq(configs, named_args, **kwargs):
 
 
 # dK/dV: a tall key tile (BLOCK_N) stays resident with its fp32 dK, dV accumulators; short query tiles stream by.
-# dQ: a tall query tile stays resident, short key tiles stream by (as in the Triton fused-attention tutorial).
+# dQ: a tall query tile stays resident, short key tiles stream by (as in the Triton fused-attention tutorial);
+# 128x32 with 4 warps spills at D = 128 (sm_90 compile), the 8-warp tiles do not.
+# sm_90 compiles (bf16, causal; registers / spilled bytes): at D = 128 the 4-warp tiles with 128 keys spill
+# (the two (BLOCK_N, 128) fp32 accumulators alone fill 256 registers a thread); 32x128 with 8 warps does not,
+# 64x128 and 64x64 with 8 warps spill ~0.1 KB. At D = 64 all of these are spill-free.
 _DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2)]
+    for bm, bn, w, s in [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2)]
 ]
 _DQ_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 16, 4, 2)]
+    for bm, bn, w, s in [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 2)]
 ]
+# Without autotuning: (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_D; fp32 (tests) small tiles.
+_DKDV_DEFAULT = {64: (64, 128, 8, 2), 128: (32, 128, 8, 2)}
+_DQ_DEFAULT = {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
+_DKDV_FP32 = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+_DQ_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=2)
 _TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "IS_CAUSAL", "HAS_KV_RANGE"]
 _bwd_dkdv_kernel_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
                                          prune_configs_by={"early_config_prune": _prune_dkdv})(_bwd_dkdv_kernel)
@@ -363,9 +380,17 @@ def attention_backward(
                  Hq, Hkv, Tq, Tk, group, qk_scale, softmax_scale, tb)
     dq_args = (q, k, v, do, lse, delta, dq, ks, ke, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
                Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)
-    if q.is_cuda and block_m is None and block_n is None:
+    if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         _bwd_dkdv_kernel_tuned[lambda META: (cdiv(Tk, META["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta)
         _bwd_dq_kernel_tuned[lambda META: (cdiv(Tq, META["BLOCK_M"]), B * Hq)](*dq_args, **meta)
+    elif q.is_cuda and block_m is None and block_n is None:
+        named = {"Q": q, "T_BUCKET": tb}
+        c = fixed_config(_DKDV_CONFIGS, _prune_dkdv, named, BLOCK_D, _DKDV_DEFAULT, _DKDV_FP32)
+        _bwd_dkdv_kernel[(cdiv(Tk, c.kwargs["BLOCK_N"]), B * Hkv)](
+            *dkdv_args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        c = fixed_config(_DQ_CONFIGS, _prune_dq, named, BLOCK_D, _DQ_DEFAULT, _DQ_FP32)
+        _bwd_dq_kernel[(cdiv(Tq, c.kwargs["BLOCK_M"]), B * Hq)](
+            *dq_args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         bm = block_m or INTERPRETER_BLOCK_M
         bn = block_n or INTERPRETER_BLOCK_N

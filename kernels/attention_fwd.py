@@ -17,6 +17,8 @@ A row that has no valid key keeps m = -inf and l = 0: it writes o = 0 and lse = 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,28 @@ LOG2E = 1.4426950408889634  # log2(e) = 1 / ln 2
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 dots ("ieee"), not TF32; 16-bit inputs ignore the setting."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def autotune_enabled(dtype: torch.dtype) -> bool:
+    """Whether a CUDA launch autotunes its tile. Not for fp32 (exact FMA dots, a test-only path: ptxas takes a
+    minute or more per large fp32 tile), and not under ``RLHF_ENGINE_AUTOTUNE=0``, which uses each kernel's
+    default tile instead of compiling and timing every config on the first call of each shape class (the GPU
+    tests run this way; the benchmarks autotune)."""
+    return dtype != torch.float32 and os.environ.get("RLHF_ENGINE_AUTOTUNE", "1") != "0"
+
+
+def fixed_config(configs, prune, named_args: dict, block_d: int, default: dict, fp32: triton.Config):
+    """The tile a launch uses without autotuning: ``fp32`` for fp32 inputs, else ``default[BLOCK_D]`` when the
+    prune keeps it (it fits shared memory), else the first config the prune keeps."""
+    q = named_args.get("Q")
+    if getattr(q, "dtype", None) == torch.float32:
+        return fp32
+    kept = prune(configs, named_args, BLOCK_D=block_d)
+    want = default.get(block_d)
+    for c in kept:
+        if want is not None and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == want:
+            return c
+    return kept[0]
 
 
 def t_bucket(t: int) -> int:
@@ -203,6 +227,8 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 # H100 (228 KB shared memory per SM): the Q tile stays resident, K/V tiles are pipelined num_stages deep.
+# sm_90 compiles (tests/test_triton_compile.py, bf16, causal): 128x64 with 4 warps spills at D = 128 (the
+# 128x128 fp32 accumulator alone is 128 registers a thread); 8 warps do not.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [
@@ -214,6 +240,10 @@ _attn_fwd_kernel_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=["HEAD_DIM", "T_BUCKET", "IS_CAUSAL", "HAS_KV_RANGE"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )(_attn_fwd_kernel)
+
+# Without autotuning (fixed_config): (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_D; fp32 (tests) a small tile.
+_FWD_DEFAULT = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
+_FWD_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
 
 # Small fixed tiles for the CPU interpreter (autotuning there would run every config).
 INTERPRETER_BLOCK_M = 32
@@ -259,9 +289,14 @@ def attention_forward(
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), IS_CAUSAL=causal, HAS_KV_RANGE=has_range,
                 PRECISION=dot_precision(q.dtype))
-    if q.is_cuda and block_m is None and block_n is None:
+    if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
         _attn_fwd_kernel_tuned[grid](*args, **meta)
+    elif q.is_cuda and block_m is None and block_n is None:
+        c = fixed_config(_FWD_CONFIGS, _prune_fwd, {"Q": q, "T_BUCKET": args[-1]}, meta["BLOCK_D"], _FWD_DEFAULT,
+                         _FWD_FP32)
+        _attn_fwd_kernel[(cdiv(Tq, c.kwargs["BLOCK_M"]), B * Hq)](
+            *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         bm = block_m or INTERPRETER_BLOCK_M
         bn = block_n or INTERPRETER_BLOCK_N

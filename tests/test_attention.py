@@ -263,3 +263,27 @@ def test_flash_attention_compile_gpu(device):
     ref = flash_attention(q.detach(), k.detach(), v.detach()).float().square().sum()
     torch.testing.assert_close(loss, ref, atol=1e-2, rtol=1e-3)
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_fixed_tiles_without_autotune(monkeypatch):
+    """RLHF_ENGINE_AUTOTUNE=0 (and fp32 always) launch one fixed tile per kernel: the per-head-dim default when it
+    fits in shared memory, a small tile for fp32; every choice is one of the autotune configs or the fp32 tile."""
+    from rlhf_engine.kernels import attention_bwd as ab
+    from rlhf_engine.kernels import attention_fwd as af
+
+    monkeypatch.setenv("RLHF_ENGINE_AUTOTUNE", "0")
+    assert not af.autotune_enabled(torch.bfloat16) and not af.autotune_enabled(torch.float32)
+    monkeypatch.setenv("RLHF_ENGINE_AUTOTUNE", "1")
+    assert af.autotune_enabled(torch.bfloat16) and not af.autotune_enabled(torch.float32)
+    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    q16, q32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
+    kernels = [(af._FWD_CONFIGS, af._prune_fwd, af._FWD_DEFAULT, af._FWD_FP32),
+               (ab._DKDV_CONFIGS, ab._prune_dkdv, ab._DKDV_DEFAULT, ab._DKDV_FP32),
+               (ab._DQ_CONFIGS, ab._prune_dq, ab._DQ_DEFAULT, ab._DQ_FP32)]
+    for configs, prune, default, fp32 in kernels:
+        for bd in (64, 128):
+            c = af.fixed_config(configs, prune, {"Q": q16, "T_BUCKET": 4096}, bd, default, fp32)
+            assert tile(c) == default[bd] and c in configs
+        c = af.fixed_config(configs, prune, {"Q": q16, "T_BUCKET": 4096}, 256, default, fp32)
+        assert c in prune(configs, {"Q": q16, "T_BUCKET": 4096}, BLOCK_D=256)   # D = 256: a tile that fits
+        assert af.fixed_config(configs, prune, {"Q": q32, "T_BUCKET": 4096}, 128, default, fp32) is fp32
