@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import H100_BF16_TFLOPS, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
+from common import H100_BF16_TFLOPS, autotune_report, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels.attention import flash_attention  # noqa: E402
 
@@ -164,6 +164,11 @@ def main(with_flex: bool = True, flex_deadline_s: float = 60.0) -> list[dict]:
                 if bad and r["impl"] == "ours":
                     r["impl"] = f"ours (MISMATCH vs SDPA: {bad})"
             rows += new
+            if not flex_pass:
+                from rlhf_engine.kernels import attention_bwd, attention_fwd
+                print("\n".join(autotune_report({"attn_fwd": attention_fwd._attn_fwd_kernel_tuned,
+                                                  "attn_bwd_dkdv": attention_bwd._bwd_dkdv_kernel_tuned,
+                                                  "attn_bwd_dq": attention_bwd._bwd_dq_kernel_tuned})))
             if not flex_pass:
                 for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
                     rows.append({"op": f"attention_{mode}", "shape": shape, "impl": "floor",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import H100_COPY_TBPS, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
+from common import H100_COPY_TBPS, autotune_report, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels.decode_attention import decode_attention, default_num_splits  # noqa: E402
 
@@ -91,6 +91,8 @@ def main() -> list[dict]:
             if r["shape"] == shape:
                 r["vs_baseline"] = base / r["ms"]
         print(f"{shape}: KV {kv_bytes / 1e6:.1f} MB, floor {floor_us:.1f} us at {H100_COPY_TBPS} TB/s")
+    from rlhf_engine.kernels import decode_attention as da
+    print("\n".join(autotune_report({"decode_split": da._decode_split_kernel_tuned})))
     print_table(rows)
     print("vs_baseline = speedup over eager SDPA (enable_gqa=True); target >= 2.4 TB/s of KV read.")
     record(rows)

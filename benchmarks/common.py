@@ -115,6 +115,27 @@ def record(rows: list[dict]) -> None:
             w.writerow({**info, **r})
 
 
+def autotune_report(tuned: dict) -> list[str]:
+    """One line per tuning result of each Triton autotuner in ``tuned`` (name -> triton.autotune object):
+    the winning config per key and, for the latest tuning run, every config's time. Printed by the kernel
+    benchmarks (prefix "autotune ") so that a GPU run records which tiles won, for choosing the defaults
+    used without autotuning (kernels/attention_*.py ``*_DEFAULT``)."""
+    def cfg(c) -> str:
+        kw = ",".join(f"{k}={v}" for k, v in c.kwargs.items())
+        return f"{kw},w={c.num_warps},s={c.num_stages}"
+
+    lines = []
+    for name, t in tuned.items():
+        for key, best in getattr(t, "cache", {}).items():
+            lines.append(f"autotune {name} key={key}: best {cfg(best)}")
+        timings = getattr(t, "configs_timings", None) or {}
+        if timings:
+            ms = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731 - (median, ...) or a float
+            lines.append(f"autotune {name} last run: " + "; ".join(
+                f"{cfg(c)} {ms(v):.4g} ms" for c, v in sorted(timings.items(), key=lambda kv: ms(kv[1]))))
+    return lines
+
+
 def print_table(rows: list[dict]) -> None:
     """Print rows as a fixed-width table (op, shape, impl, ms, metric, value, unit, peak, ratio)."""
     cols = ["op", "shape", "impl", "ms", "value", "unit", "peak_mb", "vs_baseline"]

@@ -310,6 +310,11 @@ EOF
     echo
     echo "## benchmarks (ratio = baseline ms / our ms, baseline measured in the same run)"
     if [ -s "$TMPD/bench_summary.md" ]; then cat "$TMPD/bench_summary.md"; else echo "(no benchmark summary)"; fi
+    if grep -q "^autotune " "$OUT/bench.log" 2>/dev/null; then
+      echo
+      echo "## autotune winners (for the *_DEFAULT tiles used without autotuning)"
+      grep "^autotune " "$OUT/bench.log" | grep -v " last run: " | sort -u | sed 's/^/- /'
+    fi
   } > "$OUT/summary.md"
   echo
   echo "==================== SUMMARY ($(elapsed) s) ===================="

@@ -116,3 +116,19 @@ def test_target_fused_lm_head_against_the_fastest_liger():
     assert run_all.target(group[3], group)[1] == "NO"
     group[2]["ms"], group[3]["peak_mb"] = 20.0, 600.0          # a Liger variant faster than ours
     assert run_all.target(group[3], group)[1] == "NO"
+
+
+def test_autotune_report_lines():
+    import triton
+    from common import autotune_report
+
+    class Tuned:  # what triton.autotune objects expose after tuning: cache and configs_timings
+        pass
+
+    a, b = (triton.Config({"BLOCK_M": m, "BLOCK_N": 32}, num_warps=4, num_stages=2) for m in (64, 128))
+    t = Tuned()
+    t.cache, t.configs_timings = {(64, "torch.bfloat16"): b}, {a: [0.5, 0.4, 0.6], b: [0.25, 0.2, 0.3]}
+    lines = autotune_report({"attn_fwd": t, "untuned": Tuned()})
+    assert lines == ["autotune attn_fwd key=(64, 'torch.bfloat16'): best BLOCK_M=128,BLOCK_N=32,w=4,s=2",
+                     "autotune attn_fwd last run: BLOCK_M=128,BLOCK_N=32,w=4,s=2 0.25 ms; "
+                     "BLOCK_M=64,BLOCK_N=32,w=4,s=2 0.5 ms"]
