@@ -532,6 +532,30 @@ def _check_args(tensors: dict, cfg: PPOLossConfig) -> None:
         raise ValueError("entropy: required when ent_coef != 0")
 
 
+def _checked_config(tensors: dict, clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind,
+                    agg, max_len) -> PPOLossConfig:
+    """The normalized hyperparameters (clip_high defaults to clip_low), after checking them and the tensors."""
+    cfg = PPOLossConfig(float(clip_low), float(clip_low if clip_high is None else clip_high),
+                        None if dual_clip is None else float(dual_clip),
+                        None if value_clip is None else float(value_clip), float(vf_coef), float(ent_coef),
+                        float(kl_coef), kl_kind, agg, None if max_len is None else int(max_len))
+    _check_args(tensors, cfg)
+    return cfg
+
+
+def _metrics_dict(metrics: torch.Tensor, values, entropy, ref_logp) -> dict[str, torch.Tensor]:
+    """The (7,) metrics tensor as a dict of () views (one unbind op), with the keys the given inputs define."""
+    vals = metrics.unbind()                       # order METRIC_KEYS
+    out = {"pg_loss": vals[0], "clip_frac": vals[1], "approx_kl": vals[2]}
+    if values is not None:
+        out["vf_loss"], out["vf_clip_frac"] = vals[3], vals[4]
+    if entropy is not None:
+        out["entropy"] = vals[5]
+    if ref_logp is not None:
+        out["kl"] = vals[6]
+    return out
+
+
 def ppo_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                     values: Optional[torch.Tensor] = None, old_values: Optional[torch.Tensor] = None,
                     returns: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
@@ -563,13 +587,9 @@ def ppo_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         pg_loss, clip_frac, approx_kl, plus vf_loss, vf_clip_frac with values, entropy with entropy,
         kl with ref_logp. Gradients flow to logp, values and entropy only.
     """
-    cfg = PPOLossConfig(float(clip_low), float(clip_low if clip_high is None else clip_high),
-                        None if dual_clip is None else float(dual_clip),
-                        None if value_clip is None else float(value_clip), float(vf_coef), float(ent_coef),
-                        float(kl_coef), kl_kind, agg, None if max_len is None else int(max_len))
-    tensors = dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, values=values,
-                   old_values=old_values, returns=returns, ref_logp=ref_logp, entropy=entropy)
-    _check_args(tensors, cfg)
+    cfg = _checked_config(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, values=values,
+                               old_values=old_values, returns=returns, ref_logp=ref_logp, entropy=entropy),
+                          clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
     if torch.compiler.is_compiling():
         n_t = num_tokens if isinstance(num_tokens, torch.Tensor) else None
         n_s = num_seqs if isinstance(num_seqs, torch.Tensor) else None
@@ -587,15 +607,7 @@ def ppo_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
             logp, old_logp, advantages, mask, values=values, old_values=old_values, returns=returns,
             ref_logp=ref_logp, entropy=entropy, cfg=cfg, num_tokens=num_tokens, num_seqs=num_seqs,
             need_grads=(False, False, False))
-    vals = metrics.unbind()                       # 7 views in one op, order METRIC_KEYS
-    out = {"pg_loss": vals[0], "clip_frac": vals[1], "approx_kl": vals[2]}
-    if values is not None:
-        out["vf_loss"], out["vf_clip_frac"] = vals[3], vals[4]
-    if entropy is not None:
-        out["entropy"] = vals[5]
-    if ref_logp is not None:
-        out["kl"] = vals[6]
-    return loss, out
+    return loss, _metrics_dict(metrics, values, entropy, ref_logp)
 
 
 def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -628,13 +640,9 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
         grads: {"logp": (B, T), plus "values" when values is given, "entropy" when entropy is given},
         each in its input's dtype (fp32 inputs: written into the kernel's own buffers, no extra copy).
     """
-    cfg = PPOLossConfig(float(clip_low), float(clip_low if clip_high is None else clip_high),
-                        None if dual_clip is None else float(dual_clip),
-                        None if value_clip is None else float(value_clip), float(vf_coef), float(ent_coef),
-                        float(kl_coef), kl_kind, agg, None if max_len is None else int(max_len))
-    tensors = dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, values=values,
-                   old_values=old_values, returns=returns, ref_logp=ref_logp, entropy=entropy)
-    _check_args(tensors, cfg)
+    cfg = _checked_config(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, values=values,
+                               old_values=old_values, returns=returns, ref_logp=ref_logp, entropy=entropy),
+                          clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or grad_scale != grad_scale:
         raise TypeError(f"grad_scale: expected a finite Python number, got {grad_scale!r}")
     with torch.no_grad():
@@ -643,15 +651,9 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
             old_values=old_values, returns=returns, ref_logp=ref_logp,
             entropy=None if entropy is None else entropy.detach(), cfg=cfg, num_tokens=num_tokens,
             num_seqs=num_seqs, need_grads=(True, True, True), grad_scale=float(grad_scale))
-    vals = metrics.unbind()
-    out = {"pg_loss": vals[0], "clip_frac": vals[1], "approx_kl": vals[2]}
     grads = {"logp": g_logp}
     if values is not None:
-        out["vf_loss"], out["vf_clip_frac"] = vals[3], vals[4]
         grads["values"] = g_v
     if entropy is not None:
-        out["entropy"] = vals[5]
         grads["entropy"] = g_ent
-    if ref_logp is not None:
-        out["kl"] = vals[6]
-    return loss, out, grads
+    return loss, _metrics_dict(metrics, values, entropy, ref_logp), grads

@@ -87,13 +87,17 @@ CONFIGS = [  # (drop, kwargs): drop = inputs left out
 ]
 
 
-@pytest.mark.parametrize("drop, kw", CONFIGS)
-def test_matches_reference(drop, kw, device):
+def _config_case(drop, kw, device):
+    """The inputs of a CONFIGS entry (``drop``ped ones None) and its kwargs moved to ``device``."""
     t = _inputs(37, 97, device)
     for k in drop:
         t[k] = None
-    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    _compare(t, kw)
+    return t, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("drop, kw", CONFIGS)
+def test_matches_reference(drop, kw, device):
+    _compare(*_config_case(drop, kw, device))
 
 
 @pytest.mark.gpu
@@ -264,10 +268,7 @@ def _with_grads(t, kw, grad_scale=GRAD_SCALE):
 @pytest.mark.parametrize("drop, kw", CONFIGS)
 def test_with_grads_matches_reference(drop, kw, device):
     """The two-launch loss + gradients equal autograd of the fp64 reference (gradients of GRAD_SCALE * loss)."""
-    t = _inputs(37, 97, device)
-    for k in drop:
-        t[k] = None
-    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    t, kw = _config_case(drop, kw, device)
     loss, metrics, grads = _with_grads(t, kw)
     ref_loss, ref_metrics, ref_grads = _run(ppo_loss_reference, t, kw, dtype=torch.float64)
     _, f32_metrics, _ = _run(ppo_loss_reference, t, kw, dtype=torch.float32)
