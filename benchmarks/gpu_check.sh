@@ -4,13 +4,14 @@
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on the CUDA machine, from anywhere in the repo
 #   bash benchmarks/gpu_check.sh --fingerprint         # print the source fingerprint only (to match a run)
 #
-# Files written to $OUT (default: /tmp/gpu_check_out), seven at most:
+# Files written to $OUT (default: /tmp/gpu_check_out), eight at most:
 #   gpu_check.log     everything this script printed
 #   build.log         pip install -e . (CMake + nvcc output; the fallback build's too)
 #   gpu_tests.log     pytest -m gpu tests
 #   kernel_tests.log  the kernel test files' other tests, now on the CUDA device
 #   bench.log         benchmarks/run_all.py (every bench_*.py in its own process)
 #   results.csv       the benchmark rows (benchmarks/common.py record())
+#   measured.txt      numbers the GPU tests record (bf16 error ratios, log-prob parity; tests/conftest.py)
 #   summary.md        the checks and the summary table (also printed last)
 # Installs no dependency (the machine has no internet). A failing step is recorded and the script
 # goes on; it exits non-zero when the build or any test failed (benchmark errors are only reported).
@@ -310,6 +311,11 @@ EOF
     echo
     echo "## benchmarks (ratio = baseline ms / our ms, baseline measured in the same run)"
     if [ -s "$TMPD/bench_summary.md" ]; then cat "$TMPD/bench_summary.md"; else echo "(no benchmark summary)"; fi
+    if [ -s "$OUT/measured.txt" ]; then
+      echo
+      echo "## numbers measured by the GPU tests (tests/conftest.py record_value)"
+      sed 's/^/- /' "$OUT/measured.txt"
+    fi
     if grep -q "^autotune " "$OUT/bench.log" 2>/dev/null; then
       echo
       echo "## autotune winners (for the *_DEFAULT tiles used without autotuning)"

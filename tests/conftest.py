@@ -34,6 +34,20 @@ def device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+@pytest.fixture
+def record_value(request):
+    """record_value(what, value): a measured number worth keeping from a (GPU) test run, e.g. the bf16 error
+    ratio against PyTorch. Appended as "test id | what | value" to ``$OUT/measured.txt`` when OUT is set
+    (benchmarks/gpu_check.sh sets it and copies the file into its summary); a no-op otherwise."""
+    def record(what: str, value) -> None:
+        out = os.environ.get("OUT")
+        if out:
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            with open(os.path.join(out, "measured.txt"), "a") as f:
+                f.write(f"{request.node.nodeid} | {what} | {text}\n")
+    return record
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -203,7 +203,7 @@ def test_torch_backend_and_validation(device):
 
 
 # ----------------------------------------------------------------------------- GPU
-def _bf16_rule(B, T, Hq, Hkv, D, padding, device):
+def _bf16_rule(B, T, Hq, Hkv, D, padding, device, record=None):
     """bf16: our error vs fp64 <= 2x PyTorch's own bf16 error (SDPA with expanded KV), forward and grads."""
     q, k, v = _inputs(B, T, T, Hq, Hkv, D, torch.bfloat16, device)
     ks, ke = _ranges(padding, B, T, device)
@@ -229,6 +229,8 @@ def _bf16_rule(B, T, Hq, Hkv, D, padding, device):
         assert torch.isfinite(a).all(), name
         err_ours = (a.double() - r).abs().max().item()
         err_torch = (b.double() - r).abs().max().item()
+        if record is not None:
+            record(f"bf16 {name}: max err ours / PyTorch's", err_ours / max(err_torch, 1e-30))
         assert err_ours <= 2 * err_torch + 1e-6, f"{name}: ours {err_ours:.3e} vs torch bf16 {err_torch:.3e}"
 
 
@@ -237,8 +239,8 @@ def _bf16_rule(B, T, Hq, Hkv, D, padding, device):
     (2, 1025, 32, 8, 128, "none"), (4, 1025, 14, 2, 64, "left"), (3, 777, 9, 3, 96, "right"),
     (2, 513, 12, 4, 80, "left"),
 ])
-def test_flash_attention_bf16_gpu(B, T, Hq, Hkv, D, padding, device):
-    _bf16_rule(B, T, Hq, Hkv, D, padding, device)
+def test_flash_attention_bf16_gpu(B, T, Hq, Hkv, D, padding, device, record_value):
+    _bf16_rule(B, T, Hq, Hkv, D, padding, device, record_value)
 
 
 @pytest.mark.gpu

@@ -132,3 +132,14 @@ def test_autotune_report_lines():
     assert lines == ["autotune attn_fwd key=(64, 'torch.bfloat16'): best BLOCK_M=128,BLOCK_N=32,w=4,s=2",
                      "autotune attn_fwd last run: BLOCK_M=128,BLOCK_N=32,w=4,s=2 0.25 ms; "
                      "BLOCK_M=64,BLOCK_N=32,w=4,s=2 0.5 ms"]
+
+
+def test_record_value_writes_to_out(record_value, tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    record_value("nothing without OUT", 1.0)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    record_value("bf16 o: max err ours / PyTorch's", 0.8125)
+    record_value("count", 3)
+    lines = (tmp_path / "measured.txt").read_text().splitlines()
+    assert [ln.split(" | ")[1:] for ln in lines] == [["bf16 o: max err ours / PyTorch's", "0.8125"], ["count", "3"]]
+    assert lines[0].startswith("tests/test_benchmarks.py::test_record_value_writes_to_out")

@@ -330,7 +330,7 @@ def test_cuda_graph_matches_eager(backend):
 
 
 @pytest.mark.gpu
-def test_bf16_generation_logprob_parity_gpu():
+def test_bf16_generation_logprob_parity_gpu(record_value):
     """bf16 on the GPU: Triton decode vs the training forward; tolerance of bf16 rounding."""
     m = _model("tiny-llama", std=0.1).cuda().to(torch.bfloat16)
     ids, mask = _prompts(m.config.vocab_size, lengths=tuple(2 + b % 7 for b in range(32)))
@@ -340,6 +340,8 @@ def test_bf16_generation_logprob_parity_gpu():
     lp = sequence_logprobs(m, out.sequences, out.attention_mask, start=out.prompt_len)
     assert torch.isfinite(out.logprobs).all()
     diff = (lp - out.logprobs).abs() * out.response_mask
+    record_value("bf16 log-prob parity, generation vs training forward: max abs diff", diff.max().item())
+    record_value("bf16 log-prob parity: mean abs diff", (diff.sum() / out.response_mask.sum()).item())
     assert diff.max() <= 0.25 and diff.sum() / out.response_mask.sum() <= 0.03
     # Triton vs SDPA attention: the first sampled token (same prefill logits up to bf16 rounding).
     greedy_t = generate(m, ids, mask, max_new_tokens=2, greedy=True, attn_backend="triton", eos_token_ids=())
