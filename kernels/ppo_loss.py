@@ -556,6 +556,17 @@ def _metrics_dict(metrics: torch.Tensor, values, entropy, ref_logp) -> dict[str,
     return out
 
 
+def _call_op(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, cfg: PPOLossConfig,
+             num_tokens, num_seqs):
+    """The custom op ``rlhf_engine::ppo_loss`` (the path ``torch.compile`` traces); a normalizer goes in as a
+    tensor or as a number, by what the caller passed."""
+    n_t = num_tokens if isinstance(num_tokens, torch.Tensor) else None
+    n_s = num_seqs if isinstance(num_seqs, torch.Tensor) else None
+    return _ppo_loss_op(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, n_t, n_s,
+                        None if num_tokens is None or n_t is not None else float(num_tokens),
+                        None if num_seqs is None or n_s is not None else float(num_seqs), *cfg)
+
+
 def ppo_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                     values: Optional[torch.Tensor] = None, old_values: Optional[torch.Tensor] = None,
                     returns: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
@@ -591,12 +602,8 @@ def ppo_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
                                old_values=old_values, returns=returns, ref_logp=ref_logp, entropy=entropy),
                           clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
     if torch.compiler.is_compiling():
-        n_t = num_tokens if isinstance(num_tokens, torch.Tensor) else None
-        n_s = num_seqs if isinstance(num_seqs, torch.Tensor) else None
-        loss, metrics, *_ = _ppo_loss_op(
-            logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, n_t, n_s,
-            None if num_tokens is None or n_t is not None else float(num_tokens),
-            None if num_seqs is None or n_s is not None else float(num_seqs), *cfg)
+        loss, metrics, *_ = _call_op(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp,
+                                     entropy, cfg, num_tokens, num_seqs)
         metrics = metrics.detach()
     elif torch.is_grad_enabled() and (logp.requires_grad or (values is not None and values.requires_grad)
                                       or (entropy is not None and entropy.requires_grad)):
@@ -645,12 +652,20 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
                           clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or grad_scale != grad_scale:
         raise TypeError(f"grad_scale: expected a finite Python number, got {grad_scale!r}")
-    with torch.no_grad():
-        loss, metrics, g_logp, g_v, g_ent, _ = ppo_loss_forward(
-            logp.detach(), old_logp, advantages, mask, values=None if values is None else values.detach(),
-            old_values=old_values, returns=returns, ref_logp=ref_logp,
-            entropy=None if entropy is None else entropy.detach(), cfg=cfg, num_tokens=num_tokens,
-            num_seqs=num_seqs, need_grads=(True, True, True), grad_scale=float(grad_scale))
+    detach = lambda x: None if x is None else x.detach()  # noqa: E731
+    if torch.compiler.is_compiling():  # traceable: the custom op, then u * grad_scale / N as graph ops
+        loss, metrics, u_logp, u_v, u_ent, inv_n = _call_op(
+            detach(logp), old_logp, advantages, mask, detach(values), old_values, returns, ref_logp, detach(entropy),
+            cfg, num_tokens, num_seqs)
+        scale = inv_n * float(grad_scale)
+        g_logp, g_v, g_ent = ((u * scale).to(x.dtype) if x is not None else u
+                              for u, x in zip((u_logp, u_v, u_ent), (logp, values, entropy)))
+    else:
+        with torch.no_grad():
+            loss, metrics, g_logp, g_v, g_ent, _ = ppo_loss_forward(
+                detach(logp), old_logp, advantages, mask, values=detach(values), old_values=old_values,
+                returns=returns, ref_logp=ref_logp, entropy=detach(entropy), cfg=cfg, num_tokens=num_tokens,
+                num_seqs=num_seqs, need_grads=(True, True, True), grad_scale=float(grad_scale))
     grads = {"logp": g_logp}
     if values is not None:
         grads["values"] = g_v

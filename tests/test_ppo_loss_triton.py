@@ -327,3 +327,20 @@ def test_with_grads_bad_grad_scale(bad):
     z = torch.zeros(2, 3)
     with pytest.raises(TypeError, match="grad_scale"):
         ppo_loss_with_grads(z, z, z, z, grad_scale=bad)
+
+
+def test_with_grads_torch_compile_traces(device):
+    """Under torch.compile (fullgraph) ppo_loss_with_grads goes through the custom op: same loss and gradients."""
+    t = _inputs(5, 13, device)
+
+    def fn(logp, values):
+        loss, metrics, grads = ppo_loss_with_grads(
+            logp, t["old_logp"], t["advantages"], t["mask"], values=values, old_values=t["old_values"],
+            returns=t["returns"], ref_logp=t["ref_logp"], kl_coef=0.1, num_tokens=torch.tensor(40.0, device=device),
+            grad_scale=0.5)
+        return loss, metrics["clip_frac"], grads["logp"], grads["values"]
+
+    eager = fn(t["logp"], t["values"])
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(t["logp"], t["values"])
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
