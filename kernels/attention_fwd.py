@@ -108,20 +108,22 @@ def _attn_fwd_inner(
         k, v = load_kv_tile(k_base, v_base, cols, offs_d, stride_kt, stride_vt, kv_ok, dmask,
                             HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32, q . k
+        # The scale (> 0) is applied to the row max, and to qk only inside exp2's argument: qk * c - m is one
+        # FMA a score instead of a multiply and a subtract (the softmax's elementwise work, not the dots,
+        # bounds this loop on an H100).
         if MASKED:
             valid = kv_ok[None, :]
             if IS_CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            qk = tl.where(valid, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            qk = tl.where(valid, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             # A row that has seen no valid key yet keeps m = -inf; subtract 0 instead so exp2(-inf - -inf)
             # never produces NaN (its p and alpha are then exactly 0).
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            qk = qk * qk_scale
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])  # exp(s - m') in base 2
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])  # exp(s - m') in base 2
         alpha = tl.math.exp2(m_i - m_use)  # rescale of the old sum and accumulator
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
