@@ -98,7 +98,7 @@ def _mask_u8(mask: torch.Tensor) -> torch.Tensor:
         return mask.contiguous().view(torch.uint8)
     if mask.dtype == torch.uint8:
         return mask.contiguous()
-    return (mask != 0).to(torch.uint8)
+    return (mask != 0).to(torch.uint8).contiguous()  # .to keeps a transposed input's strides
 
 
 def _stream(device: torch.device) -> int:

@@ -124,7 +124,8 @@ def test_gae_mask_dtypes_and_edges(device):
     r, v = torch.randn(B, T, device=device), torch.randn(B, T, device=device)
     m = _mask(B, T, holes=True).to(device)
     base = native.gae(r, v, m, gamma=0.95, lam=0.9, carry=True)
-    for mm in (m.float(), m.long(), m.to(torch.uint8)):
+    # float/long/uint8 masks, and non-contiguous ones (transposed storage, as from a .t() of a (T, B) mask)
+    for mm in (m.float(), m.long(), m.to(torch.uint8), m.float().t().contiguous().t(), m.t().contiguous().t()):
         for a, b in zip(base, native.gae(r, v, mm, gamma=0.95, lam=0.9, carry=True)):
             assert torch.equal(a, b)
     for shape in ((0, 7), (3, 0)):  # empty batch / empty rows
