@@ -166,6 +166,36 @@ def test_lr_schedule_values():
         lr_schedule(opt, schedule="linaer", warmup_steps=0, total_steps=4)
 
 
+def test_master_weights_accumulate_in_fp32():
+    """bf16 parameters (CPU here; the GPU layout): micro-batch gradients sum in the fp32 master, not in bf16;
+    the parameter keeps its storage across steps; a later optimizer over the same parameters takes over."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8, bias=True).to(torch.bfloat16)
+    xs = [torch.randn(4, 16, dtype=torch.bfloat16) for _ in range(3)]
+    opt = MasterWeightAdamW(lin.parameters(), lr=1e-2)
+    ptr = lin.weight.data_ptr()
+    for x in xs:                                          # three micro-batches, accumulated
+        (lin(x).float().square().sum() * 1e-3).backward()
+    assert lin.weight.grad is None and lin.bias.grad is None   # moved to the masters, none kept in bf16
+    w_master = opt.masters[0]
+    assert w_master.grad.dtype == torch.float32
+    want = sum(torch.autograd.grad((lin(x).float().square().sum() * 1e-3), lin.weight)[0].float() for x in xs)
+    torch.testing.assert_close(w_master.grad, want, rtol=0, atol=0)    # each bf16 grad, summed exactly in fp32
+    norm = opt.clip_grad_norm_(1e-4)
+    assert norm.dtype == torch.float32 and norm > 1e-4
+    torch.testing.assert_close(torch.linalg.vector_norm(torch.stack([m.grad.norm() for m in opt.masters])),
+                               torch.tensor(1e-4), rtol=1e-3, atol=0)
+    before = lin.weight.detach().clone()
+    opt.step()
+    assert lin.weight.data_ptr() == ptr and not torch.equal(lin.weight, before)
+    torch.testing.assert_close(lin.weight.float(), w_master.detach().bfloat16().float())
+    opt.zero_grad()
+    assert all(m.grad is None for m in opt.masters)
+    opt2 = MasterWeightAdamW(lin.parameters(), lr=1e-2)  # e.g. PPO after SFT: the new masters get the grads
+    lin(xs[0]).float().sum().backward()
+    assert opt2.masters[0].grad is not None and opt.masters[0].grad is None
+
+
 def test_bad_ppo_inputs(tmp_path):
     eng = _engine(tmp_path)
     with pytest.raises(TypeError, match="prompts"):

@@ -5,6 +5,13 @@ training. The optimizer keeps an fp32 master copy of each low-precision paramete
 AdamW to the master, and writes the result back *in place* into the model's parameter, so the
 tensors that generation reads never move (same ``data_ptr``) and no copy of the model is made
 per rollout. fp32 parameters (the CPU case) are their own masters: no copy at all.
+
+Gradients of a low-precision parameter are accumulated in fp32, in its master's ``.grad``: a hook
+that runs after autograd accumulates into the parameter adds ``p.grad`` to ``master.grad`` and frees
+``p.grad``. Micro-batches therefore sum in fp32 (not in bf16, whose 8-bit mantissa would round every
+partial sum), the norm for clipping is taken over fp32 gradients, and no bf16 gradient outlives its
+backward. The hook follows ``p._rlhf_master``, so a later optimizer over the same parameters (SFT,
+then PPO) takes the gradients over from an earlier one.
 """
 from __future__ import annotations
 
@@ -12,6 +19,18 @@ import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+
+def _grad_to_master(p: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of a low-precision parameter: move its gradient into its fp32 master."""
+    m = getattr(p, "_rlhf_master", None)
+    if m is None or p.grad is None:
+        return
+    if m.grad is None:
+        m.grad = p.grad.float()
+    else:
+        m.grad.add_(p.grad)   # fp32 += bf16, rounded once into fp32
+    p.grad = None
 
 
 class MasterWeightAdamW:
@@ -28,6 +47,12 @@ class MasterWeightAdamW:
             raise ValueError("params: expected at least one trainable parameter")
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_()
                         for p in self.params]
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p._rlhf_master = m
+                if not getattr(p, "_rlhf_master_hooked", False):  # one hook per parameter, whichever optimizer
+                    p.register_post_accumulate_grad_hook(_grad_to_master)
+                    p._rlhf_master_hooked = True
         # Bias, norm and (most) 1-D parameters get no weight decay.
         decay = [m for p, m in zip(self.params, self.masters) if p.dim() >= 2]
         no_decay = [m for p, m in zip(self.params, self.masters) if p.dim() < 2]
@@ -45,21 +70,27 @@ class MasterWeightAdamW:
             if m is not p:
                 m.grad = None
 
+    def _with_grad(self) -> list[torch.Tensor]:
+        """The fp32 tensors holding gradients: the masters (a low-precision parameter's own ``.grad`` was
+        moved into its master by the hook; a gradient still on it, e.g. set by hand, is moved now)."""
+        for p in self.params:
+            if p.grad is not None:
+                _grad_to_master(p)
+        return [m for m in self.masters if m.grad is not None]
+
     def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
-        """Total gradient norm (a 0-dim tensor, no host sync); clips in place when ``max_norm`` is set."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
+        """Total gradient norm over the fp32 gradients (a 0-dim tensor, no host sync); clips in place when
+        ``max_norm`` is set."""
+        owners = self._with_grad()
+        if not owners:
             return torch.zeros((), device=self.params[0].device)
         if max_norm is None:
-            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        return torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], max_norm,
-                                              foreach=True)
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m.grad) for m in owners]))
+        return torch.nn.utils.clip_grad_norm_(owners, max_norm, foreach=True)
 
     @torch.no_grad()
     def step(self) -> None:
-        for p, m in zip(self.params, self.masters):
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+        self._with_grad()
         self.inner.step()
         for p, m in zip(self.params, self.masters):
             if m is not p:
