@@ -51,7 +51,7 @@ def _mm_out_dtype_ok(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b as fp32: fp16/bf16 inputs keep the fp32 accumulator of the matmul (no rounding to 16 bits)."""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
@@ -169,7 +169,7 @@ def fused_linear_logprobs_backward(
             if dh_acc.dtype == z.dtype:
                 dh_acc.addmm_(z, w_v)
             else:
-                dh_acc.add_(_mm_f32(z, w_v))                        # (N, H) += (N, c) @ (c, H)
+                dh_acc.add_(mm_f32(z, w_v))                        # (N, H) += (N, c) @ (c, H)
         if need_weight:
             torch.mm(z.t(), hidden, out=dw[v0:v1])                  # (c, H) = (c, N) @ (N, H)
         if need_bias:

@@ -44,25 +44,30 @@ class CudaGraphDecoder:
             return
         if device.type != "cuda":
             raise ValueError(f"CudaGraphDecoder: expected a CUDA cache, got device {device}")
-        self.static_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
-        saved_lengths = cache.lengths.clone()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                model.decode_step(self.static_ids, cache, attn_backend=attn_backend)
-                cache.lengths.copy_(saved_lengths)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_logits = model.decode_step(self.static_ids, cache, attn_backend=attn_backend)
-        cache.lengths.copy_(saved_lengths)  # capture does not execute, but keep the invariant explicit
+        # The cache's device made current: torch.cuda.graph captures on the current device's stream, and Triton
+        # launches on it too (a model on cuda:1 with cuda:0 current would otherwise escape the capture).
+        with torch.cuda.device(device):
+            self.static_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+            saved_lengths = cache.lengths.clone()
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    model.decode_step(self.static_ids, cache, attn_backend=attn_backend)
+                    cache.lengths.copy_(saved_lengths)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_logits = model.decode_step(self.static_ids, cache, attn_backend=attn_backend)
+            cache.lengths.copy_(saved_lengths)  # capture does not execute, but keep the invariant explicit
+        self.device = device
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.graph is None:
             return self._eager(input_ids)
         self.static_ids.copy_(input_ids)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.static_logits
 
 

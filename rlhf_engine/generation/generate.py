@@ -100,7 +100,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     attn_backend: None -> the config's. use_cuda_graph: None -> True on CUDA.
     graph_cache: a ``DecodeGraphCache`` to reuse static caches and captured graphs across
     calls (capture once per batch bucket and rounded length; with use_cuda_graph=False, e.g.
-    on the CPU, only the caches are reused); None: allocate (and capture) per call.
+    on the CPU, only the caches are reused); None: allocate (and capture) per call, and again at each
+    compaction: a capture costs a device sync and tens of ms, so repeated callers should pass a cache.
     check_every: steps between host checks (stop when all rows finished; compaction).
     compact: at those checks, when at most half the rows are still running and the batch
     is larger than ``min_compact_batch``, move the running rows into a smaller cache

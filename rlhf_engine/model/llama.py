@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rlhf_engine.kernels.fused_linear_logprob import mm_f32
+
 from .attention import AttnMeta, cache_attention, full_attention, mask_to_kv_range, resolve_backend, write_kv
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
@@ -234,11 +236,20 @@ class CausalLM(nn.Module):
         """
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, attn_backend=attn_backend))
 
+    def sampling_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden -> (..., V) fp32 logits for sampling. A 16-bit model on a GPU keeps the matmul's
+        fp32 accumulator (``out_dtype``), as the fused log-prob path of the training forward does, so the
+        sampled distribution is not computed from logits rounded to bf16 (steps of 0.06 near |logit| 10)."""
+        w = self.lm_head_weight
+        if w.dtype == torch.float32 or not hidden.is_cuda:
+            return F.linear(hidden, w).float()
+        return mm_f32(hidden.reshape(-1, hidden.shape[-1]), w.t()).reshape(*hidden.shape[:-1], w.shape[0])
+
     # ------------------------------------------------------------------ cached generation paths
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *,
                 attn_backend: str | None = None) -> torch.Tensor:
-        """Run a LEFT-padded prompt, fill the cache, return the last position's logits (B, V).
+        """Run a LEFT-padded prompt, fill the cache, return the last position's fp32 logits (B, V).
 
         input_ids: (B, P) int64; attention_mask: (B, P) 0/1 with every row's valid tokens
         at the end (left padding), at least one per row. cache: a KVCache (see
@@ -262,12 +273,12 @@ class CausalLM(nn.Module):
         hidden = self.model.run_layers(input_ids, position_ids, meta)  # (B, P, H)
         cache.start.copy_(start)
         cache.lengths.fill_(P)
-        return self.logits(hidden[:, -1])  # (B, V)
+        return self.sampling_logits(hidden[:, -1])  # (B, V) fp32
 
     @torch.no_grad()
     def decode_step(self, input_ids: torch.Tensor, cache, *, attn_backend: str | None = None,
                     kv_len: int | None = None) -> torch.Tensor:
-        """Append Tn tokens per sequence to the cache and return their logits (B, Tn, V).
+        """Append Tn tokens per sequence to the cache and return their fp32 logits (B, Tn, V).
 
         input_ids: (B, Tn) int64, written at slots [cache.lengths, cache.lengths + Tn);
         position ids are slot - cache.start. Mutates the cache in place (K/V and
@@ -285,7 +296,7 @@ class CausalLM(nn.Module):
                         cache_lens=(cache.lengths + Tn).to(torch.int32), cache_start=cache.start, kv_len=kv_len)
         hidden = self.model.run_layers(input_ids, position_ids, meta)  # (B, Tn, H)
         cache.lengths.add_(Tn)
-        return self.logits(hidden)  # (B, Tn, V)
+        return self.sampling_logits(hidden)  # (B, Tn, V) fp32
 
 
 def _check_cache(cache, B: int, P: int | None, config: ModelConfig) -> None:
