@@ -216,7 +216,7 @@ class PPOTrainer:
         lengths = mask.sum(1)
         stats_t = {
             "reward/mean": raw_scores.mean(), "reward/std": raw_scores.std() if raw_scores.numel() > 1
-            else torch.zeros(()), "kl/mean": algo.sequence_kl(kl, mask), "response/length_mean": lengths.mean(),
+            else torch.zeros((), device=raw_scores.device), "kl/mean": algo.sequence_kl(kl, mask), "response/length_mean": lengths.mean(),
             "response/eos_fraction": ended.float().mean(),
         }
         if values is not None:
@@ -315,7 +315,8 @@ class PPOTrainer:
         vals = [stats[k] for k in keys]
         tensor_idx = [i for i, v in enumerate(vals) if isinstance(v, torch.Tensor)]
         if tensor_idx:  # the one host sync of the step's metrics
-            synced = torch.stack([vals[i].detach().float().reshape(()).cpu() for i in tensor_idx]).tolist()
+            synced = torch.stack([vals[i].detach().float().reshape(()).to(self.device)
+                                  for i in tensor_idx]).cpu().tolist()  # stacked on the device: one copy
             for i, v in zip(tensor_idx, synced):
                 vals[i] = v
         out = dict(zip(keys, vals))
