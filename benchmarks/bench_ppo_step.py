@@ -311,6 +311,7 @@ def main(smoke: bool | None = None, steps: int = 1, device: str | None = None, b
         hf.step(prompt_ids, new_tokens=min(8, s.new_tokens))  # cuBLAS, allocator and AdamW state
         runs = []
         for i in range(steps):
+            _free(dev)  # as before each of our steps: both sides start from an empty allocator cache
             runs.append(hf.step(prompt_ids, new_tokens=s.new_tokens))
             print(f"  baseline step {i}: {runs[-1]['time/step_s']:.2f} s", flush=True)
         base = _mean(runs)

@@ -39,7 +39,7 @@ def _decode_split_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     Hq, Tn, L, group, qk_scale, num_splits,
-    L_BUCKET,  # autotune key only
+    L_BUCKET, S_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_START: tl.constexpr, SINGLE_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -142,8 +142,9 @@ _DECODE_CONFIGS = [
     for bn, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)]
 ]
 _decode_split_kernel_tuned = triton.autotune(
-    # Coarse key: a growing dynamic cache must not trigger a new tuning run at every power of two.
-    configs=_DECODE_CONFIGS, key=["HEAD_DIM", "BLOCK_R", "L_BUCKET"],
+    # Coarse key: a growing dynamic cache must not trigger a new tuning run at every power of two; the split
+    # count (rounded to a power of two) is in it, since it sets how many keys each program walks.
+    configs=_DECODE_CONFIGS, key=["HEAD_DIM", "BLOCK_R", "L_BUCKET", "S_BUCKET", "SINGLE_SPLIT"],
 )(_decode_split_kernel)
 INTERPRETER_BLOCK_N = 32
 
@@ -194,6 +195,7 @@ def decode_attention_forward(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         Hq, Tn, L, group, softmax_scale * LOG2E, num_splits, min(max(next_pow2(L), 1024), 16384),
+        min(next_pow2(num_splits), 64),  # splits change the work per program: part of the key (rounded)
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_R=max(16, next_pow2(group * Tn)),
                 HAS_START=has_start, SINGLE_SPLIT=single, PRECISION=dot_precision(q.dtype))
