@@ -73,7 +73,31 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing every large block back to the OS.
+
+    PyTorch's CPU allocator is malloc: each tensor above glibc's mmap threshold (32 MB at most) is a fresh
+    mmap, and every page of it faults on first touch, once per op per step (AdamW's temporaries, the
+    logits, the embedding gradient). Serving them from the heap and never trimming it removed most of
+    that: the demo's PPO update went from 4.6 s to 3.3 s (AdamW's sqrt alone from 725 ms to 68 ms) with
+    bit-identical results. Process-wide, so only the CLI (an application) does it; Linux/glibc only;
+    ``RLHF_ENGINE_KEEP_FREED_MEMORY=0`` turns it off. Returns whether it took effect.
+    """
+    import ctypes
+    import os
+
+    if os.environ.get("RLHF_ENGINE_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters (malloc.h)
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def main(argv=None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="rlhf-engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
