@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import H100_BF16_TFLOPS, autotune_report, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
+from common import (H100_BF16_TFLOPS, autotune_report, bench, device, peak_mem_mb, print_table,  # noqa: E402
+                    record, smoke)
 
 from rlhf_engine.kernels.attention import flash_attention  # noqa: E402
 

@@ -214,10 +214,10 @@ class PPOTrainer:
                           old_logp=old_logp, ref_logp=ref_logp, kl=kl, rewards=rewards, advantages=adv,
                           returns=ret, scores=raw_scores, values=values)
         lengths = mask.sum(1)
+        std = raw_scores.std() if raw_scores.numel() > 1 else torch.zeros((), device=raw_scores.device)
         stats_t = {
-            "reward/mean": raw_scores.mean(), "reward/std": raw_scores.std() if raw_scores.numel() > 1
-            else torch.zeros((), device=raw_scores.device), "kl/mean": algo.sequence_kl(kl, mask), "response/length_mean": lengths.mean(),
-            "response/eos_fraction": ended.float().mean(),
+            "reward/mean": raw_scores.mean(), "reward/std": std, "kl/mean": algo.sequence_kl(kl, mask),
+            "response/length_mean": lengths.mean(), "response/eos_fraction": ended.float().mean(),
         }
         if values is not None:
             stats_t["critic/explained_variance"] = algo.explained_variance(values, ret, mask)
