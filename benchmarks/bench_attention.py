@@ -3,6 +3,8 @@
 FLOP counts (causal: half of the T x T score matrix is computed):
     forward  = 2 matmuls (Q K^T, P V) = 2 * (2 * B * Hq * T * T * D) / 2 = 4 * B * Hq * T^2 * D / 2
     backward = 5 matmuls (Q K^T recompute, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q) = 2.5 x forward
+    (the convention of FlashAttention's benchmarks; our default "split" backward recomputes Q K^T and dO V^T in
+    its dQ kernel, 7 matmuls; the "ours (atomic dQ)" row runs dq_mode="atomic", 5 matmuls and fp32 atomics)
     forward + backward = 3.5 x forward
 Floor: the bf16 dense matmul ceiling of the card (764 TFLOP/s on an H100, ../shared/BASELINES.md).
 Run: python benchmarks/bench_attention.py [--no-flex]   (needs a CUDA device; exits with a message otherwise;
@@ -10,6 +12,7 @@ RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1 runs it on a tiny fp32 shape on the CPU, w
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -88,30 +91,59 @@ def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool):
                          (qb, kb, vb)),
         "sdpa_flash_fa2": (fa2, (qb, kb, vb)),
         "ours": (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
+        # the same forward; the backward adds dQ with fp32 atomics inside the dK/dV kernel (fwd+bwd rows only)
+        ATOMIC: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
     }
 
 
+ATOMIC = "ours (atomic dQ)"
+
+
+@contextlib.contextmanager
+def _dq_mode(name: str):
+    """RLHF_ENGINE_ATTN_DQ for one implementation's calls: "atomic" for the atomic-dQ row, else as it was."""
+    if name != ATOMIC:
+        yield
+        return
+    old = os.environ.get("RLHF_ENGINE_ATTN_DQ")
+    os.environ["RLHF_ENGINE_ATTN_DQ"] = "atomic"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["RLHF_ENGINE_ATTN_DQ"]
+        else:
+            os.environ["RLHF_ENGINE_ATTN_DQ"] = old
+
+
 def _check(impls) -> str:
-    """Ours against default SDPA, forward and input gradients (a fast wrong kernel is not a result):
-    '' when they agree, else what disagrees (printed, and put in the name of our rows)."""
-    if "ours" not in impls or "sdpa_default" not in impls:
-        return ""
+    """Each of ours against default SDPA, forward and input gradients (a fast wrong kernel is not a result):
+    {name: '' when they agree, else what disagrees} (printed, and put in the name of that row)."""
+    if "sdpa_default" not in impls:
+        return {}
     outs = {}
-    for name in ("sdpa_default", "ours"):
-        fn, leaves = impls[name]
-        o = fn()
-        grads = torch.autograd.grad(o, leaves, torch.ones_like(o) * 0.5)
+    for name, (fn, leaves) in impls.items():
+        if name != "sdpa_default" and not name.startswith("ours"):
+            continue
+        with _dq_mode(name):
+            o = fn()
+            grads = torch.autograd.grad(o, leaves, torch.ones_like(o) * 0.5)
         if name == "sdpa_default":  # (B, H, T, D) -> ours' (B, T, H, D)
             o, grads = o.transpose(1, 2), [g.transpose(1, 2) for g in grads]
         outs[name] = [o.float(), *(g.float() for g in grads)]
-    bad = []
-    for what, a, b in zip(("o", "dq", "dk", "dv"), outs["ours"], outs["sdpa_default"]):
-        err = ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item()
-        if not err < 2e-2:  # NaN fails too
-            bad.append(f"{what} rel err {err:.2g}")
-    if bad:
-        print(f"WARNING: ours disagrees with SDPA: {', '.join(bad)}")
-    return ", ".join(bad)
+    verdicts = {}
+    for name, ours in outs.items():
+        if name == "sdpa_default":
+            continue
+        bad = []
+        for what, a, b in zip(("o", "dq", "dk", "dv"), ours, outs["sdpa_default"]):
+            err = ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item()
+            if not err < 2e-2:  # NaN fails too
+                bad.append(f"{what} rel err {err:.2g}")
+        if bad:
+            print(f"WARNING: {name} disagrees with SDPA: {', '.join(bad)}")
+        verdicts[name] = ", ".join(bad)
+    return verdicts
 
 
 def _measure(impls, shape, fwd_flops) -> list[dict]:
@@ -119,6 +151,8 @@ def _measure(impls, shape, fwd_flops) -> list[dict]:
     reps = dict(warmup=1, rep=2) if smoke() else dict(warmup=5, rep=30)
     for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
         for name, (fn, leaves) in impls.items():
+            if name == ATOMIC and mode == "fwd":
+                continue  # the forward is ours
             if mode == "fwd":
                 def step(fn=fn):
                     with torch.no_grad():
@@ -131,8 +165,9 @@ def _measure(impls, shape, fwd_flops) -> list[dict]:
                         t.grad = None
                     fn().backward(do)
             try:
-                ms = bench(step, **reps)  # the first calls also autotune ours
-                mem = peak_mem_mb(step)
+                with _dq_mode(name):
+                    ms = bench(step, **reps)  # the first calls also autotune ours
+                    mem = peak_mem_mb(step)
             except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
                 print(f"{name} {mode} failed: {e!r}")
                 continue
@@ -171,12 +206,13 @@ def main(with_flex: bool = True, flex_deadline_s: float = 60.0) -> list[dict]:
             bad = _check(impls)
             new = _measure(impls, shape, fwd_flops)
             for r in new:
-                if bad and r["impl"] == "ours":
-                    r["impl"] = f"ours (MISMATCH vs SDPA: {bad})"
+                if bad.get(r["impl"]):
+                    r["impl"] = f"{r['impl']} (MISMATCH vs SDPA: {bad[r['impl']]})"
             if not flex_pass:
                 from rlhf_engine.kernels import attention_bwd, attention_fwd
                 print("\n".join(autotune_report({"attn_fwd": attention_fwd._attn_fwd_kernel_tuned,
                                                   "attn_bwd_dkdv": attention_bwd._bwd_dkdv_kernel_tuned,
+                                                  "attn_bwd_dkdv_atomic_dq": attention_bwd._bwd_dkdv_atomic_dq_tuned,
                                                   "attn_bwd_dq": attention_bwd._bwd_dq_kernel_tuned})))
                 for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
                     new.append({"op": f"attention_{mode}", "shape": shape, "impl": "floor",
@@ -191,7 +227,7 @@ def main(with_flex: bool = True, flex_deadline_s: float = 60.0) -> list[dict]:
           "SDPA (>1 is faster); targets: ours >= 0.9x default SDPA and >= 1.3x FA2.")
     for r in rows:
         if r["impl"].startswith("ours"):
-            print(f"ours {r['op']:<18} {r['shape']:<32} {r['value']:7.1f} TFLOP/s  "
+            print(f"{r['impl']:<17} {r['op']:<18} {r['shape']:<32} {r['value']:7.1f} TFLOP/s  "
                   f"x{r['vs_baseline']:.2f} vs SDPA default  x{r['vs_fa2']:.2f} vs FA2")
     return rows
 

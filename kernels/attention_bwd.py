@@ -15,9 +15,15 @@ Three kernels:
   accumulators on chip and loops over the ``group = Hq / Hkv`` query heads that read this KV head, and over their
   query blocks: GQA gradients are summed inside the kernel, K/V are never expanded in memory.
 * ``_bwd_dq_kernel``: one program per (query block, batch, query head), looping over key blocks as the forward.
+  With ``dq_mode="atomic"`` it is not launched: the dK/dV kernel computes each tile's dQ share c * dS K as well
+  and adds it into a zeroed fp32 buffer with atomics (FlashAttention-2's scheme). That saves the dQ kernel's
+  recomputation of Q K^T and dO V^T (5 matmuls per tile instead of 7), at the price of one fp32 atomic add per
+  dQ element and key block, and of a fixed summation order: "split" stays the deterministic default.
 Rows without a valid key have lse = -inf; it is replaced by +inf so that their P (and so dS, dQ) is exactly 0.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -66,10 +72,10 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v,
-    q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-    offs_n, offs_d, lo, hi, lo2, hi2, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
+    q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt,
+    offs_n, offs_d, lo, hi, lo2, hi2, Tq, kv_lo, kv_hi, causal_shift, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # Query tiles [lo, hi) then [lo2, hi2) (lo, lo2 multiples of BLOCK_M) in ONE loop: every copy of this loop
     # keeps its own pipeline and live ranges, and ptxas spilled the dK/dV accumulators with three copies.
@@ -109,22 +115,34 @@ def _bwd_dkdv_inner(
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO V^T)^T
         dsT = pT * (dpT - delta[None, :])  # dS^T = P^T * (dP^T - delta)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)  # dK += dS^T Q  (scaled by c later)
+        if ATOMIC_DQ:
+            # dQ += c * dS K for this key block, added into the fp32 dQ buffer: the dQ kernel's recompute of
+            # Q K^T and dO V^T is saved at the price of one fp32 atomic add per element and key block.
+            dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=PRECISION) * sm_scale  # (BLOCK_M, BLOCK_D)
+            dq_ptrs = dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_m < Tq)[:, None] & dmask, sem="relaxed")
+            elif HEAD_DIM == BLOCK_D:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=dmask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KV_START, KV_END,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
+    stride_dqb, stride_dqt, stride_dqh,  # DQ: the fp32 dQ buffer (zeroed) with ATOMIC_DQ, else unused
     Hq, Hkv, Tq, Tk, group, qk_scale, sm_scale,
     T_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Causal: early key blocks are read by the most query blocks; pid 0 (launched first) is the heaviest.
@@ -177,15 +195,16 @@ def _bwd_dkdv_kernel(
         do_base = DO + b64 * stride_dob + h * stride_doh
         lse_base = LSE + bhq * Tq
         delta_base = DELTA + bhq * Tq
+        dq_base = DQ + b64 * stride_dqb + h * stride_dqh
         # masked: the diagonal tiles [m_lo, m_mid) and the partial last tile [m_full, Tq); unmasked: the rest
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-            offs_n, offs_d, m_lo, m_mid, m_full, Tq, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt,
+            offs_n, offs_d, m_lo, m_mid, m_full, Tq, Tq, kv_lo, kv_hi, causal_shift, qk_scale, sm_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, ATOMIC_DQ)
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-            offs_n, offs_d, m_mid, m_full, 0, 0, Tq, kv_lo, kv_hi, causal_shift, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION)
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_dqt,
+            offs_n, offs_d, m_mid, m_full, 0, 0, Tq, kv_lo, kv_hi, causal_shift, qk_scale, sm_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION, ATOMIC_DQ)
 
     dk = dk * sm_scale
     st_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
@@ -297,6 +316,15 @@ def _prune_dkdv(configs, named_args, **kwargs):
     return prune_configs(configs, named_args["T_BUCKET"], smem)
 
 
+def _prune_dkdv_atomic(configs, named_args, **kwargs):
+    bd, es = kwargs["BLOCK_D"], element_size(named_args)
+    # as _prune_dkdv, plus the (BLOCK_M, BLOCK_D) fp32 dQ tile staged in shared memory for the atomic adds: sm_90
+    # compiles used 1.0x (64x64, 64x128) to 2.5x (32x128) of 4 * BLOCK_M * BLOCK_D bytes more than the split kernel
+    smem = lambda c: int(1.1 * (es * bd * (2 * c.kwargs["BLOCK_N"] + 2 * c.num_stages * c.kwargs["BLOCK_M"])  # noqa: E731
+                                + 2.5 * 4 * c.kwargs["BLOCK_M"] * bd))
+    return prune_configs(configs, named_args["T_BUCKET"], smem)
+
+
 def _prune_dq(configs, named_args, **kwargs):
     bd, es = kwargs["BLOCK_D"], element_size(named_args)
     # resident Q, dO tiles + num_stages buffered (K, V) tiles; x1.25 (sm_90 compiles used up to 1.17x)
@@ -326,8 +354,27 @@ _DQ_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages
 _TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "IS_CAUSAL", "HAS_KV_RANGE"]
 _bwd_dkdv_kernel_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
                                          prune_configs_by={"early_config_prune": _prune_dkdv})(_bwd_dkdv_kernel)
+# The atomic-dQ variant accumulates into DQ: every timed config run starts from a zeroed buffer.
+_bwd_dkdv_atomic_dq_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, reset_to_zero=["DQ"],
+                                            prune_configs_by={"early_config_prune": _prune_dkdv_atomic})(_bwd_dkdv_kernel)
 _bwd_dq_kernel_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY,
                                        prune_configs_by={"early_config_prune": _prune_dq})(_bwd_dq_kernel)
+
+
+DQ_MODES = ("split", "atomic")
+
+
+def resolve_dq_mode(mode: str | None = None) -> str:
+    """The backward's dQ strategy: ``mode``, else ``RLHF_ENGINE_ATTN_DQ``, else "split". Under
+    ``torch.use_deterministic_algorithms(True)`` "atomic" falls back to "split" (fp32 atomics add in no fixed
+    order)."""
+    if mode is None:
+        mode = os.environ.get("RLHF_ENGINE_ATTN_DQ", "split")
+    if mode not in DQ_MODES:
+        raise ValueError(f"dq_mode (or RLHF_ENGINE_ATTN_DQ): expected one of {DQ_MODES}, got {mode!r}")
+    if mode == "atomic" and torch.are_deterministic_algorithms_enabled():
+        return "split"
+    return mode
 
 
 def attention_backward(
@@ -346,18 +393,26 @@ def attention_backward(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    dq_mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch preprocess, dK/dV and dQ kernels. Returns dq (B, Tq, Hq, D), dk, dv (B, Tk, Hkv, D) in the input dtypes.
 
     do/q/o (B, Tq, Hq, D), k/v (B, Tk, Hkv, D), all with unit stride on D; lse (B, Hq, Tq) fp32 from the forward.
+    dq_mode: "split" (a dQ kernel of its own: deterministic) or "atomic" (the dK/dV kernel also adds each key block's
+    share of dQ into a zeroed fp32 buffer: no recompute, run-to-run order of the fp32 additions varies);
+    None: ``resolve_dq_mode``.
     """
+    dq_mode = resolve_dq_mode(dq_mode)
+    atomic = dq_mode == "atomic"
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    dq = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    # atomic: an fp32 accumulator (the output itself for fp32 inputs), cast to q's dtype at the end
+    dq = torch.zeros((B, Tq, Hq, D), dtype=torch.float32, device=q.device) if atomic else \
+        torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Tk, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Tk, Hkv, D), dtype=v.dtype, device=v.device)
     if B * Hq * Tq * Tk == 0:
-        return dq, dk.zero_(), dv.zero_()
+        return dq.to(q.dtype).zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     BLOCK_D = max(16, next_pow2(D))
     pre_bm = 64
@@ -375,27 +430,36 @@ def attention_backward(
                 PRECISION=dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, ks, ke, *strides,
-                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+    dq_strides = (dq.stride(0), dq.stride(1), dq.stride(2))
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq, ks, ke, *strides,
+                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dq_strides,
                  Hq, Hkv, Tq, Tk, group, qk_scale, softmax_scale, tb)
-    dq_args = (q, k, v, do, lse, delta, dq, ks, ke, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-               Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)
+    dq_args = (q, k, v, do, lse, delta, dq, ks, ke, *strides, *dq_strides, Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)
+    kv_grid = lambda bn: (cdiv(Tk, bn), B * Hkv)  # noqa: E731
+    q_grid = lambda bm: (cdiv(Tq, bm), B * Hq)  # noqa: E731
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
-        _bwd_dkdv_kernel_tuned[lambda META: (cdiv(Tk, META["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta)
-        _bwd_dq_kernel_tuned[lambda META: (cdiv(Tq, META["BLOCK_M"]), B * Hq)](*dq_args, **meta)
+        tuned = _bwd_dkdv_atomic_dq_tuned if atomic else _bwd_dkdv_kernel_tuned
+        tuned[lambda META: kv_grid(META["BLOCK_N"])](*dkdv_args, **meta, ATOMIC_DQ=atomic)
+        if not atomic:
+            _bwd_dq_kernel_tuned[lambda META: q_grid(META["BLOCK_M"])](*dq_args, **meta)
     elif q.is_cuda and block_m is None and block_n is None:
         named = {"Q": q, "T_BUCKET": tb}
-        c = fixed_config(_DKDV_CONFIGS, _prune_dkdv, named, BLOCK_D, _DKDV_DEFAULT, _DKDV_FP32)
-        _bwd_dkdv_kernel[(cdiv(Tk, c.kwargs["BLOCK_N"]), B * Hkv)](
-            *dkdv_args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        c = fixed_config(_DQ_CONFIGS, _prune_dq, named, BLOCK_D, _DQ_DEFAULT, _DQ_FP32)
-        _bwd_dq_kernel[(cdiv(Tq, c.kwargs["BLOCK_M"]), B * Hq)](
-            *dq_args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        c = fixed_config(_DKDV_CONFIGS, _prune_dkdv_atomic if atomic else _prune_dkdv, named, BLOCK_D,
+                         _DKDV_DEFAULT, _DKDV_FP32)
+        _bwd_dkdv_kernel[kv_grid(c.kwargs["BLOCK_N"])](
+            *dkdv_args, **meta, ATOMIC_DQ=atomic, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        if not atomic:
+            c = fixed_config(_DQ_CONFIGS, _prune_dq, named, BLOCK_D, _DQ_DEFAULT, _DQ_FP32)
+            _bwd_dq_kernel[q_grid(c.kwargs["BLOCK_M"])](
+                *dq_args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         bm = block_m or INTERPRETER_BLOCK_M
         bn = block_n or INTERPRETER_BLOCK_N
-        _bwd_dkdv_kernel[(cdiv(Tk, bn), B * Hkv)](
-            *dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
-        _bwd_dq_kernel[(cdiv(Tq, bm), B * Hq)](
-            *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
+        _bwd_dkdv_kernel[kv_grid(bn)](
+            *dkdv_args, **meta, ATOMIC_DQ=atomic, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
+        if not atomic:
+            _bwd_dq_kernel[q_grid(bm)](
+                *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
+    if atomic and dq.dtype != q.dtype:
+        dq = dq.to(q.dtype)
     return dq, dk, dv

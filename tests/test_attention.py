@@ -72,8 +72,9 @@ def test_flash_attention_fp32_matches_reference(B, T, Hq, Hkv, D, causal, paddin
     _check(q, k, v, causal=causal, kv_start=ks, kv_end=ke, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dq_mode", ["split", "atomic"])
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 32), (16, 64)])
-def test_flash_attention_tiles(block_m, block_n, device):
+def test_flash_attention_tiles(block_m, block_n, dq_mode, device):
     """Odd tile shapes: partial blocks, diagonal blocks smaller/larger than the key tiles."""
     B, T, Hq, Hkv, D = 3, 75, 4, 2, 48
     q, k, v = _inputs(B, T, T, Hq, Hkv, D, torch.float32, device, requires_grad=False)
@@ -88,7 +89,8 @@ def test_flash_attention_tiles(block_m, block_n, device):
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-4, rtol=1e-4)  # -inf rows compare equal
     do = torch.randn_like(o)
     dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal=True, kv_start=ks, kv_end=ke, softmax_scale=scale,
-                                    block_m=block_m, block_n=block_n)
+                                    block_m=block_m, block_n=block_n, dq_mode=dq_mode)
+    assert dq.dtype == q.dtype
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     r = attention_reference(q64, k64, v64, causal=True, kv_start=ks, kv_end=ke, softmax_scale=scale)
     rq, rk, rv = torch.autograd.grad(r, (q64, k64, v64), do.double())
@@ -103,6 +105,51 @@ def test_flash_attention_bottom_right_alignment(Tq, Tk, device):
     ks = torch.tensor([3, 0], dtype=torch.int32, device=device)
     ke = torch.tensor([Tk, Tk - 2], dtype=torch.int32, device=device)
     _check(q, k, v, causal=True, kv_start=ks, kv_end=ke, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", [CASES[2], CASES[3], CASES[5], CASES[7]])
+def test_atomic_dq_matches_reference(B, T, Hq, Hkv, D, causal, padding, device, monkeypatch):
+    """dq_mode="atomic" (dQ added into an fp32 buffer by the dK/dV kernel) through the autograd path: GQA, padding,
+    a fully padded sequence, T = 1."""
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_DQ", "atomic")
+    q, k, v = _inputs(B, T, T, Hq, Hkv, D, torch.float32, device)
+    ks, ke = _ranges(padding, B, T, device)
+    _check(q, k, v, causal=causal, kv_start=ks, kv_end=ke, atol=2e-4, rtol=1e-4)
+
+
+def test_atomic_dq_fp16(device):
+    q, k, v = _inputs(2, 70, 70, 6, 2, 64, torch.float16, device)
+    ks, ke = _ranges("left", 2, 70, device)
+    o, lse = attention_forward(q.detach(), k.detach(), v.detach(), causal=True, kv_start=ks, kv_end=ke,
+                               softmax_scale=0.125)
+    do = torch.randn_like(o)
+    split = attention_backward(do, q.detach(), k.detach(), v.detach(), o, lse, causal=True, kv_start=ks, kv_end=ke,
+                               softmax_scale=0.125, dq_mode="split")
+    atomic = attention_backward(do, q.detach(), k.detach(), v.detach(), o, lse, causal=True, kv_start=ks, kv_end=ke,
+                                softmax_scale=0.125, dq_mode="atomic")
+    for name, a, b in zip("qkv", atomic, split):
+        assert a.dtype == torch.float16 and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2, msg=lambda m: f"d{name}: {m}")
+
+
+def test_dq_mode_resolution(monkeypatch):
+    from rlhf_engine.kernels.attention_bwd import resolve_dq_mode
+
+    monkeypatch.delenv("RLHF_ENGINE_ATTN_DQ", raising=False)
+    assert resolve_dq_mode() == "split" and resolve_dq_mode("atomic") == "atomic"
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_DQ", "atomic")
+    assert resolve_dq_mode() == "atomic" and resolve_dq_mode("split") == "split"
+    with pytest.raises(ValueError, match="dq_mode"):
+        resolve_dq_mode("fused")
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_DQ", "nope")
+    with pytest.raises(ValueError, match="RLHF_ENGINE_ATTN_DQ"):
+        resolve_dq_mode()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert resolve_dq_mode("atomic") == "split"  # atomics add in no fixed order
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def test_flash_attention_fp16(device):
@@ -244,6 +291,14 @@ def test_flash_attention_bf16_gpu(B, T, Hq, Hkv, D, padding, device, record_valu
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,padding", [(2, 1025, 32, 8, 128, "none"), (4, 1025, 14, 2, 64, "left")])
+def test_atomic_dq_bf16_gpu(B, T, Hq, Hkv, D, padding, device, record_value, monkeypatch):
+    """The atomic-dQ backward (bf16 dots, fp32 atomics on the GPU) under the same 2x-PyTorch-error rule."""
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_DQ", "atomic")
+    _bf16_rule(B, T, Hq, Hkv, D, padding, device, record_value)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_flash_attention_gpu_dtypes(dtype, device):
     q, k, v = _inputs(2, 1025, 8, 2, 128, dtype, device)
@@ -281,6 +336,7 @@ def test_fixed_tiles_without_autotune(monkeypatch):
     q16, q32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
     kernels = [(af._FWD_CONFIGS, af._prune_fwd, af._FWD_DEFAULT, af._FWD_FP32),
                (ab._DKDV_CONFIGS, ab._prune_dkdv, ab._DKDV_DEFAULT, ab._DKDV_FP32),
+               (ab._DKDV_CONFIGS, ab._prune_dkdv_atomic, ab._DKDV_DEFAULT, ab._DKDV_FP32),  # dq_mode="atomic"
                (ab._DQ_CONFIGS, ab._prune_dq, ab._DQ_DEFAULT, ab._DQ_FP32)]
     for configs, prune, default, fp32 in kernels:
         for bd in (64, 128):

@@ -100,19 +100,27 @@ def _attention_cases():
         yield _case(f"attn_bwd_preprocess-{dt}", "attention_bwd", "_bwd_preprocess_kernel", _sub(pre, dt), [],
                     dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64), 4)
     dkdv = {"Q": "{dt}", "K": "{dt}", "V": "{dt}", "DO": "{dt}", "LSE": "fp32", "DELTA": "fp32", "DK": "{dt}",
-            "DV": "{dt}", "KV_START": "i32", "KV_END": "i32"}
+            "DV": "{dt}", "DQ": "fp32", "KV_START": "i32", "KV_END": "i32"}
     dq = {k: v for k, v in dkdv.items() if k not in ("DK", "DV")} | {"DQ": "{dt}"}
     # (dtype, HEAD_DIM, _DKDV_CONFIGS entry, _DQ_CONFIGS entry)
     for dt, d, kv_cfg, q_cfg in [("bf16", 128, (32, 128, 8, 2), (128, 64, 8, 2)),   # the D=128 defaults
                                  ("bf16", 64, (64, 128, 8, 2), (128, 64, 8, 2)),    # the D=64 defaults
                                  ("fp16", 128, (64, 64, 8, 2), (128, 32, 8, 3)),
                                  ("fp32", 64, (16, 64, 4, 2), (64, 16, 4, 2))]:
-        for name, kernel, ptrs, (bm, bn, w, s) in [("dkdv", "_bwd_dkdv_kernel", dkdv, kv_cfg),
-                                                   ("dq", "_bwd_dq_kernel", dq, q_cfg)]:
+        for name, kernel, ptrs, (bm, bn, w, s), extra in [
+                ("dkdv", "_bwd_dkdv_kernel", dkdv, kv_cfg, dict(ATOMIC_DQ=False)),
+                ("dq", "_bwd_dq_kernel", dq, q_cfg, {})]:
             yield _case(f"attn_bwd_{name}-{dt}-d{d}-{bm}x{bn}", "attention_bwd", kernel, _sub(ptrs, dt),
                         ["qk_scale", "sm_scale"],
                         dict(HEAD_DIM=d, BLOCK_D=d, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION=_DTYPES[dt],
-                             BLOCK_M=bm, BLOCK_N=bn), w, s)
+                             BLOCK_M=bm, BLOCK_N=bn, **extra), w, s)
+    # dq_mode="atomic": the dK/dV kernel also adds dQ into an fp32 buffer (the default tiles, and a 64x64 one)
+    for dt, d, (bm, bn, w, s) in [("bf16", 128, (32, 128, 8, 2)), ("bf16", 64, (64, 128, 8, 2)),
+                                  ("bf16", 128, (64, 64, 8, 2)), ("fp32", 64, (16, 64, 4, 2))]:
+        yield _case(f"attn_bwd_dkdv_atomic_dq-{dt}-d{d}-{bm}x{bn}", "attention_bwd", "_bwd_dkdv_kernel",
+                    _sub(dkdv, dt), ["qk_scale", "sm_scale"],
+                    dict(HEAD_DIM=d, BLOCK_D=d, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION=_DTYPES[dt],
+                         BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=True), w, s)
 
 
 def _decode_cases():
@@ -153,25 +161,28 @@ def _autotune_kept_cases():
 
     d, dt = 256, "bf16"
     fwd = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "KV_START": "i32", "KV_END": "i32"}
-    dkdv = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "fp32", "DELTA": "fp32", "DK": dt, "DV": dt,
+    dkdv = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "fp32", "DELTA": "fp32", "DK": dt, "DV": dt, "DQ": "fp32",
             "KV_START": "i32", "KV_END": "i32"}
     dq = {k: v for k, v in dkdv.items() if k not in ("DK", "DV")} | {"DQ": dt}
     two = ["qk_scale", "sm_scale"]
-    kernels = [  # (name, module, kernel, autotune configs, prune, pointers, fp32 scalars)
+    kernels = [  # (name, module, kernel, autotune configs, prune, pointers, fp32 scalars, other constexprs)
         ("attn_fwd", "attention_fwd", "_attn_fwd_kernel", attention_fwd._FWD_CONFIGS, attention_fwd._prune_fwd,
-         fwd, ["qk_scale"]),
+         fwd, ["qk_scale"], {}),
         ("attn_bwd_dkdv", "attention_bwd", "_bwd_dkdv_kernel", attention_bwd._DKDV_CONFIGS, attention_bwd._prune_dkdv,
-         dkdv, two),
-        ("attn_bwd_dq", "attention_bwd", "_bwd_dq_kernel", attention_bwd._DQ_CONFIGS, attention_bwd._prune_dq, dq, two),
+         dkdv, two, dict(ATOMIC_DQ=False)),
+        ("attn_bwd_dkdv_atomic_dq", "attention_bwd", "_bwd_dkdv_kernel", attention_bwd._DKDV_CONFIGS,
+         attention_bwd._prune_dkdv_atomic, dkdv, two, dict(ATOMIC_DQ=True)),
+        ("attn_bwd_dq", "attention_bwd", "_bwd_dq_kernel", attention_bwd._DQ_CONFIGS, attention_bwd._prune_dq, dq, two,
+         {}),
     ]
-    for name, module, kernel, configs, prune, ptrs, floats in kernels:
+    for name, module, kernel, configs, prune, ptrs, floats, extra in kernels:
         for c in prune(configs, {"T_BUCKET": 16384}, BLOCK_D=d):
             bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
             cid = f"autotune_kept-{name}-{dt}-d{d}-{bm}x{bn}-w{w}s{s}"
             marks = [pytest.mark.xfail(strict=True, reason=_KNOWN_OVERFLOW[cid])] if cid in _KNOWN_OVERFLOW else []
             p = _case(cid, module, kernel, ptrs, floats,
                       dict(HEAD_DIM=d, BLOCK_D=d, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION="tf32",
-                           BLOCK_M=bm, BLOCK_N=bn), w, s)
+                           BLOCK_M=bm, BLOCK_N=bn, **extra), w, s)
             yield pytest.param(*p.values, id=p.id, marks=marks)
 
 
@@ -288,7 +299,8 @@ def compiled(tmp_path_factory):
 # 8 bytes; the dK/dV kernel spilled 1.7 KB before its loops were merged).
 NO_SPILL = {"attn_fwd-bf16-d128-128x64", "attn_fwd-bf16-d64-128x64", "attn_bwd_dkdv-bf16-d128-32x128",
             "attn_bwd_dq-bf16-d128-128x64", "attn_bwd_dkdv-bf16-d64-64x128", "attn_bwd_dq-bf16-d64-128x64",
-            "decode_split-bf16-d128-r16-n64", "decode_reduce-bf16-s64", "decode_reduce-fp32-s8"}
+            "decode_split-bf16-d128-r16-n64", "decode_reduce-bf16-s64", "decode_reduce-fp32-s8",
+            "attn_bwd_dkdv_atomic_dq-bf16-d128-32x128", "attn_bwd_dkdv_atomic_dq-bf16-d64-64x128"}
 MAX_STACK = 32
 NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope")
 
