@@ -178,7 +178,8 @@ def _measure(impls, shape, fwd_flops) -> list[dict]:
 
 def main(with_flex: bool = True, flex_deadline_s: float = 60.0) -> list[dict]:
     """Ours and SDPA on every shape first; FlexAttention (compiles for tens of seconds) only while the run is
-    younger than ``flex_deadline_s``, so the whole script stays inside the runner's 150 s (it autotunes two backward variants)."""
+    younger than ``flex_deadline_s``, so the whole script stays inside the runner's 150 s (it autotunes two
+    backward variants)."""
     if not torch.cuda.is_available() and not smoke():
         print("bench_attention: needs a CUDA device (the Triton kernels only run on the interpreter here); skipped.")
         return []

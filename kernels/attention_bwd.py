@@ -355,8 +355,9 @@ _TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "IS_CAUSAL", "HAS_KV_RANGE"]
 _bwd_dkdv_kernel_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
                                          prune_configs_by={"early_config_prune": _prune_dkdv})(_bwd_dkdv_kernel)
 # The atomic-dQ variant accumulates into DQ: every timed config run starts from a zeroed buffer.
-_bwd_dkdv_atomic_dq_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, reset_to_zero=["DQ"],
-                                            prune_configs_by={"early_config_prune": _prune_dkdv_atomic})(_bwd_dkdv_kernel)
+_bwd_dkdv_atomic_dq_tuned = triton.autotune(
+    configs=_DKDV_CONFIGS, key=_TUNE_KEY, reset_to_zero=["DQ"],
+    prune_configs_by={"early_config_prune": _prune_dkdv_atomic})(_bwd_dkdv_kernel)
 _bwd_dq_kernel_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY,
                                        prune_configs_by={"early_config_prune": _prune_dq})(_bwd_dq_kernel)
 
@@ -434,7 +435,8 @@ def attention_backward(
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq, ks, ke, *strides,
                  dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dq_strides,
                  Hq, Hkv, Tq, Tk, group, qk_scale, softmax_scale, tb)
-    dq_args = (q, k, v, do, lse, delta, dq, ks, ke, *strides, *dq_strides, Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)
+    dq_args = (q, k, v, do, lse, delta, dq, ks, ke, *strides, *dq_strides,
+               Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)
     kv_grid = lambda bn: (cdiv(Tk, bn), B * Hkv)  # noqa: E731
     q_grid = lambda bm: (cdiv(Tq, bm), B * Hq)  # noqa: E731
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
