@@ -143,3 +143,13 @@ def test_record_value_writes_to_out(record_value, tmp_path, monkeypatch):
     lines = (tmp_path / "measured.txt").read_text().splitlines()
     assert [ln.split(" | ")[1:] for ln in lines] == [["bf16 o: max err ours / PyTorch's", "0.8125"], ["count", "3"]]
     assert lines[0].startswith("tests/test_benchmarks.py::test_record_value_writes_to_out")
+
+
+def test_decode_step_kernel_count():
+    """benchmarks/decode_launches.py: the generation path's fused kernels cut the kernels of a decode layer
+    (counted under the interpreter: Triton launches plus computing ATen ops) by at least a third."""
+    import decode_launches
+
+    unfused, fused = decode_launches.main(num_layers=24)
+    assert fused["per_layer"] <= 15 and fused["per_layer"] * 3 <= unfused["per_layer"] * 2
+    assert fused["step"] < unfused["step"]

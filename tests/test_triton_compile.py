@@ -153,6 +153,17 @@ def _kv_cache_cases():
                     dict(HALF=d // 2, BLOCK_HALF=d // 2, BLOCK_H=h), 1 if h * d <= 512 else 4)
 
 
+def _inference_op_cases():
+    norm = {"X": "{dt}", "R": "{dt}", "W": "{dt}", "Y": "{dt}", "S": "{dt}"}
+    # rms_norm_forward: BLOCK_H = next_pow2(H), 4 warps up to 2048, else 8 (Qwen2-0.5B: 896; Llama-3-8B: 4096)
+    for dt, bh, res, w in [("bf16", 1024, True, 4), ("bf16", 4096, False, 8), ("fp16", 2048, True, 4)]:
+        yield _case(f"rms_norm-{dt}-h{bh}", "rmsnorm", "_rms_norm_kernel", _sub(norm, dt), ["eps"],
+                    dict(HAS_RES=res, BLOCK_H=bh), w)
+    for dt in ("bf16", "fp32"):
+        yield _case(f"silu_mul-{dt}", "swiglu", "_silu_mul_kernel", {"G": dt, "U": dt, "O": dt}, [],
+                    dict(BLOCK=2048), 4)
+
+
 def _autotune_kept_cases():
     """bf16 attention at HEAD_DIM 256 (the largest tile per row): every autotune config that the module's own
     early_config_prune keeps for a long sequence must fit in shared memory, or the prune is letting through
@@ -199,7 +210,7 @@ def _pow2(x: int) -> int:
 
 
 CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_decode_cases(), *_kv_cache_cases(),
-         *_autotune_kept_cases()]
+         *_inference_op_cases(), *_autotune_kept_cases()]
 
 # ----------------------------------------------------------------------------- the child process
 # Reads a JSON list of cases from argv[1], compiles each, writes one JSON result per case to argv[2].
@@ -302,7 +313,8 @@ NO_SPILL = {"attn_fwd-bf16-d128-128x64", "attn_fwd-bf16-d64-128x64", "attn_bwd_d
             "decode_split-bf16-d128-r16-n64", "decode_reduce-bf16-s64", "decode_reduce-fp32-s8",
             "attn_bwd_dkdv_atomic_dq-bf16-d128-32x128", "attn_bwd_dkdv_atomic_dq-bf16-d64-64x128"}
 MAX_STACK = 32
-NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope")
+NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope", "rms_norm",
+                     "silu_mul")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -49,6 +49,11 @@ class AttnMeta:
     cache_lens: (B,) int32 — decode: valid length including the new tokens.
     cache_start: (B,) int32 — decode: first valid slot (left padding of the prompt).
     kv_len: host int bound on the used cache length (torch decode only; None = all L).
+    fused_ops: the generation paths on the triton backend (prefill, decode; no autograd): the decoder layers
+      use the fused inference kernels (residual add + RMSNorm, silu(gate) * up), and decode rotates K inside
+      the cache write.
+    rope_rows: (B,) int32 — decode with fused_ops: row of sequence b's first new token in the (B * Tn, D)
+      cos/sin tables (b * Tn).
     """
 
     backend: str
@@ -61,6 +66,8 @@ class AttnMeta:
     cache_lens: torch.Tensor | None = None
     cache_start: torch.Tensor | None = None
     kv_len: int | None = None
+    fused_ops: bool = False
+    rope_rows: torch.Tensor | None = None
 
 
 def mask_to_kv_range(attention_mask: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

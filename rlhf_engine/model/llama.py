@@ -57,6 +57,16 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        if meta.mode == "decode" and meta.fused_ops:  # K is rotated inside the cache write
+            from rlhf_engine.kernels.kv_cache import apply_rope, write_kv_cache
+
+            q = apply_rope(q, cos, sin, backend="triton")
+            k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]  # (B, L, Hkv, D)
+            D = self.head_dim
+            write_kv_cache(k_cache, v_cache, k, v, meta.write_pos, cos=cos.reshape(B * T, D),
+                           sin=sin.reshape(B * T, D), rope_positions=meta.rope_rows, backend="triton")
+            y = cache_attention(q, k_cache, v_cache, meta)  # (B, T, Hq, D)
+            return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
         if meta.backend == "triton":  # one fused kernel per tensor instead of ~5 elementwise ops
             from rlhf_engine.kernels.kv_cache import apply_rope
 
@@ -86,7 +96,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(H, I, bias=False)
         self.down_proj = nn.Linear(I, H, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:  # generation on the triton backend: one kernel for silu(gate) * up
+            from rlhf_engine.kernels.swiglu import silu_mul
+
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), backend="triton"))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -99,8 +113,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        if meta.fused_ops:
+            return self._forward_fused(x, cos, sin, meta)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        """The same math on the fused inference kernels: norm; residual add + norm; silu(gate) * up."""
+        from rlhf_engine.kernels.rmsnorm import rms_norm
+
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        h = rms_norm(x, n1.weight, n1.eps, backend="triton")
+        h, x = rms_norm(self.self_attn(h, cos, sin, meta), n2.weight, n2.eps, residual=x, backend="triton")
+        return x + self.mlp(h, fused=True)
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -138,6 +163,10 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, meta, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, meta)
+        if meta.fused_ops:
+            from rlhf_engine.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.norm.weight, self.norm.eps, backend="triton")
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -264,7 +293,7 @@ class CausalLM(nn.Module):
         backend = resolve_backend(attn_backend or self.config.attn_backend, input_ids.device)
         n_valid = attention_mask.long().sum(1)  # (B,)
         start = (P - n_valid).to(torch.int32)  # (B,)
-        meta = AttnMeta(backend=backend, mode="prefill", cache=cache)
+        meta = AttnMeta(backend=backend, mode="prefill", cache=cache, fused_ops=backend == "triton")
         if backend == "torch":
             meta.attention_mask = attention_mask.bool()
         else:
@@ -293,7 +322,10 @@ class CausalLM(nn.Module):
         slots = write_pos[:, None] + torch.arange(Tn, device=input_ids.device)  # (B, Tn)
         position_ids = slots - cache.start.long()[:, None]  # (B, Tn)
         meta = AttnMeta(backend=backend, mode="decode", cache=cache, write_pos=write_pos,
-                        cache_lens=(cache.lengths + Tn).to(torch.int32), cache_start=cache.start, kv_len=kv_len)
+                        cache_lens=(cache.lengths + Tn).to(torch.int32), cache_start=cache.start, kv_len=kv_len,
+                        fused_ops=backend == "triton")
+        if meta.fused_ops:
+            meta.rope_rows = torch.arange(0, B * Tn, Tn, device=input_ids.device, dtype=torch.int32)
         hidden = self.model.run_layers(input_ids, position_ids, meta)  # (B, Tn, H)
         cache.lengths.add_(Tn)
         return self.sampling_logits(hidden)  # (B, Tn, V) fp32

@@ -1,0 +1,164 @@
+"""The generation path's fused kernels (residual add + RMSNorm, silu(gate) * up) against their eager definitions,
+and the model's prefill/decode on them against the unfused forward. Triton runs under the interpreter on the CPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_engine.kernels.rmsnorm import rms_norm, rms_norm_reference
+from rlhf_engine.kernels.swiglu import silu_mul
+
+# (leading shape, H): odd row counts, a non-power-of-two hidden size, Qwen2-0.5B's 896
+NORM_SHAPES = [((97,), 50), ((2, 5), 896), ((1, 1), 64), ((3, 7), 130)]
+
+
+def _rms64(s: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    s64 = s.double()
+    return w.double() * s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("lead,H", NORM_SHAPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_fp32_matches_fp64(lead, H, with_residual, device):
+    x = torch.randn(*lead, H, device=device) * 3
+    w = torch.randn(H, device=device)
+    r = torch.randn_like(x) if with_residual else None
+    out = rms_norm(x, w, 1e-6, residual=r, backend="triton")
+    if with_residual:
+        out, s = out
+        torch.testing.assert_close(s, x + r, atol=0, rtol=0)  # one fp32 add, as eager
+    s = x if r is None else x + r
+    assert out.dtype == torch.float32 and out.shape == x.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), _rms64(s, w, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+# The Triton interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even): bf16 rounding is checked on a GPU.
+DTYPES_16 = [pytest.param(torch.bfloat16, marks=pytest.mark.gpu, id="bf16"), pytest.param(torch.float16, id="fp16")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES_16)
+def test_rms_norm_16bit_rounds_as_eager(dtype, device):
+    """16-bit: the residual sum is the eager add bit for bit; the output is within one rounding step of the
+    eager ops (fp32 statistics in both; they may sum in another order)."""
+    x = (torch.randn(33, 96, device=device) * 2).to(dtype)
+    r = torch.randn(33, 96, device=device).to(dtype)
+    w = (1 + 0.1 * torch.randn(96, device=device)).to(dtype)
+    out, s = rms_norm(x, w, 1e-5, residual=r, backend="triton")
+    ref, ref_s = rms_norm_reference(x, w, 1e-5, residual=r)
+    assert out.dtype == dtype and torch.equal(s, ref_s)
+    ulp = torch.finfo(dtype).eps * ref.float().abs().clamp(min=1.0)
+    assert ((out.float() - ref.float()).abs() <= ulp).all()
+    # and the eager error against fp64 bounds ours (the 2x rule)
+    exact = _rms64(ref_s, w, 1e-5)
+    err_ours = (out.double() - exact).abs().max()
+    err_eager = (ref.double() - exact).abs().max()
+    assert err_ours <= 2 * err_eager + 1e-6
+
+
+def test_rms_norm_promotes_like_eager(device):
+    """An fp32 weight with bf16 activations gives fp32 output, as ``weight * y.to(bf16)`` does."""
+    x = torch.randn(4, 32, device=device).bfloat16()
+    w = torch.randn(32, device=device)
+    out = rms_norm(x, w, 1e-6, backend="triton")
+    ref = rms_norm_reference(x, w, 1e-6)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+
+
+def test_rms_norm_strided_and_empty(device):
+    x = torch.randn(6, 2 * 40, device=device)[:, ::2]  # non-unit stride on H: copied
+    w = torch.randn(40, device=device)
+    torch.testing.assert_close(rms_norm(x, w, 1e-6, backend="triton"), rms_norm_reference(x, w, 1e-6))
+    e = torch.empty(0, 40, device=device)
+    out, s = rms_norm(e, w, 1e-6, residual=e, backend="triton")
+    assert out.shape == (0, 40) and s.shape == (0, 40)
+
+
+def test_rms_norm_validation(device):
+    x, w = torch.randn(3, 8, device=device), torch.randn(8, device=device)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.randn(9, device=device), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(x, w, 1e-6, residual=torch.randn(3, 9, device=device))
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(x, w, 1e-6, residual=x.double())
+    with pytest.raises(ValueError, match="eps"):
+        rms_norm(x, w, float("nan"))
+    with pytest.raises(TypeError, match="x"):
+        rms_norm(torch.ones(3, 8, dtype=torch.long), w, 1e-6)
+    with pytest.raises(ValueError, match="backend"):
+        rms_norm(x, w, 1e-6, backend="cuda")
+    with pytest.raises(RuntimeError, match="no_grad"):
+        rms_norm(x.requires_grad_(), w, 1e-6, backend="triton")
+    with torch.no_grad():
+        rms_norm(x, w, 1e-6, backend="triton")  # fine without autograd
+
+
+@pytest.mark.parametrize("shape", [(97, 130), (2, 3, 4864), (1, 1)])
+def test_silu_mul_matches_eager(shape, device):
+    g, u = torch.randn(*shape, device=device) * 4, torch.randn(*shape, device=device)
+    out = silu_mul(g, u, backend="triton")
+    ref = g.double() * torch.sigmoid(g.double()) * u.double()
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_16)
+def test_silu_mul_16bit_rounds_as_eager(dtype, device):
+    g = (torch.randn(37, 200, device=device) * 4).to(dtype)
+    u = torch.randn(37, 200, device=device).to(dtype)
+    out, ref = silu_mul(g, u, backend="triton"), F.silu(g) * u
+    assert out.dtype == dtype
+    ulp = torch.finfo(dtype).eps * ref.float().abs().clamp(min=1e-3)
+    assert ((out.float() - ref.float()).abs() <= ulp).all()  # same roundings; exp may differ in the last fp32 bit
+
+
+def test_silu_mul_validation(device):
+    g = torch.randn(3, 8, device=device)
+    with pytest.raises(ValueError, match="up"):
+        silu_mul(g, torch.randn(3, 9, device=device))
+    with pytest.raises(ValueError, match="up"):
+        silu_mul(g, g.double())
+    with pytest.raises(TypeError, match="gate"):
+        silu_mul(torch.ones(2, dtype=torch.long), torch.ones(2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="no_grad"):
+        silu_mul(g.requires_grad_(), g.detach(), backend="triton")
+    assert silu_mul(torch.empty(0, 8, device=device), torch.empty(0, 8, device=device), backend="triton").shape == (0, 8)
+
+
+def test_custom_ops_fake_tensor():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w = torch.empty(5, 64, dtype=torch.bfloat16), torch.empty(64)
+        y = torch.ops.rlhf_engine.rms_norm(x, w, 1e-6)
+        y2, s = torch.ops.rlhf_engine.add_rms_norm(x, x, w, 1e-6)
+        a = torch.ops.rlhf_engine.silu_mul(x, x)
+    assert y.dtype == y2.dtype == torch.float32 and s.dtype == a.dtype == torch.bfloat16
+    assert y.shape == s.shape == a.shape == (5, 64)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_fused_generation_path_matches_unfused_forward(name, device):
+    """Prefill + decode on the triton backend (fused norm / residual / SwiGLU kernels, RoPE inside the cache
+    write) give the logits of the unfused full forward on the same backend, fp32."""
+    from rlhf_engine.generation import KVCache
+    from rlhf_engine.model import CausalLM, preset
+
+    torch.manual_seed(0)
+    m = CausalLM(preset(name)).to(device).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # non-trivial norm weights and biases
+            p.add_(0.05 * torch.randn_like(p))
+    B, P, N = 3, 6, 3
+    ids = torch.randint(3, m.config.vocab_size, (B, P + N), device=device)
+    mask = torch.ones(B, P + N, dtype=torch.long, device=device)
+    mask[1, :2] = 0  # left padding
+    mask[2, :4] = 0
+    with torch.no_grad():
+        full = m(ids, mask, attn_backend="triton").float()  # (B, P + N, V)
+        cache = KVCache.allocate(m.config, B, P + N, dtype=torch.float32, device=device)
+        logits = [m.prefill(ids[:, :P], mask[:, :P], cache, attn_backend="triton")]
+        for t in range(P, P + N - 1):
+            logits.append(m.decode_step(ids[:, t:t + 1], cache, attn_backend="triton")[:, 0])
+    got = torch.stack(logits, 1)  # logits after positions P-1 .. P+N-2
+    torch.testing.assert_close(got, full[:, P - 1:P + N - 1], atol=1e-4, rtol=1e-4)
