@@ -7,7 +7,8 @@ step of a Qwen2-0.5B-shaped model (1 and 2 layers, narrow widths: the count does
 triton backend under the Triton interpreter and counts what would be GPU kernels:
   - Triton launches;
   - ATen ops that compute (views, reshapes and allocations excluded).
-It compares the generation path (fused inference kernels) with the same step on unfused ops.
+It compares the generation path (fused inference kernels) with the same step on unfused ops, and the
+Triton sampler (``kernels/sample.py``) with the eager one.
 
 Run: TRITON_INTERPRET=1 python benchmarks/decode_launches.py
 """
@@ -95,6 +96,17 @@ def count_decode_step(fused: bool, num_layers: int) -> tuple[collections.Counter
     return aten.ops, triton_counts
 
 
+def count_sampling(backend: str) -> int:
+    """Kernels of one ``sample_tokens`` call (plain temperature sampling) on a backend."""
+    from rlhf_engine.generation import sample_tokens
+
+    logits = torch.randn(4, 1000)
+    g = torch.Generator().manual_seed(0)
+    with _count_triton() as triton_counts, _CountAten() as aten:
+        sample_tokens(logits, temperature=0.7, generator=g, backend=backend)
+    return sum(aten.ops.values()) + sum(triton_counts.values())
+
+
 def main(num_layers: int = 24) -> list[dict]:
     """Counts for 1 and 2 layers give the per-layer and per-step parts; printed for ``num_layers``."""
     rows = []
@@ -111,6 +123,9 @@ def main(num_layers: int = 24) -> list[dict]:
     for r in rows:
         print(f"{r['path']:<28} {r['per_layer']:3d} per layer, {r['fixed']:3d} per step: "
               f"{r['step']} kernels per decode step at {num_layers} layers")
+    for r, backend in zip(rows, ("torch", "triton")):
+        r["sampling"] = count_sampling(backend)
+        print(f"sampling a token ({backend} sampler): {r['sampling']} kernels")
     return rows
 
 

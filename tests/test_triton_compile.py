@@ -162,6 +162,11 @@ def _inference_op_cases():
     for dt in ("bf16", "fp32"):
         yield _case(f"silu_mul-{dt}", "swiglu", "_silu_mul_kernel", {"G": dt, "U": dt, "O": dt}, [],
                     dict(BLOCK=2048), 4)
+    # sample_logits_forward: one program per row, BLOCK_V 2048, 8 warps; fp32 logits (sampling_logits)
+    for greedy in (False, True):
+        yield _case(f"sample-fp32-{'greedy' if greedy else 'gumbel'}", "sample", "_sample_kernel",
+                    {"Z": "fp32", "SEED": "i32", "TOK": "i64", "LOGP": "fp32"}, ["inv_t"],
+                    dict(GREEDY=greedy, BLOCK_V=2048), 8)
 
 
 def _autotune_kept_cases():
@@ -314,7 +319,7 @@ NO_SPILL = {"attn_fwd-bf16-d128-128x64", "attn_fwd-bf16-d64-128x64", "attn_bwd_d
             "attn_bwd_dkdv_atomic_dq-bf16-d128-32x128", "attn_bwd_dkdv_atomic_dq-bf16-d64-64x128"}
 MAX_STACK = 32
 NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope", "rms_norm",
-                     "silu_mul")
+                     "silu_mul", "sample")
 
 
 @pytest.mark.parametrize("case", CASES)

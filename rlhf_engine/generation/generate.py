@@ -97,7 +97,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     eos_token_ids: stop tokens (default: the config's); a row is finished after emitting
     one, later positions get ``pad_token_id`` (default: config pad, else the first EOS,
     else 0) with response_mask 0. generator: torch.Generator on the model's device.
-    attn_backend: None -> the config's. use_cuda_graph: None -> True on CUDA.
+    attn_backend: None -> the config's; "triton" also samples with the one-pass Triton sampler (greedy and
+    plain temperature sampling; top-k/top-p on the eager ops). use_cuda_graph: None -> True on CUDA.
     graph_cache: a ``DecodeGraphCache`` to reuse static caches and captured graphs across
     calls (capture once per batch bucket and rounded length; with use_cuda_graph=False, e.g.
     on the CPU, only the caches are reused); None: allocate (and capture) per call, and again at each
@@ -138,7 +139,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
 
     B, P = prompt_ids.shape
     N = max_new_tokens
-    sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+    # the triton backend also samples with one kernel (plain temperature sampling and greedy)
+    sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
+                     backend=backend)
     eos = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=device)
     response = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, N), dtype=torch.long, device=device)

@@ -43,7 +43,7 @@ def sampling_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: in
 
 
 def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  greedy: bool = False, generator: torch.Generator | None = None
+                  greedy: bool = False, generator: torch.Generator | None = None, backend: str = "auto"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row and return its log-probability.
 
@@ -53,6 +53,10 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     top_k/top_p active the token is drawn from the truncated distribution but the returned
     log-prob is still the untruncated one. greedy: argmax of the logits (temperature,
     top_k, top_p then only affect the returned log-prob's temperature).
+    backend: "triton" draws greedy and plain temperature samples (no top-k/top-p) with one Triton kernel
+    (``rlhf_engine.kernels.sample``: one pass over the logits, Gumbel-max on a Philox stream seeded from
+    ``generator``); "torch" always uses the ops below; "auto": triton on CUDA. The two backends draw from the
+    same distribution with different random streams.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits: expected (B, V), got {tuple(logits.shape)}")
@@ -60,6 +64,13 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         raise ValueError(f"temperature: expected > 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+    plain = top_p >= 1.0 and (top_k <= 0 or top_k >= logits.shape[-1])
+    if (greedy or plain) and (backend == "triton" or (backend == "auto" and logits.is_cuda)):
+        from rlhf_engine.kernels.sample import sample_logits
+
+        return sample_logits(logits, temperature=temperature, greedy=greedy, generator=generator)
     z = logits.float() / temperature  # (B, V)
     if greedy:
         tokens = torch.argmax(z, dim=-1)

@@ -114,18 +114,25 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         if meta.fused_ops:
-            return self._forward_fused(x, cos, sin, meta)
+            x, d = self.forward_fused(x, None, cos, sin, meta)
+            return x + d
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-        """The same math on the fused inference kernels: norm; residual add + norm; silu(gate) * up."""
+    def forward_fused(self, x: torch.Tensor, d: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                      meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same math on the fused inference kernels, with the residual stream carried as x + d (d: the
+        previous layer's MLP output, not yet added; None: none). Returns (x', d'), this layer's output x' + d':
+        each residual add happens inside the next norm (residual add + RMSNorm in one kernel)."""
         from rlhf_engine.kernels.rmsnorm import rms_norm
 
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
-        h = rms_norm(x, n1.weight, n1.eps, backend="triton")
+        if d is None:
+            h = rms_norm(x, n1.weight, n1.eps, backend="triton")
+        else:
+            h, x = rms_norm(d, n1.weight, n1.eps, residual=x, backend="triton")
         h, x = rms_norm(self.self_attn(h, cos, sin, meta), n2.weight, n2.eps, residual=x, backend="triton")
-        return x + self.mlp(h, fused=True)
+        return x, self.mlp(h, fused=True)
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -157,16 +164,19 @@ class Transformer(nn.Module):
         """input_ids (B, T), position_ids (B, T) -> hidden after the final norm (B, T, H)."""
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary(position_ids, x.dtype)  # (B, T, D) each
+        if meta.fused_ops:  # generation: the residual adds ride in the norms (DecoderLayer.forward_fused)
+            from rlhf_engine.kernels.rmsnorm import rms_norm
+
+            d = None
+            for layer in self.layers:
+                x, d = layer.forward_fused(x, d, cos, sin, meta)
+            return rms_norm(d, self.norm.weight, self.norm.eps, residual=x, backend="triton")[0]
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_ckpt:
                 x = checkpoint(layer, x, cos, sin, meta, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, meta)
-        if meta.fused_ops:
-            from rlhf_engine.kernels.rmsnorm import rms_norm
-
-            return rms_norm(x, self.norm.weight, self.norm.eps, backend="triton")
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
