@@ -318,10 +318,13 @@ def _prune_dkdv(configs, named_args, **kwargs):
 
 def _prune_dkdv_atomic(configs, named_args, **kwargs):
     bd, es = kwargs["BLOCK_D"], element_size(named_args)
-    # as _prune_dkdv, plus the (BLOCK_M, BLOCK_D) fp32 dQ tile staged in shared memory for the atomic adds: sm_90
-    # compiles used 1.0x (64x64, 64x128) to 2.5x (32x128) of 4 * BLOCK_M * BLOCK_D bytes more than the split kernel
-    smem = lambda c: int(1.1 * (es * bd * (2 * c.kwargs["BLOCK_N"] + 2 * c.num_stages * c.kwargs["BLOCK_M"])  # noqa: E731
-                                + 2.5 * 4 * c.kwargs["BLOCK_M"] * bd))
+    # as _prune_dkdv, plus the (BLOCK_M, BLOCK_D) fp32 dQ tile staged in shared memory for the atomic adds. sm_90
+    # compiles used 4 * BLOCK_M * BLOCK_D bytes more than the split kernel with BLOCK_M >= 64 (the dQ dot on
+    # wgmma), and 2.5x to 3x that below 64 rows (the dot falls back to mma.sync, with layout conversions).
+    def smem(c):
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return int(1.1 * (es * bd * (2 * bn + 2 * c.num_stages * bm) + (1.0 if bm >= 64 else 3.0) * 4 * bm * bd))
+
     return prune_configs(configs, named_args["T_BUCKET"], smem)
 
 

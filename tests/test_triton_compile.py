@@ -114,9 +114,10 @@ def _attention_cases():
                         ["qk_scale", "sm_scale"],
                         dict(HEAD_DIM=d, BLOCK_D=d, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION=_DTYPES[dt],
                              BLOCK_M=bm, BLOCK_N=bn, **extra), w, s)
-    # dq_mode="atomic": the dK/dV kernel also adds dQ into an fp32 buffer (the default tiles, and a 64x64 one)
+    # dq_mode="atomic": the dK/dV kernel also adds dQ into an fp32 buffer (the default tiles, and 64-row ones)
     for dt, d, (bm, bn, w, s) in [("bf16", 128, (32, 128, 8, 2)), ("bf16", 64, (64, 128, 8, 2)),
-                                  ("bf16", 128, (64, 64, 8, 2)), ("fp32", 64, (16, 64, 4, 2))]:
+                                  ("bf16", 128, (64, 64, 8, 2)), ("bf16", 128, (64, 128, 8, 2)),
+                                  ("fp32", 64, (16, 64, 4, 2))]:
         yield _case(f"attn_bwd_dkdv_atomic_dq-{dt}-d{d}-{bm}x{bn}", "attention_bwd", "_bwd_dkdv_kernel",
                     _sub(dkdv, dt), ["qk_scale", "sm_scale"],
                     dict(HEAD_DIM=d, BLOCK_D=d, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION=_DTYPES[dt],
