@@ -1,10 +1,12 @@
 """RMSNorm, optionally fused with the residual add before it, in one Triton kernel (inference: no backward).
 
-The transformers (Llama, Qwen2) definition, rounding included, for x (N, H) in a dtype ``dt``:
+The transformers (Llama, Qwen2) definition, with its rounding steps, for x (N, H) in a dtype ``dt``:
     s   = x + residual                               (rounded to dt, as the eager add; with ``residual``)
     y   = (s_f32 * rsqrt(mean(s_f32²) + eps)).to(dt)  (statistics in fp32; cast before the weight multiply)
     out = weight * y                                 (in the promoted dtype of weight and dt)
-One program per row reads x (and the residual) once and writes out (and s) once. The eager path is 4 to 6
+One program per row reads x (and the residual) once and writes out (and s) once. The residual sum is the eager
+add bit for bit; out may differ from eager by one unit in the last place of ``dt`` (the sum of squares in
+another order, and the GPU's approximate sqrt / divide where eager uses rsqrtf). The eager path is 4 to 6
 kernels a norm (cast, square/mean/rsqrt/mul or one fused rms_norm, cast, weight multiply) plus the add: in a
 decode step of a 0.5B model at batch 64 each of them is a few microseconds of launch and tail for ~100 KB of
 data, and there are two norms per layer.
@@ -23,7 +25,7 @@ import triton.language as tl
 from ._launch import next_pow2
 
 _BACKENDS = ("auto", "triton", "torch")
-MAX_HIDDEN = 65536  # one row per program, held in registers
+MAX_HIDDEN = 16384  # one row per program, held in registers (16K fp32 over 8 warps: 64 a thread)
 
 
 @triton.jit

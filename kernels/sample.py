@@ -5,12 +5,16 @@ For one row of logits l (V,) and temperature T, with z = l / T:
             softmax(z)_i; the same draw as the exponential race argmax p_i / E_i with E_i = -log U_i)
     greedy: token = argmax_i z_i
     logp  = z_token - logsumexp(z)                                             (online over vocab blocks)
-U_i = Philox(seed, row * V + i) (``tl.rand``), with one int32 seed per call drawn from the caller's
+U_i = Philox(seed, row * V + i) (``tl.rand``), with one 62-bit seed per call drawn from the caller's
 ``torch.Generator`` on the device: no host sync, reproducible for a given generator state.
+Two kernels: programs (row, vocab split of ~8K entries) reduce their slice to (max, sum of exp, best key,
+its index), so that a batch of 64 rows still fills the GPU (one program per row would stream 600 KB
+through each of 64 SMs); one program per row then combines the splits and reads the drawn logit.
 
-The eager sampler (``rlhf_engine.generation.sampling.sample_tokens``) makes ~8 passes over the (B, V) fp32
-logits (scale, softmax, exponential noise, clamp, divide, argmax, gather, logsumexp): at B = 64 and
-V = 151936 that is ~0.5 GB a decode step, ~0.15 ms at 3 TB/s; this kernel reads the logits once (39 MB).
+The eager sampler (``rlhf_engine.generation.sampling.sample_tokens``) runs ~8 kernels over the (B, V) fp32
+logits (scale, softmax, exponential noise, clamp, divide, argmax, gather, logsumexp), ~12 reads and writes
+of them: at B = 64 and V = 151936 that is ~0.5 GB a decode step, ~0.15 ms at 3 TB/s; these kernels read the
+logits once (39 MB).
 Top-k / top-p sampling stays on the eager path.
 """
 from __future__ import annotations
@@ -19,26 +23,34 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_pow2
+
 _BLOCK_V = 2048
+_SPLIT_ELEMS = 8192  # vocab entries per program: B = 64 rows of V = 151936 make ~1200 programs, not 64
 
 
 @triton.jit
-def _sample_kernel(
-    Z, SEED, TOK, LOGP,
-    stride_z, V, inv_t,
+def _sample_partial_kernel(
+    Z, SEED, PM, PS, PK, PI,
+    stride_z, V, chunk, S, inv_t,
     GREEDY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # Program (row, split): vocab [split * chunk, +chunk) of one row -> running max m, sum of exp(z - m), the best
+    # race key and its index.
     row = tl.program_id(0)
+    sp = tl.program_id(1)
     base = Z + row.to(tl.int64) * stride_z
     seed = tl.load(SEED)
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, V)
     offs0 = tl.arange(0, BLOCK_V)
     m = -float("inf")  # running max of z
     s = 0.0  # running sum of exp(z - m)
     best = -float("inf")  # best race key so far
     best_i = 0
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(lo, hi, BLOCK_V):
         offs = v0 + offs0
-        ok = offs < V
+        ok = offs < hi
         z = tl.load(base + offs, mask=ok, other=-float("inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # m_new = -inf only while every logit so far is -inf: keep s = 0 (exp(-inf - -inf) would be NaN)
@@ -55,20 +67,55 @@ def _sample_kernel(
         # strict: an earlier block keeps a tie, and tl.argmax takes the first index in a block, as torch.argmax
         best_i = tl.where(k_max > best, v0 + tl.argmax(key, axis=0), best_i)
         best = tl.maximum(best, k_max)
-    z_tok = tl.load(base + best_i).to(tl.float32) * inv_t
-    tl.store(TOK + row, best_i.to(tl.int64))
-    tl.store(LOGP + row, z_tok - (m + tl.log(s)))
+    i = row * S + sp
+    tl.store(PM + i, m)
+    tl.store(PS + i, s)
+    tl.store(PK + i, best)
+    tl.store(PI + i, best_i)
+
+
+@triton.jit
+def _sample_combine_kernel(
+    Z, PM, PS, PK, PI, TOK, LOGP,
+    stride_z, S, inv_t,
+    BLOCK_S: tl.constexpr,
+):
+    # One program per row: lse = M + log(sum_j s_j exp(m_j - M)); the token of the largest key (first split on ties).
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_S)
+    ok = offs < S
+    i = row * S + offs
+    pm = tl.load(PM + i, mask=ok, other=-float("inf"))
+    ps = tl.load(PS + i, mask=ok, other=0.0)
+    pk = tl.load(PK + i, mask=ok, other=-float("inf"))
+    pi = tl.load(PI + i, mask=ok, other=0)
+    mx = tl.max(pm, axis=0)
+    shift = tl.where(mx == -float("inf"), 0.0, mx)
+    total = tl.sum(ps * tl.exp(pm - shift), axis=0)
+    j = tl.argmax(pk, axis=0)
+    tok = tl.sum(tl.where(offs == j, pi, 0), axis=0)
+    z_tok = tl.load(Z + row.to(tl.int64) * stride_z + tok).to(tl.float32) * inv_t
+    tl.store(TOK + row, tok.to(tl.int64))
+    tl.store(LOGP + row, z_tok - (mx + tl.log(total)))
 
 
 def sample_logits_forward(logits: torch.Tensor, seed: torch.Tensor, temperature: float,
                           greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch ``_sample_kernel``: logits (B, V) with unit stride on V, seed (1,) int32 on the same device."""
+    """Launch the two kernels: logits (B, V) with unit stride on V, seed (1,) int64 on the same device."""
     B, V = logits.shape
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     logp = torch.empty(B, dtype=torch.float32, device=logits.device)
-    if B:
-        _sample_kernel[(B,)](logits, seed, tokens, logp, logits.stride(0), V, 1.0 / temperature,
-                             GREEDY=greedy, BLOCK_V=_BLOCK_V, num_warps=8)
+    if B == 0:
+        return tokens, logp
+    chunk = cdiv(cdiv(V, cdiv(V, _SPLIT_ELEMS)), _BLOCK_V) * _BLOCK_V  # a multiple of BLOCK_V
+    S = cdiv(V, chunk)
+    part = torch.empty((3, B, S), dtype=torch.float32, device=logits.device)
+    idx = torch.empty((B, S), dtype=torch.int32, device=logits.device)
+    inv_t = 1.0 / temperature
+    _sample_partial_kernel[(B, S)](logits, seed, part[0], part[1], part[2], idx, logits.stride(0), V, chunk, S,
+                                   inv_t, GREEDY=greedy, BLOCK_V=_BLOCK_V, num_warps=8)
+    _sample_combine_kernel[(B,)](logits, part[0], part[1], part[2], idx, tokens, logp, logits.stride(0), S, inv_t,
+                                 BLOCK_S=max(16, next_pow2(S)), num_warps=1)
     return tokens, logp
 
 
@@ -92,7 +139,7 @@ def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, greedy: boo
         raise ValueError(f"logits: B * V = {B * V} exceeds the int32 random-stream offsets (< 2**31)")
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     if greedy:
-        seed = torch.zeros(1, dtype=torch.int32, device=logits.device)  # unused; the generator is not advanced
-    else:
-        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=logits.device, generator=generator)
+        seed = torch.zeros(1, dtype=torch.int64, device=logits.device)  # unused; the generator is not advanced
+    else:  # 62 random bits: Philox takes a 64-bit key, so steps do not share noise after ~2^16 calls
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=logits.device, generator=generator)
     return sample_logits_forward(logits, seed, float(temperature), bool(greedy))

@@ -37,8 +37,9 @@ DTYPES_16 = [pytest.param(torch.bfloat16, marks=pytest.mark.gpu, id="bf16"), pyt
 
 @pytest.mark.parametrize("dtype", DTYPES_16)
 def test_rms_norm_16bit_rounds_as_eager(dtype, device):
-    """16-bit: the residual sum is the eager add bit for bit; the output is within one rounding step of the
-    eager ops (fp32 statistics in both; they may sum in another order)."""
+    """16-bit: the residual sum is the eager add bit for bit; the output is within two rounding steps of the
+    eager ops (fp32 statistics in both, summed in another order; approximate sqrt/divide on the GPU: an fp32
+    ulp can flip the rounding of y, and the weight multiply rounds again)."""
     x = (torch.randn(33, 96, device=device) * 2).to(dtype)
     r = torch.randn(33, 96, device=device).to(dtype)
     w = (1 + 0.1 * torch.randn(96, device=device)).to(dtype)
@@ -46,7 +47,7 @@ def test_rms_norm_16bit_rounds_as_eager(dtype, device):
     ref, ref_s = rms_norm_reference(x, w, 1e-5, residual=r)
     assert out.dtype == dtype and torch.equal(s, ref_s)
     ulp = torch.finfo(dtype).eps * ref.float().abs().clamp(min=1.0)
-    assert ((out.float() - ref.float()).abs() <= ulp).all()
+    assert ((out.float() - ref.float()).abs() <= 2 * ulp).all()
     # and the eager error against fp64 bounds ours (the 2x rule)
     exact = _rms64(ref_s, w, 1e-5)
     err_ours = (out.double() - exact).abs().max()
@@ -91,6 +92,8 @@ def test_rms_norm_validation(device):
         rms_norm(x.requires_grad_(), w, 1e-6, backend="triton")
     with torch.no_grad():
         rms_norm(x, w, 1e-6, backend="triton")  # fine without autograd
+    with pytest.raises(ValueError, match="hidden size"):
+        rms_norm(torch.randn(1, 16385, device=device), torch.randn(16385, device=device), 1e-6, backend="triton")
 
 
 @pytest.mark.parametrize("shape", [(97, 130), (2, 3, 4864), (1, 1)])
@@ -109,7 +112,8 @@ def test_silu_mul_16bit_rounds_as_eager(dtype, device):
     out, ref = silu_mul(g, u, backend="triton"), F.silu(g) * u
     assert out.dtype == dtype
     ulp = torch.finfo(dtype).eps * ref.float().abs().clamp(min=1e-3)
-    assert ((out.float() - ref.float()).abs() <= ulp).all()  # same roundings; exp may differ in the last fp32 bit
+    # the same rounding steps; the GPU's exp/divide may flip silu's rounding, and the product rounds again
+    assert ((out.float() - ref.float()).abs() <= 2 * ulp).all()
 
 
 def test_silu_mul_validation(device):

@@ -163,11 +163,15 @@ def _inference_op_cases():
     for dt in ("bf16", "fp32"):
         yield _case(f"silu_mul-{dt}", "swiglu", "_silu_mul_kernel", {"G": dt, "U": dt, "O": dt}, [],
                     dict(BLOCK=2048), 4)
-    # sample_logits_forward: one program per row, BLOCK_V 2048, 8 warps; fp32 logits (sampling_logits)
+    # sample_logits_forward: programs (row, vocab split) with BLOCK_V 2048 and 8 warps, then a 1-warp combine;
+    # fp32 logits (sampling_logits), an int64 seed
     for greedy in (False, True):
-        yield _case(f"sample-fp32-{'greedy' if greedy else 'gumbel'}", "sample", "_sample_kernel",
-                    {"Z": "fp32", "SEED": "i32", "TOK": "i64", "LOGP": "fp32"}, ["inv_t"],
+        yield _case(f"sample_partial-fp32-{'greedy' if greedy else 'gumbel'}", "sample", "_sample_partial_kernel",
+                    {"Z": "fp32", "SEED": "i64", "PM": "fp32", "PS": "fp32", "PK": "fp32", "PI": "i32"}, ["inv_t"],
                     dict(GREEDY=greedy, BLOCK_V=2048), 8)
+    yield _case("sample_combine-fp32", "sample", "_sample_combine_kernel",
+                {"Z": "fp32", "PM": "fp32", "PS": "fp32", "PK": "fp32", "PI": "i32", "TOK": "i64", "LOGP": "fp32"},
+                ["inv_t"], dict(BLOCK_S=32), 1)
 
 
 def _autotune_kept_cases():

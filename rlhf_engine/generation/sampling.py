@@ -67,7 +67,8 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
     plain = top_p >= 1.0 and (top_k <= 0 or top_k >= logits.shape[-1])
-    if (greedy or plain) and (backend == "triton" or (backend == "auto" and logits.is_cuda)):
+    fits = logits.numel() < 2**31  # the kernel's random-stream offsets are int32
+    if (greedy or plain) and fits and (backend == "triton" or (backend == "auto" and logits.is_cuda)):
         from rlhf_engine.kernels.sample import sample_logits
 
         return sample_logits(logits, temperature=temperature, greedy=greedy, generator=generator)

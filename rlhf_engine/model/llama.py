@@ -303,7 +303,7 @@ class CausalLM(nn.Module):
         backend = resolve_backend(attn_backend or self.config.attn_backend, input_ids.device)
         n_valid = attention_mask.long().sum(1)  # (B,)
         start = (P - n_valid).to(torch.int32)  # (B,)
-        meta = AttnMeta(backend=backend, mode="prefill", cache=cache, fused_ops=backend == "triton")
+        meta = AttnMeta(backend=backend, mode="prefill", cache=cache, fused_ops=_fused_ops(backend, self.config))
         if backend == "torch":
             meta.attention_mask = attention_mask.bool()
         else:
@@ -333,12 +333,20 @@ class CausalLM(nn.Module):
         position_ids = slots - cache.start.long()[:, None]  # (B, Tn)
         meta = AttnMeta(backend=backend, mode="decode", cache=cache, write_pos=write_pos,
                         cache_lens=(cache.lengths + Tn).to(torch.int32), cache_start=cache.start, kv_len=kv_len,
-                        fused_ops=backend == "triton")
+                        fused_ops=_fused_ops(backend, self.config))
         if meta.fused_ops:
             meta.rope_rows = torch.arange(0, B * Tn, Tn, device=input_ids.device, dtype=torch.int32)
         hidden = self.model.run_layers(input_ids, position_ids, meta)  # (B, Tn, H)
         cache.lengths.add_(Tn)
         return self.sampling_logits(hidden)  # (B, Tn, V) fp32
+
+
+def _fused_ops(backend: str, config: ModelConfig) -> bool:
+    """Whether the generation paths use the fused inference kernels: on the triton backend, for hidden sizes
+    the one-row-per-program norm kernel holds in registers."""
+    from rlhf_engine.kernels.rmsnorm import MAX_HIDDEN
+
+    return backend == "triton" and config.hidden_size <= MAX_HIDDEN
 
 
 def _check_cache(cache, B: int, P: int | None, config: ModelConfig) -> None:
