@@ -130,8 +130,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Opt
         raise ValueError(f"eps: expected >= 0, got {eps}")
     if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape
                                  or residual.dtype != x.dtype):
-        raise ValueError(f"residual: expected a {x.dtype} tensor of shape {tuple(x.shape)}, got "
-                         f"{(residual.dtype, tuple(residual.shape)) if isinstance(residual, torch.Tensor) else residual}")
+        got = (residual.dtype, tuple(residual.shape)) if isinstance(residual, torch.Tensor) else residual
+        raise ValueError(f"residual: expected a {x.dtype} tensor of shape {tuple(x.shape)}, got {got}")
     devs = {t.device for t in (x, weight, residual) if t is not None}
     if len(devs) != 1:
         raise ValueError(f"x, weight, residual: expected one device, got {devs}")
