@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -99,21 +100,11 @@ def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool):
 ATOMIC = "ours (atomic dQ)"
 
 
-@contextlib.contextmanager
 def _dq_mode(name: str):
     """RLHF_ENGINE_ATTN_DQ for one implementation's calls: "atomic" for the atomic-dQ row, else as it was."""
     if name != ATOMIC:
-        yield
-        return
-    old = os.environ.get("RLHF_ENGINE_ATTN_DQ")
-    os.environ["RLHF_ENGINE_ATTN_DQ"] = "atomic"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["RLHF_ENGINE_ATTN_DQ"]
-        else:
-            os.environ["RLHF_ENGINE_ATTN_DQ"] = old
+        return contextlib.nullcontext()
+    return mock.patch.dict(os.environ, {"RLHF_ENGINE_ATTN_DQ": "atomic"})
 
 
 def _check(impls) -> str:

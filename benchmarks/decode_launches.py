@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+from unittest import mock
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -72,7 +73,7 @@ def _count_triton():
 def count_decode_step(fused: bool, num_layers: int) -> tuple[collections.Counter, collections.Counter]:
     from rlhf_engine.generation import KVCache
     from rlhf_engine.model import CausalLM, preset
-    from rlhf_engine.model import attention as attn_mod
+    from rlhf_engine.model import llama
 
     torch.manual_seed(0)
     cfg = preset("qwen2-0.5b", num_layers=num_layers, hidden_size=64, intermediate_size=128, num_heads=14,
@@ -82,17 +83,10 @@ def count_decode_step(fused: bool, num_layers: int) -> tuple[collections.Counter
     ids = torch.randint(0, 256, (B, P))
     cache = KVCache.allocate(cfg, B, P + 2, dtype=torch.float32, device="cpu")
     m.prefill(ids, torch.ones_like(ids), cache, attn_backend="triton")
-    orig = attn_mod.AttnMeta.__init__
-    if not fused:  # the same step with the generation path's fusions turned off
-        def no_fusion(self, *a, **k):
-            orig(self, *a, **k)
-            self.fused_ops = False
-        attn_mod.AttnMeta.__init__ = no_fusion
-    try:
-        with _count_triton() as triton_counts, _CountAten() as aten:
-            m.decode_step(ids[:, -1:], cache, attn_backend="triton")
-    finally:
-        attn_mod.AttnMeta.__init__ = orig
+    # unfused: the same step with the generation path's fusions turned off
+    with mock.patch.object(llama, "_fused_ops", llama._fused_ops if fused else lambda backend, config: False), \
+            _count_triton() as triton_counts, _CountAten() as aten:
+        m.decode_step(ids[:, -1:], cache, attn_backend="triton")
     return aten.ops, triton_counts
 
 

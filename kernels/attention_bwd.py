@@ -308,24 +308,25 @@ def _bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=mask)
 
 
+def _dkdv_smem(c, es: int, bd: int, atomic: bool) -> int:
+    """Shared memory of a dK/dV tile: resident K, V tiles + num_stages buffered (Q, dO) tiles, x1.1 for the
+    compiler's scratch (sm_90 compiles used 1.00-1.03x this count since the loops are two, not six;
+    tests/test_triton_compile.py). With atomic dQ, plus the (BLOCK_M, BLOCK_D) fp32 dQ tile staged for the atomic
+    adds: sm_90 compiles used 4 * BLOCK_M * BLOCK_D bytes more with BLOCK_M >= 64 (the dQ dot on wgmma), and 2.5x
+    to 3x that below 64 rows (the dot falls back to mma.sync, with layout conversions)."""
+    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    dq_tile = (1.0 if bm >= 64 else 3.0) * 4 * bm * bd if atomic else 0
+    return int(1.1 * (es * bd * (2 * bn + 2 * c.num_stages * bm) + dq_tile))
+
+
 def _prune_dkdv(configs, named_args, **kwargs):
     bd, es = kwargs["BLOCK_D"], element_size(named_args)
-    # resident K, V tiles + num_stages buffered (Q, dO) tiles; x1.1 for the compiler's scratch (sm_90 compiles
-    # used 1.00-1.03x this count since the loops are two, not six; tests/test_triton_compile.py)
-    smem = lambda c: int(1.1 * es * bd * (2 * c.kwargs["BLOCK_N"] + 2 * c.num_stages * c.kwargs["BLOCK_M"]))  # noqa: E731
-    return prune_configs(configs, named_args["T_BUCKET"], smem)
+    return prune_configs(configs, named_args["T_BUCKET"], lambda c: _dkdv_smem(c, es, bd, atomic=False))
 
 
 def _prune_dkdv_atomic(configs, named_args, **kwargs):
     bd, es = kwargs["BLOCK_D"], element_size(named_args)
-    # as _prune_dkdv, plus the (BLOCK_M, BLOCK_D) fp32 dQ tile staged in shared memory for the atomic adds. sm_90
-    # compiles used 4 * BLOCK_M * BLOCK_D bytes more than the split kernel with BLOCK_M >= 64 (the dQ dot on
-    # wgmma), and 2.5x to 3x that below 64 rows (the dot falls back to mma.sync, with layout conversions).
-    def smem(c):
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return int(1.1 * (es * bd * (2 * bn + 2 * c.num_stages * bm) + (1.0 if bm >= 64 else 3.0) * 4 * bm * bd))
-
-    return prune_configs(configs, named_args["T_BUCKET"], smem)
+    return prune_configs(configs, named_args["T_BUCKET"], lambda c: _dkdv_smem(c, es, bd, atomic=True))
 
 
 def _prune_dq(configs, named_args, **kwargs):

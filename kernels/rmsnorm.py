@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._launch import next_pow2
+from .reference.norm import rms_norm_reference
 
 _BACKENDS = ("auto", "triton", "torch")
 MAX_HIDDEN = 16384  # one row per program, held in registers (16K fp32 over 8 warps: 64 a thread)
@@ -92,14 +93,6 @@ def add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
 @add_rms_norm_op.register_fake
 def _add_rms_norm_fake(x, residual, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype)), torch.empty_like(x)
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                       residual: Optional[torch.Tensor] = None):
-    """The eager definition (see the module docstring); returns out, or (out, x + residual)."""
-    s = x if residual is None else x + residual
-    y = weight * (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
-    return y if residual is None else (y, s)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Optional[torch.Tensor] = None,

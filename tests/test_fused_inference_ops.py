@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_engine.kernels.rmsnorm import rms_norm, rms_norm_reference
+from rlhf_engine.kernels.reference.norm import rms_norm_reference
+from rlhf_engine.kernels.rmsnorm import rms_norm
 from rlhf_engine.kernels.swiglu import silu_mul
 
 # (leading shape, H): odd row counts, a non-power-of-two hidden size, Qwen2-0.5B's 896

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rlhf_engine.kernels.fused_linear_logprob import mm_f32
+from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
 from .attention import AttnMeta, cache_attention, full_attention, mask_to_kv_range, resolve_backend, write_kv
 from .config import ModelConfig
@@ -33,10 +34,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm is one fused kernel on recent CUDA builds; the cast back to x's dtype
-        # happens before the weight multiply, as in transformers.
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        # the cast back to x's dtype happens before the weight multiply, as in transformers
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -57,25 +56,24 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
-        if meta.mode == "decode" and meta.fused_ops:  # K is rotated inside the cache write
-            from rlhf_engine.kernels.kv_cache import apply_rope, write_kv_cache
-
-            q = apply_rope(q, cos, sin, backend="triton")
-            k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]  # (B, L, Hkv, D)
-            D = self.head_dim
-            write_kv_cache(k_cache, v_cache, k, v, meta.write_pos, cos=cos.reshape(B * T, D),
-                           sin=sin.reshape(B * T, D), rope_positions=meta.rope_rows, backend="triton")
-            y = cache_attention(q, k_cache, v_cache, meta)  # (B, T, Hq, D)
-            return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
+        rope_in_write = meta.mode == "decode" and meta.fused_ops  # K is rotated inside the cache write
         if meta.backend == "triton":  # one fused kernel per tensor instead of ~5 elementwise ops
             from rlhf_engine.kernels.kv_cache import apply_rope
 
-            q, k = apply_rope(q, cos, sin, backend="triton"), apply_rope(k, cos, sin, backend="triton")
+            q = apply_rope(q, cos, sin, backend="triton")
+            k = k if rope_in_write else apply_rope(k, cos, sin, backend="triton")
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if meta.mode == "decode":
             k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]  # (B, L, Hkv, D)
-            write_kv(k_cache, v_cache, k, v, meta)
+            if rope_in_write:
+                from rlhf_engine.kernels.kv_cache import write_kv_cache
+
+                D = self.head_dim
+                write_kv_cache(k_cache, v_cache, k, v, meta.write_pos, cos=cos.reshape(B * T, D),
+                               sin=sin.reshape(B * T, D), rope_positions=meta.rope_rows, backend="triton")
+            else:
+                write_kv(k_cache, v_cache, k, v, meta)
             y = cache_attention(q, k_cache, v_cache, meta)  # (B, T, Hq, D)
         else:
             y = full_attention(q, k, v, meta)  # (B, T, Hq, D)
@@ -113,9 +111,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-        if meta.fused_ops:
-            x, d = self.forward_fused(x, None, cos, sin, meta)
-            return x + d
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
