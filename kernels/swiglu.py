@@ -16,25 +16,37 @@ import triton.language as tl
 from ._launch import cdiv
 
 _BACKENDS = ("auto", "triton", "torch")
-_BLOCK = 2048
+_BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, O, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=m, other=0.0).to(tl.float32)
+def _silu_mul_kernel(G, U, O, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+    # one (row, column block) per program; rows may be strided (gate and up as halves of one packed GEMM output)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < n_cols
+    g = tl.load(G + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=m, other=0.0).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(O.dtype.element_ty)
-    tl.store(O + offs, (a.to(tl.float32) * u).to(O.dtype.element_ty), mask=m)
+    tl.store(O + row * stride_o + cols, (a.to(tl.float32) * u).to(O.dtype.element_ty), mask=m)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., I) -> (rows, I) with unit column stride: a view when the layout allows it (e.g. a column slice of a
+    wider tensor), else a copy."""
+    t = t.reshape(-1, t.shape[-1] if t.dim() else 1) if t.dim() != 2 else t
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Launch ``_silu_mul_kernel`` on contiguous gate, up of one shape and dtype."""
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
-        _silu_mul_kernel[(cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=4)
+    """Launch ``_silu_mul_kernel`` on gate, up of one shape and dtype (any row strides; copied if the columns
+    are not unit-stride). Returns a new contiguous tensor of gate's shape."""
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel():
+        g, u = _as_rows(gate), _as_rows(up)
+        n_rows, n_cols = g.shape
+        _silu_mul_kernel[(n_rows, cdiv(n_cols, _BLOCK))](g, u, out, n_cols, g.stride(0), u.stride(0), n_cols,
+                                                          BLOCK=_BLOCK, num_warps=4)
     return out
 
 
@@ -46,13 +58,14 @@ def silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @silu_mul_op.register_fake
 def _silu_mul_fake(gate, up):
-    return torch.empty_like(gate)
+    return gate.new_empty(gate.shape)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up, in gate's dtype; no gradient.
 
-    gate, up: float tensors of one shape, dtype and device. backend: "triton", "torch" (F.silu(gate) * up)
+    gate, up: float tensors of one shape (..., I), dtype and device, any layout (e.g. the two halves of one
+    (..., 2 I) GEMM output: read in place). Returns a contiguous (..., I) tensor. backend: "triton", "torch" (F.silu(gate) * up)
     or "auto" (triton on CUDA). Raises ValueError on mismatched inputs and RuntimeError when autograd would
     need a gradient (the training forward uses the eager ops).
     """
@@ -68,7 +81,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
         return torch.nn.functional.silu(gate) * up
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         raise RuntimeError("silu_mul (triton): inference only, it has no backward; call it under torch.no_grad()")
-    gate, up = gate.contiguous(), up.contiguous()
     if torch.compiler.is_compiling():
         return silu_mul_op(gate, up)
     return silu_mul_forward(gate, up)

@@ -106,6 +106,21 @@ def test_silu_mul_matches_eager(shape, device):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_silu_mul_reads_strided_halves(device):
+    """gate and up as the two halves of one packed (..., 2 I) GEMM output are read in place; a non-unit column
+    stride is copied first; a 0-dim pair works too."""
+    gu = torch.randn(2, 5, 2 * 130, device=device) * 3
+    g, u = gu.chunk(2, dim=-1)
+    assert not g.is_contiguous()
+    out = silu_mul(g, u, backend="triton")
+    assert out.shape == (2, 5, 130) and out.is_contiguous()
+    torch.testing.assert_close(out, F.silu(g) * u, atol=1e-6, rtol=1e-5)
+    g2, u2 = gu[..., ::2], gu[..., 1::2]  # column stride 2
+    torch.testing.assert_close(silu_mul(g2, u2, backend="triton"), F.silu(g2) * u2, atol=1e-6, rtol=1e-5)
+    s = torch.tensor(1.5, device=device)
+    torch.testing.assert_close(silu_mul(s, s, backend="triton"), F.silu(s) * s)
+
+
 @pytest.mark.parametrize("dtype", DTYPES_16)
 def test_silu_mul_16bit_rounds_as_eager(dtype, device):
     g = (torch.randn(37, 200, device=device) * 4).to(dtype)
@@ -145,16 +160,20 @@ def test_custom_ops_fake_tensor():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_fused_generation_path_matches_unfused_forward(name, device):
-    """Prefill + decode on the triton backend (fused norm / residual / SwiGLU kernels, RoPE inside the cache
-    write) give the logits of the unfused full forward on the same backend, fp32."""
+    """Prefill + decode on the triton backend (packed q/k/v and gate/up GEMMs, fused norm / residual / SwiGLU
+    kernels, RoPE inside the cache write) give the logits of the unfused full forward on the same backend, fp32."""
     from rlhf_engine.generation import KVCache
     from rlhf_engine.model import CausalLM, preset
+    from rlhf_engine.model.packing import packed_weights
 
     torch.manual_seed(0)
     m = CausalLM(preset(name)).to(device).eval()
     with torch.no_grad():
         for p in m.parameters():  # non-trivial norm weights and biases
             p.add_(0.05 * torch.randn_like(p))
+        a, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+        assert packed_weights((a.q_proj, a.k_proj, a.v_proj)) is not None  # the path under test: packed GEMMs
+        assert packed_weights((mlp.gate_proj, mlp.up_proj)) is not None
     B, P, N = 3, 6, 3
     ids = torch.randint(3, m.config.vocab_size, (B, P + N), device=device)
     mask = torch.ones(B, P + N, dtype=torch.long, device=device)

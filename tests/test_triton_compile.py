@@ -162,7 +162,7 @@ def _inference_op_cases():
                     dict(HAS_RES=res, BLOCK_H=bh), w)
     for dt in ("bf16", "fp32"):
         yield _case(f"silu_mul-{dt}", "swiglu", "_silu_mul_kernel", {"G": dt, "U": dt, "O": dt}, [],
-                    dict(BLOCK=2048), 4)
+                    dict(BLOCK=1024), 4)
     # sample_logits_forward: programs (row, vocab split) with BLOCK_V 2048 and 8 warps, then a 1-warp combine;
     # fp32 logits (sampling_logits), an int64 seed
     for greedy in (False, True):

@@ -22,6 +22,7 @@ from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
 from .attention import AttnMeta, cache_attention, full_attention, mask_to_kv_range, resolve_backend, write_kv
 from .config import ModelConfig
+from .packing import pack_linears, packed_weights
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -53,9 +54,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        Dq, Dkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        qkv = packed_weights((self.q_proj, self.k_proj, self.v_proj)) if meta.fused_ops else None
+        if qkv is not None:  # generation: one GEMM over the packed weights (model/packing.py)
+            q, k, v = F.linear(x, *qkv).split([Dq, Dkv, Dkv], dim=-1)  # strided views of (B, T, Dq + 2 Dkv)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         rope_in_write = meta.mode == "decode" and meta.fused_ops  # K is rotated inside the cache write
         if meta.backend == "triton":  # one fused kernel per tensor instead of ~5 elementwise ops
             from rlhf_engine.kernels.kv_cache import apply_rope
@@ -95,10 +102,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, H, bias=False)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        if fused:  # generation on the triton backend: one kernel for silu(gate) * up
+        if fused:  # generation on the triton backend: gate and up as one GEMM when packed, silu(gate) * up fused
             from rlhf_engine.kernels.swiglu import silu_mul
 
-            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), backend="triton"))
+            gu = packed_weights((self.gate_proj, self.up_proj))
+            if gu is not None:
+                gate, up = F.linear(x, *gu).chunk(2, dim=-1)  # strided views of (..., 2 I)
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
+            return self.down_proj(silu_mul(gate, up, backend="triton"))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -146,6 +158,26 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.pack_projections()
+
+    def pack_projections(self) -> None:
+        """Lay each layer's q/k/v weights (and biases) and gate/up weights back to back in one tensor per group,
+        so that generation runs them as 2 GEMMs instead of 5 (model/packing.py); values and parameter objects stay.
+        Done at construction, by ``.to()``-style conversions and deepcopy; call it after anything else that gives
+        the parameters new tensors (``load_state_dict(assign=True)``)."""
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            pack_linears((a.q_proj, a.k_proj, a.v_proj))
+            pack_linears((m.gate_proj, m.up_proj))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.pack_projections()  # .to() / .cuda() / .half() gave every parameter its own tensor
+        return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.pack_projections()  # deepcopy and unpickling give every parameter its own tensor
 
     def _check_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

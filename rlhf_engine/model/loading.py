@@ -81,6 +81,7 @@ def model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tenso
         if tuple(p.shape) != tuple(sd[name].shape):
             raise ValueError(f"{source}: {name} has shape {tuple(sd[name].shape)}, expected {tuple(p.shape)}")
     model.load_state_dict(sd, strict=True, assign=True)
+    model.model.pack_projections()  # assign=True handed each parameter its own tensor
     return model.eval()
 
 

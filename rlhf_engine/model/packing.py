@@ -1,0 +1,87 @@
+"""Projections that read the same input, packed back to back in one tensor: q/k/v, and gate/up.
+
+Each layer's ``q_proj``, ``k_proj``, ``v_proj`` (and ``gate_proj``, ``up_proj``) stay separate ``nn.Parameter``
+objects with their HF names, so training, the optimizer, LoRA and checkpoints see nothing new. What changes is
+where their data live: consecutive rows of one (sum of out_features, in_features) tensor (``pack_linears``).
+The generation path can then run each group as ONE GEMM over that tensor (``packed_weights``), 5 GEMMs -> 2 per
+layer. At batch 64 a decode step's GEMMs are small and launch-bound, so the count matters.
+
+Nothing is copied per call: the packed weight is a view of the parameters' own storage, and an optimizer step
+(in place) shows up in the next call. Some operations give the parameters new tensors:
+- ``.to()``, ``.cuda()``, ``.half()`` and deepcopy repack on their own (see ``Transformer``);
+- ``load_state_dict(assign=True)`` and ``param.data = ...`` need a ``pack_projections()`` call after them.
+Without it, and while a LoRA adapter on one of the layers is on, ``packed_weights`` returns None and the caller
+runs the layers one by one: slower, never wrong.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def _rows(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor over ``ts`` when they are consecutive contiguous row blocks of one storage, else None."""
+    t0 = ts[0]
+    storage, off = t0.untyped_storage().data_ptr(), t0.storage_offset()
+    for t in ts:
+        if (t.dtype != t0.dtype or t.shape[1:] != t0.shape[1:] or not t.is_contiguous()
+                or t.storage_offset() != off or t.untyped_storage().data_ptr() != storage):
+            return None
+        off += t.numel()
+    # detach: the view is for no-grad use; as_strided may span past t0 because the storage holds the rest
+    return t0.detach().as_strided((sum(t.shape[0] for t in ts), *t0.shape[1:]), t0.stride())
+
+
+def packed_weights(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(W, b) with W (sum of out_features, in_features) over the layers' weights and b their biases (None when
+    no layer has one), both views of the parameters' storage, such that ``F.linear(x, W, b)`` is the layers'
+    outputs concatenated on the last dim. None when the parameters are not packed, when some layer's LoRA adapter
+    is on, or when autograd would need a gradient for a weight (a view of the storage would not carry it to the
+    separate parameters)."""
+    if any(getattr(m, "adapters_enabled", False) for m in linears):  # a LoRALinear with its adapter on
+        return None
+    ws = [m.weight for m in linears]
+    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+        return None
+    w = _rows(ws)
+    if w is None:
+        return None
+    bs = [m.bias for m in linears]
+    if all(b is None for b in bs):
+        return w, None
+    b = None if any(b is None for b in bs) else _rows(bs)
+    return None if b is None else (w, b)
+
+
+@torch.no_grad()
+def pack_linears(linears: Sequence[nn.Module]) -> bool:
+    """Move the weights (and the biases, when every layer has one) of ``linears`` into one new tensor each and
+    point the parameters at their rows (``param.data = rows``: the Parameter objects and their values stay).
+
+    A no-op when they already are packed. Returns whether they are packed afterwards; False, with nothing
+    changed, when the layers differ in dtype, device or in_features, only some of them have a bias, or the
+    weights are on the meta device.
+    """
+    ws = [m.weight for m in linears]
+    bs = [m.bias for m in linears]
+    w0 = ws[0]
+    if w0.device.type == "meta":  # nothing to move (a model built on meta gets its tensors assigned later)
+        return False
+    if any(w.dtype != w0.dtype or w.device != w0.device or w.shape[1:] != w0.shape[1:] for w in ws):
+        return False
+    with_bias = all(b is not None for b in bs)
+    if not with_bias and any(b is not None for b in bs):
+        return False
+    if with_bias and any(b.dtype != bs[0].dtype or b.device != bs[0].device for b in bs):
+        return False
+    for group in (ws, bs) if with_bias else (ws,):
+        if _rows(group) is not None:
+            continue
+        packed = torch.cat([t.detach() for t in group])  # (sum of out_features, ...)
+        row = 0
+        for t in group:
+            t.data = packed[row:row + t.shape[0]]
+            row += t.shape[0]
+    return True

@@ -1,0 +1,127 @@
+"""Packed q/k/v and gate/up projections (model/packing.py): separate parameters over one storage, kept packed
+through conversions, copies, loading and optimizer steps, and one GEMM equal to the separate ones."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhf_engine.model import CausalLM, apply_lora, disable_adapters, preset
+from rlhf_engine.model.loading import from_hf_model, model_from_state_dict, save_pretrained
+from rlhf_engine.model.packing import pack_linears, packed_weights
+
+
+def _groups(model):
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        yield (a.q_proj, a.k_proj, a.v_proj)
+        yield (m.gate_proj, m.up_proj)
+
+
+def _assert_packed(model):
+    with torch.no_grad():
+        for g in _groups(model):
+            pw = packed_weights(g)
+            assert pw is not None, [type(m).__name__ for m in g]
+            w, b = pw
+            assert w.data_ptr() == g[0].weight.data_ptr()
+            assert torch.equal(w, torch.cat([m.weight for m in g]))
+            if g[0].bias is not None:
+                assert torch.equal(b, torch.cat([m.bias for m in g]))
+            else:
+                assert b is None
+
+
+def test_a_new_model_is_packed_and_one_gemm_equals_three():
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-qwen2"))  # q/k/v with biases
+    _assert_packed(m)
+    a = m.model.layers[1].self_attn
+    x = torch.randn(3, 5, m.config.hidden_size)
+    with torch.no_grad():
+        w, b = packed_weights((a.q_proj, a.k_proj, a.v_proj))
+        y = F.linear(x, w, b)
+        ref = torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], dim=-1)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    keys = set(m.state_dict())
+    assert "model.layers.0.self_attn.q_proj.weight" in keys and not any("pack" in k for k in keys)
+
+
+def test_conversions_and_copies_repack():
+    m = CausalLM(preset("tiny-llama"))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m = m.to(torch.float64)  # every parameter gets a new tensor: Transformer._apply repacks
+    _assert_packed(m)
+    ref = copy.deepcopy(m)  # the PPO reference: Transformer.__setstate__ repacks
+    _assert_packed(ref)
+    assert ref.model.layers[0].self_attn.q_proj.weight.data_ptr() != m.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k].double(), atol=0, rtol=0)
+        assert torch.equal(ref.state_dict()[k], v)
+
+
+def test_loading_packs_and_assign_needs_a_repack():
+    src = CausalLM(preset("tiny-qwen2"))
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    m = model_from_state_dict(src.config, sd)  # meta model + load_state_dict(assign=True) + pack_projections
+    _assert_packed(m)
+    m.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True)
+    g = next(_groups(m))
+    assert packed_weights(g) is None  # not packed any more: the inference path falls back to separate GEMMs
+    m.model.pack_projections()
+    _assert_packed(m)
+
+
+def test_optimizer_steps_keep_the_packing_and_the_addresses():
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-llama"))
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    ids = torch.randint(0, m.config.vocab_size, (2, 7))
+    for _ in range(2):
+        m(ids).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert [p.data_ptr() for p in m.parameters()] == ptrs
+    _assert_packed(m)  # the packed views show the updated values (compared with the parameters)
+
+
+def test_packed_weights_refuses_when_a_gradient_or_an_adapter_is_needed():
+    m = CausalLM(preset("tiny-llama"))
+    g = next(_groups(m))
+    assert packed_weights(g) is None  # grad mode, weights require grad: a storage view would lose the gradient
+    with torch.no_grad():
+        assert packed_weights(g) is not None
+    apply_lora(m, rank=2, target_modules=("q_proj", "v_proj"))
+    g = next(_groups(m))
+    with torch.no_grad():
+        assert packed_weights(g) is None  # the adapter is on: q and v are not their base weights alone
+        with disable_adapters(m):
+            assert packed_weights(g) is not None  # the reference policy: the base weights, packed
+
+
+def test_pack_linears_leaves_mismatched_layers_alone():
+    a, b = nn.Linear(4, 3), nn.Linear(4, 2, bias=False)  # only one has a bias
+    pa = a.weight.data_ptr()
+    assert not pack_linears((a, b)) and a.weight.data_ptr() == pa
+    c = nn.Linear(5, 2)  # another in_features
+    assert not pack_linears((a, c))
+    d = nn.Linear(4, 2).double()
+    assert not pack_linears((a, d))
+    e = nn.Linear(4, 6)
+    w = (a.weight.detach().clone(), e.weight.detach().clone())
+    assert pack_linears((a, e)) and pack_linears((a, e))  # idempotent
+    assert torch.equal(a.weight, w[0]) and torch.equal(e.weight, w[1])
+
+
+def test_save_and_hf_round_trip_from_packed_weights(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-qwen2"))
+    save_pretrained(m, tmp_path / "ckpt")  # safetensors takes the non-overlapping views
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"))
+    back = from_hf_model(hf)
+    _assert_packed(back)
+    for k, v in m.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
