@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import H100_COPY_TBPS, autotune_report, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels.decode_attention import decode_attention, default_num_splits  # noqa: E402
+from rlhf_engine.kernels.reference.attention import apply_rope_reference  # noqa: E402
 
 SHAPES = [  # (B, Hq, Hkv, L, D)
     (64, 14, 2, 2048, 64),
@@ -64,11 +65,19 @@ def main() -> list[dict]:
         default = default_num_splits(B, Hkv, L, dev)
         impls[f"ours (splits={default})"] = lambda: decode_attention(q, k, v, lens, backend="triton")  # default splits
         impls["ours_no_split (splits=1)"] = lambda: decode_attention(q, k, v, lens, num_splits=1, backend="triton")
+        # the model's decode step: q rotated (RoPE) inside the kernel as it is loaded
+        ang = torch.rand(B, 1, D // 2, device=dev) * 6.28
+        cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)  # (B, 1, D)
+        rope_name = f"ours + q RoPE (splits={default})"
+        impls[rope_name] = lambda: decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, backend="triton")
         with torch.no_grad():  # correctness first: every variant against SDPA
             want = impls["sdpa"]().transpose(1, 2).float()
+            q_rot = apply_rope_reference(q, cos[:, :, None], sin[:, :, None]).transpose(1, 2).contiguous()
+            want_rope = F.scaled_dot_product_attention(q_rot, kh, vh, enable_gqa=True).transpose(1, 2).float()
             bad = {}
             for name, fn in impls.items():
-                err = ((fn().float() - want).abs().max() / want.abs().max()).item() if name != "sdpa" else 0.0
+                ref = want_rope if name == rope_name else want
+                err = ((fn().float() - ref).abs().max() / ref.abs().max()).item() if name != "sdpa" else 0.0
                 if not err < 2e-2:  # NaN fails too
                     bad[name] = f" (MISMATCH vs SDPA: rel err {err:.2g})"
                     print(f"WARNING: {name}{bad[name]}")

@@ -15,6 +15,8 @@ Decoding reads the whole KV cache to produce a handful of rows: it is bound by m
        o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s,
    and writes zeros for rows with no valid position. With one split the first kernel writes o directly.
 Splitting the sequence gives the card enough programs when B * Hkv is small (64 * 2 = 128 programs for 132 SMs).
+Optionally (``q_cos``/``q_sin``) the split kernel applies RoPE to the query tile as it loads it, so that a decode
+step needs no separate kernel for it (the keys are rotated by the cache write, ``kv_cache.write_kv_cache``).
 """
 import functools
 import math
@@ -26,22 +28,23 @@ import triton.language as tl
 
 from .attention import check_qkv
 from .attention_fwd import LOG2E, autotune_enabled, dot_precision, next_pow2
-from .reference.attention import decode_attention_reference
+from .reference.attention import apply_rope_reference, decode_attention_reference
 
 _BACKENDS = ("auto", "triton", "torch")
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, O, O_PART, LSE_PART, CACHE_LENS, CACHE_START,
+    Q, K, V, O, O_PART, LSE_PART, CACHE_LENS, CACHE_START, COS, SIN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
+    stride_cb, stride_ct, stride_sb, stride_st,
     Hq, Tn, L, group, qk_scale, num_splits,
     L_BUCKET, S_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_START: tl.constexpr, SINGLE_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_START: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HAS_ROPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -57,8 +60,19 @@ def _decode_split_kernel(
     h = hk * group + g
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < HEAD_DIM
-    q = tl.load(Q + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & dmask, other=0.0)
+    q_rows = Q + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh
+    q = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & dmask, other=0.0)
+    if HAS_ROPE:
+        # RoPE on the query (rotate-half): y_d = x_d c_j - x_{d+D/2} s_j for d < D/2, x_d c_j + x_{d-D/2} s_j
+        # above, j = d mod D/2; fp32 math rounded once to q's dtype (as kernels/kv_cache.py's rope kernel).
+        HALF: tl.constexpr = HEAD_DIM // 2
+        j = offs_d % HALF
+        qm = row_ok[:, None] & dmask
+        c = tl.load(COS + b64 * stride_cb + t[:, None] * stride_ct + j[None, :], mask=qm, other=1.0)
+        sn = tl.load(SIN + b64 * stride_sb + t[:, None] * stride_st + j[None, :], mask=qm, other=0.0)
+        partner = tl.load(q_rows + ((offs_d + HALF) % HEAD_DIM)[None, :], mask=qm, other=0.0).to(tl.float32)
+        rot = tl.where((offs_d < HALF)[None, :], -partner, partner)
+        q = (q.to(tl.float32) * c.to(tl.float32) + rot * sn.to(tl.float32)).to(Q.dtype.element_ty)
 
     cache_len = tl.load(CACHE_LENS + b)
     pos = cache_len - Tn + t  # (BLOCK_R,) cache position of each query row
@@ -173,6 +187,8 @@ def decode_attention_forward(
     softmax_scale: float,
     num_splits: int,
     block_n: Optional[int] = None,
+    q_cos: Optional[torch.Tensor] = None,
+    q_sin: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the split and reduce kernels; inputs validated by ``decode_attention``. Returns o (B, Tn, Hq, D)."""
     B, Tn, Hq, D = q.shape
@@ -187,18 +203,20 @@ def decode_attention_forward(
     else:
         o_part = torch.empty((B, Hq, Tn, num_splits, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B, Hq, Tn, num_splits), dtype=torch.float32, device=q.device)
-    has_start = cache_start is not None
+    has_start, has_rope = cache_start is not None, q_cos is not None
+    cos, sin = (q_cos, q_sin) if has_rope else (q, q)  # unused without RoPE
     args = (
-        q, k_cache, v_cache, o, o_part, lse_part, cache_lens, cache_start if has_start else cache_lens,
+        q, k_cache, v_cache, o, o_part, lse_part, cache_lens, cache_start if has_start else cache_lens, cos, sin,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         Hq, Tn, L, group, softmax_scale * LOG2E, num_splits, min(max(next_pow2(L), 1024), 16384),
         min(next_pow2(num_splits), 64),  # splits change the work per program: part of the key (rounded)
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_R=max(16, next_pow2(group * Tn)),
-                HAS_START=has_start, SINGLE_SPLIT=single, PRECISION=dot_precision(q.dtype))
+                HAS_START=has_start, SINGLE_SPLIT=single, HAS_ROPE=has_rope, PRECISION=dot_precision(q.dtype))
     grid = (B, Hkv, num_splits)
     if q.is_cuda and block_n is None and autotune_enabled(q.dtype):
         _decode_split_kernel_tuned[grid](*args, **meta)
@@ -220,13 +238,16 @@ def decode_attention_forward(
 def decode_attention_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
     cache_start: Optional[torch.Tensor], softmax_scale: float, num_splits: int,
+    q_cos: Optional[torch.Tensor] = None, q_sin: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """o (B, Tn, Hq, D) = decode_attention_forward(...); inference only (no autograd)."""
-    return decode_attention_forward(q, k_cache, v_cache, cache_lens, cache_start, softmax_scale, num_splits)
+    return decode_attention_forward(q, k_cache, v_cache, cache_lens, cache_start, softmax_scale, num_splits,
+                                    q_cos=q_cos, q_sin=q_sin)
 
 
 @decode_attention_op.register_fake
-def _decode_attention_fake(q, k_cache, v_cache, cache_lens, cache_start, softmax_scale, num_splits):
+def _decode_attention_fake(q, k_cache, v_cache, cache_lens, cache_start, softmax_scale, num_splits, q_cos=None,
+                           q_sin=None):
     return q.new_empty(q.shape)
 
 
@@ -252,6 +273,8 @@ def decode_attention(
     cache_start: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
     num_splits: Optional[int] = None,
+    q_cos: Optional[torch.Tensor] = None,
+    q_sin: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of Tn new tokens over a static KV cache (inference only, no autograd).
@@ -264,6 +287,10 @@ def decode_attention(
         cache_start: optional (B,) int, first valid position (left-padded prompts). Default 0.
         softmax_scale: default 1 / sqrt(D).
         num_splits: chunks per (sequence, KV head); default from B * Hkv vs the SM count (``default_num_splits``).
+        q_cos, q_sin: optional (B, Tn, D) or (B, Tn, D/2) RoPE tables at each new token's position (only the
+            first D/2 entries are read: the rotate-half convention of Llama / HF, D even). Given, q is taken
+            BEFORE RoPE and rotated inside the kernel, in fp32 and rounded once to q.dtype, which saves a decode
+            step its separate RoPE kernel for q; the keys in the cache are already rotated.
         backend: "auto" | "triton" | "torch" (see ``kernels.attention.flash_attention``).
     Returns:
         o: (B, Tn, Hq, D) in q.dtype; rows without a valid position are zeros.
@@ -278,8 +305,23 @@ def decode_attention(
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits: expected a positive int or None, got {num_splits!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if (q_cos is None) != (q_sin is None):
+        raise ValueError("q_cos, q_sin: expected both or neither")
+    if q_cos is not None:
+        for name, t in (("q_cos", q_cos), ("q_sin", q_sin)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[:2]) != (B, Tn) \
+                    or t.shape[2] not in (D, D // 2) or D % 2:
+                raise ValueError(f"{name}: expected a (B, Tn, D) or (B, Tn, D/2) = ({B}, {Tn}, {D} or {D // 2}) "
+                                 f"tensor (D even), got {tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+            if t.device != q.device or not t.dtype.is_floating_point:
+                raise ValueError(f"{name}: expected a floating-point tensor on {q.device}, got {t.dtype} on {t.device}")
+        q_cos = q_cos if q_cos.stride(-1) == 1 else q_cos.contiguous()
+        q_sin = q_sin if q_sin.stride(-1) == 1 else q_sin.contiguous()
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
     if not use_triton:
+        if q_cos is not None:
+            full = [t if t.shape[-1] == D else torch.cat([t, t], -1) for t in (q_cos, q_sin)]  # (B, Tn, D)
+            q = apply_rope_reference(q, full[0][:, :, None], full[1][:, :, None])
         return decode_attention_reference(q, k_cache, v_cache, cache_lens, cache_start=cache_start,
                                           softmax_scale=scale)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -290,5 +332,6 @@ def decode_attention(
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache, v_cache: expected unit stride on the head dim (copying a cache is never wanted)")
     if torch.compiler.is_compiling():
-        return decode_attention_op(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits)
-    return decode_attention_forward(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits)
+        return decode_attention_op(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits, q_cos, q_sin)
+    return decode_attention_forward(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits,
+                                    q_cos=q_cos, q_sin=q_sin)

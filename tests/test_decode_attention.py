@@ -90,6 +90,51 @@ def test_decode_matches_flash_attention_on_full_sequence(device):
     torch.testing.assert_close(o, full[:, -Tn:], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("B,L,Hq,Hkv,D,Tn,num_splits", [CASES[1], CASES[3], CASES[5]])
+@pytest.mark.parametrize("half_tables", [False, True])
+def test_decode_rotates_q_inside_the_kernel(B, L, Hq, Hkv, D, Tn, num_splits, half_tables, device):
+    """q_cos/q_sin: q is rotated in the kernel; equals RoPE first (fp64 reference), for D = 64, 80 (the partner
+    column of the rotate-half wraps inside a padded 128-wide tile) and 96, split or not, with left padding."""
+    lens = torch.tensor([L - 3 * b for b in range(B)], dtype=torch.int32, device=device)
+    start = torch.tensor([(5 * b) % 7 for b in range(B)], dtype=torch.int32, device=device)
+    k, v = _cache(B, L, Hkv, D, torch.float32, device, lens, start)
+    q = torch.randn(B, Tn, Hq, D, device=device)
+    pos = (lens[:, None] - Tn + torch.arange(Tn, device=device)[None] - start[:, None]).long()  # (B, Tn)
+    cos_t, sin_t = _tables(L, D, device)
+    cos, sin = cos_t[pos], sin_t[pos]  # (B, Tn, D)
+    if half_tables:
+        cos, sin = cos[..., :D // 2], sin[..., :D // 2]
+    o = decode_attention(q, k, v, lens, cache_start=start, num_splits=num_splits, q_cos=cos, q_sin=sin,
+                         backend="triton")
+    q_rot = apply_rope_reference(q.double(), cos_t[pos][:, :, None].double(), sin_t[pos][:, :, None].double())
+    ref = decode_attention_reference(q_rot, k.double(), v.double(), lens, cache_start=start)
+    assert not torch.isnan(o).any()
+    torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=1e-4)
+    # the torch backend takes the same arguments
+    o_t = decode_attention(q, k, v, lens, cache_start=start, q_cos=cos, q_sin=sin, backend="torch")
+    torch.testing.assert_close(o_t.double(), ref, atol=2e-5, rtol=1e-4)
+    # fp16: the rotated q is rounded once to fp16, as the separate RoPE kernel does
+    qh, kh, vh = q.half(), torch.nan_to_num(k).half(), torch.nan_to_num(v).half()
+    o_h = decode_attention(qh, kh, vh, lens, cache_start=start, num_splits=num_splits, q_cos=cos, q_sin=sin,
+                           backend="triton")
+    q_sep = apply_rope(qh, cos_t[pos], sin_t[pos], backend="triton")
+    o_sep = decode_attention(q_sep, kh, vh, lens, cache_start=start, num_splits=num_splits, backend="triton")
+    torch.testing.assert_close(o_h, o_sep, atol=2e-3, rtol=2e-3)
+
+
+def test_decode_rope_validation(device):
+    q = torch.randn(2, 1, 4, 16, device=device)
+    kc = torch.randn(2, 8, 2, 16, device=device)
+    lens = torch.tensor([8, 5], device=device)
+    c = torch.randn(2, 1, 16, device=device)
+    with pytest.raises(ValueError, match="both or neither"):
+        decode_attention(q, kc, kc, lens, q_cos=c)
+    with pytest.raises(ValueError, match="q_sin"):
+        decode_attention(q, kc, kc, lens, q_cos=c, q_sin=torch.randn(2, 2, 16, device=device))
+    with pytest.raises(ValueError, match="q_cos"):
+        decode_attention(q, kc, kc, lens, q_cos=torch.randn(2, 1, 5, device=device), q_sin=c)
+
+
 def test_decode_op_fake_validation_and_splits(device):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -122,17 +122,26 @@ def _attention_cases():
                     _sub(dkdv, dt), ["qk_scale", "sm_scale"],
                     dict(HEAD_DIM=d, BLOCK_D=d, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION=_DTYPES[dt],
                          BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=True), w, s)
+    # a head dim that is not a power of two: D=96 in a 128-wide tile, the dQ atomics masked on D
+    yield _case("attn_bwd_dkdv_atomic_dq-bf16-d96-32x128", "attention_bwd", "_bwd_dkdv_kernel", _sub(dkdv, "bf16"),
+                ["qk_scale", "sm_scale"], dict(HEAD_DIM=96, BLOCK_D=128, IS_CAUSAL=True, HAS_KV_RANGE=True,
+                                               PRECISION=_DTYPES["bf16"], BLOCK_M=32, BLOCK_N=128, ATOMIC_DQ=True),
+                8, 2)
 
 
 def _decode_cases():
     split = {"Q": "{dt}", "K": "{dt}", "V": "{dt}", "O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32",
-             "CACHE_LENS": "i32", "CACHE_START": "i32"}
-    # (dtype, HEAD_DIM, BLOCK_R = max(16, next_pow2(group * Tn)), single split, _DECODE_CONFIGS entry)
-    for dt, d, br, single, (bn, w, s) in [("bf16", 128, 16, False, (64, 4, 3)), ("fp16", 128, 64, True, (128, 8, 3)),
-                                          ("fp32", 64, 16, False, (32, 4, 4))]:
-        yield _case(f"decode_split-{dt}-d{d}-r{br}-n{bn}", "decode_attention", "_decode_split_kernel", _sub(split, dt),
-                    ["qk_scale"], dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=br, HAS_START=True, SINGLE_SPLIT=single,
-                                       PRECISION=_DTYPES[dt], BLOCK_N=bn), w, s)
+             "CACHE_LENS": "i32", "CACHE_START": "i32", "COS": "{dt}", "SIN": "{dt}"}
+    # (dtype, HEAD_DIM, BLOCK_R = max(16, next_pow2(group * Tn)), single split, q RoPE in the kernel (the model's
+    # fused decode step: Qwen2-0.5B is D=64, group 7), _DECODE_CONFIGS entry)
+    for dt, d, br, single, rope, (bn, w, s) in [("bf16", 128, 16, False, False, (64, 4, 3)),
+                                                ("bf16", 64, 16, False, True, (64, 4, 3)),
+                                                ("fp16", 128, 64, True, True, (128, 8, 3)),
+                                                ("fp32", 64, 16, False, False, (32, 4, 4))]:
+        yield _case(f"decode_split-{dt}-d{d}-r{br}-n{bn}{'-rope' if rope else ''}", "decode_attention",
+                    "_decode_split_kernel", _sub(split, dt), ["qk_scale"],
+                    dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=br, HAS_START=True, SINGLE_SPLIT=single, HAS_ROPE=rope,
+                         PRECISION=_DTYPES[dt], BLOCK_N=bn), w, s)
     red = {"O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32"}
     # decode_attention_forward: 1 warp up to 1024 elements (BLOCK_S * BLOCK_D), else 4
     for dt, bs, w in (("bf16", 64, 4), ("fp32", 8, 1)):
@@ -320,7 +329,8 @@ def compiled(tmp_path_factory):
 # 8 bytes; the dK/dV kernel spilled 1.7 KB before its loops were merged).
 NO_SPILL = {"attn_fwd-bf16-d128-128x64", "attn_fwd-bf16-d64-128x64", "attn_bwd_dkdv-bf16-d128-32x128",
             "attn_bwd_dq-bf16-d128-128x64", "attn_bwd_dkdv-bf16-d64-64x128", "attn_bwd_dq-bf16-d64-128x64",
-            "decode_split-bf16-d128-r16-n64", "decode_reduce-bf16-s64", "decode_reduce-fp32-s8",
+            "decode_split-bf16-d128-r16-n64", "decode_split-bf16-d64-r16-n64-rope", "decode_reduce-bf16-s64",
+            "decode_reduce-fp32-s8",
             "attn_bwd_dkdv_atomic_dq-bf16-d128-32x128", "attn_bwd_dkdv_atomic_dq-bf16-d64-64x128"}
 MAX_STACK = 32
 NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope", "rms_norm",

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ATTN_BACKENDS
+from .rope import apply_rotary
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -50,8 +51,8 @@ class AttnMeta:
     cache_start: (B,) int32 — decode: first valid slot (left padding of the prompt).
     kv_len: host int bound on the used cache length (torch decode only; None = all L).
     fused_ops: the generation paths on the triton backend (prefill, decode; no autograd): the decoder layers
-      use the fused inference kernels (residual add + RMSNorm, silu(gate) * up), and decode rotates K inside
-      the cache write.
+      use packed q/k/v and gate/up GEMMs and the fused inference kernels (residual add + RMSNorm,
+      silu(gate) * up), and decode rotates K inside the cache write and q inside the decode attention kernel.
     rope_rows: (B,) int32 — decode with fused_ops: row of sequence b's first new token in the (B * Tn, D)
       cos/sin tables (b * Tn).
     """
@@ -168,10 +169,18 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, 
     write_kv_cache(k_cache, v_cache, k_new, v_new, meta.write_pos, backend="triton")
 
 
-def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-    """Decode attention of q (B,Tn,Hq,D) over the cache (B,L,Hkv,D) -> (B,Tn,Hq,D)."""
+def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
+                    q_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Decode attention of q (B,Tn,Hq,D) over the cache (B,L,Hkv,D) -> (B,Tn,Hq,D).
+
+    q_rope: (cos, sin) (B, Tn, D) when q is not rotated yet: the triton kernel rotates it (fused decode path).
+    """
     if meta.backend == "torch":
+        if q_rope is not None:
+            q = apply_rotary(q, *q_rope)
         return torch_decode_attention(q, k_cache, v_cache, meta.cache_lens, meta.cache_start, meta.kv_len)
     from rlhf_engine.kernels.decode_attention import decode_attention
 
-    return decode_attention(q, k_cache, v_cache, meta.cache_lens, cache_start=meta.cache_start, backend="triton")
+    q_cos, q_sin = q_rope if q_rope is not None else (None, None)
+    return decode_attention(q, k_cache, v_cache, meta.cache_lens, cache_start=meta.cache_start, q_cos=q_cos,
+                            q_sin=q_sin, backend="triton")

@@ -63,11 +63,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
-        rope_in_write = meta.mode == "decode" and meta.fused_ops  # K is rotated inside the cache write
+        # fused decode: K is rotated inside the cache write, q inside the decode attention kernel
+        rope_in_write = meta.mode == "decode" and meta.fused_ops
         if meta.backend == "triton":  # one fused kernel per tensor instead of ~5 elementwise ops
             from rlhf_engine.kernels.kv_cache import apply_rope
 
-            q = apply_rope(q, cos, sin, backend="triton")
+            q = q if rope_in_write else apply_rope(q, cos, sin, backend="triton")
             k = k if rope_in_write else apply_rope(k, cos, sin, backend="triton")
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -81,7 +82,7 @@ class Attention(nn.Module):
                                sin=sin.reshape(B * T, D), rope_positions=meta.rope_rows, backend="triton")
             else:
                 write_kv(k_cache, v_cache, k, v, meta)
-            y = cache_attention(q, k_cache, v_cache, meta)  # (B, T, Hq, D)
+            y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin) if rope_in_write else None)
         else:
             y = full_attention(q, k, v, meta)  # (B, T, Hq, D)
             if meta.mode == "prefill":
