@@ -21,7 +21,9 @@
 # GPU_CHECK_BUILD_S (150), GPU_CHECK_TEST_S (120), GPU_CHECK_KTEST_S (60), GPU_CHECK_BENCH_MIN_S (170),
 # GPU_CHECK_SKIP (any of "build tests ktests bench"),
 # GPU_CHECK_BENCH (substrings of the benchmarks to run, e.g. "logprob ppo_step"),
-# RLHF_ENGINE_CUDA_ARCHS (default 90a: Hopper only, to save build time), PYTHON (default python).
+# RLHF_ENGINE_CUDA_ARCHS (default 90a: Hopper only, to save build time), PYTHON (default python),
+# GPU_CHECK_TEST_WORKERS (4, whole files per worker: the big bf16 tests of one file never overlap) and
+# GPU_CHECK_KTEST_WORKERS (8) when pytest-xdist is carried in benchmarks/.vendor/xdist_site (0: one process).
 # Baselines the machine lacks (Liger-Kernel): `bash benchmarks/fetch_baselines.sh` here first, then carry
 # benchmarks/.vendor with the run; it is put on PYTHONPATH.
 set -u
@@ -45,6 +47,8 @@ BUDGET=${GPU_CHECK_BUDGET_S:-450}
 BUILD_S=${GPU_CHECK_BUILD_S:-150}
 TEST_S=${GPU_CHECK_TEST_S:-120}
 KTEST_S=${GPU_CHECK_KTEST_S:-60}
+TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-4}
+KTEST_WORKERS=${GPU_CHECK_KTEST_WORKERS:-8}
 BENCH_MIN_S=${GPU_CHECK_BENCH_MIN_S:-170}  # the tests stop early enough to leave this
 SKIP=" ${GPU_CHECK_SKIP:-} "
 BENCH_ONLY=${GPU_CHECK_BENCH:-}
@@ -238,6 +242,22 @@ EOF
   fi
   echo "build: $BUILD"
 
+  # Parallel test workers (pytest-xdist, carried: benchmarks/fetch_baselines.sh), if this pytest loads it: the
+  # kernel tests are mostly Triton compiles (ptxas: one core each), 16 cores here.
+  local XD="$ROOT/benchmarks/.vendor/xdist_site" XDIST_T=() XDIST_K=()
+  if [ -d "$XD" ] && PYTHONPATH="$XD:${PYTHONPATH:-}" timeout 90 "$PY" -m pytest -p no:cacheprovider -q -n 2 \
+      --collect-only tests/test_gae_triton.py > "$TMPD/xdist_probe.log" 2>&1; then
+    export PYTHONPATH="$XD${PYTHONPATH:+:$PYTHONPATH}"
+    (( TEST_WORKERS > 0 )) && XDIST_T=(-n "$TEST_WORKERS" --dist loadfile)
+    (( KTEST_WORKERS > 0 )) && XDIST_K=(-n "$KTEST_WORKERS" --dist load)
+    echo "pytest-xdist: on (gpu tests ${TEST_WORKERS} workers, kernel tests ${KTEST_WORKERS})"
+  elif [ -d "$XD" ]; then
+    echo "pytest-xdist: carried but this pytest does not load it (one process); probe output:"
+    tail -n 5 "$TMPD/xdist_probe.log"
+  else
+    echo "pytest-xdist: not carried (benchmarks/fetch_baselines.sh); tests run in one process"
+  fi
+
   step "GPU tests: pytest -m gpu tests"
   if skipped tests; then
     echo "skipped (GPU_CHECK_SKIP)"
@@ -245,7 +265,8 @@ EOF
     c=$(cap "$TEST_S" "$BENCH_MIN_S")
     # fixed attention tiles (RLHF_ENGINE_AUTOTUNE=0): tests check correctness, and autotuning every head dim
     # and dtype would spend the test budget in ptxas; the benchmarks autotune (and check against SDPA)
-    RLHF_ENGINE_AUTOTUNE=0 run_pytest "$OUT/gpu_tests.log" "$c" -m gpu tests --durations=10
+    RLHF_ENGINE_AUTOTUNE=0 run_pytest "$OUT/gpu_tests.log" "$c" -m gpu tests --durations=10 \
+      ${XDIST_T[@]+"${XDIST_T[@]}"}
     rc=$?
     TESTS="$(rc_note $rc "$c"): $(pytest_line "$OUT/gpu_tests.log")"
     case $rc in 0|5) ;; *) FAIL=1 ;; esac
@@ -266,7 +287,7 @@ EOF
       KTESTS="skipped (no kernel test files)"
     else
       RLHF_ENGINE_AUTOTUNE=0 run_pytest "$OUT/kernel_tests.log" "$c" -m "not gpu and not slow" "${files[@]}" \
-        --durations=5
+        --durations=5 ${XDIST_K[@]+"${XDIST_K[@]}"}
       rc=$?
       KTESTS="$(rc_note $rc "$c"): $(pytest_line "$OUT/kernel_tests.log")"
       case $rc in 0|5) ;; *) FAIL=1 ;; esac
