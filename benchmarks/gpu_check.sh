@@ -23,7 +23,7 @@
 # GPU_CHECK_BENCH (substrings of the benchmarks to run, e.g. "logprob ppo_step"),
 # RLHF_ENGINE_CUDA_ARCHS (default 90a: Hopper only, to save build time), PYTHON (default python),
 # GPU_CHECK_TEST_WORKERS (4, whole files per worker: the big bf16 tests of one file never overlap) and
-# GPU_CHECK_KTEST_WORKERS (8) when pytest-xdist is carried in benchmarks/.vendor/xdist_site (0: one process).
+# GPU_CHECK_KTEST_WORKERS (8) when pytest-xdist is carried in benchmarks/.vendor/xdist_site (0 or 1: one process).
 # Baselines the machine lacks (Liger-Kernel): `bash benchmarks/fetch_baselines.sh` here first, then carry
 # benchmarks/.vendor with the run; it is put on PYTHONPATH.
 set -u
@@ -49,6 +49,8 @@ TEST_S=${GPU_CHECK_TEST_S:-120}
 KTEST_S=${GPU_CHECK_KTEST_S:-60}
 TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-4}
 KTEST_WORKERS=${GPU_CHECK_KTEST_WORKERS:-8}
+[[ $TEST_WORKERS =~ ^[0-9]+$ ]] || { echo "GPU_CHECK_TEST_WORKERS=$TEST_WORKERS: not a count; using 4"; TEST_WORKERS=4; }
+[[ $KTEST_WORKERS =~ ^[0-9]+$ ]] || { echo "GPU_CHECK_KTEST_WORKERS=$KTEST_WORKERS: not a count; using 8"; KTEST_WORKERS=8; }
 BENCH_MIN_S=${GPU_CHECK_BENCH_MIN_S:-170}  # the tests stop early enough to leave this
 SKIP=" ${GPU_CHECK_SKIP:-} "
 BENCH_ONLY=${GPU_CHECK_BENCH:-}
@@ -244,13 +246,16 @@ EOF
 
   # Parallel test workers (pytest-xdist, carried: benchmarks/fetch_baselines.sh), if this pytest loads it: the
   # kernel tests are mostly Triton compiles (ptxas: one core each), 16 cores here.
-  local XD="$ROOT/benchmarks/.vendor/xdist_site" XDIST_T=() XDIST_K=()
-  if [ -d "$XD" ] && PYTHONPATH="$XD:${PYTHONPATH:-}" timeout 90 "$PY" -m pytest -p no:cacheprovider -q -n 2 \
-      --collect-only tests/test_gae_triton.py > "$TMPD/xdist_probe.log" 2>&1; then
+  # The probe starts two workers on two quick CPU tests (collect-only would not start any).
+  local XD="$ROOT/benchmarks/.vendor/xdist_site" XDIST_T=() XDIST_K=() NCPU
+  NCPU=$(nproc 2>/dev/null || echo 16)
+  if [ -d "$XD" ] && PYTHONPATH="$XD${PYTHONPATH:+:$PYTHONPATH}" timeout 120 "$PY" -m pytest -p no:cacheprovider -q \
+      -n 2 -k "mismatched or refuses" tests/test_packing.py > "$TMPD/xdist_probe.log" 2>&1; then
     export PYTHONPATH="$XD${PYTHONPATH:+:$PYTHONPATH}"
-    (( TEST_WORKERS > 0 )) && XDIST_T=(-n "$TEST_WORKERS" --dist loadfile)
-    (( KTEST_WORKERS > 0 )) && XDIST_K=(-n "$KTEST_WORKERS" --dist load)
-    echo "pytest-xdist: on (gpu tests ${TEST_WORKERS} workers, kernel tests ${KTEST_WORKERS})"
+    # each worker gets its share of the cores for torch's CPU threads (the fp64 references)
+    (( TEST_WORKERS > 1 )) && XDIST_T=(-n "$TEST_WORKERS" --dist loadfile)
+    (( KTEST_WORKERS > 1 )) && XDIST_K=(-n "$KTEST_WORKERS" --dist load)
+    echo "pytest-xdist: on (gpu tests ${TEST_WORKERS} workers, kernel tests ${KTEST_WORKERS}; ${NCPU} cores)"
   elif [ -d "$XD" ]; then
     echo "pytest-xdist: carried but this pytest does not load it (one process); probe output:"
     tail -n 5 "$TMPD/xdist_probe.log"
@@ -265,8 +270,8 @@ EOF
     c=$(cap "$TEST_S" "$BENCH_MIN_S")
     # fixed attention tiles (RLHF_ENGINE_AUTOTUNE=0): tests check correctness, and autotuning every head dim
     # and dtype would spend the test budget in ptxas; the benchmarks autotune (and check against SDPA)
-    RLHF_ENGINE_AUTOTUNE=0 run_pytest "$OUT/gpu_tests.log" "$c" -m gpu tests --durations=10 \
-      ${XDIST_T[@]+"${XDIST_T[@]}"}
+    RLHF_ENGINE_AUTOTUNE=0 OMP_NUM_THREADS=$(( ${#XDIST_T[@]} ? (NCPU + TEST_WORKERS - 1) / TEST_WORKERS : NCPU )) \
+      run_pytest "$OUT/gpu_tests.log" "$c" -m gpu tests --durations=10 ${XDIST_T[@]+"${XDIST_T[@]}"}
     rc=$?
     TESTS="$(rc_note $rc "$c"): $(pytest_line "$OUT/gpu_tests.log")"
     case $rc in 0|5) ;; *) FAIL=1 ;; esac
@@ -286,8 +291,9 @@ EOF
     elif (( ${#files[@]} == 0 )); then
       KTESTS="skipped (no kernel test files)"
     else
-      RLHF_ENGINE_AUTOTUNE=0 run_pytest "$OUT/kernel_tests.log" "$c" -m "not gpu and not slow" "${files[@]}" \
-        --durations=5 ${XDIST_K[@]+"${XDIST_K[@]}"}
+      RLHF_ENGINE_AUTOTUNE=0 OMP_NUM_THREADS=$(( ${#XDIST_K[@]} ? (NCPU + KTEST_WORKERS - 1) / KTEST_WORKERS : NCPU )) \
+        run_pytest "$OUT/kernel_tests.log" "$c" -m "not gpu and not slow" "${files[@]}" --durations=5 \
+        ${XDIST_K[@]+"${XDIST_K[@]}"}
       rc=$?
       KTESTS="$(rc_note $rc "$c"): $(pytest_line "$OUT/kernel_tests.log")"
       case $rc in 0|5) ;; *) FAIL=1 ;; esac

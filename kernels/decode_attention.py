@@ -158,7 +158,7 @@ _DECODE_CONFIGS = [
 _decode_split_kernel_tuned = triton.autotune(
     # Coarse key: a growing dynamic cache must not trigger a new tuning run at every power of two; the split
     # count (rounded to a power of two) is in it, since it sets how many keys each program walks.
-    configs=_DECODE_CONFIGS, key=["HEAD_DIM", "BLOCK_R", "L_BUCKET", "S_BUCKET", "SINGLE_SPLIT"],
+    configs=_DECODE_CONFIGS, key=["HEAD_DIM", "BLOCK_R", "L_BUCKET", "S_BUCKET", "SINGLE_SPLIT", "HAS_ROPE"],
 )(_decode_split_kernel)
 INTERPRETER_BLOCK_N = 32
 

@@ -1,4 +1,5 @@
 """Tiny random HF Llama / Qwen2 models give the same logits (and grads) on our attention as on eager / SDPA."""
+import inspect
 from unittest import mock
 
 import pytest
@@ -69,21 +70,23 @@ def test_decode_steps_match(model, padding):
     ids, am, pos = _batch(2, 11, padding)
     new = [torch.randint(0, 96, (2, 1)), torch.randint(0, 96, (2, 2))]
     outs = {}
+    # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` deprecated); 5.17 does not
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     for impl in ("eager", NAME):
         model.set_attn_implementation(impl)
         cache = DynamicCache(config=model.config)
         mask, p = am, pos
         steps = []
         with torch.no_grad():
-            steps.append(model(input_ids=ids, attention_mask=mask, position_ids=p, past_key_values=cache,
-                               use_cache=True).logits[:, -1])
+            steps.append(model(input_ids=ids, attention_mask=mask, position_ids=p, use_cache=True,
+                               **{cache_kw: cache}).logits[:, -1])
             for tok in new:
                 n = tok.shape[1]
                 if mask is not None:
                     mask = torch.cat([mask, torch.ones(2, n, dtype=mask.dtype)], 1)
                 p = p[:, -1:] + torch.arange(1, n + 1)[None]
-                steps.append(model(input_ids=tok, attention_mask=mask, position_ids=p, past_key_values=cache,
-                                   use_cache=True).logits)
+                steps.append(model(input_ids=tok, attention_mask=mask, position_ids=p, use_cache=True,
+                                   **{cache_kw: cache}).logits)
         outs[impl] = steps
     model.set_attn_implementation(NAME)
     for a, b in zip(outs["eager"], outs[NAME]):

@@ -73,6 +73,50 @@ def test_loading_packs_and_assign_needs_a_repack():
     _assert_packed(m)
 
 
+def test_loading_assigns_packed_views_one_copy_at_a_time(monkeypatch):
+    """model_from_state_dict packs the state dict before load_state_dict(assign=True): the parameters arrive
+    packed, so Transformer.pack_projections has nothing left to copy (no second copy of q/k/v, gate/up)."""
+    import rlhf_engine.model.llama as llama
+    from rlhf_engine.model.packing import _rows, pack_state_dict
+
+    src = CausalLM(preset("tiny-qwen2"))
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    calls = []
+
+    def spy(linears):
+        if linears[0].weight.device.type != "meta":
+            calls.append(_rows([m.weight for m in linears]) is not None)
+        return pack_linears(linears)
+
+    monkeypatch.setattr(llama, "pack_linears", spy)
+    m = model_from_state_dict(src.config, sd)
+    assert calls and all(calls)  # every group was already packed when the model checked
+    _assert_packed(m)
+    for k, v in src.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    # the dict helper alone: views of one tensor per group, other keys untouched
+    sd2 = {k: v.clone() for k, v in src.state_dict().items()}
+    emb = sd2["model.embed_tokens.weight"]
+    pack_state_dict(sd2, src.config.num_layers)
+    qkv = [sd2[f"model.layers.1.self_attn.{n}_proj.bias"] for n in "qkv"]
+    assert _rows(qkv) is not None and sd2["model.embed_tokens.weight"] is emb
+
+
+def test_packed_weights_skips_layers_one_gemm_would_bypass():
+    m = CausalLM(preset("tiny-llama"))
+    a = m.model.layers[0].self_attn
+    g = (a.q_proj, a.k_proj, a.v_proj)
+    with torch.no_grad():
+        assert packed_weights(g) is not None
+        h = a.k_proj.register_forward_hook(lambda mod, inp, out: out * 2)
+        assert packed_weights(g) is None  # a hook on k_proj must still run
+        h.remove()
+        assert packed_weights(g) is not None
+    a.v_proj.bias = nn.Parameter(torch.zeros(a.v_proj.out_features))  # a trainable bias on one layer only
+    with torch.no_grad():
+        assert packed_weights(g) is None  # mixed biases: not packed together
+
+
 def test_optimizer_steps_keep_the_packing_and_the_addresses():
     torch.manual_seed(0)
     m = CausalLM(preset("tiny-llama"))

@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .llama import CausalLM
+from .packing import pack_state_dict
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -69,6 +70,7 @@ def model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tenso
         if k.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and k == "lm_head.weight"):
             continue
         sd[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+    pack_state_dict(sd, config.num_layers)  # q/k/v and gate/up as views of one tensor each: assigned packed
     with torch.device("meta"):
         model = CausalLM(config)
     expected = set(model.state_dict())
@@ -81,7 +83,7 @@ def model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tenso
         if tuple(p.shape) != tuple(sd[name].shape):
             raise ValueError(f"{source}: {name} has shape {tuple(sd[name].shape)}, expected {tuple(p.shape)}")
     model.load_state_dict(sd, strict=True, assign=True)
-    model.model.pack_projections()  # assign=True handed each parameter its own tensor
+    model.model.pack_projections()  # a no-op unless pack_state_dict had to leave a group alone
     return model.eval()
 
 

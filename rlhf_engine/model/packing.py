@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .lora import LoRALinear
+
 
 def _rows(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """One tensor over ``ts`` when they are consecutive contiguous row blocks of one storage, else None."""
@@ -37,18 +39,21 @@ def _rows(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
 def packed_weights(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(W, b) with W (sum of out_features, in_features) over the layers' weights and b their biases (None when
     no layer has one), both views of the parameters' storage, such that ``F.linear(x, W, b)`` is the layers'
-    outputs concatenated on the last dim. None when the parameters are not packed, when some layer's LoRA adapter
-    is on, or when autograd would need a gradient for a weight (a view of the storage would not carry it to the
-    separate parameters)."""
-    if any(getattr(m, "adapters_enabled", False) for m in linears):  # a LoRALinear with its adapter on
-        return None
+    outputs concatenated on the last dim. None when the parameters are not packed; when a layer is not a plain
+    ``nn.Linear`` (a LoRALinear counts while its adapter is off), or has forward hooks, which one GEMM would
+    skip; or when autograd would need a gradient for a weight or bias (a view of the storage would not carry
+    it to the separate parameters)."""
+    for m in linears:
+        if (m.adapters_enabled if isinstance(m, LoRALinear) else type(m) is not nn.Linear) \
+                or m._forward_hooks or m._forward_pre_hooks:
+            return None
     ws = [m.weight for m in linears]
-    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+    bs = [m.bias for m in linears]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ws + bs):
         return None
     w = _rows(ws)
     if w is None:
         return None
-    bs = [m.bias for m in linears]
     if all(b is None for b in bs):
         return w, None
     b = None if any(b is None for b in bs) else _rows(bs)
@@ -85,3 +90,33 @@ def pack_linears(linears: Sequence[nn.Module]) -> bool:
             t.data = packed[row:row + t.shape[0]]
             row += t.shape[0]
     return True
+
+
+_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+@torch.no_grad()
+def pack_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int) -> None:
+    """In place, on an HF-keyed state dict: each layer's q/k/v weights (and biases) and gate/up weights become
+    views of one new tensor per group, the separate tensors dropped one group at a time. A model then loaded
+    with ``load_state_dict(assign=True)`` is packed and holds one copy of its weights (packing after the
+    assign would keep both copies until the dict goes). Groups with missing keys or mixed dtypes, devices or
+    widths are left as they are."""
+    for i in range(num_layers):
+        for names in _GROUPS:
+            for suffix in ("weight", "bias"):
+                keys = [f"model.layers.{i}.{n}.{suffix}" for n in names]
+                if not all(k in state_dict for k in keys):
+                    continue
+                ts = [state_dict[k] for k in keys]
+                t0 = ts[0]
+                if any(t.dtype != t0.dtype or t.device != t0.device or t.shape[1:] != t0.shape[1:] for t in ts) \
+                        or t0.device.type == "meta" or _rows(ts) is not None:
+                    continue
+                sizes = [t.shape[0] for t in ts]
+                for k in keys:
+                    del state_dict[k]
+                packed = torch.cat(ts)  # (sum of out_features, ...)
+                del ts, t0  # the separate tensors go now, unless the caller holds them
+                for k, rows in zip(keys, packed.split(sizes)):
+                    state_dict[k] = rows
