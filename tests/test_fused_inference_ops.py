@@ -267,3 +267,23 @@ def test_sample_tokens_routes_to_the_kernel(device):
         sample_logits(z, temperature=0.0)
     with pytest.raises(ValueError, match="logits"):
         sample_logits(z[0])
+
+
+def test_cache_attention_rotates_q_on_both_backends(device):
+    """model/attention.cache_attention with q_rope: half tables (what the fused path passes) on the triton
+    kernel and on the torch path both equal rotating q first with the full tables."""
+    from rlhf_engine.model.attention import AttnMeta, cache_attention
+    from rlhf_engine.model.rope import apply_rotary
+
+    B, Tn, Hq, Hkv, D, L = 2, 1, 6, 2, 16, 12
+    q = torch.randn(B, Tn, Hq, D, device=device)
+    kc, vc = torch.randn(B, L, Hkv, D, device=device), torch.randn(B, L, Hkv, D, device=device)
+    ang = torch.rand(B, Tn, D // 2, device=device) * 6
+    half = (ang.cos(), ang.sin())
+    full = tuple(torch.cat([t, t], -1) for t in half)
+    lens = torch.tensor([12, 7], dtype=torch.int32, device=device)
+    start = torch.tensor([0, 2], dtype=torch.int32, device=device)
+    for backend in ("torch", "triton"):
+        meta = AttnMeta(backend=backend, mode="decode", cache_lens=lens, cache_start=start)
+        want = cache_attention(apply_rotary(q, *full), kc, vc, meta)
+        torch.testing.assert_close(cache_attention(q, kc, vc, meta, q_rope=half), want, atol=1e-5, rtol=1e-5)

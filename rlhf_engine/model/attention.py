@@ -173,11 +173,12 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     q_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention of q (B,Tn,Hq,D) over the cache (B,L,Hkv,D) -> (B,Tn,Hq,D).
 
-    q_rope: (cos, sin) (B, Tn, D) when q is not rotated yet: the triton kernel rotates it (fused decode path).
+    q_rope: (cos, sin) (B, Tn, D) or their first halves (B, Tn, D/2) when q is not rotated yet: the triton
+    kernel rotates it (fused decode path).
     """
     if meta.backend == "torch":
         if q_rope is not None:
-            q = apply_rotary(q, *q_rope)
+            q = apply_rotary(q, *(t if t.shape[-1] == q.shape[-1] else torch.cat([t, t], -1) for t in q_rope))
         return torch_decode_attention(q, k_cache, v_cache, meta.cache_lens, meta.cache_start, meta.kv_len)
     from rlhf_engine.kernels.decode_attention import decode_attention
 

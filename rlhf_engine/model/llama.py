@@ -77,9 +77,8 @@ class Attention(nn.Module):
             if rope_in_write:
                 from rlhf_engine.kernels.kv_cache import write_kv_cache
 
-                D = self.head_dim
-                write_kv_cache(k_cache, v_cache, k, v, meta.write_pos, cos=cos.reshape(B * T, D),
-                               sin=sin.reshape(B * T, D), rope_positions=meta.rope_rows, backend="triton")
+                write_kv_cache(k_cache, v_cache, k, v, meta.write_pos, cos=cos.reshape(B * T, -1),
+                               sin=sin.reshape(B * T, -1), rope_positions=meta.rope_rows, backend="triton")
             else:
                 write_kv(k_cache, v_cache, k, v, meta)
             y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin) if rope_in_write else None)
@@ -191,7 +190,8 @@ class Transformer(nn.Module):
     def run_layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         """input_ids (B, T), position_ids (B, T) -> hidden after the final norm (B, T, H)."""
         x = self.embed_tokens(input_ids)  # (B, T, H)
-        cos, sin = self.rotary(position_ids, x.dtype)  # (B, T, D) each
+        # (B, T, D) each; the fused kernels read only the first half of the (duplicated) tables: (B, T, D/2)
+        cos, sin = self.rotary(position_ids, x.dtype, half=meta.fused_ops)
         if meta.fused_ops:  # generation: the residual adds ride in the norms (DecoderLayer.forward_fused)
             from rlhf_engine.kernels.rmsnorm import rms_norm
 

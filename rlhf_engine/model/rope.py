@@ -51,10 +51,12 @@ class RotaryEmbedding(nn.Module):
             self._inv_freq[key] = self._inv_freq["cpu"].to(device)
         return self._inv_freq[key]
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) int -> cos, sin (B, T, D) in ``dtype`` (angles computed in fp32)."""
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) int -> cos, sin (B, T, D) in ``dtype`` (angles computed in fp32); half=True: only
+        the first half, (B, T, D/2) (the second half repeats it), for kernels that read that much."""
         freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        emb = freqs if half else torch.cat((freqs, freqs), dim=-1)  # (B, T, D/2 or D)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
