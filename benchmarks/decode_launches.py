@@ -1,10 +1,10 @@
 """Kernels per decode step, counted on the CPU: a proxy for the launch-bound part of a GPU decode step.
 
 At batch 64 a Qwen2-0.5B decode step reads ~1 GB of weights (~0.33 ms at 3 TB/s) in ~24 x (7 projections,
-4 GEMMs when packed, + the elementwise kernels around them); inside a CUDA graph each kernel still costs a few microseconds of launch
-and tail, so the kernel count is the part of the step the floor does not see. This script runs one decode
-step of a Qwen2-0.5B-shaped model (1 and 2 layers, narrow widths: the count does not depend on widths) on the
-triton backend under the Triton interpreter and counts what would be GPU kernels:
+4 GEMMs when packed, + the elementwise kernels around them); inside a CUDA graph each kernel still costs a
+few microseconds of launch and tail, so the kernel count is the part of the step the floor does not see.
+This script runs one decode step of a Qwen2-0.5B-shaped model (1 and 2 layers, narrow widths: the count does
+not depend on widths) on the triton backend under the Triton interpreter and counts what would be GPU kernels:
   - Triton launches;
   - ATen ops that compute (views, reshapes and allocations excluded).
 It compares the generation path (fused inference kernels) with the same step on unfused ops, and the

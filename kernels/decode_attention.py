@@ -28,7 +28,8 @@ import triton.language as tl
 
 from .attention import check_qkv
 from .attention_fwd import LOG2E, autotune_enabled, dot_precision, next_pow2
-from .reference.attention import apply_rope_reference, decode_attention_reference
+from .kv_cache import _check_table, apply_rope
+from .reference.attention import decode_attention_reference
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -309,19 +310,14 @@ def decode_attention(
         raise ValueError("q_cos, q_sin: expected both or neither")
     if q_cos is not None:
         for name, t in (("q_cos", q_cos), ("q_sin", q_sin)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[:2]) != (B, Tn) \
-                    or t.shape[2] not in (D, D // 2) or D % 2:
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[:2]) != (B, Tn) or D % 2:
                 raise ValueError(f"{name}: expected a (B, Tn, D) or (B, Tn, D/2) = ({B}, {Tn}, {D} or {D // 2}) "
                                  f"tensor (D even), got {tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
-            if t.device != q.device or not t.dtype.is_floating_point:
-                raise ValueError(f"{name}: expected a floating-point tensor on {q.device}, got {t.dtype} on {t.device}")
-        q_cos = q_cos if q_cos.stride(-1) == 1 else q_cos.contiguous()
-        q_sin = q_sin if q_sin.stride(-1) == 1 else q_sin.contiguous()
+            _check_table(name, t, D, q.device)  # width D or D/2, unit stride, q's device (as the cache write)
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
     if not use_triton:
         if q_cos is not None:
-            full = [t if t.shape[-1] == D else torch.cat([t, t], -1) for t in (q_cos, q_sin)]  # (B, Tn, D)
-            q = apply_rope_reference(q, full[0][:, :, None], full[1][:, :, None])
+            q = apply_rope(q, q_cos, q_sin, backend="torch")
         return decode_attention_reference(q, k_cache, v_cache, cache_lens, cache_start=cache_start,
                                           softmax_scale=scale)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

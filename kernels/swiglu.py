@@ -65,9 +65,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     """silu(gate) * up, in gate's dtype; no gradient.
 
     gate, up: float tensors of one shape (..., I), dtype and device, any layout (e.g. the two halves of one
-    (..., 2 I) GEMM output: read in place). Returns a contiguous (..., I) tensor. backend: "triton", "torch" (F.silu(gate) * up)
-    or "auto" (triton on CUDA). Raises ValueError on mismatched inputs and RuntimeError when autograd would
-    need a gradient (the training forward uses the eager ops).
+    (..., 2 I) GEMM output: read in place). Returns a contiguous (..., I) tensor.
+    backend: "triton", "torch" (F.silu(gate) * up) or "auto" (triton on CUDA). Raises ValueError on mismatched
+    inputs and RuntimeError when autograd would need a gradient (the training forward uses the eager ops).
     """
     for name, t in (("gate", gate), ("up", up)):
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:

@@ -55,7 +55,8 @@ def test_conversions_and_copies_repack():
     _assert_packed(m)
     ref = copy.deepcopy(m)  # the PPO reference: Transformer.__setstate__ repacks
     _assert_packed(ref)
-    assert ref.model.layers[0].self_attn.q_proj.weight.data_ptr() != m.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    q_ref, q = ref.model.layers[0].self_attn.q_proj.weight, m.model.layers[0].self_attn.q_proj.weight
+    assert q_ref.data_ptr() != q.data_ptr()
     for k, v in m.state_dict().items():
         torch.testing.assert_close(v, before[k].double(), atol=0, rtol=0)
         assert torch.equal(ref.state_dict()[k], v)

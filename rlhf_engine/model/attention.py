@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import ATTN_BACKENDS
-from .rope import apply_rotary
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -178,7 +177,9 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     if meta.backend == "torch":
         if q_rope is not None:
-            q = apply_rotary(q, *(t if t.shape[-1] == q.shape[-1] else torch.cat([t, t], -1) for t in q_rope))
+            from rlhf_engine.kernels.kv_cache import apply_rope
+
+            q = apply_rope(q, *q_rope, backend="torch")  # fp32, rounded once, as the kernel does
         return torch_decode_attention(q, k_cache, v_cache, meta.cache_lens, meta.cache_start, meta.kv_len)
     from rlhf_engine.kernels.decode_attention import decode_attention
 

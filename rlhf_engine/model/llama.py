@@ -22,7 +22,7 @@ from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
 from .attention import AttnMeta, cache_attention, full_attention, mask_to_kv_range, resolve_backend, write_kv
 from .config import ModelConfig
-from .packing import pack_linears, packed_weights
+from .packing import PROJECTION_GROUPS, pack_linears, packed_weights
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -166,9 +166,8 @@ class Transformer(nn.Module):
         Done at construction, by ``.to()``-style conversions and deepcopy; call it after anything else that gives
         the parameters new tensors (``load_state_dict(assign=True)``)."""
         for layer in self.layers:
-            a, m = layer.self_attn, layer.mlp
-            pack_linears((a.q_proj, a.k_proj, a.v_proj))
-            pack_linears((m.gate_proj, m.up_proj))
+            for names in PROJECTION_GROUPS:
+                pack_linears([layer.get_submodule(n) for n in names])
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -60,6 +60,18 @@ def packed_weights(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Te
     return None if b is None else (w, b)
 
 
+def _packable(ts: Sequence[torch.Tensor]) -> bool:
+    """Whether ``ts`` can be rows of one tensor: one dtype and device (not meta), the same trailing shape."""
+    t0 = ts[0]
+    return t0.device.type != "meta" and all(
+        t.dtype == t0.dtype and t.device == t0.device and t.shape[1:] == t0.shape[1:] for t in ts)
+
+
+def _concat_rows(ts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Views of one new tensor (sum of the row counts, ...), one per input, holding the inputs' values."""
+    return torch.cat([t.detach() for t in ts]).split([t.shape[0] for t in ts])
+
+
 @torch.no_grad()
 def pack_linears(linears: Sequence[nn.Module]) -> bool:
     """Move the weights (and the biases, when every layer has one) of ``linears`` into one new tensor each and
@@ -67,32 +79,22 @@ def pack_linears(linears: Sequence[nn.Module]) -> bool:
 
     A no-op when they already are packed. Returns whether they are packed afterwards; False, with nothing
     changed, when the layers differ in dtype, device or in_features, only some of them have a bias, or the
-    weights are on the meta device.
+    weights are on the meta device (a model built there gets its tensors assigned later).
     """
     ws = [m.weight for m in linears]
     bs = [m.bias for m in linears]
-    w0 = ws[0]
-    if w0.device.type == "meta":  # nothing to move (a model built on meta gets its tensors assigned later)
-        return False
-    if any(w.dtype != w0.dtype or w.device != w0.device or w.shape[1:] != w0.shape[1:] for w in ws):
-        return False
     with_bias = all(b is not None for b in bs)
-    if not with_bias and any(b is not None for b in bs):
-        return False
-    if with_bias and any(b.dtype != bs[0].dtype or b.device != bs[0].device for b in bs):
+    if (not with_bias and any(b is not None for b in bs)) or not _packable(ws) or (with_bias and not _packable(bs)):
         return False
     for group in (ws, bs) if with_bias else (ws,):
-        if _rows(group) is not None:
-            continue
-        packed = torch.cat([t.detach() for t in group])  # (sum of out_features, ...)
-        row = 0
-        for t in group:
-            t.data = packed[row:row + t.shape[0]]
-            row += t.shape[0]
+        if _rows(group) is None:
+            for t, rows in zip(group, _concat_rows(group)):
+                t.data = rows
     return True
 
 
-_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+# The groups of one decoder layer that read the same input, by module path (model.layers.{i}.<path>).
+PROJECTION_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
 
 @torch.no_grad()
@@ -103,20 +105,12 @@ def pack_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int) -> Non
     assign would keep both copies until the dict goes). Groups with missing keys or mixed dtypes, devices or
     widths are left as they are."""
     for i in range(num_layers):
-        for names in _GROUPS:
+        for names in PROJECTION_GROUPS:
             for suffix in ("weight", "bias"):
                 keys = [f"model.layers.{i}.{n}.{suffix}" for n in names]
                 if not all(k in state_dict for k in keys):
                     continue
-                ts = [state_dict[k] for k in keys]
-                t0 = ts[0]
-                if any(t.dtype != t0.dtype or t.device != t0.device or t.shape[1:] != t0.shape[1:] for t in ts) \
-                        or t0.device.type == "meta" or _rows(ts) is not None:
-                    continue
-                sizes = [t.shape[0] for t in ts]
-                for k in keys:
-                    del state_dict[k]
-                packed = torch.cat(ts)  # (sum of out_features, ...)
-                del ts, t0  # the separate tensors go now, unless the caller holds them
-                for k, rows in zip(keys, packed.split(sizes)):
-                    state_dict[k] = rows
+                ts = [state_dict.pop(k) for k in keys]
+                views = _concat_rows(ts) if _packable(ts) and _rows(ts) is None else ts
+                del ts  # the separate tensors go now, unless the caller holds them
+                state_dict.update(zip(keys, views))
