@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+import torch
+
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for non-negative ints."""
@@ -33,3 +35,15 @@ def row_launch_config(B: int, T: int, block_t: Optional[int], max_block_t: int) 
     size = rows * block_t
     num_warps = 8 if size >= 2048 else 4 if size >= 512 else 2
     return rows, block_t, num_warps
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device, default: int = 4) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM); ``default`` elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return default
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

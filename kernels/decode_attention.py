@@ -18,7 +18,6 @@ Splitting the sequence gives the card enough programs when B * Hkv is small (64 
 Optionally (``q_cos``/``q_sin``) the split kernel applies RoPE to the query tile as it loads it, so that a decode
 step needs no separate kernel for it (the keys are rotated by the cache write, ``kv_cache.write_kv_cache``).
 """
-import functools
 import math
 from typing import Optional
 
@@ -26,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import sm_count
 from .attention import check_qkv
 from .attention_fwd import LOG2E, autotune_enabled, dot_precision, next_pow2
 from .kv_cache import _check_table, apply_rope
@@ -164,16 +164,10 @@ _decode_split_kernel_tuned = triton.autotune(
 INTERPRETER_BLOCK_N = 32
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
     """Splits per (sequence, KV head) so that about 4 programs run per SM (132 SMs on an H100), each split
     keeping at least 128 positions; depends only on shapes (never on cache_lens), so it is CUDA-graph safe."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    sms = sm_count(device)
     programs = max(batch * kv_heads, 1)
     splits = math.ceil(4 * sms / programs)
     return int(max(1, min(splits, math.ceil(cache_len / 128), 64)))

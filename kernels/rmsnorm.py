@@ -1,4 +1,4 @@
-"""RMSNorm, optionally fused with the residual add before it, in one Triton kernel (inference: no backward).
+"""RMSNorm, optionally fused with the residual add before it, in one Triton kernel, with its backward.
 
 The transformers (Llama, Qwen2) definition, with its rounding steps, for x (N, H) in a dtype ``dt``:
     s   = x + residual                               (rounded to dt, as the eager add; with ``residual``)
@@ -11,8 +11,16 @@ kernels a norm (cast, square/mean/rsqrt/mul or one fused rms_norm, cast, weight 
 decode step of a 0.5B model at batch 64 each of them is a few microseconds of launch and tail for ~100 KB of
 data, and there are two norms per layer.
 
-The model uses it on the generation paths (prefill and decode) only: the training forward keeps the eager
-ops, which autograd differentiates, and a no-grad forward of the same kind gives bit-identical log-probs.
+Backward (n = s_f32 · rstd, g = dout · weight, both fp32; ``ds_out`` the gradient arriving at the s output):
+    ds = rstd · (g − n · mean(g · n)) + ds_out       (the gradient of x, and of the residual: the same tensor)
+    dw = Σ_rows dout · y                              (y rounded to dt, as the forward multiplied it)
+It saves only s (the residual stream, which the model keeps anyway; x without a residual) and recomputes rstd
+from the row it reads: the eager ops save an fp32 copy of s, the normalized y and rstd (6 bytes an element in
+bf16 against 2). Each of a fixed number of programs (two per SM) walks a contiguous block of rows and keeps
+its dw partial sum in registers; the (programs, H) fp32 partials are then summed by one reduction, so dw is
+deterministic. Everything is fp32 until the one rounding of each output.
+
+The model uses it on the triton backend: the generation paths (no autograd) and the training forward.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import next_pow2
+from ._launch import cdiv, next_pow2, sm_count
 from .reference.norm import rms_norm_reference
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -71,6 +79,93 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return y, s
 
 
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, DSO, S, W, DS, DWP,
+    stride_dy, stride_dso, stride_s, stride_ds,
+    N, H, eps, rows_per_program,
+    HAS_DSO: tl.constexpr, HAS_DW: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_H)
+    m = offs < H
+    w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_H], dtype=tl.float32)
+    first = pid.to(tl.int64) * rows_per_program  # int64 rows: N * stride may pass 2^31
+    for row in range(first, tl.minimum(first + rows_per_program, N)):
+        sf = tl.load(S + row * stride_s + offs, mask=m, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=0) / H + eps)  # as the forward computed it
+        n = sf * rstd
+        dy = tl.load(DY + row * stride_dy + offs, mask=m, other=0.0).to(tl.float32)
+        g = dy * w
+        ds = rstd * (g - n * (tl.sum(g * n, axis=0) / H))
+        if HAS_DSO:
+            ds += tl.load(DSO + row * stride_dso + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(DS + row * stride_ds + offs, ds.to(DS.dtype.element_ty), mask=m)
+        if HAS_DW:
+            dw += dy * n.to(S.dtype.element_ty).to(tl.float32)  # y as the forward rounded it
+    if HAS_DW:
+        tl.store(DWP + pid * H + offs, dw, mask=m)
+
+
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rms_norm_backward(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
+                      eps: float, need_dw: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Launch ``_rms_norm_bwd_kernel``: dy (N, H) (the gradient of out), ds_out (N, H) or None (of s), s (N, H)
+    the normalized input. Returns (ds in s's dtype, dw in weight's dtype or None)."""
+    N, H = s.shape
+    ds = torch.empty((N, H), dtype=s.dtype, device=s.device)
+    if not need_dw:
+        dw = None
+    elif N == 0:
+        dw = torch.zeros_like(weight)
+    if N == 0:
+        return ds, dw
+    dy = _unit_rows(dy)
+    ds_out = _unit_rows(ds_out) if ds_out is not None else None
+    programs = min(N, 2 * sm_count(s.device))
+    rows = cdiv(N, programs)
+    programs = cdiv(N, rows)
+    partial = torch.empty((programs, H), dtype=torch.float32, device=s.device) if need_dw else ds
+    block = next_pow2(H)
+    _rms_norm_bwd_kernel[(programs,)](
+        dy, ds_out if ds_out is not None else dy, s, weight, ds, partial,
+        dy.stride(0), ds_out.stride(0) if ds_out is not None else 0, s.stride(0), ds.stride(0),
+        N, H, eps, rows,
+        HAS_DSO=ds_out is not None, HAS_DW=need_dw, BLOCK_H=block, num_warps=4 if block <= 2048 else 8,
+    )
+    if need_dw:
+        dw = partial.sum(0).to(weight.dtype)
+    return ds, dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Eager autograd for ``rms_norm``: (x, weight, eps, residual or None) -> out, or (out, s) with a residual."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, residual):
+        y, s = rms_norm_forward(x, weight, eps, residual)
+        ctx.set_materialize_grads(False)  # an unused output (the last norm's s) brings no zero tensor
+        ctx.save_for_backward(x if s is None else s, weight)
+        ctx.eps, ctx.has_residual = eps, residual is not None
+        return y if s is None else (y, s)
+
+    @staticmethod
+    def backward(ctx, dy, ds_out=None):
+        s, weight = ctx.saved_tensors
+        need_ds = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
+        if dy is None:  # only s was used: its gradient goes straight through the add
+            if ds_out is None:
+                return None, None, None, None
+            dy = torch.zeros((), dtype=s.dtype, device=s.device).expand(s.shape)
+        ds, dw = rms_norm_backward(dy, ds_out, s, weight, ctx.eps, ctx.needs_input_grad[1])
+        ds = ds if need_ds else None
+        return ds, dw, None, ds if ctx.has_residual else None
+
+
 @torch.library.custom_op("rlhf_engine::rms_norm", mutates_args=())
 def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``rms_norm`` without a residual, for torch.compile."""
@@ -95,9 +190,49 @@ def _add_rms_norm_fake(x, residual, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype)), torch.empty_like(x)
 
 
+@torch.library.custom_op("rlhf_engine::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ds, dw) of ``rms_norm`` (see ``rms_norm_backward``), for torch.compile."""
+    return rms_norm_backward(dy, ds_out, s, weight, eps, True)
+
+
+@rms_norm_backward_op.register_fake
+def _rms_norm_backward_fake(dy, ds_out, s, weight, eps):
+    return torch.empty_like(s), torch.empty_like(weight)
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _norm_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    ds, dw = rms_norm_backward_op(dy, None, x, weight, ctx.eps)
+    return ds, dw, None
+
+
+def _add_norm_setup_context(ctx, inputs, output):
+    weight, eps = inputs[2], inputs[3]
+    ctx.save_for_backward(output[1], weight)
+    ctx.eps = eps
+
+
+def _add_norm_backward(ctx, dy, ds_out):
+    s, weight = ctx.saved_tensors
+    ds, dw = rms_norm_backward_op(dy, ds_out, s, weight, ctx.eps)
+    return ds, ds, dw, None
+
+
+rms_norm_op.register_autograd(_norm_backward, setup_context=_norm_setup_context)
+add_rms_norm_op.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Optional[torch.Tensor] = None,
              backend: str = "auto"):
-    """RMSNorm over the last dim, optionally after a residual add; no gradient.
+    """RMSNorm over the last dim, optionally after a residual add; differentiable in x, weight and residual.
 
     Args:
         x: (..., H) float tensor.
@@ -110,8 +245,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Opt
         out (..., H) in the promoted dtype of weight and x; with ``residual``, (out, s) where s = x + residual
         in x's dtype (the next residual stream).
     Raises:
-        ValueError/TypeError: on shapes, dtypes or devices that do not match; RuntimeError when autograd
-        would need a gradient (use the eager ops in a training forward).
+        ValueError/TypeError: on shapes, dtypes or devices that do not match.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.dtype.is_floating_point:
         raise TypeError(f"x: expected a floating-point tensor (..., H), got {x!r:.80}")
@@ -132,22 +266,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Opt
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return rms_norm_reference(x, weight, eps, residual)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
-        raise RuntimeError("rms_norm (triton): inference only, it has no backward; call it under torch.no_grad()")
     if H > MAX_HIDDEN:
         raise ValueError(f"x: hidden size {H} exceeds {MAX_HIDDEN} (one row per program)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, H)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     weight = weight.contiguous()
-    if residual is None:
-        if torch.compiler.is_compiling():
-            return rms_norm_op(x2, weight, float(eps)).view(*lead, H)
-        return rms_norm_forward(x2, weight, float(eps), None)[0].view(*lead, H)
-    r2 = residual.reshape(-1, H)
-    r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(-1, H)
+        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
     if torch.compiler.is_compiling():
+        if r2 is None:
+            return rms_norm_op(x2, weight, float(eps)).view(*lead, H)
         y, s = add_rms_norm_op(x2, r2, weight, float(eps))
+        return y.view(*lead, H), s.view(*lead, H)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
+        out = RMSNormFunction.apply(x2, weight, float(eps), r2)
     else:
-        y, s = rms_norm_forward(x2, weight, float(eps), r2)
-    return y.view(*lead, H), s.view(*lead, H)
+        out = rms_norm_forward(x2, weight, float(eps), r2)
+        out = out[0] if r2 is None else out
+    if r2 is None:
+        return out.view(*lead, H)
+    return out[0].view(*lead, H), out[1].view(*lead, H)

@@ -1,4 +1,4 @@
-"""SwiGLU's activation, silu(gate) * up, in one Triton kernel (inference: no backward).
+"""SwiGLU's activation, silu(gate) * up, in one Triton kernel, with its backward.
 
 For gate, up of one shape and dtype ``dt``, with the rounding of the eager pair of ops:
     a   = (g / (1 + exp(-g))).to(dt)      silu in fp32, rounded as F.silu's output
@@ -6,6 +6,12 @@ For gate, up of one shape and dtype ``dt``, with the rounding of the eager pair 
 One read of each input and one write, instead of two kernels and an (N, I) intermediate: the MLP of a decode
 step is gate GEMM, up GEMM, this, down GEMM. The GPU's exp and divide are approximate to an fp32 ulp or so,
 so a value next to a rounding boundary of ``dt`` can land one ``dt`` ulp from eager (two after the product).
+
+Backward, in fp32 with one rounding per output (σ = sigmoid(g), recomputed from g):
+    dgate = dout · up · σ · (1 + g · (1 − σ))
+    dup   = dout · g · σ
+It saves gate and up only; the eager pair saves gate, silu(gate) and up (the (N, I) activations of a training
+forward's MLP are its largest: 2 of them a layer instead of 3), and reads dout once for both gradients.
 """
 from __future__ import annotations
 
@@ -31,6 +37,20 @@ def _silu_mul_kernel(G, U, O, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.co
     tl.store(O + row * stride_o + cols, (a.to(tl.float32) * u).to(O.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _silu_mul_bwd_kernel(DO, G, U, DG, DU, n_cols, stride_do, stride_g, stride_u, stride_dg, stride_du,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < n_cols
+    do = tl.load(DO + row * stride_do + cols, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=m, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(DG + row * stride_dg + cols, (do * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=m)
+    tl.store(DU + row * stride_du + cols, (do * g * sig).to(DU.dtype.element_ty), mask=m)
+
+
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """(..., I) -> (rows, I) with unit column stride: a view when the layout allows it (e.g. a column slice of a
     wider tensor), else a copy."""
@@ -50,6 +70,33 @@ def silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def silu_mul_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch ``_silu_mul_bwd_kernel``: (dgate, dup), new contiguous tensors of gate's shape and dtype."""
+    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    du = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if dg.numel():
+        do, g, u = _as_rows(dout), _as_rows(gate), _as_rows(up)
+        n_rows, n_cols = g.shape
+        _silu_mul_bwd_kernel[(n_rows, cdiv(n_cols, _BLOCK))](
+            do, g, u, dg, du, n_cols, do.stride(0), g.stride(0), u.stride(0), n_cols, n_cols,
+            BLOCK=_BLOCK, num_warps=4)
+    return dg, du
+
+
+class SiluMulFunction(torch.autograd.Function):
+    """Eager autograd for ``silu_mul``."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return silu_mul_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        return silu_mul_backward(dout, gate, up)
+
+
 @torch.library.custom_op("rlhf_engine::silu_mul", mutates_args=())
 def silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu_mul`` for torch.compile."""
@@ -61,13 +108,35 @@ def _silu_mul_fake(gate, up):
     return gate.new_empty(gate.shape)
 
 
+@torch.library.custom_op("rlhf_engine::silu_mul_backward", mutates_args=())
+def silu_mul_backward_op(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) of ``silu_mul``, for torch.compile."""
+    return silu_mul_backward(dout, gate, up)
+
+
+@silu_mul_backward_op.register_fake
+def _silu_mul_backward_fake(dout, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dout):
+    return silu_mul_backward_op(dout, *ctx.saved_tensors)
+
+
+silu_mul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """silu(gate) * up, in gate's dtype; no gradient.
+    """silu(gate) * up, in gate's dtype; differentiable in both.
 
     gate, up: float tensors of one shape (..., I), dtype and device, any layout (e.g. the two halves of one
     (..., 2 I) GEMM output: read in place). Returns a contiguous (..., I) tensor.
     backend: "triton", "torch" (F.silu(gate) * up) or "auto" (triton on CUDA). Raises ValueError on mismatched
-    inputs and RuntimeError when autograd would need a gradient (the training forward uses the eager ops).
+    inputs.
     """
     for name, t in (("gate", gate), ("up", up)):
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
@@ -79,8 +148,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not gate.is_cuda):
         return torch.nn.functional.silu(gate) * up
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        raise RuntimeError("silu_mul (triton): inference only, it has no backward; call it under torch.no_grad()")
     if torch.compiler.is_compiling():
         return silu_mul_op(gate, up)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SiluMulFunction.apply(gate, up)
     return silu_mul_forward(gate, up)

@@ -169,9 +169,16 @@ def _inference_op_cases():
     for dt, bh, res, w in [("bf16", 1024, True, 4), ("bf16", 4096, False, 8), ("fp16", 2048, True, 4)]:
         yield _case(f"rms_norm-{dt}-h{bh}", "rmsnorm", "_rms_norm_kernel", _sub(norm, dt), ["eps"],
                     dict(HAS_RES=res, BLOCK_H=bh), w)
+    # rms_norm_backward: the same BLOCK_H and warps; a row loop per program, dweight partials in fp32
+    norm_bwd = {"DY": "{dt}", "DSO": "{dt}", "S": "{dt}", "W": "{dt}", "DS": "{dt}", "DWP": "fp32"}
+    for dt, bh, dso, w in [("bf16", 1024, True, 4), ("bf16", 4096, False, 8), ("fp32", 1024, True, 4)]:
+        yield _case(f"rms_norm_bwd-{dt}-h{bh}", "rmsnorm", "_rms_norm_bwd_kernel", _sub(norm_bwd, dt), ["eps"],
+                    dict(HAS_DSO=dso, HAS_DW=True, BLOCK_H=bh), w)
     for dt in ("bf16", "fp32"):
         yield _case(f"silu_mul-{dt}", "swiglu", "_silu_mul_kernel", {"G": dt, "U": dt, "O": dt}, [],
                     dict(BLOCK=1024), 4)
+        yield _case(f"silu_mul_bwd-{dt}", "swiglu", "_silu_mul_bwd_kernel",
+                    {"DO": dt, "G": dt, "U": dt, "DG": dt, "DU": dt}, [], dict(BLOCK=1024), 4)
     # sample_logits_forward: programs (row, vocab split) with BLOCK_V 2048 and 8 warps, then a 1-warp combine;
     # fp32 logits (sampling_logits), an int64 seed
     for greedy in (False, True):

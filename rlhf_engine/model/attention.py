@@ -49,9 +49,10 @@ class AttnMeta:
     cache_lens: (B,) int32 — decode: valid length including the new tokens.
     cache_start: (B,) int32 — decode: first valid slot (left padding of the prompt).
     kv_len: host int bound on the used cache length (torch decode only; None = all L).
-    fused_ops: the generation paths on the triton backend (prefill, decode; no autograd): the decoder layers
-      use packed q/k/v and gate/up GEMMs and the fused inference kernels (residual add + RMSNorm,
-      silu(gate) * up), and decode rotates K inside the cache write and q inside the decode attention kernel.
+    fused_ops: the triton backend, every mode: the decoder layers run the fused kernels (residual add + RMSNorm,
+      silu(gate) * up; differentiable) on half RoPE tables; without autograd (generation, scoring) q/k/v and
+      gate/up run as packed GEMMs, and decode rotates K inside the cache write and q inside the decode
+      attention kernel.
     rope_rows: (B,) int32 — decode with fused_ops: row of sequence b's first new token in the (B * Tn, D)
       cos/sin tables (b * Tn).
     """

@@ -8,7 +8,9 @@ Three ways to run the trunk, all with explicit inputs (no state hidden in module
   * ``prefill``: a left-padded prompt, writing K/V into a cache passed in;
   * ``decode_step``: Tn new tokens per sequence against that cache.
 The attention implementation is picked per call (``attn_backend``), defaulting to the
-config's ("auto": Triton kernels on CUDA, PyTorch SDPA elsewhere).
+config's ("auto": Triton kernels on CUDA, PyTorch SDPA elsewhere). On the triton backend the
+decoder layers also run on the fused norm and SwiGLU kernels (``DecoderLayer.forward_fused``),
+in training as in generation; the torch backend is the eager, reference definition.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         Dq, Dkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         qkv = packed_weights((self.q_proj, self.k_proj, self.v_proj)) if meta.fused_ops else None
-        if qkv is not None:  # generation: one GEMM over the packed weights (model/packing.py)
+        if qkv is not None:  # no autograd: one GEMM over the packed weights (model/packing.py)
             q, k, v = F.linear(x, *qkv).split([Dq, Dkv, Dkv], dim=-1)  # strided views of (B, T, Dq + 2 Dkv)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -102,7 +104,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, H, bias=False)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        if fused:  # generation on the triton backend: gate and up as one GEMM when packed, silu(gate) * up fused
+        if fused:  # triton backend: gate and up as one GEMM when packed (no autograd), silu(gate) * up fused
             from rlhf_engine.kernels.swiglu import silu_mul
 
             gu = packed_weights((self.gate_proj, self.up_proj))
@@ -128,9 +130,10 @@ class DecoderLayer(nn.Module):
 
     def forward_fused(self, x: torch.Tensor, d: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                       meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same math on the fused inference kernels, with the residual stream carried as x + d (d: the
-        previous layer's MLP output, not yet added; None: none). Returns (x', d'), this layer's output x' + d':
-        each residual add happens inside the next norm (residual add + RMSNorm in one kernel)."""
+        """The same math on the fused kernels, with the residual stream carried as x + d (d: the previous layer's
+        MLP output, not yet added; None: none). Returns (x', d'), this layer's output x' + d': each residual add
+        happens inside the next norm (residual add + RMSNorm in one kernel). Differentiable; with autograd on,
+        the projections run as separate GEMMs (their weights need their own gradients)."""
         from rlhf_engine.kernels.rmsnorm import rms_norm
 
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
@@ -191,14 +194,17 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         # (B, T, D) each; the fused kernels read only the first half of the (duplicated) tables: (B, T, D/2)
         cos, sin = self.rotary(position_ids, x.dtype, half=meta.fused_ops)
-        if meta.fused_ops:  # generation: the residual adds ride in the norms (DecoderLayer.forward_fused)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if meta.fused_ops:  # triton backend: the residual adds ride in the norms (DecoderLayer.forward_fused)
             from rlhf_engine.kernels.rmsnorm import rms_norm
 
             d = None
             for layer in self.layers:
-                x, d = layer.forward_fused(x, d, cos, sin, meta)
+                if use_ckpt:
+                    x, d = checkpoint(layer.forward_fused, x, d, cos, sin, meta, use_reentrant=False)
+                else:
+                    x, d = layer.forward_fused(x, d, cos, sin, meta)
             return rms_norm(d, self.norm.weight, self.norm.eps, residual=x, backend="triton")[0]
-        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_ckpt:
                 x = checkpoint(layer, x, cos, sin, meta, use_reentrant=False)
@@ -225,7 +231,7 @@ class Transformer(nn.Module):
                             else torch.arange(T, device=input_ids.device).expand(B, T))
         elif tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids: expected shape {(B, T)}, got {tuple(position_ids.shape)}")
-        meta = AttnMeta(backend=backend)
+        meta = AttnMeta(backend=backend, fused_ops=_fused_ops(backend, self.config))
         if attention_mask is not None:
             if backend == "torch":
                 meta.attention_mask = attention_mask.bool()
@@ -369,8 +375,8 @@ class CausalLM(nn.Module):
 
 
 def _fused_ops(backend: str, config: ModelConfig) -> bool:
-    """Whether the generation paths use the fused inference kernels: on the triton backend, for hidden sizes
-    the one-row-per-program norm kernel holds in registers."""
+    """Whether the decoder layers run on the fused kernels (residual add + RMSNorm, silu(gate) * up, with their
+    backward): on the triton backend, for hidden sizes the one-row-per-program norm kernel holds in registers."""
     from rlhf_engine.kernels.rmsnorm import MAX_HIDDEN
 
     return backend == "triton" and config.hidden_size <= MAX_HIDDEN
