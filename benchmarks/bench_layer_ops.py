@@ -1,0 +1,106 @@
+"""Decoder-layer ops of the training forward, forward + backward: residual add + RMSNorm, and SwiGLU's
+silu(gate) * up, eager PyTorch (the torch backend's definition) vs the fused Triton kernels with their backward.
+
+Shape: one PPO training micro-batch of the Qwen2-0.5B shape, N = 16 x 384 = 6144 tokens, H = 896, I = 4864,
+bf16, with a grad_output on every output (the norm's s output is the residual stream, which the next layer uses).
+Floors (each tensor read or written once, 3.0 TB/s):
+  add + RMSNorm: forward reads x, r and writes out, s; backward reads d out, d s, s and writes d x:
+      8 x N x H x 2 B = 88 MB -> 29 us;
+  SwiGLU: forward reads gate, up and writes out; backward reads d out, gate, up and writes d gate, d up:
+      8 x N x I x 2 B = 478 MB -> 159 us.
+The eager ops make several passes each (the norm in bf16 casts to fp32 and back, ~14 passes of N x I for the
+SwiGLU pair) and keep more for the backward (an fp32 copy of s and the bf16 normalized y per norm; silu(gate) per
+MLP): the peak column, which includes what the forward saves, shows that.
+
+    python benchmarks/bench_layer_ops.py             # needs CUDA; exits cleanly without it
+    python benchmarks/bench_layer_ops.py --cpu-tiny  # tiny shape under the Triton interpreter (smoke run)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--N", type=int, default=16 * 384)
+    p.add_argument("--H", type=int, default=896)
+    p.add_argument("--I", type=int, default=4864)
+    p.add_argument("--cpu-tiny", action="store_true", help="no CUDA: N=64, H=96, I=160 under the Triton interpreter")
+    args = p.parse_args(argv)
+
+    import torch
+    if os.environ.get("RLHF_BENCH_SMOKE", "") == "1":  # run_all.py --smoke (triton not yet imported)
+        args.cpu_tiny = True
+    if not torch.cuda.is_available():
+        if not args.cpu_tiny:
+            print("bench_layer_ops: CUDA is not available; nothing to measure (use --cpu-tiny for a smoke run)")
+            return []
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (the kernels import it)
+        args.N, args.H, args.I = 64, 96, 160
+
+    import torch.nn.functional as F
+    from common import H100_COPY_TBPS, bench, peak_mem_mb, print_table, record
+
+    from rlhf_engine.kernels.reference.norm import rms_norm_reference
+    from rlhf_engine.kernels.rmsnorm import rms_norm
+    from rlhf_engine.kernels.swiglu import silu_mul
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    N, H, I = args.N, args.H, args.I
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    w_ours, rep_ours = (1, 3) if device == "cpu" else (10, 50)
+
+    def fwd_bwd(fn, leaves, grads):
+        def run():
+            return torch.autograd.grad(fn(*leaves), leaves, grads)
+        return run
+
+    x, r = rnd(N, H).requires_grad_(), rnd(N, H).requires_grad_()
+    w = (1 + 0.1 * rnd(H).float()).to(dtype).requires_grad_()
+    dy, ds = rnd(N, H), rnd(N, H)
+    gate, up, dout = (rnd(N, I) * 2).requires_grad_(), rnd(N, I).requires_grad_(), rnd(N, I)
+    cases = {
+        "add+rmsnorm fwd+bwd": (f"N={N},H={H},{str(dtype)[6:]}", 8 * N * H * dtype.itemsize, {
+            "eager (rms_norm_reference)": fwd_bwd(lambda x, r, w: rms_norm_reference(x, w, 1e-6, r), [x, r, w],
+                                                  [dy, ds]),
+            "ours triton (rms_norm, residual)": fwd_bwd(
+                lambda x, r, w: rms_norm(x, w, 1e-6, residual=r, backend="triton"), [x, r, w], [dy, ds]),
+        }),
+        "swiglu fwd+bwd": (f"N={N},I={I},{str(dtype)[6:]}", 8 * N * I * dtype.itemsize, {
+            "eager (F.silu(gate) * up)": fwd_bwd(lambda a, b: F.silu(a) * b, [gate, up], dout),
+            "ours triton (silu_mul)": fwd_bwd(lambda a, b: silu_mul(a, b, backend="triton"), [gate, up], dout),
+        }),
+    }
+
+    rows = []
+    for op, (shape, nbytes, impls) in cases.items():
+        (base_name, base_fn), (our_name, our_fn) = impls.items()
+        tol = 0.05 if dtype == torch.bfloat16 else 1e-4  # bf16: one rounding apart, relative to the largest
+        for a, b in zip(our_fn(), base_fn()):  # correctness first
+            err = (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-6)
+            assert err < tol, f"{op}: {our_name} disagrees with {base_name}: max rel err {err:.3g}"
+        base_ms = None
+        for name, fn in impls.items():
+            ms = bench(fn, warmup=w_ours, rep=rep_ours)
+            base_ms = ms if base_ms is None else base_ms
+            rows.append(dict(op=op, shape=shape, impl=name, ms=ms, metric="bandwidth",
+                             value=nbytes / (ms * 1e-3) / 1e9, unit="GB/s", peak_mb=peak_mem_mb(fn),
+                             vs_baseline=base_ms / ms))
+        floor_ms = nbytes / (H100_COPY_TBPS * 1e12) * 1e3
+        rows.append(dict(op=op, shape=shape, impl="floor (each tensor once at 3 TB/s)", ms=floor_ms,
+                         metric="bandwidth", value=nbytes / (floor_ms * 1e-3) / 1e9, unit="GB/s",
+                         peak_mb=float("nan"), vs_baseline=base_ms / floor_ms))
+    print_table(rows)
+    record(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
