@@ -84,7 +84,7 @@ def count_decode_step(fused: bool, num_layers: int) -> tuple[collections.Counter
     cache = KVCache.allocate(cfg, B, P + 2, dtype=torch.float32, device="cpu")
     m.prefill(ids, torch.ones_like(ids), cache, attn_backend="triton")
     # unfused: the same step with the generation path's fusions turned off
-    with mock.patch.object(llama, "_fused_ops", llama._fused_ops if fused else lambda backend, config: False), \
+    with mock.patch.object(llama, "_fused_ops", llama._fused_ops if fused else lambda *args: False), \
             _count_triton() as triton_counts, _CountAten() as aten:
         m.decode_step(ids[:, -1:], cache, attn_backend="triton")
     return aten.ops, triton_counts

@@ -16,7 +16,7 @@ Backward (n = s_f32 · rstd, g = dout · weight, both fp32; ``ds_out`` the gradi
     dw = Σ_rows dout · y                              (y rounded to dt, as the forward multiplied it)
 It saves only s (the residual stream, which the model keeps anyway; x without a residual) and recomputes rstd
 from the row it reads: the eager ops save an fp32 copy of s, the normalized y and rstd (6 bytes an element in
-bf16 against 2). Each of a fixed number of programs (two per SM) walks a contiguous block of rows and keeps
+bf16 against 2). Each of a fixed number of programs (eight per SM) walks a contiguous block of rows and keeps
 its dw partial sum in registers; the (programs, H) fp32 partials are then summed by one reduction, so dw is
 deterministic. Everything is fp32 until the one rounding of each output.
 
@@ -29,12 +29,15 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._launch import cdiv, next_pow2, sm_count
 from .reference.norm import rms_norm_reference
 
 _BACKENDS = ("auto", "triton", "torch")
-MAX_HIDDEN = 16384  # one row per program, held in registers (16K fp32 over 8 warps: 64 a thread)
+# One row per program, held in registers: the backward's ~6 fp32 values a column spill past 8192 columns on sm_90
+# (16384 over 32 warps: 64 registers a thread, the whole file). Wider models (Llama-3-405B) take the eager norms.
+MAX_HIDDEN = 8192
 
 
 @triton.jit
@@ -108,6 +111,13 @@ def _rms_norm_bwd_kernel(
         tl.store(DWP + pid * H + offs, dw, mask=m)
 
 
+def _bwd_warps(block: int) -> int:
+    """4 warps up to 2048 columns, 8 up to 4096, then 16 (MAX_HIDDEN = 8192): the backward keeps ~6 fp32 values
+    a column live (s, n, dy, g, ds, the dweight sum); on sm_90, 8192 columns over 8 warps take 255 registers a
+    thread, over 16 warps 116 (tests/test_triton_compile.py)."""
+    return 4 if block <= 2048 else 8 if block <= 4096 else 16
+
+
 def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -126,7 +136,7 @@ def rms_norm_backward(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch
         return ds, dw
     dy = _unit_rows(dy)
     ds_out = _unit_rows(ds_out) if ds_out is not None else None
-    programs = min(N, 2 * sm_count(s.device))
+    programs = min(N, 8 * sm_count(s.device))  # 8 programs of 4 warps an SM: rows in flight to hide latency
     rows = cdiv(N, programs)
     programs = cdiv(N, rows)
     partial = torch.empty((programs, H), dtype=torch.float32, device=s.device) if need_dw else ds
@@ -135,7 +145,7 @@ def rms_norm_backward(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch
         dy, ds_out if ds_out is not None else dy, s, weight, ds, partial,
         dy.stride(0), ds_out.stride(0) if ds_out is not None else 0, s.stride(0), ds.stride(0),
         N, H, eps, rows,
-        HAS_DSO=ds_out is not None, HAS_DW=need_dw, BLOCK_H=block, num_warps=4 if block <= 2048 else 8,
+        HAS_DSO=ds_out is not None, HAS_DW=need_dw, BLOCK_H=block, num_warps=_bwd_warps(block),
     )
     if need_dw:
         dw = partial.sum(0).to(weight.dtype)
@@ -143,27 +153,33 @@ def rms_norm_backward(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Eager autograd for ``rms_norm``: (x, weight, eps, residual or None) -> out, or (out, s) with a residual."""
+    """Eager autograd for ``rms_norm``: (x, weight, eps, residual or None, copy_grad) -> out, or (out, s) with a
+    residual. x and the residual get the same gradient: one tensor for both, or (``copy_grad``, when one of them
+    is a leaf whose ``.grad`` could keep it) a copy for the residual, so that two ``.grad`` never share memory."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, residual):
+    def forward(ctx, x, weight, eps, residual, copy_grad):
         y, s = rms_norm_forward(x, weight, eps, residual)
         ctx.set_materialize_grads(False)  # an unused output (the last norm's s) brings no zero tensor
         ctx.save_for_backward(x if s is None else s, weight)
-        ctx.eps, ctx.has_residual = eps, residual is not None
+        ctx.eps, ctx.has_residual, ctx.copy_grad = eps, residual is not None, copy_grad
         return y if s is None else (y, s)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, ds_out=None):
         s, weight = ctx.saved_tensors
-        need_ds = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
-        if dy is None:  # only s was used: its gradient goes straight through the add
+        need_x, need_w, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        if dy is None:  # only s was used: its gradient goes straight through the add; out's weight got none
             if ds_out is None:
-                return None, None, None, None
-            dy = torch.zeros((), dtype=s.dtype, device=s.device).expand(s.shape)
-        ds, dw = rms_norm_backward(dy, ds_out, s, weight, ctx.eps, ctx.needs_input_grad[1])
-        ds = ds if need_ds else None
-        return ds, dw, None, ds if ctx.has_residual else None
+                return None, None, None, None, None
+            ds, dw = ds_out, (torch.zeros_like(weight) if need_w else None)
+        else:
+            ds, dw = rms_norm_backward(dy, ds_out, s, weight, ctx.eps, need_w)
+        dr = None
+        if ctx.has_residual and need_r:
+            dr = ds.clone() if (ctx.copy_grad and need_x) else ds
+        return ds if need_x else None, dw, None, dr, None
 
 
 @torch.library.custom_op("rlhf_engine::rms_norm", mutates_args=())
@@ -282,7 +298,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Opt
         y, s = add_rms_norm_op(x2, r2, weight, float(eps))
         return y.view(*lead, H), s.view(*lead, H)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
-        out = RMSNormFunction.apply(x2, weight, float(eps), r2)
+        copy_grad = r2 is not None and (x.is_leaf or residual.is_leaf)
+        out = RMSNormFunction.apply(x2, weight, float(eps), r2, copy_grad)
     else:
         out = rms_norm_forward(x2, weight, float(eps), r2)
         out = out[0] if r2 is None else out

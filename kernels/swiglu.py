@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._launch import cdiv
 
@@ -92,6 +93,7 @@ class SiluMulFunction(torch.autograd.Function):
         return silu_mul_forward(gate, up)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
         return silu_mul_backward(dout, gate, up)

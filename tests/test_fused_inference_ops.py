@@ -93,7 +93,7 @@ def test_rms_norm_validation(device):
     with pytest.raises(ValueError, match="backend"):
         rms_norm(x, w, 1e-6, backend="cuda")
     with pytest.raises(ValueError, match="hidden size"):
-        rms_norm(torch.randn(1, 16385, device=device), torch.randn(16385, device=device), 1e-6, backend="triton")
+        rms_norm(torch.randn(1, 8193, device=device), torch.randn(8193, device=device), 1e-6, backend="triton")
 
 
 @pytest.mark.parametrize("shape", [(97, 130), (2, 3, 4864), (1, 1)])
@@ -181,6 +181,49 @@ def test_rms_norm_backward_matches_fp64(lead, H, with_residual, device):
         scale = b.abs().max().item()
         torch.testing.assert_close(a.double(), b, atol=2e-5 * scale, rtol=1e-4, msg=name)
 
+
+def test_rms_norm_backward_16bit_activations_fp32_weight(device):
+    """fp16 x and residual with an fp32 weight (the output, and so dy, in fp32): dx, dresidual in fp16 and dweight
+    in fp32, against fp64 on the same rounded inputs."""
+    x = (torch.randn(21, 72, device=device) * 2).half().requires_grad_()
+    r = torch.randn(21, 72, device=device).half().requires_grad_()
+    w = torch.randn(72, device=device).requires_grad_()
+    out, s = rms_norm(x, w, 1e-6, residual=r, backend="triton")
+    assert out.dtype == torch.float32 and s.dtype == torch.float16
+    dy, ds = torch.randn(21, 72, device=device), torch.randn(21, 72, device=device).half()
+    gx, gw, gr = _grads((out, s), (x, w, r), (dy, ds))
+    assert gx.dtype == gr.dtype == torch.float16 and gw.dtype == torch.float32
+    x64, w64, r64 = (t.detach().double().requires_grad_() for t in (x, w, r))
+    s64 = (x64 + r64)
+    ex, ew, er = _grads((_rms64(s64, w64, 1e-6), s64), (x64, w64, r64), (dy.double(), ds.double()))
+    for a, b in ((gx, ex), (gr, er)):
+        torch.testing.assert_close(a.double(), b, atol=2e-3 * b.abs().max().item(), rtol=2e-3)
+    torch.testing.assert_close(gw.double(), ew, atol=1e-2 * ew.abs().max().item(), rtol=1e-2)  # s rounded to fp16
+
+
+def test_rms_norm_leaf_grads_do_not_alias(device):
+    """x and the residual as leaves: two .grad tensors of their own, accumulated right over two backward passes
+    (one tensor handed to both would be accumulated twice)."""
+    x = torch.randn(5, 32, device=device, requires_grad=True)
+    r = torch.randn(5, 32, device=device, requires_grad=True)
+    w = torch.randn(32, device=device)
+    dy = torch.randn(5, 32, device=device)
+    for _ in range(2):
+        rms_norm(x, w, 1e-6, residual=r, backend="triton")[0].backward(dy)
+    (ref,) = _grads(rms_norm_reference(x, w, 1e-6, residual=r)[0], (x,), dy)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    torch.testing.assert_close(x.grad, 2 * ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(r.grad, 2 * ref, atol=1e-5, rtol=1e-4)
+
+
+def test_double_backward_raises(device):
+    """No second-order gradients: create_graph=True fails loudly instead of returning graph-less gradients."""
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+    w = torch.randn(16, device=device, requires_grad=True)
+    for out in (rms_norm(x, w, 1e-6, backend="triton"), silu_mul(x, x * 2, backend="triton")):
+        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError):
+            g.sum().backward()
 
 def test_rms_norm_backward_partial_use(device):
     """Only s used (its gradient is the identity through the add), only out used, a frozen weight (no dweight
@@ -531,3 +574,53 @@ def test_fused_training_bf16_within_2x_eager_error_gpu(record_value):
         record_value(f"bf16 training forward, {what}: triton / eager",
                      f"{errs['triton'][i]:.3g} / {errs['torch'][i]:.3g}")
         assert errs["triton"][i] <= 2 * errs["torch"][i] + 1e-6, (what, errs)
+
+
+def _tiny_qwen2(device):
+    from rlhf_engine.model import CausalLM, preset
+
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-qwen2")).to(device)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(3, m.config.vocab_size, (2, 9), device=device)
+    mask = torch.ones(2, 9, dtype=torch.long, device=device)
+    mask[1, :3] = 0
+    return m, ids, mask
+
+
+def test_scoring_forward_equals_training_forward_bitwise(device):
+    """On the triton backend a forward without autograd (old log-probs, reference, values) runs the training
+    forward's ops (separate GEMMs, not the generation path's packed ones): the same log-probs bit for bit, so
+    the first PPO ratio is exactly 1."""
+    from rlhf_engine.model.logprobs import sequence_logprobs
+
+    m, ids, mask = _tiny_qwen2(device)
+    with torch.no_grad():
+        scored = sequence_logprobs(m, ids, mask, start=1, backend="torch", attn_backend="triton")
+    trained = sequence_logprobs(m, ids, mask, start=1, backend="torch", attn_backend="triton")
+    assert trained.requires_grad and torch.equal(scored, trained.detach())
+
+
+def test_hooks_and_autocast_take_the_eager_layers(device, monkeypatch):
+    """Forward hooks on a decoder layer or a norm fire (the fused path would skip them), and autocast (layer outputs
+    and residual stream of different dtypes) works: both take the eager layers, with no fused norm call."""
+    from rlhf_engine.kernels import rmsnorm
+
+    m, ids, mask = _tiny_qwen2(device)
+    ref = m.hidden_states(ids, mask, attn_backend="torch")
+    monkeypatch.setattr(rmsnorm, "RMSNormFunction", None)  # any fused training norm call would fail
+    seen = []
+    handles = [m.model.layers[0].register_forward_hook(lambda mod, i, o: seen.append("layer")),
+               m.model.norm.register_forward_hook(lambda mod, i, o: seen.append("norm"))]
+    out = m.hidden_states(ids, mask, attn_backend="triton")
+    assert seen == ["layer", "norm"]
+    valid = mask.bool()  # padding positions hold finite but meaningless values
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
+    for h in handles:
+        h.remove()
+    with torch.autocast(device.type if isinstance(device, torch.device) else str(device), dtype=torch.float16):
+        out = m.hidden_states(ids, mask, attn_backend="triton")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[valid].float(), ref[valid], atol=0.05, rtol=0.05)

@@ -166,12 +166,14 @@ def _kv_cache_cases():
 def _inference_op_cases():
     norm = {"X": "{dt}", "R": "{dt}", "W": "{dt}", "Y": "{dt}", "S": "{dt}"}
     # rms_norm_forward: BLOCK_H = next_pow2(H), 4 warps up to 2048, else 8 (Qwen2-0.5B: 896; Llama-3-8B: 4096)
-    for dt, bh, res, w in [("bf16", 1024, True, 4), ("bf16", 4096, False, 8), ("fp16", 2048, True, 4)]:
+    for dt, bh, res, w in [("bf16", 1024, True, 4), ("bf16", 4096, False, 8), ("fp16", 2048, True, 4),
+                           ("bf16", 8192, True, 8)]:
         yield _case(f"rms_norm-{dt}-h{bh}", "rmsnorm", "_rms_norm_kernel", _sub(norm, dt), ["eps"],
                     dict(HAS_RES=res, BLOCK_H=bh), w)
     # rms_norm_backward: the same BLOCK_H and warps; a row loop per program, dweight partials in fp32
     norm_bwd = {"DY": "{dt}", "DSO": "{dt}", "S": "{dt}", "W": "{dt}", "DS": "{dt}", "DWP": "fp32"}
-    for dt, bh, dso, w in [("bf16", 1024, True, 4), ("bf16", 4096, False, 8), ("fp32", 1024, True, 4)]:
+    for dt, bh, dso, w in [("bf16", 1024, True, 4), ("bf16", 4096, False, 8), ("fp32", 1024, True, 4),
+                           ("bf16", 8192, True, 16)]:  # _bwd_warps, up to MAX_HIDDEN
         yield _case(f"rms_norm_bwd-{dt}-h{bh}", "rmsnorm", "_rms_norm_bwd_kernel", _sub(norm_bwd, dt), ["eps"],
                     dict(HAS_DSO=dso, HAS_DW=True, BLOCK_H=bh), w)
     for dt in ("bf16", "fp32"):

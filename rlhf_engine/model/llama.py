@@ -57,7 +57,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         B, T, C = x.shape
         Dq, Dkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        qkv = packed_weights((self.q_proj, self.k_proj, self.v_proj)) if meta.fused_ops else None
+        # generation only: a scoring forward keeps the training forward's GEMMs, so that log-probs it computes
+        # without autograd (old log-probs) equal the training forward's bit for bit
+        packed = meta.fused_ops and meta.mode != "full"
+        qkv = packed_weights((self.q_proj, self.k_proj, self.v_proj)) if packed else None
         if qkv is not None:  # no autograd: one GEMM over the packed weights (model/packing.py)
             q, k, v = F.linear(x, *qkv).split([Dq, Dkv, Dkv], dim=-1)  # strided views of (B, T, Dq + 2 Dkv)
         else:
@@ -103,11 +106,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(H, I, bias=False)
         self.down_proj = nn.Linear(I, H, bias=False)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        if fused:  # triton backend: gate and up as one GEMM when packed (no autograd), silu(gate) * up fused
+    def forward(self, x: torch.Tensor, fused: bool = False, packed: bool = False) -> torch.Tensor:
+        if fused:  # triton backend: silu(gate) * up fused; gate and up as one GEMM with ``packed`` (generation)
             from rlhf_engine.kernels.swiglu import silu_mul
 
-            gu = packed_weights((self.gate_proj, self.up_proj))
+            gu = packed_weights((self.gate_proj, self.up_proj)) if packed else None
             if gu is not None:
                 gate, up = F.linear(x, *gu).chunk(2, dim=-1)  # strided views of (..., 2 I)
             else:
@@ -142,7 +145,7 @@ class DecoderLayer(nn.Module):
         else:
             h, x = rms_norm(d, n1.weight, n1.eps, residual=x, backend="triton")
         h, x = rms_norm(self.self_attn(h, cos, sin, meta), n2.weight, n2.eps, residual=x, backend="triton")
-        return x, self.mlp(h, fused=True)
+        return x, self.mlp(h, fused=True, packed=meta.mode != "full")
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -231,7 +234,7 @@ class Transformer(nn.Module):
                             else torch.arange(T, device=input_ids.device).expand(B, T))
         elif tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids: expected shape {(B, T)}, got {tuple(position_ids.shape)}")
-        meta = AttnMeta(backend=backend, fused_ops=_fused_ops(backend, self.config))
+        meta = AttnMeta(backend=backend, fused_ops=_fused_ops(backend, self.config, self))
         if attention_mask is not None:
             if backend == "torch":
                 meta.attention_mask = attention_mask.bool()
@@ -336,7 +339,8 @@ class CausalLM(nn.Module):
         backend = resolve_backend(attn_backend or self.config.attn_backend, input_ids.device)
         n_valid = attention_mask.long().sum(1)  # (B,)
         start = (P - n_valid).to(torch.int32)  # (B,)
-        meta = AttnMeta(backend=backend, mode="prefill", cache=cache, fused_ops=_fused_ops(backend, self.config))
+        meta = AttnMeta(backend=backend, mode="prefill", cache=cache,
+                        fused_ops=_fused_ops(backend, self.config, self.model))
         if backend == "torch":
             meta.attention_mask = attention_mask.bool()
         else:
@@ -366,7 +370,7 @@ class CausalLM(nn.Module):
         position_ids = slots - cache.start.long()[:, None]  # (B, Tn)
         meta = AttnMeta(backend=backend, mode="decode", cache=cache, write_pos=write_pos,
                         cache_lens=(cache.lengths + Tn).to(torch.int32), cache_start=cache.start, kv_len=kv_len,
-                        fused_ops=_fused_ops(backend, self.config))
+                        fused_ops=_fused_ops(backend, self.config, self.model))
         if meta.fused_ops:
             meta.rope_rows = torch.arange(0, B * Tn, Tn, device=input_ids.device, dtype=torch.int32)
         hidden = self.model.run_layers(input_ids, position_ids, meta)  # (B, Tn, H)
@@ -374,12 +378,30 @@ class CausalLM(nn.Module):
         return self.sampling_logits(hidden)  # (B, Tn, V) fp32
 
 
-def _fused_ops(backend: str, config: ModelConfig) -> bool:
+def _fused_ops(backend: str, config: ModelConfig, trunk: "Transformer") -> bool:
     """Whether the decoder layers run on the fused kernels (residual add + RMSNorm, silu(gate) * up, with their
-    backward): on the triton backend, for hidden sizes the one-row-per-program norm kernel holds in registers."""
+    backward): on the triton backend, for hidden sizes the one-row-per-program norm kernel holds in registers.
+    Not under autocast (the residual stream and the layer outputs differ in dtype there), and not when a decoder
+    layer or a norm has forward hooks, which the fused path, calling the kernels directly, would skip."""
     from rlhf_engine.kernels.rmsnorm import MAX_HIDDEN
 
-    return backend == "triton" and config.hidden_size <= MAX_HIDDEN
+    if backend != "triton" or config.hidden_size > MAX_HIDDEN:
+        return False
+    device = trunk.embed_tokens.weight.device.type
+    if torch.is_autocast_enabled(device):
+        return False
+    return not _has_hooks(trunk)
+
+
+def _has_hooks(trunk: "Transformer") -> bool:
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    mods = [trunk.norm]
+    for layer in trunk.layers:
+        mods += (layer, layer.input_layernorm, layer.post_attention_layernorm)
+    return any(m._forward_hooks or m._forward_pre_hooks for m in mods)
 
 
 def _check_cache(cache, B: int, P: int | None, config: ModelConfig) -> None:
