@@ -11,8 +11,9 @@ Floors (each tensor read or written once, 3.0 TB/s):
 The eager ops make several passes each (the norm in bf16 casts to fp32 and back, ~14 passes of N x I for the
 SwiGLU pair) and keep more for the backward (an fp32 copy of s and the bf16 normalized y per norm; silu(gate) per
 MLP): the peak column, which includes what the forward saves, shows that.
-Then the same kernels through ``integrations.hf_kernels.apply_kernels`` on a stock HF Qwen2 trunk (Qwen2-0.5B
-widths, 4 layers, B=4, T=1024, forward + backward of every parameter) against HF's own forward with SDPA.
+Then the same kernels, with the fused LM-head loss, through ``integrations.hf_kernels.apply_kernels`` on a stock
+HF Qwen2ForCausalLM (Qwen2-0.5B widths and vocabulary, 4 layers, B=4, T=1024, one training step's forward and
+backward of the causal-LM loss) against HF's own forward with SDPA and full logits.
 
     python benchmarks/bench_layer_ops.py             # needs CUDA; exits cleanly without it
     python benchmarks/bench_layer_ops.py --cpu-tiny  # tiny shape under the Triton interpreter (smoke run)
@@ -106,55 +107,60 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _hf_trunk_rows(device: str, dtype, warmup: int, rep: int, tiny: bool) -> list[dict]:
-    """A stock HF Qwen2 trunk (Qwen2-0.5B widths, 4 layers, B=4, T=1024), forward + backward of every parameter:
-    as HF runs it (SDPA attention) against ``integrations.hf_kernels.apply_kernels`` (norms + MLP activation,
-    then attention too). What a Hugging Face / TRL user gets from the kernels, Liger-style."""
+    """A stock HF Qwen2ForCausalLM (Qwen2-0.5B widths and vocabulary, 4 layers, B=4, T=1024), one training step's
+    forward + backward of the causal-LM loss: as HF runs it (SDPA attention, full logits) against
+    ``integrations.hf_kernels.apply_kernels`` (norms, MLP activation and the fused LM-head loss; then attention
+    too). What a Hugging Face / TRL user gets from the kernels, Liger-style."""
     import torch
 
     try:
-        from transformers import Qwen2Config, Qwen2Model
+        from transformers import Qwen2Config, Qwen2ForCausalLM
     except ImportError as e:  # transformers is a dependency, but keep the kernel rows if it is broken
-        print(f"bench_layer_ops: HF trunk not measured ({e})")
+        print(f"bench_layer_ops: HF model not measured ({e})")
         return []
     from common import bench, peak_mem_mb
 
     from rlhf_engine.integrations.hf_kernels import apply_kernels, remove_kernels
 
     if tiny:
-        cfg = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+        cfg = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=256)
         B, T, L, backend = 2, 8, 1, "triton"  # the interpreter: seconds a step
     else:
-        cfg = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2)
+        cfg = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                   vocab_size=151936)
         B, T, L, backend = 4, 1024, 4, "auto"
     torch.manual_seed(0)
-    model = Qwen2Model(Qwen2Config(vocab_size=1024, num_hidden_layers=L, use_sliding_window=False,
-                                   attn_implementation="sdpa", **cfg)).to(device, dtype)
-    ids = torch.randint(0, 1024, (B, T), device=device)
-    g = torch.randn(B, T, cfg["hidden_size"], device=device, dtype=dtype)
+    model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=L, use_sliding_window=False, tie_word_embeddings=True,
+                                         attn_implementation="sdpa", **cfg)).to(device, dtype).train()
+    ids = torch.randint(0, cfg["vocab_size"], (B, T), device=device)
+    labels = ids.clone()
+    labels[:, : T // 4] = -100  # a prompt part that is not scored
     params = [p for p in model.parameters()]
 
-    def step():
-        h = model(input_ids=ids).last_hidden_state
-        return torch.autograd.grad(h, params, g)
+    def step():  # one forward: the loss and its gradients
+        loss = model(input_ids=ids, labels=labels).loss
+        return (loss.detach(), *torch.autograd.grad(loss, params))
 
-    shape = f"Qwen2 trunk x{L} layers,B={B},T={T},{str(dtype)[6:]}"
+    shape = f"Qwen2 x{L} layers,V={cfg['vocab_size']},B={B},T={T},{str(dtype)[6:]}"
     ref = step()
     rows, base_ms = [], None
-    for name, kw in (("HF eager (SDPA attention)", None), ("ours (apply_kernels: norms + MLP)", dict(attention=False)),
-                     ("ours (apply_kernels: norms + MLP + attention)", dict(attention=True))):
+    for name, kw in (("HF eager (SDPA attention, full logits)", None),
+                     ("ours (apply_kernels: norms + MLP + LM-head loss)", dict(attention=False)),
+                     ("ours (apply_kernels: all, our attention too)", dict(attention=True))):
         if kw is not None:
             remove_kernels(model)
             apply_kernels(model, backend=backend, **kw)
             got = step()
             err = max((a.float() - b.float()).norm().item() / max(b.float().norm().item(), 1e-12)
                       for a, b in zip(got, ref))
-            tol = 0.05 if dtype == torch.bfloat16 else 1e-4  # relative L2 of each parameter's gradient
+            tol = 0.05 if dtype == torch.bfloat16 else 1e-4  # relative L2 of the loss and each gradient
             if err > tol:
-                print(f"bench_layer_ops: WARNING {name} gradients differ from HF's: relative L2 {err:.3g}")
+                print(f"bench_layer_ops: WARNING {name} differs from HF: relative L2 {err:.3g}")
                 name += f" MISMATCH vs HF ({err:.2g})"
         ms = bench(step, warmup=warmup, rep=max(3, rep // 5))
         base_ms = ms if base_ms is None else base_ms
-        rows.append(dict(op="hf qwen2 trunk fwd+bwd", shape=shape, impl=name, ms=ms, metric="time", value=ms,
+        rows.append(dict(op="hf qwen2 train step fwd+bwd", shape=shape, impl=name, ms=ms, metric="time", value=ms,
                          unit="ms", peak_mb=peak_mem_mb(step), vs_baseline=base_ms / ms))
     remove_kernels(model)
     return rows

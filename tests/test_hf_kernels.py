@@ -49,7 +49,7 @@ def test_patched_model_matches_unpatched(kind, attention):
     counts = apply_kernels(m, attention=attention, backend=BACKEND)
     L = m.config.num_hidden_layers
     norms = 2 * L + 1 + (2 * L if kind == "qwen3" else 0)  # Qwen3 also norms q and k per head (4-dim input)
-    assert counts == {"rms_norm": norms, "mlp": L, "skipped": 0, "attention": int(attention)}
+    assert counts == {"rms_norm": norms, "mlp": L, "lm_head_loss": 1, "skipped": 0, "attention": int(attention)}
     assert apply_kernels(m, attention=attention, backend=BACKEND) == counts  # idempotent
     calls = {"norm": 0, "mlp": 0}
     orig_norm, orig_mlp = hf_kernels._rms_norm, hf_kernels._silu_mul
@@ -73,7 +73,7 @@ def test_patched_model_matches_unpatched(kind, attention):
         assert torch.isfinite(grads[n]).all(), n
         torch.testing.assert_close(grads[n], g, atol=1e-5 * max(g.abs().max().item(), 1.0), rtol=1e-4, msg=n)
 
-    assert remove_kernels(m) == norms + L
+    assert remove_kernels(m) == norms + L + 1
     assert m.config._attn_implementation == "sdpa"
     assert all(not hasattr(mod, "_rlhf_engine_kernels") and "forward" not in vars(mod) for mod in m.modules())
     torch.testing.assert_close(_loss_and_grads(m, ids, am, w)[0], ref_logits, atol=0, rtol=0)
@@ -95,3 +95,47 @@ def test_validation():
     with pytest.raises(ValueError, match="attention"):
         apply_kernels(torch.nn.Sequential(m.model.norm))
     assert apply_kernels(torch.nn.Sequential(m.model.norm), attention=False, backend=BACKEND)["rms_norm"] == 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("num_items", [None, 17])
+def test_fused_lm_head_loss_matches_hf_loss(kind, num_items):
+    """In training mode with labels the patched model returns HF's causal-LM loss (shifted labels, -100 ignored,
+    mean or sum / num_items_in_batch) from the fused LM head, logits None, and the same gradients; in eval mode
+    and without labels it is the model's own forward (logits)."""
+    m = _model(kind, tie_word_embeddings=(kind == "qwen2")).train()
+    B, T = 3, 10
+    ids = torch.randint(0, 96, (B, T), device=DEVICE)
+    am = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    am[2, :4] = 0
+    labels = ids.masked_fill(am == 0, -100)
+    labels[0, 3:6] = -100  # ignored span (a prompt)
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items, device=DEVICE)}
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        out = m(input_ids=ids, attention_mask=am, labels=labels, **extra)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = run()
+    assert apply_kernels(m, rms_norm=False, swiglu=False, attention=False, backend=BACKEND)["lm_head_loss"] == 1
+    calls = []
+    orig = hf_kernels.fused_linear_logprobs
+    hf_kernels.fused_linear_logprobs = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    try:
+        out, grads = run()
+    finally:
+        hf_kernels.fused_linear_logprobs = orig
+    assert calls == [1] and out.logits is None and ref.logits is not None
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-5 * max(g.abs().max().item(), 1.0), rtol=1e-4, msg=n)
+    tup = m(input_ids=ids, attention_mask=am, labels=labels, return_dict=False, **extra)
+    torch.testing.assert_close(tup[0], ref.loss, atol=1e-5, rtol=1e-5)
+    m.eval()  # metrics need logits: the model's own forward
+    with torch.no_grad():
+        ev = m(input_ids=ids, attention_mask=am, labels=labels, **extra)
+    assert ev.logits is not None and ev.logits.shape == (B, T, 96)
+    torch.testing.assert_close(ev.loss, ref.loss, atol=1e-5, rtol=1e-5)
