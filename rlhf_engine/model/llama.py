@@ -394,14 +394,21 @@ def _fused_ops(backend: str, config: ModelConfig, trunk: "Transformer") -> bool:
 
 
 def _has_hooks(trunk: "Transformer") -> bool:
+    """Forward (pre-)hooks on a decoder layer, a norm, or global ones. The modules to watch are listed once per
+    (layers, norm) object pair: module attribute lookups cost ~1 µs each, and decode steps call this."""
     from torch.nn.modules import module as _module
 
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return True
-    mods = [trunk.norm]
-    for layer in trunk.layers:
-        mods += (layer, layer.input_layernorm, layer.post_attention_layernorm)
-    return any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+    layers, norm = trunk._modules["layers"], trunk._modules["norm"]
+    cached = trunk.__dict__.get("_hook_watch")
+    if cached is None or cached[0] is not layers or cached[1] is not norm or cached[2] != len(layers):
+        mods = [norm]
+        for layer in layers:
+            mods += (layer, layer.input_layernorm, layer.post_attention_layernorm)
+        cached = (layers, norm, len(layers), tuple(mods))
+        trunk.__dict__["_hook_watch"] = cached  # a plain attribute: not a registered submodule, not in state_dict
+    return any(m._forward_hooks or m._forward_pre_hooks for m in cached[3])
 
 
 def _check_cache(cache, B: int, P: int | None, config: ModelConfig) -> None:
