@@ -115,3 +115,42 @@ def test_lora_dtype_and_errors():
         apply_lora(_model(), target_modules=("lm_head",))
     with pytest.raises(ValueError, match="rank"):
         apply_lora(_model(), rank=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_fast_path_matches_the_autograd_path(dtype):
+    """Without autograd a LoRALinear adds the low-rank term with one addmm into the base output (3 kernels, not
+    5): the value of the autograd path, up to one rounding of the low-rank term in 16-bit; with dropout active
+    (training mode) or adapters in another dtype it keeps the general path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    m = LoRALinear(torch.nn.Linear(48, 40), rank=4, alpha=8.0).to(dtype)
+    torch.nn.init.normal_(m.lora_B)
+    x = torch.randn(3, 5, 48, dtype=dtype)
+    slow = m(x.clone().requires_grad_()).detach()
+    with torch.no_grad(), Count() as c:
+        fast = m(x)
+    assert "addmm_" in c.ops and "mul" not in c.ops and "add" not in c.ops, c.ops
+    tol = 1e-6 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * slow.abs().max().item()
+    torch.testing.assert_close(fast, slow, atol=tol, rtol=0)
+    m.dropout = torch.nn.Dropout(0.5)
+    m.train()
+    with torch.no_grad(), Count() as c:
+        m(x)
+    assert "addmm_" not in c.ops  # dropout is part of the forward in training mode
+    m.eval()
+    m32 = LoRALinear(torch.nn.Linear(48, 40).to(dtype), rank=4, alpha=8.0, dtype=torch.float32)
+    with torch.no_grad(), Count() as c:
+        m32(x)
+    if dtype != torch.float32:
+        assert "addmm_" not in c.ops  # fp32 adapters over a 16-bit base: the general path casts
