@@ -66,6 +66,17 @@ def test_patched_model_matches_unpatched(kind, attention):
     finally:
         hf_kernels._rms_norm, hf_kernels._silu_mul = orig_norm, orig_mlp
     assert calls == {"norm": norms, "mlp": L}  # the patched forwards ran, once each
+    if attention:  # and our attention kernel, not HF's fallback
+        from rlhf_engine.integrations import hf_attention
+
+        n_attn = []
+        orig_fa = hf_attention.flash_attention
+        hf_attention.flash_attention = lambda *a, **k: (n_attn.append(1), orig_fa(*a, **k))[1]
+        try:
+            _loss_and_grads(m, ids, am, w)
+        finally:
+            hf_attention.flash_attention = orig_fa
+        assert len(n_attn) == L
     valid = am.bool()
     torch.testing.assert_close(logits[valid], ref_logits[valid], atol=1e-5, rtol=1e-4)
     assert grads.keys() == ref_grads.keys()
@@ -98,7 +109,7 @@ def test_validation():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("num_items", [None, 17])
+@pytest.mark.parametrize("num_items", [None, 17, "tensor"])
 def test_fused_lm_head_loss_matches_hf_loss(kind, num_items):
     """In training mode with labels the patched model returns HF's causal-LM loss (shifted labels, -100 ignored,
     mean or sum / num_items_in_batch) from the fused LM head, logits None, and the same gradients; in eval mode
@@ -110,7 +121,8 @@ def test_fused_lm_head_loss_matches_hf_loss(kind, num_items):
     am[2, :4] = 0
     labels = ids.masked_fill(am == 0, -100)
     labels[0, 3:6] = -100  # ignored span (a prompt)
-    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items, device=DEVICE)}
+    extra = ({} if num_items is None else {"num_items_in_batch": 17 if num_items == 17 else
+                                            torch.tensor(23, device=DEVICE)})
 
     def run():
         m.zero_grad(set_to_none=True)
@@ -132,10 +144,75 @@ def test_fused_lm_head_loss_matches_hf_loss(kind, num_items):
     assert grads.keys() == ref_grads.keys()
     for n, g in ref_grads.items():
         torch.testing.assert_close(grads[n], g, atol=1e-5 * max(g.abs().max().item(), 1.0), rtol=1e-4, msg=n)
-    tup = m(input_ids=ids, attention_mask=am, labels=labels, return_dict=False, **extra)
+    tup = m(input_ids=ids, attention_mask=am, labels=labels, return_dict=False, **extra)  # HF's forward, tuple
     torch.testing.assert_close(tup[0], ref.loss, atol=1e-5, rtol=1e-5)
+    assert tup[1].shape == (B, T, 96)
+    with torch.no_grad():  # no autograd (an evaluation loop in training mode): logits for the metrics
+        assert m(input_ids=ids, attention_mask=am, labels=labels, **extra).logits is not None
     m.eval()  # metrics need logits: the model's own forward
     with torch.no_grad():
         ev = m(input_ids=ids, attention_mask=am, labels=labels, **extra)
     assert ev.logits is not None and ev.logits.shape == (B, T, 96)
     torch.testing.assert_close(ev.loss, ref.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_shift_labels_custom_loss_and_autocast():
+    """shift_labels given directly; a model with its own loss function keeps HF's head and loss; under autocast
+    (Trainer's bf16=True) the fused head runs on bf16 operands, as autocast's matmul would, close to HF's loss."""
+    m = _model("llama").train()
+    ids = torch.randint(0, 96, (2, 9), device=DEVICE)
+    labels = ids.clone()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    ref = m(input_ids=ids, labels=labels).loss
+    apply_kernels(m, rms_norm=False, swiglu=False, attention=False, backend=BACKEND)
+    calls = []
+    orig = hf_kernels.fused_linear_logprobs
+    hf_kernels.fused_linear_logprobs = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    try:
+        torch.testing.assert_close(m(input_ids=ids, shift_labels=shift, labels=labels).loss, ref, atol=1e-5,
+                                   rtol=1e-5)
+        assert len(calls) == 1
+        m.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().square().mean()
+        out = m(input_ids=ids, labels=labels)
+        assert len(calls) == 1 and out.logits is not None  # HF's head and the custom loss
+        torch.testing.assert_close(out.loss, out.logits.float().square().mean())
+        del m._loss_function  # the property keeps a set loss there
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            ours = m(input_ids=ids, labels=labels).loss
+        assert len(calls) == 2 and torch.isfinite(ours)
+        remove_kernels(m)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            hf = m(input_ids=ids, labels=labels).loss
+        torch.testing.assert_close(ours, hf, atol=2e-2, rtol=2e-2)
+    finally:
+        hf_kernels.fused_linear_logprobs = orig
+
+
+def test_pickles_and_keeps_foreign_instance_forwards(tmp_path):
+    """A patched model pickles (torch.save / torch.load) and runs the same; a module whose forward an earlier
+    wrapper replaced (accelerate's hooks do) is skipped, and remove_kernels leaves a later wrapper alone."""
+    m = _model("qwen2", attn_implementation="eager")
+    counts = apply_kernels(m, backend=BACKEND)
+    ids = torch.randint(0, 96, (2, 7), device=DEVICE)
+    with torch.no_grad():
+        want = m(input_ids=ids).logits
+    torch.save(m, tmp_path / "m.pt")
+    m2 = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert all(vars(a).get("forward") is None or vars(a)["forward"].args[0] is a for a in m2.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(m2(input_ids=ids).logits, want)
+
+    mlp = m.model.layers[1].mlp
+    ours = mlp.forward
+    mlp.forward = lambda x: ours(x)  # a wrapper added after apply_kernels
+    assert remove_kernels(m) == counts["rms_norm"] + counts["mlp"] + counts["lm_head_loss"] - 1
+    assert "forward" in vars(mlp)  # the later wrapper stays
+    assert m.config._attn_implementation == "eager"  # the implementation the model had before
+
+    m = _model("qwen2")
+    norm = m.model.layers[0].input_layernorm
+    own = norm.forward
+    norm.forward = lambda x: own(x)  # stands for an accelerate hook: a forward set on the instance before
+    counts = apply_kernels(m, backend=BACKEND)
+    assert counts["skipped"] == 1 and counts["rms_norm"] == 2 * m.config.num_hidden_layers
+    assert not hasattr(norm, "_rlhf_engine_kernels") and vars(norm)["forward"].__name__ == "<lambda>"

@@ -1,9 +1,10 @@
-"""Run a stock Hugging Face Llama / Qwen2 / Mistral / Qwen3 model's norms and MLPs on our fused kernels.
+"""Run a stock Hugging Face Llama / Qwen2 / Mistral / Qwen3 model's norms, MLPs, attention and training loss on our
+kernels.
 
     from rlhf_engine.integrations.hf_kernels import apply_kernels
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).cuda()
-    apply_kernels(model)          # RMSNorm and silu(gate) * up on Triton (forward and backward), attention too
-    ...train as before (HF Trainer, TRL, your own loop)...
+    apply_kernels(model)          # before accelerate / Trainer wrap the model
+    ...train as before (HF Trainer, your own loop)...
     remove_kernels(model)         # back to the model's own forwards
 
 What changes, per module instance (the model's classes are left alone, other models are unaffected):
@@ -13,19 +14,29 @@ What changes, per module instance (the model's classes are left alone, other mod
   the activation and product in one kernel each way, saving gate and up only;
 - with ``attention=True``, the model's attention implementation becomes ours (``hf_attention``);
 - with ``lm_head_loss=True``, a ``{Llama,Qwen2,Mistral,Qwen3}ForCausalLM`` called with ``labels`` in training mode
-  computes HF's causal-LM loss (labels shifted by one, -100 ignored, mean over the counted tokens or sum over
-  ``num_items_in_batch``, as transformers' ``ForCausalLMLoss``) with ``kernels.fused_linear_logprob``, which never
-  materializes the (tokens, vocab) logits, and returns ``logits=None`` (HF's forward keeps the bf16 logits and
-  an fp32 copy: 4.7 GB for 8192 tokens of Qwen2's 151,936-entry vocabulary). Without labels, or in eval mode
-  (metrics need the logits), or under autocast, the model's own forward runs.
+  with autograd on computes HF's causal-LM loss (labels shifted by one, ``ignore_index`` (-100) skipped, mean over
+  the counted tokens or sum over ``num_items_in_batch``, as transformers' ``ForCausalLMLoss``) with
+  ``kernels.fused_linear_logprob``, which never materializes the (tokens, vocab) logits, and returns
+  ``logits=None`` (HF's forward keeps the bf16 logits and an fp32 copy: 4.7 GB for 8192 tokens of Qwen2's
+  151,936-entry vocabulary). Under autocast (Trainer's ``bf16=True``) hidden states and head weight are cast to
+  the autocast dtype first, as autocast's matmul would. The model's own forward runs instead without labels, in
+  eval mode or without autograd (metrics need the logits), with ``return_dict=False`` or ``logits_to_keep``, on a
+  CPU with ``backend="auto"`` (the fused head's CPU path is the reference, which materializes the logits), and
+  whenever the head is not a plain ``nn.Linear`` on the hidden states' device without hooks (PEFT, quantized,
+  sharded or hooked heads) or the model's loss is not the default one.
+  Trainers that read ``outputs.logits`` in training for their own metrics (TRL's SFTTrainer computes entropy and
+  token accuracy from them) need ``lm_head_loss=False``.
 The math is HF's, rounding step for rounding step (see the kernels' docstrings): fp32 statistics, the cast back
-to the input dtype before the weight multiply. Modules of other classes (Gemma's ``1 + weight`` norm, a GELU MLP)
-are left as they are and counted as skipped, as are norms wider than ``kernels.rmsnorm.MAX_HIDDEN``.
+to the input dtype before the weight multiply. Modules of other classes (Gemma's ``1 + weight`` norm, a GELU MLP),
+norms wider than ``kernels.rmsnorm.MAX_HIDDEN``, and modules whose ``forward`` was already replaced on the
+instance (accelerate's device-map and offload hooks) are left as they are and counted as skipped. The patched
+forwards are ``functools.partial`` objects of module-level functions: a patched model deep-copies and pickles.
 """
 from __future__ import annotations
 
+import functools
 import inspect
-import types
+import logging
 
 import torch
 from torch import nn
@@ -41,6 +52,8 @@ MLP_CLASSES = tuple(f"{f}MLP" for f in _FAMILIES)
 CAUSAL_LM_CLASSES = tuple(f"{f}ForCausalLM" for f in _FAMILIES)
 _BACKENDS = ("auto", "triton", "torch")
 _PATCHED = "_rlhf_engine_kernels"  # instance attribute: the backend a patched module runs on
+_PREV_ATTN = "_rlhf_engine_prev_attn"  # model attribute: the attention implementation before apply_kernels
+logger = logging.getLogger(__name__)
 
 
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -51,40 +64,80 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(_silu_mul(self.gate_proj(x), self.up_proj(x), backend=getattr(self, _PATCHED)))
 
 
+@functools.lru_cache(maxsize=16)
+def _signature(fn) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def _plain_head(model: nn.Module, hidden: torch.Tensor) -> bool:
+    """The fused head reads ``lm_head.weight`` directly: only for a plain, hook-free ``nn.Linear`` whose weight is
+    materialized on the hidden states' device, and the default causal-LM loss."""
+    head = model.lm_head
+    return (type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+            and head.weight.device == hidden.device and head.weight.numel() > 0
+            and getattr(model, "_loss_function", None) is None
+            and getattr(model.config, "loss_type", None) in (None, "ForCausalLM", "ForCausalLMLoss"))
+
+
 def _causal_lm_forward(self, *args, **kwargs):
     """The class's forward, except in training with labels: trunk, then the fused LM head + loss, no logits."""
     cls_forward = type(self).forward
-    bound = inspect.signature(cls_forward).bind(self, *args, **kwargs)
+    bound = _signature(cls_forward).bind(self, *args, **kwargs)
     call = dict(bound.arguments)
     call.pop("self")
     call.update(call.pop("kwargs", {}))
     labels = call.get("labels")
-    if labels is None or not self.training or torch.is_autocast_enabled(self.lm_head.weight.device.type):
-        return cls_forward(self, *args, **kwargs)  # the fused head needs hidden and weight of one dtype
+    backend = getattr(self, _PATCHED)
+    device = self.lm_head.weight.device
+    if (labels is None or not self.training or not torch.is_grad_enabled() or call.get("return_dict") is False
+            or call.get("logits_to_keep", 0) not in (0, None)
+            or (backend == "auto" and device.type != "cuda") or backend == "torch"):
+        return cls_forward(self, *args, **kwargs)
     call.pop("labels")
-    call.pop("logits_to_keep", None)  # every position is scored
+    call.pop("logits_to_keep", None)
     num_items = call.pop("num_items_in_batch", None)
     shift_labels = call.pop("shift_labels", None)
-    return_dict = call.pop("return_dict", None)
+    ignore_index = call.pop("ignore_index", -100)
     outputs = self.model(**call)
     hidden = outputs.last_hidden_state  # (B, T, H), after the final norm
-    if shift_labels is None:
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]  # position t predicts t+1
+    if not _plain_head(self, hidden):
+        logger.debug("hf_kernels: %s's head or loss is not plain; HF's own head and loss run", type(self).__name__)
+        logits = self.lm_head(hidden)
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                  num_items_in_batch=num_items, shift_labels=shift_labels, ignore_index=ignore_index)
+        return _output(outputs, loss, logits)
+    if shift_labels is None:  # position t predicts token t+1
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.to(hidden.device).reshape(-1)
-    head = self.lm_head
-    logp = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets, bias=head.bias,
-                                 ignore_index=-100, backend=getattr(self, _PATCHED))
+    weight, bias = self.lm_head.weight, self.lm_head.bias
+    if torch.is_autocast_enabled(device.type):  # what autocast's matmul would do: both operands in its dtype
+        dt = torch.get_autocast_dtype(device.type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    with torch.autocast(device.type, enabled=False):
+        logp = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets, bias=bias,
+                                     ignore_index=ignore_index, backend=backend)
     nll = -logp.sum()
     if num_items is not None:
         loss = nll / (num_items.to(nll.device) if torch.is_tensor(num_items) else num_items)
     else:
-        loss = nll / (targets != -100).sum()  # HF's mean over the counted tokens (NaN when there are none)
+        loss = nll / (targets != ignore_index).sum()  # HF's mean over the counted tokens (NaN when there are none)
+    return _output(outputs, loss, None)
+
+
+def _output(outputs, loss, logits):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     fields = CausalLMOutputWithPast.__dataclass_fields__
-    out = CausalLMOutputWithPast(loss=loss, logits=None,
-                                 **{k: v for k, v in outputs.items() if k in fields and k != "logits"})
-    return out.to_tuple() if return_dict is False else out
+    return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                  **{k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")})
+
+
+def _ours(module: nn.Module) -> bool:
+    """Whether the module's instance forward is the one apply_kernels set."""
+    fwd = vars(module).get("forward")
+    return (isinstance(fwd, functools.partial) and fwd.func in (_norm_forward, _mlp_forward, _causal_lm_forward)
+            and len(fwd.args) == 1 and fwd.args[0] is module)
 
 
 def _is_silu(act) -> bool:
@@ -121,42 +174,62 @@ def apply_kernels(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = Tru
     counts = {"rms_norm": 0, "mlp": 0, "lm_head_loss": 0, "skipped": 0, "attention": 0}
     for module in model.modules():
         name = type(module).__name__
-        if (name in NORM_CLASSES and rms_norm and hasattr(module, "variance_epsilon")
-                and module.weight.numel() <= MAX_HIDDEN):
-            module.forward = types.MethodType(_norm_forward, module)
-            setattr(module, _PATCHED, backend)
-            counts["rms_norm"] += 1
-        elif name in MLP_CLASSES and swiglu and _is_silu(getattr(module, "act_fn", None)):
-            module.forward = types.MethodType(_mlp_forward, module)
-            setattr(module, _PATCHED, backend)
-            counts["mlp"] += 1
-        elif name in CAUSAL_LM_CLASSES and lm_head_loss and isinstance(getattr(module, "lm_head", None), nn.Linear):
-            module.forward = types.MethodType(_causal_lm_forward, module)
-            setattr(module, _PATCHED, backend)
-            counts["lm_head_loss"] += 1
-        elif name.endswith(("RMSNorm", "MLP")) and (rms_norm if name.endswith("RMSNorm") else swiglu):
+        if name in NORM_CLASSES and rms_norm and hasattr(module, "variance_epsilon"):
+            fn = _norm_forward if module.weight.numel() <= MAX_HIDDEN else None
+            key = "rms_norm"
+        elif name in MLP_CLASSES and swiglu:
+            fn = _mlp_forward if _is_silu(getattr(module, "act_fn", None)) else None
+            key = "mlp"
+        elif name in CAUSAL_LM_CLASSES and lm_head_loss and hasattr(module, "lm_head"):
+            fn, key = _causal_lm_forward, "lm_head_loss"
+        else:
+            if name.endswith(("RMSNorm", "MLP")) and (rms_norm if name.endswith("RMSNorm") else swiglu):
+                counts["skipped"] += 1
+            continue
+        current = vars(module).get("forward")
+        if fn is not None and current is not None and not _ours(module):
+            logger.warning("hf_kernels: %s already has an instance forward (an accelerate hook?); left as it is",
+                           name)
+            fn = None
+        if fn is None:
             counts["skipped"] += 1
+            continue
+        module.forward = functools.partial(fn, module)  # a partial pickles; a bound method of a function does not
+        setattr(module, _PATCHED, backend)
+        counts[key] += 1
     if attention:
         from .hf_attention import register_hf_attention
 
         impl = register_hf_attention(f"rlhf_engine_{backend}" if backend != "auto" else "rlhf_engine",
                                      backend=backend)
+        prev = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if not (isinstance(prev, str) and prev.startswith("rlhf_engine")):
+            setattr(model, _PREV_ATTN, prev)
         model.set_attn_implementation(impl)
         counts["attention"] = 1
     return counts
 
 
-def remove_kernels(model: nn.Module, *, attention_implementation: str | None = "sdpa") -> int:
-    """Undo ``apply_kernels``: every patched module gets its class's forward back. With
-    ``attention_implementation`` (default "sdpa"; None: leave it), the model's attention implementation is set to
-    it if it is currently ours. Returns the number of modules restored."""
+def remove_kernels(model: nn.Module, *, attention_implementation: str | None = None) -> int:
+    """Undo ``apply_kernels``: every patched module gets its class's forward back, and the attention
+    implementation the model had before (or ``attention_implementation`` when given; "sdpa" if unknown) when it
+    is currently ours. A module whose forward was replaced again after ``apply_kernels`` (a hook wrapping ours)
+    keeps it, with a warning. Returns the number of modules restored."""
     restored = 0
     for module in model.modules():
-        if hasattr(module, _PATCHED):
+        if not hasattr(module, _PATCHED):
+            continue
+        if _ours(module):
             del module.forward  # the instance attribute; the class's forward shows again
             delattr(module, _PATCHED)
             restored += 1
+        else:
+            logger.warning("hf_kernels: %s's forward was replaced after apply_kernels; left as it is",
+                           type(module).__name__)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if attention_implementation and isinstance(impl, str) and impl.startswith("rlhf_engine"):
-        model.set_attn_implementation(attention_implementation)
+    if isinstance(impl, str) and impl.startswith("rlhf_engine"):
+        target = attention_implementation or getattr(model, _PREV_ATTN, None) or "sdpa"
+        model.set_attn_implementation(target)
+    if hasattr(model, _PREV_ATTN):
+        delattr(model, _PREV_ATTN)
     return restored
