@@ -4,7 +4,8 @@ FLOP counts (causal: half of the T x T score matrix is computed):
     forward  = 2 matmuls (Q K^T, P V) = 2 * (2 * B * Hq * T * T * D) / 2 = 4 * B * Hq * T^2 * D / 2
     backward = 5 matmuls (Q K^T recompute, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q) = 2.5 x forward
     (the convention of FlashAttention's benchmarks; our default "split" backward recomputes Q K^T and dO V^T in
-    its dQ kernel, 7 matmuls; the "ours (atomic dQ)" row runs dq_mode="atomic", 5 matmuls and fp32 atomics)
+    its dQ kernel, 7 matmuls; the "ours (atomic dQ)" row runs dq_mode="atomic", 5 matmuls and fp32 atomics;
+    the "ours (TMA loads)" row runs the opt-in forward with tensor-descriptor tile moves, attention_fwd_tma.py)
     forward + backward = 3.5 x forward
 Floor: the bf16 dense matmul ceiling of the card (764 TFLOP/s on an H100, ../shared/BASELINES.md).
 Run: python benchmarks/bench_attention.py [--no-flex]   (needs a CUDA device; exits with a message otherwise;
@@ -31,7 +32,7 @@ SHAPES = [  # (B, Hq, Hkv, T, D): Qwen2.5-0.5B-like, Llama-3-8B-like
     (8, 14, 2, 2048, 64),
     (2, 32, 8, 4096, 128),
 ]
-SMOKE_SHAPES = [(1, 4, 2, 40, 16)]
+SMOKE_SHAPES = [(1, 4, 2, 40, 64)]  # D = 64: the TMA row runs its own kernel too
 
 
 def _flex():
@@ -94,17 +95,22 @@ def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool):
         "ours": (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
         # the same forward; the backward adds dQ with fp32 atomics inside the dK/dV kernel (fwd+bwd rows only)
         ATOMIC: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
+        # the forward with TMA tile moves (kernels/attention_fwd_tma.py, opt-in), the default backward
+        TMA: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
     }
 
 
 ATOMIC = "ours (atomic dQ)"
+TMA = "ours (TMA loads)"
+_ENV = {ATOMIC: {"RLHF_ENGINE_ATTN_DQ": "atomic"}, TMA: {"RLHF_ENGINE_ATTN_TMA": "1"}}
 
 
 def _dq_mode(name: str):
-    """RLHF_ENGINE_ATTN_DQ for one implementation's calls: "atomic" for the atomic-dQ row, else as it was."""
-    if name != ATOMIC:
+    """The environment of one implementation's calls: RLHF_ENGINE_ATTN_DQ=atomic for the atomic-dQ row,
+    RLHF_ENGINE_ATTN_TMA=1 for the TMA row, else as it was."""
+    if name not in _ENV:
         return contextlib.nullcontext()
-    return mock.patch.dict(os.environ, {"RLHF_ENGINE_ATTN_DQ": "atomic"})
+    return mock.patch.dict(os.environ, _ENV[name])
 
 
 def _check(impls) -> str:
@@ -201,8 +207,9 @@ def main(with_flex: bool = True, flex_deadline_s: float = 60.0) -> list[dict]:
                 if bad.get(r["impl"]):
                     r["impl"] = f"{r['impl']} (MISMATCH vs SDPA: {bad[r['impl']]})"
             if not flex_pass:
-                from rlhf_engine.kernels import attention_bwd, attention_fwd
+                from rlhf_engine.kernels import attention_bwd, attention_fwd, attention_fwd_tma
                 print("\n".join(autotune_report({"attn_fwd": attention_fwd._attn_fwd_kernel_tuned,
+                                                  "attn_fwd_tma": attention_fwd_tma._attn_fwd_tma_kernel_tuned,
                                                   "attn_bwd_dkdv": attention_bwd._bwd_dkdv_kernel_tuned,
                                                   "attn_bwd_dkdv_atomic_dq": attention_bwd._bwd_dkdv_atomic_dq_tuned,
                                                   "attn_bwd_dq": attention_bwd._bwd_dq_kernel_tuned})))
@@ -219,7 +226,7 @@ def main(with_flex: bool = True, flex_deadline_s: float = 60.0) -> list[dict]:
           "SDPA (>1 is faster); targets: ours >= 0.9x default SDPA and >= 1.3x FA2.")
     for r in rows:
         if r["impl"].startswith("ours"):
-            print(f"{r['impl']:<17} {r['op']:<18} {r['shape']:<32} {r['value']:7.1f} TFLOP/s  "
+            print(f"{r['impl']:<18} {r['op']:<18} {r['shape']:<32} {r['value']:7.1f} TFLOP/s  "
                   f"x{r['vs_baseline']:.2f} vs SDPA default  x{r['vs_fa2']:.2f} vs FA2")
     return rows
 

@@ -33,9 +33,11 @@ COMPILE_TIMEOUT_S = 900
 _DTYPES = {"bf16": "tf32", "fp16": "tf32", "fp32": "ieee"}  # dtype -> attention PRECISION (dot_precision)
 
 
-def _case(cid, module, kernel, ptrs, floats, constexprs, num_warps, num_stages=3):
+def _case(cid, module, kernel, ptrs, floats, constexprs, num_warps, num_stages=3, descs=None):
+    """descs: {argument: "tensordesc<dtype[box shape]>"} for tensor-descriptor (TMA) arguments."""
     return pytest.param(dict(module=f"rlhf_engine.kernels.{module}", kernel=kernel, ptrs=ptrs, floats=floats,
-                             constexprs=constexprs, num_warps=num_warps, num_stages=num_stages), id=cid)
+                             constexprs=constexprs, num_warps=num_warps, num_stages=num_stages,
+                             descs=descs or {}), id=cid)
 
 
 def _logprob_cases():
@@ -127,6 +129,18 @@ def _attention_cases():
                 ["qk_scale", "sm_scale"], dict(HEAD_DIM=96, BLOCK_D=128, IS_CAUSAL=True, HAS_KV_RANGE=True,
                                                PRECISION=_DTYPES["bf16"], BLOCK_M=32, BLOCK_N=128, ATOMIC_DQ=True),
                 8, 2)
+
+
+def _attention_tma_cases():
+    # the opt-in TMA forward (kernels/attention_fwd_tma.py): its default tiles (attention_fwd._FWD_DEFAULT), bf16
+    for d, bm, bn, w, st in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]:
+        for rng in (False, True):
+            descs = {n: f"tensordesc<bf16[1,{bm if n in ('q_desc', 'o_desc') else bn},{d}]>"
+                     for n in ("q_desc", "k_desc", "v_desc", "o_desc")}
+            yield _case(f"attn_fwd_tma-bf16-d{d}-{bm}x{bn}{'-range' if rng else ''}", "attention_fwd_tma",
+                        "_attn_fwd_tma_kernel", {"LSE": "fp32", "KV_START": "i32", "KV_END": "i32"}, ["qk_scale"],
+                        dict(HEAD_DIM=d, IS_CAUSAL=True, HAS_KV_RANGE=rng, PRECISION="tf32", BLOCK_M=bm,
+                             BLOCK_N=bn), w, st, descs=descs)
 
 
 def _decode_cases():
@@ -237,7 +251,8 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_decode_cases(), *_kv_cache_cases(),
+CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_attention_tma_cases(),
+         *_decode_cases(), *_kv_cache_cases(),
          *_inference_op_cases(), *_autotune_kept_cases()]
 
 # ----------------------------------------------------------------------------- the child process
@@ -270,7 +285,7 @@ def compile_case(case):
     while not isinstance(fn, JITFunction):  # an Autotuner (or Heuristics) wraps the JITFunction
         fn = fn.fn
     names = [p.name for p in fn.params]
-    unknown = (set(case["ptrs"]) | set(case["floats"]) | set(case["constexprs"])) - set(names)
+    unknown = (set(case["ptrs"]) | set(case["floats"]) | set(case["constexprs"]) | set(case["descs"])) - set(names)
     if unknown:
         raise KeyError(f"{case['kernel']} has no argument(s) {sorted(unknown)}; its arguments are {names}")
     signature, attrs = {}, {}
@@ -279,6 +294,8 @@ def compile_case(case):
             if p.name not in case["constexprs"]:
                 raise KeyError(f"{case['kernel']}: no value for constexpr {p.name}")
             signature[p.name] = "constexpr"
+        elif p.name in case["descs"]:
+            signature[p.name] = case["descs"][p.name]
         elif p.name in case["ptrs"]:
             signature[p.name] = "*" + case["ptrs"][p.name]
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
