@@ -38,6 +38,7 @@ from .attention_fwd import (
     dot_precision,
     element_size,
     fixed_config,
+    key_block_ranges,
     load_kv_range,
     load_kv_tile,
     next_pow2,
@@ -282,16 +283,7 @@ def _bwd_dq_kernel(
     v_base = V + b64 * stride_vb + hk * stride_vh
 
     # Same key ranges as the forward: masked head, unmasked middle, masked tail.
-    if IS_CAUSAL:
-        n_hi = tl.minimum(kv_hi, m0 + BLOCK_M + causal_shift)
-        n_full = tl.minimum(kv_hi, m0 + causal_shift + 1)
-    else:
-        n_hi = kv_hi
-        n_full = kv_hi
-    n_full = tl.maximum(n_full, 0)
-    n_lo = (kv_lo // BLOCK_N) * BLOCK_N
-    n_a = ((kv_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    n_b = tl.maximum((n_full // BLOCK_N) * BLOCK_N, n_a)
+    n_lo, n_a, n_b, n_hi = key_block_ranges(kv_lo, kv_hi, m0, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,

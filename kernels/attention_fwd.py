@@ -93,6 +93,50 @@ def load_kv_tile(k_base, v_base, cols, offs_d, stride_kt, stride_vt, kv_ok, dmas
 
 
 @triton.jit
+def key_block_ranges(kv_lo, kv_hi, m0, causal_shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr):
+    """The key loops of a query tile starting at row m0, in BLOCK_N steps: [n_lo, min(n_a, n_hi)) the masked
+    head block (the one holding kv_lo), [n_a, n_b) the unmasked middle (keys every row of the tile sees in
+    full), [n_b, n_hi) the masked tail (the causal diagonal and the kv_hi edge)."""
+    if IS_CAUSAL:
+        n_hi = tl.minimum(kv_hi, m0 + BLOCK_M + causal_shift)  # one past the last row's last key
+        n_full = tl.minimum(kv_hi, m0 + causal_shift + 1)  # every row of the tile sees all keys < n_full
+    else:
+        n_hi = kv_hi
+        n_full = kv_hi
+    n_full = tl.maximum(n_full, 0)
+    n_lo = (kv_lo // BLOCK_N) * BLOCK_N
+    n_a = ((kv_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    n_b = tl.maximum((n_full // BLOCK_N) * BLOCK_N, n_a)
+    return n_lo, n_a, n_b, n_hi
+
+
+@triton.jit
+def online_softmax_update(acc, l_i, m_i, qk, v, valid, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax: qk (BLOCK_M, BLOCK_N) raw scores, v (BLOCK_N, BLOCK_D), valid the
+    (BLOCK_M, BLOCK_N) mask (read only when MASKED). Returns (acc, l, m) after the block.
+
+    The scale (> 0) is applied to the row max, and to qk only inside exp2's argument: qk * c - m is one FMA a
+    score instead of a multiply and a subtract (the softmax's elementwise work, not the dots, bounds this loop
+    on an H100)."""
+    if MASKED:
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # A row that has seen no valid key yet keeps m = -inf; subtract 0 instead so exp2(-inf - -inf)
+        # never produces NaN (its p and alpha are then exactly 0).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = m_new
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])  # exp(s - m') in base 2
+    alpha = tl.math.exp2(m_i - m_use)  # rescale of the old sum and accumulator
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, stride_kt, stride_vt,
@@ -108,27 +152,10 @@ def _attn_fwd_inner(
         k, v = load_kv_tile(k_base, v_base, cols, offs_d, stride_kt, stride_vt, kv_ok, dmask,
                             HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32, q . k
-        # The scale (> 0) is applied to the row max, and to qk only inside exp2's argument: qk * c - m is one
-        # FMA a score instead of a multiply and a subtract (the softmax's elementwise work, not the dots,
-        # bounds this loop on an H100).
-        if MASKED:
-            valid = kv_ok[None, :]
-            if IS_CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            # A row that has seen no valid key yet keeps m = -inf; subtract 0 instead so exp2(-inf - -inf)
-            # never produces NaN (its p and alpha are then exactly 0).
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = m_new
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])  # exp(s - m') in base 2
-        alpha = tl.math.exp2(m_i - m_use)  # rescale of the old sum and accumulator
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
+        valid = kv_ok[None, :]
+        if IS_CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v, valid, qk_scale, MASKED, PRECISION)
     return acc, l_i, m_i
 
 
@@ -166,17 +193,7 @@ def _attn_fwd_kernel(
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
 
-    # Key ranges: [n_lo, n_a) masked head, [n_a, n_b) unmasked middle, [max(n_a, n_b), n_hi) masked tail.
-    if IS_CAUSAL:
-        n_hi = tl.minimum(kv_hi, m0 + BLOCK_M + causal_shift)  # one past the last row's last key
-        n_full = tl.minimum(kv_hi, m0 + causal_shift + 1)  # every row of the tile sees all keys < n_full
-    else:
-        n_hi = kv_hi
-        n_full = kv_hi
-    n_full = tl.maximum(n_full, 0)
-    n_lo = (kv_lo // BLOCK_N) * BLOCK_N
-    n_a = ((kv_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    n_b = tl.maximum((n_full // BLOCK_N) * BLOCK_N, n_a)
+    n_lo, n_a, n_b, n_hi = key_block_ranges(kv_lo, kv_hi, m0, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -252,6 +269,15 @@ INTERPRETER_BLOCK_M = 32
 INTERPRETER_BLOCK_N = 64
 
 
+def forward_buffers(q: torch.Tensor, kv_start: torch.Tensor | None, kv_end: torch.Tensor | None):
+    """The forward's outputs, o (B, Tq, Hq, D) in q.dtype and lse (B, Hq, Tq) fp32, and its key-range pointers
+    (lse as a dummy when there are none: the kernel never reads it then)."""
+    B, Tq, Hq, D = q.shape
+    o = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    return o, lse, (kv_start if kv_start is not None else lse), (kv_end if kv_end is not None else lse)
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -281,13 +307,10 @@ def attention_forward(
                                      num_warps=num_warps, num_stages=num_stages)
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    o = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    o, lse, ks, ke = forward_buffers(q, kv_start, kv_end)
     if B * Hq * Tq == 0:
         return o, lse
     has_range = kv_start is not None
-    ks = kv_start if has_range else lse  # dummy pointer when absent (never read)
-    ke = kv_end if has_range else lse
     args = (
         q, k, v, o, lse, ks, ke,
         q.stride(0), q.stride(1), q.stride(2),

@@ -26,7 +26,8 @@ import triton.language as tl
 
 from ._launch import cdiv
 from .attention_fwd import (_FWD_CONFIGS, _FWD_DEFAULT, _FWD_FP32, LOG2E, _prune_fwd, autotune_enabled,
-                            dot_precision, fixed_config, load_kv_range, t_bucket)
+                            dot_precision, fixed_config, forward_buffers, key_block_ranges, load_kv_range,
+                            online_softmax_update, t_bucket)
 
 TMA_HEAD_DIMS = (64, 128)
 
@@ -60,25 +61,14 @@ def _attn_fwd_tma_inner(
         k = k_desc.load([b, start_n, kv_col]).reshape(BLOCK_N, HEAD_DIM)
         v = v_desc.load([b, start_n, kv_col]).reshape(BLOCK_N, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+        cols = start_n + offs_n
+        kv_ok = (cols >= kv_lo) & (cols < kv_hi)
+        valid = kv_ok[None, :]
+        if IS_CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
         if MASKED:
-            cols = start_n + offs_n
-            kv_ok = (cols >= kv_lo) & (cols < kv_hi)
-            valid = kv_ok[None, :]
-            if IS_CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            qk = tl.where(valid, qk, float("-inf"))
             v = tl.where(kv_ok[:, None], v, 0.0)  # keys the box read but the range excludes: never NaN * 0
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = m_new
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v, valid, qk_scale, MASKED, PRECISION)
     return acc, l_i, m_i
 
 
@@ -105,16 +95,7 @@ def _attn_fwd_tma_kernel(
     q = q_desc.load([b, m0, h * HEAD_DIM]).reshape(BLOCK_M, HEAD_DIM)  # rows past Tq read as zeros
     kv_col = hk * HEAD_DIM
 
-    if IS_CAUSAL:
-        n_hi = tl.minimum(kv_hi, m0 + BLOCK_M + causal_shift)
-        n_full = tl.minimum(kv_hi, m0 + causal_shift + 1)
-    else:
-        n_hi = kv_hi
-        n_full = kv_hi
-    n_full = tl.maximum(n_full, 0)
-    n_lo = (kv_lo // BLOCK_N) * BLOCK_N
-    n_a = ((kv_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    n_b = tl.maximum((n_full // BLOCK_N) * BLOCK_N, n_a)
+    n_lo, n_a, n_b, n_hi = key_block_ranges(kv_lo, kv_hi, m0, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -179,13 +160,10 @@ def attention_forward_tma(
     o (B, Tq, Hq, D) in q.dtype and lse (B, Hq, Tq) fp32."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    o = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    o, lse, ks, ke = forward_buffers(q, kv_start, kv_end)
     if B * Hq * Tq == 0:
         return o, lse
     has_range = kv_start is not None
-    ks = kv_start if has_range else lse
-    ke = kv_end if has_range else lse
     tb = t_bucket(max(Tq, Tk))
     meta = dict(HEAD_DIM=D, IS_CAUSAL=causal, HAS_KV_RANGE=has_range, PRECISION=dot_precision(q.dtype))
     tail = (Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E, tb)
