@@ -8,13 +8,14 @@ so the copy engine fetches it asynchronously into shared memory, with hardware b
 per-element predicates (rows past T read as zeros; an O tile's rows past T are not written). On an H100 this
 frees registers and issue slots from address arithmetic, which is what the Triton FlashAttention tutorials
 gain on Hopper; whether it pays here is for ``bench_attention.py`` to show, so it stays off by default
-(``RLHF_ENGINE_ATTN_TMA=1`` or ``flash_attention(..., tma=True)`` turns it on).
+(``RLHF_ENGINE_ATTN_TMA=1`` turns it on).
 
 Keys outside a sequence's [kv_start, kv_end) range inside a boundary tile are loaded (the box cannot skip
 them): their scores are masked to -inf as before, and their V rows are zeroed, so that a key slot holding NaN
 (an unwritten cache) cannot reach the output through p = 0 times NaN. Eligible inputs: head dim 64 or 128
 (the box must be a power of two wide and cover exactly one head), heads packed (stride(2) = D, unit stride on
-D), 16-byte aligned base and strides; anything else runs the pointer kernel.
+D), 16-byte aligned base and strides, no overlapping or broadcast (stride 0) rows, and on a GPU an sm_90 or
+newer one (older ones would lower the descriptors to plain loads); anything else runs the pointer kernel.
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv
-from .attention_fwd import (_FWD_CONFIGS, _FWD_DEFAULT, _FWD_FP32, LOG2E, _prune_fwd, autotune_enabled,
+from .attention_fwd import (_FWD_CONFIGS, _FWD_DEFAULT, _FWD_FP32, LOG2E, autotune_enabled,
                             dot_precision, fixed_config, forward_buffers, key_block_ranges, load_kv_range,
-                            online_softmax_update, t_bucket)
+                            online_softmax_update, prune_configs, t_bucket)
 
 TMA_HEAD_DIMS = (64, 128)
+_DTYPE_KEYS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 def tma_requested() -> bool:
@@ -40,12 +42,14 @@ def tma_requested() -> bool:
 def tma_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether q (B, Tq, Hq, D) and k, v (B, Tk, Hkv, D) can be read through (B, T, H * D) descriptors."""
     D = q.shape[-1]
-    if D not in TMA_HEAD_DIMS:
+    if D not in TMA_HEAD_DIMS or (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9):
         return False
     for t in (q, k, v):
+        B, T, H, _ = t.shape
         es = t.element_size()
-        if (t.stride(3) != 1 or t.stride(2) != D or t.data_ptr() % 16
-                or (t.stride(0) * es) % 16 or (t.stride(1) * es) % 16 or 0 in t.shape):
+        if (0 in t.shape or t.stride(3) != 1 or t.stride(2) != D or t.data_ptr() % 16
+                or t.stride(1) < H * D or t.stride(0) < T * t.stride(1)  # rows of a box never overlap
+                or (t.stride(0) * es) % 16 or (t.stride(1) * es) % 16):
             return False
     return True
 
@@ -76,7 +80,7 @@ def _attn_fwd_tma_inner(
 def _attn_fwd_tma_kernel(
     q_desc, k_desc, v_desc, o_desc, LSE, KV_START, KV_END,
     Hq, Tq, Tk, group, qk_scale,
-    T_BUCKET,  # autotune key only
+    T_BUCKET, DTYPE_KEY,  # autotune keys only (descriptor arguments carry no dtype for the tuner's key)
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -130,16 +134,22 @@ def _set_block_shapes(nargs: dict) -> None:
     nargs["v_desc"].block_shape = [1, bn, d]
 
 
+def _tma_prune(configs, t_bucket_: int, elem_size: int, head_dim: int) -> list:
+    """``attention_fwd``'s prune, with the O tile's staging buffer for the TMA store in the shared-memory count:
+    Q tile + O tile + num_stages (K, V) tiles, x1.1 for the compiler's scratch."""
+    def smem(c) -> int:
+        return int(1.1 * elem_size * head_dim * (2 * c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"]))
+    return prune_configs(configs, t_bucket_, smem)
+
+
 def _prune_tma(configs, named_args, **kwargs):
-    """``attention_fwd``'s shared-memory and length prune, reading the element size off the Q descriptor."""
-    return _prune_fwd(configs, {"Q": named_args["q_desc"].base, "T_BUCKET": named_args["T_BUCKET"]},
-                      BLOCK_D=kwargs["HEAD_DIM"])
+    return _tma_prune(configs, named_args["T_BUCKET"], named_args["q_desc"].base.element_size(), kwargs["HEAD_DIM"])
 
 
 _TMA_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
                               pre_hook=_set_block_shapes) for c in _FWD_CONFIGS]
 _attn_fwd_tma_kernel_tuned = triton.autotune(
-    configs=_TMA_CONFIGS, key=["HEAD_DIM", "T_BUCKET", "IS_CAUSAL", "HAS_KV_RANGE"],
+    configs=_TMA_CONFIGS, key=["HEAD_DIM", "T_BUCKET", "DTYPE_KEY", "IS_CAUSAL", "HAS_KV_RANGE"],
     prune_configs_by={"early_config_prune": _prune_tma},
 )(_attn_fwd_tma_kernel)
 
@@ -166,14 +176,17 @@ def attention_forward_tma(
     has_range = kv_start is not None
     tb = t_bucket(max(Tq, Tk))
     meta = dict(HEAD_DIM=D, IS_CAUSAL=causal, HAS_KV_RANGE=has_range, PRECISION=dot_precision(q.dtype))
-    tail = (Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E, tb)
+    tail = (Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E, tb, _DTYPE_KEYS.get(q.dtype, 0))
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         descs = (_desc(q, 64), _desc(k, 64), _desc(v, 64), _desc(o, 64))  # box rows set per config (pre-hook)
         grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
         _attn_fwd_tma_kernel_tuned[grid](*descs, lse, ks, ke, *tail, **meta)
         return o, lse
     if q.is_cuda and block_m is None and block_n is None:
-        c = fixed_config(_FWD_CONFIGS, _prune_fwd, {"Q": q, "T_BUCKET": tb}, D, _FWD_DEFAULT, _FWD_FP32)
+        def prune(cfgs, named, BLOCK_D):
+            return _tma_prune(cfgs, named["T_BUCKET"], q.element_size(), BLOCK_D)
+
+        c = fixed_config(_FWD_CONFIGS, prune, {"Q": q, "T_BUCKET": tb}, D, _FWD_DEFAULT, _FWD_FP32)
         bm, bn, num_warps, num_stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
     else:
         from .attention_fwd import INTERPRETER_BLOCK_M, INTERPRETER_BLOCK_N

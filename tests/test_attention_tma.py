@@ -75,6 +75,8 @@ def test_eligibility(device):
     assert not tma_eligible(x, x, x)  # D = 80: the box cannot cover exactly one head
     t = torch.randn(2, 8, 4, 2 * 64, device=device)[..., ::2]
     assert not tma_eligible(t, t, t)  # no unit stride on D
+    kv = torch.randn(1, 8, 2, 64, device=device).expand(2, 8, 2, 64)
+    assert not tma_eligible(q, kv, kv)  # a broadcast batch (stride 0): boxes of one row would overlap
 
 
 def test_env_switch_through_flash_attention(device, monkeypatch):

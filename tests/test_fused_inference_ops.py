@@ -604,8 +604,9 @@ def test_scoring_forward_equals_training_forward_bitwise(device):
 
 
 def test_hooks_and_autocast_take_the_eager_layers(device, monkeypatch):
-    """Forward hooks on a decoder layer or a norm fire (the fused path would skip them), and autocast (layer outputs
-    and residual stream of different dtypes) works: both take the eager layers, with no fused norm call."""
+    """Forward and backward hooks on a decoder layer or a norm fire (the fused path would skip them), and autocast
+    (layer outputs and residual stream of different dtypes) works: all take the eager layers, with no fused norm
+    call."""
     from rlhf_engine.kernels import rmsnorm
 
     m, ids, mask = _tiny_qwen2(device)
@@ -620,6 +621,11 @@ def test_hooks_and_autocast_take_the_eager_layers(device, monkeypatch):
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
     for h in handles:
         h.remove()
+    fired = []  # a backward hook too: Module.__call__ sets it up, the fused path would not
+    h = m.model.layers[1].register_full_backward_hook(lambda mod, gi, go: fired.append(1))
+    m.hidden_states(ids, mask, attn_backend="triton").sum().backward()
+    h.remove()
+    assert fired == [1]
     with torch.autocast(device.type if isinstance(device, torch.device) else str(device), dtype=torch.float16):
         out = m.hidden_states(ids, mask, attn_backend="triton")
     assert torch.isfinite(out).all()

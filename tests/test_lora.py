@@ -117,40 +117,67 @@ def test_lora_dtype_and_errors():
         apply_lora(_model(), rank=0)
 
 
+class _CountOps:
+    """Names of the aten ops run inside the block (a TorchDispatchMode)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_fast_path_matches_the_autograd_path(dtype):
-    """Without autograd a LoRALinear adds the low-rank term with one addmm into the base output (3 kernels, not
-    5): the value of the autograd path, up to one rounding of the low-rank term in 16-bit; with dropout active
-    (training mode) or adapters in another dtype it keeps the general path."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
+def test_low_rank_term_is_one_addmm_with_and_without_autograd(dtype):
+    """Adapters in the activations' dtype: the low-rank term is one addmm into the base output (3 kernels, not 5),
+    in place without autograd and out of place with it: the same op, so the values are equal bit for bit (the
+    PPO scoring forward and the training forward); it matches the two-GEMM definition up to one rounding. fp32
+    adapters over a 16-bit base keep the general path."""
     torch.manual_seed(0)
     m = LoRALinear(torch.nn.Linear(48, 40), rank=4, alpha=8.0).to(dtype)
     torch.nn.init.normal_(m.lora_B)
     x = torch.randn(3, 5, 48, dtype=dtype)
-    slow = m(x.clone().requires_grad_()).detach()
-    with torch.no_grad(), Count() as c:
-        fast = m(x)
+    with _CountOps() as c:
+        trained = m(x.clone().requires_grad_())
+    assert "addmm" in c.ops and "mul" not in c.ops and "add" not in c.ops, c.ops
+    with torch.no_grad(), _CountOps() as c:
+        scored = m(x)
     assert "addmm_" in c.ops and "mul" not in c.ops and "add" not in c.ops, c.ops
-    tol = 1e-6 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * slow.abs().max().item()
-    torch.testing.assert_close(fast, slow, atol=tol, rtol=0)
-    m.dropout = torch.nn.Dropout(0.5)
-    m.train()
-    with torch.no_grad(), Count() as c:
-        m(x)
-    assert "addmm_" not in c.ops  # dropout is part of the forward in training mode
-    m.eval()
+    assert torch.equal(scored, trained.detach())
+    h = torch.nn.functional.linear(x.double(), m.lora_A.double())
+    ref = torch.nn.functional.linear(x.double(), m.weight.double(), m.bias.double()) + \
+        torch.nn.functional.linear(h, m.lora_B.double()) * m.scaling
+    tol = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps * ref.abs().max().item()
+    torch.testing.assert_close(scored.double(), ref, atol=tol, rtol=0)
+    (g,) = torch.autograd.grad(trained.sum(), m.lora_B)  # the addmm's gradient reaches the adapter
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
     m32 = LoRALinear(torch.nn.Linear(48, 40).to(dtype), rank=4, alpha=8.0, dtype=torch.float32)
-    with torch.no_grad(), Count() as c:
+    with torch.no_grad(), _CountOps() as c:
         m32(x)
     if dtype != torch.float32:
         assert "addmm_" not in c.ops  # fp32 adapters over a 16-bit base: the general path casts
+
+
+def test_lora_scoring_forward_equals_training_forward():
+    """A LoRA policy: log-probs without autograd (old log-probs) equal the training forward's bit for bit."""
+    m = _model()
+    apply_lora(m, rank=4, alpha=16.0)
+    for mod in m.modules():
+        if isinstance(mod, LoRALinear):
+            torch.nn.init.normal_(mod.lora_B, std=0.05)
+    ids, mask = _batch(m.config.vocab_size)
+    with torch.no_grad():
+        scored = sequence_logprobs(m, ids, mask, start=6)
+    trained = sequence_logprobs(m, ids, mask, start=6)
+    assert trained.requires_grad and torch.equal(scored, trained.detach())

@@ -54,23 +54,23 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if not self.adapters_enabled:
             return y
-        if self._fast_path(x, y):
-            # inference (generation, scoring): y += scaling · (x Aᵀ) Bᵀ as one GEMM into y, 3 kernels instead of
-            # 5 (x Aᵀ, then Bᵀ, the scale and the add); the low-rank term is rounded once, added in fp32
-            y2 = y.view(-1, self.out_features)
-            y2.addmm_(F.linear(x, self.lora_A).reshape(-1, self.rank), self.lora_B.t(), alpha=self.scaling)
-            return y
         h = self.dropout(x).to(self.lora_A.dtype)
+        if self._one_gemm(y):
+            # y + scaling · (h Aᵀ) Bᵀ with the second GEMM accumulating into y (addmm): 3 kernels instead of 5
+            # (h Aᵀ, then Bᵀ, the scale and the add), the low-rank term rounded once. The same op with and
+            # without autograd, so a no-grad scoring forward equals the training forward bit for bit; in place
+            # (no new buffer) when nothing needs a gradient.
+            low = F.linear(h, self.lora_A).reshape(-1, self.rank)
+            y2 = y.reshape(-1, self.out_features)
+            if torch.is_grad_enabled() and (y.requires_grad or low.requires_grad or self.lora_B.requires_grad):
+                return torch.addmm(y2, low, self.lora_B.t(), alpha=self.scaling).view(y.shape)
+            return y2.addmm_(low, self.lora_B.t(), alpha=self.scaling).view(y.shape)
         delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # (..., out)
         return y + delta.to(y.dtype)
 
-    def _fast_path(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """No autograd, no active dropout, adapters in the activations' dtype, a row-major output."""
-        if torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad
-                                        or self.weight.requires_grad):
-            return False
-        dropout_on = self.training and not isinstance(self.dropout, nn.Identity)
-        return (not dropout_on and self.lora_A.dtype == x.dtype == y.dtype and y.is_contiguous()
+    def _one_gemm(self, y: torch.Tensor) -> bool:
+        """Adapters in the output's dtype, no autocast (whose casts the general path leaves to F.linear)."""
+        return (self.lora_A.dtype == self.lora_B.dtype == y.dtype
                 and not torch.is_autocast_enabled(y.device.type))
 
     def delta_weight(self) -> torch.Tensor:
