@@ -7,8 +7,9 @@ This script runs one decode step of a Qwen2-0.5B-shaped model (1 and 2 layers, n
 not depend on widths) on the triton backend under the Triton interpreter and counts what would be GPU kernels:
   - Triton launches;
   - ATen ops that compute (views, reshapes and allocations excluded).
-It compares the generation path (fused inference kernels) with the same step on unfused ops, and the
-Triton sampler (``kernels/sample.py``) with the eager one.
+It compares the generation path (fused inference kernels) with the same step on unfused ops and with LoRA
+adapters on every projection (a LoRA actor's rollouts), and the Triton sampler (``kernels/sample.py``) with the
+eager one.
 
 Run: TRITON_INTERPRET=1 python benchmarks/decode_launches.py
 """
@@ -70,15 +71,18 @@ def _count_triton():
         InterpretedFunction.run = run
 
 
-def count_decode_step(fused: bool, num_layers: int) -> tuple[collections.Counter, collections.Counter]:
+def count_decode_step(fused: bool, num_layers: int, lora: bool = False) -> tuple[collections.Counter,
+                                                                                   collections.Counter]:
     from rlhf_engine.generation import KVCache
-    from rlhf_engine.model import CausalLM, preset
+    from rlhf_engine.model import CausalLM, apply_lora, preset
     from rlhf_engine.model import llama
 
     torch.manual_seed(0)
     cfg = preset("qwen2-0.5b", num_layers=num_layers, hidden_size=64, intermediate_size=128, num_heads=14,
                  num_kv_heads=2, head_dim=16, vocab_size=256, pad_token_id=None, bos_token_id=None, eos_token_id=1)
     m = CausalLM(cfg).eval()
+    if lora:  # adapters on all 7 projections (the default targets), as a LoRA actor's rollouts run
+        apply_lora(m, rank=4, alpha=8.0)
     B, P = 4, 5
     ids = torch.randint(0, 256, (B, P))
     cache = KVCache.allocate(cfg, B, P + 2, dtype=torch.float32, device="cpu")
@@ -104,20 +108,20 @@ def count_sampling(backend: str) -> int:
 def main(num_layers: int = 24) -> list[dict]:
     """Counts for 1 and 2 layers give the per-layer and per-step parts; printed for ``num_layers``."""
     rows = []
-    for fused in (False, True):
+    for fused, lora in ((False, False), (True, False), (True, True)):
         totals = {}
         for n in (1, 2):
-            aten, trit = count_decode_step(fused, n)
+            aten, trit = count_decode_step(fused, n, lora)
             totals[n] = sum(aten.values()) + sum(trit.values())
         per_layer, fixed = totals[2] - totals[1], 2 * totals[1] - totals[2]
-        label = "generation path (fused ops)" if fused else "unfused ops"
+        label = ("generation path, LoRA on" if lora else "generation path (fused ops)") if fused else "unfused ops"
         print(f"\n{label}: {per_layer} kernels per layer + {fixed} per step; 2 layers: "
               f"ATen {dict(sorted(aten.items()))}, Triton {dict(sorted(trit.items()))}")
         rows.append({"path": label, "per_layer": per_layer, "fixed": fixed, "step": fixed + num_layers * per_layer})
     for r in rows:
         print(f"{r['path']:<28} {r['per_layer']:3d} per layer, {r['fixed']:3d} per step: "
               f"{r['step']} kernels per decode step at {num_layers} layers")
-    for r, backend in zip(rows, ("torch", "triton")):
+    for r, backend in zip(rows[:2], ("torch", "triton")):
         r["sampling"] = count_sampling(backend)
         print(f"sampling a token ({backend} sampler): {r['sampling']} kernels")
     return rows
