@@ -4,7 +4,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 from rlhf_engine.integrations import hf_kernels  # noqa: E402
 from rlhf_engine.integrations.hf_kernels import apply_kernels, remove_kernels  # noqa: E402
@@ -18,7 +18,7 @@ def _model(kind: str, **over):
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
     common.update(over)
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[kind](**common)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[kind](**common)
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(cfg).to(DEVICE)
     with torch.no_grad():  # non-trivial norm weights
@@ -35,7 +35,7 @@ def _loss_and_grads(m, ids, am, w):
     return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("attention", [False, True])
 def test_patched_model_matches_unpatched(kind, attention):
     m = _model(kind)
@@ -216,3 +216,28 @@ def test_pickles_and_keeps_foreign_instance_forwards(tmp_path):
     counts = apply_kernels(m, backend=BACKEND)
     assert counts["skipped"] == 1 and counts["rms_norm"] == 2 * m.config.num_hidden_layers
     assert not hasattr(norm, "_rlhf_engine_kernels") and vars(norm)["forward"].__name__ == "<lambda>"
+
+
+def test_gradient_checkpointing():
+    """HF's own activation checkpointing over the patched layers: the loss and every gradient of the unpatched
+    model with checkpointing."""
+    m = _model("qwen2").train()
+    if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert any(getattr(mod, "gradient_checkpointing", False) for mod in m.modules())
+    ids = torch.randint(0, 96, (2, 9), device=DEVICE)
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    ref_loss, ref = run()
+    apply_kernels(m, backend=BACKEND)
+    loss, got = run()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for n, g in ref.items():
+        torch.testing.assert_close(got[n], g, atol=1e-5 * max(g.abs().max().item(), 1.0), rtol=1e-4, msg=n)
