@@ -357,22 +357,29 @@ def test_custom_ops_fake_tensor():
     assert y.shape == s.shape == a.shape == (5, 64)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
-def test_fused_generation_path_matches_unfused_forward(name, device):
-    """Prefill + decode on the triton backend (packed q/k/v and gate/up GEMMs, fused norm / residual / SwiGLU
-    kernels, RoPE inside the cache write) give the logits of the unfused full forward (torch backend), fp32."""
+@pytest.mark.parametrize("name,lora", [("tiny-llama", False), ("tiny-qwen2", False), ("tiny-qwen2", True)])
+def test_fused_generation_path_matches_unfused_forward(name, lora, device):
+    """Prefill + decode on the triton backend (packed q/k/v and gate/up GEMMs, with LoRA adapters on too, fused
+    norm / residual / SwiGLU kernels, RoPE inside the cache write) give the logits of the unfused full forward
+    (torch backend), fp32."""
     from rlhf_engine.generation import KVCache
     from rlhf_engine.model import CausalLM, preset
     from rlhf_engine.model.packing import packed_weights
 
+    from rlhf_engine.model import apply_lora
+    from rlhf_engine.model.packing import packed_lora
+
     torch.manual_seed(0)
     m = CausalLM(preset(name)).to(device).eval()
+    if lora:  # adapters on every projection: the groups run as packed base GEMMs + one A GEMM + B terms
+        apply_lora(m, rank=4, alpha=8.0)
     with torch.no_grad():
-        for p in m.parameters():  # non-trivial norm weights and biases
+        for p in m.parameters():  # non-trivial norm weights, biases and adapters
             p.add_(0.05 * torch.randn_like(p))
         a, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
-        assert packed_weights((a.q_proj, a.k_proj, a.v_proj)) is not None  # the path under test: packed GEMMs
-        assert packed_weights((mlp.gate_proj, mlp.up_proj)) is not None
+        packed = packed_lora if lora else packed_weights  # the path under test
+        assert packed((a.q_proj, a.k_proj, a.v_proj)) is not None
+        assert packed((mlp.gate_proj, mlp.up_proj)) is not None
     B, P, N = 3, 6, 3
     ids = torch.randint(3, m.config.vocab_size, (B, P + N), device=device)
     mask = torch.ones(B, P + N, dtype=torch.long, device=device)

@@ -9,7 +9,7 @@ from torch import nn
 
 from rlhf_engine.model import CausalLM, apply_lora, disable_adapters, preset
 from rlhf_engine.model.loading import from_hf_model, model_from_state_dict, save_pretrained
-from rlhf_engine.model.packing import pack_linears, packed_weights
+from rlhf_engine.model.packing import lora_group_linear, pack_linears, packed_lora, packed_weights
 
 
 def _groups(model):
@@ -144,6 +144,40 @@ def test_packed_weights_refuses_when_a_gradient_or_an_adapter_is_needed():
         assert packed_weights(g) is None  # the adapter is on: q and v are not their base weights alone
         with disable_adapters(m):
             assert packed_weights(g) is not None  # the reference policy: the base weights, packed
+
+
+def test_packed_lora_group_equals_the_layers_and_refuses_what_it_cannot_run():
+    """With adapters on every layer of a group, one packed base GEMM + one A GEMM + the B terms equal the layers
+    run one by one; None when an adapter is off or missing, autograd needs a gradient, dropout is active in
+    training mode, or a layer has a hook."""
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-qwen2")).eval()
+    apply_lora(m, rank=3, alpha=6.0)
+    g = next(_groups(m))
+    for layer in g:
+        nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(2, 5, m.config.hidden_size)
+    assert packed_lora(g) is None  # grad mode and trainable adapters
+    with torch.no_grad():
+        lo = packed_lora(g)
+        assert lo is not None and lo[0].data_ptr() == g[0].weight.data_ptr()
+        torch.testing.assert_close(lora_group_linear(x, *lo), torch.cat([layer(x) for layer in g], -1),
+                                   atol=1e-6, rtol=1e-5)
+        g[1].adapters_enabled = False
+        assert packed_lora(g) is None  # k's adapter off: packed_weights' case only if all are off
+        g[1].adapters_enabled = True
+        h = g[2].register_forward_hook(lambda *a: None)
+        assert packed_lora(g) is None
+        h.remove()
+        g[0].dropout = nn.Dropout(0.1)
+        g[0].train()
+        assert packed_lora(g) is None  # dropout is part of the training-mode forward
+        g[0].eval()
+        assert packed_lora(g) is not None
+    plain = CausalLM(preset("tiny-qwen2")).eval()
+    apply_lora(plain, rank=2, target_modules=("q_proj",))
+    with torch.no_grad():
+        assert packed_lora(next(_groups(plain))) is None  # k and v carry no adapter
 
 
 def test_pack_linears_leaves_mismatched_layers_alone():

@@ -24,7 +24,7 @@ from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
 from .attention import AttnMeta, cache_attention, full_attention, mask_to_kv_range, resolve_backend, write_kv
 from .config import ModelConfig
-from .packing import PROJECTION_GROUPS, pack_linears, packed_weights
+from .packing import PROJECTION_GROUPS, lora_group_linear, pack_linears, packed_lora, packed_weights
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -60,9 +60,13 @@ class Attention(nn.Module):
         # generation only: a scoring forward keeps the training forward's GEMMs, so that log-probs it computes
         # without autograd (old log-probs) equal the training forward's bit for bit
         packed = meta.fused_ops and meta.mode != "full"
-        qkv = packed_weights((self.q_proj, self.k_proj, self.v_proj)) if packed else None
+        group = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = packed_weights(group) if packed else None
+        lora = packed_lora(group) if packed and qkv is None else None
         if qkv is not None:  # no autograd: one GEMM over the packed weights (model/packing.py)
             q, k, v = F.linear(x, *qkv).split([Dq, Dkv, Dkv], dim=-1)  # strided views of (B, T, Dq + 2 Dkv)
+        elif lora is not None:  # LoRA adapters on: the packed base GEMM, one A GEMM, three B terms added in
+            q, k, v = lora_group_linear(x, *lora).split([Dq, Dkv, Dkv], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
@@ -110,9 +114,13 @@ class MLP(nn.Module):
         if fused:  # triton backend: silu(gate) * up fused; gate and up as one GEMM with ``packed`` (generation)
             from rlhf_engine.kernels.swiglu import silu_mul
 
-            gu = packed_weights((self.gate_proj, self.up_proj)) if packed else None
+            group = (self.gate_proj, self.up_proj)
+            gu = packed_weights(group) if packed else None
+            lora = packed_lora(group) if packed and gu is None else None
             if gu is not None:
                 gate, up = F.linear(x, *gu).chunk(2, dim=-1)  # strided views of (..., 2 I)
+            elif lora is not None:
+                gate, up = lora_group_linear(x, *lora).chunk(2, dim=-1)
             else:
                 gate, up = self.gate_proj(x), self.up_proj(x)
             return self.down_proj(silu_mul(gate, up, backend="triton"))

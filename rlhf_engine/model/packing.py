@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .lora import LoRALinear
@@ -58,6 +59,51 @@ def packed_weights(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Te
         return w, None
     b = None if any(b is None for b in bs) else _rows(bs)
     return None if b is None else (w, b)
+
+
+def packed_lora(linears: Sequence[nn.Module]):
+    """For a group of ``LoRALinear`` layers with their adapters on, in generation (no autograd):
+    (W, b, A, Bs, scaling) such that ``lora_group_linear(x, ...)`` is the layers' outputs concatenated, with W, b
+    the packed base weights (views, as in ``packed_weights``), A (sum of ranks, in_features) the adapters' A
+    matrices stacked (one small new tensor a call: tens of KB a layer at rank 8), Bs their B matrices and the common
+    scaling. None when not every layer is such a LoRALinear (adapters in the base dtype, dropout inactive, one
+    scaling), a layer has hooks, autograd needs a gradient, or the base weights are not packed."""
+    if not all(isinstance(m, LoRALinear) and m.adapters_enabled for m in linears):
+        return None
+    m0 = linears[0]
+    dt = m0.weight.dtype
+    for m in linears:
+        if (m._forward_hooks or m._forward_pre_hooks or m.scaling != m0.scaling
+                or m.lora_A.dtype != dt or m.lora_B.dtype != dt
+                or (m.training and not isinstance(m.dropout, nn.Identity))):
+            return None
+    params = [t for m in linears for t in (m.weight, m.bias, m.lora_A, m.lora_B) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+        return None
+    if torch.is_autocast_enabled(m0.weight.device.type):
+        return None
+    w = _rows([m.weight for m in linears])
+    bs = [m.bias for m in linears]
+    if w is None or (any(b is not None for b in bs) and (any(b is None for b in bs) or _rows(bs) is None)):
+        return None
+    b = None if bs[0] is None else _rows(bs)
+    return w, b, torch.cat([m.lora_A for m in linears]), [m.lora_B for m in linears], m0.scaling
+
+
+def lora_group_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, a: torch.Tensor,
+                      bs: Sequence[torch.Tensor], scaling: float) -> torch.Tensor:
+    """x (..., in) -> (..., sum of out_features): one GEMM over the packed base weights, one over the stacked A
+    matrices, and each B's low-rank term accumulated into its columns (addmm, as ``LoRALinear`` does): 2 + n
+    kernels for n layers instead of 3 n."""
+    y = F.linear(x, w, b)
+    y2 = y.view(-1, y.shape[-1])
+    low = F.linear(x, a).reshape(-1, a.shape[0])
+    col = r0 = 0
+    for bm in bs:
+        n, r = bm.shape
+        y2[:, col:col + n].addmm_(low[:, r0:r0 + r], bm.t(), alpha=scaling)
+        col, r0 = col + n, r0 + r
+    return y
 
 
 def _packable(ts: Sequence[torch.Tensor]) -> bool:
