@@ -180,6 +180,35 @@ def test_packed_lora_group_equals_the_layers_and_refuses_what_it_cannot_run():
         assert packed_lora(next(_groups(plain))) is None  # k and v carry no adapter
 
 
+def test_packed_lora_with_unequal_ranks_and_its_refusals():
+    """Ranks 2, 4 and 8 with one scaling (alpha = 2 r): each B reads its own slice of the stacked low-rank
+    activations; unequal scalings, adapters in another dtype, autocast and global hooks are refused."""
+    from rlhf_engine.model.lora import LoRALinear
+
+    torch.manual_seed(0)
+    bases = [nn.Linear(24, n) for n in (24, 8, 8)]
+    assert pack_linears(bases)
+    group = [LoRALinear(b, rank=r, alpha=2.0 * r) for b, r in zip(bases, (2, 4, 8))]
+    for layer in group:
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        lo = packed_lora(group)
+        assert lo is not None and lo[2].shape == (14, 24)
+        torch.testing.assert_close(lora_group_linear(x, *lo), torch.cat([layer(x) for layer in group], -1),
+                                   atol=1e-6, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert packed_lora(group) is None
+        h = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+        assert packed_lora(group) is None and packed_weights(bases) is None
+        h.remove()
+        group[2].scaling = 1.5
+        assert packed_lora(group) is None
+        group[2].scaling = 2.0
+        group[0].lora_A.data = group[0].lora_A.data.double()
+        assert packed_lora(group) is None
+
+
 def test_pack_linears_leaves_mismatched_layers_alone():
     a, b = nn.Linear(4, 3), nn.Linear(4, 2, bias=False)  # only one has a bias
     pa = a.weight.data_ptr()

@@ -37,6 +37,13 @@ def _rows(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return t0.detach().as_strided((sum(t.shape[0] for t in ts), *t0.shape[1:]), t0.stride())
 
 
+def _global_hooks() -> bool:
+    """Global module forward hooks (``register_module_forward_hook``): they would see each layer's call."""
+    from torch.nn.modules import module as _module
+
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
 def packed_weights(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(W, b) with W (sum of out_features, in_features) over the layers' weights and b their biases (None when
     no layer has one), both views of the parameters' storage, such that ``F.linear(x, W, b)`` is the layers'
@@ -44,6 +51,8 @@ def packed_weights(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Te
     ``nn.Linear`` (a LoRALinear counts while its adapter is off), or has forward hooks, which one GEMM would
     skip; or when autograd would need a gradient for a weight or bias (a view of the storage would not carry
     it to the separate parameters)."""
+    if _global_hooks():
+        return None
     for m in linears:
         if (m.adapters_enabled if isinstance(m, LoRALinear) else type(m) is not nn.Linear) \
                 or m._forward_hooks or m._forward_pre_hooks:
@@ -68,14 +77,14 @@ def packed_lora(linears: Sequence[nn.Module]):
     matrices stacked (one small new tensor a call: tens of KB a layer at rank 8), Bs their B matrices and the common
     scaling. None when not every layer is such a LoRALinear (adapters in the base dtype, dropout inactive, one
     scaling), a layer has hooks, autograd needs a gradient, or the base weights are not packed."""
-    if not all(isinstance(m, LoRALinear) and m.adapters_enabled for m in linears):
+    if not all(isinstance(m, LoRALinear) and m.adapters_enabled for m in linears) or _global_hooks():
         return None
     m0 = linears[0]
     dt = m0.weight.dtype
     for m in linears:
         if (m._forward_hooks or m._forward_pre_hooks or m.scaling != m0.scaling
                 or m.lora_A.dtype != dt or m.lora_B.dtype != dt
-                or (m.training and not isinstance(m.dropout, nn.Identity))):
+                or (m.dropout.training and not isinstance(m.dropout, nn.Identity))):  # the dropout's own mode
             return None
     params = [t for m in linears for t in (m.weight, m.bias, m.lora_A, m.lora_B) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
@@ -84,9 +93,13 @@ def packed_lora(linears: Sequence[nn.Module]):
         return None
     w = _rows([m.weight for m in linears])
     bs = [m.bias for m in linears]
-    if w is None or (any(b is not None for b in bs) and (any(b is None for b in bs) or _rows(bs) is None)):
+    b = None
+    if any(t is not None for t in bs):
+        b = None if any(t is None for t in bs) else _rows(bs)
+        if b is None:
+            return None
+    if w is None:
         return None
-    b = None if bs[0] is None else _rows(bs)
     return w, b, torch.cat([m.lora_A for m in linears]), [m.lora_B for m in linears], m0.scaling
 
 
