@@ -66,10 +66,10 @@ T0=$(date +%s)
 
 # Test files whose non-gpu-marked tests exercise the real kernels when CUDA is present. Newest code first, the
 # attention tests last: their fp32 tiles are the slowest compiles, and a timeout cuts the tail of the list.
-KERNEL_TESTS="tests/test_fused_inference_ops.py tests/test_hf_kernels.py tests/test_attention_tma.py
-  tests/test_decode_attention.py tests/test_generation.py tests/test_model.py tests/test_logprob.py
-  tests/test_fused_linear_logprob.py tests/test_gae_triton.py tests/test_ppo_loss_triton.py tests/test_native.py
-  tests/test_hf_attention.py tests/test_attention.py"
+KERNEL_TESTS="tests/test_fused_layer_backward.py tests/test_fused_inference_ops.py tests/test_hf_kernels.py
+  tests/test_attention_tma.py tests/test_decode_attention.py tests/test_generation.py tests/test_model.py
+  tests/test_logprob.py tests/test_fused_linear_logprob.py tests/test_gae_triton.py tests/test_ppo_loss_triton.py
+  tests/test_native.py tests/test_hf_attention.py tests/test_attention.py"
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # cap WANT [RESERVE]: WANT seconds, or what is left of the budget after RESERVE, whichever is less.

@@ -128,12 +128,8 @@ def rms_norm_backward(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch
     the normalized input. Returns (ds in s's dtype, dw in weight's dtype or None)."""
     N, H = s.shape
     ds = torch.empty((N, H), dtype=s.dtype, device=s.device)
-    if not need_dw:
-        dw = None
-    elif N == 0:
-        dw = torch.zeros_like(weight)
     if N == 0:
-        return ds, dw
+        return ds, (torch.zeros_like(weight) if need_dw else None)
     dy = _unit_rows(dy)
     ds_out = _unit_rows(ds_out) if ds_out is not None else None
     programs = min(N, 8 * sm_count(s.device))  # 8 programs of 4 warps an SM: rows in flight to hide latency
@@ -147,9 +143,7 @@ def rms_norm_backward(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch
         N, H, eps, rows,
         HAS_DSO=ds_out is not None, HAS_DW=need_dw, BLOCK_H=block, num_warps=_bwd_warps(block),
     )
-    if need_dw:
-        dw = partial.sum(0).to(weight.dtype)
-    return ds, dw
+    return ds, (partial.sum(0).to(weight.dtype) if need_dw else None)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -285,13 +279,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Opt
     if H > MAX_HIDDEN:
         raise ValueError(f"x: hidden size {H} exceeds {MAX_HIDDEN} (one row per program)")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, H)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    x2 = _unit_rows(x.reshape(-1, H))
     weight = weight.contiguous()
-    r2 = None
-    if residual is not None:
-        r2 = residual.reshape(-1, H)
-        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    r2 = None if residual is None else _unit_rows(residual.reshape(-1, H))
     if torch.compiler.is_compiling():
         if r2 is None:
             return rms_norm_op(x2, weight, float(eps)).view(*lead, H)

@@ -24,7 +24,7 @@ from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
 from .attention import AttnMeta, cache_attention, full_attention, mask_to_kv_range, resolve_backend, write_kv
 from .config import ModelConfig
-from .packing import PROJECTION_GROUPS, lora_group_linear, pack_linears, packed_lora, packed_weights
+from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -60,13 +60,9 @@ class Attention(nn.Module):
         # generation only: a scoring forward keeps the training forward's GEMMs, so that log-probs it computes
         # without autograd (old log-probs) equal the training forward's bit for bit
         packed = meta.fused_ops and meta.mode != "full"
-        group = (self.q_proj, self.k_proj, self.v_proj)
-        qkv = packed_weights(group) if packed else None
-        lora = packed_lora(group) if packed and qkv is None else None
-        if qkv is not None:  # no autograd: one GEMM over the packed weights (model/packing.py)
-            q, k, v = F.linear(x, *qkv).split([Dq, Dkv, Dkv], dim=-1)  # strided views of (B, T, Dq + 2 Dkv)
-        elif lora is not None:  # LoRA adapters on: the packed base GEMM, one A GEMM, three B terms added in
-            q, k, v = lora_group_linear(x, *lora).split([Dq, Dkv, Dkv], dim=-1)
+        qkv = group_linear(x, (self.q_proj, self.k_proj, self.v_proj)) if packed else None
+        if qkv is not None:  # no autograd: one GEMM over the packed weights, LoRA terms added (model/packing.py)
+            q, k, v = qkv.split([Dq, Dkv, Dkv], dim=-1)  # strided views of (B, T, Dq + 2 Dkv)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
@@ -114,13 +110,9 @@ class MLP(nn.Module):
         if fused:  # triton backend: silu(gate) * up fused; gate and up as one GEMM with ``packed`` (generation)
             from rlhf_engine.kernels.swiglu import silu_mul
 
-            group = (self.gate_proj, self.up_proj)
-            gu = packed_weights(group) if packed else None
-            lora = packed_lora(group) if packed and gu is None else None
+            gu = group_linear(x, (self.gate_proj, self.up_proj)) if packed else None
             if gu is not None:
-                gate, up = F.linear(x, *gu).chunk(2, dim=-1)  # strided views of (..., 2 I)
-            elif lora is not None:
-                gate, up = lora_group_linear(x, *lora).chunk(2, dim=-1)
+                gate, up = gu.chunk(2, dim=-1)  # strided views of (..., 2 I)
             else:
                 gate, up = self.gate_proj(x), self.up_proj(x)
             return self.down_proj(silu_mul(gate, up, backend="triton"))
@@ -242,7 +234,7 @@ class Transformer(nn.Module):
                             else torch.arange(T, device=input_ids.device).expand(B, T))
         elif tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids: expected shape {(B, T)}, got {tuple(position_ids.shape)}")
-        meta = AttnMeta(backend=backend, fused_ops=_fused_ops(backend, self.config, self))
+        meta = AttnMeta(backend=backend, fused_ops=_fused_ops(backend, self))
         if attention_mask is not None:
             if backend == "torch":
                 meta.attention_mask = attention_mask.bool()
@@ -348,7 +340,7 @@ class CausalLM(nn.Module):
         n_valid = attention_mask.long().sum(1)  # (B,)
         start = (P - n_valid).to(torch.int32)  # (B,)
         meta = AttnMeta(backend=backend, mode="prefill", cache=cache,
-                        fused_ops=_fused_ops(backend, self.config, self.model))
+                        fused_ops=_fused_ops(backend, self.model))
         if backend == "torch":
             meta.attention_mask = attention_mask.bool()
         else:
@@ -378,7 +370,7 @@ class CausalLM(nn.Module):
         position_ids = slots - cache.start.long()[:, None]  # (B, Tn)
         meta = AttnMeta(backend=backend, mode="decode", cache=cache, write_pos=write_pos,
                         cache_lens=(cache.lengths + Tn).to(torch.int32), cache_start=cache.start, kv_len=kv_len,
-                        fused_ops=_fused_ops(backend, self.config, self.model))
+                        fused_ops=_fused_ops(backend, self.model))
         if meta.fused_ops:
             meta.rope_rows = torch.arange(0, B * Tn, Tn, device=input_ids.device, dtype=torch.int32)
         hidden = self.model.run_layers(input_ids, position_ids, meta)  # (B, Tn, H)
@@ -386,7 +378,7 @@ class CausalLM(nn.Module):
         return self.sampling_logits(hidden)  # (B, Tn, V) fp32
 
 
-def _fused_ops(backend: str, config: ModelConfig, trunk: "Transformer") -> bool:
+def _fused_ops(backend: str, trunk: "Transformer") -> bool:
     """Whether the decoder layers run on the fused kernels (residual add + RMSNorm, silu(gate) * up, with their
     backward): on the triton backend, for hidden sizes the one-row-per-program norm kernel holds in registers.
     Not under autocast (the residual stream and the layer outputs differ in dtype there), and not when a decoder
@@ -394,7 +386,7 @@ def _fused_ops(backend: str, config: ModelConfig, trunk: "Transformer") -> bool:
     skip."""
     from rlhf_engine.kernels.rmsnorm import MAX_HIDDEN
 
-    if backend != "triton" or config.hidden_size > MAX_HIDDEN:
+    if backend != "triton" or trunk.config.hidden_size > MAX_HIDDEN:
         return False
     device = trunk.embed_tokens.weight.device.type
     if torch.is_autocast_enabled(device):
@@ -406,10 +398,7 @@ def _has_hooks(trunk: "Transformer") -> bool:
     """Forward or backward (pre-)hooks on a decoder layer or a norm, or global ones: ``Module.__call__`` runs
     them, and the fused path calls the kernels directly. Walks the ``_modules`` dicts (a module attribute lookup
     through ``__getattr__`` costs ~1 µs, and decode steps call this): ~20 µs for 24 layers."""
-    from torch.nn.modules import module as _module
-
-    if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
-            or _module._global_backward_pre_hooks):
+    if global_hooks(backward=True):
         return True
     mods = trunk._modules
     watch = [mods["norm"]]

@@ -37,11 +37,26 @@ def _rows(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return t0.detach().as_strided((sum(t.shape[0] for t in ts), *t0.shape[1:]), t0.stride())
 
 
-def _global_hooks() -> bool:
-    """Global module forward hooks (``register_module_forward_hook``): they would see each layer's call."""
+def global_hooks(backward: bool = False) -> bool:
+    """Global module hooks (``register_module_forward_hook`` and kin; with ``backward``, the backward ones too):
+    ``Module.__call__`` would run them for each layer, a path that calls kernels or GEMMs directly does not."""
     from torch.nn.modules import module as _module
 
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or (backward and (
+        _module._global_backward_hooks or _module._global_backward_pre_hooks)))
+
+
+def _packed_base(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(W, b): views over the layers' weights and biases (b None when no layer has one); None unless they are
+    packed rows of one tensor each and the biases are all there or all absent."""
+    w = _rows([m.weight for m in linears])
+    bs = [m.bias for m in linears]
+    if w is None:
+        return None
+    if all(b is None for b in bs):
+        return w, None
+    b = None if any(b is None for b in bs) else _rows(bs)
+    return None if b is None else (w, b)
 
 
 def packed_weights(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -51,33 +66,25 @@ def packed_weights(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Te
     ``nn.Linear`` (a LoRALinear counts while its adapter is off), or has forward hooks, which one GEMM would
     skip; or when autograd would need a gradient for a weight or bias (a view of the storage would not carry
     it to the separate parameters)."""
-    if _global_hooks():
+    if global_hooks():
         return None
     for m in linears:
         if (m.adapters_enabled if isinstance(m, LoRALinear) else type(m) is not nn.Linear) \
                 or m._forward_hooks or m._forward_pre_hooks:
             return None
-    ws = [m.weight for m in linears]
-    bs = [m.bias for m in linears]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ws + bs):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for m in linears for t in (m.weight, m.bias)):
         return None
-    w = _rows(ws)
-    if w is None:
-        return None
-    if all(b is None for b in bs):
-        return w, None
-    b = None if any(b is None for b in bs) else _rows(bs)
-    return None if b is None else (w, b)
+    return _packed_base(linears)
 
 
 def packed_lora(linears: Sequence[nn.Module]):
     """For a group of ``LoRALinear`` layers with their adapters on, in generation (no autograd):
     (W, b, A, Bs, scaling) such that ``lora_group_linear(x, ...)`` is the layers' outputs concatenated, with W, b
     the packed base weights (views, as in ``packed_weights``), A (sum of ranks, in_features) the adapters' A
-    matrices stacked (one small new tensor a call: tens of KB a layer at rank 8), Bs their B matrices and the common
-    scaling. None when not every layer is such a LoRALinear (adapters in the base dtype, dropout inactive, one
-    scaling), a layer has hooks, autograd needs a gradient, or the base weights are not packed."""
-    if not all(isinstance(m, LoRALinear) and m.adapters_enabled for m in linears) or _global_hooks():
+    matrices stacked (one small new tensor a call: tens of KB a layer at rank 8), Bs their B matrices and the
+    common scaling. None when not every layer is such a LoRALinear (adapters in the base dtype, dropout
+    inactive, one scaling), a layer has hooks, autograd needs a gradient, or the base weights are not packed."""
+    if not all(isinstance(m, LoRALinear) and m.adapters_enabled for m in linears) or global_hooks():
         return None
     m0 = linears[0]
     dt = m0.weight.dtype
@@ -91,16 +98,10 @@ def packed_lora(linears: Sequence[nn.Module]):
         return None
     if torch.is_autocast_enabled(m0.weight.device.type):
         return None
-    w = _rows([m.weight for m in linears])
-    bs = [m.bias for m in linears]
-    b = None
-    if any(t is not None for t in bs):
-        b = None if any(t is None for t in bs) else _rows(bs)
-        if b is None:
-            return None
-    if w is None:
+    base = _packed_base(linears)
+    if base is None:
         return None
-    return w, b, torch.cat([m.lora_A for m in linears]), [m.lora_B for m in linears], m0.scaling
+    return (*base, torch.cat([m.lora_A for m in linears]), [m.lora_B for m in linears], m0.scaling)
 
 
 def lora_group_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, a: torch.Tensor,
@@ -117,6 +118,17 @@ def lora_group_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, 
         y2[:, col:col + n].addmm_(low[:, r0:r0 + r], bm.t(), alpha=scaling)
         col, r0 = col + n, r0 + r
     return y
+
+
+def group_linear(x: torch.Tensor, linears: Sequence[nn.Module]) -> torch.Tensor | None:
+    """The layers' outputs on x concatenated on the last dim, as one GEMM over their packed weights (plus the
+    LoRA terms when adapters are on: ``packed_lora``); None when neither applies (the caller runs them one by
+    one). For the generation paths: without autograd."""
+    pw = packed_weights(linears)
+    if pw is not None:
+        return F.linear(x, *pw)
+    lo = packed_lora(linears)
+    return None if lo is None else lora_group_linear(x, *lo)
 
 
 def _packable(ts: Sequence[torch.Tensor]) -> bool:
