@@ -278,6 +278,76 @@ def test_reused_static_caches_with_compaction():
     assert gc.nbytes == 0
 
 
+def test_graph_cache_bounded_and_drops_stale_entries():
+    """At most max_entries caches are kept (least recently used out first); a model whose parameter tensors were
+    swapped loses its old entries at its next allocation; another model's entries stay."""
+    from rlhf_engine.generation import DecodeGraphCache
+
+    m, other = _model("tiny-llama"), _model("tiny-qwen2")
+    gc = DecodeGraphCache(len_multiple=16, max_entries=3)
+    for B in (1, 2, 3):
+        gc.get(m, B, 10, "torch", capture=False)
+    gc.get(m, 1, 10, "torch", capture=False)  # a hit: batch 1 is now the most recently used
+    gc.get(other, 5, 10, "torch", capture=False)  # full: batch 2, the least recently used, goes
+    assert [(k[0], e[0][0]) for k, e in gc._entries.items()] == [(3, id(m)), (1, id(m)), (5, id(other))]
+    cache, _ = gc.get(m, 3, 10, "torch", capture=False)
+    assert cache is gc._entries[(3, 16, "torch", False)][1]  # a hit returns the kept cache
+    m.to(torch.float64).to(torch.float32)  # new parameter tensors: m's entries can no longer replay
+    gc.get(m, 4, 10, "torch", capture=False)
+    assert sorted((k[0], e[0][0]) for k, e in gc._entries.items()) == [(4, id(m)), (5, id(other))]
+    with pytest.raises(ValueError, match="max_entries"):
+        DecodeGraphCache(max_entries=0)
+
+
+def test_warm_up_decode_runs_on_a_full_cache_and_restores_it(monkeypatch):
+    """The pre-capture warm-up (Triton autotuning) walks the whole cache, not the empty one a pooled graph is
+    built on; lengths and start come back, and the prompt's K/V is untouched."""
+    from rlhf_engine.generation.cuda_graph import warm_up_decode
+
+    m = _model("tiny-llama")
+    ids, mask = _prompts(m.config.vocab_size)
+    cache = KVCache.allocate(m.config, ids.shape[0], 24)
+    m.prefill(ids, mask, cache)
+    lengths, start, k0 = cache.lengths.clone(), cache.start.clone(), cache.k_all.clone()
+    seen = []
+    real = type(m).decode_step
+
+    def spy(self, input_ids, cache_, **kw):
+        seen.append((cache_.lengths.clone(), cache_.start.clone()))
+        return real(self, input_ids, cache_, **kw)
+
+    monkeypatch.setattr(type(m), "decode_step", spy)
+    warm_up_decode(m, cache, torch.zeros(ids.shape[0], 1, dtype=torch.long), attn_backend="torch", steps=2)
+    assert len(seen) == 2
+    for seen_lengths, seen_start in seen:
+        assert (seen_lengths == 23).all() and (seen_start == 0).all()
+    assert torch.equal(cache.lengths, lengths) and torch.equal(cache.start, start)
+    assert torch.equal(cache.k_all[:, :, :23], k0[:, :, :23])  # only the last slot was written
+    assert not torch.equal(cache.k_all[:, :, 23], k0[:, :, 23])
+
+
+def test_max_batch_from_free_memory_counts_cached_memory_and_step_bytes(monkeypatch):
+    """Usable memory = free + cached-but-unused; each row costs its KV cache plus its generation step."""
+    from rlhf_engine.generation import kv_bytes_per_token, max_batch_from_free_memory, step_bytes_per_sequence
+
+    cfg = preset("qwen2-0.5b")
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * gib)
+    per_seq = kv_bytes_per_token(cfg, torch.bfloat16) * 384 + step_bytes_per_sequence(cfg, 128, torch.bfloat16)
+    n = max_batch_from_free_memory(cfg, 384, torch.bfloat16, "cuda", fraction=0.5, prefill_len=128)
+    assert n == int(20 * gib * 0.5) // per_seq
+    # the step term: a 128-token prefill of the 0.5B shape keeps ~5 MB per row live, more than its KV cache
+    assert step_bytes_per_sequence(cfg, 128, torch.bfloat16) > kv_bytes_per_token(cfg, torch.bfloat16) * 384
+    assert max_batch_from_free_memory(cfg, 384, torch.bfloat16, "cuda", reserve_bytes=100 * gib) == 0
+    for bad in (dict(prefill_len=0), dict(prefill_len=385)):
+        with pytest.raises(ValueError, match="prefill_len"):
+            max_batch_from_free_memory(cfg, 384, torch.bfloat16, "cuda", **bad)
+    with pytest.raises(ValueError, match="CUDA device"):
+        max_batch_from_free_memory(cfg, 384, torch.bfloat16, "cpu")
+
+
 # ----------------------------------------------------------------------------- weight sharing
 def test_generation_shares_weights_with_training():
     m = _model("tiny-llama", std=0.1)

@@ -94,15 +94,36 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
+def step_bytes_per_sequence(config: ModelConfig, prefill_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Transient bytes one sequence adds during generation, besides its KV cache: the prefill's largest live
+    set in a layer (residual, normed input, q/k/v, attention output, gate and up and their product, all
+    ``prefill_len`` tokens long) and the last position's logits (in ``dtype``, in fp32, and the sampler's fp32
+    copy)."""
+    es = torch.tensor([], dtype=dtype).element_size()
+    H, I, D = config.hidden_size, config.intermediate_size, config.head_dim
+    qkv = (config.num_heads + 2 * config.num_kv_heads) * D
+    per_token = (3 * H + qkv + config.num_heads * D + 3 * I) * es
+    return prefill_len * per_token + config.vocab_size * (es + 8)
+
+
 def max_batch_from_free_memory(config: ModelConfig, max_len: int, dtype: torch.dtype = torch.bfloat16,
                                device: torch.device | str = "cuda", fraction: float = 0.9,
-                               reserve_bytes: int = 0) -> int:
-    """Largest batch whose cache of ``max_len`` tokens fits in ``fraction`` of the free CUDA memory
-    minus ``reserve_bytes`` (room for activations and logits of one step)."""
+                               reserve_bytes: int = 0, prefill_len: int | None = None) -> int:
+    """Largest batch whose cache of ``max_len`` tokens, plus the transient memory of its generation step
+    (``step_bytes_per_sequence`` with ``prefill_len`` prompt tokens; default ``max_len``), fits in ``fraction``
+    of the memory this process can still use on ``device`` minus ``reserve_bytes``. Usable memory is the free
+    device memory plus what PyTorch's caching allocator holds but no tensor uses (right after a training step
+    that is most of it, and ``mem_get_info`` does not count it as free)."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"max_batch_from_free_memory: expected a CUDA device, got {device}")
+    if max_len <= 0:
+        raise ValueError(f"max_len: expected > 0, got {max_len}")
+    prefill_len = max_len if prefill_len is None else prefill_len
+    if not 0 < prefill_len <= max_len:
+        raise ValueError(f"prefill_len: expected in [1, max_len={max_len}], got {prefill_len}")
     free, _ = torch.cuda.mem_get_info(device)
-    budget = int(free * fraction) - reserve_bytes
-    per_seq = kv_bytes_per_token(config, dtype) * max_len
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    budget = int((free + cached) * fraction) - reserve_bytes
+    per_seq = kv_bytes_per_token(config, dtype) * max_len + step_bytes_per_sequence(config, prefill_len, dtype)
     return max(0, budget // per_seq)

@@ -7,9 +7,9 @@ come back in a static (B, 1, V) buffer that the next replay overwrites.
 
 Capture rules followed here: the step never syncs with the host (decode_step reads its
 positions from ``cache.lengths`` on the device), Triton autotuning and lazy imports happen
-in the warm-up call before capture, and the warm-up's effect on the cache (K/V written at
-slot ``lengths``, ``lengths += 1``) is undone by restoring ``lengths`` — the slot it wrote
-is overwritten by the next real write there.
+in the warm-up call before capture (``warm_up_decode``, over a full cache), and the warm-up's
+effect on the cache (K/V written at the last slot, ``lengths += 1``) is undone by restoring
+``lengths`` and ``start`` — the slot it wrote is overwritten before a real step reads it.
 
 ``DecodeGraphCache`` keeps caches + graphs between ``generate`` calls (one per batch-size
 bucket and rounded cache length), so a training loop captures each bucket once. A graph
@@ -25,6 +25,24 @@ import math
 import torch
 
 from .cache import KVCache
+
+
+def warm_up_decode(model, cache: KVCache, ids: torch.Tensor, *, attn_backend: str, steps: int = 1) -> None:
+    """Run ``steps`` decode steps before a capture (Triton compiles and autotunes, lazy imports, cuBLAS
+    workspaces), on a FULL cache: every row's valid range set to [0, max_len - 1), so that the decode
+    attention kernel is autotuned on the longest walk over the cache it will make, not on the empty cache a
+    graph is built for before its prefill (the tuned config is cached by shape bucket and then used at every
+    length). ``lengths`` and ``start`` are restored afterwards; the K/V written at slot max_len - 1 is
+    overwritten before any real step reads that slot."""
+    saved_lengths, saved_start = cache.lengths.clone(), cache.start.clone()
+    try:
+        for _ in range(steps):
+            cache.lengths.fill_(cache.max_len - 1)
+            cache.start.zero_()
+            model.decode_step(ids, cache, attn_backend=attn_backend)
+    finally:
+        cache.lengths.copy_(saved_lengths)
+        cache.start.copy_(saved_start)
 
 
 class CudaGraphDecoder:
@@ -52,9 +70,7 @@ class CudaGraphDecoder:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    model.decode_step(self.static_ids, cache, attn_backend=attn_backend)
-                    cache.lengths.copy_(saved_lengths)
+                warm_up_decode(model, cache, self.static_ids, attn_backend=attn_backend, steps=warmup)
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -83,14 +99,20 @@ class DecodeGraphCache:
 
     Keyed by (batch, cache length rounded up to ``len_multiple``, backend, capture); pass the same
     object to every ``generate(..., graph_cache=...)`` call of a training loop. Holds the
-    cache memory of every bucket used (``nbytes``); ``clear()`` frees it.
+    cache memory of every bucket it keeps (``nbytes``): at most ``max_entries`` of them, the least
+    recently used dropped first, and a model's entries whose fingerprint went stale (swapped parameter
+    tensors, LoRA switched) are dropped at its next ``get`` that allocates (a replay of theirs would need a new capture). ``clear()``
+    frees them all.
     """
 
-    def __init__(self, len_multiple: int = 256):
+    def __init__(self, len_multiple: int = 256, max_entries: int = 8):
         if len_multiple <= 0:
             raise ValueError(f"len_multiple: expected > 0, got {len_multiple}")
+        if max_entries <= 0:
+            raise ValueError(f"max_entries: expected > 0, got {max_entries}")
         self.len_multiple = len_multiple
-        self._entries: dict[tuple, tuple[tuple, KVCache, CudaGraphDecoder]] = {}
+        self.max_entries = max_entries
+        self._entries: dict[tuple, tuple[tuple, KVCache, CudaGraphDecoder]] = {}  # oldest use first
 
     def cache_len(self, min_len: int) -> int:
         return math.ceil(min_len / self.len_multiple) * self.len_multiple
@@ -102,10 +124,17 @@ class DecodeGraphCache:
         L = self.cache_len(min_len)
         key = (batch, L, attn_backend, capture)
         fp = model_fingerprint(model)
-        entry = self._entries.get(key)
+        entry = self._entries.pop(key, None)
         if entry is not None and entry[0] == fp:
+            self._entries[key] = entry  # most recently used last
             return entry[1], entry[2]
-        self._entries.pop(key, None)  # stale: drop before allocating the new one
+        del entry
+        # this model's stale entries (its parameters moved or its adapters switched since their capture) and the
+        # least recently used beyond max_entries - 1 go before the new cache is allocated
+        for k in [k for k, e in self._entries.items() if e[0][0] == fp[0] and e[0] != fp]:
+            del self._entries[k]
+        while len(self._entries) >= self.max_entries:
+            del self._entries[next(iter(self._entries))]
         cache = KVCache.allocate(model.config, batch, L, dtype=model.dtype, device=model.device)
         decoder = CudaGraphDecoder(model, cache, attn_backend=attn_backend, capture=capture)
         self._entries[key] = (fp, cache, decoder)

@@ -107,7 +107,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     compact: at those checks, when at most half the rows are still running and the batch
     is larger than ``min_compact_batch``, move the running rows into a smaller cache
     (power-of-two bucket) so finished rows stop costing compute. Greedy results are
-    unchanged by compaction; sampled ones use the random stream differently.
+    unchanged by compaction up to rounding (exactly on the CPU; on a GPU the GEMMs and the decode kernel's
+    split count depend on the batch, so a near-tie may flip in bf16); sampled ones use the random stream
+    differently.
     trim: drop trailing columns where every row has finished (else N = max_new_tokens always).
     The KV cache has the parameter dtype.
     Never copies or casts the parameters: generation reads the tensors training updates.

@@ -45,7 +45,7 @@ class AttnMeta:
     attention_mask: (B, T) bool or None — torch path, full/prefill: valid keys.
     kv_start, kv_end: (B,) int32 or None — triton path, full/prefill: valid run.
     cache: object with per-layer lists ``k``/``v`` of (B, L, Hkv, D) tensors, or None.
-    write_pos: (B,) int64 — decode: slot of the first new token of each sequence.
+    write_pos: (B,) int32 or int64 — decode: slot of the first new token of each sequence.
     cache_lens: (B,) int32 — decode: valid length including the new tokens.
     cache_start: (B,) int32 — decode: first valid slot (left padding of the prompt).
     kv_len: host int bound on the used cache length (torch decode only; None = all L).

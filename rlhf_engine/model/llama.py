@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rlhf_engine.kernels.fused_linear_logprob import mm_f32
 from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
 from .attention import AttnMeta, cache_attention, full_attention, mask_to_kv_range, resolve_backend, write_kv
@@ -312,13 +311,13 @@ class CausalLM(nn.Module):
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, attn_backend=attn_backend))
 
     def sampling_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) hidden -> (..., V) fp32 logits for sampling. A 16-bit model on a GPU keeps the matmul's
-        fp32 accumulator (``out_dtype``), as the fused log-prob path of the training forward does, so the
-        sampled distribution is not computed from logits rounded to bf16 (steps of 0.06 near |logit| 10)."""
-        w = self.lm_head_weight
-        if w.dtype == torch.float32 or not hidden.is_cuda:
-            return F.linear(hidden, w).float()
-        return mm_f32(hidden.reshape(-1, hidden.shape[-1]), w.t()).reshape(*hidden.shape[:-1], w.shape[0])
+        """(..., H) hidden -> (..., V) fp32 logits for sampling: the LM-head GEMM in the parameter dtype, then fp32.
+
+        The rounding is the fused log-prob path's (its logit chunks are in the parameter dtype too, as are HF's and
+        Liger's): a sampled token's log-prob and the one the training forward recomputes come from the same
+        bf16-rounded logits, so the PPO ratio does not start from a mismatch of up to half a bf16 step (0.03 at
+        |logit| 10) per token."""
+        return F.linear(hidden, self.lm_head_weight).float()
 
     # ------------------------------------------------------------------ cached generation paths
     @torch.no_grad()
@@ -365,11 +364,12 @@ class CausalLM(nn.Module):
         B, Tn = self.model._check_ids(input_ids)
         _check_cache(cache, B, None, self.config)
         backend = resolve_backend(attn_backend or self.config.attn_backend, input_ids.device)
-        write_pos = cache.lengths.long()  # (B,)
-        slots = write_pos[:, None] + torch.arange(Tn, device=input_ids.device)  # (B, Tn)
+        slots = cache.lengths.long()[:, None] + torch.arange(Tn, device=input_ids.device)  # (B, Tn)
         position_ids = slots - cache.start.long()[:, None]  # (B, Tn)
-        meta = AttnMeta(backend=backend, mode="decode", cache=cache, write_pos=write_pos,
-                        cache_lens=(cache.lengths + Tn).to(torch.int32), cache_start=cache.start, kv_len=kv_len,
+        # write_pos: cache.lengths itself (int32, what the write kernel takes: no cast per layer); read by the
+        # layers before lengths += Tn below
+        meta = AttnMeta(backend=backend, mode="decode", cache=cache, write_pos=cache.lengths,
+                        cache_lens=cache.lengths + Tn, cache_start=cache.start, kv_len=kv_len,
                         fused_ops=_fused_ops(backend, self.model))
         if meta.fused_ops:
             meta.rope_rows = torch.arange(0, B * Tn, Tn, device=input_ids.device, dtype=torch.int32)
