@@ -29,6 +29,14 @@ def smoke() -> bool:
     return os.environ.get("RLHF_BENCH_SMOKE", "") == "1"
 
 
+def time_left() -> float:
+    """Seconds until this script's deadline (``BENCH_DEADLINE``, epoch seconds, set by ``run_all.py`` from the
+    script's timeout), or infinity when it runs on its own. Scripts with optional passes (extra variants,
+    compiled baselines) start them only while enough is left, so a timeout never kills the main rows."""
+    deadline = os.environ.get("BENCH_DEADLINE")
+    return float("inf") if not deadline else float(deadline) - time.time()
+
+
 def device() -> str:
     """'cuda' when a GPU is there, else 'cpu' (only meaningful in a smoke run)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
