@@ -151,6 +151,9 @@ class Engine:
                 critic = separate_critic(copy.deepcopy(reward_fn.model).requires_grad_(True), head=reward_fn.score_head)
             else:  # a copy of the policy's weights, taken before any adapters are added
                 critic = separate_critic(copy.deepcopy(model).requires_grad_(True))
+            # trained as the policy is: recomputation as the policy has it (model.gradient_checkpointing for a
+            # loaded one), whichever model the critic was copied from (a reward model is loaded without it)
+            critic.gradient_checkpointing = model.gradient_checkpointing
         if cfg.lora.enabled and not lora_parameters(model):
             model.requires_grad_(False)
             apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,

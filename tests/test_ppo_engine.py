@@ -125,6 +125,34 @@ def test_separate_critic(tmp_path):
     assert math.isfinite([h for h in summary["history"] if "loss/value" in h][0]["loss/value"])
 
 
+def test_separate_critic_trains_in_train_mode_with_recomputation(tmp_path, monkeypatch):
+    """A loaded (eval-mode) policy with gradient checkpointing: the separate critic copied from it is switched to
+    train mode for the update and recomputes its layers as the actor does (it had stayed in eval mode, where
+    layers are never recomputed: ~6 GB more activations at the Qwen2-0.5B benchmark shape)."""
+    import rlhf_engine.model.llama as llama
+
+    calls = {"actor": 0, "critic": 0}
+    real = llama.checkpoint
+    cfg = _cfg(tmp_path, ppo={"critic": "separate", "epochs": 1}, run={"steps": 1})
+    model = tiny_model().eval()
+    model.gradient_checkpointing = True
+    eng = Engine(cfg, model=model, tokenizer=byte_tokenizer())
+
+    def counting(fn, *args, **kw):
+        layer = getattr(fn, "__self__", fn)  # a layer, or its bound forward_fused
+        owner = "actor" if any(layer is a for a in model.model.layers) else "critic"
+        calls[owner] += 1
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(llama, "checkpoint", counting)
+    eng.train_ppo(PROMPTS, reward=length_reward)
+    trainer = eng.last_trainer
+    assert trainer.critic.gradient_checkpointing and trainer.critic.model.training  # the trunk, not only the wrapper
+    n_layers = model.config.num_layers
+    assert calls["actor"] > 0 and calls["critic"] == calls["actor"]
+    assert calls["critic"] % n_layers == 0
+
+
 @pytest.mark.parametrize("override, match", [
     ("optim.lr=-1", "optim.lr"), ("ppo.advantage=ppo2", "ppo.advantage"), ("run.device=tpu", "run.device"),
     ("ppo.minibatch_size=64", "ppo.minibatch_size"), ("ppo.advantage=grpo", "samples_per_prompt"),

@@ -196,6 +196,46 @@ def test_master_weights_accumulate_in_fp32():
     assert opt2.masters[0].grad is not None and opt.masters[0].grad is None
 
 
+def test_master_weights_released_at_the_end_of_a_run():
+    """release() frees the masters and moments (a reward model trained with them scores PPO rollouts without
+    them); the parameters keep their values and a new optimizer over them starts from those."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    opt = MasterWeightAdamW(lin.parameters(), lr=1e-2)
+    lin(torch.randn(4, 16, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    trained = lin.weight.detach().clone()
+    master = weakref.ref(opt.masters[0])
+    opt.release()
+    gc.collect()
+    assert master() is None  # nothing holds the fp32 master any more
+    assert not hasattr(lin.weight, "_rlhf_master") and not opt.inner.state and not opt.param_groups
+    assert torch.equal(lin.weight, trained)
+    lin(torch.randn(4, 16, dtype=torch.bfloat16)).float().sum().backward()
+    assert lin.weight.grad is not None  # no master: the hook leaves the gradient where autograd put it
+    opt2 = MasterWeightAdamW(lin.parameters(), lr=1e-2)
+    assert torch.equal(opt2.masters[0].bfloat16(), trained)
+
+
+def test_sft_and_reward_training_release_their_masters():
+    """bf16 models after train_sft / train_reward_model carry no fp32 masters."""
+    from rlhf_engine.trainer.reward_model import train_reward_model
+    from rlhf_engine.trainer.sft import train_sft
+
+    tok = byte_tokenizer()
+    model = tiny_model().to(torch.bfloat16)
+    train_sft(model, tok, [{"prompt": "ab", "response": "cd"}] * 2, batch_size=2, max_len=16, progress=False)
+    assert not any(hasattr(p, "_rlhf_master") for p in model.parameters())
+    pairs = [{"prompt": "ab", "chosen": "good", "rejected": "bad"}] * 4
+    rm = train_reward_model(tiny_model().to(torch.bfloat16), tok, pairs, eval_fraction=0.0, batch_size=2,
+                            max_len=16, progress=False)["reward_model"]
+    assert next(rm.parameters()).dtype == torch.bfloat16
+    assert not any(hasattr(p, "_rlhf_master") for p in rm.parameters())
+
+
 def test_bad_ppo_inputs(tmp_path):
     eng = _engine(tmp_path)
     with pytest.raises(TypeError, match="prompts"):

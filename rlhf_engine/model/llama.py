@@ -57,7 +57,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         Dq, Dkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         # generation only: a scoring forward keeps the training forward's GEMMs, so that log-probs it computes
-        # without autograd (old log-probs) equal the training forward's bit for bit
+        # without autograd (old log-probs) equal the training forward's bit for bit (at equal shapes on a GPU)
         packed = meta.fused_ops and meta.mode != "full"
         qkv = group_linear(x, (self.q_proj, self.k_proj, self.v_proj)) if packed else None
         if qkv is not None:  # no autograd: one GEMM over the packed weights, LoRA terms added (model/packing.py)

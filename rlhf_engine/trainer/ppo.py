@@ -144,6 +144,8 @@ class PPOTrainer:
             scores = self.score(prompts, gen)
             stats = {}
             self.actor.eval()
+            if self.critic is not None:
+                self.critic.eval()
             shared_values = pc.uses_critic and self.value_head is not None
             values = last_value = None
             if self.skip_old_logp and not shared_values:
@@ -235,6 +237,8 @@ class PPOTrainer:
         pc = self.cfg.ppo
         B = ro.batch_size
         self.actor.train()
+        if self.critic is not None:  # a loaded model comes in eval mode, where layers are never recomputed
+            self.critic.train()
         sums: dict[str, torch.Tensor] = {}
         n_updates, n_skipped = 0, 0
         grad_norm = torch.zeros((), device=self.device)
@@ -302,6 +306,12 @@ class PPOTrainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, prompts: list[str]) -> dict:
         """Rollout + update for one batch of prompts. Returns the step's metrics as Python floats."""
+        if self.device.type == "cuda":  # Triton launches on the current device: make it the trainer's (cuda:N)
+            with torch.cuda.device(self.device):
+                return self._train_step(prompts)
+        return self._train_step(prompts)
+
+    def _train_step(self, prompts: list[str]) -> dict:
         timer = PhaseTimer(self.device)
         t0 = time.perf_counter()
         ro, stats = self.make_rollout(prompts, timer)

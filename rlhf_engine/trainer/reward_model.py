@@ -343,6 +343,7 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
             rm.eval()
             summary["eval_per_epoch"].append(evaluate_reward_model(rm, tokenizer, eval_rows, **ev_kw))
     bar.close()
+    opt.release()  # the fp32 masters and moments go with this run
     dt = time.perf_counter() - t0
     rm.train(was_training)
     ev = summary["eval_per_epoch"][-1] if summary["eval_per_epoch"] else None

@@ -185,6 +185,7 @@ def train_sft(model, tokenizer, dataset: Any, *, epochs: int = 1, batch_size: in
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
     bar.close()
+    opt.release()  # the fp32 masters and moments go with this run
     model.train(was_training)
     dt = time.perf_counter() - t0
     summary.update(steps=step, time_s=dt, tokens_per_s=summary["tokens_seen"] / max(dt, 1e-9))
