@@ -165,6 +165,8 @@ def _measure(impls, shape, fwd_flops, skip=()) -> list[dict]:
             try:
                 with _dq_mode(name):
                     ms = bench(step, **reps)  # the first calls also autotune ours
+                    for t in leaves:  # the last call's gradients would count as "before" and then be freed
+                        t.grad = None
                     mem = peak_mem_mb(step)
             except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
                 print(f"{name} {mode} failed: {e!r}")

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         from rlhf_engine.kernels import native
 
-        if device == "cuda" and native.available():
+        if device == "cuda" and native.cuda_available():
             impls["ours native CUDA (kernels.native.gae)"] = lambda: native.gae(r, v, mask, lv, gamma=0.99,
                                                                                 lam=0.95, carry=False)
     except Exception as e:  # noqa: BLE001 - the native op is optional (another build target)

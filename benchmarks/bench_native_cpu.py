@@ -51,6 +51,7 @@ def _rows(device: str, rep: int) -> list[dict]:
     shape = f"B={B},T={T},fp32"
     tokens = B * T
     rows = []
+    cuda = device == "cuda"  # CPU ops on a GPU machine are timed by the wall clock, not by CUDA events
 
     # GAE (forward, no grad: advantages are computed from detached rollout data).
     def gae_ref():
@@ -61,8 +62,8 @@ def _rows(device: str, rep: int) -> list[dict]:
 
     with torch.no_grad():
         torch.testing.assert_close(gae_native(), gae_ref(), rtol=1e-4, atol=1e-4)
-        ms_ref = bench(gae_ref, warmup=1, rep=max(3, rep // 4))
-        ms_nat = bench(gae_native, warmup=3, rep=rep)
+        ms_ref = bench(gae_ref, warmup=1, rep=max(3, rep // 4), cuda=cuda)
+        ms_nat = bench(gae_native, warmup=3, rep=rep, cuda=cuda)
     impl = "C++ (OpenMP)" if device == "cpu" else "CUDA (block scan)"
     rows.append(dict(op="gae", shape=shape, impl="python loop (gae_reference)", ms=ms_ref, vs_baseline=1.0))
     rows.append(dict(op="gae", shape=shape, impl=impl, ms=ms_nat, metric="bandwidth",
@@ -77,11 +78,11 @@ def _rows(device: str, rep: int) -> list[dict]:
     def step(fn):
         def run():
             loss, _ = fn(logp, x["old_logp"], x["advantages"], x["mask"], **kw)
-            loss.backward()
+            torch.autograd.grad(loss, (logp, values))  # as bench_ppo_loss: no .grad accumulation in the timing
         return run
 
-    ms_ref = bench(step(ppo_loss_reference), warmup=2, rep=rep)
-    ms_nat = bench(step(native.ppo_loss), warmup=3, rep=rep)
+    ms_ref = bench(step(ppo_loss_reference), warmup=2, rep=rep, cuda=cuda)
+    ms_nat = bench(step(native.ppo_loss), warmup=3, rep=rep, cuda=cuda)
     impl = "C++ fused (OpenMP)" if device == "cpu" else "CUDA fused (2+1 launches)"
     rows.append(dict(op="ppo_loss_fwd_bwd", shape=shape, impl="eager (ppo_loss_reference)", ms=ms_ref,
                      vs_baseline=1.0))

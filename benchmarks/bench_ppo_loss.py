@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         from rlhf_engine.kernels import native
 
-        if device == "cuda" and native.available():
+        if device == "cuda" and native.cuda_available():
             impls["ours native CUDA (kernels.native.ppo_loss)"] = fwd_bwd(native.ppo_loss)
     except Exception as e:  # noqa: BLE001 - the native op is optional (another build target)
         print(f"bench_ppo_loss: native op not measured ({type(e).__name__}: {e})")

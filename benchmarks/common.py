@@ -64,26 +64,34 @@ def env_info() -> dict:
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")}
 
 
-def bench(fn: Callable[[], object], warmup: int = 3, rep: int = 20) -> float:
-    """Median milliseconds of ``fn()``; CUDA events on a GPU, wall clock on the CPU."""
+def bench(fn: Callable[[], object], warmup: int = 3, rep: int = 20, inner: int = 1, cuda: bool | None = None) -> float:
+    """Median milliseconds of one ``fn()`` call over ``rep`` samples; CUDA events when ``cuda`` (default: a GPU is
+    there), else the wall clock (CPU work: events would time the GPU stream, which it never touches).
+
+    Each sample times ``inner`` calls back to back and divides by ``inner``: with ``inner=1`` a sample starts on
+    an idle GPU and so includes the call's launch latency (what a single call costs its caller); with
+    ``inner > 1`` the launches overlap the previous calls' kernels (the steady-state cost inside a loop, e.g.
+    a decode kernel or a graph replay of a few µs, whose launch latency would otherwise be half the number)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     for _ in range(warmup):
         fn()
-    if torch.cuda.is_available():
+    times = []
+    if cuda:
         torch.cuda.synchronize()
-        times = []
         for _ in range(rep):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / inner)
     else:
-        times = []
         for _ in range(rep):
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / inner)
     times.sort()
     return times[len(times) // 2]
 

@@ -72,6 +72,11 @@ def discover(only: list[str] | None = None) -> list[Path]:
     return [found[n] for n in names]
 
 
+def may_start(script: str, left_s: float) -> bool:
+    """Whether ``script`` (a stem, e.g. "bench_attention") may start with ``left_s`` seconds of the budget left."""
+    return left_s >= MIN_START_S.get(script, DEFAULT_MIN_START_S)
+
+
 def _child(script: str, rows_json: str) -> int:
     """Child mode: import ``script``, call its ``main()``, write the rows to ``rows_json``."""
     sys.path.insert(0, str(HERE))
@@ -359,7 +364,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             timeout = args.timeout or TIMEOUT_S.get(path.stem, DEFAULT_TIMEOUT_S)
             if args.budget is not None:
                 left = args.budget - (time.perf_counter() - t_start)
-                if left < MIN_START_S.get(path.stem, DEFAULT_MIN_START_S):
+                if not may_start(path.stem, left):
                     results.append({"script": path.stem, "status": f"skipped (budget: {left:.0f} s left)",
                                     "seconds": 0.0, "rows": []})
                     print(f"----- {path.name}: skipped, {left:.0f} s left in the budget", flush=True)

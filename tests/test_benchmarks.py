@@ -118,6 +118,29 @@ def test_target_fused_lm_head_against_the_fastest_liger():
     assert run_all.target(group[3], group)[1] == "NO"
 
 
+def test_budget_start_minimums():
+    """A long script is not started to be killed before its first row; a cheap one after it still runs."""
+    assert not run_all.may_start("bench_ppo_step", 100.0) and run_all.may_start("bench_ppo_step", 120.0)
+    assert not run_all.may_start("bench_attention", 60.0) and run_all.may_start("bench_gae", 25.0)
+    assert not run_all.may_start("bench_gae", 10.0)
+
+
+def test_child_gets_its_deadline(tmp_path, monkeypatch):
+    """run_script hands each script its deadline (BENCH_DEADLINE -> common.time_left), a few seconds inside
+    its timeout, so optional passes (attention's variants, Flex) can stop before the kill."""
+    import common
+
+    monkeypatch.delenv("BENCH_DEADLINE", raising=False)
+    assert common.time_left() == float("inf")
+    monkeypatch.setenv("OUT", str(tmp_path))  # the child's record() writes here, not to benchmarks/results.csv
+    script = tmp_path / "bench_deadline_probe.py"
+    script.write_text("from common import time_left\n\n\ndef main():\n"
+                      "    return [{'op': 'probe', 'shape': '-', 'impl': 'ours', 'ms': time_left()}]\n")
+    res = run_all.run_script(script, 60.0, tmp_path)
+    assert res["status"] == "ok" and len(res["rows"]) == 1
+    assert 40.0 < res["rows"][0]["ms"] <= 55.0
+
+
 def test_autotune_report_lines():
     import triton
     from common import autotune_report
