@@ -18,7 +18,7 @@
 #
 # Order: environment, build (<= 150 s), benchmarks (all but GPU_CHECK_TEST_RESERVE_S = 100 s of what is left),
 # GPU tests (<= 120 s), kernel tests (<= 60 s), summary. The benchmarks come first: they are the numbers the issues
-# ask for and each checks its kernels against the baseline before timing them; a test step with under 45 s left
+# ask for and each kernel script checks its kernels against its baseline before timing; a test step with < 45 s left
 # is reported as skipped. A second run (warm machine: the build and Triton's cache are kept) picks up what the
 # first skipped, e.g. GPU_CHECK_SKIP=build GPU_CHECK_BENCH="ppo_step generate". Knobs (environment):
 # GPU_CHECK_BUDGET_S (total, default 450), GPU_CHECK_BUILD_S (150), GPU_CHECK_TEST_S (120), GPU_CHECK_KTEST_S (60),
