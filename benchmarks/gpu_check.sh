@@ -265,7 +265,7 @@ EOF
       BENCH="skipped (${b} s left in the budget)"
     else
       # shellcheck disable=SC2086 # BENCH_ONLY is a list of words
-      timeout -k 5 $(( b + 30 )) "$PY" benchmarks/run_all.py --budget "$b" --summary "$TMPD/bench_summary.md" \
+      RLHF_ENGINE_COMPILE_LOG=1 timeout -k 5 $(( b + 30 )) "$PY" benchmarks/run_all.py --budget "$b" --summary "$TMPD/bench_summary.md" \
         ${BENCH_ONLY:+--only $BENCH_ONLY} > "$OUT/bench.log" 2>&1
       rc=$?
       BENCH="run_all exit $rc ($(rc_note $rc $(( b + 30 )))), budget $b s"
@@ -358,6 +358,11 @@ EOF
       echo
       echo "## numbers measured by the GPU tests (tests/conftest.py record_value)"
       sed 's/^/- /' "$OUT/measured.txt"
+    fi
+    if grep -q "^precompile: " "$OUT/bench.log" 2>/dev/null; then
+      echo
+      echo "## parallel Triton compiles before autotuning (kernels/_launch.py precompile_autotune)"
+      grep "^precompile: " "$OUT/bench.log" | sed 's/^/- /'
     fi
     if grep -q "^autotune " "$OUT/bench.log" 2>/dev/null; then
       echo

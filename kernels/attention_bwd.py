@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv
+from ._launch import cdiv, precompile_autotune
 from .attention_fwd import (
     INTERPRETER_BLOCK_M,
     INTERPRETER_BLOCK_N,
@@ -437,6 +437,9 @@ def attention_backward(
     q_grid = lambda bm: (cdiv(Tq, bm), B * Hq)  # noqa: E731
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         tuned = _bwd_dkdv_atomic_dq_tuned if atomic else _bwd_dkdv_kernel_tuned
+        # the dK/dV and dQ kernels' configurations compile in one thread pool
+        precompile_autotune((tuned, dkdv_args, dict(meta, ATOMIC_DQ=atomic)),
+                            *(() if atomic else ((_bwd_dq_kernel_tuned, dq_args, meta),)))
         tuned[lambda META: kv_grid(META["BLOCK_N"])](*dkdv_args, **meta, ATOMIC_DQ=atomic)
         if not atomic:
             _bwd_dq_kernel_tuned[lambda META: q_grid(META["BLOCK_M"])](*dq_args, **meta)

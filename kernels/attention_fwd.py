@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_pow2
+from ._launch import cdiv, next_pow2, precompile_autotune
 
 LOG2E = 1.4426950408889634  # log2(e) = 1 / ln 2
 
@@ -323,6 +323,7 @@ def attention_forward(
                 PRECISION=dot_precision(q.dtype))
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
+        precompile_autotune((_attn_fwd_kernel_tuned, args, meta))
         _attn_fwd_kernel_tuned[grid](*args, **meta)
     elif q.is_cuda and block_m is None and block_n is None:
         c = fixed_config(_FWD_CONFIGS, _prune_fwd, {"Q": q, "T_BUCKET": args[-1]}, meta["BLOCK_D"], _FWD_DEFAULT,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv
+from ._launch import cdiv, precompile_autotune
 from .attention_fwd import (_FWD_CONFIGS, _FWD_DEFAULT, _FWD_FP32, LOG2E, autotune_enabled,
                             dot_precision, fixed_config, forward_buffers, key_block_ranges, load_kv_range,
                             online_softmax_update, prune_configs, t_bucket)
@@ -180,6 +180,7 @@ def attention_forward_tma(
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         descs = (_desc(q, 64), _desc(k, 64), _desc(v, 64), _desc(o, 64))  # box rows set per config (pre-hook)
         grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
+        precompile_autotune((_attn_fwd_tma_kernel_tuned, (*descs, lse, ks, ke, *tail), meta))
         _attn_fwd_tma_kernel_tuned[grid](*descs, lse, ks, ke, *tail, **meta)
         return o, lse
     if q.is_cuda and block_m is None and block_n is None:

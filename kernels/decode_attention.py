@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import sm_count
+from ._launch import precompile_autotune, sm_count
 from .attention import check_qkv
 from .attention_fwd import LOG2E, autotune_enabled, dot_precision, next_pow2
 from .kv_cache import _check_table, apply_rope
@@ -214,6 +214,7 @@ def decode_attention_forward(
                 HAS_START=has_start, SINGLE_SPLIT=single, HAS_ROPE=has_rope, PRECISION=dot_precision(q.dtype))
     grid = (B, Hkv, num_splits)
     if q.is_cuda and block_n is None and autotune_enabled(q.dtype):
+        precompile_autotune((_decode_split_kernel_tuned, args, meta))
         _decode_split_kernel_tuned[grid](*args, **meta)
     elif q.is_cuda and block_n is None:  # the first config; fp32 (tests): 32 keys a step
         c = _DECODE_CONFIGS[-1 if q.dtype == torch.float32 else 0]
