@@ -21,8 +21,10 @@
   } while (0)
 
 #define CHECK_PTR(p) RLHF_CHECK((p) != 0, #p ": expected a non-null data pointer")
-#define CHECK_SIZES(B, T) RLHF_CHECK((B) >= 0 && (T) >= 0 && (T) < (int64_t(1) << 31), \
-                                     "expected 0 <= B and 0 <= T < 2^31")
+// T < 2^30: the CUDA kernels walk a row with int counters in tiles (t += 1024 and the like), which must not
+// overflow past the row's end.
+#define CHECK_SIZES(B, T) RLHF_CHECK((B) >= 0 && (T) >= 0 && (T) < (int64_t(1) << 30), \
+                                     "expected 0 <= B and 0 <= T < 2^30")
 
 namespace rlhf {
 

@@ -44,6 +44,7 @@ from .attention_fwd import (
     next_pow2,
     prune_configs,
     t_bucket,
+    tile_and_row,
 )
 
 
@@ -56,8 +57,7 @@ def _bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # delta_i = sum_d dO_id * O_id  (fp32)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = tile_and_row(Tq, BLOCK_M, False)
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,9 +146,8 @@ def _bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Causal: early key blocks are read by the most query blocks; pid 0 (launched first) is the heaviest.
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    # Causal: early key blocks are read by the most query blocks; tile 0 (launched first) is the heaviest.
+    pid_n, bh = tile_and_row(Tk, BLOCK_N, False)
     b = bh // Hkv
     hk = bh % Hkv
     b64 = b.to(tl.int64)
@@ -256,8 +255,7 @@ def _bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy causal blocks first
-    bh = tl.program_id(1)
+    start_m, bh = tile_and_row(Tq, BLOCK_M, True)  # heavy causal blocks first
     b = bh // Hq
     h = bh % Hq
     hk = h // group
@@ -413,7 +411,7 @@ def attention_backward(
     delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     BLOCK_D = max(16, next_pow2(D))
     pre_bm = 64
-    _bwd_preprocess_kernel[(cdiv(Tq, pre_bm), B * Hq)](
+    _bwd_preprocess_kernel[(cdiv(Tq, pre_bm) * B * Hq,)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm)
 
@@ -433,8 +431,8 @@ def attention_backward(
                  Hq, Hkv, Tq, Tk, group, qk_scale, softmax_scale, tb)
     dq_args = (q, k, v, do, lse, delta, dq, ks, ke, *strides, *dq_strides,
                Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)
-    kv_grid = lambda bn: (cdiv(Tk, bn), B * Hkv)  # noqa: E731
-    q_grid = lambda bm: (cdiv(Tq, bm), B * Hq)  # noqa: E731
+    kv_grid = lambda bn: (cdiv(Tk, bn) * B * Hkv,)  # noqa: E731 - 1-D grids: see attention_fwd.tile_and_row
+    q_grid = lambda bm: (cdiv(Tq, bm) * B * Hq,)  # noqa: E731
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         tuned = _bwd_dkdv_atomic_dq_tuned if atomic else _bwd_dkdv_kernel_tuned
         # the dK/dV and dQ kernels' configurations compile in one thread pool

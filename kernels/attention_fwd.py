@@ -160,6 +160,21 @@ def _attn_fwd_inner(
 
 
 @triton.jit
+def tile_and_row(T, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
+    """(tile, row) of this program in a 1-D launch of ``cdiv(T, BLOCK) * rows`` programs (rows: batch x heads),
+    the tiles of one row consecutive. A 1-D grid has room for 2^31 - 1 programs where a grid's second
+    dimension stops at 65535 (B * H reaches that at, e.g., a 1024-sequence prefill with 64 heads); the launch
+    order is that of a (tiles, rows) grid. HEAVY_LAST: tile order reversed, so that the last (heaviest
+    causal) query tiles of a row start first."""
+    n_tiles = tl.cdiv(T, BLOCK)
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    if HEAVY_LAST:
+        tile = n_tiles - 1 - tile
+    return tile, pid // n_tiles
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KV_START, KV_END,
     stride_qb, stride_qt, stride_qh,
@@ -173,9 +188,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    # Causal work grows with the query block: launch the heavy (last) blocks first.
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    start_m, bh = tile_and_row(Tq, BLOCK_M, True)
     b = bh // Hq
     h = bh % Hq
     hk = h // group  # GQA: query head h reads KV head h // (Hq / Hkv)
@@ -322,17 +335,17 @@ def attention_forward(
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), IS_CAUSAL=causal, HAS_KV_RANGE=has_range,
                 PRECISION=dot_precision(q.dtype))
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
-        grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
+        grid = lambda META: (cdiv(Tq, META["BLOCK_M"]) * B * Hq,)  # noqa: E731
         precompile_autotune((_attn_fwd_kernel_tuned, args, meta))
         _attn_fwd_kernel_tuned[grid](*args, **meta)
     elif q.is_cuda and block_m is None and block_n is None:
         c = fixed_config(_FWD_CONFIGS, _prune_fwd, {"Q": q, "T_BUCKET": args[-1]}, meta["BLOCK_D"], _FWD_DEFAULT,
                          _FWD_FP32)
-        _attn_fwd_kernel[(cdiv(Tq, c.kwargs["BLOCK_M"]), B * Hq)](
+        _attn_fwd_kernel[(cdiv(Tq, c.kwargs["BLOCK_M"]) * B * Hq,)](
             *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         bm = block_m or INTERPRETER_BLOCK_M
         bn = block_n or INTERPRETER_BLOCK_N
-        _attn_fwd_kernel[(cdiv(Tq, bm), B * Hq)](
+        _attn_fwd_kernel[(cdiv(Tq, bm) * B * Hq,)](
             *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
     return o, lse

@@ -164,13 +164,16 @@ _decode_split_kernel_tuned = triton.autotune(
 INTERPRETER_BLOCK_N = 32
 
 
+MAX_SPLITS = 64  # the reduce kernel holds a (splits, head dim) fp32 tile: more would spill
+
+
 def default_num_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
     """Splits per (sequence, KV head) so that about 4 programs run per SM (132 SMs on an H100), each split
     keeping at least 128 positions; depends only on shapes (never on cache_lens), so it is CUDA-graph safe."""
     sms = sm_count(device)
     programs = max(batch * kv_heads, 1)
     splits = math.ceil(4 * sms / programs)
-    return int(max(1, min(splits, math.ceil(cache_len / 128), 64)))
+    return int(max(1, min(splits, math.ceil(cache_len / 128), MAX_SPLITS)))
 
 
 def decode_attention_forward(
@@ -298,8 +301,8 @@ def decode_attention(
     if cache_lens is None:
         raise ValueError("cache_lens: expected a (B,) integer tensor, got None")
     cache_start = _check_lens("cache_start", cache_start, B, q.device)
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits: expected a positive int or None, got {num_splits!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits: expected an int in [1, {MAX_SPLITS}] or None, got {num_splits!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     if (q_cos is None) != (q_sin is None):
         raise ValueError("q_cos, q_sin: expected both or neither")

@@ -345,3 +345,38 @@ def test_fixed_tiles_without_autotune(monkeypatch):
         c = af.fixed_config(configs, prune, {"Q": q16, "T_BUCKET": 4096}, 256, default, fp32)
         assert c in prune(configs, {"Q": q16, "T_BUCKET": 4096}, BLOCK_D=256)   # D = 256: a tile that fits
         assert af.fixed_config(configs, prune, {"Q": q32, "T_BUCKET": 4096}, 128, default, fp32) is fp32
+
+
+@pytest.mark.parametrize("dq_mode", ["split", "atomic"])
+def test_launch_grids_are_one_dimensional_past_65535_heads(monkeypatch, dq_mode):
+    """B * H in a grid's second dimension would stop at 65535 (a 1024-sequence prefill with 64 heads); every
+    attention launch is a 1-D grid of tiles x (batch, head) rows instead. Host side only: the kernels are
+    stand-ins recording their grids, on meta tensors (5000 x 14 = 70000 (batch, head) rows)."""
+    from rlhf_engine.kernels import attention_bwd, attention_fwd
+
+    grids = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids[self.name] = grid
+            return lambda *args, **kwargs: None
+
+    for mod, name in ((attention_fwd, "_attn_fwd_kernel"), (attention_bwd, "_bwd_preprocess_kernel"),
+                      (attention_bwd, "_bwd_dkdv_kernel"), (attention_bwd, "_bwd_dq_kernel")):
+        monkeypatch.setattr(mod, name, Recorder(name))
+    B, T, Hq, Hkv, D = 5000, 40, 14, 2, 16
+    q = torch.empty(B, T, Hq, D, device="meta")
+    k = torch.empty(B, T, Hkv, D, device="meta")
+    o, lse = attention_forward(q, k, k, causal=True, kv_start=None, kv_end=None, softmax_scale=0.25,
+                               block_m=16, block_n=16)
+    attention_backward(o, q, k, k, o, lse, causal=True, kv_start=None, kv_end=None, softmax_scale=0.25,
+                       block_m=16, block_n=16, dq_mode=dq_mode)
+    assert grids["_attn_fwd_kernel"] == (3 * B * Hq,)
+    assert grids["_bwd_preprocess_kernel"] == (1 * B * Hq,)  # 64-row tiles
+    assert grids["_bwd_dkdv_kernel"] == (3 * B * Hkv,)
+    assert ("_bwd_dq_kernel" in grids) == (dq_mode == "split")
+    if dq_mode == "split":
+        assert grids["_bwd_dq_kernel"] == (3 * B * Hq,)

@@ -153,6 +153,8 @@ def test_decode_op_fake_validation_and_splits(device):
         decode_attention(q, kc[:, :, :1].expand(2, 8, 3, 16), kc[:, :, :1].expand(2, 8, 3, 16), lens)
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention(q, kc, kc, lens, num_splits=0)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_attention(q, kc, kc, lens, num_splits=65)
     assert default_num_splits(64, 2, 2048, torch.device("cpu")) >= 1
     assert default_num_splits(64, 8, 64, torch.device("cpu")) == 1
 
