@@ -45,6 +45,8 @@ from .attention_fwd import (
     prune_configs,
     t_bucket,
     tile_and_row,
+    tile_grid,
+    MAX_GRID_ROWS,
 )
 
 
@@ -54,10 +56,10 @@ def _bwd_preprocess_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_dob, stride_dot, stride_doh,
     Hq, Tq,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, FLAT_GRID: tl.constexpr = False,
 ):
     # delta_i = sum_d dO_id * O_id  (fp32)
-    pid_m, bh = tile_and_row(Tq, BLOCK_M, False)
+    pid_m, bh = tile_and_row(Tq, BLOCK_M, False, FLAT_GRID)
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,10 +146,10 @@ def _bwd_dkdv_kernel(
     T_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAT_GRID: tl.constexpr = False,
 ):
     # Causal: early key blocks are read by the most query blocks; tile 0 (launched first) is the heaviest.
-    pid_n, bh = tile_and_row(Tk, BLOCK_N, False)
+    pid_n, bh = tile_and_row(Tk, BLOCK_N, False, FLAT_GRID)
     b = bh // Hkv
     hk = bh % Hkv
     b64 = b.to(tl.int64)
@@ -253,9 +255,9 @@ def _bwd_dq_kernel(
     T_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAT_GRID: tl.constexpr = False,
 ):
-    start_m, bh = tile_and_row(Tq, BLOCK_M, True)  # heavy causal blocks first
+    start_m, bh = tile_and_row(Tq, BLOCK_M, True, FLAT_GRID)  # heavy causal blocks first
     b = bh // Hq
     h = bh % Hq
     hk = h // group
@@ -411,9 +413,9 @@ def attention_backward(
     delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     BLOCK_D = max(16, next_pow2(D))
     pre_bm = 64
-    _bwd_preprocess_kernel[(cdiv(Tq, pre_bm) * B * Hq,)](
+    _bwd_preprocess_kernel[tile_grid(cdiv(Tq, pre_bm), B * Hq)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm)
+        Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, FLAT_GRID=B * Hq > MAX_GRID_ROWS)
 
     has_range = kv_start is not None
     ks = kv_start if has_range else lse
@@ -431,34 +433,36 @@ def attention_backward(
                  Hq, Hkv, Tq, Tk, group, qk_scale, softmax_scale, tb)
     dq_args = (q, k, v, do, lse, delta, dq, ks, ke, *strides, *dq_strides,
                Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)
-    kv_grid = lambda bn: (cdiv(Tk, bn) * B * Hkv,)  # noqa: E731 - 1-D grids: see attention_fwd.tile_and_row
-    q_grid = lambda bm: (cdiv(Tq, bm) * B * Hq,)  # noqa: E731
+    kv_grid = lambda bn: tile_grid(cdiv(Tk, bn), B * Hkv)  # noqa: E731
+    q_grid = lambda bm: tile_grid(cdiv(Tq, bm), B * Hq)  # noqa: E731
+    dkdv_meta = dict(meta, ATOMIC_DQ=atomic, FLAT_GRID=B * Hkv > MAX_GRID_ROWS)
+    dq_meta = dict(meta, FLAT_GRID=B * Hq > MAX_GRID_ROWS)
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         tuned = _bwd_dkdv_atomic_dq_tuned if atomic else _bwd_dkdv_kernel_tuned
         # the dK/dV and dQ kernels' configurations compile in one thread pool
-        precompile_autotune((tuned, dkdv_args, dict(meta, ATOMIC_DQ=atomic)),
-                            *(() if atomic else ((_bwd_dq_kernel_tuned, dq_args, meta),)))
-        tuned[lambda META: kv_grid(META["BLOCK_N"])](*dkdv_args, **meta, ATOMIC_DQ=atomic)
+        precompile_autotune((tuned, dkdv_args, dkdv_meta),
+                            *(() if atomic else ((_bwd_dq_kernel_tuned, dq_args, dq_meta),)))
+        tuned[lambda META: kv_grid(META["BLOCK_N"])](*dkdv_args, **dkdv_meta)
         if not atomic:
-            _bwd_dq_kernel_tuned[lambda META: q_grid(META["BLOCK_M"])](*dq_args, **meta)
+            _bwd_dq_kernel_tuned[lambda META: q_grid(META["BLOCK_M"])](*dq_args, **dq_meta)
     elif q.is_cuda and block_m is None and block_n is None:
         named = {"Q": q, "T_BUCKET": tb}
         c = fixed_config(_DKDV_CONFIGS, _prune_dkdv_atomic if atomic else _prune_dkdv, named, BLOCK_D,
                          _DKDV_DEFAULT, _DKDV_FP32)
         _bwd_dkdv_kernel[kv_grid(c.kwargs["BLOCK_N"])](
-            *dkdv_args, **meta, ATOMIC_DQ=atomic, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            *dkdv_args, **dkdv_meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         if not atomic:
             c = fixed_config(_DQ_CONFIGS, _prune_dq, named, BLOCK_D, _DQ_DEFAULT, _DQ_FP32)
             _bwd_dq_kernel[q_grid(c.kwargs["BLOCK_M"])](
-                *dq_args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                *dq_args, **dq_meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         bm = block_m or INTERPRETER_BLOCK_M
         bn = block_n or INTERPRETER_BLOCK_N
         _bwd_dkdv_kernel[kv_grid(bn)](
-            *dkdv_args, **meta, ATOMIC_DQ=atomic, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
+            *dkdv_args, **dkdv_meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
         if not atomic:
             _bwd_dq_kernel[q_grid(bm)](
-                *dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
+                *dq_args, **dq_meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
     if atomic and dq.dtype != q.dtype:
         dq = dq.to(q.dtype)
     return dq, dk, dv

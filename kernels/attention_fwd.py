@@ -159,19 +159,34 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
+MAX_GRID_ROWS = 65535  # CUDA's limit on a grid's second dimension
+
+
+def tile_grid(n_tiles: int, rows: int) -> tuple[int, ...]:
+    """The launch grid of ``n_tiles`` tiles for each of ``rows`` (batch, head) rows: (tiles, rows), or one
+    dimension of tiles x rows when ``rows`` passes CUDA's 65535 limit on the second one (B * H reaches it at,
+    e.g., a 1024-sequence prefill with 64 heads). The kernel gets ``FLAT_GRID=rows > MAX_GRID_ROWS``."""
+    return (n_tiles, rows) if rows <= MAX_GRID_ROWS else (n_tiles * rows,)
+
+
 @triton.jit
-def tile_and_row(T, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
-    """(tile, row) of this program in a 1-D launch of ``cdiv(T, BLOCK) * rows`` programs (rows: batch x heads),
-    the tiles of one row consecutive. A 1-D grid has room for 2^31 - 1 programs where a grid's second
-    dimension stops at 65535 (B * H reaches that at, e.g., a 1024-sequence prefill with 64 heads); the launch
-    order is that of a (tiles, rows) grid. HEAVY_LAST: tile order reversed, so that the last (heaviest
-    causal) query tiles of a row start first."""
-    n_tiles = tl.cdiv(T, BLOCK)
-    pid = tl.program_id(0)
-    tile = pid % n_tiles
-    if HEAVY_LAST:
-        tile = n_tiles - 1 - tile
-    return tile, pid // n_tiles
+def tile_and_row(T, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr, FLAT: tl.constexpr):
+    """(tile, row) of this program in a ``tile_grid`` launch over ``cdiv(T, BLOCK)`` tiles; the tiles of one row
+    are consecutive either way. HEAVY_LAST: tile order reversed, so that the last (heaviest causal) query tiles
+    of a row start first. The 2-D form costs no index arithmetic (the 1-D one a division: a few registers)."""
+    if FLAT:
+        n_tiles = tl.cdiv(T, BLOCK)
+        pid = tl.program_id(0)
+        tile = pid % n_tiles
+        row = pid // n_tiles
+        if HEAVY_LAST:
+            tile = n_tiles - 1 - tile
+    else:
+        tile = tl.program_id(0)
+        row = tl.program_id(1)
+        if HEAVY_LAST:
+            tile = tl.num_programs(0) - 1 - tile
+    return tile, row
 
 
 @triton.jit
@@ -185,10 +200,10 @@ def _attn_fwd_kernel(
     T_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAT_GRID: tl.constexpr = False,
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    start_m, bh = tile_and_row(Tq, BLOCK_M, True)
+    start_m, bh = tile_and_row(Tq, BLOCK_M, True, FLAT_GRID)
     b = bh // Hq
     h = bh % Hq
     hk = h // group  # GQA: query head h reads KV head h // (Hq / Hkv)
@@ -333,19 +348,19 @@ def attention_forward(
         Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E, t_bucket(max(Tq, Tk)),
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), IS_CAUSAL=causal, HAS_KV_RANGE=has_range,
-                PRECISION=dot_precision(q.dtype))
+                PRECISION=dot_precision(q.dtype), FLAT_GRID=B * Hq > MAX_GRID_ROWS)
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
-        grid = lambda META: (cdiv(Tq, META["BLOCK_M"]) * B * Hq,)  # noqa: E731
+        grid = lambda META: tile_grid(cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
         precompile_autotune((_attn_fwd_kernel_tuned, args, meta))
         _attn_fwd_kernel_tuned[grid](*args, **meta)
     elif q.is_cuda and block_m is None and block_n is None:
         c = fixed_config(_FWD_CONFIGS, _prune_fwd, {"Q": q, "T_BUCKET": args[-1]}, meta["BLOCK_D"], _FWD_DEFAULT,
                          _FWD_FP32)
-        _attn_fwd_kernel[(cdiv(Tq, c.kwargs["BLOCK_M"]) * B * Hq,)](
+        _attn_fwd_kernel[tile_grid(cdiv(Tq, c.kwargs["BLOCK_M"]), B * Hq)](
             *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         bm = block_m or INTERPRETER_BLOCK_M
         bn = block_n or INTERPRETER_BLOCK_N
-        _attn_fwd_kernel[(cdiv(Tq, bm) * B * Hq,)](
+        _attn_fwd_kernel[tile_grid(cdiv(Tq, bm), B * Hq)](
             *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
     return o, lse

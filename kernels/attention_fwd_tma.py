@@ -28,7 +28,8 @@ import triton.language as tl
 from ._launch import cdiv, precompile_autotune
 from .attention_fwd import (_FWD_CONFIGS, _FWD_DEFAULT, _FWD_FP32, LOG2E, autotune_enabled,
                             dot_precision, fixed_config, forward_buffers, key_block_ranges, load_kv_range,
-                            online_softmax_update, prune_configs, t_bucket, tile_and_row)
+                            online_softmax_update, prune_configs, t_bucket, tile_and_row, tile_grid,
+                            MAX_GRID_ROWS)
 
 TMA_HEAD_DIMS = (64, 128)
 _DTYPE_KEYS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -82,9 +83,9 @@ def _attn_fwd_tma_kernel(
     Hq, Tq, Tk, group, qk_scale,
     T_BUCKET, DTYPE_KEY,  # autotune keys only (descriptor arguments carry no dtype for the tuner's key)
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KV_RANGE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAT_GRID: tl.constexpr = False,
 ):
-    start_m, bh = tile_and_row(Tq, BLOCK_M, True)  # heavy (last) causal blocks first
+    start_m, bh = tile_and_row(Tq, BLOCK_M, True, FLAT_GRID)  # heavy (last) causal blocks first
     b = bh // Hq
     h = bh % Hq
     hk = h // group  # GQA: query head h reads KV head h // (Hq / Hkv)
@@ -174,11 +175,12 @@ def attention_forward_tma(
         return o, lse
     has_range = kv_start is not None
     tb = t_bucket(max(Tq, Tk))
-    meta = dict(HEAD_DIM=D, IS_CAUSAL=causal, HAS_KV_RANGE=has_range, PRECISION=dot_precision(q.dtype))
+    meta = dict(HEAD_DIM=D, IS_CAUSAL=causal, HAS_KV_RANGE=has_range, PRECISION=dot_precision(q.dtype),
+                FLAT_GRID=B * Hq > MAX_GRID_ROWS)
     tail = (Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E, tb, _DTYPE_KEYS.get(q.dtype, 0))
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         descs = (_desc(q, 64), _desc(k, 64), _desc(v, 64), _desc(o, 64))  # box rows set per config (pre-hook)
-        grid = lambda META: (cdiv(Tq, META["BLOCK_M"]) * B * Hq,)  # noqa: E731
+        grid = lambda META: tile_grid(cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
         precompile_autotune((_attn_fwd_tma_kernel_tuned, (*descs, lse, ks, ke, *tail), meta))
         _attn_fwd_tma_kernel_tuned[grid](*descs, lse, ks, ke, *tail, **meta)
         return o, lse
@@ -193,6 +195,6 @@ def attention_forward_tma(
 
         bm, bn = block_m or INTERPRETER_BLOCK_M, block_n or INTERPRETER_BLOCK_N
     descs = (_desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(o, bm))
-    _attn_fwd_tma_kernel[(cdiv(Tq, bm) * B * Hq,)](
+    _attn_fwd_tma_kernel[tile_grid(cdiv(Tq, bm), B * Hq)](
         *descs, lse, ks, ke, *tail, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
     return o, lse

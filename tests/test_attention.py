@@ -349,9 +349,9 @@ def test_fixed_tiles_without_autotune(monkeypatch):
 
 @pytest.mark.parametrize("dq_mode", ["split", "atomic"])
 def test_launch_grids_are_one_dimensional_past_65535_heads(monkeypatch, dq_mode):
-    """B * H in a grid's second dimension would stop at 65535 (a 1024-sequence prefill with 64 heads); every
-    attention launch is a 1-D grid of tiles x (batch, head) rows instead. Host side only: the kernels are
-    stand-ins recording their grids, on meta tensors (5000 x 14 = 70000 (batch, head) rows)."""
+    """B * H in a grid's second dimension stops at 65535 (a 1024-sequence prefill with 64 heads): past it, an
+    attention launch is a 1-D grid of tiles x (batch, head) rows. Host side: the kernels are stand-ins recording
+    their grids, on meta tensors; the kernels' FLAT_GRID path is checked against the reference below."""
     from rlhf_engine.kernels import attention_bwd, attention_fwd
 
     grids = {}
@@ -367,16 +367,39 @@ def test_launch_grids_are_one_dimensional_past_65535_heads(monkeypatch, dq_mode)
     for mod, name in ((attention_fwd, "_attn_fwd_kernel"), (attention_bwd, "_bwd_preprocess_kernel"),
                       (attention_bwd, "_bwd_dkdv_kernel"), (attention_bwd, "_bwd_dq_kernel")):
         monkeypatch.setattr(mod, name, Recorder(name))
-    B, T, Hq, Hkv, D = 5000, 40, 14, 2, 16
-    q = torch.empty(B, T, Hq, D, device="meta")
-    k = torch.empty(B, T, Hkv, D, device="meta")
-    o, lse = attention_forward(q, k, k, causal=True, kv_start=None, kv_end=None, softmax_scale=0.25,
-                               block_m=16, block_n=16)
-    attention_backward(o, q, k, k, o, lse, causal=True, kv_start=None, kv_end=None, softmax_scale=0.25,
-                       block_m=16, block_n=16, dq_mode=dq_mode)
-    assert grids["_attn_fwd_kernel"] == (3 * B * Hq,)
-    assert grids["_bwd_preprocess_kernel"] == (1 * B * Hq,)  # 64-row tiles
-    assert grids["_bwd_dkdv_kernel"] == (3 * B * Hkv,)
-    assert ("_bwd_dq_kernel" in grids) == (dq_mode == "split")
+    def run(B, T=40, Hq=14, Hkv=2, D=16):
+        grids.clear()
+        q = torch.empty(B, T, Hq, D, device="meta")
+        k = torch.empty(B, T, Hkv, D, device="meta")
+        o, lse = attention_forward(q, k, k, causal=True, kv_start=None, kv_end=None, softmax_scale=0.25,
+                                   block_m=16, block_n=16)
+        attention_backward(o, q, k, k, o, lse, causal=True, kv_start=None, kv_end=None, softmax_scale=0.25,
+                           block_m=16, block_n=16, dq_mode=dq_mode)
+        assert ("_bwd_dq_kernel" in grids) == (dq_mode == "split")
+        return dict(grids)
+
+    B = 5000  # B * Hq = 70000 (batch, head) rows, B * Hkv = 10000
+    g = run(B)
+    assert g["_attn_fwd_kernel"] == (3 * B * 14,)  # 3 tiles of 16 query rows, one dimension
+    assert g["_bwd_preprocess_kernel"] == (1 * B * 14,)  # 64-row tiles
+    assert g["_bwd_dkdv_kernel"] == (3, B * 2)  # 10000 KV rows fit the second dimension
     if dq_mode == "split":
-        assert grids["_bwd_dq_kernel"] == (3 * B * Hq,)
+        assert g["_bwd_dq_kernel"] == (3 * B * 14,)
+    g = run(8)  # the usual case: (tiles, rows), no index arithmetic in the kernels
+    assert g["_attn_fwd_kernel"] == (3, 8 * 14) and g["_bwd_dkdv_kernel"] == (3, 8 * 2)
+
+
+@pytest.mark.parametrize("dq_mode", ["split", "atomic"])
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", [CASES[2], CASES[3]])
+def test_flat_grid_kernels_match_reference(B, T, Hq, Hkv, D, causal, padding, dq_mode, device, monkeypatch):
+    """The kernels' FLAT_GRID path (1-D launches, taken past 65535 (batch, head) rows) on small shapes: the limit
+    lowered to 1 row, forward and every gradient against fp64, with GQA, padding and a fully padded sequence."""
+    from rlhf_engine.kernels import attention_bwd, attention_fwd
+
+    for mod in (attention_fwd, attention_bwd):
+        monkeypatch.setattr(mod, "MAX_GRID_ROWS", 1)
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_DQ", dq_mode)
+    q, k, v = _inputs(B, T, T, Hq, Hkv, D, torch.float32, device)
+    ks, ke = _ranges(padding, B, T, device)
+    assert attention_fwd.tile_grid(4, B * Hq) == (4 * B * Hq,)
+    _check(q, k, v, causal=causal, kv_start=ks, kv_end=ke, atol=2e-4, rtol=1e-4)

@@ -124,6 +124,17 @@ def _attention_cases():
                     _sub(dkdv, dt), ["qk_scale", "sm_scale"],
                     dict(HEAD_DIM=d, BLOCK_D=d, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION=_DTYPES[dt],
                          BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=True), w, s)
+    # 1-D launches past 65535 (batch, head) rows (FLAT_GRID): the default bf16 tiles at D=128
+    yield _case("attn_fwd-bf16-d128-128x64-flat", "attention_fwd", "_attn_fwd_kernel", _sub(fwd, "bf16"), ["qk_scale"],
+                dict(HEAD_DIM=128, BLOCK_D=128, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION=_DTYPES["bf16"],
+                     BLOCK_M=128, BLOCK_N=64, FLAT_GRID=True), 8, 3)
+    for name, kernel, ptrs, (bm, bn, w, s), extra in [
+            ("dkdv", "_bwd_dkdv_kernel", dkdv, (32, 128, 8, 2), dict(ATOMIC_DQ=False)),
+            ("dq", "_bwd_dq_kernel", dq, (128, 64, 8, 2), {})]:
+        yield _case(f"attn_bwd_{name}-bf16-d128-{bm}x{bn}-flat", "attention_bwd", kernel, _sub(ptrs, "bf16"),
+                    ["qk_scale", "sm_scale"],
+                    dict(HEAD_DIM=128, BLOCK_D=128, IS_CAUSAL=True, HAS_KV_RANGE=True, PRECISION=_DTYPES["bf16"],
+                         BLOCK_M=bm, BLOCK_N=bn, FLAT_GRID=True, **extra), w, s)
     # a head dim that is not a power of two: D=96 in a 128-wide tile, the dQ atomics masked on D
     yield _case("attn_bwd_dkdv_atomic_dq-bf16-d96-32x128", "attention_bwd", "_bwd_dkdv_kernel", _sub(dkdv, "bf16"),
                 ["qk_scale", "sm_scale"], dict(HEAD_DIM=96, BLOCK_D=128, IS_CAUSAL=True, HAS_KV_RANGE=True,
@@ -292,7 +303,9 @@ def compile_case(case):
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
             if p.name not in case["constexprs"]:
-                raise KeyError(f"{case['kernel']}: no value for constexpr {p.name}")
+                if not p.has_default:
+                    raise KeyError(f"{case['kernel']}: no value for constexpr {p.name}")
+                case["constexprs"][p.name] = p.default  # e.g. FLAT_GRID=False, the launch's usual value
             signature[p.name] = "constexpr"
         elif p.name in case["descs"]:
             signature[p.name] = case["descs"][p.name]
@@ -357,7 +370,8 @@ NO_SPILL = {"attn_fwd-bf16-d128-128x64", "attn_fwd-bf16-d64-128x64", "attn_bwd_d
             "attn_bwd_dq-bf16-d128-128x64", "attn_bwd_dkdv-bf16-d64-64x128", "attn_bwd_dq-bf16-d64-128x64",
             "decode_split-bf16-d128-r16-n64", "decode_split-bf16-d64-r16-n64-rope", "decode_reduce-bf16-s64",
             "decode_reduce-fp32-s8",
-            "attn_bwd_dkdv_atomic_dq-bf16-d128-32x128", "attn_bwd_dkdv_atomic_dq-bf16-d64-64x128"}
+            "attn_bwd_dkdv_atomic_dq-bf16-d128-32x128", "attn_bwd_dkdv_atomic_dq-bf16-d64-64x128",
+            "attn_fwd-bf16-d128-128x64-flat", "attn_bwd_dkdv-bf16-d128-32x128-flat", "attn_bwd_dq-bf16-d128-128x64-flat"}
 MAX_STACK = 32
 NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope", "rms_norm",
                      "silu_mul", "sample")
