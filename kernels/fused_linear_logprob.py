@@ -62,6 +62,33 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()         # older torch: one 16-bit rounding per vocab chunk
 
 
+@functools.lru_cache(maxsize=None)
+def _addmm_out_dtype_ok(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` (fp32 acc, ``dtype`` a and b) adds in
+    place and right on this device (the overload is CUDA-only; checked once against mm_f32 on small matrices)."""
+    try:
+        g = torch.Generator(device=device_type).manual_seed(0)
+        a = torch.randn(32, 48, generator=g, device=device_type).to(dtype)
+        b = torch.randn(48, 40, generator=g, device=device_type).to(dtype)
+        acc = torch.randn(32, 40, generator=g, device=device_type)
+        want = acc + mm_f32(a, b)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, want, rtol=1e-5, atol=1e-4))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with the matmul's fp32 accumulator, in place where the device can (no (n, m) fp32
+    temporary per call), else through ``mm_f32``."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _addmm_out_dtype_ok(a.device.type, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(mm_f32(a, b))
+
+
 def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     """out (n, c) = hidden (n, H) @ weight (c, H)ᵀ (+ bias (c,)), in the compute dtype."""
     if bias is None:
@@ -166,10 +193,7 @@ def fused_linear_logprobs_backward(
         token_logprobs_backward(z, targets, lse, pz, grad_logp, grad_entropy, temperature, ignore_index,
                                 out=z, col_offset=v0)               # z is now dlogits (N, c)
         if need_hidden:
-            if dh_acc.dtype == z.dtype:
-                dh_acc.addmm_(z, w_v)
-            else:
-                dh_acc.add_(mm_f32(z, w_v))                        # (N, H) += (N, c) @ (c, H)
+            addmm_f32_(dh_acc, z, w_v)                              # (N, H) += (N, c) @ (c, H), fp32
         if need_weight:
             torch.mm(z.t(), hidden, out=dw[v0:v1])                  # (c, H) = (c, N) @ (N, H)
         if need_bias:

@@ -261,3 +261,19 @@ def test_entropy_kept_as_a_metric_does_not_change_grads(device):
     assert torch.isfinite(ent).all()
     torch.testing.assert_close(dh1, dh2)
     torch.testing.assert_close(dw1, dw2)
+
+
+def test_addmm_f32_accumulates_in_fp32():
+    """dH accumulation of the backward: fp32 += bf16 @ bf16 with the fp32 accumulator (in place through
+    addmm(out_dtype=) on a GPU that has it, mm_f32 + add elsewhere); fp32 operands: plain addmm_."""
+    from rlhf_engine.kernels.fused_linear_logprob import _addmm_out_dtype_ok, addmm_f32_
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(9, 33, generator=g), torch.randn(33, 5, generator=g)
+    for dt in (torch.bfloat16, torch.float32):
+        acc = torch.randn(9, 5, generator=g)
+        want = acc.double() + a.to(dt).double() @ b.to(dt).double()
+        addmm_f32_(acc, a.to(dt), b.to(dt))
+        assert acc.dtype == torch.float32
+        torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-5)
+    assert _addmm_out_dtype_ok("cpu", torch.bfloat16) is False  # the overload is CUDA-only: the probe says so

@@ -154,3 +154,79 @@ def test_generate_left_padded(model, cache_implementation):
     assert torch.equal(outs["eager"].sequences, outs[NAME].sequences)
     for a, b in zip(outs["eager"].logits, outs[NAME].logits):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_autocast_casts_qkv_as_hf_sdpa_does(model):
+    """An fp32 model under bf16 autocast (Trainer's bf16=True): the projections give bf16, RoPE in fp32 promotes
+    q and k back to fp32, v stays bf16. Our path casts all three to the autocast dtype, as HF's SDPA path does
+    (it raised a dtype error), and the loss matches HF's under the same autocast."""
+    ids, am, pos = _batch(2, 10, "right")
+    losses = {}
+    for impl in ("sdpa", NAME):
+        model.set_attn_implementation(impl)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[impl] = model(input_ids=ids, attention_mask=am, position_ids=pos, labels=ids).loss
+    model.set_attn_implementation(NAME)
+    assert torch.isfinite(losses[NAME])
+    torch.testing.assert_close(losses[NAME], losses["sdpa"], atol=3e-2, rtol=3e-2)
+
+
+def test_inference_mode_with_a_padding_mask(model):
+    """Inference tensors have no version counter: the mask cache must not ask for one."""
+    ids, am, pos = _batch(3, 11, "left")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=am, position_ids=pos).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids, attention_mask=am, position_ids=pos).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_packed_sequences_without_a_mask_attend_within_their_segment(model):
+    """Two sequences packed in one row with restarting position_ids and no mask (what transformers hands over
+    when it detects packing): each segment's logits equal those of the segment run alone."""
+    torch.manual_seed(3)
+    a, b = torch.randint(0, 96, (1, 7)), torch.randint(0, 96, (1, 5))
+    ids = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos).logits
+        alone = [model(input_ids=x).logits for x in (a, b)]
+    torch.testing.assert_close(packed[:, :7], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed[:, 7:], alone[1], atol=1e-4, rtol=1e-4)
+    # unpacked rows (positions 0..T-1) keep our kernel: no block mask
+    from rlhf_engine.integrations.hf_attention import packed_causal_mask
+
+    assert packed_causal_mask(torch.arange(12)[None], None, 1, 12) is None
+    seg = packed_causal_mask(pos, None, 1, 12)[0, 0]
+    assert seg[8, 7] and not seg[8, 6] and not seg[6, 7]  # row 8 (b's 2nd token) sees b's 1st, not a's last
+    cu = packed_causal_mask(None, torch.tensor([0, 7, 12]), 1, 12)[0, 0]
+    assert torch.equal(cu, seg)
+
+
+def test_mask_ranges_keep_temporaries_to_a_block(monkeypatch):
+    """mask_to_kv_range works through (B, rows, Tk) blocks: no temporary of (B, Tq, Tk) int elements (an int64
+    one was 8 bytes per mask entry, 4.3 GB at B=8, T=8192)."""
+    import rlhf_engine.integrations.hf_attention as hfa
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # not a view
+                    Largest.biggest = max(Largest.biggest, t.untyped_storage().nbytes())
+            return out
+
+    B, T = 2, 64
+    j = torch.arange(T)
+    mask = (j[None, :] <= j[:, None])[None, None].repeat(B, 1, 1, 1)
+    mask[0, :, :, :3] = False  # left padding in row 0
+    monkeypatch.setattr(hfa, "MASK_BLOCK_ELEMENTS", B * T * 8)  # 8 query rows a block
+    with Largest():
+        r = mask_to_kv_range(mask, B, T, T)
+    assert r is not None and r.kv_start.tolist() == [3, 0]
+    assert Largest.biggest <= B * 8 * T * 4  # one block of int32, not the (B, T, T) int64 of before

@@ -47,6 +47,14 @@ class _MaskRanges:
 
 
 _last_mask: dict = {"ref": None, "version": -1, "shape": None, "ranges": None}
+_last_packed: dict = {"ref": None, "version": -1, "mask": None}
+MASK_BLOCK_ELEMENTS = 1 << 24  # query rows per block of mask_to_kv_range's (B, rows, Tk) temporaries
+
+
+def _version(t: torch.Tensor) -> int:
+    """The version counter, or -1 for an inference tensor (it has none; HF builds a new mask per forward, and a
+    mask edited in place inside ``torch.inference_mode`` between two forwards is not noticed)."""
+    return -1 if t.is_inference() else t._version
 
 
 def mask_to_kv_range(mask: torch.Tensor, batch: int, tq: int, tk: int) -> Optional[_MaskRanges]:
@@ -63,18 +71,26 @@ def mask_to_kv_range(mask: torch.Tensor, batch: int, tq: int, tk: int) -> Option
         if not bool((allowed | blocked).all()):  # an additive bias, not a mask
             return None
     dev = allowed.device
-    j = torch.arange(tk, device=dev)
-    i = torch.arange(tq, device=dev)
+    j = torch.arange(tk, device=dev, dtype=torch.int32)
+    i = torch.arange(tq, device=dev, dtype=torch.int32)
     cols = allowed.any(1)  # (B, Tk) keys attended by some query
     kv_start = torch.where(cols, j, tk).amin(-1)  # (B,), tk when nothing is attended
     kv_end = torch.where(cols, j + 1, 0).amax(-1)  # (B,), 0 when nothing is attended
-    row_last = torch.where(allowed, j, -1).amax(-1)  # (B, Tq) last attended key per row, -1 if none
+    # (B, Tq, Tk) temporaries in blocks of query rows: a whole int32 one would be 4 bytes per mask entry (4 GB
+    # at B = 8, T = 8192), on top of the mask itself
+    rows = max(1, MASK_BLOCK_ELEMENTS // max(1, batch * tk))
+    row_last = torch.cat([torch.where(allowed[:, r:r + rows], j, -1).amax(-1)  # last attended key per row, -1: none
+                          for r in range(0, tq, rows)], dim=1)
     nonempty = row_last >= 0
     offset = torch.where(nonempty, row_last - i, -(2 * tk + tq)).amax()
     offset = torch.where(nonempty.any(), offset, tk - tq)
-    rebuilt = (j >= kv_start[:, None, None]) & (j < kv_end[:, None, None]) & (j <= i[:, None] + offset)
+    same = torch.ones((), dtype=torch.bool, device=dev)
+    for r in range(0, tq, rows):  # the mask rebuilt from (kv_start, kv_end, offset) must be the mask
+        rebuilt = ((j >= kv_start[:, None, None]) & (j < kv_end[:, None, None])
+                   & (j <= i[r:r + rows, None] + offset))
+        same &= (rebuilt == allowed[:, r:r + rows]).all()
     same, off, max_end, at_query = torch.stack(
-        [(rebuilt == allowed).all().long(), offset, kv_end.max(), (kv_end == tq + offset).all().long()]).tolist()
+        [same.long(), offset.long(), kv_end.max().long(), (kv_end == tq + offset).all().long()]).tolist()
     if not same:
         return None
     return _MaskRanges(kv_start.to(torch.int32), kv_end.to(torch.int32), int(off), int(max_end), bool(at_query))
@@ -84,11 +100,44 @@ def _ranges_cached(mask: torch.Tensor, batch: int, tq: int, tk: int) -> Optional
     """All layers of one forward get the same mask object: derive the ranges once."""
     c = _last_mask
     key = (batch, tq, tk)
-    if c["ref"] is not None and c["ref"]() is mask and c["version"] == mask._version and c["shape"] == key:
+    if c["ref"] is not None and c["ref"]() is mask and c["version"] == _version(mask) and c["shape"] == key:
         return c["ranges"]
     ranges = mask_to_kv_range(mask, batch, tq, tk)
-    c.update(ref=weakref.ref(mask), version=mask._version, shape=key, ranges=ranges)
+    c.update(ref=weakref.ref(mask), version=_version(mask), shape=key, ranges=ranges)
     return ranges
+
+
+def packed_causal_mask(position_ids: Optional[torch.Tensor], cu_seq_lens: Optional[torch.Tensor], batch: int,
+                       t: int) -> Optional[torch.Tensor]:
+    """A (B, 1, T, T) bool block-diagonal causal mask when the rows hold packed sequences, else None.
+
+    Packing without a mask (transformers skips it when it detects packing, e.g. ``DataCollatorWithFlattening``)
+    shows as ``position_ids`` that restart inside a row, or as ``cu_seq_lens_q`` (cumulative lengths over one
+    flattened row). A new sequence starts where the position is not the previous one + 1. One host sync per
+    position tensor (cached for the following layers of the same forward)."""
+    src = position_ids if position_ids is not None else cu_seq_lens
+    if src is None:
+        return None
+    c = _last_packed
+    if c["ref"] is not None and c["ref"]() is src and c["version"] == _version(src):
+        m = c["mask"]
+        return m if m is None or m.shape[0] == batch else None
+    mask = None
+    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[1] == t and t > 1:
+        pos = position_ids.expand(batch, t)
+        starts = torch.ones_like(pos, dtype=torch.bool)
+        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        if bool(starts[:, 1:].any()):
+            seg = starts.cumsum(1)  # (B, T) segment id of each token
+            causal = torch.ones(t, t, dtype=torch.bool, device=pos.device).tril()
+            mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    elif cu_seq_lens is not None and batch == 1 and cu_seq_lens.numel() > 2:
+        tok = torch.arange(t, device=cu_seq_lens.device)
+        seg = torch.searchsorted(cu_seq_lens[1:].to(tok.dtype), tok, right=True)[None]
+        causal = torch.ones(t, t, dtype=torch.bool, device=tok.device).tril()
+        mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    c.update(ref=weakref.ref(src), version=_version(src), mask=mask)
+    return mask
 
 
 def _fallback(reason: str, module, query, key, value, attention_mask, dropout, scaling, kwargs):
@@ -124,8 +173,19 @@ def rlhf_engine_attention_forward(
         return _fallback("softcap / attention sinks / position bias are not supported", *args)
     if query.shape[-1] != value.shape[-1] or query.shape[-1] != key.shape[-1] or query.shape[-1] > 256:
         return _fallback("head dims of q, k, v differ or exceed 256", *args)
+    dev_type = query.device.type
+    if torch.is_autocast_enabled(dev_type):  # as HF's SDPA path under autocast: q, k, v in the autocast dtype
+        dt = torch.get_autocast_dtype(dev_type)  # (RoPE in fp32 would otherwise leave q, k fp32 and v bf16)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    elif not query.dtype == key.dtype == value.dtype:
+        return _fallback("q, k, v have different dtypes", *args)
     B, Hq, Tq, D = query.shape
     Tk = key.shape[2]
+    if attention_mask is None and Tq == Tk and Tq > 1:
+        packed = packed_causal_mask(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"), B, Tq)
+        if packed is not None:
+            return _fallback("packed sequences (positions restarting inside a row) run on a block-diagonal mask",
+                             module, query, key, value, packed, dropout, scaling, {**args[-1], "is_causal": False})
     window = kwargs.get("sliding_window")
     if window is not None and Tk > window:
         return _fallback("sliding-window attention is not supported", *args)
