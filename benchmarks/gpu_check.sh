@@ -255,6 +255,28 @@ EOF
   fi
   echo "build: $BUILD"
 
+  # Parallel test workers (pytest-xdist, carried: benchmarks/fetch_baselines.sh), if this pytest loads it: the
+  # kernel tests are mostly Triton compiles (ptxas: one core each), 16 cores here. The probe starts two workers on
+  # two quick CPU tests (collect-only would not start any); it runs before the benchmarks, whose host-bound
+  # timings its CPU work would disturb, and so does not eat into the tests' reserve.
+  local XD="$ROOT/benchmarks/.vendor/xdist_site" XDIST_T=() XDIST_K=() NCPU
+  NCPU=$(nproc 2>/dev/null || echo 16)
+  if skipped tests && skipped ktests; then
+    :
+  elif [ -d "$XD" ] && PYTHONPATH="$XD${PYTHONPATH:+:$PYTHONPATH}" timeout 120 "$PY" -m pytest -p no:cacheprovider -q \
+      -n 2 -k "mismatched or refuses" tests/test_packing.py > "$TMPD/xdist_probe.log" 2>&1; then
+    export PYTHONPATH="$XD${PYTHONPATH:+:$PYTHONPATH}"
+    # each worker gets its share of the cores for torch's CPU threads (the fp64 references)
+    (( TEST_WORKERS > 1 )) && XDIST_T=(-n "$TEST_WORKERS" --dist loadfile)
+    (( KTEST_WORKERS > 1 )) && XDIST_K=(-n "$KTEST_WORKERS" --dist load)
+    echo "pytest-xdist: on (gpu tests ${TEST_WORKERS} workers, kernel tests ${KTEST_WORKERS}; ${NCPU} cores)"
+  elif [ -d "$XD" ]; then
+    echo "pytest-xdist: carried but this pytest does not load it (one process); probe output:"
+    tail -n 5 "$TMPD/xdist_probe.log"
+  else
+    echo "pytest-xdist: not carried (benchmarks/fetch_baselines.sh); tests run in one process"
+  fi
+
   step "benchmarks: benchmarks/run_all.py"
   if skipped bench; then
     echo "skipped (GPU_CHECK_SKIP)"
@@ -274,25 +296,6 @@ EOF
     echo "benchmarks: $BENCH"
   fi
 
-
-  # Parallel test workers (pytest-xdist, carried: benchmarks/fetch_baselines.sh), if this pytest loads it: the
-  # kernel tests are mostly Triton compiles (ptxas: one core each), 16 cores here.
-  # The probe starts two workers on two quick CPU tests (collect-only would not start any).
-  local XD="$ROOT/benchmarks/.vendor/xdist_site" XDIST_T=() XDIST_K=() NCPU
-  NCPU=$(nproc 2>/dev/null || echo 16)
-  if [ -d "$XD" ] && PYTHONPATH="$XD${PYTHONPATH:+:$PYTHONPATH}" timeout 120 "$PY" -m pytest -p no:cacheprovider -q \
-      -n 2 -k "mismatched or refuses" tests/test_packing.py > "$TMPD/xdist_probe.log" 2>&1; then
-    export PYTHONPATH="$XD${PYTHONPATH:+:$PYTHONPATH}"
-    # each worker gets its share of the cores for torch's CPU threads (the fp64 references)
-    (( TEST_WORKERS > 1 )) && XDIST_T=(-n "$TEST_WORKERS" --dist loadfile)
-    (( KTEST_WORKERS > 1 )) && XDIST_K=(-n "$KTEST_WORKERS" --dist load)
-    echo "pytest-xdist: on (gpu tests ${TEST_WORKERS} workers, kernel tests ${KTEST_WORKERS}; ${NCPU} cores)"
-  elif [ -d "$XD" ]; then
-    echo "pytest-xdist: carried but this pytest does not load it (one process); probe output:"
-    tail -n 5 "$TMPD/xdist_probe.log"
-  else
-    echo "pytest-xdist: not carried (benchmarks/fetch_baselines.sh); tests run in one process"
-  fi
 
   step "GPU tests: pytest -m gpu tests"
   if skipped tests; then
@@ -361,7 +364,7 @@ EOF
     fi
     if grep -q "^precompile: " "$OUT/bench.log" 2>/dev/null; then
       echo
-      echo "## parallel Triton compiles before autotuning (kernels/_launch.py precompile_autotune)"
+      echo "## parallel Triton compiles before autotuning (kernels/_launch.py parallel_autotune)"
       grep "^precompile: " "$OUT/bench.log" | sed 's/^/- /'
     fi
     if grep -q "^autotune " "$OUT/bench.log" 2>/dev/null; then

@@ -55,17 +55,7 @@ def sm_count(device: torch.device, default: int = 4) -> int:
 
 # ----------------------------------------------------------------------------- parallel autotune compiles
 
-_PRECOMPILED: set = set()
-
-
-def autotune_key(tuned, args: tuple, kwargs: dict) -> tuple:
-    """The key under which ``tuned`` (a ``triton.autotune`` object) caches its choice for a launch with these
-    arguments: its ``key`` arguments' values, then the dtype of every tensor argument (``Autotuner.run``'s rule)."""
-    named = {**dict(zip(tuned.arg_names, args)), **kwargs}
-    named = {k: v for k, v in named.items() if k in tuned.arg_names}
-    key = [named[k] for k in tuned.keys if k in named]
-    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
-    return tuple(key)
+_FORCE_PARALLEL_COMPILE = False  # tests: hook on CPU tensors too (the launch itself is stubbed there)
 
 
 def compile_threads() -> int:
@@ -77,57 +67,58 @@ def compile_threads() -> int:
     return min(16, os.cpu_count() or 1)
 
 
-def precompile_autotune(*launches: tuple, force: bool = False) -> int:
-    """Compile, in parallel threads, every configuration the autotuners will time for these launches, once per
-    autotune key, before they time them one by one. ``launches``: ``(tuned, args, kwargs)`` triples, ``tuned`` a
-    ``triton.autotune`` object and ``args``/``kwargs`` what its launch will get (e.g. the dK/dV and dQ kernels
-    of one backward, compiled together). Returns the number of compiles submitted.
+def parallel_autotune(tuned):
+    """Make the autotuner ``tuned`` (a ``triton.autotune`` object) compile the configurations it is about to
+    time in parallel threads first; returns it.
 
-    A cold autotune compiles its configurations one after another (1-3 s of ptxas each for the attention
-    kernels, five to six a kernel and head dim); ``triton.AsyncCompileMode`` runs them in a thread pool instead
-    (ptxas and most of LLVM release the GIL), and the autotuner's own launches then find them in the kernel
-    cache. Each configuration is warmed up with the launch's own arguments (same specialization, same cache
-    key), after its ``pre_hook`` (e.g. the TMA box shapes). Failures are ignored here: the autotuner meets them
-    again and handles them as it always does. A no-op without CUDA (the interpreter compiles nothing), with
-    fewer than 2 threads, or once a key is tuned; ``force`` skips the CUDA check (tests)."""
+    A cold autotune compiles its configurations one after another as it times them (1-3 s of ptxas each for the
+    attention kernels, five or six a kernel and head dim). ``Autotuner.run`` calls ``prune_configs`` exactly when
+    a key is not tuned yet, with ``nargs`` set to the launch's arguments: this hook on the instance then warms
+    every kept configuration up with those arguments (same specialization, so the autotuner's own launches hit
+    the kernel cache), after its ``pre_hook`` (e.g. the TMA box shapes), inside ``triton.AsyncCompileMode`` over a
+    thread pool (ptxas and most of LLVM release the GIL). Launches of a tuned key never get here: no cost per
+    call. Best effort: a failure warns and leaves the compiles to the autotuner, which meets (and handles) them
+    again. A no-op without CUDA tensors (the interpreter compiles nothing) or with fewer than 2 threads."""
+    original = tuned.prune_configs
+
+    def prune_configs(kwargs):
+        configs = original(kwargs)
+        nargs = tuned.nargs
+        if nargs is not None and len(configs) > 1:
+            compile_configs(tuned, tuple(nargs.values()), kwargs, configs)
+        return configs
+
+    tuned.prune_configs = prune_configs
+    return tuned
+
+
+def compile_configs(tuned, args: tuple, kwargs: dict, configs) -> int:
+    """Compile ``configs`` of ``tuned`` for a launch with ``args``/``kwargs`` in parallel (see
+    ``parallel_autotune``); returns the number of compiles submitted."""
     n_threads = compile_threads()
-    if n_threads < 2:
+    if n_threads < 2 or not (_FORCE_PARALLEL_COMPILE or any(getattr(a, "is_cuda", False) for a in args)):
         return 0
     try:
-        return _precompile(launches, force, n_threads)
-    except Exception as e:  # noqa: BLE001 - best effort: the launch itself compiles whatever is missing
-        warnings.warn(f"parallel Triton precompile failed ({type(e).__name__}: {e}); compiling on demand")
+        return _compile_configs(tuned, args, kwargs, configs, n_threads)
+    except Exception as e:  # noqa: BLE001 - best effort: the autotuner compiles whatever is missing
+        warnings.warn(f"parallel Triton compile failed ({type(e).__name__}: {e}); compiling on demand")
         return 0
 
 
-def _precompile(launches, force: bool, n_threads: int) -> int:
+def _compile_configs(tuned, args, kwargs, configs, n_threads: int) -> int:
     import triton
     from triton.runtime._async_compile import active_mode
 
     if active_mode.get() is not None:  # the caller runs its own AsyncCompileMode: our warm-ups would nest
         return 0
-    jobs = []  # (tuned, args, kwargs, named args, config)
-    for tuned, args, kwargs in launches:
-        if len(tuned.configs) < 2 or not (force or any(getattr(a, "is_cuda", False) for a in args)):
-            continue
-        key = autotune_key(tuned, args, kwargs)
-        if key in tuned.cache or (id(tuned), key) in _PRECOMPILED:
-            continue
-        _PRECOMPILED.add((id(tuned), key))
-        nargs = dict(zip(tuned.arg_names, args))
-        tuned.nargs = nargs  # what prune_configs reads, as in Autotuner.run
-        try:
-            configs = tuned.prune_configs(kwargs)
-        finally:
-            tuned.nargs = None
-        jobs += [(tuned, args, kwargs, nargs, c) for c in configs]
-    if not jobs:
-        return 0
     t0 = time.perf_counter()
+    nargs = dict(zip(tuned.arg_names, args))
+    # Autotuner.run's kwargs also carry the launch's grid and warmup flag (KernelInterface passes them on)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     submitted = 0
-    with ThreadPoolExecutor(max_workers=min(n_threads, len(jobs))) as pool, \
+    with ThreadPoolExecutor(max_workers=min(n_threads, len(configs))) as pool, \
             triton.AsyncCompileMode(pool, ignore_errors=True):
-        for tuned, args, kwargs, nargs, config in jobs:
+        for config in configs:
             meta = config.all_kwargs()
             if config.pre_hook is not None:  # before the warm-up: it may change what the launch specializes on
                 config.pre_hook({**nargs, **kwargs, **meta})
@@ -137,7 +128,7 @@ def _precompile(launches, force: bool, n_threads: int) -> int:
             except Exception:  # noqa: BLE001 - e.g. an invalid config: the autotuner reports it when it gets there
                 pass
     if os.environ.get("RLHF_ENGINE_COMPILE_LOG") == "1":  # gpu_check.sh's benchmarks: what the threads saved
-        names = sorted({getattr(t.base_fn, "__name__", "?") for t, *_ in jobs})
-        print(f"precompile: {submitted} configurations of {', '.join(names)} in {time.perf_counter() - t0:.1f} s "
-              f"({min(n_threads, len(jobs))} threads)", flush=True)
+        name = getattr(tuned.base_fn, "__name__", "?")
+        print(f"precompile: {submitted} configurations of {name} in {time.perf_counter() - t0:.1f} s "
+              f"({min(n_threads, len(configs))} threads)", flush=True)
     return submitted

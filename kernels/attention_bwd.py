@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, precompile_autotune
+from ._launch import cdiv, parallel_autotune
 from .attention_fwd import (
     INTERPRETER_BLOCK_M,
     INTERPRETER_BLOCK_N,
@@ -46,7 +46,7 @@ from .attention_fwd import (
     t_bucket,
     tile_and_row,
     tile_grid,
-    MAX_GRID_ROWS,
+    flat_grid,
 )
 
 
@@ -348,14 +348,15 @@ _DQ_DEFAULT = {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
 _DKDV_FP32 = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2)
 _DQ_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=2)
 _TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "IS_CAUSAL", "HAS_KV_RANGE"]
-_bwd_dkdv_kernel_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
-                                         prune_configs_by={"early_config_prune": _prune_dkdv})(_bwd_dkdv_kernel)
+# parallel_autotune: each compiles the configurations it is about to time in a thread pool (kernels/_launch.py)
+_bwd_dkdv_kernel_tuned = parallel_autotune(triton.autotune(
+    configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})(_bwd_dkdv_kernel))
 # The atomic-dQ variant accumulates into DQ: every timed config run starts from a zeroed buffer.
-_bwd_dkdv_atomic_dq_tuned = triton.autotune(
+_bwd_dkdv_atomic_dq_tuned = parallel_autotune(triton.autotune(
     configs=_DKDV_CONFIGS, key=_TUNE_KEY, reset_to_zero=["DQ"],
-    prune_configs_by={"early_config_prune": _prune_dkdv_atomic})(_bwd_dkdv_kernel)
-_bwd_dq_kernel_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY,
-                                       prune_configs_by={"early_config_prune": _prune_dq})(_bwd_dq_kernel)
+    prune_configs_by={"early_config_prune": _prune_dkdv_atomic})(_bwd_dkdv_kernel))
+_bwd_dq_kernel_tuned = parallel_autotune(triton.autotune(
+    configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_dq})(_bwd_dq_kernel))
 
 
 DQ_MODES = ("split", "atomic")
@@ -415,7 +416,7 @@ def attention_backward(
     pre_bm = 64
     _bwd_preprocess_kernel[tile_grid(cdiv(Tq, pre_bm), B * Hq)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, FLAT_GRID=B * Hq > MAX_GRID_ROWS)
+        Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, FLAT_GRID=flat_grid(B * Hq))
 
     has_range = kv_start is not None
     ks = kv_start if has_range else lse
@@ -435,13 +436,10 @@ def attention_backward(
                Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)
     kv_grid = lambda bn: tile_grid(cdiv(Tk, bn), B * Hkv)  # noqa: E731
     q_grid = lambda bm: tile_grid(cdiv(Tq, bm), B * Hq)  # noqa: E731
-    dkdv_meta = dict(meta, ATOMIC_DQ=atomic, FLAT_GRID=B * Hkv > MAX_GRID_ROWS)
-    dq_meta = dict(meta, FLAT_GRID=B * Hq > MAX_GRID_ROWS)
+    dkdv_meta = dict(meta, ATOMIC_DQ=atomic, FLAT_GRID=flat_grid(B * Hkv))
+    dq_meta = dict(meta, FLAT_GRID=flat_grid(B * Hq))
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         tuned = _bwd_dkdv_atomic_dq_tuned if atomic else _bwd_dkdv_kernel_tuned
-        # the dK/dV and dQ kernels' configurations compile in one thread pool
-        precompile_autotune((tuned, dkdv_args, dkdv_meta),
-                            *(() if atomic else ((_bwd_dq_kernel_tuned, dq_args, dq_meta),)))
         tuned[lambda META: kv_grid(META["BLOCK_N"])](*dkdv_args, **dkdv_meta)
         if not atomic:
             _bwd_dq_kernel_tuned[lambda META: q_grid(META["BLOCK_M"])](*dq_args, **dq_meta)

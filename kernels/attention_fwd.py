@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_pow2, precompile_autotune
+from ._launch import cdiv, next_pow2, parallel_autotune
 
 LOG2E = 1.4426950408889634  # log2(e) = 1 / ln 2
 
@@ -162,11 +162,16 @@ def _attn_fwd_inner(
 MAX_GRID_ROWS = 65535  # CUDA's limit on a grid's second dimension
 
 
+def flat_grid(rows: int) -> bool:
+    """Whether ``rows`` (batch, head) rows need a 1-D launch (``tile_grid``); the kernels' ``FLAT_GRID``."""
+    return rows > MAX_GRID_ROWS
+
+
 def tile_grid(n_tiles: int, rows: int) -> tuple[int, ...]:
     """The launch grid of ``n_tiles`` tiles for each of ``rows`` (batch, head) rows: (tiles, rows), or one
     dimension of tiles x rows when ``rows`` passes CUDA's 65535 limit on the second one (B * H reaches it at,
-    e.g., a 1024-sequence prefill with 64 heads). The kernel gets ``FLAT_GRID=rows > MAX_GRID_ROWS``."""
-    return (n_tiles, rows) if rows <= MAX_GRID_ROWS else (n_tiles * rows,)
+    e.g., a 1024-sequence prefill with 64 heads). The kernel gets ``FLAT_GRID=flat_grid(rows)``."""
+    return (n_tiles * rows,) if flat_grid(rows) else (n_tiles, rows)
 
 
 @triton.jit
@@ -283,10 +288,10 @@ _FWD_CONFIGS = [
         (64, 32, 4, 2),  # fits D = 256
     ]
 ]
-_attn_fwd_kernel_tuned = triton.autotune(
+_attn_fwd_kernel_tuned = parallel_autotune(triton.autotune(
     configs=_FWD_CONFIGS, key=["HEAD_DIM", "T_BUCKET", "IS_CAUSAL", "HAS_KV_RANGE"],
     prune_configs_by={"early_config_prune": _prune_fwd},
-)(_attn_fwd_kernel)
+)(_attn_fwd_kernel))
 
 # Without autotuning (fixed_config): (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_D; fp32 (tests) a small tile.
 _FWD_DEFAULT = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
@@ -348,10 +353,9 @@ def attention_forward(
         Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E, t_bucket(max(Tq, Tk)),
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), IS_CAUSAL=causal, HAS_KV_RANGE=has_range,
-                PRECISION=dot_precision(q.dtype), FLAT_GRID=B * Hq > MAX_GRID_ROWS)
+                PRECISION=dot_precision(q.dtype), FLAT_GRID=flat_grid(B * Hq))
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         grid = lambda META: tile_grid(cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
-        precompile_autotune((_attn_fwd_kernel_tuned, args, meta))
         _attn_fwd_kernel_tuned[grid](*args, **meta)
     elif q.is_cuda and block_m is None and block_n is None:
         c = fixed_config(_FWD_CONFIGS, _prune_fwd, {"Q": q, "T_BUCKET": args[-1]}, meta["BLOCK_D"], _FWD_DEFAULT,

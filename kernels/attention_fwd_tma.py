@@ -25,11 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, precompile_autotune
+from ._launch import cdiv, parallel_autotune
 from .attention_fwd import (_FWD_CONFIGS, _FWD_DEFAULT, _FWD_FP32, LOG2E, autotune_enabled,
                             dot_precision, fixed_config, forward_buffers, key_block_ranges, load_kv_range,
                             online_softmax_update, prune_configs, t_bucket, tile_and_row, tile_grid,
-                            MAX_GRID_ROWS)
+                            flat_grid)
 
 TMA_HEAD_DIMS = (64, 128)
 _DTYPE_KEYS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -148,10 +148,10 @@ def _prune_tma(configs, named_args, **kwargs):
 
 _TMA_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
                               pre_hook=_set_block_shapes) for c in _FWD_CONFIGS]
-_attn_fwd_tma_kernel_tuned = triton.autotune(
+_attn_fwd_tma_kernel_tuned = parallel_autotune(triton.autotune(
     configs=_TMA_CONFIGS, key=["HEAD_DIM", "T_BUCKET", "DTYPE_KEY", "IS_CAUSAL", "HAS_KV_RANGE"],
     prune_configs_by={"early_config_prune": _prune_tma},
-)(_attn_fwd_tma_kernel)
+)(_attn_fwd_tma_kernel))
 
 
 def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":  # noqa: F821 - imported lazily
@@ -176,12 +176,11 @@ def attention_forward_tma(
     has_range = kv_start is not None
     tb = t_bucket(max(Tq, Tk))
     meta = dict(HEAD_DIM=D, IS_CAUSAL=causal, HAS_KV_RANGE=has_range, PRECISION=dot_precision(q.dtype),
-                FLAT_GRID=B * Hq > MAX_GRID_ROWS)
+                FLAT_GRID=flat_grid(B * Hq))
     tail = (Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E, tb, _DTYPE_KEYS.get(q.dtype, 0))
     if q.is_cuda and block_m is None and block_n is None and autotune_enabled(q.dtype):
         descs = (_desc(q, 64), _desc(k, 64), _desc(v, 64), _desc(o, 64))  # box rows set per config (pre-hook)
         grid = lambda META: tile_grid(cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
-        precompile_autotune((_attn_fwd_tma_kernel_tuned, (*descs, lse, ks, ke, *tail), meta))
         _attn_fwd_tma_kernel_tuned[grid](*descs, lse, ks, ke, *tail, **meta)
         return o, lse
     if q.is_cuda and block_m is None and block_n is None:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import precompile_autotune, sm_count
+from ._launch import parallel_autotune, sm_count
 from .attention import check_qkv
 from .attention_fwd import LOG2E, autotune_enabled, dot_precision, next_pow2
 from .kv_cache import _check_table, apply_rope
@@ -156,11 +156,11 @@ _DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bn, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)]
 ]
-_decode_split_kernel_tuned = triton.autotune(
+_decode_split_kernel_tuned = parallel_autotune(triton.autotune(
     # Coarse key: a growing dynamic cache must not trigger a new tuning run at every power of two; the split
     # count (rounded to a power of two) is in it, since it sets how many keys each program walks.
     configs=_DECODE_CONFIGS, key=["HEAD_DIM", "BLOCK_R", "L_BUCKET", "S_BUCKET", "SINGLE_SPLIT", "HAS_ROPE"],
-)(_decode_split_kernel)
+)(_decode_split_kernel))
 INTERPRETER_BLOCK_N = 32
 
 
@@ -217,7 +217,6 @@ def decode_attention_forward(
                 HAS_START=has_start, SINGLE_SPLIT=single, HAS_ROPE=has_rope, PRECISION=dot_precision(q.dtype))
     grid = (B, Hkv, num_splits)
     if q.is_cuda and block_n is None and autotune_enabled(q.dtype):
-        precompile_autotune((_decode_split_kernel_tuned, args, meta))
         _decode_split_kernel_tuned[grid](*args, **meta)
     elif q.is_cuda and block_n is None:  # the first config; fp32 (tests): 32 keys a step
         c = _DECODE_CONFIGS[-1 if q.dtype == torch.float32 else 0]

@@ -28,8 +28,15 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding,bm,bn", CASES)
-def test_tma_forward_matches_reference_and_pointer_kernel(B, T, Hq, Hkv, D, causal, padding, bm, bn, device):
+def test_tma_forward_matches_reference_and_pointer_kernel(B, T, Hq, Hkv, D, causal, padding, bm, bn, flat, device,
+                                                          monkeypatch):
+    """flat: the 1-D launch taken past 65535 (batch, head) rows (FLAT_GRID), here with the limit lowered to 1."""
+    if flat:
+        from rlhf_engine.kernels import attention_fwd
+
+        monkeypatch.setattr(attention_fwd, "MAX_GRID_ROWS", 1)
     torch.manual_seed(0)
     q = torch.randn(B, T, Hq, D, device=device)
     k = torch.randn(B, T, Hkv, D, device=device)

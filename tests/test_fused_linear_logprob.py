@@ -263,9 +263,10 @@ def test_entropy_kept_as_a_metric_does_not_change_grads(device):
     torch.testing.assert_close(dw1, dw2)
 
 
-def test_addmm_f32_accumulates_in_fp32():
-    """dH accumulation of the backward: fp32 += bf16 @ bf16 with the fp32 accumulator (in place through
-    addmm(out_dtype=) on a GPU that has it, mm_f32 + add elsewhere); fp32 operands: plain addmm_."""
+def test_addmm_f32_accumulates_in_fp32(device, record_value):
+    """dH accumulation of the backward: fp32 += bf16 @ bf16 with the fp32 accumulator: in place through
+    addmm(out_dtype=, out=acc) where the device's probe accepts it (on a GPU; the run records which path it
+    took), mm_f32 + add elsewhere; fp32 operands: plain addmm_. Checked against fp64 on the test device."""
     from rlhf_engine.kernels.fused_linear_logprob import _addmm_out_dtype_ok, addmm_f32_
 
     g = torch.Generator().manual_seed(0)
@@ -273,7 +274,11 @@ def test_addmm_f32_accumulates_in_fp32():
     for dt in (torch.bfloat16, torch.float32):
         acc = torch.randn(9, 5, generator=g)
         want = acc.double() + a.to(dt).double() @ b.to(dt).double()
-        addmm_f32_(acc, a.to(dt), b.to(dt))
+        acc = acc.to(device)
+        addmm_f32_(acc, a.to(dt).to(device), b.to(dt).to(device))
         assert acc.dtype == torch.float32
-        torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-5)
-    assert _addmm_out_dtype_ok("cpu", torch.bfloat16) is False  # the overload is CUDA-only: the probe says so
+        torch.testing.assert_close(acc.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    in_place = _addmm_out_dtype_ok(device.type, torch.bfloat16)
+    record_value("addmm(out_dtype=fp32, out=acc) used for dH (bf16)", in_place)
+    if device.type == "cpu":
+        assert in_place is False  # the overload is CUDA-only: the probe says so

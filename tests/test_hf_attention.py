@@ -201,6 +201,15 @@ def test_packed_sequences_without_a_mask_attend_within_their_segment(model):
     assert seg[8, 7] and not seg[8, 6] and not seg[6, 7]  # row 8 (b's 2nd token) sees b's 1st, not a's last
     cu = packed_causal_mask(None, torch.tensor([0, 7, 12]), 1, 12)[0, 0]
     assert torch.equal(cu, seg)
+    two = packed_causal_mask(pos, None, 2, 12)  # the same position tensor at another batch size: still packed
+    assert two.shape == (2, 1, 12, 12) and torch.equal(two[1, 0], seg)
+    import gc
+
+    import rlhf_engine.integrations.hf_attention as hfa
+
+    del pos
+    gc.collect()
+    assert hfa._last_packed["mask"] is None  # the cached mask went with its position tensor
 
 
 def test_mask_ranges_keep_temporaries_to_a_block(monkeypatch):

@@ -153,6 +153,25 @@ def test_separate_critic_trains_in_train_mode_with_recomputation(tmp_path, monke
     assert calls["critic"] % n_layers == 0
 
 
+def test_critic_from_a_reward_model_recomputes_as_the_policy_does(tmp_path):
+    """ppo.critic_init = "reward": the critic copies the reward model's trunk and score head, and takes the
+    policy's gradient checkpointing (a reward model is loaded without it), not the reward model's."""
+    from rlhf_engine.trainer.reward_model import RewardModel
+
+    rm = RewardModel(tiny_model()).eval().requires_grad_(False)
+    assert not rm.model.gradient_checkpointing
+    cfg = _cfg(tmp_path, ppo={"critic": "separate", "critic_init": "reward", "epochs": 1}, run={"steps": 1})
+    model = tiny_model()
+    model.gradient_checkpointing = True
+    eng = Engine(cfg, model=model, tokenizer=byte_tokenizer())
+    summary = eng.train_ppo(PROMPTS, reward=rm)
+    critic = eng.last_trainer.critic
+    assert critic.gradient_checkpointing and critic.model.training
+    assert critic.model is not rm.model.model  # a copy: the reward model is not trained
+    assert not rm.model.gradient_checkpointing and all(not p.requires_grad for p in rm.parameters())
+    assert math.isfinite([h for h in summary["history"] if "loss/value" in h][0]["loss/value"])
+
+
 @pytest.mark.parametrize("override, match", [
     ("optim.lr=-1", "optim.lr"), ("ppo.advantage=ppo2", "ppo.advantage"), ("run.device=tpu", "run.device"),
     ("ppo.minibatch_size=64", "ppo.minibatch_size"), ("ppo.advantage=grpo", "samples_per_prompt"),

@@ -113,7 +113,8 @@ def max_batch_from_free_memory(config: ModelConfig, max_len: int, dtype: torch.d
     (``step_bytes_per_sequence`` with ``prefill_len`` prompt tokens; default ``max_len``), fits in ``fraction``
     of the memory this process can still use on ``device`` minus ``reserve_bytes``. Usable memory is the free
     device memory plus what PyTorch's caching allocator holds but no tensor uses (right after a training step
-    that is most of it, and ``mem_get_info`` does not count it as free)."""
+    that is most of it, and ``mem_get_info`` does not count it as free; free blocks of CUDA-graph private pools
+    count too, though only their graphs can reuse them: keep ``fraction`` below 1)."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"max_batch_from_free_memory: expected a CUDA device, got {device}")

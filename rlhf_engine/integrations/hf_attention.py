@@ -22,7 +22,9 @@ zeros in our path; HF's backends output arbitrary values there (they are never u
 Routing: few new tokens without autograd (decoding) and every sequence ending at the last query -> the split-KV
 ``decode_attention`` kernel (reads HF's (B, Hkv, L, D) cache through a transposed view, no copy); everything else
 -> ``flash_attention``. Deriving the ranges reads the mask on the host once per mask object (cached for the
-following layers of the same forward), so this integration targets eager execution, not ``torch.compile``.
+following layers of the same forward), so this integration targets eager execution, not ``torch.compile``. A
+forward without a mask pays one host sync too: HF always passes ``position_ids``, and positions restarting inside
+a row (packed sequences) must run on a block-diagonal mask (``packed_causal_mask``).
 """
 import logging
 import weakref
@@ -47,7 +49,7 @@ class _MaskRanges:
 
 
 _last_mask: dict = {"ref": None, "version": -1, "shape": None, "ranges": None}
-_last_packed: dict = {"ref": None, "version": -1, "mask": None}
+_last_packed: dict = {"ref": None, "version": -1, "shape": None, "mask": None}
 MASK_BLOCK_ELEMENTS = 1 << 24  # query rows per block of mask_to_kv_range's (B, rows, Tk) temporaries
 
 
@@ -119,9 +121,8 @@ def packed_causal_mask(position_ids: Optional[torch.Tensor], cu_seq_lens: Option
     if src is None:
         return None
     c = _last_packed
-    if c["ref"] is not None and c["ref"]() is src and c["version"] == _version(src):
-        m = c["mask"]
-        return m if m is None or m.shape[0] == batch else None
+    if c["ref"] is not None and c["ref"]() is src and c["version"] == _version(src) and c["shape"] == (batch, t):
+        return c["mask"]
     mask = None
     if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[1] == t and t > 1:
         pos = position_ids.expand(batch, t)
@@ -136,7 +137,11 @@ def packed_causal_mask(position_ids: Optional[torch.Tensor], cu_seq_lens: Option
         seg = torch.searchsorted(cu_seq_lens[1:].to(tok.dtype), tok, right=True)[None]
         causal = torch.ones(t, t, dtype=torch.bool, device=tok.device).tril()
         mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
-    c.update(ref=weakref.ref(src), version=_version(src), mask=mask)
+    def drop(ref):  # the entry (and its (B, 1, T, T) mask) goes with the position tensor, i.e. with its forward
+        if c["ref"] is ref:
+            c.update(ref=None, mask=None)
+
+    c.update(ref=weakref.ref(src, drop), version=_version(src), shape=(batch, t), mask=mask)
     return mask
 
 
