@@ -44,9 +44,9 @@ from .attention_fwd import (
     next_pow2,
     prune_configs,
     t_bucket,
+    flat_grid,
     tile_and_row,
     tile_grid,
-    flat_grid,
 )
 
 

@@ -27,9 +27,9 @@ import triton.language as tl
 
 from ._launch import cdiv, parallel_autotune
 from .attention_fwd import (_FWD_CONFIGS, _FWD_DEFAULT, _FWD_FP32, LOG2E, autotune_enabled,
-                            dot_precision, fixed_config, forward_buffers, key_block_ranges, load_kv_range,
-                            online_softmax_update, prune_configs, t_bucket, tile_and_row, tile_grid,
-                            flat_grid)
+                            dot_precision, fixed_config, flat_grid, forward_buffers, key_block_ranges,
+                            load_kv_range, online_softmax_update, prune_configs, t_bucket, tile_and_row,
+                            tile_grid)
 
 TMA_HEAD_DIMS = (64, 128)
 _DTYPE_KEYS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}

@@ -371,7 +371,8 @@ NO_SPILL = {"attn_fwd-bf16-d128-128x64", "attn_fwd-bf16-d64-128x64", "attn_bwd_d
             "decode_split-bf16-d128-r16-n64", "decode_split-bf16-d64-r16-n64-rope", "decode_reduce-bf16-s64",
             "decode_reduce-fp32-s8",
             "attn_bwd_dkdv_atomic_dq-bf16-d128-32x128", "attn_bwd_dkdv_atomic_dq-bf16-d64-64x128",
-            "attn_fwd-bf16-d128-128x64-flat", "attn_bwd_dkdv-bf16-d128-32x128-flat", "attn_bwd_dq-bf16-d128-128x64-flat"}
+            "attn_fwd-bf16-d128-128x64-flat", "attn_bwd_dkdv-bf16-d128-32x128-flat",
+            "attn_bwd_dq-bf16-d128-128x64-flat"}
 MAX_STACK = 32
 NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope", "rms_norm",
                      "silu_mul", "sample")

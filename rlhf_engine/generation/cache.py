@@ -91,7 +91,7 @@ class KVCache:
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes of K and V over all layers for one token."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
 
 
 def step_bytes_per_sequence(config: ModelConfig, prefill_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -99,7 +99,7 @@ def step_bytes_per_sequence(config: ModelConfig, prefill_len: int, dtype: torch.
     set in a layer (residual, normed input, q/k/v, attention output, gate and up and their product, all
     ``prefill_len`` tokens long) and the last position's logits (in ``dtype``, in fp32, and the sampler's fp32
     copy)."""
-    es = torch.tensor([], dtype=dtype).element_size()
+    es = dtype.itemsize
     H, I, D = config.hidden_size, config.intermediate_size, config.head_dim
     qkv = (config.num_heads + 2 * config.num_kv_heads) * D
     per_token = (3 * H + qkv + config.num_heads * D + 3 * I) * es

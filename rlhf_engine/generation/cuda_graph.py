@@ -99,11 +99,10 @@ class DecodeGraphCache:
 
     Keyed by (batch, cache length rounded up to ``len_multiple``, backend, capture); pass the same
     object to every ``generate(..., graph_cache=...)`` call of a training loop. Holds the
-    cache memory of every bucket it keeps (``nbytes``): at most ``max_entries`` of them (16: compaction alone uses
-    up to four batch buckets per cache length), the least
-    recently used dropped first, and a model's entries whose fingerprint went stale (swapped parameter
-    tensors, LoRA switched) are dropped at its next ``get`` that allocates (a replay of theirs would need a new capture). ``clear()``
-    frees them all.
+    cache memory of every bucket it keeps (``nbytes``): at most ``max_entries`` of them (16: compaction alone
+    uses up to four batch buckets per cache length), the least recently used dropped first. A model's entries
+    whose fingerprint went stale (swapped parameter tensors, LoRA switched) are dropped at its next ``get`` that
+    allocates (a replay of theirs would need a new capture). ``clear()`` frees them all.
     """
 
     def __init__(self, len_multiple: int = 256, max_entries: int = 16):

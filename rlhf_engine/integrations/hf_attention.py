@@ -123,20 +123,21 @@ def packed_causal_mask(position_ids: Optional[torch.Tensor], cu_seq_lens: Option
     c = _last_packed
     if c["ref"] is not None and c["ref"]() is src and c["version"] == _version(src) and c["shape"] == (batch, t):
         return c["mask"]
-    mask = None
+    seg = None  # (B, T) segment id of each token, when the rows are packed
     if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[1] == t and t > 1:
         pos = position_ids.expand(batch, t)
         starts = torch.ones_like(pos, dtype=torch.bool)
         starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
         if bool(starts[:, 1:].any()):
-            seg = starts.cumsum(1)  # (B, T) segment id of each token
-            causal = torch.ones(t, t, dtype=torch.bool, device=pos.device).tril()
-            mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+            seg = starts.cumsum(1)
     elif cu_seq_lens is not None and batch == 1 and cu_seq_lens.numel() > 2:
         tok = torch.arange(t, device=cu_seq_lens.device)
         seg = torch.searchsorted(cu_seq_lens[1:].to(tok.dtype), tok, right=True)[None]
-        causal = torch.ones(t, t, dtype=torch.bool, device=tok.device).tril()
+    mask = None
+    if seg is not None:
+        causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
         mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
     def drop(ref):  # the entry (and its (B, 1, T, T) mask) goes with the position tensor, i.e. with its forward
         if c["ref"] is ref:
             c.update(ref=None, mask=None)
