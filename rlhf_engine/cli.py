@@ -58,7 +58,8 @@ def cmd_pipeline(args) -> int:
                  *args.overrides]
     engine = Engine(args.config or DEMO_CONFIG, overrides=overrides)
     opts = PipelineOptions(pair_prompts=args.pair_prompts, samples_per_prompt=args.samples_per_prompt,
-                           pairs_per_prompt=args.pairs_per_prompt, rm_epochs=args.rm_epochs, rm_lr=args.rm_lr)
+                           pairs_per_prompt=args.pairs_per_prompt, rm_epochs=args.rm_epochs, rm_lr=args.rm_lr,
+                           rm_pooling=args.rm_pooling)
     print(f"rlhf_engine pipeline: model={engine.config.model.name_or_path} device={engine.device}", flush=True)
     s = run_pipeline(engine, opts)
     _print_samples("Held-out continuations BEFORE PPO:", s["samples_before"])
@@ -109,10 +110,13 @@ def main(argv=None) -> int:
     q = sub.add_parser("pipeline", help="sample pairs -> label with VADER -> train a reward model -> PPO on it")
     q.add_argument("--config", help="engine config (default: the demo config, output in runs/pipeline)")
     q.add_argument("--pair-prompts", type=int, default=96, help="prompts sampled for preference pairs")
-    q.add_argument("--samples-per-prompt", type=int, default=4, help="samples per prompt (best vs worst -> a pair)")
-    q.add_argument("--pairs-per-prompt", type=int, default=1, help="i-th best vs i-th worst, i < this")
-    q.add_argument("--rm-epochs", type=int, default=3)
+    q.add_argument("--samples-per-prompt", type=int, default=8, help="samples per prompt, ranked by VADER")
+    q.add_argument("--pairs-per-prompt", type=int, default=0,
+                   help="0: every two samples with different scores; i > 0: i-th best vs i-th worst, i < this")
+    q.add_argument("--rm-epochs", type=int, default=2)
     q.add_argument("--rm-lr", type=float, default=2e-5)
+    q.add_argument("--rm-pooling", choices=("last", "response_mean"), default="response_mean",
+                   help="the reward model's hidden state: the last token's, or the mean over the response")
     q.add_argument("overrides", nargs="*", help="section.key=value overrides")
     q.set_defaults(func=cmd_pipeline)
     args = parser.parse_args(argv)

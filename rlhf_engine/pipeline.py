@@ -1,11 +1,12 @@
 """The seed RLHF pipeline end to end (InstructGPT / LLaMA-2 order, on one machine):
 
 1. sample a few continuations per prompt from the policy;
-2. label them with the VADER sentiment lexicon: the most positive is "chosen", the least
-   positive "rejected" (ties and very short responses are dropped) -- VADER's human-rated
-   lexicon stands in for a human labeller;
-3. train a reward model (the policy's trunk + a scalar head) on the pairs, report its
-   pairwise accuracy on a held-out split;
+2. rank them with the VADER sentiment lexicon and pair them up: by default every two samples
+   of a prompt with different scores form a pair, the more positive one "chosen" (InstructGPT
+   ranks K samples into K(K-1)/2 comparisons; ties and very short responses are dropped) --
+   VADER's human-rated lexicon stands in for a human labeller;
+3. train a reward model (the policy's trunk + a scalar head on its mean response state) on the
+   pairs, a prompt's comparisons together, and report its pairwise accuracy on held-out prompts;
 4. run PPO against the learned reward model, and report the VADER score of held-out
    continuations before and after.
 """
@@ -24,13 +25,15 @@ from .rewards import VaderSentimentReward
 
 @dataclass
 class PipelineOptions:
-    pair_prompts: int = 96  # prompts sampled to build preference pairs (one pair per prompt)
-    samples_per_prompt: int = 4  # ranked by VADER; the i-th most and i-th least positive form pair i
-    pairs_per_prompt: int = 1
+    pair_prompts: int = 96  # prompts sampled to build preference pairs
+    samples_per_prompt: int = 8  # ranked by VADER
+    pairs_per_prompt: int = 0  # 0: every two samples with different scores; i > 0: i-th best vs i-th worst, i < this
     min_words: int = 4  # responses shorter than this are not used in pairs (see sample_preference_pairs)
-    rm_epochs: int = 3
+    rm_epochs: int = 2
     rm_lr: float = 2e-5
-    rm_batch_size: int = 8
+    rm_batch_size: int = 28  # pairs per micro-batch: the 8 * 7 / 2 comparisons of one prompt at most
+    rm_grad_accum: int = 4  # micro-batches per optimizer step
+    rm_pooling: str = "response_mean"  # see rlhf_engine.trainer.reward_model
     eval_fraction: float = 0.2
 
     def __post_init__(self):
@@ -38,20 +41,23 @@ class PipelineOptions:
             raise ValueError(f"pair_prompts: expected >= 2, got {self.pair_prompts}")
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt: expected >= 2, got {self.samples_per_prompt}")
-        if not 1 <= self.pairs_per_prompt <= self.samples_per_prompt // 2:
-            raise ValueError(f"pairs_per_prompt: expected 1..samples_per_prompt // 2 = {self.samples_per_prompt // 2}, "
-                             f"got {self.pairs_per_prompt}")
+        if not 0 <= self.pairs_per_prompt <= self.samples_per_prompt // 2:
+            raise ValueError(f"pairs_per_prompt: expected 0 (all pairs) .. samples_per_prompt // 2 = "
+                             f"{self.samples_per_prompt // 2}, got {self.pairs_per_prompt}")
+        if self.rm_pooling not in ("last", "response_mean"):
+            raise ValueError(f"rm_pooling: expected 'last' or 'response_mean', got {self.rm_pooling!r}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction: expected a value in (0, 1), got {self.eval_fraction}")
 
 
 @torch.no_grad()
 def sample_preference_pairs(engine: Engine, prompts: list[str], vader: VaderSentimentReward, *,
-                            samples_per_prompt: int = 4, pairs_per_prompt: int = 1,
+                            samples_per_prompt: int = 8, pairs_per_prompt: int = 0,
                             min_words: int = 4) -> list[dict]:
-    """Per prompt, ``samples_per_prompt`` sampled continuations ranked by VADER; pair i has the i-th
-    most positive as "chosen" and the i-th least positive as "rejected" (disjoint samples, ties
-    dropped), for i < ``pairs_per_prompt``: [{prompt, chosen, rejected, margin}].
+    """Per prompt, ``samples_per_prompt`` sampled continuations ranked by VADER, paired up:
+    [{prompt, chosen, rejected, margin}], ties dropped. ``pairs_per_prompt`` 0: every two samples
+    (K(K-1)/2 pairs at most, the more positive "chosen"); i > 0: pair i has the i-th most positive
+    as "chosen" and the i-th least positive as "rejected" (disjoint samples), for i < that.
 
     Responses under ``min_words`` words are left out: an empty or one-word continuation scores a
     neutral 0, which would teach the reward model "shorter beats negative" -- a length preference
@@ -74,9 +80,13 @@ def sample_preference_pairs(engine: Engine, prompts: list[str], vader: VaderSent
             cands = [(scores[j * k + c], texts[j * k + c]) for c in range(k)
                      if len(texts[j * k + c].split()) >= min_words]
             ranked = sorted(cands, key=lambda c: c[0], reverse=True)
-            for i in range(min(pairs_per_prompt, len(ranked) // 2)):
-                (s_hi, hi), (s_lo, lo) = ranked[i], ranked[-1 - i]
-                if s_hi > s_lo:
+            if pairs_per_prompt == 0:
+                todo = [(a, b) for a in range(len(ranked)) for b in range(a + 1, len(ranked))]
+            else:
+                todo = [(i, len(ranked) - 1 - i) for i in range(min(pairs_per_prompt, len(ranked) // 2))]
+            for a, b in todo:
+                (s_hi, hi), (s_lo, lo) = ranked[a], ranked[b]
+                if s_hi > s_lo and hi != lo:
                     pairs.append({"prompt": prompt, "chosen": hi, "rejected": lo, "margin": None})
     return pairs
 
@@ -104,7 +114,9 @@ def run_pipeline(engine: Engine, options: PipelineOptions | None = None) -> dict
     t1 = time.perf_counter()
     model, tok = engine.policy()
     rm_summary = train_reward_model(model, tok, pairs, eval_fraction=opt.eval_fraction, epochs=opt.rm_epochs,
-                                    lr=opt.rm_lr, batch_size=opt.rm_batch_size, max_len=cfg.generation.max_prompt_len
+                                    lr=opt.rm_lr, batch_size=opt.rm_batch_size, grad_accum=opt.rm_grad_accum,
+                                    pooling=opt.rm_pooling,
+                                    max_len=cfg.generation.max_prompt_len
                                     + cfg.generation.max_new_tokens + 1, device=engine.device, seed=cfg.run.seed,
                                     progress=cfg.run.progress)
     rm = rm_summary["reward_model"]

@@ -4,7 +4,8 @@ A reward is either
   * a text reward: ``fn(prompts: list[str], responses: list[str]) -> sequence of B floats``, or
   * a token reward: an object with ``takes_tokens = True`` and
     ``fn(input_ids (B, T) long, attention_mask (B, T)) -> (B,) float tensor`` scoring the whole
-    prompt + response (a reward model is one).
+    prompt + response (a reward model is one). A token reward that also sets ``takes_response_mask = True``
+    is called with ``response_mask=`` (B, T) 0/1 as well, marking the response's tokens.
 Any plain Python callable is treated as a text reward. Scores must be finite: the trainer skips
 a step whose rewards hold NaN or inf and reports it.
 """

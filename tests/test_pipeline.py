@@ -34,3 +34,28 @@ def test_pipeline_runs_end_to_end(tmp_path, monkeypatch):
     pairs = [json.loads(x) for x in (tmp_path / "preference_pairs.jsonl").read_text().splitlines()]
     assert all(LengthScore()([], [p["chosen"]])[0] > LengthScore()([], [p["rejected"]])[0] for p in pairs)
     assert (Path(s["rm_dir"]) / "score_head.safetensors").is_file()
+
+
+def test_all_pairs_of_ranked_samples(tmp_path, monkeypatch):
+    """pairs_per_prompt=0: every two samples of a prompt with different scores, the higher one chosen."""
+    cfg = {"generation": {"max_new_tokens": 8, "max_prompt_len": 16},
+           "ppo": {"minibatch_size": 4, "micro_batch_size": 4},
+           "run": {"prompts_per_step": 4, "device": "cpu", "output_dir": str(tmp_path), "progress": False}}
+    eng = Engine(cfg, model=tiny_model(), tokenizer=byte_tokenizer())
+    scored = {}
+
+    def score(prompts, responses):
+        out = [float(len(r.split())) + 0.01 * len(r) for r in responses]
+        for p, r, s in zip(prompts, responses, out):
+            scored.setdefault(p, {})[r] = s
+        return out
+
+    prompts = ["the movie", "a film", "it was"]
+    pairs = pipeline.sample_preference_pairs(eng, prompts, score, samples_per_prompt=5, pairs_per_prompt=0,
+                                             min_words=0)
+    for p in prompts:
+        values = sorted(set(scored[p].values()))
+        got = {(x["chosen"], x["rejected"]) for x in pairs if x["prompt"] == p}
+        want = {(a, b) for a in scored[p] for b in scored[p] if scored[p][a] > scored[p][b]}
+        assert got == want and len(got) <= 10
+        assert len(values) < 2 or got

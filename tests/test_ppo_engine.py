@@ -172,6 +172,30 @@ def test_critic_from_a_reward_model_recomputes_as_the_policy_does(tmp_path):
     assert math.isfinite([h for h in summary["history"] if "loss/value" in h][0]["loss/value"])
 
 
+def test_response_mean_reward_model_gets_the_response_mask(tmp_path):
+    """A token reward with takes_response_mask (a "response_mean" reward model) is called with a (B, T) mask of
+    exactly the response's tokens, and scores as the reward model does with that mask."""
+    from rlhf_engine.trainer.reward_model import RewardModel
+
+    rm = RewardModel(tiny_model(), pooling="response_mean").eval().requires_grad_(False)
+    seen = []
+
+    class Recording:
+        takes_tokens = takes_response_mask = True
+
+        def __call__(self, input_ids, attention_mask, response_mask):
+            seen.append((input_ids, attention_mask, response_mask))
+            return rm(input_ids, attention_mask, response_mask=response_mask)
+
+    eng = Engine(_cfg(tmp_path, ppo={"epochs": 1}, run={"steps": 1}), model=tiny_model(), tokenizer=byte_tokenizer())
+    eng.train_ppo(PROMPTS, reward=Recording())
+    ids, attn, resp = seen[0]
+    assert resp.shape == ids.shape and resp.sum() > 0
+    P = ids.shape[1] - eng.config.generation.max_new_tokens
+    assert not resp[:, :P].any() and torch.equal(resp[:, P:].bool(), attn[:, P:].bool())
+    eng.train_ppo(PROMPTS[:4], reward=rm)  # the reward model itself takes the same call
+
+
 @pytest.mark.parametrize("override, match", [
     ("optim.lr=-1", "optim.lr"), ("ppo.advantage=ppo2", "ppo.advantage"), ("run.device=tpu", "run.device"),
     ("ppo.minibatch_size=64", "ppo.minibatch_size"), ("ppo.advantage=grpo", "samples_per_prompt"),

@@ -399,28 +399,40 @@ last_token_index = last_valid_index
 
 
 def collate_preference(tokenizer, examples: Sequence[dict], max_len: int, *, chat_template: bool = False,
-                       append_eos: bool = True) -> dict[str, torch.Tensor | None]:
-    """Tokenize B preference pairs into one right-padded batch of 2B sequences.
+                       append_eos: bool = True, dedup: bool = False) -> dict[str, torch.Tensor | None]:
+    """Tokenize B preference pairs into one right-padded batch of sequences.
 
-    Rows [0, B) are prompt + chosen, rows [B, 2B) prompt + rejected, each followed by EOS
-    when ``append_eos`` (so the reward sits on the EOS, as on a finished PPO rollout), cut
-    by :func:`truncate_pair`.
+    Without ``dedup``: 2B rows, [0, B) prompt + chosen and [B, 2B) prompt + rejected. With ``dedup``: each
+    distinct (prompt, response) once, in order of first appearance (the K samples of a prompt ranked into
+    K(K-1)/2 pairs cost K rows, not K(K-1)). Each row is followed by EOS when ``append_eos`` (so the reward
+    sits on the EOS, as on a finished PPO rollout) and cut by :func:`truncate_pair`.
 
-    Returns ``input_ids`` (2B, T) int64, ``attention_mask`` (2B, T) int64 0/1,
-    ``last_index`` (2B,) int64 (the reward position of each row) and ``margin`` (B,)
-    float32 (0 where a row has none), or None when no example has a margin.
+    Returns ``input_ids`` (R, T) int64, ``attention_mask`` (R, T) int64 0/1, ``last_index`` (R,) int64
+    (each row's last valid token), ``response_start`` (R,) int64 (the row's first response token; equal to
+    ``last_index + 1`` when the response was cut to nothing), ``chosen_index`` and ``rejected_index`` (B,)
+    int64 (pair i's rows) and ``margin`` (B,) float32 (0 where a row has none), or None when no example has
+    a margin.
     """
     if not examples:
         raise ValueError("examples: expected at least one preference pair, got an empty list")
     eos = [_eos_id(tokenizer)] if append_eos else []
     seqs: list[list[int]] = []
+    starts: list[int] = []
+    row_of: dict[tuple[str, str], int] = {}
+    index: dict[str, list[int]] = {"chosen": [], "rejected": []}
     for key in ("chosen", "rejected"):
         for ex in examples:
+            if dedup and (ex["prompt"], ex[key]) in row_of:
+                index[key].append(row_of[(ex["prompt"], ex[key])])
+                continue
             p = prompt_ids(tokenizer, ex["prompt"], chat_template=chat_template)
             p, r = truncate_pair(p, encode_text(tokenizer, ex[key]) + eos, max_len)
             if not p + r:
                 raise ValueError(f"examples: prompt + {key} tokenized to nothing (prompt {ex['prompt']!r:.60})")
+            row_of[(ex["prompt"], ex[key])] = len(seqs)
+            index[key].append(len(seqs))
             seqs.append(p + r)
+            starts.append(len(p))
     T = max(len(s) for s in seqs)
     pad = pad_token_id(tokenizer)
     input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
@@ -433,7 +445,9 @@ def collate_preference(tokenizer, examples: Sequence[dict], max_len: int, *, cha
     if any(m is not None for m in margins):
         margin = torch.tensor([0.0 if m is None else float(m) for m in margins], dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "last_index": attention_mask.sum(1) - 1, "margin": margin}
+            "last_index": attention_mask.sum(1) - 1, "response_start": torch.tensor(starts, dtype=torch.long),
+            "chosen_index": torch.tensor(index["chosen"], dtype=torch.long),
+            "rejected_index": torch.tensor(index["rejected"], dtype=torch.long), "margin": margin}
 
 
 def collate_prompts(tokenizer, prompts: Sequence[str], max_len: int, *,

@@ -12,6 +12,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from rlhf_engine import algo
 from rlhf_engine.config import EngineConfig
@@ -125,7 +126,11 @@ class PPOTrainer:
         """(B,) fp32 rewards for generated responses (text or token reward)."""
         B = gen.response_ids.shape[0]
         if getattr(self.reward, "takes_tokens", False):
-            scores = self.reward(gen.sequences, gen.attention_mask)
+            kw = {}
+            if getattr(self.reward, "takes_response_mask", False):  # (B, T): the response's tokens
+                P = gen.sequences.shape[1] - gen.response_mask.shape[1]
+                kw["response_mask"] = F.pad(gen.response_mask, (P, 0))
+            scores = self.reward(gen.sequences, gen.attention_mask, **kw)
         else:
             scores = self.reward(prompts, self.sampler.decode_responses(gen.response_ids, gen.response_mask))
         return as_score_tensor(scores, B, self.device)
