@@ -77,8 +77,8 @@ def sample_preference_pairs(engine: Engine, prompts: list[str], vader: VaderSent
         texts, _ = sampler.sample_texts(rep)
         scores = vader(rep, texts)
         for j, prompt in enumerate(chunk):
-            cands = [(scores[j * k + c], texts[j * k + c]) for c in range(k)
-                     if len(texts[j * k + c].split()) >= min_words]
+            cands = list({texts[j * k + c]: (scores[j * k + c], texts[j * k + c]) for c in range(k)
+                          if len(texts[j * k + c].split()) >= min_words}.values())  # a repeated sample once
             ranked = sorted(cands, key=lambda c: c[0], reverse=True)
             if pairs_per_prompt == 0:
                 todo = [(a, b) for a in range(len(ranked)) for b in range(a + 1, len(ranked))]
@@ -86,7 +86,7 @@ def sample_preference_pairs(engine: Engine, prompts: list[str], vader: VaderSent
                 todo = [(i, len(ranked) - 1 - i) for i in range(min(pairs_per_prompt, len(ranked) // 2))]
             for a, b in todo:
                 (s_hi, hi), (s_lo, lo) = ranked[a], ranked[b]
-                if s_hi > s_lo and hi != lo:
+                if s_hi > s_lo:
                     pairs.append({"prompt": prompt, "chosen": hi, "rejected": lo, "margin": None})
     return pairs
 
@@ -106,8 +106,10 @@ def run_pipeline(engine: Engine, options: PipelineOptions | None = None) -> dict
     pairs = sample_preference_pairs(engine, train_prompts[:opt.pair_prompts], vader,
                                     samples_per_prompt=opt.samples_per_prompt,
                                     pairs_per_prompt=opt.pairs_per_prompt, min_words=opt.min_words)
-    if len(pairs) < 4:
-        raise ValueError(f"pipeline: only {len(pairs)} usable preference pairs were sampled; raise pair_prompts")
+    n_prompts = len({p["prompt"] for p in pairs})
+    if len(pairs) < 4 or n_prompts < 2:
+        raise ValueError(f"pipeline: only {len(pairs)} usable preference pairs of {n_prompts} prompts were sampled "
+                         f"(need 4 pairs of 2 prompts at least); raise pair_prompts")
     (out / "preference_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     summary["pairs"], summary["time/pairs_s"] = len(pairs), time.perf_counter() - t0
 

@@ -39,9 +39,12 @@ class VaderSentimentReward:
         return [self._analyzer.polarity_scores(r)["compound"] for r in responses]
 
 
-def token_reward(fn: Callable) -> Callable:
-    """Mark a callable as a token reward: ``fn(input_ids, attention_mask) -> (B,) tensor``."""
+def token_reward(fn: Callable, *, response_mask: bool = False) -> Callable:
+    """Mark a callable as a token reward: ``fn(input_ids, attention_mask) -> (B,) tensor``, or with
+    ``response_mask=True`` ``fn(input_ids, attention_mask, response_mask=...)`` (what a "response_mean" reward
+    model needs when wrapped)."""
     fn.takes_tokens = True
+    fn.takes_response_mask = response_mask
     return fn
 
 

@@ -251,6 +251,17 @@ def test_pairwise_reward_loss():
         algo.pairwise_reward_loss(torch.zeros(2), torch.zeros(3))
 
 
+def test_pairwise_reward_loss_weighted():
+    c, r = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    w = torch.tensor([1 / 3] * 3 + [1.0] + [1 / 3] * 3, dtype=torch.float64)  # three prompts, 3 + 1 + 3 pairs
+    loss, acc = algo.pairwise_reward_loss(c, r, 0.5, weight=w)
+    per = [-math.log(1 / (1 + math.exp(-(a - b - 0.5)))) for a, b in zip(c.tolist(), r.tolist())]
+    assert loss.item() == pytest.approx(sum(x * y for x, y in zip(per, w.tolist())) / 3.0, rel=1e-12)
+    assert acc.item() == pytest.approx(sum(a > b for a, b in zip(c.tolist(), r.tolist())) / 7)  # unweighted
+    with pytest.raises(ValueError, match="weight"):
+        algo.pairwise_reward_loss(c, r, weight=w[:3])
+
+
 def test_explained_variance():
     g = torch.randn(3, 4, dtype=D)
     m = torch.ones_like(g)

@@ -191,9 +191,11 @@ def test_response_mean_reward_model_gets_the_response_mask(tmp_path):
     eng.train_ppo(PROMPTS, reward=Recording())
     ids, attn, resp = seen[0]
     assert resp.shape == ids.shape and resp.sum() > 0
-    P = ids.shape[1] - eng.config.generation.max_new_tokens
+    # left-padded prompts end at column P - 1; every response starts at column P (at least one token, its EOS
+    # or the first of max_new_tokens) and runs on exactly where the attention mask does
+    P = int(resp.any(0).int().argmax())
+    assert (resp.int().argmax(1) == P).all() and (attn[:, P - 1] == 1).all()
     assert not resp[:, :P].any() and torch.equal(resp[:, P:].bool(), attn[:, P:].bool())
-    eng.train_ppo(PROMPTS[:4], reward=rm)  # the reward model itself takes the same call
 
 
 @pytest.mark.parametrize("override, match", [

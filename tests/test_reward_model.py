@@ -1,5 +1,6 @@
 """Reward model: learns a separable preference set, scores at the last valid token whatever the
 padding side, saves/loads atomically with identical scores, clear errors."""
+import json
 import random
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from rlhf_engine.data import byte_tokenizer, collate_preference
 from rlhf_engine.model.config import preset
 from rlhf_engine.model.llama import CausalLM
+from rlhf_engine.rewards import token_reward
 from rlhf_engine.trainer.reward_model import (RewardModel, evaluate_reward_model, load_reward_model,
                                               save_reward_model, train_reward_model)
 
@@ -168,21 +170,26 @@ def ranked_pairs(n_prompts: int, k: int = 4, seed: int = 0) -> list[dict]:
     return rows
 
 
-def test_collate_dedup_maps_pairs_to_rows(tok):
-    rows = ranked_pairs(2, k=3)  # 3 pairs per prompt over 3 distinct responses
-    plain = collate_preference(tok, rows, 32)
-    dd = collate_preference(tok, rows, 32, dedup=True)
+@pytest.mark.parametrize("max_len", [32, 9])  # 9: prompts and responses cut by truncate_pair
+def test_collate_dedup_maps_pairs_to_rows(tok, max_len):
+    rows = [dict(r, margin=float(i)) for i, r in enumerate(ranked_pairs(2, k=3))]  # 3 pairs a prompt, 3 responses
+    plain = collate_preference(tok, rows, max_len)
+    dd = collate_preference(tok, rows, max_len, dedup=True)
     assert plain["input_ids"].shape[0] == 12 and dd["input_ids"].shape[0] == 6
     assert plain["chosen_index"].tolist() == list(range(6)) and plain["rejected_index"].tolist() == list(range(6, 12))
+    assert torch.equal(plain["margin"], dd["margin"]) and dd["margin"].tolist() == [float(i) for i in range(6)]
     for key in ("chosen", "rejected"):
-        for i in range(len(rows)):  # pair i's row in the deduplicated batch is the same sequence
+        for i, row in enumerate(rows):  # pair i's row in the deduplicated batch is the same sequence, cut the same
             a, b = plain[f"{key}_index"][i], dd[f"{key}_index"][i]
             n = int(plain["attention_mask"][a].sum())
-            assert int(dd["attention_mask"][b].sum()) == n
+            assert int(dd["attention_mask"][b].sum()) == n and n <= max_len
             assert torch.equal(plain["input_ids"][a, :n], dd["input_ids"][b, :n])
-    for i, key in enumerate(["chosen"] * 6 + ["rejected"] * 6):  # response_start: the prompt's token count
-        row = rows[i % 6]
-        assert plain["response_start"][i] == len(tok.encode(row["prompt"], add_special_tokens=False))
+            assert plain["response_start"][a] == dd["response_start"][b]
+            prompt = tok.encode(row["prompt"], add_special_tokens=False)
+            start = int(dd["response_start"][b])  # the prompt's tokens (its kept end), then the response's
+            assert dd["input_ids"][b, :start].tolist() == prompt[len(prompt) - start:]
+            resp = tok.encode(row[key], add_special_tokens=False) + [tok.eos_token_id]
+            assert dd["input_ids"][b, start:n].tolist() == resp[:n - start]
 
 
 def test_response_mean_pooling(tok, tmp_path):
@@ -211,25 +218,62 @@ def test_response_mean_pooling(tok, tmp_path):
     assert torch.equal(loaded.score(ids, mask, resp), r)
     with pytest.raises(ValueError, match="pooling"):  # a saved model keeps its pooling
         train_reward_model(tmp_path / "rm", tok, separable_pairs(4), pooling="last", progress=False)
+    meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    assert meta["version"] == 2 and meta["score_position"] == "response_mean"  # a version-1 reader would misread it
+    (tmp_path / "rm" / "reward_model.json").write_text(json.dumps(dict(meta, version=3)))
+    with pytest.raises(ValueError, match="version"):
+        load_reward_model(tmp_path / "rm")
+    wrapped = token_reward(lambda ids, m, response_mask: rm.score(ids, m, response_mask), response_mask=True)
+    assert wrapped.takes_tokens and wrapped.takes_response_mask
 
 
 def test_grouped_training_holds_out_whole_prompts(tok):
-    from rlhf_engine.trainer.reward_model import _prompt_grouped_order, _split
+    from rlhf_engine.trainer.reward_model import _micro_batches, _split
 
     rows = ranked_pairs(20, k=4, seed=3)  # 6 pairs per prompt
     train, held = _split(rows, 0.25, torch.Generator().manual_seed(0))
     assert len(held) == 5 * 6 and len(train) == 15 * 6
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
-    order = _prompt_grouped_order(train, torch.Generator().manual_seed(1))
-    assert sorted(order) == list(range(len(train)))
-    prompts = [train[i]["prompt"] for i in order]
-    runs = [p for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1]]
-    assert len(runs) == 15  # each prompt's pairs are contiguous
+    one = [dict(r, prompt="same") for r in rows[:8]]  # a single prompt: its pairs are split instead
+    train1, held1 = _split(one, 0.25, torch.Generator().manual_seed(0))
+    assert len(held1) == 2 and len(train1) == 6
+    for batch_size in (4, 6, 13):
+        micro = _micro_batches(train, batch_size, True, torch.Generator().manual_seed(1))
+        assert sorted(i for m in micro for i in m) == list(range(len(train)))
+        assert all(len(m) <= batch_size for m in micro)
+        prompts = [train[i]["prompt"] for m in micro for i in m]
+        assert len([p for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1]]) == 15  # contiguous
+        if batch_size >= 6:  # a prompt's 6 pairs fit: never split across micro-batches, whole prompts packed
+            assert all(len({train[i]["prompt"] for i in m}) == len(m) // 6 for m in micro)
+            assert len(micro) == -(-15 // (batch_size // 6))
+        else:
+            assert sorted(len(m) for m in micro) == [2] * 15 + [4] * 15
     for pooling in ("last", "response_mean"):
         s = train_reward_model(_model(tok, seed=2), tok, rows, eval_fraction=0.25, epochs=3, batch_size=6, lr=2e-3,
                                max_len=32, pooling=pooling, progress=False)
-        assert s["n_eval"] == 30 and s["reward_model"].pooling == pooling
+        assert s["n_eval"] == 30 and s["reward_model"].pooling == pooling and s["steps"] == 3 * 15
         assert s["eval_accuracy"] >= 0.8, (pooling, s["eval"])
+
+
+def test_each_prompt_weighs_the_same(tok, monkeypatch):
+    """group_by_prompt: a prompt's pairs share one unit of weight in the step loss (InstructGPT)."""
+    import rlhf_engine.trainer.reward_model as rm_mod
+
+    rows = ranked_pairs(1, k=4, seed=5) + ranked_pairs(1, k=2, seed=6)  # 6 pairs + 1 pair
+    seen = []
+    real = rm_mod.pairwise_reward_loss
+
+    def spy(rc, rr, margin=None, weight=None):
+        seen.append(weight.tolist())
+        return real(rc, rr, margin, weight=weight)
+
+    monkeypatch.setattr(rm_mod, "pairwise_reward_loss", spy)
+    s = train_reward_model(_model(tok), tok, rows, eval_fraction=0.0, batch_size=7, max_len=32, progress=False)
+    assert s["steps"] == 1 and sorted(seen[0]) == pytest.approx([1 / 6] * 6 + [1.0])
+    seen.clear()
+    train_reward_model(_model(tok), tok, rows, eval_fraction=0.0, batch_size=7, max_len=32, group_by_prompt=False,
+                       progress=False)
+    assert seen[0] == [1.0] * 7
 
 
 @pytest.mark.gpu

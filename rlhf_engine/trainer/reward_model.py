@@ -9,13 +9,14 @@ fp32 whatever the trunk's dtype, and h (H,) pooled from the trunk's final hidden
     (SmolLM2-135M, 8 samples of each of 97 prompts, all pairs; 831 pairs of 32 held-out prompts) a linear
     probe of the frozen trunk reached 0.71 held-out pairwise accuracy with this pooling and 0.59 with "last":
     a word-level preference is spread over the response, and the last position holds little of it until the
-    trunk is trained. Fine-tuned whole, both reach about 0.67 (benchmarks/RESULTS.md, "CPU").
+    trunk is trained. Fine-tuned whole, both reach about 0.67, but PPO gained VADER only against this one
+    (benchmarks/RESULTS.md, "Reward model on the CPU").
 A ``RewardModel`` is a token reward for PPO (``takes_tokens = True``, see ``rlhf_engine.rewards``):
 ``rm(input_ids, attention_mask) -> (B,)`` fp32, with ``response_mask=`` as well for "response_mean"
 (``takes_response_mask``). Training minimizes the pairwise (Bradley-Terry) loss -log σ(r_chosen - r_rejected -
 margin) of ``rlhf_engine.algo.pairwise_reward_loss``; by default the pairs of one prompt are trained together,
-each distinct response forwarded once (InstructGPT's K(K-1)/2 comparisons of K ranked samples as one batch
-element).
+each distinct response forwarded once and each prompt weighing the same (InstructGPT's K(K-1)/2 comparisons of
+K ranked samples as one batch element).
 
 On disk (``save_reward_model``): a Hugging Face model directory for the trunk
 (config.json + model.safetensors written by ``rlhf_engine.model.loading.save_pretrained``,
@@ -166,7 +167,8 @@ def save_reward_model(rm: RewardModel, directory: str | Path, tokenizer=None) ->
                 "bias": (rm.score_head.bias.detach().float().cpu().contiguous() if rm.score_head.bias is not None
                          else torch.zeros(1))}
         save_file(head, str(tmp / HEAD_FILE), metadata={"format": "pt"})
-        meta = {"format": FORMAT, "version": 1, "hidden_size": rm.config.hidden_size,
+        # version 2: "response_mean" pooling, which a version-1 reader would silently score at the last token
+        meta = {"format": FORMAT, "version": 1 if rm.pooling == "last" else 2, "hidden_size": rm.config.hidden_size,
                 "score_position": _SCORE_POSITION[rm.pooling], "head_dtype": "float32"}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _atomic_swap(tmp, target)
@@ -202,9 +204,10 @@ def load_reward_model(directory: str | Path, *, dtype: torch.dtype = torch.float
         raise ValueError(f"{path / HEAD_FILE}: weight has shape {tuple(head_sd['weight'].shape)}, expected (1, {H})")
     head = ScalarHead(H, bias=True, device=device, dtype=torch.float32)
     head.load_state_dict({k: v.to(device) for k, v in head_sd.items()})
-    position = "last_valid_token"
-    if (path / META_FILE).is_file():
-        position = json.loads((path / META_FILE).read_text()).get("score_position", position)
+    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+    if meta.get("version", 1) not in (1, 2):
+        raise ValueError(f"{path / META_FILE}: version {meta['version']!r} is newer than this rlhf_engine reads (1, 2)")
+    position = meta.get("score_position", "last_valid_token")
     pooling = {v: k for k, v in _SCORE_POSITION.items()}.get(position)
     if pooling is None:
         raise ValueError(f"{path / META_FILE}: score_position: expected one of {sorted(_SCORE_POSITION.values())}, "
@@ -246,18 +249,19 @@ def _load_or_wrap(model_or_path: Any, tokenizer, device, dtype, copy_model: bool
 
 def _split(pairs: list[dict], eval_fraction: float, gen: torch.Generator) -> tuple[list[dict], list[dict]]:
     """(train, held-out) rows; the held-out rows are all the pairs of a random ``eval_fraction`` of the prompts,
-    so that no held-out pair shares its prompt (or a response) with a training pair."""
+    so that no held-out pair shares its prompt (or a response) with a training pair. With a single prompt the
+    pairs themselves are split."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction: expected in [0, 1), got {eval_fraction}")
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(pairs):
         groups.setdefault(row["prompt"], []).append(i)
-    keys = list(groups)
-    order = torch.randperm(len(keys), generator=gen).tolist()
-    n_eval = 0 if eval_fraction == 0 or len(keys) < 2 else max(1, round(eval_fraction * len(keys)))
-    n_eval = min(n_eval, len(keys) - 1)
-    held = {keys[g] for g in order[:n_eval]}
-    return [r for r in pairs if r["prompt"] not in held], [r for r in pairs if r["prompt"] in held]
+    units = list(groups.values()) if len(groups) > 1 else [[i] for i in range(len(pairs))]
+    order = torch.randperm(len(units), generator=gen).tolist()
+    n_eval = 0 if eval_fraction == 0 or len(units) < 2 else max(1, round(eval_fraction * len(units)))
+    n_eval = min(n_eval, len(units) - 1)
+    held = {i for u in order[:n_eval] for i in units[u]}
+    return [r for i, r in enumerate(pairs) if i not in held], [r for i, r in enumerate(pairs) if i in held]
 
 
 def _pair_rewards(rm: RewardModel, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,18 +275,35 @@ def _pair_rewards(rm: RewardModel, batch: dict, device) -> tuple[torch.Tensor, t
     return r[batch["chosen_index"].to(device)], r[batch["rejected_index"].to(device)]
 
 
-def _prompt_grouped_order(rows: list[dict], gen: torch.Generator) -> list[int]:
-    """A shuffled order of the rows in which the pairs of one prompt stay together (prompts shuffled, then the
-    pairs within each prompt)."""
+def _micro_batches(rows: list[dict], batch_size: int, group_by_prompt: bool, gen: torch.Generator) -> list[list[int]]:
+    """One epoch's micro-batches of row indices (at most ``batch_size`` pairs each).
+
+    group_by_prompt: the prompts are shuffled, then the pairs of each; whole prompts are packed into a
+    micro-batch while they fit, and a prompt with more than ``batch_size`` pairs fills micro-batches of its
+    own. Otherwise the pairs are shuffled alone and cut into consecutive micro-batches.
+    """
+    if not group_by_prompt:
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(row["prompt"], []).append(i)
     keys = list(groups)
-    order = []
+    micro: list[list[int]] = []
+    current: list[int] = []
     for g in torch.randperm(len(keys), generator=gen).tolist():
         members = groups[keys[g]]
-        order += [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
-    return order
+        members = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
+        if len(current) + len(members) > batch_size and current:
+            micro.append(current)
+            current = []
+        while len(members) > batch_size:
+            micro.append(members[:batch_size])
+            members = members[batch_size:]
+        current += members
+    if current:
+        micro.append(current)
+    return micro
 
 
 @torch.no_grad()
@@ -333,10 +354,12 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
             trunk is frozen except the adapters; the head always trains).
         chat_template: render prompts as a chat user turn; append_eos: reward read on an EOS.
         pooling: "last" or "response_mean" for a new head (None: "last", or the given reward model's own).
-        group_by_prompt: keep the pairs of one prompt together in the shuffled order, so that a micro-batch
-            holds a prompt's comparisons together and forwards each distinct response once (InstructGPT's
-            K(K-1)/2 comparisons of K ranked samples as one batch element: a sample seen in K-1 pairs is one
-            row of one step, not K-1 rows spread over the epoch, which overfits). False: pairs shuffled alone.
+        group_by_prompt: train a prompt's comparisons together, as InstructGPT does with the K(K-1)/2
+            comparisons of K ranked samples: whole prompts are packed into micro-batches of at most
+            ``batch_size`` pairs (a larger prompt fills micro-batches of its own), each distinct response is
+            forwarded once, and each pair weighs 1 / (its prompt's number of pairs), so every prompt counts
+            the same. A sample in K-1 pairs is then one row of one step, not K-1 rows spread over the epoch,
+            which overfits. False: pairs shuffled alone, each weighing the same.
         device: default the model's. seed: split, shuffling, head init. log_fn(step, metrics).
     Returns:
         summary dict: ``reward_model`` (the trained RewardModel), ``tokenizer``, ``train_loss``
@@ -365,9 +388,15 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
         apply_lora(rm.model, **lora)
     rm.model.gradient_checkpointing = gradient_checkpointing
     opt = MasterWeightAdamW(rm.parameters(), lr=lr, weight_decay=weight_decay)
-    n_micro = math.ceil(len(train_rows) / batch_size)
-    steps_per_epoch = math.ceil(n_micro / grad_accum)
-    total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    plan = [_micro_batches(train_rows, batch_size, group_by_prompt, gen) for _ in range(epochs)]
+    all_steps = sum(math.ceil(len(micro) / grad_accum) for micro in plan)
+    total_steps = all_steps if max_steps is None else min(max_steps, all_steps)
+    # group_by_prompt: each prompt's pairs share one unit of weight (InstructGPT divides a prompt's loss by its
+    # number of comparisons), so a prompt with 28 ranked pairs does not count 28 times one with a single pair
+    per_prompt: dict[str, int] = {}
+    for row in train_rows:
+        per_prompt[row["prompt"]] = per_prompt.get(row["prompt"], 0) + 1
+    pair_weight = [1.0 / per_prompt[r["prompt"]] if group_by_prompt else 1.0 for r in train_rows]
     sched = lr_schedule(opt, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps)
     ev_kw = dict(batch_size=2 * batch_size, max_len=max_len, use_margin=use_margin, chat_template=chat_template,
                  append_eos=append_eos, device=device)
@@ -380,18 +409,16 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
     was_training = rm.training
     t0 = time.perf_counter()
     step, n_pairs = 0, 0
-    for _ in range(epochs):
+    for micro in plan:
         if step >= total_steps:
             break
         rm.train()
-        order = (_prompt_grouped_order(train_rows, gen) if group_by_prompt
-                 else torch.randperm(len(train_rows), generator=gen).tolist())
-        micro = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
         for s in range(0, len(micro), grad_accum):
             if step >= total_steps:
                 break
             group = micro[s: s + grad_accum]
             n_step = sum(len(g) for g in group)
+            w_step = sum(pair_weight[i] for g in group for i in g)
             opt.zero_grad()
             loss_sum = torch.zeros((), device=device)
             acc_sum = torch.zeros((), device=device)
@@ -400,8 +427,9 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
                                            chat_template=chat_template, append_eos=append_eos, dedup=True)
                 rc, rr = _pair_rewards(rm, batch, device)
                 margin = batch["margin"].to(device) if (use_margin and batch["margin"] is not None) else None
-                loss, acc = pairwise_reward_loss(rc, rr, margin)
-                w = len(idx) / n_step  # pair-mean over the whole optimizer step
+                weights = [pair_weight[i] for i in idx]
+                loss, acc = pairwise_reward_loss(rc, rr, margin, weight=torch.tensor(weights, device=device))
+                w = sum(weights) / w_step  # the weighted pair mean over the whole optimizer step
                 (loss * w).backward()
                 loss_sum += loss.detach() * w
                 acc_sum += acc * w
