@@ -1,7 +1,15 @@
-"""Command line: ``rlhf-engine ppo [--config FILE] [section.key=value ...]``.
+"""Command line: the InstructGPT stages, each on its own, and the whole pipeline.
+
+  rlhf-engine sft --data sft.jsonl --output DIR [--config FILE] [section.key=value ...]
+  rlhf-engine rm  --data preferences.jsonl --output DIR [--config FILE] [section.key=value ...]
+  rlhf-engine ppo [--config FILE] [--prompts FILE] [section.key=value ...]
+  rlhf-engine pipeline [...]       sample pairs -> VADER labels -> reward model -> PPO
 
 With no config, ``ppo`` runs the demo (rlhf_engine/configs/ppo_demo.yaml): PPO on the real
-SmolLM2-135M-Instruct against VADER sentiment, on the GPU when there is one.
+SmolLM2-135M-Instruct against VADER sentiment, on the GPU when there is one. ``sft`` and ``rm``
+start from the config's ``model`` (the demo's by default) and write a Hugging Face model directory
+(``rm``: plus its score head), which ``model.name_or_path=DIR`` and ``reward.kind=model
+reward.path=DIR`` then hand to ``ppo``.
 """
 from __future__ import annotations
 
@@ -48,6 +56,43 @@ def cmd_ppo(args) -> int:
     return 0
 
 
+def _stage_engine(args):
+    from .engine import Engine
+
+    engine = Engine(args.config or DEMO_CONFIG, overrides=args.overrides)
+    print(f"rlhf_engine {args.command}: model={engine.config.model.name_or_path} device={engine.device} "
+          f"data={args.data}", flush=True)
+    return engine
+
+
+def cmd_sft(args) -> int:
+    from .model.loading import save_pretrained
+
+    engine = _stage_engine(args)
+    s = engine.train_sft(args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         max_len=args.max_len, grad_accum=args.grad_accum, chat_template=args.chat_template,
+                         progress=engine.config.run.progress)
+    model, tok = engine.policy()
+    out = save_pretrained(model, args.output, tok)
+    print(f"SFT: {s['steps']} steps, loss {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; saved to {out}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from .trainer.reward_model import save_reward_model
+
+    engine = _stage_engine(args)
+    s = engine.train_reward_model(args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                  max_len=args.max_len, grad_accum=args.grad_accum, pooling=args.pooling,
+                                  eval_fraction=args.eval_fraction, chat_template=args.chat_template,
+                                  progress=engine.config.run.progress)
+    out = save_reward_model(s["reward_model"], args.output, s["tokenizer"])
+    acc = s["eval_accuracy"]
+    print(f"reward model: {s['steps']} steps on {s['n_train']} pairs, held-out accuracy "
+          f"{'n/a' if acc is None else f'{acc:.3f}'} ({s['n_eval']} pairs); saved to {out}")
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     from .engine import Engine
     from .pipeline import PipelineOptions, run_pipeline
@@ -64,7 +109,9 @@ def cmd_pipeline(args) -> int:
     s = run_pipeline(engine, opts)
     _print_samples("Held-out continuations BEFORE PPO:", s["samples_before"])
     _print_samples("Held-out continuations AFTER PPO:", s["samples_after"])
-    print(f"\npreference pairs: {s['pairs']}  reward-model held-out accuracy: {s['rm_eval_accuracy']:.3f}")
+    acc = s["rm_eval_accuracy"]
+    print(f"\npreference pairs: {s['pairs']}  reward-model held-out accuracy: "
+          f"{'n/a' if acc is None else f'{acc:.3f}'}")
     print(f"VADER on held-out prompts: before {s['vader_before']:+.4f}  after {s['vader_after']:+.4f}  "
           f"change {s['vader_after'] - s['vader_before']:+.4f}")
     print(f"time: pairs {s['time/pairs_s']:.0f} s, reward model {s['time/reward_model_s']:.0f} s, "
@@ -119,6 +166,25 @@ def main(argv=None) -> int:
                    help="the reward model's hidden state: the last token's, or the mean over the response")
     q.add_argument("overrides", nargs="*", help="section.key=value overrides")
     q.set_defaults(func=cmd_pipeline)
+    for name, func, lr, bs, what in (("sft", cmd_sft, 1e-5, 8, "prompt/response or chat rows (JSONL)"),
+                                     ("rm", cmd_rm, 2e-5, 16, "prompt/chosen/rejected rows (JSONL)")):
+        c = sub.add_parser(name, help=("supervised fine-tuning of the policy" if name == "sft" else
+                                       "train a reward model on preference pairs"))
+        c.add_argument("--data", required=True, help=what)
+        c.add_argument("--output", required=True, help="directory to write (replaced atomically)")
+        c.add_argument("--config", help="engine config for the model and device (default: the demo config)")
+        c.add_argument("--epochs", type=int, default=1)
+        c.add_argument("--lr", type=float, default=lr)
+        c.add_argument("--batch-size", type=int, default=bs,
+                       help="sequences per micro-batch" if name == "sft" else "pairs per micro-batch")
+        c.add_argument("--grad-accum", type=int, default=1)
+        c.add_argument("--max-len", type=int, default=512)
+        c.add_argument("--chat-template", action="store_true", help="render prompts with the tokenizer's chat template")
+        if name == "rm":
+            c.add_argument("--pooling", choices=("last", "response_mean"), default="last")
+            c.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts held out")
+        c.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.device=cpu")
+        c.set_defaults(func=func)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -24,6 +24,35 @@ def test_cli_ppo_one_step_on_smollm2(tmp_path):
     assert (out / "checkpoints" / "step-000001").is_dir()
 
 
+def test_cli_sft_then_rm_then_ppo_on_smollm2(tmp_path, capsys):
+    """The InstructGPT stages one command each, on the real checkpoint: SFT writes a model directory, the reward
+    model trains from it, and PPO runs from the SFT model against that reward model."""
+    from pathlib import Path
+
+    from rlhf_engine.trainer.reward_model import load_reward_model
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "data"
+    quiet = ["run.progress=false"]
+    sft, rm = tmp_path / "sft", tmp_path / "rm"
+    assert cli.main(["sft", "--data", str(data / "sft.jsonl"), "--output", str(sft), "--batch-size", "4",
+                     "--max-len", "48", *quiet]) == 0
+    assert "SFT: 2 steps" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in sft.iterdir()}
+    assert cli.main(["rm", "--data", str(data / "preferences.jsonl"), "--output", str(rm), "--batch-size", "4",
+                     "--pooling", "response_mean", "--eval-fraction", "0.3", "--max-len", "64",
+                     f"model.name_or_path={sft}", *quiet]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    assert load_reward_model(rm).pooling == "response_mean"
+    out = tmp_path / "run"
+    assert cli.main(["ppo", f"model.name_or_path={sft}", "reward.kind=model", f"reward.path={rm}", "run.steps=1",
+                     "run.prompts_per_step=2", "ppo.minibatch_size=2", "ppo.micro_batch_size=2", "run.eval_prompts=0",
+                     "generation.max_new_tokens=4", f"run.output_dir={out}", *quiet]) == 0
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "time/step_s" in x]
+    assert len(steps) == 1 and steps[0]["reward/mean"] == steps[0]["reward/mean"]  # finite, not NaN
+    assert cli.main(["rm", "--data", str(tmp_path / "none.jsonl"), "--output", str(rm), *quiet]) == 2
+    assert "none.jsonl" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=abc", "optim.lr"),
     ("nope.x=1", "unknown section"),
