@@ -59,19 +59,31 @@ def cmd_ppo(args) -> int:
 def _stage_engine(args):
     from .engine import Engine
 
+    if not Path(args.data).exists():  # before the model is loaded
+        raise FileNotFoundError(f"--data: {args.data} does not exist")
     engine = Engine(args.config or DEMO_CONFIG, overrides=args.overrides)
     print(f"rlhf_engine {args.command}: model={engine.config.model.name_or_path} device={engine.device} "
           f"data={args.data}", flush=True)
     return engine
 
 
+def _stage_kwargs(args, engine) -> dict:
+    """What sft and rm take from the flags and the config (model.gradient_checkpointing, lora.*)."""
+    cfg = engine.config
+    lora = None
+    if cfg.lora.enabled:
+        lora = dict(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                    dropout=cfg.lora.dropout)
+    return dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len,
+                grad_accum=args.grad_accum, chat_template=args.chat_template, lora=lora,
+                gradient_checkpointing=cfg.model.gradient_checkpointing, progress=cfg.run.progress)
+
+
 def cmd_sft(args) -> int:
     from .model.loading import save_pretrained
 
     engine = _stage_engine(args)
-    s = engine.train_sft(args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         max_len=args.max_len, grad_accum=args.grad_accum, chat_template=args.chat_template,
-                         progress=engine.config.run.progress)
+    s = engine.train_sft(args.data, **_stage_kwargs(args, engine))
     model, tok = engine.policy()
     out = save_pretrained(model, args.output, tok)
     print(f"SFT: {s['steps']} steps, loss {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}; saved to {out}")
@@ -82,10 +94,8 @@ def cmd_rm(args) -> int:
     from .trainer.reward_model import save_reward_model
 
     engine = _stage_engine(args)
-    s = engine.train_reward_model(args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                  max_len=args.max_len, grad_accum=args.grad_accum, pooling=args.pooling,
-                                  eval_fraction=args.eval_fraction, chat_template=args.chat_template,
-                                  progress=engine.config.run.progress)
+    s = engine.train_reward_model(args.data, pooling=args.pooling, eval_fraction=args.eval_fraction,
+                                  **_stage_kwargs(args, engine))
     out = save_reward_model(s["reward_model"], args.output, s["tokenizer"])
     acc = s["eval_accuracy"]
     print(f"reward model: {s['steps']} steps on {s['n_train']} pairs, held-out accuracy "
@@ -172,7 +182,7 @@ def main(argv=None) -> int:
                                        "train a reward model on preference pairs"))
         c.add_argument("--data", required=True, help=what)
         c.add_argument("--output", required=True, help="directory to write (replaced atomically)")
-        c.add_argument("--config", help="engine config for the model and device (default: the demo config)")
+        c.add_argument("--config", help="engine config: its model.*, lora.* and run.* apply (default: the demo's)")
         c.add_argument("--epochs", type=int, default=1)
         c.add_argument("--lr", type=float, default=lr)
         c.add_argument("--batch-size", type=int, default=bs,

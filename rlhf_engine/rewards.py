@@ -39,13 +39,17 @@ class VaderSentimentReward:
         return [self._analyzer.polarity_scores(r)["compound"] for r in responses]
 
 
-def token_reward(fn: Callable, *, response_mask: bool = False) -> Callable:
+def token_reward(fn: Callable | None = None, *, response_mask: bool = False) -> Callable:
     """Mark a callable as a token reward: ``fn(input_ids, attention_mask) -> (B,) tensor``, or with
     ``response_mask=True`` ``fn(input_ids, attention_mask, response_mask=...)`` (what a "response_mean" reward
-    model needs when wrapped)."""
-    fn.takes_tokens = True
-    fn.takes_response_mask = response_mask
-    return fn
+    model needs when wrapped). Works as ``token_reward(fn)``, ``@token_reward`` and
+    ``@token_reward(response_mask=True)``."""
+    def mark(f: Callable) -> Callable:
+        f.takes_tokens = True
+        f.takes_response_mask = response_mask
+        return f
+
+    return mark if fn is None else mark(fn)
 
 
 def as_score_tensor(scores, batch: int, device: torch.device) -> torch.Tensor:

@@ -258,8 +258,9 @@ def test_pairwise_reward_loss_weighted():
     per = [-math.log(1 / (1 + math.exp(-(a - b - 0.5)))) for a, b in zip(c.tolist(), r.tolist())]
     assert loss.item() == pytest.approx(sum(x * y for x, y in zip(per, w.tolist())) / 3.0, rel=1e-12)
     assert acc.item() == pytest.approx(sum(a > b for a, b in zip(c.tolist(), r.tolist())) / 7)  # unweighted
-    with pytest.raises(ValueError, match="weight"):
-        algo.pairwise_reward_loss(c, r, weight=w[:3])
+    for bad in (w[:3], torch.zeros(7, dtype=torch.float64), -w):
+        with pytest.raises(ValueError, match="weight"):
+            algo.pairwise_reward_loss(c, r, weight=bad)
 
 
 def test_explained_variance():

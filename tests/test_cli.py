@@ -24,6 +24,7 @@ def test_cli_ppo_one_step_on_smollm2(tmp_path):
     assert (out / "checkpoints" / "step-000001").is_dir()
 
 
+@pytest.mark.slow
 def test_cli_sft_then_rm_then_ppo_on_smollm2(tmp_path, capsys):
     """The InstructGPT stages one command each, on the real checkpoint: SFT writes a model directory, the reward
     model trains from it, and PPO runs from the SFT model against that reward model."""

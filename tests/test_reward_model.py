@@ -219,12 +219,23 @@ def test_response_mean_pooling(tok, tmp_path):
     with pytest.raises(ValueError, match="pooling"):  # a saved model keeps its pooling
         train_reward_model(tmp_path / "rm", tok, separable_pairs(4), pooling="last", progress=False)
     meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
-    assert meta["version"] == 2 and meta["score_position"] == "response_mean"  # a version-1 reader would misread it
+    assert meta["version"] == 2 and meta["score_position"] == "response_mean"
     (tmp_path / "rm" / "reward_model.json").write_text(json.dumps(dict(meta, version=3)))
     with pytest.raises(ValueError, match="version"):
         load_reward_model(tmp_path / "rm")
     wrapped = token_reward(lambda ids, m, response_mask: rm.score(ids, m, response_mask), response_mask=True)
     assert wrapped.takes_tokens and wrapped.takes_response_mask
+
+    @token_reward(response_mask=True)
+    def decorated(ids, m, response_mask):
+        return rm.score(ids, m, response_mask)
+
+    @token_reward
+    def plain(ids, m):
+        return rm.score(ids, m, torch.ones_like(m))
+
+    assert decorated.takes_response_mask and plain.takes_tokens and not plain.takes_response_mask
+    assert torch.equal(decorated(ids, mask, resp), r)
 
 
 def test_grouped_training_holds_out_whole_prompts(tok):
@@ -260,6 +271,7 @@ def test_each_prompt_weighs_the_same(tok, monkeypatch):
     import rlhf_engine.trainer.reward_model as rm_mod
 
     rows = ranked_pairs(1, k=4, seed=5) + ranked_pairs(1, k=2, seed=6)  # 6 pairs + 1 pair
+    assert rows[0]["prompt"] != rows[-1]["prompt"]
     seen = []
     real = rm_mod.pairwise_reward_loss
 
@@ -274,6 +286,29 @@ def test_each_prompt_weighs_the_same(tok, monkeypatch):
     train_reward_model(_model(tok), tok, rows, eval_fraction=0.0, batch_size=7, max_len=32, group_by_prompt=False,
                        progress=False)
     assert seen[0] == [1.0] * 7
+
+
+def test_grad_accum_gives_the_weighted_mean_gradient(tok, monkeypatch):
+    """One step of 7 pairs in one micro-batch, or 7 micro-batches of one accumulated: the same gradient, that of
+    the per-prompt weighted mean."""
+    from rlhf_engine.trainer.optim import MasterWeightAdamW
+
+    rows = ranked_pairs(1, k=4, seed=5) + ranked_pairs(1, k=2, seed=6)  # 6 pairs + 1 pair
+    grads = []
+    real_step = MasterWeightAdamW.step
+
+    def spy(self, *a, **k):
+        grads.append({i: m.grad.detach().clone() for i, m in enumerate(self.masters) if m.grad is not None})
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(MasterWeightAdamW, "step", spy)
+    kw = dict(eval_fraction=0.0, max_len=32, max_grad_norm=None, progress=False)
+    s1 = train_reward_model(_model(tok, seed=3), tok, rows, batch_size=7, **kw)
+    s7 = train_reward_model(_model(tok, seed=3), tok, rows, batch_size=1, grad_accum=7, **kw)
+    assert s1["steps"] == s7["steps"] == 1 and grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for i in grads[0]:
+        torch.testing.assert_close(grads[1][i], grads[0][i], rtol=1e-4, atol=1e-6)
+    assert s1["train_loss"][0] == pytest.approx(s7["train_loss"][0], rel=1e-5)
 
 
 @pytest.mark.gpu

@@ -33,6 +33,8 @@ def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: t
         loss = per_pair.mean()
     else:
         check_1d("weight", weight, chosen.shape[0])
+        if bool((weight < 0).any()) or not bool(weight.sum() > 0):
+            raise ValueError(f"weight: expected non-negative pair weights with a positive sum, got {weight.tolist()}")
         loss = (per_pair * weight).sum() / weight.sum()
     accuracy = (chosen > rejected).to(chosen.dtype).mean().detach()
     return loss, accuracy

@@ -167,7 +167,7 @@ def save_reward_model(rm: RewardModel, directory: str | Path, tokenizer=None) ->
                 "bias": (rm.score_head.bias.detach().float().cpu().contiguous() if rm.score_head.bias is not None
                          else torch.zeros(1))}
         save_file(head, str(tmp / HEAD_FILE), metadata={"format": "pt"})
-        # version 2: "response_mean" pooling, which a version-1 reader would silently score at the last token
+        # version 2: "response_mean" pooling; readers from now on refuse versions they do not know
         meta = {"format": FORMAT, "version": 1 if rm.pooling == "last" else 2, "hidden_size": rm.config.hidden_size,
                 "score_position": _SCORE_POSITION[rm.pooling], "head_dtype": "float32"}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -250,7 +250,7 @@ def _load_or_wrap(model_or_path: Any, tokenizer, device, dtype, copy_model: bool
 def _split(pairs: list[dict], eval_fraction: float, gen: torch.Generator) -> tuple[list[dict], list[dict]]:
     """(train, held-out) rows; the held-out rows are all the pairs of a random ``eval_fraction`` of the prompts,
     so that no held-out pair shares its prompt (or a response) with a training pair. With a single prompt the
-    pairs themselves are split."""
+    pairs themselves are split (held-out pairs may then share responses with training pairs)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction: expected in [0, 1), got {eval_fraction}")
     groups: dict[str, list[int]] = {}
@@ -358,7 +358,8 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
             comparisons of K ranked samples: whole prompts are packed into micro-batches of at most
             ``batch_size`` pairs (a larger prompt fills micro-batches of its own), each distinct response is
             forwarded once, and each pair weighs 1 / (its prompt's number of pairs), so every prompt counts
-            the same. A sample in K-1 pairs is then one row of one step, not K-1 rows spread over the epoch,
+            the same (exactly when each prompt's pairs fit in one optimizer step, batch_size x grad_accum
+            pairs; the step loss is the weighted mean over the step's pairs). A sample in K-1 pairs is then one row of one step, not K-1 rows spread over the epoch,
             which overfits. False: pairs shuffled alone, each weighing the same.
         device: default the model's. seed: split, shuffling, head init. log_fn(step, metrics).
     Returns:
@@ -432,7 +433,7 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
                 w = sum(weights) / w_step  # the weighted pair mean over the whole optimizer step
                 (loss * w).backward()
                 loss_sum += loss.detach() * w
-                acc_sum += acc * w
+                acc_sum += acc * (len(idx) / n_step)  # the pair mean, as the held-out accuracy
             grad_norm = opt.clip_grad_norm_(max_grad_norm)
             opt.step()
             sched.step()
