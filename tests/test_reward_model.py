@@ -312,14 +312,19 @@ def test_grad_accum_gives_the_weighted_mean_gradient(tok, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_reward_model_on_cuda_bf16(tok, tmp_path):
+@pytest.mark.parametrize("pooling", ["last", "response_mean"])
+def test_reward_model_on_cuda_bf16(tok, tmp_path, pooling):
     torch.manual_seed(0)
     lm = CausalLM(preset("tiny-llama", vocab_size=len(tok))).to("cuda", torch.bfloat16)  # attn "auto": Triton
     s = train_reward_model(lm, tok, separable_pairs(160), eval_fraction=0.25, epochs=2, batch_size=16, lr=2e-3,
-                           max_len=32, progress=False)
+                           max_len=32, pooling=pooling, progress=False)
     assert s["eval_accuracy"] >= 0.9, s["eval"]
     rm = s["reward_model"]
     b = collate_preference(tok, separable_pairs(4, seed=3), 32)
     ids, mask = b["input_ids"].cuda(), b["attention_mask"].cuda()
+    resp = ((torch.arange(ids.shape[1])[None] >= b["response_start"][:, None]).cuda() & mask.bool()).long()
+    resp = resp if pooling == "response_mean" else None
     loaded = load_reward_model(save_reward_model(rm, tmp_path / "rm"), dtype=torch.bfloat16, device="cuda")
-    assert torch.equal(loaded.score(ids, mask), rm.score(ids, mask))
+    scores = rm.score(ids, mask, resp)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert torch.equal(loaded.score(ids, mask, resp), scores)
