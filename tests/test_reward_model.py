@@ -239,7 +239,7 @@ def test_response_mean_pooling(tok, tmp_path):
 
 
 def test_grouped_training_holds_out_whole_prompts(tok):
-    from rlhf_engine.trainer.reward_model import _plan_epoch, _split
+    from rlhf_engine.trainer.reward_model import _micro_batches, _split
 
     rows = ranked_pairs(20, k=4, seed=3)  # 6 pairs per prompt
     train, held = _split(rows, 0.25, torch.Generator().manual_seed(0))
@@ -248,8 +248,8 @@ def test_grouped_training_holds_out_whole_prompts(tok):
     one = [dict(r, prompt="same") for r in rows[:8]]  # a single prompt: its pairs are split instead
     train1, held1 = _split(one, 0.25, torch.Generator().manual_seed(0))
     assert len(held1) == 2 and len(train1) == 6
-    for batch_size in (4, 6, 13):  # one micro-batch a step
-        micro = [m for step in _plan_epoch(train, batch_size, 1, True, torch.Generator().manual_seed(1)) for m in step]
+    for batch_size in (4, 6, 13):
+        micro = _micro_batches(train, batch_size, True, torch.Generator().manual_seed(1))
         assert sorted(i for m in micro for i in m) == list(range(len(train)))
         assert all(len(m) <= batch_size for m in micro)
         prompts = [train[i]["prompt"] for m in micro for i in m]
@@ -259,16 +259,6 @@ def test_grouped_training_holds_out_whole_prompts(tok):
             assert len(micro) == -(-15 // (batch_size // 6))
         else:
             assert sorted(len(m) for m in micro) == [2] * 15 + [4] * 15
-    for batch_size, accum in ((4, 2), (5, 3), (2, 6)):  # steps of 8, 15, 12 pairs: a prompt's 6 pairs fit in one
-        steps = _plan_epoch(train, batch_size, accum, True, torch.Generator().manual_seed(2))
-        assert sorted(i for st in steps for m in st for i in m) == list(range(len(train)))
-        for st in steps:
-            assert len(st) <= accum and all(len(m) <= batch_size for m in st)
-            prompts = [train[i]["prompt"] for m in st for i in m]
-            assert all(prompts.count(q) == 6 for q in prompts)  # every prompt of the step is whole in it
-        assert len(steps) == -(-15 // (batch_size * accum // 6))
-    plain = _plan_epoch(train, 4, 3, False, torch.Generator().manual_seed(2))
-    assert [len(st) for st in plain] == [3] * 7 + [2] and all(len(m) == 4 for st in plain for m in st[:-1])
     for pooling in ("last", "response_mean"):
         s = train_reward_model(_model(tok, seed=2), tok, rows, eval_fraction=0.25, epochs=3, batch_size=6, lr=2e-3,
                                max_len=32, pooling=pooling, progress=False)

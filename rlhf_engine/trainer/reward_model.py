@@ -275,50 +275,35 @@ def _pair_rewards(rm: RewardModel, batch: dict, device) -> tuple[torch.Tensor, t
     return r[batch["chosen_index"].to(device)], r[batch["rejected_index"].to(device)]
 
 
-def _pack(units: list[list[int]], cap: int) -> list[list[list[int]]]:
-    """Consecutive units (lists of row indices) packed whole into bins of at most ``cap`` rows, each bin a list of
-    units; a unit larger than ``cap`` is cut into pieces, the full ones bins of their own and the rest a unit."""
-    bins: list[list[list[int]]] = []
-    current: list[list[int]] = []
-    size = 0
-    for unit in units:
-        if current and size + len(unit) > cap:
-            bins.append(current)
-            current, size = [], 0
-        while len(unit) > cap:
-            bins.append([unit[:cap]])
-            unit = unit[cap:]
-        if unit:
-            current.append(unit)
-            size += len(unit)
-    if current:
-        bins.append(current)
-    return bins
+def _micro_batches(rows: list[dict], batch_size: int, group_by_prompt: bool, gen: torch.Generator) -> list[list[int]]:
+    """One epoch's micro-batches of row indices (at most ``batch_size`` pairs each).
 
-
-def _plan_epoch(rows: list[dict], batch_size: int, grad_accum: int, group_by_prompt: bool,
-                gen: torch.Generator) -> list[list[list[int]]]:
-    """One epoch's optimizer steps, each a list of micro-batches (row indices, at most ``batch_size`` pairs).
-
-    group_by_prompt: the prompts are shuffled, then the pairs of each; whole prompts are packed into a step of at
-    most ``batch_size * grad_accum`` pairs while they fit (a prompt with more fills steps of its own), and the
-    step's pairs, a prompt's together, are cut into ``grad_accum`` micro-batches at most. Otherwise the pairs are
-    shuffled alone and cut into consecutive micro-batches, ``grad_accum`` a step.
+    group_by_prompt: the prompts are shuffled, then the pairs of each; whole prompts are packed into a
+    micro-batch while they fit, and a prompt with more than ``batch_size`` pairs fills micro-batches of its
+    own. Otherwise the pairs are shuffled alone and cut into consecutive micro-batches.
     """
     if not group_by_prompt:
         order = torch.randperm(len(rows), generator=gen).tolist()
-        micro = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-        return [micro[i: i + grad_accum] for i in range(0, len(micro), grad_accum)]
+        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(row["prompt"], []).append(i)
     keys = list(groups)
-    units = []
+    micro: list[list[int]] = []
+    current: list[int] = []
     for g in torch.randperm(len(keys), generator=gen).tolist():
         members = groups[keys[g]]
-        units.append([members[i] for i in torch.randperm(len(members), generator=gen).tolist()])
-    steps = [[i for u in step for i in u] for step in _pack(units, batch_size * grad_accum)]
-    return [[step[i: i + batch_size] for i in range(0, len(step), batch_size)] for step in steps]
+        members = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
+        if len(current) + len(members) > batch_size and current:
+            micro.append(current)
+            current = []
+        while len(members) > batch_size:
+            micro.append(members[:batch_size])
+            members = members[batch_size:]
+        current += members
+    if current:
+        micro.append(current)
+    return micro
 
 
 @torch.no_grad()
@@ -374,8 +359,7 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
             ``batch_size`` pairs (a larger prompt fills micro-batches of its own), each distinct response is
             forwarded once, and each pair weighs 1 / (its prompt's number of pairs), so every prompt counts
             the same (exactly when each prompt's pairs fit in one optimizer step, batch_size x grad_accum
-            pairs: whole prompts are packed into steps, then into micro-batches; the step loss is the weighted
-            mean over the step's pairs). A sample in K-1 pairs is then one row of one step, not K-1 rows spread over the epoch,
+            pairs; the step loss is the weighted mean over the step's pairs). A sample in K-1 pairs is then one row of one step, not K-1 rows spread over the epoch,
             which overfits. False: pairs shuffled alone, each weighing the same.
         device: default the model's. seed: split, shuffling, head init. log_fn(step, metrics).
     Returns:
@@ -405,8 +389,8 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
         apply_lora(rm.model, **lora)
     rm.model.gradient_checkpointing = gradient_checkpointing
     opt = MasterWeightAdamW(rm.parameters(), lr=lr, weight_decay=weight_decay)
-    plan = [_plan_epoch(train_rows, batch_size, grad_accum, group_by_prompt, gen) for _ in range(epochs)]
-    all_steps = sum(len(steps) for steps in plan)
+    plan = [_micro_batches(train_rows, batch_size, group_by_prompt, gen) for _ in range(epochs)]
+    all_steps = sum(math.ceil(len(micro) / grad_accum) for micro in plan)
     total_steps = all_steps if max_steps is None else min(max_steps, all_steps)
     # group_by_prompt: each prompt's pairs share one unit of weight (InstructGPT divides a prompt's loss by its
     # number of comparisons), so a prompt with 28 ranked pairs does not count 28 times one with a single pair
@@ -426,13 +410,14 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
     was_training = rm.training
     t0 = time.perf_counter()
     step, n_pairs = 0, 0
-    for steps in plan:
+    for micro in plan:
         if step >= total_steps:
             break
         rm.train()
-        for group in steps:
+        for s in range(0, len(micro), grad_accum):
             if step >= total_steps:
                 break
+            group = micro[s: s + grad_accum]
             n_step = sum(len(g) for g in group)
             w_step = sum(pair_weight[i] for g in group for i in g)
             opt.zero_grad()
