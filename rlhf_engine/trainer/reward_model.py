@@ -358,9 +358,10 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
             comparisons of K ranked samples: whole prompts are packed into micro-batches of at most
             ``batch_size`` pairs (a larger prompt fills micro-batches of its own), each distinct response is
             forwarded once, and each pair weighs 1 / (its prompt's number of pairs), so every prompt counts
-            the same (exactly when each prompt's pairs fit in one optimizer step, batch_size x grad_accum
-            pairs; the step loss is the weighted mean over the step's pairs). A sample in K-1 pairs is then one row of one step, not K-1 rows spread over the epoch,
-            which overfits. False: pairs shuffled alone, each weighing the same.
+            the same (exactly when each prompt's pairs fit in one micro-batch, ``batch_size`` pairs: a prompt is
+            then never split across steps; the step loss is the weighted mean over the step's pairs). A sample
+            in K-1 pairs is then one row of one step, not K-1 rows spread over the epoch, which overfits.
+            False: pairs shuffled alone, each weighing the same.
         device: default the model's. seed: split, shuffling, head init. log_fn(step, metrics).
     Returns:
         summary dict: ``reward_model`` (the trained RewardModel), ``tokenizer``, ``train_loss``
