@@ -172,8 +172,8 @@ def main(argv=None) -> int:
                    help="0: every two samples with different scores; i > 0: i-th best vs i-th worst, i < this")
     q.add_argument("--rm-epochs", type=int, default=2)
     q.add_argument("--rm-lr", type=float, default=2e-5)
-    q.add_argument("--rm-pooling", choices=("last", "response_mean"), default="response_mean",
-                   help="the reward model's hidden state: the last token's, or the mean over the response")
+    q.add_argument("--rm-pooling", default="response_mean",
+                   help="the reward model's hidden state: 'last' (the last token's) or 'response_mean'")
     q.add_argument("overrides", nargs="*", help="section.key=value overrides")
     q.set_defaults(func=cmd_pipeline)
     for name, func, lr, bs, what in (("sft", cmd_sft, 1e-5, 8, "prompt/response or chat rows (JSONL)"),
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         c.add_argument("--max-len", type=int, default=512)
         c.add_argument("--chat-template", action="store_true", help="render prompts with the tokenizer's chat template")
         if name == "rm":
-            c.add_argument("--pooling", choices=("last", "response_mean"), default="last")
+            c.add_argument("--pooling", default="last", help="'last' or 'response_mean' (see --rm-pooling)")
             c.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts held out")
         c.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.device=cpu")
         c.set_defaults(func=func)

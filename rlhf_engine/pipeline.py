@@ -21,6 +21,7 @@ import torch
 
 from .engine import Engine, default_prompts
 from .rewards import VaderSentimentReward
+from .trainer.reward_model import POOLINGS
 
 
 @dataclass
@@ -44,8 +45,8 @@ class PipelineOptions:
         if not 0 <= self.pairs_per_prompt <= self.samples_per_prompt // 2:
             raise ValueError(f"pairs_per_prompt: expected 0 (all pairs) .. samples_per_prompt // 2 = "
                              f"{self.samples_per_prompt // 2}, got {self.pairs_per_prompt}")
-        if self.rm_pooling not in ("last", "response_mean"):
-            raise ValueError(f"rm_pooling: expected 'last' or 'response_mean', got {self.rm_pooling!r}")
+        if self.rm_pooling not in POOLINGS:
+            raise ValueError(f"rm_pooling: expected one of {POOLINGS}, got {self.rm_pooling!r}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction: expected a value in (0, 1), got {self.eval_fraction}")
 

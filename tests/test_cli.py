@@ -70,3 +70,8 @@ def test_keep_freed_memory(monkeypatch):
     assert cli.keep_freed_memory() is False
     monkeypatch.delenv("RLHF_ENGINE_KEEP_FREED_MEMORY")
     assert cli.keep_freed_memory() is sys.platform.startswith("linux")   # glibc here and in CI
+
+
+def test_cli_bad_pooling_exits_2_before_any_work(capsys):
+    assert cli.main(["pipeline", "--rm-pooling", "max"]) == 2
+    assert "rm_pooling" in capsys.readouterr().err

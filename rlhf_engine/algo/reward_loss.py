@@ -15,7 +15,8 @@ def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: t
         chosen, rejected: (B,) scalar rewards of the preferred and the other response.
         margin: None, a float, or a (B,) tensor (LLaMA-2 uses a larger margin for clearer preferences).
         weight: None or (B,) non-negative pair weights with a positive sum: loss = Σ w·l / Σ w (e.g. 1 / the
-            number of comparisons of the pair's prompt, InstructGPT's normalization).
+            number of comparisons of the pair's prompt, InstructGPT's normalization). Checked on the CPU; on a
+            GPU the check would cost a host sync per call, so it is the caller's there.
     Returns:
         loss (0-dim) and accuracy (0-dim, detached): the fraction of pairs with r_chosen > r_rejected (unweighted).
     """
@@ -33,7 +34,7 @@ def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: t
         loss = per_pair.mean()
     else:
         check_1d("weight", weight, chosen.shape[0])
-        if bool((weight < 0).any()) or not bool(weight.sum() > 0):
+        if weight.device.type == "cpu" and not bool((weight >= 0).all() & (weight.sum() > 0)):
             raise ValueError(f"weight: expected non-negative pair weights with a positive sum, got {weight.tolist()}")
         loss = (per_pair * weight).sum() / weight.sum()
     accuracy = (chosen > rejected).to(chosen.dtype).mean().detach()

@@ -128,8 +128,7 @@ class PPOTrainer:
         if getattr(self.reward, "takes_tokens", False):
             kw = {}
             if getattr(self.reward, "takes_response_mask", False):  # (B, T): the response's tokens
-                P = gen.sequences.shape[1] - gen.response_mask.shape[1]
-                kw["response_mask"] = F.pad(gen.response_mask, (P, 0))
+                kw["response_mask"] = F.pad(gen.response_mask, (gen.prompt_len, 0))
             scores = self.reward(gen.sequences, gen.attention_mask, **kw)
         else:
             scores = self.reward(prompts, self.sampler.decode_responses(gen.response_ids, gen.response_mask))

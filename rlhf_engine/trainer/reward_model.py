@@ -247,15 +247,21 @@ def _load_or_wrap(model_or_path: Any, tokenizer, device, dtype, copy_model: bool
                     f"{type(model_or_path).__name__}")
 
 
+def _prompt_groups(rows: list[dict]) -> dict[str, list[int]]:
+    """prompt -> the indices of its rows, in order."""
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row["prompt"], []).append(i)
+    return groups
+
+
 def _split(pairs: list[dict], eval_fraction: float, gen: torch.Generator) -> tuple[list[dict], list[dict]]:
     """(train, held-out) rows; the held-out rows are all the pairs of a random ``eval_fraction`` of the prompts,
     so that no held-out pair shares its prompt (or a response) with a training pair. With a single prompt the
     pairs themselves are split (held-out pairs may then share responses with training pairs)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction: expected in [0, 1), got {eval_fraction}")
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(pairs):
-        groups.setdefault(row["prompt"], []).append(i)
+    groups = _prompt_groups(pairs)
     units = list(groups.values()) if len(groups) > 1 else [[i] for i in range(len(pairs))]
     order = torch.randperm(len(units), generator=gen).tolist()
     n_eval = 0 if eval_fraction == 0 or len(units) < 2 else max(1, round(eval_fraction * len(units)))
@@ -285,9 +291,7 @@ def _micro_batches(rows: list[dict], batch_size: int, group_by_prompt: bool, gen
     if not group_by_prompt:
         order = torch.randperm(len(rows), generator=gen).tolist()
         return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(row["prompt"], []).append(i)
+    groups = _prompt_groups(rows)
     keys = list(groups)
     micro: list[list[int]] = []
     current: list[int] = []
@@ -395,10 +399,11 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
     total_steps = all_steps if max_steps is None else min(max_steps, all_steps)
     # group_by_prompt: each prompt's pairs share one unit of weight (InstructGPT divides a prompt's loss by its
     # number of comparisons), so a prompt with 28 ranked pairs does not count 28 times one with a single pair
-    per_prompt: dict[str, int] = {}
-    for row in train_rows:
-        per_prompt[row["prompt"]] = per_prompt.get(row["prompt"], 0) + 1
-    pair_weight = [1.0 / per_prompt[r["prompt"]] if group_by_prompt else 1.0 for r in train_rows]
+    pair_weight = [1.0] * len(train_rows)
+    if group_by_prompt:
+        for members in _prompt_groups(train_rows).values():
+            for i in members:
+                pair_weight[i] = 1.0 / len(members)
     sched = lr_schedule(opt, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps)
     ev_kw = dict(batch_size=2 * batch_size, max_len=max_len, use_margin=use_margin, chat_template=chat_template,
                  append_eos=append_eos, device=device)
