@@ -301,7 +301,7 @@ def test_atomic_dq_bf16_gpu(B, T, Hq, Hkv, D, padding, device, record_value, mon
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_flash_attention_gpu_dtypes(dtype, device):
-    q, k, v = _inputs(2, 1025, 8, 2, 128, dtype, device)
+    q, k, v = _inputs(2, 1025, 1025, 8, 2, 128, dtype, device)
     ks, ke = _ranges("right", 2, 1025, device)
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     _check(q, k, v, causal=True, kv_start=ks, kv_end=ke, atol=tol, rtol=tol)
@@ -309,7 +309,7 @@ def test_flash_attention_gpu_dtypes(dtype, device):
 
 @pytest.mark.gpu
 def test_flash_attention_compile_gpu(device):
-    q, k, v = _inputs(2, 256, 8, 2, 64, torch.bfloat16, device)
+    q, k, v = _inputs(2, 256, 256, 8, 2, 64, torch.bfloat16, device)
 
     @torch.compile(fullgraph=True)
     def f(q, k, v):
