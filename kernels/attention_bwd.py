@@ -343,8 +343,11 @@ _DQ_CONFIGS = [
     for bm, bn, w, s in [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 2)]
 ]
 # Without autotuning: (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_D; fp32 (tests) small tiles.
-_DKDV_DEFAULT = {64: (64, 128, 8, 2), 128: (32, 128, 8, 2)}
-_DQ_DEFAULT = {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
+# The autotune winners of the first H100 run (a235d55, bf16, causal, T 2048 at D = 64 and 4096 at D = 128):
+# dK/dV 32x64 with 4 warps at both head dims; dQ 64x64 / 4 warps at D = 64 and 128x32 / 4 warps at D = 128 (which
+# spills ~0.1 KB at sm_90 and still won; benchmarks/RESULTS.md).
+_DKDV_DEFAULT = {64: (32, 64, 4, 3), 128: (32, 64, 4, 3)}
+_DQ_DEFAULT = {64: (64, 64, 4, 3), 128: (128, 32, 4, 3)}
 _DKDV_FP32 = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2)
 _DQ_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=2)
 _TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "IS_CAUSAL", "HAS_KV_RANGE"]

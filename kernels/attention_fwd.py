@@ -294,7 +294,9 @@ _attn_fwd_kernel_tuned = parallel_autotune(triton.autotune(
 )(_attn_fwd_kernel))
 
 # Without autotuning (fixed_config): (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_D; fp32 (tests) a small tile.
-_FWD_DEFAULT = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
+# The autotune winners of the first H100 run (a235d55, bf16, causal, T 2048 at D = 64 and 4096 at D = 128; the TMA
+# forward's winners were the same): 64x64, 4 warps, 3 stages at both head dims (benchmarks/RESULTS.md).
+_FWD_DEFAULT = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)}
 _FWD_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
 
 # Small fixed tiles for the CPU interpreter (autotuning there would run every config).

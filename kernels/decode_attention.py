@@ -162,17 +162,34 @@ _decode_split_kernel_tuned = parallel_autotune(triton.autotune(
     configs=_DECODE_CONFIGS, key=["HEAD_DIM", "BLOCK_R", "L_BUCKET", "S_BUCKET", "SINGLE_SPLIT", "HAS_ROPE"],
 )(_decode_split_kernel))
 INTERPRETER_BLOCK_N = 32
+# Without autotuning: (BLOCK_N, num_warps, num_stages) by (HEAD_DIM, single split), else the first config. The
+# autotune winners of the first H100 run (a235d55, bf16, B=64, L=2048): one split 128 keys a step at D = 64 and 32
+# (4 stages) at D = 128; with splits 64 keys, 4 warps, 3 stages at both (benchmarks/RESULTS.md).
+_DECODE_DEFAULT = {(64, True): (128, 4, 3), (64, False): (64, 4, 3), (128, True): (32, 4, 4), (128, False): (64, 4, 3)}
+
+
+def _decode_fixed_config(head_dim: int, single: bool, dtype: torch.dtype) -> triton.Config:
+    """The tile of a CUDA launch without autotuning; fp32 (tests): 32 keys a step."""
+    if dtype == torch.float32:
+        return _DECODE_CONFIGS[-1]
+    c0 = _DECODE_CONFIGS[0]
+    bn, w, s = _DECODE_DEFAULT.get((head_dim, single), (c0.kwargs["BLOCK_N"], c0.num_warps, c0.num_stages))
+    return triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
 MAX_SPLITS = 64  # the reduce kernel holds a (splits, head dim) fp32 tile: more would spill
 
 
 def default_num_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head) so that about 4 programs run per SM (132 SMs on an H100), each split
-    keeping at least 128 positions; depends only on shapes (never on cache_lens), so it is CUDA-graph safe."""
+    """Splits per (sequence, KV head) so that about one program runs per SM (132 SMs on an H100), each split
+    keeping at least 128 positions; depends only on shapes (never on cache_lens), so it is CUDA-graph safe.
+
+    One split (no combine kernel) once the (sequence, KV head) programs alone about fill the SMs: on the first
+    H100 run (a235d55, bf16, L = 2048, CUDA-graph replays) one split beat the old rule's 5 at B * Hkv = 128
+    (28.5 against 31.9 us, D = 64) and its 2 at 512 (182 against 187 us, D = 128)."""
     sms = sm_count(device)
     programs = max(batch * kv_heads, 1)
-    splits = math.ceil(4 * sms / programs)
+    splits = sms // programs
     return int(max(1, min(splits, math.ceil(cache_len / 128), MAX_SPLITS)))
 
 
@@ -218,8 +235,8 @@ def decode_attention_forward(
     grid = (B, Hkv, num_splits)
     if q.is_cuda and block_n is None and autotune_enabled(q.dtype):
         _decode_split_kernel_tuned[grid](*args, **meta)
-    elif q.is_cuda and block_n is None:  # the first config; fp32 (tests): 32 keys a step
-        c = _DECODE_CONFIGS[-1 if q.dtype == torch.float32 else 0]
+    elif q.is_cuda and block_n is None:
+        c = _decode_fixed_config(D, single, q.dtype)
         _decode_split_kernel[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         _decode_split_kernel[grid](*args, **meta, BLOCK_N=block_n or INTERPRETER_BLOCK_N, num_warps=4,

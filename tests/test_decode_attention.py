@@ -159,6 +159,22 @@ def test_decode_op_fake_validation_and_splits(device):
     assert default_num_splits(64, 8, 64, torch.device("cpu")) == 1
 
 
+def test_default_num_splits_on_h100_sm_count(monkeypatch):
+    """About one program per SM: one split once B * Hkv alone nears the 132 SMs (what the first H100 run measured
+    faster), more for small batches, never under 128 cache positions a split nor over MAX_SPLITS."""
+    from rlhf_engine.kernels import decode_attention as da
+
+    monkeypatch.setattr(da, "sm_count", lambda device, default=4: 132)
+    dev = torch.device("cuda")
+    assert da.default_num_splits(64, 2, 2048, dev) == 1    # 128 programs (Qwen2-0.5B, B=64)
+    assert da.default_num_splits(64, 8, 2048, dev) == 1    # 512 programs
+    assert da.default_num_splits(32, 2, 2048, dev) == 2
+    assert da.default_num_splits(8, 2, 4096, dev) == 8
+    assert da.default_num_splits(1, 2, 2048, dev) == 16    # 66 wanted, 2048 / 128 positions allowed
+    assert da.default_num_splits(1, 1, 100_000, dev) == da.MAX_SPLITS
+    assert da.default_num_splits(4, 2, 100, dev) == 1
+
+
 # ----------------------------------------------------------------------------- cache write and RoPE
 def _tables(P, D, device, dtype=torch.float32):
     inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
@@ -282,3 +298,18 @@ def test_write_kv_cache_bf16_gpu(device):
     write_kv_cache_reference(rk, rv, kn, vn, pos, cos=cos, sin=sin)
     torch.testing.assert_close(kc.float(), rk.float(), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(vc, rv, atol=0, rtol=0)
+
+
+def test_decode_fixed_config_without_autotune():
+    """RLHF_ENGINE_AUTOTUNE=0: the first H100 run's winners by (head dim, single split); fp32 a 32-key tile; other
+    head dims the first config."""
+    from rlhf_engine.kernels import decode_attention as da
+
+    tile = lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    assert tile(da._decode_fixed_config(64, True, torch.bfloat16)) == (128, 4, 3)
+    assert tile(da._decode_fixed_config(128, True, torch.float16)) == (32, 4, 4)
+    assert tile(da._decode_fixed_config(128, False, torch.bfloat16)) == (64, 4, 3)
+    assert tile(da._decode_fixed_config(64, True, torch.float32)) == tile(da._DECODE_CONFIGS[-1])
+    assert tile(da._decode_fixed_config(96, True, torch.bfloat16)) == tile(da._DECODE_CONFIGS[0])
+    for c in da._DECODE_DEFAULT.values():  # every default is one of the autotuned configs
+        assert c in {tile(k) for k in da._DECODE_CONFIGS}
