@@ -247,9 +247,10 @@ def gae_backward(grad_adv: Optional[torch.Tensor], grad_ret: Optional[torch.Tens
     dev = mask.device
     dr = torch.empty((B, T), dtype=dtype, device=dev)
     dv = torch.empty((B, T), dtype=dtype, device=dev)
-    dlv = torch.zeros((B,), dtype=torch.float32, device=dev) if has_last_value else None
+    # the kernel writes every row's d last_value (0 for an empty row): no zero-fill launch
+    dlv = torch.empty((B,), dtype=torch.float32, device=dev) if has_last_value else None
     if B == 0 or T == 0:
-        return dr.zero_(), dv.zero_(), dlv
+        return dr.zero_(), dv.zero_(), dlv.zero_() if dlv is not None else None
     m = _mask_arg(mask)
     ga = grad_adv.contiguous() if grad_adv is not None else None
     gr = grad_ret.contiguous() if grad_ret is not None else None
