@@ -64,8 +64,44 @@ def _ours(model, ids, mask, n, seed, **kw):
     return generate(model, ids, mask, max_new_tokens=n, eos_token_ids=(), generator=g, **kw)
 
 
+def decode_step_profile(model, ids, mask, n_lo: int = 8, n_hi: int = 24) -> dict[str, tuple[float, float]]:
+    """What one eager decode step runs: {name: (launches per step, µs per step)} of the GPU kernels and their device
+    time on CUDA (CPU ops and their self CPU time elsewhere), from the difference of two profiled generations of
+    ``n_lo`` and ``n_hi`` new tokens, so that the prefill and the warm-up steps cancel. On a GPU the eager step is
+    host-bound, so each kernel runs alone: the sum is the step's kernel time without launch gaps, to hold against
+    the graph replay's ms/step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ids.is_cuda
+
+    def stats(n: int) -> dict[str, tuple[int, float]]:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            _ours(model, ids, mask, n, 2, use_cuda_graph=False)
+            _sync()
+        out: dict[str, tuple[int, float]] = {}
+        for e in prof.key_averages():
+            us = e.self_device_time_total if cuda else e.self_cpu_time_total
+            if us > 0:  # kernels (runtime calls have no device time)
+                c, t = out.get(e.key, (0, 0.0))
+                out[e.key] = (c + e.count, t + us)
+        return out
+
+    lo, hi, steps = stats(n_lo), stats(n_hi), n_hi - n_lo
+    per = {k: ((c - lo.get(k, (0, 0.0))[0]) / steps, (t - lo.get(k, (0, 0.0))[1]) / steps) for k, (c, t) in hi.items()}
+    return {k: v for k, v in sorted(per.items(), key=lambda kv: -kv[1][1]) if v[0] > 0}
+
+
+def print_step_profile(shape: str, per: dict[str, tuple[float, float]], graph_ms: float | None, top: int = 15):
+    n, us = sum(c for c, _ in per.values()), sum(t for _, t in per.values())
+    what = "kernels" if torch.cuda.is_available() else "CPU ops"
+    graph = f"; the graph replay took {graph_ms * 1e3:.0f} µs a step" if graph_ms else ""
+    print(f"{shape}: one eager decode step runs {n:.0f} {what}, {us:.0f} µs of their own time{graph}")
+    for name, (c, t) in list(per.items())[:top]:
+        print(f"  {t:9.1f} µs  {c:5.1f}x  {name[:90]}")
+
+
 def run_case(name: str, B: int, P: int, N: int, device: torch.device, dtype: torch.dtype,
-             real_model=None, variants=None, reps: int = 1) -> list[dict]:
+             real_model=None, variants=None, reps: int = 1, profile_step: bool = False) -> list[dict]:
     """Time HF generate and each of our variants (best of ``reps`` interleaved runs) on one shape."""
     if real_model is not None:
         model = real_model
@@ -129,6 +165,10 @@ def run_case(name: str, B: int, P: int, N: int, device: torch.device, dtype: tor
     for r in rows:
         print(f"  {r['impl']:<48} {r['value']:>10.0f} tok/s  {r['ms_per_step']:>8.3f} ms/step"
               + (f"  x{r['vs_baseline']:.2f} vs HF" if "vs_baseline" in r else ""))
+    if profile_step:
+        graph = [r["ms_per_step"] for r in rows if r["impl"] == "ours (triton, cuda graph reused across calls)"]
+        n_lo, n_hi = (1, 3) if smoke() else (8, 24)
+        print_step_profile(shape, decode_step_profile(model, ids, mask, n_lo, n_hi), graph[0] if graph else None)
     return rows
 
 
@@ -142,7 +182,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if smoke() and not torch.cuda.is_available():  # the script's path on a tiny model; no CUDA graph on a CPU
         variants = {"ours (triton, eager)": {"attn_backend": "triton", "use_cuda_graph": False},
                     "ours (sdpa, eager)": {"attn_backend": "torch", "use_cuda_graph": False}}
-        rows += run_case("tiny-qwen2", 2, 8, 4, torch.device("cpu"), torch.float32, variants=variants)
+        rows += run_case("tiny-qwen2", 2, 8, 4, torch.device("cpu"), torch.float32, variants=variants,
+                         profile_step=True)
     elif args.cpu:
         real = None
         try:
@@ -167,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             "ours (sdpa, cuda graph)": {"attn_backend": "torch"},
                             "ours (triton, eager)": {"use_cuda_graph": False}}
                 case_rows = run_case(name, B, P, args.new_tokens or N, torch.device("cuda"), torch.bfloat16,
-                                     variants=variants)
+                                     variants=variants, profile_step=True)
                 record(case_rows)  # case by case: a run cut short by its timeout keeps what it measured
                 rows += case_rows
                 torch.cuda.empty_cache()
