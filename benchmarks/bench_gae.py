@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         os.environ["TRITON_INTERPRET"] = "1"   # before triton is first imported (the kernels import it)
         args.B, args.T = 4, 64
 
-    from common import H100_COPY_TBPS, bench, peak_mem_mb, print_table, record
+    from common import H100_COPY_TBPS, bench, kernel_ms, peak_mem_mb, print_table, record
 
     from rlhf_engine.algo import gae_reference
     from rlhf_engine.kernels.gae import gae_triton
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             is_loop = name.startswith("python")
             ms = bench(fn, warmup=1 if is_loop else w_ours, rep=rep_loop if is_loop else rep_ours)
             base_ms = ms if is_loop else base_ms
-            rows.append(row("gae", name, ms, nbytes, base_ms, peak_mem_mb(fn)))
+            rows.append(row("gae", name, ms, nbytes, base_ms, peak_mem_mb(fn)) | {"kernel_ms": kernel_ms(fn)})
     floor_ms = max(nbytes / (H100_COPY_TBPS * 1e12) * 1e3, 0.005)
     rows.append(row("gae", "floor (max(bytes / 3 TB/s, one launch 5 us))", floor_ms, nbytes, base_ms, float("nan")))
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         is_loop = name.startswith("python")
         ms = bench(fn, warmup=1 if is_loop else w_ours, rep=max(3, rep_loop // 4) if is_loop else rep_ours)
         base_ms = ms if is_loop else base_ms
-        rows.append(row("gae fwd+bwd", name, ms, 2 * nbytes, base_ms, peak_mem_mb(fn)))
+        rows.append(row("gae fwd+bwd", name, ms, 2 * nbytes, base_ms, peak_mem_mb(fn)) | {"kernel_ms": kernel_ms(fn)})
     floor_ms = max(2 * nbytes / (H100_COPY_TBPS * 1e12) * 1e3, 0.010)
     rows.append(row("gae fwd+bwd", "floor (max(bytes / 3 TB/s, two launches 10 us))", floor_ms, 2 * nbytes, base_ms,
                     float("nan")))

@@ -108,6 +108,24 @@ def peak_mem_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def kernel_ms(fn: Callable[[], object], calls: int = 3) -> float:
+    """Milliseconds of GPU kernel time per ``fn()`` call (the sum of its kernels' own device time, from
+    ``torch.profiler``), to hold against the wall time of :func:`bench`: when the kernels take a fraction of
+    it, the call is bound by its host side (Python, dispatch, launches), not by its kernels. Without CUDA the
+    CPU ops' own time instead (only so that smoke runs take this path; it means nothing there)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    fn()  # warm: nothing compiles or allocates for the first time inside the profile
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in prof.key_averages())
+    return us / calls / 1e3
+
+
 def results_path() -> Path:
     out = os.environ.get("OUT")
     return Path(out) / "results.csv" if out else Path(__file__).resolve().parent / "results.csv"
@@ -153,8 +171,11 @@ def autotune_report(tuned: dict) -> list[str]:
 
 
 def print_table(rows: list[dict]) -> None:
-    """Print rows as a fixed-width table (op, shape, impl, ms, metric, value, unit, peak, ratio)."""
+    """Print rows as a fixed-width table (op, shape, impl, ms, metric, value, unit, peak, ratio; and the GPU kernel
+    time, ``kernel_ms``, when a row has it: printed only, not in the CSV)."""
     cols = ["op", "shape", "impl", "ms", "value", "unit", "peak_mb", "vs_baseline"]
+    if any("kernel_ms" in r for r in rows):
+        cols.insert(4, "kernel_ms")
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     table = [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)] if table else [len(c) for c in cols]
