@@ -64,9 +64,9 @@ def main() -> list[dict]:
         impls = {"sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True)}
         default = default_num_splits(B, Hkv, L, dev)
         impls[f"ours (splits={default})"] = lambda: decode_attention(q, k, v, lens, backend="triton")  # default splits
-        # the other side of the split heuristic: one split when the default splits, else 4 (a235d55 measured
-        # 1 split faster than 5 and 2 at 128 and 512 (sequence, KV head) programs; the rule follows that run)
-        other = 1 if default > 1 else 4
+        # the other side of the split rule: one split when the default splits, else the nearest alternative, 2
+        # (a235d55 measured 1 split faster than 5 at 128 and than 2 at 512 (sequence, KV head) programs)
+        other = 1 if default > 1 else 2
         impls[f"ours_other_split (splits={other})"] = (
             lambda: decode_attention(q, k, v, lens, num_splits=other, backend="triton"))
         # the model's decode step: q rotated (RoPE) inside the kernel as it is loaded

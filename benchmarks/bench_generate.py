@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import H100_COPY_TBPS, print_table, record, smoke  # noqa: E402
+from common import H100_COPY_TBPS, print_table, profiled_op_times, record, smoke, time_left  # noqa: E402
 
 from rlhf_engine.generation import DecodeGraphCache, KVCache, generate  # noqa: E402
 from rlhf_engine.generation.cache import kv_bytes_per_token  # noqa: E402
@@ -70,21 +70,9 @@ def decode_step_profile(model, ids, mask, n_lo: int = 8, n_hi: int = 24) -> dict
     ``n_lo`` and ``n_hi`` new tokens, so that the prefill and the warm-up steps cancel. On a GPU the eager step is
     host-bound, so each kernel runs alone: the sum is the step's kernel time without launch gaps, to hold against
     the graph replay's ms/step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = ids.is_cuda
-
     def stats(n: int) -> dict[str, tuple[int, float]]:
-        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            _ours(model, ids, mask, n, 2, use_cuda_graph=False)
-            _sync()
-        out: dict[str, tuple[int, float]] = {}
-        for e in prof.key_averages():
-            us = e.self_device_time_total if cuda else e.self_cpu_time_total
-            if us > 0:  # kernels (runtime calls have no device time)
-                c, t = out.get(e.key, (0, 0.0))
-                out[e.key] = (c + e.count, t + us)
-        return out
+        with torch.no_grad():
+            return profiled_op_times(lambda: _ours(model, ids, mask, n, 2, use_cuda_graph=False), ids.is_cuda)
 
     lo, hi, steps = stats(n_lo), stats(n_hi), n_hi - n_lo
     per = {k: ((c - lo.get(k, (0, 0.0))[0]) / steps, (t - lo.get(k, (0, 0.0))[1]) / steps) for k, (c, t) in hi.items()}
@@ -101,8 +89,10 @@ def print_step_profile(shape: str, per: dict[str, tuple[float, float]], graph_ms
 
 
 def run_case(name: str, B: int, P: int, N: int, device: torch.device, dtype: torch.dtype,
-             real_model=None, variants=None, reps: int = 1, profile_step: bool = False) -> list[dict]:
-    """Time HF generate and each of our variants (best of ``reps`` interleaved runs) on one shape."""
+             real_model=None, variants=None, reps: int = 1, profile_step: bool = False,
+             on_rows=None) -> list[dict]:
+    """Time HF generate and each of our variants (best of ``reps`` interleaved runs) on one shape; hand the rows to
+    ``on_rows`` (e.g. ``record``) before the optional decode-step profile, so that a timeout in it loses nothing."""
     if real_model is not None:
         model = real_model
     else:
@@ -165,10 +155,19 @@ def run_case(name: str, B: int, P: int, N: int, device: torch.device, dtype: tor
     for r in rows:
         print(f"  {r['impl']:<48} {r['value']:>10.0f} tok/s  {r['ms_per_step']:>8.3f} ms/step"
               + (f"  x{r['vs_baseline']:.2f} vs HF" if "vs_baseline" in r else ""))
-    if profile_step:
-        graph = [r["ms_per_step"] for r in rows if r["impl"] == "ours (triton, cuda graph reused across calls)"]
-        n_lo, n_hi = (1, 3) if smoke() else (8, 24)
-        print_step_profile(shape, decode_step_profile(model, ids, mask, n_lo, n_hi), graph[0] if graph else None)
+    if on_rows is not None:
+        on_rows(rows)
+    if profile_step:  # a diagnostic: never at the cost of the rows above
+        if time_left() < 20:
+            print(f"{shape}: decode-step profile skipped ({time_left():.0f} s left)")
+        else:
+            try:
+                graph = [r["ms_per_step"] for r in rows if r["impl"] == "ours (triton, cuda graph reused across calls)"]
+                n_lo, n_hi = (1, 3) if smoke() else (8, 24)
+                per = decode_step_profile(model, ids, mask, n_lo, n_hi)
+                print_step_profile(shape, per, graph[0] if graph else None)
+            except Exception as e:  # noqa: BLE001 - report and keep the measured rows
+                print(f"{shape}: decode-step profile FAILED {type(e).__name__}: {e}")
     return rows
 
 
@@ -207,9 +206,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             "ours (triton, cuda graph reused across calls)": {"graph_cache": DecodeGraphCache()},
                             "ours (sdpa, cuda graph)": {"attn_backend": "torch"},
                             "ours (triton, eager)": {"use_cuda_graph": False}}
+                # recorded case by case, before the profile: a run cut short by its timeout keeps what it measured
                 case_rows = run_case(name, B, P, args.new_tokens or N, torch.device("cuda"), torch.bfloat16,
-                                     variants=variants, profile_step=True)
-                record(case_rows)  # case by case: a run cut short by its timeout keeps what it measured
+                                     variants=variants, profile_step=True, on_rows=record)
                 rows += case_rows
                 torch.cuda.empty_cache()
     print_table(rows)

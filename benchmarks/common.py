@@ -113,17 +113,38 @@ def kernel_ms(fn: Callable[[], object], calls: int = 3) -> float:
     ``torch.profiler``), to hold against the wall time of :func:`bench`: when the kernels take a fraction of
     it, the call is bound by its host side (Python, dispatch, launches), not by its kernels. Without CUDA the
     CPU ops' own time instead (only so that smoke runs take this path; it means nothing there)."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = torch.cuda.is_available()
     fn()  # warm: nothing compiles or allocates for the first time inside the profile
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            fn()
+    times = profiled_op_times(lambda: [fn() for _ in range(calls)], cuda)
+    if cuda and not times:  # a profile that caught no kernel must not read as "all host time"
+        return float("nan")
+    return sum(us for _, us in times.values()) / calls / 1e3
+
+
+def profiled_op_times(fn: Callable[[], object], cuda: bool) -> dict[str, tuple[int, float]]:
+    """{name: (calls, µs)} of what ``fn()`` runs: with ``cuda``, the GPU kernels (and copies) and their own device
+    time, counted once each (CPU and CUDA activity are both recorded, as torch.profiler expects, and only the
+    device-side events are summed, not the CPU ops that launched them nor user annotations); else the CPU ops and
+    their self CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        fn()
         if cuda:
             torch.cuda.synchronize()
-    us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in prof.key_averages())
-    return us / calls / 1e3
+    out: dict[str, tuple[int, float]] = {}
+    for e in prof.key_averages():
+        if getattr(e, "is_user_annotation", False):
+            continue
+        if cuda and e.device_type != DeviceType.CUDA:
+            continue
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0:
+            c, t = out.get(e.key, (0, 0.0))
+            out[e.key] = (c + e.count, t + us)
+    return out
 
 
 def results_path() -> Path:

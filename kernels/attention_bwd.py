@@ -344,9 +344,12 @@ _DQ_CONFIGS = [
 ]
 # Without autotuning: (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_D; fp32 (tests) small tiles.
 # The autotune winners of the first H100 run (a235d55, bf16, causal, T 2048 at D = 64 and 4096 at D = 128):
-# dK/dV 32x64 with 4 warps at both head dims; dQ 64x64 / 4 warps at D = 64 and 128x32 / 4 warps at D = 128 (which
-# spills ~0.1 KB at sm_90 and still won; benchmarks/RESULTS.md).
+# dK/dV 32x64 with 4 warps at both head dims; dQ 64x64 / 4 warps at D = 64 and 128x32 / 4 warps at D = 128; with
+# dQ atomics in the dK/dV kernel, 32x64 / 4 warps at D = 64 and 64x128 / 8 warps at D = 128. At D = 128 the split
+# path's two winners spill at sm_90 (dK/dV 368 B, dQ 224 B; tests/test_triton_compile.py) and still beat the
+# spill-free tiles (benchmarks/RESULTS.md).
 _DKDV_DEFAULT = {64: (32, 64, 4, 3), 128: (32, 64, 4, 3)}
+_DKDV_ATOMIC_DEFAULT = {64: (32, 64, 4, 3), 128: (64, 128, 8, 2)}
 _DQ_DEFAULT = {64: (64, 64, 4, 3), 128: (128, 32, 4, 3)}
 _DKDV_FP32 = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2)
 _DQ_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=2)
@@ -449,7 +452,7 @@ def attention_backward(
     elif q.is_cuda and block_m is None and block_n is None:
         named = {"Q": q, "T_BUCKET": tb}
         c = fixed_config(_DKDV_CONFIGS, _prune_dkdv_atomic if atomic else _prune_dkdv, named, BLOCK_D,
-                         _DKDV_DEFAULT, _DKDV_FP32)
+                         _DKDV_ATOMIC_DEFAULT if atomic else _DKDV_DEFAULT, _DKDV_FP32)
         _bwd_dkdv_kernel[kv_grid(c.kwargs["BLOCK_N"])](
             *dkdv_args, **dkdv_meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         if not atomic:

@@ -336,7 +336,7 @@ def test_fixed_tiles_without_autotune(monkeypatch):
     q16, q32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
     kernels = [(af._FWD_CONFIGS, af._prune_fwd, af._FWD_DEFAULT, af._FWD_FP32),
                (ab._DKDV_CONFIGS, ab._prune_dkdv, ab._DKDV_DEFAULT, ab._DKDV_FP32),
-               (ab._DKDV_CONFIGS, ab._prune_dkdv_atomic, ab._DKDV_DEFAULT, ab._DKDV_FP32),  # dq_mode="atomic"
+               (ab._DKDV_CONFIGS, ab._prune_dkdv_atomic, ab._DKDV_ATOMIC_DEFAULT, ab._DKDV_FP32),  # dq_mode="atomic"
                (ab._DQ_CONFIGS, ab._prune_dq, ab._DQ_DEFAULT, ab._DQ_FP32)]
     for configs, prune, default, fp32 in kernels:
         for bd in (64, 128):

@@ -160,16 +160,18 @@ def test_decode_op_fake_validation_and_splits(device):
 
 
 def test_default_num_splits_on_h100_sm_count(monkeypatch):
-    """About one program per SM: one split once B * Hkv alone nears the 132 SMs (what the first H100 run measured
-    faster), more for small batches, never under 128 cache positions a split nor over MAX_SPLITS."""
+    """One wave of programs: one split once B * Hkv alone fills ~90% of the 132 SMs (what the first H100 run
+    measured faster), more below, never under 128 cache positions a split nor over MAX_SPLITS."""
     from rlhf_engine.kernels import decode_attention as da
 
     monkeypatch.setattr(da, "sm_count", lambda device, default=4: 132)
     dev = torch.device("cuda")
     assert da.default_num_splits(64, 2, 2048, dev) == 1    # 128 programs (Qwen2-0.5B, B=64)
     assert da.default_num_splits(64, 8, 2048, dev) == 1    # 512 programs
-    assert da.default_num_splits(32, 2, 2048, dev) == 2
-    assert da.default_num_splits(8, 2, 4096, dev) == 8
+    assert da.default_num_splits(60, 2, 2048, dev) == 1    # 120 programs: >= 90% of the SMs
+    assert da.default_num_splits(50, 2, 2048, dev) == 2    # 100 programs: a second split fills the wave
+    assert da.default_num_splits(32, 2, 2048, dev) == 3
+    assert da.default_num_splits(8, 2, 4096, dev) == 9
     assert da.default_num_splits(1, 2, 2048, dev) == 16    # 66 wanted, 2048 / 128 positions allowed
     assert da.default_num_splits(1, 1, 100_000, dev) == da.MAX_SPLITS
     assert da.default_num_splits(4, 2, 100, dev) == 1

@@ -3,6 +3,8 @@
 CPU runs use the Triton interpreter, whose generic scan is slow (~0.25 ms per element): shapes are
 kept small there; the big shapes and the bf16 2x rule at scale are ``gpu`` tests.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -66,29 +68,29 @@ GPU_CASES = [
 ]
 
 
-def _nan_empty(monkeypatch):
-    """torch.empty hands out NaN-filled float tensors: an output element the kernels do not write is caught."""
-    empty = torch.empty
+def _nan_buffers(mp):
+    """torch.empty and torch.empty_like hand out NaN-filled float tensors (``mp``: a monkeypatch context): an output
+    element the kernels do not write is caught."""
+    for name in ("empty", "empty_like"):
+        make = getattr(torch, name)
 
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        def poisoned(*args, _make=make, **kwargs):
+            t = _make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    monkeypatch.setattr(torch, "empty", poisoned)
-    return empty
+        mp.setattr(torch, name, poisoned)
 
 
 def _run_case(B, T, gamma, lam, carry, with_lv, block_t, device, monkeypatch=None):
     r, v, m, lv = _inputs(B, T, device)
     lv = lv if with_lv else None
     ga, gr = torch.randn(B, T, device=device), torch.randn(B, T, device=device)
-    if monkeypatch is not None:  # every output (the empty row's d last_value too) is written by the kernels
-        _nan_empty(monkeypatch)
-    adv, ret = gae_forward(r, v, m, lv, gamma=gamma, lam=lam, carry=carry, block_t=block_t)
-    dr, dv, dlv = gae_backward(ga, gr, m, gamma=gamma, lam=lam, carry=carry, has_last_value=with_lv,
-                               block_t=block_t)
-    if monkeypatch is not None:
-        monkeypatch.undo()
+    with contextlib.ExitStack() as stack:
+        if monkeypatch is not None:  # every output (the empty row's d last_value too) is written by the kernels
+            _nan_buffers(stack.enter_context(monkeypatch.context()))
+        adv, ret = gae_forward(r, v, m, lv, gamma=gamma, lam=lam, carry=carry, block_t=block_t)
+        dr, dv, dlv = gae_backward(ga, gr, m, gamma=gamma, lam=lam, carry=carry, has_last_value=with_lv,
+                                   block_t=block_t)
     ref_adv, ref_ret, (ref_dr, ref_dv, ref_dlv) = _reference(r, v, m, lv, gamma, lam, carry, ga, gr)
     tol = 2e-6 * (1 + T / 64)  # fp32 sums of up to T terms
     _assert_close(adv, ref_adv, tol, "advantages")
@@ -108,8 +110,8 @@ def test_matches_reference(B, T, gamma, lam, carry, with_lv, block_t, device, mo
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B, T, gamma, lam, carry, with_lv, block_t", GPU_CASES)
-def test_matches_reference_gpu(B, T, gamma, lam, carry, with_lv, block_t, device):
-    _run_case(B, T, gamma, lam, carry, with_lv, block_t, device)
+def test_matches_reference_gpu(B, T, gamma, lam, carry, with_lv, block_t, device, monkeypatch):
+    _run_case(B, T, gamma, lam, carry, with_lv, block_t, device, monkeypatch)
 
 
 @pytest.mark.parametrize("carry", [False, True])
