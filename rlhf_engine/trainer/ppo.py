@@ -28,7 +28,9 @@ from .sampler import PolicySampler
 
 
 class PhaseTimer:
-    """Wall time and peak memory per phase (CUDA: peak allocated; CPU: process peak RSS)."""
+    """Wall time and peak memory per phase (CUDA: peak allocated; CPU: process peak RSS). Each phase is also a
+    ``torch.profiler.record_function`` range named ``phase/<name>``, so that a profile of a step can attribute
+    its kernels' device time to the phases (``benchmarks/bench_ppo_step.py`` does)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -43,8 +45,11 @@ class PhaseTimer:
                     torch.cuda.synchronize(timer.device)
                     torch.cuda.reset_peak_memory_stats(timer.device)
                 self.t0 = time.perf_counter()
+                self.range = torch.profiler.record_function(f"phase/{name}")
+                self.range.__enter__()
 
             def __exit__(self, *exc):
+                self.range.__exit__(*exc)
                 if timer.device.type == "cuda":
                     torch.cuda.synchronize(timer.device)
                     timer.metrics[f"mem/{name}_peak_mb"] = torch.cuda.max_memory_allocated(timer.device) / 2**20
