@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import H100_COPY_TBPS, autotune_report, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels.decode_attention import decode_attention, default_num_splits  # noqa: E402
+from rlhf_engine.kernels.kv_cache import write_kv_cache  # noqa: E402
 from rlhf_engine.kernels.reference.attention import apply_rope_reference  # noqa: E402
 
 SHAPES = [  # (B, Hq, Hkv, L, D)
@@ -74,13 +75,30 @@ def main() -> list[dict]:
         cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)  # (B, 1, D)
         rope_name = f"ours + q RoPE (splits={default})"
         impls[rope_name] = lambda: decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, backend="triton")
+        # the model's whole decode-step attention: the new token's cache write (K rotated) + the attention, as two
+        # launches and as one (kv_write, one split). The token written is the cache's own last one (K un-rotated
+        # first), so every variant still computes SDPA's output (up to one rounding of that key).
+        k_last = apply_rope_reference(k[:, -1:], cos[:, :, None], -sin[:, :, None]).to(dt)  # rope^-1
+        new_kv = (k_last, v[:, -1:].clone(), lens - 1)
+        rope_rows = torch.arange(B, device=dev, dtype=torch.int32)
+        half = (cos[..., : D // 2].reshape(B, -1), sin[..., : D // 2].reshape(B, -1))
+
+        def write_then_attend():
+            write_kv_cache(k, v, *new_kv, cos=half[0], sin=half[1], rope_positions=rope_rows, backend="triton")
+            return decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, num_splits=1, backend="triton")
+
+        write_names = ("ours + q RoPE + cache write, 2 launches (splits=1)",
+                       "ours + q RoPE + cache write fused, 1 launch (splits=1)")
+        impls[write_names[0]] = write_then_attend
+        impls[write_names[1]] = lambda: decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, num_splits=1,
+                                                         kv_write=new_kv, backend="triton")
         with torch.no_grad():  # correctness first: every variant against SDPA
             want = impls["sdpa"]().transpose(1, 2).float()
             q_rot = apply_rope_reference(q, cos[:, :, None], sin[:, :, None]).transpose(1, 2).contiguous()
             want_rope = F.scaled_dot_product_attention(q_rot, kh, vh, enable_gqa=True).transpose(1, 2).float()
             bad = {}
             for name, fn in impls.items():
-                ref = want_rope if name == rope_name else want
+                ref = want_rope if name == rope_name or name in write_names else want
                 err = ((fn().float() - ref).abs().max() / ref.abs().max()).item() if name != "sdpa" else 0.0
                 if not err < 2e-2:  # NaN fails too
                     bad[name] = f" (MISMATCH vs SDPA: rel err {err:.2g})"

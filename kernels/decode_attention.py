@@ -28,7 +28,7 @@ import triton.language as tl
 from ._launch import parallel_autotune, sm_count
 from .attention import check_qkv
 from .attention_fwd import LOG2E, autotune_enabled, dot_precision, next_pow2
-from .kv_cache import _check_table, apply_rope
+from .kv_cache import _check_table, apply_rope, write_kv_cache
 from .reference.attention import decode_attention_reference
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -37,21 +37,55 @@ _BACKENDS = ("auto", "triton", "torch")
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, O, O_PART, LSE_PART, CACHE_LENS, CACHE_START, COS, SIN,
+    KN, VN, WPOS,  # WRITE_KV: the new tokens' (B, Tn, Hkv, D) K and V, and the (B,) first cache slot they go to
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_sb, stride_st,
+    stride_knb, stride_knt, stride_knh, stride_vnb, stride_vnt, stride_vnh,
     Hq, Tn, L, group, qk_scale, num_splits,
     L_BUCKET, S_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_START: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HAS_ROPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, WRITE_KV: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
     b64 = b.to(tl.int64)
+
+    if WRITE_KV:
+        # The cache write, fused (one split only: this program is the only one reading its KV head's slots).
+        # Token t's K (rotated with the query's RoPE tables at its position, fp32, rounded once: the arithmetic
+        # of kernels/kv_cache.py's _write_kv_kernel) and V go to slot WPOS[b] + t; slots outside [0, L) are
+        # dropped. The barrier makes the stores visible to the whole program before its loads below.
+        HALF_W: tl.constexpr = HEAD_DIM // 2
+        offs_w = tl.arange(0, BLOCK_D)
+        wmask = offs_w < HEAD_DIM
+        offs_hw = tl.arange(0, BLOCK_D // 2)
+        hwmask = offs_hw < HALF_W
+        w0 = tl.load(WPOS + b)
+        for tw in range(0, Tn):
+            slot = w0 + tw
+            ok = (slot >= 0) & (slot < L)
+            k_dst = K + b64 * stride_kb + slot.to(tl.int64) * stride_kt + hk * stride_kh
+            v_dst = V + b64 * stride_vb + slot.to(tl.int64) * stride_vt + hk * stride_vh
+            k_src = KN + b64 * stride_knb + tw * stride_knt + hk * stride_knh
+            vn = tl.load(VN + b64 * stride_vnb + tw * stride_vnt + hk * stride_vnh + offs_w, mask=wmask & ok)
+            tl.store(v_dst + offs_w, vn.to(V.dtype.element_ty), mask=wmask & ok)
+            if HAS_ROPE:
+                c = tl.load(COS + b64 * stride_cb + tw * stride_ct + offs_hw, mask=hwmask & ok, other=1.0)
+                s = tl.load(SIN + b64 * stride_sb + tw * stride_st + offs_hw, mask=hwmask & ok, other=0.0)
+                c, s = c.to(tl.float32), s.to(tl.float32)
+                x1 = tl.load(k_src + offs_hw, mask=hwmask & ok, other=0.0).to(tl.float32)
+                x2 = tl.load(k_src + HALF_W + offs_hw, mask=hwmask & ok, other=0.0).to(tl.float32)
+                tl.store(k_dst + offs_hw, (x1 * c - x2 * s).to(K.dtype.element_ty), mask=hwmask & ok)
+                tl.store(k_dst + HALF_W + offs_hw, (x2 * c + x1 * s).to(K.dtype.element_ty), mask=hwmask & ok)
+            else:
+                kn = tl.load(k_src + offs_w, mask=wmask & ok)
+                tl.store(k_dst + offs_w, kn.to(K.dtype.element_ty), mask=wmask & ok)
+        tl.debug_barrier()
 
     # Query rows r = g * Tn + t: head h = hk * group + g, new token t.
     rows = tl.arange(0, BLOCK_R)
@@ -180,6 +214,7 @@ def _decode_fixed_config(head_dim: int, single: bool, dtype: torch.dtype) -> tri
 MAX_SPLITS = 64  # the reduce kernel holds a (splits, head dim) fp32 tile: more would spill
 
 
+
 def default_num_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
     """Splits per (sequence, KV head) so that the programs about fill the SMs once (132 on an H100), each split
     keeping at least 128 positions; depends only on shapes (never on cache_lens), so it is CUDA-graph safe.
@@ -205,8 +240,11 @@ def decode_attention_forward(
     block_n: Optional[int] = None,
     q_cos: Optional[torch.Tensor] = None,
     q_sin: Optional[torch.Tensor] = None,
+    kv_write: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Launch the split and reduce kernels; inputs validated by ``decode_attention``. Returns o (B, Tn, Hq, D)."""
+    """Launch the split and reduce kernels; inputs validated by ``decode_attention``. Returns o (B, Tn, Hq, D).
+    ``kv_write`` = (k_new, v_new, write_pos): the split kernel writes them into the cache first (one split only;
+    validated by ``decode_attention_with_write``)."""
     B, Tn, Hq, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -221,18 +259,24 @@ def decode_attention_forward(
         lse_part = torch.empty((B, Hq, Tn, num_splits), dtype=torch.float32, device=q.device)
     has_start, has_rope = cache_start is not None, q_cos is not None
     cos, sin = (q_cos, q_sin) if has_rope else (q, q)  # unused without RoPE
+    if kv_write is not None and not single:
+        raise ValueError("kv_write: the fused cache write needs num_splits == 1")
+    k_new, v_new, write_pos = kv_write if kv_write is not None else (q, q, cache_lens)  # unused without it
     args = (
         q, k_cache, v_cache, o, o_part, lse_part, cache_lens, cache_start if has_start else cache_lens, cos, sin,
+        k_new, v_new, write_pos,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         Hq, Tn, L, group, softmax_scale * LOG2E, num_splits, min(max(next_pow2(L), 1024), 16384),
         min(next_pow2(num_splits), 64),  # splits change the work per program: part of the key (rounded)
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_R=max(16, next_pow2(group * Tn)),
-                HAS_START=has_start, SINGLE_SPLIT=single, HAS_ROPE=has_rope, PRECISION=dot_precision(q.dtype))
+                HAS_START=has_start, SINGLE_SPLIT=single, HAS_ROPE=has_rope, PRECISION=dot_precision(q.dtype),
+                WRITE_KV=kv_write is not None)
     grid = (B, Hkv, num_splits)
     if q.is_cuda and block_n is None and autotune_enabled(q.dtype):
         _decode_split_kernel_tuned[grid](*args, **meta)
@@ -291,6 +335,7 @@ def decode_attention(
     num_splits: Optional[int] = None,
     q_cos: Optional[torch.Tensor] = None,
     q_sin: Optional[torch.Tensor] = None,
+    kv_write: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of Tn new tokens over a static KV cache (inference only, no autograd).
@@ -307,6 +352,12 @@ def decode_attention(
             first D/2 entries are read: the rotate-half convention of Llama / HF, D even). Given, q is taken
             BEFORE RoPE and rotated inside the kernel, in fp32 and rounded once to q.dtype, which saves a decode
             step its separate RoPE kernel for q; the keys in the cache are already rotated.
+        kv_write: optional (k_new, v_new, write_pos): the new tokens' K and V, (B, Tn, Hkv, D), and the (B,) int
+            cache slot of each sequence's first one, written into the cache BEFORE the attention reads it, as
+            ``kernels.kv_cache.write_kv_cache`` would (slots outside [0, L) dropped), K rotated with the query's
+            tables when q_cos/q_sin are given (a new token's key and query share its position). On CUDA with one
+            split the attention kernel writes them itself (one launch instead of two, the same values); otherwise
+            ``write_kv_cache`` runs first. cache_lens must count the new tokens, as always.
         backend: "auto" | "triton" | "torch" (see ``kernels.attention.flash_attention``).
     Returns:
         o: (B, Tn, Hq, D) in q.dtype; rows without a valid position are zeros.
@@ -330,6 +381,13 @@ def decode_attention(
                                  f"tensor (D even), got {tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
             _check_table(name, t, D, q.device)  # width D or D/2, unit stride, q's device (as the cache write)
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    if kv_write is not None:
+        kv_write = _check_kv_write(kv_write, k_cache, B, Tn)
+        splits = num_splits if num_splits is not None else default_num_splits(B, k_cache.shape[2], k_cache.shape[1],
+                                                                             q.device)
+        if not (use_triton and splits == 1 and not torch.compiler.is_compiling()):
+            _write_first(kv_write, k_cache, v_cache, q_cos, q_sin, backend)
+            kv_write = None
     if not use_triton:
         if q_cos is not None:
             q = apply_rope(q, q_cos, q_sin, backend="torch")
@@ -345,4 +403,35 @@ def decode_attention(
     if torch.compiler.is_compiling():
         return decode_attention_op(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits, q_cos, q_sin)
     return decode_attention_forward(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits,
-                                    q_cos=q_cos, q_sin=q_sin)
+                                    q_cos=q_cos, q_sin=q_sin, kv_write=kv_write)
+
+
+def _check_kv_write(kv_write, k_cache: torch.Tensor, B: int, Tn: int) -> tuple[torch.Tensor, ...]:
+    """(k_new, v_new, write_pos) checked against the cache and the queries; k_new, v_new with unit stride on D,
+    write_pos int32."""
+    if not isinstance(kv_write, (tuple, list)) or len(kv_write) != 3:
+        raise ValueError(f"kv_write: expected (k_new, v_new, write_pos), got {type(kv_write).__name__}")
+    k_new, v_new, write_pos = kv_write
+    want = (B, Tn, k_cache.shape[2], k_cache.shape[3])
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            raise ValueError(f"kv_write: {name}: expected shape {want} (B, Tn, Hkv, D), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not t.dtype.is_floating_point or t.device != k_cache.device:
+            raise ValueError(f"kv_write: {name}: expected a float tensor on {k_cache.device}, got {t.dtype} on "
+                             f"{t.device}")
+    write_pos = _check_lens("kv_write: write_pos", write_pos, B, k_cache.device)
+    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    return unit(k_new), unit(v_new), write_pos
+
+
+def _write_first(kv_write, k_cache, v_cache, q_cos, q_sin, backend: str) -> None:
+    """The unfused cache write of ``kv_write`` (``write_kv_cache``, K rotated with the query's tables)."""
+    k_new, v_new, write_pos = kv_write
+    B, Tn, _, D = k_new.shape
+    cos = sin = rows = None
+    if q_cos is not None:  # (B, Tn, D or D/2) -> the write's (B * Tn, D/2) table, row b * Tn + t
+        cos = q_cos[..., : D // 2].reshape(B * Tn, D // 2)
+        sin = q_sin[..., : D // 2].reshape(B * Tn, D // 2)
+        rows = torch.arange(0, B * Tn, Tn, device=k_new.device, dtype=torch.int32)
+    write_kv_cache(k_cache, v_cache, k_new, v_new, write_pos, cos=cos, sin=sin, rope_positions=rows, backend=backend)

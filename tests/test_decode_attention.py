@@ -315,3 +315,118 @@ def test_decode_fixed_config_without_autotune():
     assert tile(da._decode_fixed_config(96, True, torch.bfloat16)) == tile(da._DECODE_CONFIGS[0])
     for c in da._DECODE_DEFAULT.values():  # every default is one of the autotuned configs
         assert c in {tile(k) for k in da._DECODE_CONFIGS}
+
+
+# ----------------------------------------------------------------------------- the cache write fused in
+@pytest.mark.parametrize("Tn", [1, 2])
+@pytest.mark.parametrize("rope", ["none", "full", "half"])
+@pytest.mark.parametrize("with_start", [False, True])
+def test_kv_write_fused_equals_write_then_attend(Tn, rope, with_start, device, monkeypatch):
+    """decode_attention(kv_write=...) with one split writes K (rotated with the query's tables) and V inside the
+    attention kernel: the caches and the output equal write_kv_cache + decode_attention's, bit for bit, and no
+    separate write runs; with 2 splits (or the torch backend) the write runs first, with the same results. Slots
+    past the cache (the last row's second token) are dropped."""
+    from rlhf_engine.kernels import decode_attention as da
+
+    B, L, Hq, Hkv, D = 3, 40, 6, 2, 16
+    lens = torch.tensor([40, 23, 41], dtype=torch.int32, device=device)  # row 2: slot 40 of 40 is outside
+    lens[2] = 40 + (Tn - 1)
+    start = torch.tensor([0, 5, 2], dtype=torch.int32, device=device) if with_start else None
+    write_pos = lens - Tn
+    k0, v0 = _cache(B, L, Hkv, D, torch.float32, device, torch.clamp(lens - Tn, max=L), start)
+    k_new = torch.randn(B, Tn, Hkv, D, device=device)
+    v_new = torch.randn(B, Tn, Hkv, D, device=device)
+    q = torch.randn(B, Tn, Hq, D, device=device)
+    cos = sin = None
+    if rope != "none":
+        ang = torch.rand(B, Tn, D // 2, device=device) * 6.28
+        cos, sin = ang.cos(), ang.sin()
+        if rope == "full":
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    lens_read = torch.clamp(lens, max=L)
+
+    # reference: the separate write (the model's unfused path), then the attention
+    k_ref, v_ref = k0.clone(), v0.clone()
+    rows = torch.arange(0, B * Tn, Tn, device=device, dtype=torch.int32)
+    write_kv_cache(k_ref, v_ref, k_new, v_new, write_pos,
+                   cos=None if cos is None else cos[..., : D // 2].reshape(B * Tn, -1),
+                   sin=None if sin is None else sin[..., : D // 2].reshape(B * Tn, -1),
+                   rope_positions=None if cos is None else rows, backend="triton")
+    o_ref = decode_attention(q, k_ref, v_ref, lens_read, cache_start=start, q_cos=cos, q_sin=sin, num_splits=1,
+                             backend="triton")
+    assert not torch.isnan(o_ref).any()
+
+    def no_separate_write(*a, **kw):
+        raise AssertionError("the fused path ran a separate cache write")
+
+    with monkeypatch.context() as mp:  # one launch: the attention kernel writes
+        mp.setattr(da, "write_kv_cache", no_separate_write)
+        k1, v1 = k0.clone(), v0.clone()
+        o1 = decode_attention(q, k1, v1, lens_read, cache_start=start, q_cos=cos, q_sin=sin, num_splits=1,
+                              kv_write=(k_new, v_new, write_pos), backend="triton")
+    exact = dict(atol=0, rtol=0, equal_nan=True)  # unwritten slots hold NaN (never read)
+    torch.testing.assert_close(k1, k_ref, **exact)
+    torch.testing.assert_close(v1, v_ref, **exact)
+    torch.testing.assert_close(o1, o_ref, atol=0, rtol=0)
+    for splits, backend in ((2, "triton"), (None, "torch")):  # the write runs first, then the attention
+        k2, v2 = k0.clone(), v0.clone()
+        o2 = decode_attention(q, k2, v2, lens_read, cache_start=start, q_cos=cos, q_sin=sin, num_splits=splits,
+                              kv_write=(k_new, v_new, write_pos), backend=backend)
+        torch.testing.assert_close(k2, k_ref, atol=1e-6, rtol=1e-6, equal_nan=True)
+        torch.testing.assert_close(v2, v_ref, atol=0, rtol=0, equal_nan=True)
+        torch.testing.assert_close(o2, o_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_kv_write_validation(device):
+    B, L, Hq, Hkv, D, Tn = 2, 8, 4, 2, 16, 1
+    q = torch.randn(B, Tn, Hq, D, device=device)
+    k, v = torch.zeros(B, L, Hkv, D, device=device), torch.zeros(B, L, Hkv, D, device=device)
+    lens = torch.full((B,), 3, dtype=torch.int32, device=device)
+    kn = torch.randn(B, Tn, Hkv, D, device=device)
+    pos = lens - 1
+    with pytest.raises(ValueError, match="kv_write"):
+        decode_attention(q, k, v, lens, kv_write=(kn, kn), backend="triton")
+    with pytest.raises(ValueError, match="k_new"):
+        decode_attention(q, k, v, lens, kv_write=(kn[:, :, :1], kn, pos), backend="triton")
+    with pytest.raises(ValueError, match="write_pos"):
+        decode_attention(q, k, v, lens, kv_write=(kn, kn, pos[:1]), backend="triton")
+    with pytest.raises(TypeError, match="write_pos"):
+        decode_attention(q, k, v, lens, kv_write=(kn, kn, pos.float()), backend="triton")
+
+
+@pytest.mark.gpu
+def test_kv_write_fused_bf16_gpu_and_graph(device):
+    """On the GPU (the barrier between the kernel's cache stores and its loads is real there): the fused write
+    (bf16, the Qwen2-0.5B decode shape, autotuned) against write_kv_cache + decode_attention, eager and replayed
+    from a CUDA graph at a longer cache."""
+    B, L, Hq, Hkv, D = 64, 384, 14, 2, 64
+    k0 = torch.randn(B, L, Hkv, D, device=device, dtype=torch.bfloat16)
+    v0 = torch.randn_like(k0)
+    q = torch.randn(B, 1, Hq, D, device=device, dtype=torch.bfloat16)
+    kn = torch.randn(B, 1, Hkv, D, device=device, dtype=torch.bfloat16)
+    vn = torch.randn_like(kn)
+    ang = torch.rand(B, 1, D // 2, device=device) * 6.28
+    cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+    rows = torch.arange(B, device=device, dtype=torch.int32)
+    lens = torch.randint(200, 300, (B,), device=device, dtype=torch.int32)
+
+    def separate(k, v):
+        write_kv_cache(k, v, kn, vn, lens - 1, cos=cos.reshape(B, -1), sin=sin.reshape(B, -1), rope_positions=rows)
+        return decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, num_splits=1)
+
+    def fused(k, v):
+        return decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, num_splits=1, kv_write=(kn, vn, lens - 1))
+
+    k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+    o1, o2 = separate(k1, v1), fused(k2, v2)
+    torch.testing.assert_close(v2, v1, atol=0, rtol=0)
+    torch.testing.assert_close(k2.float(), k1.float(), atol=1e-2, rtol=1e-2)  # an fp32 contraction may differ
+    torch.testing.assert_close(o2.float(), o1.float(), atol=2e-2, rtol=2e-2)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        o3 = fused(k2, v2)
+    lens.add_(50)  # a later step: longer caches, another slot written
+    g.replay()
+    o4 = separate(k1, v1)
+    torch.testing.assert_close(k2.float(), k1.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(o3.float(), o4.float(), atol=2e-2, rtol=2e-2)

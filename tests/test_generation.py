@@ -463,3 +463,32 @@ def test_graph_cache_reuse_sees_weight_updates():
     m.to(torch.float64).to(torch.float32)  # swaps parameter tensors: the fingerprint must force a new capture
     swapped = generate(m, ids, mask, **kw)
     assert torch.equal(swapped.sequences, eager.sequences)
+
+
+def test_triton_generation_with_the_cache_write_fused(device, monkeypatch):
+    """RLHF_ENGINE_DECODE_FUSED_WRITE=1: the decode attention kernel writes the KV cache itself (one split); the
+    tokens and log-probs equal the separate write's, bit for bit (left-padded prompts, greedy and sampled)."""
+    from rlhf_engine.kernels import decode_attention as da
+
+    m = _model().to(device)
+    ids, mask = _prompts(m.config.vocab_size, lengths=(7, 3), P=7)
+    ids, mask = ids.to(device), mask.to(device)
+    kw = dict(max_new_tokens=4, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False)
+    runs = {}
+    for fused in (False, True):
+        monkeypatch.setenv("RLHF_ENGINE_DECODE_FUSED_WRITE", "1" if fused else "0")
+        writes = []
+        with monkeypatch.context() as mp:  # count the separate cache writes of the decode steps
+            real = da.write_kv_cache
+            mp.setattr(da, "write_kv_cache", lambda *a, **k: (writes.append(1), real(*a, **k))[1])
+            import rlhf_engine.kernels.kv_cache as kv
+            real_fwd = kv.write_kv_cache_forward
+            mp.setattr(kv, "write_kv_cache_forward", lambda *a, **k: (writes.append(1), real_fwd(*a, **k))[1])
+            g = torch.Generator(device).manual_seed(3)
+            runs[fused] = (generate(m, ids, mask, greedy=True, **kw), generate(m, ids, mask, generator=g, **kw),
+                           len(writes))
+    (ga, sa, n_sep), (gb, sb, n_fused) = runs[False], runs[True]
+    assert n_sep > 0 and n_fused == 0  # the fused path never launched a separate write
+    for a, b in ((ga, gb), (sa, sb)):
+        assert torch.equal(a.sequences, b.sequences)
+        assert torch.equal(a.logprobs, b.logprobs)

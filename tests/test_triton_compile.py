@@ -160,7 +160,8 @@ def _attention_tma_cases():
 
 def _decode_cases():
     split = {"Q": "{dt}", "K": "{dt}", "V": "{dt}", "O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32",
-             "CACHE_LENS": "i32", "CACHE_START": "i32", "COS": "{dt}", "SIN": "{dt}"}
+             "CACHE_LENS": "i32", "CACHE_START": "i32", "COS": "{dt}", "SIN": "{dt}", "KN": "{dt}", "VN": "{dt}",
+             "WPOS": "i32"}
     # (dtype, HEAD_DIM, BLOCK_R = max(16, next_pow2(group * Tn)), single split, q RoPE in the kernel (the model's
     # fused decode step: Qwen2-0.5B is D=64, group 7), _DECODE_CONFIGS entry)
     for dt, d, br, single, rope, (bn, w, s) in [("bf16", 128, 16, False, False, (64, 4, 3)),
@@ -174,6 +175,11 @@ def _decode_cases():
                     "_decode_split_kernel", _sub(split, dt), ["qk_scale"],
                     dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=br, HAS_START=True, SINGLE_SPLIT=single, HAS_ROPE=rope,
                          PRECISION=_DTYPES[dt], BLOCK_N=bn), w, s)
+    # the cache write fused into the one-split kernel (kv_write; the Qwen2-0.5B decode step's shape), bf16
+    yield _case("decode_split-bf16-d64-r16-n128-rope-write", "decode_attention", "_decode_split_kernel",
+                _sub(split, "bf16"), ["qk_scale"],
+                dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_R=16, HAS_START=True, SINGLE_SPLIT=True, HAS_ROPE=True,
+                     PRECISION=_DTYPES["bf16"], BLOCK_N=128, WRITE_KV=True), 4, 3)
     red = {"O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32"}
     # decode_attention_forward: 1 warp up to 1024 elements (BLOCK_S * BLOCK_D), else 4
     for dt, bs, w in (("bf16", 64, 4), ("fp32", 8, 1)):
@@ -377,6 +383,7 @@ def compiled(tmp_path_factory):
 # 224 B) and still beat the spill-free tiles listed here, so they are not held to this rule.
 NO_SPILL = {"attn_fwd-bf16-d128-64x64", "attn_fwd-bf16-d64-64x64", "attn_bwd_dkdv-bf16-d64-32x64",
             "attn_bwd_dq-bf16-d64-64x64", "decode_split-bf16-d64-r16-n128-rope", "decode_split-bf16-d128-r16-n32",
+            "decode_split-bf16-d64-r16-n128-rope-write",
             "attn_fwd-bf16-d128-128x64", "attn_fwd-bf16-d64-128x64", "attn_bwd_dkdv-bf16-d128-32x128",
             "attn_bwd_dq-bf16-d128-128x64", "attn_bwd_dkdv-bf16-d64-64x128", "attn_bwd_dq-bf16-d64-128x64",
             "decode_split-bf16-d128-r16-n64", "decode_split-bf16-d64-r16-n64-rope", "decode_reduce-bf16-s64",

@@ -17,6 +17,7 @@ Conventions (all tensors in the model's (B, T, H, D) layout):
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,13 +170,26 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, 
     write_kv_cache(k_cache, v_cache, k_new, v_new, meta.write_pos, backend="triton")
 
 
+def decode_fused_write_enabled() -> bool:
+    """Whether the triton decode step hands its cache write to the attention kernel (``kv_write``):
+    ``RLHF_ENGINE_DECODE_FUSED_WRITE=1``. Off by default until a GPU run measures it (one launch fewer per layer,
+    24 a Qwen2-0.5B step; tested on the CPU against the separate write, bit for bit). Read at each call: a CUDA
+    graph keeps the path it was captured with."""
+    return os.environ.get("RLHF_ENGINE_DECODE_FUSED_WRITE", "0") == "1"
+
+
 def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
-                    q_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    q_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention of q (B,Tn,Hq,D) over the cache (B,L,Hkv,D) -> (B,Tn,Hq,D).
 
     q_rope: (cos, sin) (B, Tn, D) or their first halves (B, Tn, D/2) when q is not rotated yet: the triton
     kernel rotates it (fused decode path).
+    kv_write: (k_new, v_new, write_pos), triton backend only: written into the cache first, K rotated with
+    q_rope, by the attention kernel itself where it runs one split (``decode_attention(kv_write=...)``).
     """
+    if kv_write is not None and meta.backend != "triton":
+        raise ValueError("kv_write: only on the triton backend")
     if meta.backend == "torch":
         if q_rope is not None:
             from rlhf_engine.kernels.kv_cache import apply_rope
@@ -186,4 +200,4 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     q_cos, q_sin = q_rope if q_rope is not None else (None, None)
     return decode_attention(q, k_cache, v_cache, meta.cache_lens, cache_start=meta.cache_start, q_cos=q_cos,
-                            q_sin=q_sin, backend="triton")
+                            q_sin=q_sin, kv_write=kv_write, backend="triton")

@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
-from .attention import AttnMeta, cache_attention, full_attention, mask_to_kv_range, resolve_backend, write_kv
+from .attention import (AttnMeta, cache_attention, decode_fused_write_enabled, full_attention, mask_to_kv_range,
+                        resolve_backend, write_kv)
 from .config import ModelConfig
 from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears
 from .rope import RotaryEmbedding, apply_rotary
@@ -78,14 +79,19 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if meta.mode == "decode":
             k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]  # (B, L, Hkv, D)
-            if rope_in_write:
-                from rlhf_engine.kernels.kv_cache import write_kv_cache
-
-                write_kv_cache(k_cache, v_cache, k, v, meta.write_pos, cos=cos.reshape(B * T, -1),
-                               sin=sin.reshape(B * T, -1), rope_positions=meta.rope_rows, backend="triton")
+            if rope_in_write and meta.backend == "triton" and decode_fused_write_enabled():
+                # opt-in (RLHF_ENGINE_DECODE_FUSED_WRITE=1): the attention kernel writes the cache itself with one
+                # split (K rotated with q's tables: rope_rows is b * T, the same rows), one launch fewer a layer
+                y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin), kv_write=(k, v, meta.write_pos))
             else:
-                write_kv(k_cache, v_cache, k, v, meta)
-            y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin) if rope_in_write else None)
+                if rope_in_write:
+                    from rlhf_engine.kernels.kv_cache import write_kv_cache
+
+                    write_kv_cache(k_cache, v_cache, k, v, meta.write_pos, cos=cos.reshape(B * T, -1),
+                                   sin=sin.reshape(B * T, -1), rope_positions=meta.rope_rows, backend="triton")
+                else:
+                    write_kv(k_cache, v_cache, k, v, meta)
+                y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin) if rope_in_write else None)
         else:
             y = full_attention(q, k, v, meta)  # (B, T, Hq, D)
             if meta.mode == "prefill":
