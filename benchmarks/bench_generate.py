@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv if argv is not None else [])
     rows: list[dict] = []
     if smoke() and not torch.cuda.is_available():  # the script's path on a tiny model; no CUDA graph on a CPU
-        variants = {"ours (triton, eager)": {"attn_backend": "triton", "use_cuda_graph": False},
+        variants = {"ours (triton, eager)": {"attn_backend": "triton", "use_cuda_graph": False, "fused_write": False},
                     "ours (triton, eager, cache write fused)": {"attn_backend": "triton", "use_cuda_graph": False,
                                                                 "fused_write": True},
                     "ours (sdpa, eager)": {"attn_backend": "torch", "use_cuda_graph": False}}
@@ -214,13 +214,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         wanted += ["tiny-qwen2"] if smoke() else []
         for name, B, P, N in cases:
             if name in wanted:
-                variants = {"ours (triton, cuda graph)": {},
-                            "ours (triton, cuda graph reused across calls)": {"graph_cache": DecodeGraphCache()},
+                # fused_write False: the default path whatever the environment says (the A/B below is explicit)
+                variants = {"ours (triton, cuda graph)": {"fused_write": False},
+                            "ours (triton, cuda graph reused across calls)": {"graph_cache": DecodeGraphCache(),
+                                                                              "fused_write": False},
                             # opt-in: the decode attention kernel writes the KV cache (one launch fewer a layer)
                             "ours (triton, cuda graph reused, cache write fused)": {"graph_cache": DecodeGraphCache(),
                                                                                    "fused_write": True},
                             "ours (sdpa, cuda graph)": {"attn_backend": "torch"},
-                            "ours (triton, eager)": {"use_cuda_graph": False}}
+                            "ours (triton, eager)": {"use_cuda_graph": False, "fused_write": False}}
                 # recorded case by case, before the profile: a run cut short by its timeout keeps what it measured
                 case_rows = run_case(name, B, P, args.new_tokens or N, torch.device("cuda"), torch.bfloat16,
                                      variants=variants, profile_step=True, on_rows=record)

@@ -193,7 +193,8 @@ _DECODE_CONFIGS = [
 _decode_split_kernel_tuned = parallel_autotune(triton.autotune(
     # Coarse key: a growing dynamic cache must not trigger a new tuning run at every power of two; the split
     # count (rounded to a power of two) is in it, since it sets how many keys each program walks.
-    configs=_DECODE_CONFIGS, key=["HEAD_DIM", "BLOCK_R", "L_BUCKET", "S_BUCKET", "SINGLE_SPLIT", "HAS_ROPE"],
+    configs=_DECODE_CONFIGS,
+    key=["HEAD_DIM", "BLOCK_R", "L_BUCKET", "S_BUCKET", "SINGLE_SPLIT", "HAS_ROPE", "WRITE_KV"],
 )(_decode_split_kernel))
 INTERPRETER_BLOCK_N = 32
 # Without autotuning: (BLOCK_N, num_warps, num_stages) by (HEAD_DIM, single split), else the first config. The
@@ -212,7 +213,6 @@ def _decode_fixed_config(head_dim: int, single: bool, dtype: torch.dtype) -> tri
 
 
 MAX_SPLITS = 64  # the reduce kernel holds a (splits, head dim) fp32 tile: more would spill
-
 
 
 def default_num_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
@@ -244,7 +244,7 @@ def decode_attention_forward(
 ) -> torch.Tensor:
     """Launch the split and reduce kernels; inputs validated by ``decode_attention``. Returns o (B, Tn, Hq, D).
     ``kv_write`` = (k_new, v_new, write_pos): the split kernel writes them into the cache first (one split only;
-    validated by ``decode_attention_with_write``)."""
+    validated by ``decode_attention``)."""
     B, Tn, Hq, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -383,9 +383,7 @@ def decode_attention(
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
     if kv_write is not None:
         kv_write = _check_kv_write(kv_write, k_cache, B, Tn)
-        splits = num_splits if num_splits is not None else default_num_splits(B, k_cache.shape[2], k_cache.shape[1],
-                                                                             q.device)
-        if not (use_triton and splits == 1 and not torch.compiler.is_compiling()):
+        if not use_triton:  # the reference path: the write, then the attention below
             _write_first(kv_write, k_cache, v_cache, q_cos, q_sin, backend)
             kv_write = None
     if not use_triton:
@@ -400,6 +398,9 @@ def decode_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache, v_cache: expected unit stride on the head dim (copying a cache is never wanted)")
+    if kv_write is not None and (num_splits != 1 or torch.compiler.is_compiling()):
+        _write_first(kv_write, k_cache, v_cache, q_cos, q_sin, backend)  # fused only with one split, eager
+        kv_write = None
     if torch.compiler.is_compiling():
         return decode_attention_op(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits, q_cos, q_sin)
     return decode_attention_forward(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits,

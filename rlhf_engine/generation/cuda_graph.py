@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from ..model.attention import decode_fused_write_enabled
 from .cache import KVCache
 
 
@@ -122,7 +123,8 @@ class DecodeGraphCache:
         """(cache, decoder) for ``batch`` rows and at least ``min_len`` slots; captured on first use
         (``capture=False``: an eager decoder over a reused static cache, on any device)."""
         L = self.cache_len(min_len)
-        key = (batch, L, attn_backend, capture)
+        # the decode step's path is part of the key: a graph replays the kernels it was captured with
+        key = (batch, L, attn_backend, capture, decode_fused_write_enabled())
         fp = model_fingerprint(model)
         entry = self._entries.pop(key, None)
         if entry is not None and entry[0] == fp:

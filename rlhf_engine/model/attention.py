@@ -56,6 +56,8 @@ class AttnMeta:
       attention kernel.
     rope_rows: (B,) int32 — decode with fused_ops: row of sequence b's first new token in the (B * Tn, D)
       cos/sin tables (b * Tn).
+    fuse_cache_write: decode with fused_ops: the attention kernel writes the new K/V itself (``kv_write``); set
+      once per step when ``decode_fused_write_enabled()`` and the attention runs one split.
     """
 
     backend: str
@@ -70,6 +72,7 @@ class AttnMeta:
     kv_len: int | None = None
     fused_ops: bool = False
     rope_rows: torch.Tensor | None = None
+    fuse_cache_write: bool = False
 
 
 def mask_to_kv_range(attention_mask: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,8 +176,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, 
 def decode_fused_write_enabled() -> bool:
     """Whether the triton decode step hands its cache write to the attention kernel (``kv_write``):
     ``RLHF_ENGINE_DECODE_FUSED_WRITE=1``. Off by default until a GPU run measures it (one launch fewer per layer,
-    24 a Qwen2-0.5B step; tested on the CPU against the separate write, bit for bit). Read at each call: a CUDA
-    graph keeps the path it was captured with."""
+    24 a Qwen2-0.5B step; tested on the CPU against the separate write, bit for bit). Read once per decode step;
+    ``DecodeGraphCache`` keys its graphs on it."""
     return os.environ.get("RLHF_ENGINE_DECODE_FUSED_WRITE", "0") == "1"
 
 

@@ -79,7 +79,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if meta.mode == "decode":
             k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]  # (B, L, Hkv, D)
-            if rope_in_write and meta.backend == "triton" and decode_fused_write_enabled():
+            if rope_in_write and meta.fuse_cache_write:
                 # opt-in (RLHF_ENGINE_DECODE_FUSED_WRITE=1): the attention kernel writes the cache itself with one
                 # split (K rotated with q's tables: rope_rows is b * T, the same rows), one launch fewer a layer
                 y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin), kv_write=(k, v, meta.write_pos))
@@ -379,6 +379,11 @@ class CausalLM(nn.Module):
                         fused_ops=_fused_ops(backend, self.model))
         if meta.fused_ops:
             meta.rope_rows = torch.arange(0, B * Tn, Tn, device=input_ids.device, dtype=torch.int32)
+            if backend == "triton" and decode_fused_write_enabled():  # only where the attention runs one split
+                from rlhf_engine.kernels.decode_attention import default_num_splits
+
+                k0 = cache.k[0]
+                meta.fuse_cache_write = default_num_splits(B, k0.shape[2], k0.shape[1], k0.device) == 1
         hidden = self.model.run_layers(input_ids, position_ids, meta)  # (B, Tn, H)
         cache.lengths.add_(Tn)
         return self.sampling_logits(hidden)  # (B, Tn, V) fp32
