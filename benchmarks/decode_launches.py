@@ -71,8 +71,8 @@ def _count_triton():
         InterpretedFunction.run = run
 
 
-def count_decode_step(fused: bool, num_layers: int, lora: bool = False) -> tuple[collections.Counter,
-                                                                                   collections.Counter]:
+def count_decode_step(fused: bool, num_layers: int, lora: bool = False,
+                      fused_write: bool = False) -> tuple[collections.Counter, collections.Counter]:
     from rlhf_engine.generation import KVCache
     from rlhf_engine.model import CausalLM, apply_lora, preset
     from rlhf_engine.model import llama
@@ -88,8 +88,9 @@ def count_decode_step(fused: bool, num_layers: int, lora: bool = False) -> tuple
     cache = KVCache.allocate(cfg, B, P + 2, dtype=torch.float32, device="cpu")
     m.prefill(ids, torch.ones_like(ids), cache, attn_backend="triton")
     # unfused: the same step with the generation path's fusions turned off
+    env = {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1" if fused_write else "0"}  # the opt-in cache write in the kernel
     with mock.patch.object(llama, "_fused_ops", llama._fused_ops if fused else lambda *args: False), \
-            _count_triton() as triton_counts, _CountAten() as aten:
+            mock.patch.dict(os.environ, env), _count_triton() as triton_counts, _CountAten() as aten:
         m.decode_step(ids[:, -1:], cache, attn_backend="triton")
     return aten.ops, triton_counts
 
@@ -108,13 +109,15 @@ def count_sampling(backend: str) -> int:
 def main(num_layers: int = 24) -> list[dict]:
     """Counts for 1 and 2 layers give the per-layer and per-step parts; printed for ``num_layers``."""
     rows = []
-    for fused, lora in ((False, False), (True, False), (True, True)):
+    for fused, lora, fused_write in ((False, False, False), (True, False, False), (True, True, False),
+                                     (True, False, True)):
         totals = {}
         for n in (1, 2):
-            aten, trit = count_decode_step(fused, n, lora)
+            aten, trit = count_decode_step(fused, n, lora, fused_write)
             totals[n] = sum(aten.values()) + sum(trit.values())
         per_layer, fixed = totals[2] - totals[1], 2 * totals[1] - totals[2]
         label = ("generation path, LoRA on" if lora else "generation path (fused ops)") if fused else "unfused ops"
+        label = "generation path, cache write fused" if fused_write else label
         print(f"\n{label}: {per_layer} kernels per layer + {fixed} per step; 2 layers: "
               f"ATen {dict(sorted(aten.items()))}, Triton {dict(sorted(trit.items()))}")
         rows.append({"path": label, "per_layer": per_layer, "fixed": fixed, "step": fixed + num_layers * per_layer})
