@@ -363,18 +363,21 @@ def _print_phase_kernel_time(trainer, prompts: list[str], walls: dict, dev: torc
     inside its ``phase/<name>`` range, PhaseTimer's) beside its wall time in the timed steps. A phase whose
     kernels take a small part of its wall time is bound by its host side (Python, dispatch, launches); kernels
     replayed from a CUDA graph (generation) may not be attributed to the range. CPU: the CPU time instead."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = dev.type == "cuda"
     _free(dev)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         trainer.train_step(prompts)
+    busy: dict[str, float] = {}
+    for e in prof.events():  # the host-side ranges only (a GPU-side copy of a range spans, it does not sum)
+        if e.name.startswith("phase/") and e.device_type == DeviceType.CPU:
+            name = e.name[len("phase/"):]
+            busy[name] = busy.get(name, 0.0) + (e.device_time_total if cuda else e.cpu_time_total) / 1e6
     print("  phase        wall s (timed steps)   " + ("kernel s (profiled step)" if cuda else "CPU s (profiled step)"))
-    for e in prof.key_averages():
-        if e.key.startswith("phase/"):
-            name = e.key[len("phase/"):]
-            busy = (e.device_time_total if cuda else e.cpu_time_total) / 1e6
-            print(f"  {name:<12} {walls.get(f'time/{name}_s', float('nan')):>10.3f}            {busy:>10.3f}")
+    for name, s in busy.items():
+        print(f"  {name:<12} {walls.get(f'time/{name}_s', float('nan')):>10.3f}            {s:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -135,15 +135,15 @@ def profiled_op_times(fn: Callable[[], object], cuda: bool) -> dict[str, tuple[i
         if cuda:
             torch.cuda.synchronize()
     out: dict[str, tuple[int, float]] = {}
-    for e in prof.key_averages():
+    for e in prof.events():  # one event per launch (key_averages could merge a range's host and device copies)
         if getattr(e, "is_user_annotation", False):
             continue
         if cuda and e.device_type != DeviceType.CUDA:
             continue
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
         if us > 0:
-            c, t = out.get(e.key, (0, 0.0))
-            out[e.key] = (c + e.count, t + us)
+            c, t = out.get(e.name, (0, 0.0))
+            out[e.name] = (c + 1, t + us)
     return out
 
 
