@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -62,16 +63,9 @@ def _hf_generate(hf, ids, mask, n, seed):
 def _ours(model, ids, mask, n, seed, fused_write: bool | None = None, **kw):
     """Our generate; ``fused_write`` True/False sets RLHF_ENGINE_DECODE_FUSED_WRITE for the call (None: as set)."""
     g = torch.Generator(ids.device).manual_seed(seed)
-    flag, old = "RLHF_ENGINE_DECODE_FUSED_WRITE", os.environ.get("RLHF_ENGINE_DECODE_FUSED_WRITE")
-    if fused_write is not None:
-        os.environ[flag] = "1" if fused_write else "0"
-    try:
+    env = {} if fused_write is None else {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1" if fused_write else "0"}
+    with mock.patch.dict(os.environ, env):
         return generate(model, ids, mask, max_new_tokens=n, eos_token_ids=(), generator=g, **kw)
-    finally:
-        if old is None:
-            os.environ.pop(flag, None)
-        else:
-            os.environ[flag] = old
 
 
 def decode_step_profile(model, ids, mask, n_lo: int = 8, n_hi: int = 24) -> dict[str, tuple[float, float]]:
