@@ -88,6 +88,14 @@ def _rows(device: str, rep: int) -> list[dict]:
                      vs_baseline=1.0))
     rows.append(dict(op="ppo_loss_fwd_bwd", shape=shape, impl=impl, ms=ms_nat, metric="bandwidth",
                      value=tokens * PPO_BYTES_PER_TOKEN / ms_nat / 1e6, unit="GB/s", vs_baseline=ms_ref / ms_nat))
+
+    def with_grads():  # the loss and its gradients from one native call, no autograd node
+        return native.ppo_loss_with_grads(logp, x["old_logp"], x["advantages"], x["mask"], **kw)[2]
+
+    ms_wg = bench(with_grads, warmup=3, rep=rep, cuda=cuda)
+    impl = "C++ loss + grads (ppo_loss_with_grads)" if device == "cpu" else "CUDA loss + grads, 2 launches"
+    rows.append(dict(op="ppo_loss_fwd_bwd", shape=shape, impl=impl, ms=ms_wg, metric="bandwidth",
+                     value=tokens * PPO_BYTES_PER_TOKEN / ms_wg / 1e6, unit="GB/s", vs_baseline=ms_ref / ms_wg))
     if device == "cuda":
         for op, bytes_per_token in (("gae", GAE_BYTES_PER_TOKEN), ("ppo_loss_fwd_bwd", PPO_BYTES_PER_TOKEN)):
             floor_ms = tokens * bytes_per_token / (H100_COPY_TBPS * 1e9)

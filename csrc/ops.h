@@ -23,6 +23,9 @@ void gae_backward_cpu(int64_t mask, int64_t grad_advantages, int64_t grad_return
 
 // PPO loss, fused forward + backward (see ppo_math.h for the math and PpoLossArgs for the fields).
 void ppo_loss_forward_cpu(const PpoLossArgs& args);
+// The loss, the metrics and the final gradients of grad_scale * loss (ppo_loss_with_grads): the forward
+// above, then grad_x <- grad_x * row_scale[b] * grad_scale in place.
+void ppo_loss_grads_cpu(const PpoLossArgs& args, double grad_scale);
 // grad_x = g_x * row_scale[b] * grad_output for each (g_x, grad_x) pair given (0 = skip).
 void ppo_loss_backward_cpu(int64_t row_scale, int64_t grad_output, int64_t g_logp, int64_t grad_logp,
                            int64_t g_values, int64_t grad_values, int64_t g_entropy, int64_t grad_entropy,
@@ -36,6 +39,8 @@ void gae_backward_cuda(int64_t mask, int64_t grad_advantages, int64_t grad_retur
                        int64_t grad_values, int64_t grad_last_value, int64_t B, int64_t T, double gamma, double lam,
                        bool carry, const std::string& dtype, int64_t stream);
 void ppo_loss_forward_cuda(const PpoLossArgs& args);
+// As ppo_loss_grads_cpu in two launches on args.stream, with `device` made current for them (row_scale unused).
+void ppo_loss_grads_cuda(const PpoLossArgs& args, double grad_scale, int device);
 void ppo_loss_backward_cuda(int64_t row_scale, int64_t grad_output, int64_t g_logp, int64_t grad_logp,
                             int64_t g_values, int64_t grad_values, int64_t g_entropy, int64_t grad_entropy,
                             int64_t B, int64_t T, const std::string& dtype, int64_t stream);

@@ -100,6 +100,18 @@ void ppo_loss_forward_cpu(const PpoLossArgs& a) {
   dispatch_float(a.dtype, [&](auto tag) { ppo_forward_impl<decltype(tag)>(a); });
 }
 
+void ppo_loss_grads_cpu(const PpoLossArgs& a, double grad_scale) {
+  RLHF_CHECK(a.values == 0 || a.grad_values != 0, "grad_values: expected a pointer when values are given");
+  RLHF_CHECK(a.B == 0 || a.T == 0 || a.grad_logp != 0, "grad_logp: expected a pointer");
+  ppo_loss_forward_cpu(a);
+  dispatch_float(a.dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const double* rs = as_ptr<const double>(a.row_scale);
+    for (int64_t g : {a.grad_logp, a.grad_values, a.grad_entropy})  // in place: g <- g * c_b * grad_scale
+      scale_rows<S>(rs, grad_scale, as_ptr<const S>(g), as_ptr<S>(g), a.B, a.T);
+  });
+}
+
 void ppo_loss_backward_cpu(int64_t row_scale, int64_t grad_output, int64_t g_logp, int64_t grad_logp,
                            int64_t g_values, int64_t grad_values, int64_t g_entropy, int64_t grad_entropy,
                            int64_t B, int64_t T, const std::string& dtype) {

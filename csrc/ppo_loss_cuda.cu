@@ -5,6 +5,9 @@
 //   2. ppo_finalize_kernel: one block; reduces the token / sequence counts (unless given), the
 //      aggregation weight c_b of every row (-> row_scale), the weighted sums, the loss and metrics.
 // The backward (ppo_scale_kernel) multiplies the saved gradients by row_scale[b] * grad_output.
+// ppo_loss_grads_cuda (the loss and its final gradients, no autograd) replaces 2. by
+// ppo_finalize_grads_kernel: one block per row, each reducing the counts itself and scaling its row of
+// gradients in place by c_b * grad_scale; block 0 also writes the loss and the metrics. Two launches in all.
 // Math: ppo_math.h. Results are deterministic (no atomics, fixed reduction order).
 #include <cuda_runtime.h>
 
@@ -63,10 +66,11 @@ struct FinalArgs {
   double ntok_value, nseq_value;
 };
 
+// The global normalizers (N_tokens, N_seqs) from the per-row token counts, or as given; the same values in
+// every thread, and in every block that calls it (fixed reduction order).
 template <typename T>
-__global__ void __launch_bounds__(kFinalThreads)
-ppo_finalize_kernel(const double* __restrict__ partials, double* __restrict__ row_scale, T* __restrict__ loss,
-                    T* __restrict__ metrics, const T* ntok_ptr, const T* nseq_ptr, FinalArgs f, PpoConsts<T> c) {
+__device__ __forceinline__ void reduce_norms(const double* __restrict__ partials, const T* ntok_ptr,
+                                             const T* nseq_ptr, const FinalArgs& f, double* ntok, double* nseq) {
   __shared__ double s_norm[2];
   // Counts: sum_b n_b and #{b : n_b > 0}.
   double cnt[2] = {0.0, 0.0};
@@ -82,16 +86,23 @@ ppo_finalize_kernel(const double* __restrict__ partials, double* __restrict__ ro
     s_norm[1] = f.nseq_mode == kValue ? f.nseq_value : (f.nseq_mode == kPointer ? double(*nseq_ptr) : seqs);
   }
   __syncthreads();
-  const double ntok = s_norm[0], nseq = s_norm[1];
+  *ntok = s_norm[0];
+  *nseq = s_norm[1];
+}
 
-  // Weighted sums: the loss terms with c_b, the metric counts plain (divided by N_tokens below).
+// Weighted sums over the rows (the loss terms with c_b, the metric counts plain, divided by N_tokens in
+// ppo_write_outputs), then the loss and the metrics; row_scale (may be null) gets every c_b.
+template <typename T>
+__device__ __forceinline__ void reduce_outputs(const double* __restrict__ partials, double* row_scale, T* loss,
+                                               T* metrics, const FinalArgs& f, const PpoConsts<T>& c, double ntok,
+                                               double nseq) {
   double tot[kNumPartials];
 #pragma unroll
   for (int k = 0; k < kNumPartials; ++k) tot[k] = 0.0;
   for (int64_t b = threadIdx.x; b < f.B; b += kFinalThreads) {
     const double* pb = partials + b * kNumPartials;
     const double cb = row_weight(f.agg, pb[kTokens], ntok, nseq, f.max_len);
-    row_scale[b] = cb;
+    if (row_scale) row_scale[b] = cb;
     tot[kPg] += cb * pb[kPg];
     tot[kVf] += cb * pb[kVf];
     tot[kEntropy] += cb * pb[kEntropy];
@@ -104,6 +115,38 @@ ppo_finalize_kernel(const double* __restrict__ partials, double* __restrict__ ro
   if (threadIdx.x == 0) {
     ppo_write_outputs<T>(c, f.vf_coef, f.ent_coef, f.kl_coef, tot[kPg], tot[kClipped], tot[kApproxKl], tot[kVf],
                          tot[kVfClipped], tot[kEntropy], tot[kKl], ntok, loss, metrics);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kFinalThreads)
+ppo_finalize_kernel(const double* __restrict__ partials, double* __restrict__ row_scale, T* __restrict__ loss,
+                    T* __restrict__ metrics, const T* ntok_ptr, const T* nseq_ptr, FinalArgs f, PpoConsts<T> c) {
+  double ntok, nseq;
+  reduce_norms<T>(partials, ntok_ptr, nseq_ptr, f, &ntok, &nseq);
+  reduce_outputs<T>(partials, row_scale, loss, metrics, f, c, ntok, nseq);
+}
+
+// ppo_loss_grads_cuda's second launch, one block per row (at least one block): every block reduces the
+// counts itself (the same N everywhere), block b turns its row's unnormalized gradients into the final
+// ones in place, g <- g * c_b * grad_scale (the rounding of ppo_scale_kernel), and block 0 also writes the
+// loss and the metrics. No third launch, no atomics: deterministic.
+template <typename T>
+__global__ void __launch_bounds__(kFinalThreads)
+ppo_finalize_grads_kernel(const double* __restrict__ partials, T* __restrict__ loss, T* __restrict__ metrics,
+                          const T* ntok_ptr, const T* nseq_ptr, FinalArgs f, PpoConsts<T> c, T* g0, T* g1, T* g2,
+                          int n, double grad_scale) {
+  double ntok, nseq;
+  reduce_norms<T>(partials, ntok_ptr, nseq_ptr, f, &ntok, &nseq);
+  if (blockIdx.x == 0) reduce_outputs<T>(partials, nullptr, loss, metrics, f, c, ntok, nseq);
+  if (int64_t(blockIdx.x) >= f.B) return;
+  const int64_t b = blockIdx.x, off = b * n;
+  const double s = row_weight(f.agg, partials[b * kNumPartials + kTokens], ntok, nseq, f.max_len) * grad_scale;
+  for (int t = threadIdx.x; t < n; t += kFinalThreads) {
+    const int64_t i = off + t;
+    if (g0) g0[i] = T(double(g0[i]) * s);
+    if (g1) g1[i] = T(double(g1[i]) * s);
+    if (g2) g2[i] = T(double(g2[i]) * s);
   }
 }
 
@@ -121,8 +164,10 @@ __global__ void ppo_scale_kernel(const double* __restrict__ row_scale, const T* 
   }
 }
 
+// final_grads false: rows kernel + ppo_finalize_kernel (unnormalized gradients and row_scale, for autograd);
+// true: rows kernel + ppo_finalize_grads_kernel (the final gradients of grad_scale * loss, in place).
 template <typename T>
-void ppo_forward_launch(const PpoLossArgs& a) {
+void ppo_launch(const PpoLossArgs& a, bool final_grads, double grad_scale) {
   auto stream = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(a.stream));
   const PpoConsts<T> c(a);
   if (a.B > 0) {
@@ -136,18 +181,24 @@ void ppo_forward_launch(const PpoLossArgs& a) {
   }
   FinalArgs f{a.B, a.agg, a.max_len, a.vf_coef, a.ent_coef, a.kl_coef, a.ntok_mode, a.nseq_mode, a.ntok_value,
               a.nseq_value};
-  ppo_finalize_kernel<T><<<1, kFinalThreads, 0, stream>>>(
-      as_ptr<const double>(a.row_partials), as_ptr<double>(a.row_scale), as_ptr<T>(a.loss), as_ptr<T>(a.metrics),
-      as_ptr<const T>(a.ntok_ptr), as_ptr<const T>(a.nseq_ptr), f, c);
-  CUDA_CHECK_LAUNCH("ppo_loss_forward_cuda (finalize)");
+  if (!final_grads) {
+    ppo_finalize_kernel<T><<<1, kFinalThreads, 0, stream>>>(
+        as_ptr<const double>(a.row_partials), as_ptr<double>(a.row_scale), as_ptr<T>(a.loss), as_ptr<T>(a.metrics),
+        as_ptr<const T>(a.ntok_ptr), as_ptr<const T>(a.nseq_ptr), f, c);
+    CUDA_CHECK_LAUNCH("ppo_loss_forward_cuda (finalize)");
+    return;
+  }
+  ppo_finalize_grads_kernel<T><<<unsigned(a.B > 0 ? a.B : 1), kFinalThreads, 0, stream>>>(
+      as_ptr<const double>(a.row_partials), as_ptr<T>(a.loss), as_ptr<T>(a.metrics), as_ptr<const T>(a.ntok_ptr),
+      as_ptr<const T>(a.nseq_ptr), f, c, as_ptr<T>(a.grad_logp), as_ptr<T>(a.grad_values), as_ptr<T>(a.grad_entropy),
+      int(a.T), grad_scale);
+  CUDA_CHECK_LAUNCH("ppo_loss_grads_cuda (finalize + gradients)");
 }
 
-}  // namespace
-
-void ppo_loss_forward_cuda(const PpoLossArgs& a) {
+void check_forward_args(const PpoLossArgs& a) {
   CHECK_SIZES(a.B, a.T);
   RLHF_CHECK(a.B < (int64_t(1) << 31), "B: expected < 2^31");
-  CHECK_PTR(a.row_partials); CHECK_PTR(a.row_scale); CHECK_PTR(a.loss); CHECK_PTR(a.metrics);
+  CHECK_PTR(a.row_partials); CHECK_PTR(a.loss); CHECK_PTR(a.metrics);
   if (a.B > 0 && a.T > 0) {
     CHECK_PTR(a.logp); CHECK_PTR(a.old_logp); CHECK_PTR(a.advantages); CHECK_PTR(a.mask);
   }
@@ -157,7 +208,22 @@ void ppo_loss_forward_cuda(const PpoLossArgs& a) {
   RLHF_CHECK(a.agg >= 0 && a.agg <= 3, "agg: expected 0..3");
   RLHF_CHECK(a.ntok_mode != kPointer || a.ntok_ptr != 0, "ntok_ptr: expected a pointer");
   RLHF_CHECK(a.nseq_mode != kPointer || a.nseq_ptr != 0, "nseq_ptr: expected a pointer");
-  dispatch_float(a.dtype, [&](auto tag) { ppo_forward_launch<decltype(tag)>(a); });
+}
+
+}  // namespace
+
+void ppo_loss_forward_cuda(const PpoLossArgs& a) {
+  check_forward_args(a);
+  CHECK_PTR(a.row_scale);
+  dispatch_float(a.dtype, [&](auto tag) { ppo_launch<decltype(tag)>(a, false, 1.0); });
+}
+
+void ppo_loss_grads_cuda(const PpoLossArgs& a, double grad_scale, int device) {
+  check_forward_args(a);
+  RLHF_CHECK(a.values == 0 || a.grad_values != 0, "grad_values: expected a pointer when values are given");
+  RLHF_CHECK(a.B == 0 || a.T == 0 || a.grad_logp != 0, "grad_logp: expected a pointer");
+  const DeviceGuard guard(device);
+  dispatch_float(a.dtype, [&](auto tag) { ppo_launch<decltype(tag)>(a, true, grad_scale); });
 }
 
 void ppo_loss_backward_cuda(int64_t row_scale, int64_t grad_output, int64_t g_logp, int64_t grad_logp,

@@ -13,16 +13,20 @@ Conventions:
   * tokens outside the mask are never read by the math (the reference multiplies them by 0, so
     a NaN/inf there would poison its result; here it is ignored).
 
-Public API: :func:`available`, :func:`cuda_available`, :func:`gae`, :func:`ppo_loss`.
+Public API: :func:`available`, :func:`cuda_available`, :func:`gae`, :func:`ppo_loss`, :func:`ppo_loss_with_grads`.
 The semantics are exactly those of ``rlhf_engine.algo.gae.gae_reference`` and
 ``rlhf_engine.algo.losses.ppo_loss_reference``; tests/test_native.py checks them against each other.
 """
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from ._metrics import PPOMetrics, metric_keys
 
 try:
     from rlhf_engine import _C
@@ -101,7 +105,14 @@ def _mask_u8(mask: torch.Tensor) -> torch.Tensor:
     return (mask != 0).to(torch.uint8).contiguous()  # .to keeps a transposed input's strides
 
 
+# The current stream's cudaStream_t as an int in one call (what torch.compile's generated code uses), where the
+# torch build has it; torch.cuda.current_stream(...).cuda_stream builds a Stream object first (a few us).
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(device: torch.device) -> int:
+    if _RAW_STREAM is not None and device.index is not None:
+        return _RAW_STREAM(device.index)
     return torch.cuda.current_stream(device).cuda_stream
 
 
@@ -325,7 +336,9 @@ class _PPOLossFunction(torch.autograd.Function):
 
 
 def _check_ppo_scalars(clip_low, clip_high, dual_clip, value_clip, kl_kind, agg, kl_coef, ent_coef, ref_logp,
-                       entropy) -> None:
+                       entropy, max_len=None) -> None:
+    if max_len is not None and not max_len > 0:
+        raise ValueError(f"max_len: expected > 0 or None, got {max_len}")
     if not clip_low > 0:
         raise ValueError(f"clip_low: expected > 0, got {clip_low}")
     if clip_high is not None and not clip_high > 0:
@@ -386,7 +399,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     if any(critic) and not all(critic):
         raise ValueError("values, old_values, returns: expected all three or none")
     _check_ppo_scalars(clip_low, clip_high, dual_clip, value_clip, kl_kind, agg, kl_coef, ent_coef, ref_logp,
-                       entropy)
+                       entropy, max_len)
     _device_kind("logp", logp)
     dtype, dev, T = logp.dtype, logp.device, logp.shape[1]
     cfg = dict(clip_low=float(clip_low), clip_high=float(clip_low if clip_high is None else clip_high),
@@ -409,3 +422,132 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
         keep.append("kl")
     by_name = dict(zip(_METRICS, metrics_buf.unbind(0)))
     return loss, {k: by_name[k] for k in keep}
+
+
+# ----------------------------------------------------------------------------- PPO loss and its gradients
+
+_PPO_GRADS_WORK = 8 + _C.ppo_num_partials + 1 if _C is not None else 0  # see _ppo_grads_buffers
+
+
+@functools.lru_cache(maxsize=256)
+def _ppo_grads_config(dtype_name: str, clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef,
+                      kl_kind, agg, max_len):
+    """The checked hyperparameters of one ppo_loss_with_grads configuration as a ``_C.PpoLossArgs`` (its
+    pointer fields unused; max_len 0 stands for T), built once per configuration: the per-call cost is a
+    cache lookup instead of ~15 checks and field writes."""
+    _check_ppo_scalars(clip_low, clip_high, dual_clip, value_clip, kl_kind, agg, 0.0, 0.0, None, None, max_len)
+    a = _C.PpoLossArgs()
+    a.clip_low, a.clip_high = float(clip_low), float(clip_low if clip_high is None else clip_high)
+    a.dual_clip = 0.0 if dual_clip is None else float(dual_clip)
+    a.value_clip = 0.0 if value_clip is None else float(value_clip)
+    a.vf_coef, a.ent_coef, a.kl_coef = float(vf_coef), float(ent_coef), float(kl_coef)
+    a.kl_kind, a.agg = KL_KINDS.index(kl_kind) + 1, AGG_MODES.index(agg)
+    a.max_len = 0.0 if max_len is None else float(max_len)
+    a.dtype = dtype_name
+    return a
+
+
+def _ppo_grads_check(logp, others: tuple, mask) -> None:
+    """Every argument check of ppo_loss_with_grads on the tensors, with its error message (the slow path: the
+    call runs it only when its one-line test of shapes, devices and dtypes fails)."""
+    _check_tensor("logp", logp)
+    _dtype_name("logp", logp)
+    for name, x in zip(("old_logp", "advantages", "values", "old_values", "returns", "ref_logp", "entropy"), others):
+        if x is not None:
+            _check_tensor(name, x, logp, "logp")
+    _check_tensor("mask", mask, logp, "logp", same_dtype=False)
+    _device_kind("logp", logp)
+
+
+def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                        values: torch.Tensor | None = None, old_values: torch.Tensor | None = None,
+                        returns: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
+                        entropy: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float | None = None,
+                        dual_clip: float | None = None, value_clip: float | None = 0.2, vf_coef: float = 0.5,
+                        ent_coef: float = 0.0, kl_coef: float = 0.0, kl_kind: str = "k3", agg: str = "token-mean",
+                        num_tokens=None, num_seqs=None, max_len: int | None = None, grad_scale: float = 1.0,
+                        ) -> tuple[torch.Tensor, PPOMetrics, dict[str, torch.Tensor]]:
+    """The PPO objective AND its gradients in one native call (two CUDA launches, or one C++ pass and a scale on
+    the CPU), with no autograd node: the native twin of ``kernels.ppo_loss.ppo_loss_with_grads``.
+
+    The first launch writes the per-token gradients and per-row partial sums; the second, one block per row,
+    reduces the partials (each block the same way: the same N everywhere), scales its row's gradients in place
+    by grad_scale * c_b, and block 0 writes the loss and the metrics. Hand the gradients to the model's graph::
+
+        loss, metrics, grads = native.ppo_loss_with_grads(logp.detach(), old_logp, adv, mask, values=v.detach(), ...)
+        torch.autograd.backward([logp, v], [grads["logp"], grads["values"]])
+
+    It is the cheapest call of the loss on the host: the hyperparameters are checked and packed once per
+    configuration (cached), the tensors checked in one pass (the descriptive checks run only on a failure), two
+    allocations, one pybind11 call that launches both kernels from C++, and metrics views made when first read.
+
+    Args:
+        as :func:`ppo_loss` (float32 or float64, every floating-point tensor in logp's dtype); ``logp``,
+        ``values`` and ``entropy`` need not require grad (they are read, never differentiated).
+        grad_scale: the gradients are those of ``grad_scale * loss`` (e.g. 1 / accumulation steps).
+    Returns:
+        loss: () detached; metrics: :class:`~rlhf_engine.kernels._metrics.PPOMetrics`, a read-only mapping with
+        :func:`ppo_loss`'s keys; grads: {"logp": (B, T), plus "values" and "entropy" when given}, each
+        ``grad_scale`` times d loss / d input (0 on masked tokens).
+    """
+    others = (old_logp, advantages, values, old_values, returns, ref_logp, entropy)
+    try:  # one pass over the tensors; any doubt runs the descriptive checks, which raise
+        shape, dev, dt = logp.shape, logp.device, logp.dtype
+        ok = len(shape) == 2 and dt in _DTYPES and mask.shape == shape and mask.device == dev
+        for x in others:
+            if x is not None and not (x.shape == shape and x.device == dev and x.dtype == dt):
+                ok = False
+                break
+    except AttributeError:
+        ok = False
+    if not ok or _C is None or (dev.type == "cuda" and not _C.with_cuda) or dev.type not in ("cpu", "cuda"):
+        _ppo_grads_check(logp, others, mask)
+    if not (values is None) == (old_values is None) == (returns is None):
+        raise ValueError("values, old_values, returns: expected all three or none")
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError("ref_logp: required when kl_coef != 0")
+    if ent_coef != 0.0 and entropy is None:
+        raise ValueError("entropy: required when ent_coef != 0")
+    if not isinstance(grad_scale, (int, float)) or isinstance(grad_scale, bool) or not math.isfinite(grad_scale):
+        raise TypeError(f"grad_scale: expected a finite Python number, got {grad_scale!r}")
+    key = (_DTYPES[dt], clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
+    try:
+        cfg = _ppo_grads_config(*key)
+    except TypeError:  # an unhashable hyperparameter (e.g. a 0-dim tensor with grad): checked and packed uncached
+        cfg = _ppo_grads_config.__wrapped__(*key)
+    ntok_mode, ntok_value, ntok = _normalizer("num_tokens", num_tokens, dt, dev) if num_tokens is not None \
+        else (_NORM_FROM_MASK, 0.0, None)
+    nseq_mode, nseq_value, nseq = _normalizer("num_seqs", num_seqs, dt, dev) if num_seqs is not None \
+        else (_NORM_FROM_MASK, 0.0, None)
+
+    B, T = shape
+    has_v, has_h = values is not None, entropy is not None
+    # contiguous copies (if any) stay referenced until the launch: a freed one could back the next copy
+    ins = [x if x is None or x.is_contiguous() else x.contiguous() for x in (logp, *others)]
+    lp = ins[0]
+    g_lp = torch.empty_like(lp)  # lp is contiguous: so are the gradients (the kernels write row-major)
+    g_v = torch.empty_like(lp) if has_v else None
+    g_h = torch.empty_like(lp) if has_h else None
+    # small: loss (1), metrics (7), then B * (partials + 1) doubles (8 fp32 / fp64 elements keep them 8-byte aligned)
+    small = lp.new_empty(8 + B * (_PPO_GRADS_WORK - 8) * (8 // lp.element_size()))
+    base, es = small.data_ptr(), small.element_size()
+    # a contiguous bool mask is read as bytes in place (0/1, what the kernels test for nonzero)
+    m = mask if mask.dtype == torch.bool and mask.is_contiguous() else _mask_u8(mask)
+    v, ov, ret, rlp, h = ins[3:]
+    args = (cfg, lp.data_ptr(), ins[1].data_ptr(), ins[2].data_ptr(), m.data_ptr(),
+            0 if v is None else v.data_ptr(), 0 if ov is None else ov.data_ptr(),
+            0 if ret is None else ret.data_ptr(), 0 if rlp is None else rlp.data_ptr(),
+            0 if h is None else h.data_ptr(), g_lp.data_ptr(), 0 if g_v is None else g_v.data_ptr(),
+            0 if g_h is None else g_h.data_ptr(), base + 8 * es, base, base + es, B, T, ntok_mode, ntok_value,
+            0 if ntok is None else ntok.data_ptr(), nseq_mode, nseq_value, 0 if nseq is None else nseq.data_ptr(),
+            float(grad_scale))
+    if dev.type == "cuda":
+        _C.ppo_loss_grads_cuda(*args, _stream(dev), dev.index)
+    else:
+        _C.ppo_loss_grads_cpu(*args)
+    grads = {"logp": g_lp}
+    if has_v:
+        grads["values"] = g_v
+    if has_h:
+        grads["entropy"] = g_h
+    return small[0], PPOMetrics(small, metric_keys(has_v, has_h, ref_logp is not None), offset=1), grads

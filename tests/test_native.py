@@ -227,6 +227,57 @@ def test_ppo_loss_matches_reference(device, dtype, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(PPO_CASES)))
+def test_ppo_loss_with_grads_matches(device, dtype, case):
+    """ppo_loss_with_grads: the fp64 reference's loss, metrics and gradients of grad_scale * loss, and bit for bit
+    what the autograd op gives for grad_output = grad_scale (1.75: exact in fp32, as the op's grad_output is)."""
+    data = _ppo_inputs(37, 1025, device)
+    args, kw = _ppo_kwargs(PPO_CASES[case], data, dtype, device)
+    args64, kw64 = _ppo_kwargs(PPO_CASES[case], data, torch.float64, device)
+    loss, metrics, grads = native.ppo_loss_with_grads(*args, **kw, grad_scale=1.75)
+    op = _ppo_run(native.ppo_loss, args, kw, 1.75)
+    ref64 = _ppo_run(ppo_loss_reference, args64, kw64, 1.75)
+    ref32 = _ppo_run(ppo_loss_reference, args, kw, 1.75) if dtype != torch.float64 else (None, {}, [None] * 3)
+    assert loss.dtype == dtype and loss.dim() == 0 and not loss.requires_grad
+    assert set(metrics) == set(ref64[1]) and len(metrics) == len(ref64[1])
+    assert list(grads) == ["logp"] + [k for k in ("values", "entropy") if k in kw]
+    assert torch.equal(loss, op[0].detach())
+    for k in metrics:
+        assert metrics[k].dim() == 0 and torch.equal(metrics[k], op[1][k]), k
+    for k, g, g_op in zip(grads, grads.values(), op[2]):
+        assert g.shape == args[0].shape and g.dtype == dtype and torch.equal(g, g_op), k
+    _assert_matches(loss, ref64[0], ref32[0], "loss")
+    for i, (g, r64, r32) in enumerate(zip(grads.values(), ref64[2], ref32[2])):
+        _assert_matches(g, r64, r32, f"grad {i}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ppo_loss_with_grads_layouts_and_edges(device):
+    """Non-contiguous inputs (two of them: copies made for the call must all stay alive until the op has run),
+    masks of any dtype or layout, and empty batches / rows."""
+    data = _ppo_inputs(9, 40, device)
+    args, kw = _ppo_kwargs(PPO_CASES[6], data, torch.float32, device)
+    base = native.ppo_loss_with_grads(*args, **kw, grad_scale=0.5)
+    nc = lambda x: x.t().contiguous().t()  # noqa: E731 - same values, transposed storage
+    m = args[3]
+    variants = [
+        ((nc(args[0]), nc(args[1]), nc(args[2]), m), dict(kw, returns=nc(kw["returns"]))),
+        ((*args[:3], m.float()), kw), ((*args[:3], m.to(torch.uint8)), kw), ((*args[:3], nc(m)), kw),
+        ((*args[:3], nc(m.long())), kw),
+    ]
+    for a, k in variants:
+        loss, metrics, grads = native.ppo_loss_with_grads(*a, **k, grad_scale=0.5)
+        assert torch.equal(loss, base[0]) and all(torch.equal(metrics[n], base[1][n]) for n in metrics)
+        assert all(torch.equal(g, base[2][n]) and g.is_contiguous() for n, g in grads.items())
+    for shape in ((0, 7), (3, 0)):
+        z, ones = torch.zeros(shape, device=device), torch.ones(shape, device=device)
+        loss, metrics, grads = native.ppo_loss_with_grads(z, z, z, ones, values=z, old_values=z, returns=z)
+        assert loss.item() == 0.0 and all(v.item() == 0.0 for v in metrics.values())
+        assert grads["logp"].shape == shape and grads["values"].shape == shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ppo_loss_gradcheck(device):
     data = _ppo_inputs(5, 7, "cpu", seed=3)
     data["old_logp"][2, :5] = data["logp"][2, :5] + 0.2  # keep finite differences away from the +-20 clamp
@@ -309,7 +360,8 @@ def test_gae_bad_inputs():
             native.gae(*args, **kw)
 
 
-def test_ppo_loss_bad_inputs():
+@pytest.mark.parametrize("fn", [native.ppo_loss, native.ppo_loss_with_grads])
+def test_ppo_loss_bad_inputs(fn):
     x, m = torch.zeros(3, 4), torch.ones(3, 4)
     cases = [
         ((x.half(), x.half(), x.half(), m), {}, TypeError),
@@ -328,10 +380,16 @@ def test_ppo_loss_bad_inputs():
         ((x, x, x, m), dict(num_tokens="10"), TypeError),
         ((x, x, x, m), dict(num_seqs=torch.ones(2)), ValueError),
         ((x, torch.zeros(3, 4, device="meta"), x, m), {}, ValueError),
+        ((x, "x", x, m), {}, TypeError),
+        ((x, x, x, [[1.0]]), {}, TypeError),
+        ((x[0], x[0], x[0], m[0]), {}, ValueError),
+        ((x, x, x, m), dict(max_len=0), ValueError),
     ]
+    if fn is native.ppo_loss_with_grads:
+        cases += [((x, x, x, m), dict(grad_scale=bad), TypeError) for bad in (None, "1", float("nan"), True)]
     for args, kw, exc in cases:
         with pytest.raises(exc):
-            native.ppo_loss(*args, **kw)
+            fn(*args, **kw)
 
 
 # ----------------------------------------------------------------------------- CUDA only
@@ -361,8 +419,10 @@ def test_cuda_deterministic_stream_and_no_host_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.cuda.stream(side):
-            out1 = native.ppo_loss(*args, **kw)[0], native.gae(r, v, args[3], gamma=0.9, lam=0.9)[0]
-        out2 = native.ppo_loss(*args, **kw)[0], native.gae(r, v, args[3], gamma=0.9, lam=0.9)[0]
+            out1 = (native.ppo_loss(*args, **kw)[0], native.gae(r, v, args[3], gamma=0.9, lam=0.9)[0],
+                    *native.ppo_loss_with_grads(*args, **kw)[2].values())
+        out2 = (native.ppo_loss(*args, **kw)[0], native.gae(r, v, args[3], gamma=0.9, lam=0.9)[0],
+                *native.ppo_loss_with_grads(*args, **kw)[2].values())
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
