@@ -63,11 +63,15 @@ from ._launch import cdiv, next_pow2, row_launch_config
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
-METRIC_KEYS = ("pg_loss", "clip_frac", "approx_kl", "vf_loss", "vf_clip_frac", "entropy", "kl")
+from ._metrics import METRIC_KEYS  # noqa: E402 - the (7,) metrics buffer order, shared with the native op
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _N_PART = 8  # per-row partials: count, pg, clipped, x^2/2, vf, vclipped, H, k
 _GRAD_BLOCK = 2048        # tokens per step of the gradient loop of _ppo_loss_finalize_grads_kernel
 _GRAD_MAX_PROGRAMS = 512  # its grid (each program re-reduces the (8, B) partials: bounded L2 traffic)
+# The launches share one fp32 buffer ``small`` (16 + 8 B): the loss at 0, the metrics at 1..7, 1 / N at 8 and the
+# (8, B) per-row partials from PART_OFFSET on: one allocation and fewer kernel arguments than five tensors.
+_PART_OFFSET = 16
+PART_OFFSET = tl.constexpr(_PART_OFFSET)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -76,7 +80,7 @@ def _ppo_loss_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, m_ptr,          # (B, T) contiguous
     v_ptr, vold_ptr, ret_ptr, ref_ptr, ent_ptr,  # (B, T) contiguous, read only with their HAS_* flag
     dlogp_ptr, dv_ptr, dent_ptr,                 # (B, T) fp32 un-normalized gradients (written with STORE_*)
-    part_ptr,                                    # (8, B) fp32 per-row partial sums
+    part_ptr,                                    # ``small``: (8, B) fp32 per-row partial sums from PART_OFFSET
     B, T,
     ratio_lo, ratio_hi,                          # 1 - eps_low, 1 + eps_high
     dual_c, value_clip, vf_coef, ent_coef, kl_coef,
@@ -191,7 +195,7 @@ def _ppo_loss_fwd_kernel(
             if STORE_DENT:
                 tl.store(dent_ptr + offs, tl.where(m, -ent_coef * s_row[:, None], 0.0), mask=ok)
 
-    p = part_ptr + rows
+    p = part_ptr + PART_OFFSET + rows
     tl.store(p + 0 * B, acc_n, mask=row_ok)
     tl.store(p + 1 * B, acc_pg * s_row, mask=row_ok)
     tl.store(p + 2 * B, acc_clip, mask=row_ok)
@@ -205,14 +209,16 @@ def _ppo_loss_fwd_kernel(
 @triton.jit
 def _reduce_partials(part_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_max, vf_coef, ent_coef, kl_coef,
                      NTOK_MODE: tl.constexpr, NSEQ_MODE: tl.constexpr, AGG: tl.constexpr, BLOCK_B: tl.constexpr):
-    """(metrics (8,) with entry j + 1 = metric j, loss, N_agg) from the (8, B) partials, in a fixed order."""
+    """(metrics (8,) with entry j + 1 = metric j, loss, N_agg) from the (8, B) partials at ``part_ptr +
+    PART_OFFSET``, in a fixed order."""
     k = tl.arange(0, 8)                                            # partial index
     offs = tl.arange(0, BLOCK_B)
     acc = tl.zeros([8, BLOCK_B], dtype=tl.float32)
     nonempty = tl.zeros([BLOCK_B], dtype=tl.float32)
     for start in range(0, B, BLOCK_B):                             # fixed order: deterministic
         rows = start + offs
-        tile = tl.load(part_ptr + k[:, None] * B + rows[None, :], mask=(rows < B)[None, :], other=0.0)
+        tile = tl.load(part_ptr + PART_OFFSET + k[:, None] * B + rows[None, :], mask=(rows < B)[None, :],
+                       other=0.0)
         acc += tile
         n_row = tl.sum(tl.where(k[:, None] == 0, tile, 0.0), axis=0)
         nonempty += tl.where(n_row > 0.0, 1.0, 0.0)
@@ -245,9 +251,7 @@ def _reduce_partials(part_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_
 
 @triton.jit
 def _ppo_loss_finalize_kernel(
-    part_ptr,                       # (8, B) fp32 partials from the first kernel
-    loss_ptr, metrics_ptr,          # () and (7,) fp32 outputs
-    inv_n_ptr,                      # () fp32 output: 1 / N of the loss aggregation
+    out_ptr,                        # ``small``: reads the partials, writes the loss, metrics and 1 / N (see above)
     ntok_ptr, nseq_ptr,             # 0-dim tensors (modes 2)
     B,
     ntok_value, nseq_value,         # Python numbers (modes 1)
@@ -256,17 +260,17 @@ def _ppo_loss_finalize_kernel(
     AGG: tl.constexpr,              # index into AGG_MODES
     BLOCK_B: tl.constexpr,
 ):
-    vals, loss, n_agg = _reduce_partials(part_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_max, vf_coef,
+    vals, loss, n_agg = _reduce_partials(out_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_max, vf_coef,
                                          ent_coef, kl_coef, NTOK_MODE, NSEQ_MODE, AGG, BLOCK_B)
     k = tl.arange(0, 8)
-    tl.store(metrics_ptr + k - 1, vals, mask=k >= 1)
-    tl.store(loss_ptr, loss)
-    tl.store(inv_n_ptr, 1.0 / n_agg)
+    tl.store(out_ptr + k, vals, mask=k >= 1)  # metrics at 1..7
+    tl.store(out_ptr, loss)
+    tl.store(out_ptr + 8, 1.0 / n_agg)
 
 
 @triton.jit
 def _ppo_loss_finalize_grads_kernel(
-    part_ptr, loss_ptr, metrics_ptr, inv_n_ptr, ntok_ptr, nseq_ptr,   # as _ppo_loss_finalize_kernel
+    out_ptr, ntok_ptr, nseq_ptr,    # as _ppo_loss_finalize_kernel
     B, ntok_value, nseq_value, t_max, vf_coef, ent_coef, kl_coef,
     u0_ptr, u1_ptr, u2_ptr,         # (n,) fp32 un-normalized gradients of logp, values, entropy (kernel 1)
     g0_ptr, g1_ptr, g2_ptr,         # (n,) the gradients, each in its input's dtype (may alias u: in place)
@@ -277,13 +281,13 @@ def _ppo_loss_finalize_grads_kernel(
     # Every program reduces the (8, B) partials itself (a few KB from L2, the same order everywhere, so the
     # same N in every program): the gradients d = u * grad_scale / N need no third launch. Program 0 writes
     # the loss and the metrics. Grid-stride over the n tokens.
-    vals, loss, n_agg = _reduce_partials(part_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_max, vf_coef,
+    vals, loss, n_agg = _reduce_partials(out_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_max, vf_coef,
                                          ent_coef, kl_coef, NTOK_MODE, NSEQ_MODE, AGG, BLOCK_B)
     pid = tl.program_id(0)
     k = tl.arange(0, 8)
-    tl.store(metrics_ptr + k - 1, vals, mask=(k >= 1) & (pid == 0))
-    tl.store(loss_ptr, loss, mask=pid == 0)
-    tl.store(inv_n_ptr, 1.0 / n_agg, mask=pid == 0)
+    tl.store(out_ptr + k, vals, mask=(k >= 1) & (pid == 0))
+    tl.store(out_ptr, loss, mask=pid == 0)
+    tl.store(out_ptr + 8, 1.0 / n_agg, mask=pid == 0)
     scale = grad_scale / n_agg
     for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -353,16 +357,30 @@ def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
         or not needed); inv_n: () fp32, 1 / N. The gradient of ``loss`` w.r.t. logp is u_logp * inv_n.
         With ``grad_scale``: the three gradients are the final ones (each in its input's dtype).
     """
+    small, g_logp, g_v, g_ent = ppo_loss_launch(
+        logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, cfg, num_tokens, num_seqs,
+        need_grads, block_t, grad_scale)
+    loss, metrics = small[0], small[1:8]
+    if logp.dtype != torch.float32:  # rounded by torch (the interpreter truncates fp32 -> bf16 stores)
+        loss, metrics = loss.to(logp.dtype), metrics.to(logp.dtype)
+    absent = lambda g: small.new_empty(0) if g is None else g  # noqa: E731 - the custom op returns tensors
+    return loss, metrics, absent(g_logp), absent(g_v), absent(g_ent), small[8]
+
+
+def ppo_loss_launch(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy,
+                    cfg: PPOLossConfig, num_tokens, num_seqs, need_grads: tuple[bool, bool, bool],
+                    block_t: Optional[int], grad_scale: Optional[float]):
+    """The two launches of :func:`ppo_loss_forward` with the fewest host operations (``ppo_loss_with_grads``
+    calls it directly): two or three allocations, no views. Returns ``small``, a (16 + 8 B,) fp32 buffer
+    holding the loss (entry 0), the metrics (1..7), 1 / N (8) and the partials (from 16), and the gradients
+    (None where absent or not needed), as :func:`ppo_loss_forward` describes them."""
     B, T = logp.shape
     dev = logp.device
     has_v, has_ref, has_ent = values is not None, ref_logp is not None, entropy is not None
     st_logp, st_v, st_ent = need_grads[0], need_grads[1] and has_v, need_grads[2] and has_ent
-    new = lambda on: torch.empty((B, T) if on else (0,), dtype=torch.float32, device=dev)  # noqa: E731
+    new = lambda on: torch.empty(B, T, dtype=torch.float32, device=dev) if on else None  # noqa: E731
     u_logp, u_v, u_ent = new(st_logp), new(st_v), new(st_ent)
-    part = torch.empty((_N_PART, B), dtype=torch.float32, device=dev)
-    loss = torch.empty((), dtype=torch.float32, device=dev)
-    metrics = torch.empty((len(METRIC_KEYS),), dtype=torch.float32, device=dev)
-    inv_n = torch.empty((), dtype=torch.float32, device=dev)
+    small = torch.empty(_PART_OFFSET + _N_PART * B, dtype=torch.float32, device=dev)
     agg = AGG_MODES.index(cfg.agg)
     ntok_mode, ntok_val, ntok_t = _normalizer(num_tokens, "num_tokens", dev)
     nseq_mode, nseq_val, nseq_t = _normalizer(num_seqs, "num_seqs", dev)
@@ -373,8 +391,8 @@ def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
         m = m.view(torch.uint8) if m.dtype == torch.bool else m
         _ppo_loss_fwd_kernel[(cdiv(B, ROWS),)](
             c(logp), c(old_logp), c(advantages), m, c(values), c(old_values), c(returns), c(ref_logp), c(entropy),
-            u_logp if st_logp else part, u_v if st_v else part, u_ent if st_ent else part, part,
-            B, T, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high,
+            small if u_logp is None else u_logp, small if u_v is None else u_v, small if u_ent is None else u_ent,
+            small, B, T, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high,
             float(cfg.dual_clip or 0.0), float(cfg.value_clip or 0.0), float(cfg.vf_coef), float(cfg.ent_coef),
             float(cfg.kl_coef),
             HAS_V=has_v, HAS_ENT=has_ent, HAS_REF=has_ref, DUAL=cfg.dual_clip is not None,
@@ -382,28 +400,24 @@ def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
             STORE_DLOGP=st_logp, STORE_DV=st_v, STORE_DENT=st_ent,
             ROWS=ROWS, BLOCK_T=BLOCK_T, num_warps=num_warps,
         )
-    fin_args = (part, loss, metrics, inv_n, ntok_t if ntok_t is not None else part,
-                nseq_t if nseq_t is not None else part, B, ntok_val, nseq_val,
-                float(T if cfg.max_len is None else cfg.max_len), float(cfg.vf_coef), float(cfg.ent_coef),
-                float(cfg.kl_coef))
+    fin_args = (small, ntok_t if ntok_t is not None else small, nseq_t if nseq_t is not None else small, B,
+                ntok_val, nseq_val, float(T if cfg.max_len is None else cfg.max_len), float(cfg.vf_coef),
+                float(cfg.ent_coef), float(cfg.kl_coef))
     fin_meta = dict(NTOK_MODE=ntok_mode, NSEQ_MODE=nseq_mode, AGG=agg,
                     BLOCK_B=min(1024, next_pow2(max(B, 16))), num_warps=4)
     if grad_scale is None:
         _ppo_loss_finalize_kernel[(1,)](*fin_args, **fin_meta)
-    else:
-        us = (u_logp, u_v, u_ent)
-        outs = tuple(u if u.numel() == 0 or x is None or x.dtype == torch.float32 else torch.empty_like(x)
-                     for u, x in zip(us, (logp, values, entropy)))
-        n = B * T if st_logp else 0
-        grid = (max(1, min(cdiv(n, _GRAD_BLOCK), _GRAD_MAX_PROGRAMS)),)
-        ptr = lambda x: x if x.numel() else part  # noqa: E731 - absent gradients: any valid pointer
-        _ppo_loss_finalize_grads_kernel[grid](
-            *fin_args, *map(ptr, us), *map(ptr, outs), n, float(grad_scale), **fin_meta, HAS1=st_v, HAS2=st_ent,
-            BLOCK=_GRAD_BLOCK)
-        u_logp, u_v, u_ent = outs
-    if logp.dtype != torch.float32:  # rounded by torch (the interpreter truncates fp32 -> bf16 stores)
-        loss, metrics = loss.to(logp.dtype), metrics.to(logp.dtype)
-    return loss, metrics, u_logp, u_v, u_ent, inv_n
+        return small, u_logp, u_v, u_ent
+    us = (u_logp, u_v, u_ent)
+    outs = tuple(u if u is None or x.dtype == torch.float32 else torch.empty(B, T, dtype=x.dtype, device=dev)
+                 for u, x in zip(us, (logp, values, entropy)))
+    n = B * T if st_logp else 0
+    grid = (max(1, min(cdiv(n, _GRAD_BLOCK), _GRAD_MAX_PROGRAMS)),)
+    ptr = lambda x: small if x is None else x  # noqa: E731 - absent gradients: any valid pointer
+    _ppo_loss_finalize_grads_kernel[grid](
+        *fin_args, *map(ptr, us), *map(ptr, outs), n, float(grad_scale), **fin_meta, HAS1=st_v, HAS2=st_ent,
+        BLOCK=_GRAD_BLOCK)
+    return (small, *outs)
 
 
 def ppo_loss_backward(grad_loss: torch.Tensor, inv_n: torch.Tensor, us: tuple[Optional[torch.Tensor], ...],

@@ -232,6 +232,10 @@ def test_forward_grad_buffers_are_unnormalized(device):
 
 @pytest.mark.parametrize("kwargs, err", [
     (dict(old_logp=torch.zeros(2, 4)), ValueError),
+    (dict(mask=torch.ones(3, 2)), ValueError),
+    (dict(advantages="x"), TypeError),
+    (dict(old_logp=torch.zeros(2, 3, device="meta")), ValueError),
+    (dict(logp=torch.zeros(6)), ValueError),
     (dict(logp=torch.zeros(2, 3, dtype=torch.long)), TypeError),
     (dict(values=torch.zeros(2, 3)), ValueError),
     (dict(agg="mean"), ValueError),
@@ -240,13 +244,17 @@ def test_forward_grad_buffers_are_unnormalized(device):
     (dict(ent_coef=0.1), ValueError),
     (dict(dual_clip=0.5), ValueError),
     (dict(num_tokens="10"), TypeError),
+    (dict(max_len=0), ValueError),
 ])
-def test_errors(kwargs, err):
+@pytest.mark.parametrize("fn", [ppo_loss_triton, ppo_loss_with_grads])
+def test_errors(kwargs, err, fn):
+    """Both entry points raise the same errors (ppo_loss_with_grads tests its tensors in one pass, then runs the
+    descriptive checks on a failure; its hyperparameters are checked once per configuration, cached)."""
     args = dict(logp=torch.zeros(2, 3), old_logp=torch.zeros(2, 3), advantages=torch.zeros(2, 3),
                 mask=torch.ones(2, 3))
     args.update(kwargs)
     with pytest.raises(err):
-        ppo_loss_triton(args.pop("logp"), args.pop("old_logp"), args.pop("advantages"), args.pop("mask"), **args)
+        fn(args.pop("logp"), args.pop("old_logp"), args.pop("advantages"), args.pop("mask"), **args)
 
 
 @pytest.mark.parametrize("B, T", [(0, 5), (3, 0)])
@@ -322,7 +330,43 @@ def test_with_grads_empty_shapes(B, T, device):
     assert loss.item() == 0.0 and grads["logp"].shape == (B, T) and grads["values"].shape == (B, T)
 
 
-@pytest.mark.parametrize("bad", [None, "1", float("nan"), True])
+def test_with_grads_non_contiguous_inputs(device):
+    """Transposed (non-contiguous) inputs, mask included, give what their contiguous copies give, in fp32 and bf16
+    (the bf16 gradients are new buffers: written row-major, they must be contiguous whatever the input's strides)."""
+    kw = dict(agg="seq-mean-token-mean", kl_coef=0.1, ent_coef=0.01)
+    for dtype in (torch.float32, torch.bfloat16):
+        t = _inputs(7, 19, device, dtype=dtype)
+        ref = _with_grads(t, kw)
+        t_nc = {k: v.t().contiguous().t() for k, v in t.items()}
+        assert not t_nc["logp"].is_contiguous() and not t_nc["mask"].is_contiguous()
+        out = _with_grads(t_nc, kw)
+        assert torch.equal(out[0], ref[0])
+        assert all(torch.equal(out[1][k], ref[1][k]) for k in ref[1])
+        for k in ref[2]:
+            assert out[2][k].is_contiguous() and torch.equal(out[2][k], ref[2][k]), (dtype, k)
+
+
+def test_with_grads_metrics_mapping(device):
+    """The metrics are a read-only mapping with the reference's keys; its values are the metrics of the fused
+    forward (views made on first read)."""
+    t = _inputs(6, 21, device)
+    kw = dict(agg="token-mean", kl_coef=0.1)
+    t.pop("entropy")
+    _, metrics, _ = _with_grads(t, kw)
+    _, ref_metrics, _ = _run(ppo_loss_triton, t, kw)
+    assert list(metrics) == ["pg_loss", "clip_frac", "approx_kl", "vf_loss", "vf_clip_frac", "kl"]
+    assert len(metrics) == 6 and "kl" in metrics and "entropy" not in metrics
+    with pytest.raises(KeyError):
+        metrics["entropy"]
+    as_dict = dict(metrics)
+    assert set(as_dict) == set(ref_metrics)
+    for k, v in as_dict.items():
+        assert v.dim() == 0 and torch.equal(v, ref_metrics[k]), k
+    with pytest.raises(TypeError):
+        metrics["kl"] = v
+
+
+@pytest.mark.parametrize("bad", [None, "1", float("nan"), float("inf"), True])
 def test_with_grads_bad_grad_scale(bad):
     z = torch.zeros(2, 3)
     with pytest.raises(TypeError, match="grad_scale"):
