@@ -185,16 +185,39 @@ def _decode_reduce_kernel(
              mask=offs_d < HEAD_DIM)
 
 
-# Memory-bound: deeper pipelines and small warps counts; tiles of 32..128 cache positions.
+# Memory-bound: deeper pipelines and small warps counts; tiles of 32..256 cache positions. The 256-key tiles
+# (ninth session, unmeasured) are for one split at D = 64, the first run's short cell: 128 programs, one per SM,
+# each streaming 512 KB at 2.36 TB/s in all where D = 128 reached 2.95 TB/s; twice the keys a step halves the
+# per-step work (max, sum, rescale) per byte and doubles the bytes in flight per SM. The prune drops the tiles
+# whose pipelined K/V buffers do not fit in shared memory (256 keys at D = 128 and 3 stages).
 _DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)]
+    for bn, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 4, 3), (256, 8, 3), (256, 8, 2),
+                     (32, 4, 4)]
 ]
+_DECODE_FP32 = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4)
+_DECODE_SMEM_BUDGET = 227 * 1024  # bytes a block may use on an H100
+
+
+def decode_smem_bytes(config: triton.Config, block_d: int, element_size: int = 2) -> int:
+    """Shared memory of a decode tile: num_stages buffered K and V blocks of BLOCK_N x BLOCK_D (x1.1 for the
+    compiler's scratch, as attention_fwd's estimate)."""
+    return int(1.1 * 2 * config.num_stages * config.kwargs["BLOCK_N"] * block_d * element_size)
+
+
+def _prune_decode(configs, named_args, **kwargs):
+    q = named_args.get("Q")
+    es = q.element_size() if hasattr(q, "element_size") else 2
+    kept = [c for c in configs if decode_smem_bytes(c, kwargs["BLOCK_D"], es) <= _DECODE_SMEM_BUDGET]
+    return kept or [min(configs, key=lambda c: decode_smem_bytes(c, kwargs["BLOCK_D"], es))]
+
+
 _decode_split_kernel_tuned = parallel_autotune(triton.autotune(
     # Coarse key: a growing dynamic cache must not trigger a new tuning run at every power of two; the split
     # count (rounded to a power of two) is in it, since it sets how many keys each program walks.
     configs=_DECODE_CONFIGS,
     key=["HEAD_DIM", "BLOCK_R", "L_BUCKET", "S_BUCKET", "SINGLE_SPLIT", "HAS_ROPE", "WRITE_KV"],
+    prune_configs_by={"early_config_prune": _prune_decode},
 )(_decode_split_kernel))
 INTERPRETER_BLOCK_N = 32
 # Without autotuning: (BLOCK_N, num_warps, num_stages) by (HEAD_DIM, single split), else the first config. The
@@ -206,7 +229,7 @@ _DECODE_DEFAULT = {(64, True): (128, 4, 3), (64, False): (64, 4, 3), (128, True)
 def _decode_fixed_config(head_dim: int, single: bool, dtype: torch.dtype) -> triton.Config:
     """The tile of a CUDA launch without autotuning; fp32 (tests): 32 keys a step."""
     if dtype == torch.float32:
-        return _DECODE_CONFIGS[-1]
+        return _DECODE_FP32
     c0 = _DECODE_CONFIGS[0]
     bn, w, s = _DECODE_DEFAULT.get((head_dim, single), (c0.kwargs["BLOCK_N"], c0.num_warps, c0.num_stages))
     return triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)

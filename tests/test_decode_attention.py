@@ -311,10 +311,27 @@ def test_decode_fixed_config_without_autotune():
     assert tile(da._decode_fixed_config(64, True, torch.bfloat16)) == (128, 4, 3)
     assert tile(da._decode_fixed_config(128, True, torch.float16)) == (32, 4, 4)
     assert tile(da._decode_fixed_config(128, False, torch.bfloat16)) == (64, 4, 3)
-    assert tile(da._decode_fixed_config(64, True, torch.float32)) == tile(da._DECODE_CONFIGS[-1])
+    assert tile(da._decode_fixed_config(64, True, torch.float32)) == (32, 4, 4)
     assert tile(da._decode_fixed_config(96, True, torch.bfloat16)) == tile(da._DECODE_CONFIGS[0])
     for c in da._DECODE_DEFAULT.values():  # every default is one of the autotuned configs
         assert c in {tile(k) for k in da._DECODE_CONFIGS}
+
+
+def test_decode_autotune_prune_fits_shared_memory():
+    """The prune keeps every tile whose K/V pipeline fits an H100's shared memory and drops the rest: all tiles at
+    D = 64, no 256-key tile at D = 128 (the tiles of 128 keys or fewer, which the first run compiled and timed
+    there, stay); never an empty list."""
+    from rlhf_engine.kernels import decode_attention as da
+
+    tile = lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    q = torch.empty(1, 1, 1, 1, dtype=torch.bfloat16)
+    kept64 = {tile(c) for c in da._prune_decode(da._DECODE_CONFIGS, {"Q": q}, BLOCK_D=64)}
+    kept128 = {tile(c) for c in da._prune_decode(da._DECODE_CONFIGS, {"Q": q}, BLOCK_D=128)}
+    assert kept64 == {tile(c) for c in da._DECODE_CONFIGS}
+    assert kept128 == {tile(c) for c in da._DECODE_CONFIGS if c.kwargs["BLOCK_N"] <= 128}
+    assert all(da.decode_smem_bytes(da.triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s), 128)
+               <= da._DECODE_SMEM_BUDGET for bn, w, s in kept128)
+    assert da._prune_decode(da._DECODE_CONFIGS, {"Q": q}, BLOCK_D=1024)  # nothing fits: the smallest tile
 
 
 # ----------------------------------------------------------------------------- the cache write fused in

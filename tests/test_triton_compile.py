@@ -174,6 +174,13 @@ def _decode_cases():
                     "_decode_split_kernel", _sub(split, dt), ["qk_scale"],
                     dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=br, HAS_START=True, SINGLE_SPLIT=single, HAS_ROPE=rope,
                          PRECISION=_DTYPES[dt], BLOCK_N=bn), w, s)
+    # the 256-key tiles added for one split at D = 64 (autotune candidates; the prune's shared-memory estimate
+    # must hold for them: the test checks the compiled kernel's shared memory against the H100's limit)
+    for w, s in ((4, 3), (8, 3), (8, 2)):
+        yield _case(f"decode_split-bf16-d64-r16-n256-rope-w{w}s{s}", "decode_attention", "_decode_split_kernel",
+                    _sub(split, "bf16"), ["qk_scale"],
+                    dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_R=16, HAS_START=True, SINGLE_SPLIT=True, HAS_ROPE=True,
+                         PRECISION=_DTYPES["bf16"], BLOCK_N=256), w, s)
     # the cache write fused into the one-split kernel (kv_write; the Qwen2-0.5B decode step's shape), bf16
     yield _case("decode_split-bf16-d64-r16-n128-rope-write", "decode_attention", "_decode_split_kernel",
                 _sub(split, "bf16"), ["qk_scale"],
