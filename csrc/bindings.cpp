@@ -99,12 +99,12 @@ PYBIND11_MODULE(_C, m) {
          int64_t old_values, int64_t returns, int64_t ref_logp, int64_t entropy, int64_t grad_logp,
          int64_t grad_values, int64_t grad_entropy, int64_t workspace, int64_t loss, int64_t metrics, int64_t B,
          int64_t T, int ntok_mode, double ntok_value, int64_t ntok_ptr, int nseq_mode, double nseq_value,
-         int64_t nseq_ptr, double grad_scale, int64_t stream, int device) {
+         int64_t nseq_ptr, double grad_scale, int64_t stream) {
         PpoLossArgs a = grads_call(cfg, logp, old_logp, advantages, mask, values, old_values, returns, ref_logp,
                                    entropy, grad_logp, grad_values, grad_entropy, workspace, loss, metrics, B, T,
                                    ntok_mode, ntok_value, ntok_ptr, nseq_mode, nseq_value, nseq_ptr);
         a.stream = stream;
-        ppo_loss_grads_cuda(a, grad_scale, device);
+        ppo_loss_grads_cuda(a, grad_scale);
       },
       "PPO loss, metrics and the final gradients of grad_scale * loss (CUDA, 2 launches)", nogil);
   m.def("ppo_loss_backward_cuda", &ppo_loss_backward_cuda, "PPO loss backward (CUDA, 1 launch)", nogil);

@@ -18,30 +18,6 @@
 
 namespace rlhf {
 
-// Makes `device` current for the guard's lifetime (no-op when it already is, or for device < 0): the ops
-// launch on the current device, and a CUDA runtime call costs ~0.1 us where torch's device guard from Python
-// costs a few.
-struct DeviceGuard {
-  int prev = -1;
-  explicit DeviceGuard(int device) {
-    if (device < 0) return;
-    int cur = -1;
-    cudaError_t err = cudaGetDevice(&cur);
-    if (err == cudaSuccess && cur != device) {
-      err = cudaSetDevice(device);
-      if (err == cudaSuccess) prev = cur;
-    }
-    if (err != cudaSuccess)
-      throw std::runtime_error(std::string("rlhf_engine._C: device ") + std::to_string(device) + ": " +
-                               cudaGetErrorString(err));
-  }
-  ~DeviceGuard() {
-    if (prev >= 0) cudaSetDevice(prev);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-};
-
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Affine map f(x) = a x + b. Composition "f after g": (a_f a_g, a_f b_g + b_f).

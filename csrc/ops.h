@@ -39,8 +39,8 @@ void gae_backward_cuda(int64_t mask, int64_t grad_advantages, int64_t grad_retur
                        int64_t grad_values, int64_t grad_last_value, int64_t B, int64_t T, double gamma, double lam,
                        bool carry, const std::string& dtype, int64_t stream);
 void ppo_loss_forward_cuda(const PpoLossArgs& args);
-// As ppo_loss_grads_cpu in two launches on args.stream, with `device` made current for them (row_scale unused).
-void ppo_loss_grads_cuda(const PpoLossArgs& args, double grad_scale, int device);
+// As ppo_loss_grads_cpu, in two launches on args.stream on the current device (row_scale unused).
+void ppo_loss_grads_cuda(const PpoLossArgs& args, double grad_scale);
 void ppo_loss_backward_cuda(int64_t row_scale, int64_t grad_output, int64_t g_logp, int64_t grad_logp,
                             int64_t g_values, int64_t grad_values, int64_t g_entropy, int64_t grad_entropy,
                             int64_t B, int64_t T, const std::string& dtype, int64_t stream);

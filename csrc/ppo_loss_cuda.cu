@@ -6,8 +6,8 @@
 //      aggregation weight c_b of every row (-> row_scale), the weighted sums, the loss and metrics.
 // The backward (ppo_scale_kernel) multiplies the saved gradients by row_scale[b] * grad_output.
 // ppo_loss_grads_cuda (the loss and its final gradients, no autograd) replaces 2. by
-// ppo_finalize_grads_kernel: one block per row, each reducing the counts itself and scaling its row of
-// gradients in place by c_b * grad_scale; block 0 also writes the loss and the metrics. Two launches in all.
+// ppo_finalize_grads_kernel: up to 264 blocks over the rows, each reducing the counts itself and scaling its rows
+// of gradients in place by c_b * grad_scale; block 0 also writes the loss and the metrics. Two launches in all.
 // Math: ppo_math.h. Results are deterministic (no atomics, fixed reduction order).
 #include <cuda_runtime.h>
 
@@ -23,6 +23,7 @@ namespace {
 
 constexpr int kRowThreads = 256;
 constexpr int kFinalThreads = 512;
+constexpr int64_t kMaxGradBlocks = 264;  // 2 per SM on an H100
 
 template <typename T>
 struct PpoPtrs {
@@ -127,10 +128,10 @@ ppo_finalize_kernel(const double* __restrict__ partials, double* __restrict__ ro
   reduce_outputs<T>(partials, row_scale, loss, metrics, f, c, ntok, nseq);
 }
 
-// ppo_loss_grads_cuda's second launch, one block per row (at least one block): every block reduces the
-// counts itself (the same N everywhere), block b turns its row's unnormalized gradients into the final
-// ones in place, g <- g * c_b * grad_scale (the rounding of ppo_scale_kernel), and block 0 also writes the
-// loss and the metrics. No third launch, no atomics: deterministic.
+// ppo_loss_grads_cuda's second launch, min(B, kMaxGradBlocks) blocks (at least one): every block reduces the
+// counts itself (the same N everywhere; B reads each, so the grid is capped), then turns the unnormalized
+// gradients of rows b = blockIdx.x, + gridDim.x, ... into the final ones in place, g <- g * c_b * grad_scale (the
+// rounding of ppo_scale_kernel); block 0 also writes the loss and the metrics. No third launch, no atomics.
 template <typename T>
 __global__ void __launch_bounds__(kFinalThreads)
 ppo_finalize_grads_kernel(const double* __restrict__ partials, T* __restrict__ loss, T* __restrict__ metrics,
@@ -139,14 +140,15 @@ ppo_finalize_grads_kernel(const double* __restrict__ partials, T* __restrict__ l
   double ntok, nseq;
   reduce_norms<T>(partials, ntok_ptr, nseq_ptr, f, &ntok, &nseq);
   if (blockIdx.x == 0) reduce_outputs<T>(partials, nullptr, loss, metrics, f, c, ntok, nseq);
-  if (int64_t(blockIdx.x) >= f.B) return;
-  const int64_t b = blockIdx.x, off = b * n;
-  const double s = row_weight(f.agg, partials[b * kNumPartials + kTokens], ntok, nseq, f.max_len) * grad_scale;
-  for (int t = threadIdx.x; t < n; t += kFinalThreads) {
-    const int64_t i = off + t;
-    if (g0) g0[i] = T(double(g0[i]) * s);
-    if (g1) g1[i] = T(double(g1[i]) * s);
-    if (g2) g2[i] = T(double(g2[i]) * s);
+  for (int64_t b = blockIdx.x; b < f.B; b += gridDim.x) {
+    const int64_t off = b * n;
+    const double s = row_weight(f.agg, partials[b * kNumPartials + kTokens], ntok, nseq, f.max_len) * grad_scale;
+    for (int t = threadIdx.x; t < n; t += kFinalThreads) {
+      const int64_t i = off + t;
+      if (g0) g0[i] = T(double(g0[i]) * s);
+      if (g1) g1[i] = T(double(g1[i]) * s);
+      if (g2) g2[i] = T(double(g2[i]) * s);
+    }
   }
 }
 
@@ -188,7 +190,8 @@ void ppo_launch(const PpoLossArgs& a, bool final_grads, double grad_scale) {
     CUDA_CHECK_LAUNCH("ppo_loss_forward_cuda (finalize)");
     return;
   }
-  ppo_finalize_grads_kernel<T><<<unsigned(a.B > 0 ? a.B : 1), kFinalThreads, 0, stream>>>(
+  const int64_t blocks = a.B < 1 ? 1 : (a.B < kMaxGradBlocks ? a.B : kMaxGradBlocks);
+  ppo_finalize_grads_kernel<T><<<unsigned(blocks), kFinalThreads, 0, stream>>>(
       as_ptr<const double>(a.row_partials), as_ptr<T>(a.loss), as_ptr<T>(a.metrics), as_ptr<const T>(a.ntok_ptr),
       as_ptr<const T>(a.nseq_ptr), f, c, as_ptr<T>(a.grad_logp), as_ptr<T>(a.grad_values), as_ptr<T>(a.grad_entropy),
       int(a.T), grad_scale);
@@ -218,11 +221,10 @@ void ppo_loss_forward_cuda(const PpoLossArgs& a) {
   dispatch_float(a.dtype, [&](auto tag) { ppo_launch<decltype(tag)>(a, false, 1.0); });
 }
 
-void ppo_loss_grads_cuda(const PpoLossArgs& a, double grad_scale, int device) {
+void ppo_loss_grads_cuda(const PpoLossArgs& a, double grad_scale) {
   check_forward_args(a);
   RLHF_CHECK(a.values == 0 || a.grad_values != 0, "grad_values: expected a pointer when values are given");
   RLHF_CHECK(a.B == 0 || a.T == 0 || a.grad_logp != 0, "grad_logp: expected a pointer");
-  const DeviceGuard guard(device);
   dispatch_float(a.dtype, [&](auto tag) { ppo_launch<decltype(tag)>(a, true, grad_scale); });
 }
 

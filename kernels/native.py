@@ -19,13 +19,12 @@ The semantics are exactly those of ``rlhf_engine.algo.gae.gae_reference`` and
 """
 from __future__ import annotations
 
-import functools
-import math
 import numbers
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._args import AGG_MODES, KL_KINDS, ConfigCache, grad_scale_value, ppo_hyperparameters
 from ._metrics import PPOMetrics, metric_keys
 
 try:
@@ -35,8 +34,6 @@ except ImportError as exc:  # not built: the Python references still work
     _C = None
     _IMPORT_ERROR = exc
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_KINDS = ("k1", "k2", "k3")
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _METRICS = ("pg_loss", "clip_frac", "approx_kl", "vf_loss", "vf_clip_frac", "entropy", "kl")  # csrc order
 _NORM_FROM_MASK, _NORM_VALUE, _NORM_POINTER = 0, 1, 2  # csrc/ppo_math.h NormMode
@@ -335,26 +332,30 @@ class _PPOLossFunction(torch.autograd.Function):
         return (*ppo_loss_backward(grads, row_scale, grad_loss), None)
 
 
-def _check_ppo_scalars(clip_low, clip_high, dual_clip, value_clip, kl_kind, agg, kl_coef, ent_coef, ref_logp,
-                       entropy, max_len=None) -> None:
-    if max_len is not None and not max_len > 0:
-        raise ValueError(f"max_len: expected > 0 or None, got {max_len}")
-    if not clip_low > 0:
-        raise ValueError(f"clip_low: expected > 0, got {clip_low}")
-    if clip_high is not None and not clip_high > 0:
-        raise ValueError(f"clip_high: expected > 0 or None, got {clip_high}")
-    if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip: expected > 1 or None, got {dual_clip}")
-    if value_clip is not None and not value_clip > 0:
-        raise ValueError(f"value_clip: expected > 0 or None, got {value_clip}")
-    if kl_kind not in KL_KINDS:
-        raise ValueError(f"kl_kind: expected one of {KL_KINDS}, got {kl_kind!r}")
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg: expected one of {AGG_MODES}, got {agg!r}")
+def _check_required(kl_coef: float, ent_coef: float, ref_logp, entropy) -> None:
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError("ref_logp: required when kl_coef != 0")
     if ent_coef != 0.0 and entropy is None:
         raise ValueError("entropy: required when ent_coef != 0")
+
+
+def _args_config(dtype_name: str, *hyper) -> "_C.PpoLossArgs":
+    """The checked hyperparameters (``ppo_hyperparameters``'s arguments) packed into a ``_C.PpoLossArgs`` for
+    ``dtype_name`` (its pointer fields unused; max_len 0 stands for T)."""
+    lo, hi, dual, vclip, vf, ent, kl, kl_kind, agg, max_len = ppo_hyperparameters(*hyper)
+    a = _C.PpoLossArgs()
+    a.clip_low, a.clip_high = lo, hi
+    a.dual_clip = 0.0 if dual is None else dual
+    a.value_clip = 0.0 if vclip is None else vclip
+    a.vf_coef, a.ent_coef, a.kl_coef = vf, ent, kl
+    a.kl_kind, a.agg = KL_KINDS.index(kl_kind) + 1, AGG_MODES.index(agg)
+    a.max_len = 0.0 if max_len is None else float(max_len)
+    a.dtype = dtype_name
+    return a
+
+
+# ppo_loss_with_grads: the packed configuration, built once per (dtype, hyperparameters) of plain values
+_ppo_grads_config = ConfigCache(_args_config)
 
 
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -398,15 +399,15 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     critic = [values is None, old_values is None, returns is None]
     if any(critic) and not all(critic):
         raise ValueError("values, old_values, returns: expected all three or none")
-    _check_ppo_scalars(clip_low, clip_high, dual_clip, value_clip, kl_kind, agg, kl_coef, ent_coef, ref_logp,
-                       entropy, max_len)
+    lo, hi, dual, vclip, vf, ent, kl, kl_kind, agg, max_len = ppo_hyperparameters(
+        clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
+    _check_required(kl, ent, ref_logp, entropy)
     _device_kind("logp", logp)
     dtype, dev, T = logp.dtype, logp.device, logp.shape[1]
-    cfg = dict(clip_low=float(clip_low), clip_high=float(clip_low if clip_high is None else clip_high),
-               dual_clip=0.0 if dual_clip is None else float(dual_clip),
-               value_clip=0.0 if value_clip is None else float(value_clip), vf_coef=float(vf_coef),
-               ent_coef=float(ent_coef), kl_coef=float(kl_coef), kl_kind=KL_KINDS.index(kl_kind) + 1,
-               agg=AGG_MODES.index(agg), max_len=float(T if max_len is None else max_len))
+    cfg = dict(clip_low=lo, clip_high=hi, dual_clip=0.0 if dual is None else dual,
+               value_clip=0.0 if vclip is None else vclip, vf_coef=vf, ent_coef=ent, kl_coef=kl,
+               kl_kind=KL_KINDS.index(kl_kind) + 1, agg=AGG_MODES.index(agg),
+               max_len=float(T if max_len is None else max_len))
     norms = {"ntok": _normalizer("num_tokens", num_tokens, dtype, dev),
              "nseq": _normalizer("num_seqs", num_seqs, dtype, dev)}
     c = lambda x: None if x is None else x.detach().contiguous()  # noqa: E731
@@ -426,25 +427,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
 
 # ----------------------------------------------------------------------------- PPO loss and its gradients
 
-_PPO_GRADS_WORK = 8 + _C.ppo_num_partials + 1 if _C is not None else 0  # see _ppo_grads_buffers
-
-
-@functools.lru_cache(maxsize=256)
-def _ppo_grads_config(dtype_name: str, clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef,
-                      kl_kind, agg, max_len):
-    """The checked hyperparameters of one ppo_loss_with_grads configuration as a ``_C.PpoLossArgs`` (its
-    pointer fields unused; max_len 0 stands for T), built once per configuration: the per-call cost is a
-    cache lookup instead of ~15 checks and field writes."""
-    _check_ppo_scalars(clip_low, clip_high, dual_clip, value_clip, kl_kind, agg, 0.0, 0.0, None, None, max_len)
-    a = _C.PpoLossArgs()
-    a.clip_low, a.clip_high = float(clip_low), float(clip_low if clip_high is None else clip_high)
-    a.dual_clip = 0.0 if dual_clip is None else float(dual_clip)
-    a.value_clip = 0.0 if value_clip is None else float(value_clip)
-    a.vf_coef, a.ent_coef, a.kl_coef = float(vf_coef), float(ent_coef), float(kl_coef)
-    a.kl_kind, a.agg = KL_KINDS.index(kl_kind) + 1, AGG_MODES.index(agg)
-    a.max_len = 0.0 if max_len is None else float(max_len)
-    a.dtype = dtype_name
-    return a
+_PPO_GRADS_WORK = 8 + _C.ppo_num_partials + 1 if _C is not None else 0  # see ppo_loss_with_grads's `small`
 
 
 def _ppo_grads_check(logp, others: tuple, mask) -> None:
@@ -504,17 +487,10 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
         _ppo_grads_check(logp, others, mask)
     if not (values is None) == (old_values is None) == (returns is None):
         raise ValueError("values, old_values, returns: expected all three or none")
-    if kl_coef != 0.0 and ref_logp is None:
-        raise ValueError("ref_logp: required when kl_coef != 0")
-    if ent_coef != 0.0 and entropy is None:
-        raise ValueError("entropy: required when ent_coef != 0")
-    if not isinstance(grad_scale, (int, float)) or isinstance(grad_scale, bool) or not math.isfinite(grad_scale):
-        raise TypeError(f"grad_scale: expected a finite Python number, got {grad_scale!r}")
-    key = (_DTYPES[dt], clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
-    try:
-        cfg = _ppo_grads_config(*key)
-    except TypeError:  # an unhashable hyperparameter (e.g. a 0-dim tensor with grad): checked and packed uncached
-        cfg = _ppo_grads_config.__wrapped__(*key)
+    grad_scale = grad_scale_value(grad_scale)
+    cfg = _ppo_grads_config(_DTYPES[dt], clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef,
+                            kl_kind, agg, max_len)
+    _check_required(cfg.kl_coef, cfg.ent_coef, ref_logp, entropy)
     ntok_mode, ntok_value, ntok = _normalizer("num_tokens", num_tokens, dt, dev) if num_tokens is not None \
         else (_NORM_FROM_MASK, 0.0, None)
     nseq_mode, nseq_value, nseq = _normalizer("num_seqs", num_seqs, dt, dev) if num_seqs is not None \
@@ -542,7 +518,11 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
             0 if ntok is None else ntok.data_ptr(), nseq_mode, nseq_value, 0 if nseq is None else nseq.data_ptr(),
             float(grad_scale))
     if dev.type == "cuda":
-        _C.ppo_loss_grads_cuda(*args, _stream(dev), dev.index)
+        if dev.index == torch.cuda.current_device():  # the common case: no device switch (torch's guard costs us)
+            _C.ppo_loss_grads_cuda(*args, _stream(dev))
+        else:
+            with torch.cuda.device(dev):
+                _C.ppo_loss_grads_cuda(*args, _stream(dev))
     else:
         _C.ppo_loss_grads_cpu(*args)
     grads = {"logp": g_lp}

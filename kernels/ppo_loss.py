@@ -7,12 +7,11 @@ which is cheaper to call than the custom op; under ``torch.compile``: the custom
 grad: the launch function alone, without gradient buffers). ``ppo_loss_with_grads``: the loss and the final
 gradients in two launches, with no autograd node (kernel 1, then ``_ppo_loss_finalize_grads_kernel``).
 """
-import functools
-import math
 from typing import Optional
 
 import torch
 
+from ._args import ConfigCache, grad_scale_value, ppo_hyperparameters
 from ._metrics import PPOMetrics, metric_keys
 from .ppo_loss_kernels import (  # noqa: F401 - the launch layer is re-exported with the API
     AGG_MODES,
@@ -21,10 +20,8 @@ from .ppo_loss_kernels import (  # noqa: F401 - the launch layer is re-exported 
     PPOLossConfig,
     _FLOAT_DTYPES,
     ppo_loss_backward,
-    _N_PART,
-    _PART_OFFSET,
     ppo_loss_forward,
-    ppo_loss_launch,
+    ppo_loss_launch_grads,
 )
 
 # ----------------------------------------------------------------------------- autograd
@@ -63,17 +60,14 @@ def _ppo_loss_op(
     num_tokens_value: Optional[float], num_seqs_value: Optional[float],
     clip_low: float, clip_high: float, dual_clip: Optional[float], value_clip: Optional[float],
     vf_coef: float, ent_coef: float, kl_coef: float, kl_kind: str, agg: str, max_len: Optional[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(small, u_logp, u_values, u_entropy); see :func:`ppo_loss_launch` (``small``: loss at 0, metrics at 1..7 and
-    1 / N at 8, in fp32; absent gradients have shape (0,)). The loss is differentiable as ``small[0]``: outputs
-    of a custom op may not alias one another, so the views are taken outside it (:func:`_call_op`).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, metrics, u_logp, u_values, u_entropy, inv_n); see :func:`ppo_loss_forward`.
     A normalizer is given either as a tensor or as a value (``*_value``), or neither (from the mask)."""
     cfg = PPOLossConfig(clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
-    small, *us = ppo_loss_launch(
-        logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, cfg,
-        num_tokens if num_tokens is not None else num_tokens_value,
-        num_seqs if num_seqs is not None else num_seqs_value, (True, True, True), None, None)
-    return (small, *(small.new_empty(0) if u is None else u for u in us))
+    return ppo_loss_forward(
+        logp, old_logp, advantages, mask, values=values, old_values=old_values, returns=returns, ref_logp=ref_logp,
+        entropy=entropy, cfg=cfg, num_tokens=num_tokens if num_tokens is not None else num_tokens_value,
+        num_seqs=num_seqs if num_seqs is not None else num_seqs_value)
 
 
 @_ppo_loss_op.register_fake
@@ -82,24 +76,23 @@ def _(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, e
       kl_kind, agg, max_len):
     B, T = logp.shape
     f32 = lambda *s: logp.new_empty(s, dtype=torch.float32)  # noqa: E731
-    return (f32(_PART_OFFSET + _N_PART * B), f32(B, T), f32(B, T) if values is not None else f32(0),
-            f32(B, T) if entropy is not None else f32(0))
+    return (logp.new_empty(()), logp.new_empty((len(METRIC_KEYS),)), f32(B, T),
+            f32(B, T) if values is not None else f32(0), f32(B, T) if entropy is not None else f32(0), f32())
 
 
 def _setup_context(ctx, inputs, output):
-    small, u_logp, u_v, u_ent = output
-    ctx.save_for_backward(u_logp, u_v, u_ent, small)
+    u_logp, u_v, u_ent, inv_n = output[2:]
+    ctx.save_for_backward(u_logp, u_v, u_ent, inv_n)
     logp, values, entropy = inputs[0], inputs[4], inputs[8]
     ctx.dtypes = (logp.dtype, values.dtype if values is not None else None,
                   entropy.dtype if entropy is not None else None)
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_small, *_):
-    """grad_small: the gradient of ``small``, whose entry 0 is the loss (the only differentiable entry)."""
-    u_logp, u_v, u_ent, small = ctx.saved_tensors
+def _backward(ctx, grad_loss, *_):
+    u_logp, u_v, u_ent, inv_n = ctx.saved_tensors
     us = tuple(u if dt is not None else None for u, dt in zip((u_logp, u_v, u_ent), ctx.dtypes))
-    d_logp, d_v, d_ent = ppo_loss_backward(grad_small[0], small[8], us, ctx.dtypes)
+    d_logp, d_v, d_ent = ppo_loss_backward(grad_loss, inv_n, us, ctx.dtypes)
     return (d_logp, None, None, None, d_v, None, None, None, d_ent) + (None,) * 14
 
 
@@ -107,12 +100,6 @@ _ppo_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
-def _check_args(tensors: dict, cfg: PPOLossConfig) -> None:
-    _check_tensors(tensors)
-    _check_scalars(cfg)
-    _check_required(cfg, tensors["ref_logp"], tensors["entropy"])
-
-
 def _check_tensors(tensors: dict) -> None:
     ref = tensors["logp"]
     for name, x in tensors.items():
@@ -132,21 +119,6 @@ def _check_tensors(tensors: dict) -> None:
         raise ValueError("values, old_values, returns: expected all three or none")
 
 
-def _check_scalars(cfg: PPOLossConfig) -> None:
-    if cfg.agg not in AGG_MODES:
-        raise ValueError(f"agg: expected one of {AGG_MODES}, got {cfg.agg!r}")
-    if cfg.kl_kind not in KL_KINDS:
-        raise ValueError(f"kl_kind: expected one of {KL_KINDS}, got {cfg.kl_kind!r}")
-    if not cfg.clip_low > 0 or not cfg.clip_high > 0:
-        raise ValueError(f"clip_low, clip_high: expected > 0, got {cfg.clip_low}, {cfg.clip_high}")
-    if cfg.dual_clip is not None and not cfg.dual_clip > 1:
-        raise ValueError(f"dual_clip: expected > 1 or None, got {cfg.dual_clip}")
-    if cfg.value_clip is not None and not cfg.value_clip > 0:
-        raise ValueError(f"value_clip: expected > 0 or None, got {cfg.value_clip}")
-    if cfg.max_len is not None and not cfg.max_len > 0:
-        raise ValueError(f"max_len: expected > 0 or None, got {cfg.max_len}")
-
-
 def _check_required(cfg: PPOLossConfig, ref_logp, entropy) -> None:
     if cfg.kl_coef != 0.0 and ref_logp is None:
         raise ValueError("ref_logp: required when kl_coef != 0")
@@ -154,27 +126,17 @@ def _check_required(cfg: PPOLossConfig, ref_logp, entropy) -> None:
         raise ValueError("entropy: required when ent_coef != 0")
 
 
-@functools.lru_cache(maxsize=256)
-def _scalar_config(clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg,
-                   max_len) -> PPOLossConfig:
-    """The normalized, checked hyperparameters, once per configuration (the tensor-dependent checks are not
-    here: ref_logp / entropy required by kl_coef / ent_coef)."""
-    cfg = PPOLossConfig(float(clip_low), float(clip_low if clip_high is None else clip_high),
-                        None if dual_clip is None else float(dual_clip),
-                        None if value_clip is None else float(value_clip), float(vf_coef), float(ent_coef),
-                        float(kl_coef), kl_kind, agg, None if max_len is None else int(max_len))
-    _check_scalars(cfg)
-    return cfg
+# The normalized hyperparameters (clip_high filled in, floats), checked once per configuration of plain values.
+_scalar_config = ConfigCache(lambda *key: PPOLossConfig(*ppo_hyperparameters(*key)))
 
 
 def _checked_config(tensors: dict, clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind,
                     agg, max_len) -> PPOLossConfig:
     """The normalized hyperparameters (clip_high defaults to clip_low), after checking them and the tensors."""
-    cfg = PPOLossConfig(float(clip_low), float(clip_low if clip_high is None else clip_high),
-                        None if dual_clip is None else float(dual_clip),
-                        None if value_clip is None else float(value_clip), float(vf_coef), float(ent_coef),
-                        float(kl_coef), kl_kind, agg, None if max_len is None else int(max_len))
-    _check_args(tensors, cfg)
+    _check_tensors(tensors)
+    cfg = _scalar_config(clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg,
+                         max_len)
+    _check_required(cfg, tensors["ref_logp"], tensors["entropy"])
     return cfg
 
 
@@ -193,20 +155,13 @@ def _metrics_dict(metrics: torch.Tensor, values, entropy, ref_logp) -> dict[str,
 
 def _call_op(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, cfg: PPOLossConfig,
              num_tokens, num_seqs):
-    """The custom op ``rlhf_engine::ppo_loss`` (the path ``torch.compile`` traces), as :func:`ppo_loss_forward`'s
-    (loss, metrics, u_logp, u_values, u_entropy, inv_n) with metrics and inv_n detached; a normalizer goes in as
-    a tensor or as a number, by what the caller passed."""
+    """The custom op ``rlhf_engine::ppo_loss`` (the path ``torch.compile`` traces); a normalizer goes in as a
+    tensor or as a number, by what the caller passed."""
     n_t = num_tokens if isinstance(num_tokens, torch.Tensor) else None
     n_s = num_seqs if isinstance(num_seqs, torch.Tensor) else None
-    small, u_logp, u_v, u_ent = _ppo_loss_op(
-        logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, n_t, n_s,
-        None if num_tokens is None or n_t is not None else float(num_tokens),
-        None if num_seqs is None or n_s is not None else float(num_seqs), *cfg)
-    loss, stats = small[0], small.detach()
-    metrics = stats[1:8]
-    if logp.dtype != torch.float32:
-        loss, metrics = loss.to(logp.dtype), metrics.to(logp.dtype)
-    return loss, metrics, u_logp, u_v, u_ent, stats[8]
+    return _ppo_loss_op(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, n_t, n_s,
+                        None if num_tokens is None or n_t is not None else float(num_tokens),
+                        None if num_seqs is None or n_s is not None else float(num_seqs), *cfg)
 
 
 def ppo_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -287,13 +242,12 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
         as :func:`ppo_loss_triton`; ``logp``, ``values`` and ``entropy`` need not require grad.
         grad_scale: the gradients are those of ``grad_scale * loss`` (e.g. 1 / accumulation steps).
     Returns:
-        loss: () in logp.dtype (detached); metrics: a read-only mapping (:class:`PPOMetrics`) with the keys
-        and values of :func:`ppo_loss_triton`'s metrics dict;
+        loss: () in logp.dtype (detached); metrics: a read-only mapping (:class:`PPOMetrics`; a plain dict
+        under ``torch.compile``) with the keys and values of :func:`ppo_loss_triton`'s metrics dict;
         grads: {"logp": (B, T), plus "values" when values is given, "entropy" when entropy is given},
         each in its input's dtype (fp32 inputs: written into the kernel's own buffers, no extra copy).
     """
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not math.isfinite(grad_scale):
-        raise TypeError(f"grad_scale: expected a finite Python number, got {grad_scale!r}")
+    grad_scale = grad_scale_value(grad_scale)
     others = (old_logp, advantages, values, old_values, returns, ref_logp, entropy)
     if torch.compiler.is_compiling():  # traceable: the custom op, then u * grad_scale / N as graph ops
         cfg = _checked_config(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, values=values,
@@ -314,15 +268,12 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
                                 old_values=old_values, returns=returns, ref_logp=ref_logp, entropy=entropy))
         if not (values is None) == (old_values is None) == (returns is None):
             raise ValueError("values, old_values, returns: expected all three or none")
-        key = (clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
-        try:
-            cfg = _scalar_config(*key)
-        except TypeError:  # an unhashable hyperparameter: checked and normalized uncached
-            cfg = _scalar_config.__wrapped__(*key)
+        cfg = _scalar_config(clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg,
+                             max_len)
         _check_required(cfg, ref_logp, entropy)
-        small, g_logp, g_v, g_ent = ppo_loss_launch(
+        small, g_logp, g_v, g_ent = ppo_loss_launch_grads(
             logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, cfg, num_tokens,
-            num_seqs, (True, True, True), None, float(grad_scale))
+            num_seqs, float(grad_scale))
         keys = metric_keys(values is not None, entropy is not None, ref_logp is not None)
         if logp.dtype == torch.float32:
             loss, metrics = small[0], PPOMetrics(small, keys, offset=1)

@@ -61,15 +61,16 @@ import triton.language as tl
 
 from ._launch import cdiv, next_pow2, row_launch_config
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_KINDS = ("k1", "k2", "k3")
+from ._args import AGG_MODES, KL_KINDS  # noqa: E402 - one definition for the Triton and the native losses
 from ._metrics import METRIC_KEYS  # noqa: E402 - the (7,) metrics buffer order, shared with the native op
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _N_PART = 8  # per-row partials: count, pg, clipped, x^2/2, vf, vclipped, H, k
 _GRAD_BLOCK = 2048        # tokens per step of the gradient loop of _ppo_loss_finalize_grads_kernel
 _GRAD_MAX_PROGRAMS = 512  # its grid (each program re-reduces the (8, B) partials: bounded L2 traffic)
-# The launches share one fp32 buffer ``small`` (16 + 8 B): the loss at 0, the metrics at 1..7, 1 / N at 8 and the
-# (8, B) per-row partials from PART_OFFSET on: one allocation and fewer kernel arguments than five tensors.
+# The (8, B) per-row partials live from PART_OFFSET on in one fp32 buffer ``small`` (16 + 8 B). ppo_loss_with_grads
+# also takes its loss (entry 0) and metrics (1..7) from it: one allocation and fewer kernel arguments. The autograd
+# path writes its loss, metrics and 1 / N to tensors of their own (outputs of an autograd Function must not be views
+# of one buffer: an in-place `loss /= n` would fail).
 _PART_OFFSET = 16
 PART_OFFSET = tl.constexpr(_PART_OFFSET)
 
@@ -251,7 +252,9 @@ def _reduce_partials(part_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_
 
 @triton.jit
 def _ppo_loss_finalize_kernel(
-    out_ptr,                        # ``small``: reads the partials, writes the loss, metrics and 1 / N (see above)
+    part_ptr,                       # (8, B) fp32 partials from the first kernel, from PART_OFFSET on
+    loss_ptr, metrics_ptr,          # () and (7,) fp32 outputs
+    inv_n_ptr,                      # () fp32 output: 1 / N of the loss aggregation
     ntok_ptr, nseq_ptr,             # 0-dim tensors (modes 2)
     B,
     ntok_value, nseq_value,         # Python numbers (modes 1)
@@ -260,17 +263,18 @@ def _ppo_loss_finalize_kernel(
     AGG: tl.constexpr,              # index into AGG_MODES
     BLOCK_B: tl.constexpr,
 ):
-    vals, loss, n_agg = _reduce_partials(out_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_max, vf_coef,
+    vals, loss, n_agg = _reduce_partials(part_ptr, ntok_ptr, nseq_ptr, B, ntok_value, nseq_value, t_max, vf_coef,
                                          ent_coef, kl_coef, NTOK_MODE, NSEQ_MODE, AGG, BLOCK_B)
     k = tl.arange(0, 8)
-    tl.store(out_ptr + k, vals, mask=k >= 1)  # metrics at 1..7
-    tl.store(out_ptr, loss)
-    tl.store(out_ptr + 8, 1.0 / n_agg)
+    tl.store(metrics_ptr + k - 1, vals, mask=k >= 1)
+    tl.store(loss_ptr, loss)
+    tl.store(inv_n_ptr, 1.0 / n_agg)
 
 
 @triton.jit
 def _ppo_loss_finalize_grads_kernel(
-    out_ptr, ntok_ptr, nseq_ptr,    # as _ppo_loss_finalize_kernel
+    out_ptr,                        # ``small``: reads the partials, writes the loss (0) and the metrics (1..7)
+    ntok_ptr, nseq_ptr,             # as _ppo_loss_finalize_kernel
     B, ntok_value, nseq_value, t_max, vf_coef, ent_coef, kl_coef,
     u0_ptr, u1_ptr, u2_ptr,         # (n,) fp32 un-normalized gradients of logp, values, entropy (kernel 1)
     g0_ptr, g1_ptr, g2_ptr,         # (n,) the gradients, each in its input's dtype (may alias u: in place)
@@ -287,7 +291,6 @@ def _ppo_loss_finalize_grads_kernel(
     k = tl.arange(0, 8)
     tl.store(out_ptr + k, vals, mask=(k >= 1) & (pid == 0))
     tl.store(out_ptr, loss, mask=pid == 0)
-    tl.store(out_ptr + 8, 1.0 / n_agg, mask=pid == 0)
     scale = grad_scale / n_agg
     for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -339,8 +342,8 @@ def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
                      returns: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
                      entropy: Optional[torch.Tensor] = None, cfg: PPOLossConfig = PPOLossConfig(),
                      num_tokens=None, num_seqs=None, need_grads: tuple[bool, bool, bool] = (True, True, True),
-                     block_t: Optional[int] = None, grad_scale: Optional[float] = None):
-    """Launch the two forward kernels (no argument checks: see :func:`ppo_loss_triton`).
+                     block_t: Optional[int] = None):
+    """Launch the two forward kernels of the autograd path (no argument checks: see :func:`ppo_loss_triton`).
 
     Args:
         logp, old_logp, advantages: (B, T) fp32/fp16/bf16; mask: (B, T) bool/int/float (nonzero = valid).
@@ -348,32 +351,51 @@ def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
         cfg: the scalar hyperparameters. num_tokens, num_seqs: None, a number or a 0-dim tensor.
         need_grads: whether to write the gradients for (logp, values, entropy).
         block_t: tokens per chunk (power of two); default min(1024, next_pow2(T)).
-        grad_scale: None: the second launch only reduces (the autograd path scales in its backward). A number:
-            the second launch also turns u into the final gradients of ``grad_scale * loss``, in place for
-            fp32 inputs, else into new tensors of each input's dtype (:func:`ppo_loss_with_grads`).
     Returns:
         loss: () in logp.dtype; metrics: (7,) in logp.dtype (order :data:`METRIC_KEYS`, 0 for absent terms);
         u_logp, u_values, u_entropy: (B, T) fp32 gradients of the loss times N (shape (0,) when absent
         or not needed); inv_n: () fp32, 1 / N. The gradient of ``loss`` w.r.t. logp is u_logp * inv_n.
-        With ``grad_scale``: the three gradients are the final ones (each in its input's dtype).
+        Each is a tensor of its own (no two share storage).
     """
-    small, g_logp, g_v, g_ent = ppo_loss_launch(
-        logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, cfg, num_tokens, num_seqs,
-        need_grads, block_t, grad_scale)
-    loss, metrics = small[0], small[1:8]
+    small, us, fin_args, fin_meta = _launch_rows(logp, old_logp, advantages, mask, values, old_values, returns,
+                                                 ref_logp, entropy, cfg, num_tokens, num_seqs, need_grads, block_t)
+    dev = logp.device
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    metrics = torch.empty((len(METRIC_KEYS),), dtype=torch.float32, device=dev)
+    inv_n = torch.empty((), dtype=torch.float32, device=dev)
+    _ppo_loss_finalize_kernel[(1,)](small, loss, metrics, inv_n, *fin_args, **fin_meta)
     if logp.dtype != torch.float32:  # rounded by torch (the interpreter truncates fp32 -> bf16 stores)
         loss, metrics = loss.to(logp.dtype), metrics.to(logp.dtype)
-    absent = lambda g: small.new_empty(0) if g is None else g  # noqa: E731 - the custom op returns tensors
-    return loss, metrics, absent(g_logp), absent(g_v), absent(g_ent), small[8]
+    u_logp, u_v, u_ent = (small.new_empty(0) if u is None else u for u in us)
+    return loss, metrics, u_logp, u_v, u_ent, inv_n
 
 
-def ppo_loss_launch(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy,
-                    cfg: PPOLossConfig, num_tokens, num_seqs, need_grads: tuple[bool, bool, bool],
-                    block_t: Optional[int], grad_scale: Optional[float]):
-    """The two launches of :func:`ppo_loss_forward` with the fewest host operations (``ppo_loss_with_grads``
-    calls it directly): two or three allocations, no views. Returns ``small``, a (16 + 8 B,) fp32 buffer
-    holding the loss (entry 0), the metrics (1..7), 1 / N (8) and the partials (from 16), and the gradients
-    (None where absent or not needed), as :func:`ppo_loss_forward` describes them."""
+def ppo_loss_launch_grads(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy,
+                          cfg: PPOLossConfig, num_tokens, num_seqs, grad_scale: float):
+    """The two launches of ``ppo_loss_with_grads`` with the fewest host operations: the rows kernel, then
+    ``_ppo_loss_finalize_grads_kernel``, which turns u into the final gradients of ``grad_scale * loss``
+    (in place for fp32 inputs, else into new contiguous tensors of each input's dtype). Returns ``small``, the
+    (16 + 8 B,) fp32 buffer whose entry 0 is the loss and entries 1..7 the metrics, and the three gradients
+    (None where the input is absent). No argument checks."""
+    small, us, fin_args, fin_meta = _launch_rows(logp, old_logp, advantages, mask, values, old_values, returns,
+                                                 ref_logp, entropy, cfg, num_tokens, num_seqs, (True, True, True),
+                                                 None)
+    B, T = logp.shape
+    outs = tuple(u if u is None or x.dtype == torch.float32 else torch.empty(B, T, dtype=x.dtype, device=logp.device)
+                 for u, x in zip(us, (logp, values, entropy)))
+    n = B * T
+    grid = (max(1, min(cdiv(n, _GRAD_BLOCK), _GRAD_MAX_PROGRAMS)),)
+    ptr = lambda x: small if x is None else x  # noqa: E731 - absent gradients: any valid pointer
+    _ppo_loss_finalize_grads_kernel[grid](
+        small, *fin_args, *map(ptr, us), *map(ptr, outs), n, float(grad_scale), **fin_meta,
+        HAS1=us[1] is not None, HAS2=us[2] is not None, BLOCK=_GRAD_BLOCK)
+    return (small, *outs)
+
+
+def _launch_rows(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, cfg: PPOLossConfig,
+                 num_tokens, num_seqs, need_grads: tuple[bool, bool, bool], block_t: Optional[int]):
+    """Allocate ``small`` and the fp32 u buffers (None where not stored), launch the rows kernel; returns them with
+    the arguments every finalize kernel takes after its output pointers."""
     B, T = logp.shape
     dev = logp.device
     has_v, has_ref, has_ent = values is not None, ref_logp is not None, entropy is not None
@@ -400,24 +422,12 @@ def ppo_loss_launch(logp, old_logp, advantages, mask, values, old_values, return
             STORE_DLOGP=st_logp, STORE_DV=st_v, STORE_DENT=st_ent,
             ROWS=ROWS, BLOCK_T=BLOCK_T, num_warps=num_warps,
         )
-    fin_args = (small, ntok_t if ntok_t is not None else small, nseq_t if nseq_t is not None else small, B,
+    fin_args = (ntok_t if ntok_t is not None else small, nseq_t if nseq_t is not None else small, B,
                 ntok_val, nseq_val, float(T if cfg.max_len is None else cfg.max_len), float(cfg.vf_coef),
                 float(cfg.ent_coef), float(cfg.kl_coef))
     fin_meta = dict(NTOK_MODE=ntok_mode, NSEQ_MODE=nseq_mode, AGG=agg,
                     BLOCK_B=min(1024, next_pow2(max(B, 16))), num_warps=4)
-    if grad_scale is None:
-        _ppo_loss_finalize_kernel[(1,)](*fin_args, **fin_meta)
-        return small, u_logp, u_v, u_ent
-    us = (u_logp, u_v, u_ent)
-    outs = tuple(u if u is None or x.dtype == torch.float32 else torch.empty(B, T, dtype=x.dtype, device=dev)
-                 for u, x in zip(us, (logp, values, entropy)))
-    n = B * T if st_logp else 0
-    grid = (max(1, min(cdiv(n, _GRAD_BLOCK), _GRAD_MAX_PROGRAMS)),)
-    ptr = lambda x: small if x is None else x  # noqa: E731 - absent gradients: any valid pointer
-    _ppo_loss_finalize_grads_kernel[grid](
-        *fin_args, *map(ptr, us), *map(ptr, outs), n, float(grad_scale), **fin_meta, HAS1=st_v, HAS2=st_ent,
-        BLOCK=_GRAD_BLOCK)
-    return (small, *outs)
+    return small, (u_logp, u_v, u_ent), fin_args, fin_meta
 
 
 def ppo_loss_backward(grad_loss: torch.Tensor, inv_n: torch.Tensor, us: tuple[Optional[torch.Tensor], ...],

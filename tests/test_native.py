@@ -386,10 +386,29 @@ def test_ppo_loss_bad_inputs(fn):
         ((x, x, x, m), dict(max_len=0), ValueError),
     ]
     if fn is native.ppo_loss_with_grads:
-        cases += [((x, x, x, m), dict(grad_scale=bad), TypeError) for bad in (None, "1", float("nan"), True)]
+        cases += [((x, x, x, m), dict(grad_scale=bad), TypeError)
+                  for bad in (None, "1", float("nan"), float("-inf"), True, 10 ** 400)]
     for args, kw, exc in cases:
         with pytest.raises(exc):
             fn(*args, **kw)
+    # hyperparameter errors name the argument
+    for kw, exc, name in ((dict(clip_low=None), TypeError, "clip_low"), (dict(max_len="5"), TypeError, "max_len"),
+                          (dict(vf_coef="a"), TypeError, "vf_coef"), (dict(kl_coef=float("nan")), ValueError,
+                                                                       "kl_coef")):
+        with pytest.raises(exc, match=name):
+            fn(x, x, x, m, **kw)
+
+
+@pytest.mark.parametrize("fn", [native.ppo_loss, native.ppo_loss_with_grads])
+def test_ppo_loss_tensor_hyperparameters_are_read_each_call(fn):
+    """A 0-dim tensor hyperparameter is read at every call, not served stale from the configuration cache."""
+    data = _ppo_inputs(6, 9, "cpu")
+    args, kw = _ppo_kwargs(dict(entropy=True), data, torch.float64, "cpu")
+    coef = torch.tensor(0.01)
+    first = fn(*args, **kw, ent_coef=coef)[0]
+    coef.fill_(5.0)
+    second = fn(*args, **kw, ent_coef=coef)[0]
+    assert not torch.equal(first, second) and torch.equal(second, fn(*args, **kw, ent_coef=5.0)[0])
 
 
 # ----------------------------------------------------------------------------- CUDA only
@@ -407,6 +426,26 @@ def test_gae_cuda_long_rows(mode, B, T):
                           *data[torch.float64])
     for name, o, r in zip(["advantages", "returns", "d_rewards", "d_values", "d_last_value"], ours, ref):
         _assert_matches(o, r, name=name)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_launch_on_the_current_stream():
+    """Inputs written on a side stream behind a long sleep: an op that launched on another stream than the current
+    one would read them before they are written (the caching allocator hands out recycled memory)."""
+    data = _ppo_inputs(64, 300, "cpu")
+    args, kw = _ppo_kwargs(PPO_CASES[6], data, torch.float32, "cuda")
+    expected = native.ppo_loss_with_grads(*args, **kw)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the copies below run
+        late = [a.clone() for a in args[:3]]
+        out = native.ppo_loss_with_grads(*late, args[3], **kw)
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], expected[0])
+    for k in expected[2]:
+        assert torch.equal(out[2][k], expected[2][k]), k
 
 
 @pytest.mark.gpu

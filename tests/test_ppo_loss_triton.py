@@ -366,7 +366,48 @@ def test_with_grads_metrics_mapping(device):
         metrics["kl"] = v
 
 
-@pytest.mark.parametrize("bad", [None, "1", float("nan"), float("inf"), True])
+def test_in_place_ops_on_outputs(device):
+    """The autograd path's loss and metrics are tensors of their own: `loss /= n` and an in-place op on a metric
+    (an all-reduce, say) before backward() work, as they do on the eager reference."""
+    t = _inputs(5, 17, device)
+    logp = t["logp"].clone().requires_grad_()
+    loss, metrics = ppo_loss_triton(logp, t["old_logp"], t["advantages"], t["mask"])
+    ref = torch.autograd.grad(loss, logp, retain_graph=True)[0]
+    metrics["pg_loss"].mul_(2.0)
+    loss /= 4
+    loss.backward()
+    torch.testing.assert_close(logp.grad, ref / 4)
+
+
+@pytest.mark.parametrize("fn", [ppo_loss_triton, ppo_loss_with_grads])
+def test_tensor_hyperparameters_are_read_each_call(fn, device):
+    """A hyperparameter given as a 0-dim tensor is read at every call, never served from the configuration cache
+    (a tensor hashes by identity and may change in place)."""
+    t = _inputs(4, 9, device)
+    coef = torch.tensor(0.01)
+    args = (t["logp"], t["old_logp"], t["advantages"], t["mask"])
+    first = fn(*args, entropy=t["entropy"], ent_coef=coef)[0]
+    coef.fill_(5.0)
+    second = fn(*args, entropy=t["entropy"], ent_coef=coef)[0]
+    expected = fn(*args, entropy=t["entropy"], ent_coef=5.0)[0]
+    assert not torch.equal(first, second) and torch.equal(second, expected)
+
+
+@pytest.mark.parametrize("fn", [ppo_loss_triton, ppo_loss_with_grads])
+@pytest.mark.parametrize("kwargs, err, name", [
+    (dict(clip_low=None), TypeError, "clip_low"), (dict(clip_high="0.3"), TypeError, "clip_high"),
+    (dict(max_len="5"), TypeError, "max_len"), (dict(max_len=2.5), TypeError, "max_len"),
+    (dict(vf_coef="a"), TypeError, "vf_coef"), (dict(kl_coef=float("nan")), ValueError, "kl_coef"),
+    (dict(ent_coef=float("inf")), ValueError, "ent_coef"), (dict(dual_clip=True), TypeError, "dual_clip"),
+    (dict(value_clip=torch.ones(2)), TypeError, "value_clip"),
+])
+def test_hyperparameter_errors_name_the_argument(fn, kwargs, err, name):
+    z = torch.zeros(2, 3)
+    with pytest.raises(err, match=name):
+        fn(z, z, z, torch.ones(2, 3), **kwargs)
+
+
+@pytest.mark.parametrize("bad", [None, "1", float("nan"), float("inf"), True, 10 ** 400])
 def test_with_grads_bad_grad_scale(bad):
     z = torch.zeros(2, 3)
     with pytest.raises(TypeError, match="grad_scale"):
