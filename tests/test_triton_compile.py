@@ -82,7 +82,8 @@ def _ppo_cases():
                 dict(NTOK_MODE=0, NSEQ_MODE=2, AGG=3, BLOCK_B=1024), 4)
     # the loss + gradients kernel of ppo_loss_with_grads (fp32 u, gradients in the inputs' dtype)
     for dt in ("fp32", "bf16"):
-        grads = {"out_ptr": "fp32", "ntok_ptr": "fp32", "nseq_ptr": "fp32", "u0_ptr": "fp32", "u1_ptr": "fp32", "u2_ptr": "fp32", "g0_ptr": dt, "g1_ptr": dt, "g2_ptr": dt}
+        grads = {"out_ptr": "fp32", "ntok_ptr": "fp32", "nseq_ptr": "fp32", "u0_ptr": "fp32", "u1_ptr": "fp32",
+                 "u2_ptr": "fp32", "g0_ptr": dt, "g1_ptr": dt, "g2_ptr": dt}
         yield _case(f"ppo_loss_finalize_grads-{dt}", "ppo_loss_kernels", "_ppo_loss_finalize_grads_kernel", grads,
                     ["ntok_value", "nseq_value", "t_max", "vf_coef", "ent_coef", "kl_coef", "grad_scale"],
                     dict(NTOK_MODE=0, NSEQ_MODE=0, AGG=1, BLOCK_B=256, HAS1=True, HAS2=dt == "bf16", BLOCK=2048), 4)
