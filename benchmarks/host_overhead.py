@@ -35,7 +35,7 @@ class _NoLaunch:
 
 
 class _NoNativeCall:
-    """Stands in for ``rlhf_engine._C`` with ``ppo_loss_grads_cpu`` a no-op."""
+    """Stands in for ``rlhf_engine._C`` with ``ppo_loss_grads`` a no-op."""
 
     def __init__(self, real):
         self._real = real
@@ -43,7 +43,7 @@ class _NoNativeCall:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def ppo_loss_grads_cpu(self, *args):
+    def ppo_loss_grads(self, *args):
         return None
 
 

@@ -2,6 +2,8 @@
 // (tensor.data_ptr()); the wrappers in kernels/native.py check every argument first.
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
+
 #include "ops.h"
 #include "ppo_math.h"
 
@@ -12,13 +14,13 @@ namespace {
 
 // One ppo_loss_with_grads call: the cached hyperparameters `cfg` (a PpoLossArgs whose pointers are unused;
 // max_len <= 0 means T) plus this call's pointers, sizes and normalizers, as plain positional arguments (the
-// cheapest pybind11 call: setting the fields of a PpoLossArgs from Python costs ~0.3 us each).
-// workspace: B * (kNumPartials + 1) doubles (the row partials, then the row scales).
-PpoLossArgs grads_call(const PpoLossArgs& cfg, int64_t logp, int64_t old_logp, int64_t advantages, int64_t mask,
-                       int64_t values, int64_t old_values, int64_t returns, int64_t ref_logp, int64_t entropy,
-                       int64_t grad_logp, int64_t grad_values, int64_t grad_entropy, int64_t workspace, int64_t loss,
-                       int64_t metrics, int64_t B, int64_t T, int ntok_mode, double ntok_value, int64_t ntok_ptr,
-                       int nseq_mode, double nseq_value, int64_t nseq_ptr) {
+// cheapest pybind11 call: setting the fields of a PpoLossArgs from Python costs ~0.3 us each); `cuda` picks the
+// CUDA op (on `stream`) or the C++ CPU op. workspace: B * (kNumPartials + 1) doubles (row partials, row scales).
+void ppo_loss_grads(const PpoLossArgs& cfg, int64_t logp, int64_t old_logp, int64_t advantages, int64_t mask,
+                    int64_t values, int64_t old_values, int64_t returns, int64_t ref_logp, int64_t entropy,
+                    int64_t grad_logp, int64_t grad_values, int64_t grad_entropy, int64_t workspace, int64_t loss,
+                    int64_t metrics, int64_t B, int64_t T, int ntok_mode, double ntok_value, int64_t ntok_ptr,
+                    int nseq_mode, double nseq_value, int64_t nseq_ptr, double grad_scale, bool cuda, int64_t stream) {
   PpoLossArgs a = cfg;
   a.logp = logp, a.old_logp = old_logp, a.advantages = advantages, a.mask = mask;
   a.values = values, a.old_values = old_values, a.returns = returns, a.ref_logp = ref_logp, a.entropy = entropy;
@@ -29,7 +31,16 @@ PpoLossArgs grads_call(const PpoLossArgs& cfg, int64_t logp, int64_t old_logp, i
   if (a.max_len <= 0.0) a.max_len = double(T);
   a.ntok_mode = ntok_mode, a.ntok_value = ntok_value, a.ntok_ptr = ntok_ptr;
   a.nseq_mode = nseq_mode, a.nseq_value = nseq_value, a.nseq_ptr = nseq_ptr;
-  return a;
+  a.stream = stream;
+  if (!cuda) {
+    ppo_loss_grads_cpu(a, grad_scale);
+    return;
+  }
+#ifdef RLHF_WITH_CUDA
+  ppo_loss_grads_cuda(a, grad_scale);
+#else
+  throw std::invalid_argument("rlhf_engine._C: ppo_loss_grads: built without CUDA");
+#endif
 }
 
 }  // namespace
@@ -75,38 +86,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("gae_forward_cpu", &gae_forward_cpu, "GAE forward (C++, OpenMP over rows)", nogil);
   m.def("gae_backward_cpu", &gae_backward_cpu, "GAE backward (C++, OpenMP over rows)", nogil);
   m.def("ppo_loss_forward_cpu", &ppo_loss_forward_cpu, "PPO loss: loss, metrics, gradients in one pass (C++)", nogil);
-  m.def(
-      "ppo_loss_grads_cpu",
-      [](const PpoLossArgs& cfg, int64_t logp, int64_t old_logp, int64_t advantages, int64_t mask, int64_t values,
-         int64_t old_values, int64_t returns, int64_t ref_logp, int64_t entropy, int64_t grad_logp,
-         int64_t grad_values, int64_t grad_entropy, int64_t workspace, int64_t loss, int64_t metrics, int64_t B,
-         int64_t T, int ntok_mode, double ntok_value, int64_t ntok_ptr, int nseq_mode, double nseq_value,
-         int64_t nseq_ptr, double grad_scale) {
-        ppo_loss_grads_cpu(grads_call(cfg, logp, old_logp, advantages, mask, values, old_values, returns, ref_logp,
-                                      entropy, grad_logp, grad_values, grad_entropy, workspace, loss, metrics, B, T,
-                                      ntok_mode, ntok_value, ntok_ptr, nseq_mode, nseq_value, nseq_ptr),
-                           grad_scale);
-      },
-      "PPO loss, metrics and the final gradients of grad_scale * loss (C++)", nogil);
+  m.def("ppo_loss_grads", &ppo_loss_grads,
+        "PPO loss, metrics and the final gradients of grad_scale * loss (C++, or CUDA in 2 launches)", nogil);
   m.def("ppo_loss_backward_cpu", &ppo_loss_backward_cpu, "PPO loss backward: grads x row scale x grad (C++)", nogil);
 #ifdef RLHF_WITH_CUDA
   m.def("gae_forward_cuda", &gae_forward_cuda, "GAE forward (CUDA, block scan per row)", nogil);
   m.def("gae_backward_cuda", &gae_backward_cuda, "GAE backward (CUDA, block scan per row)", nogil);
   m.def("ppo_loss_forward_cuda", &ppo_loss_forward_cuda, "PPO loss: loss, metrics, grads (CUDA, 2 launches)", nogil);
-  m.def(
-      "ppo_loss_grads_cuda",
-      [](const PpoLossArgs& cfg, int64_t logp, int64_t old_logp, int64_t advantages, int64_t mask, int64_t values,
-         int64_t old_values, int64_t returns, int64_t ref_logp, int64_t entropy, int64_t grad_logp,
-         int64_t grad_values, int64_t grad_entropy, int64_t workspace, int64_t loss, int64_t metrics, int64_t B,
-         int64_t T, int ntok_mode, double ntok_value, int64_t ntok_ptr, int nseq_mode, double nseq_value,
-         int64_t nseq_ptr, double grad_scale, int64_t stream) {
-        PpoLossArgs a = grads_call(cfg, logp, old_logp, advantages, mask, values, old_values, returns, ref_logp,
-                                   entropy, grad_logp, grad_values, grad_entropy, workspace, loss, metrics, B, T,
-                                   ntok_mode, ntok_value, ntok_ptr, nseq_mode, nseq_value, nseq_ptr);
-        a.stream = stream;
-        ppo_loss_grads_cuda(a, grad_scale);
-      },
-      "PPO loss, metrics and the final gradients of grad_scale * loss (CUDA, 2 launches)", nogil);
   m.def("ppo_loss_backward_cuda", &ppo_loss_backward_cuda, "PPO loss backward (CUDA, 1 launch)", nogil);
 #endif
 }

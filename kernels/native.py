@@ -516,15 +516,14 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
             0 if h is None else h.data_ptr(), g_lp.data_ptr(), 0 if g_v is None else g_v.data_ptr(),
             0 if g_h is None else g_h.data_ptr(), base + 8 * es, base, base + es, B, T, ntok_mode, ntok_value,
             0 if ntok is None else ntok.data_ptr(), nseq_mode, nseq_value, 0 if nseq is None else nseq.data_ptr(),
-            float(grad_scale))
-    if dev.type == "cuda":
-        if dev.index == torch.cuda.current_device():  # the common case: no device switch (torch's guard costs us)
-            _C.ppo_loss_grads_cuda(*args, _stream(dev))
-        else:
-            with torch.cuda.device(dev):
-                _C.ppo_loss_grads_cuda(*args, _stream(dev))
+            float(grad_scale), dev.type == "cuda")
+    if dev.type != "cuda":
+        _C.ppo_loss_grads(*args, 0)
+    elif dev.index == torch.cuda.current_device():  # the common case: no device switch (torch's guard costs µs)
+        _C.ppo_loss_grads(*args, _stream(dev))
     else:
-        _C.ppo_loss_grads_cpu(*args)
+        with torch.cuda.device(dev):
+            _C.ppo_loss_grads(*args, _stream(dev))
     grads = {"logp": g_lp}
     if has_v:
         grads["values"] = g_v
