@@ -453,16 +453,18 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     """The PPO objective AND its gradients in one native call (two CUDA launches, or one C++ pass and a scale on
     the CPU), with no autograd node: the native twin of ``kernels.ppo_loss.ppo_loss_with_grads``.
 
-    The first launch writes the per-token gradients and per-row partial sums; the second, one block per row,
-    reduces the partials (each block the same way: the same N everywhere), scales its row's gradients in place
-    by grad_scale * c_b, and block 0 writes the loss and the metrics. Hand the gradients to the model's graph::
+    The first launch writes the per-token gradients and per-row partial sums; the second, up to 264 blocks over
+    the rows, reduces the partials (each block the same way: the same N everywhere), scales its rows' gradients in
+    place by grad_scale * c_b, and block 0 writes the loss and the metrics. Hand the gradients to the model's
+    graph::
 
         loss, metrics, grads = native.ppo_loss_with_grads(logp.detach(), old_logp, adv, mask, values=v.detach(), ...)
         torch.autograd.backward([logp, v], [grads["logp"], grads["values"]])
 
     It is the cheapest call of the loss on the host: the hyperparameters are checked and packed once per
-    configuration (cached), the tensors checked in one pass (the descriptive checks run only on a failure), two
-    allocations, one pybind11 call that launches both kernels from C++, and metrics views made when first read.
+    configuration (cached), the tensors checked in one pass (the descriptive checks run only on a failure), one
+    allocation per gradient and one for the rest, one pybind11 call that launches both kernels from C++, and
+    metric views made when first read.
 
     Args:
         as :func:`ppo_loss` (float32 or float64, every floating-point tensor in logp's dtype); ``logp``,
