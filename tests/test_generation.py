@@ -509,3 +509,46 @@ def test_triton_generation_with_the_cache_write_fused(device, monkeypatch):
             assert torch.equal(a.logprobs, b.logprobs)
         else:
             torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the decode step's RoPE table
+def test_rope_half_table_is_the_computed_rows():
+    """RotaryEmbedding.half_table: rows [cos | sin] for positions 0 .. L-1 (L a power of two >= 256 covering the
+    length), bit for bit what forward(half=True) computes (llama3 scaling included), kept per (device, dtype, L)."""
+    for name in ("tiny-llama", "tiny-qwen2"):
+        m = _model(name, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+                   if name == "tiny-llama" else None)
+        rot = m.model.rotary
+        for dtype in (torch.float32, torch.bfloat16):
+            table = rot.half_table(300, torch.device("cpu"), dtype)
+            half = m.config.head_dim // 2
+            assert table.shape == (512, 2 * half) and table.dtype == dtype and table.is_contiguous()
+            assert rot.half_table(400, torch.device("cpu"), dtype) is table  # same rounded length: cached
+            pos = torch.tensor([[0, 1, 77, 255, 299, 511]])
+            cos, sin = rot(pos, dtype, half=True)
+            assert torch.equal(table[pos[0], :half], cos[0]) and torch.equal(table[pos[0], half:], sin[0])
+        assert rot.half_table(10, torch.device("cpu"), torch.float32).shape[0] == 256
+
+
+@pytest.mark.parametrize("Tn", [1, 2])
+def test_decode_step_rope_table_matches_computed_tables(Tn, monkeypatch):
+    """The triton decode step gathers its RoPE rows from the table: logits and cache contents bit for bit those
+    of the step that computes cos/sin from the position ids (left-padded prompts, Tn new tokens), and the step
+    keeps its constants (the table, rope_rows) across steps."""
+    m = _model("tiny-qwen2")
+    ids, mask = _prompts(m.config.vocab_size, lengths=(9, 4, 6))
+    B, P = ids.shape
+    cont = torch.randint(4, m.config.vocab_size, (B, 2 * Tn))
+    outs = []
+    for use_table in (True, False):
+        with monkeypatch.context() as mp:
+            if not use_table:  # as inside a first CUDA-graph capture: no table, the rows computed per step
+                mp.setattr(type(m.model.rotary), "half_table", lambda *a, **k: None)
+            cache = KVCache.allocate(m.config, B, P + 2 * Tn)
+            m.prefill(ids, mask, cache, attn_backend="triton")
+            lg = [m.decode_step(cont[:, i:i + Tn], cache, attn_backend="triton") for i in range(0, 2 * Tn, Tn)]
+            outs.append((torch.cat(lg, 1), cache.k_all.clone(), cache.v_all.clone(), cache.lengths.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert len(m._rope_rows_cache) == 1 and len(m.model.rotary._tables) == 1

@@ -58,6 +58,8 @@ class AttnMeta:
       cos/sin tables (b * Tn).
     fuse_cache_write: decode with fused_ops: the attention kernel writes the new K/V itself (``kv_write``); set
       once per step when ``decode_fused_write_enabled()`` and the attention runs one split.
+    rope_table: decode with fused_ops: the model's (L, D) [cos | sin] half table (``RotaryEmbedding.half_table``);
+      the step gathers its rows at the position ids (int32) instead of computing them.
     """
 
     backend: str
@@ -73,6 +75,7 @@ class AttnMeta:
     fused_ops: bool = False
     rope_rows: torch.Tensor | None = None
     fuse_cache_write: bool = False
+    rope_table: torch.Tensor | None = None
 
 
 def mask_to_kv_range(attention_mask: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,12 +44,31 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = config.head_dim
         self._inv_freq = {"cpu": rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)}
+        self._tables: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         key = str(device)
         if key not in self._inv_freq:
             self._inv_freq[key] = self._inv_freq["cpu"].to(device)
         return self._inv_freq[key]
+
+    def half_table(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """(L, D) table of rows [cos | sin] for positions 0 .. L - 1 (L = ``length`` rounded up to a power of two,
+        at least 256), the very values ``forward(position_ids, dtype, half=True)`` computes for them (the same ops
+        on the same fp32 angles), cached per (device, dtype, L): a decode step gathers its rows with one kernel
+        instead of computing them with five or six. None while a CUDA graph is being captured on ``device`` and the
+        table does not exist yet: a table made there would live in the graph's private memory pool."""
+        n = 256
+        while n < length:
+            n *= 2
+        key = (str(device), dtype, n)
+        table = self._tables.get(key)
+        if table is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            cos, sin = self.forward(torch.arange(n, device=device)[None], dtype, half=True)  # (1, n, D/2) each
+            table = self._tables[key] = torch.cat((cos[0], sin[0]), dim=-1)
+        return table
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
                 half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
