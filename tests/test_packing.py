@@ -9,7 +9,8 @@ from torch import nn
 
 from rlhf_engine.model import CausalLM, apply_lora, disable_adapters, preset
 from rlhf_engine.model.loading import from_hf_model, model_from_state_dict, save_pretrained
-from rlhf_engine.model.packing import lora_group_linear, pack_linears, packed_lora, packed_weights
+from rlhf_engine.model.packing import (PackedLinearFunction, group_linear, lora_group_linear, pack_linears,
+                                       packed_lora, packed_weights)
 
 
 def _groups(model):
@@ -233,3 +234,71 @@ def test_save_and_hf_round_trip_from_packed_weights(tmp_path):
     _assert_packed(back)
     for k, v in m.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+# ----------------------------------------------------------------------------- packed GEMMs with autograd
+def _grads(out, grad_out, wrt):
+    return torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])  # q/k/v with and without biases
+def test_group_linear_with_autograd_equals_the_layers(name):
+    """In grad mode group_linear runs one GEMM through PackedLinearFunction: the output and the gradients of x and
+    of every weight and bias equal the layers' own (fp64: to rounding), each parameter getting its own gradient,
+    also with a frozen weight; the gate/up pair without biases too."""
+    torch.manual_seed(0)
+    m = CausalLM(preset(name)).double()
+    for g in (next(_groups(m)), list(_groups(m))[1]):
+        x = torch.randn(2, 7, m.config.hidden_size, dtype=torch.float64, requires_grad=True)
+        params = [t for mod in g for t in (mod.weight, mod.bias) if t is not None]
+        for frozen in (None, g[1].weight):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+            wrt = [x] + [t for t in params if t.requires_grad]
+            y = group_linear(x, g)
+            assert y is not None and y.grad_fn is not None and "PackedLinear" in type(y.grad_fn).__name__
+            ref = torch.cat([mod(x) for mod in g], dim=-1)
+            torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+            go = torch.randn_like(y)
+            for a, b in zip(_grads(y, go, wrt), _grads(ref, go, wrt)):
+                assert a is not None and a.shape == b.shape
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            if frozen is not None:
+                frozen.requires_grad_(True)
+
+
+def test_packed_linear_function_gradcheck_and_version_check():
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-qwen2")).double()
+    g = next(_groups(m))
+    x = torch.randn(3, m.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    ws, bs = [mod.weight for mod in g], [mod.bias for mod in g]
+    assert torch.autograd.gradcheck(lambda x, *p: PackedLinearFunction.apply(x, 3, *p), (x, *ws, *bs))
+    y = group_linear(x, g)
+    with torch.no_grad():
+        g[1].weight.mul_(2.0)  # an optimizer step between the forward and the backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_group_linear_with_autograd_falls_back_where_one_gemm_would_skip_something():
+    """Hooks (forward or backward), autocast, an adapter that is on, unpacked parameters, another dtype: None, and
+    the caller runs the layers one by one."""
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-llama"))
+    g = next(_groups(m))
+    x = torch.randn(2, 3, m.config.hidden_size)
+    assert group_linear(x, g) is not None
+    h = g[1].register_forward_hook(lambda *a: None)
+    assert group_linear(x, g) is None
+    h.remove()
+    h = g[2].register_full_backward_hook(lambda *a: None)
+    assert group_linear(x, g) is None
+    h.remove()
+    assert group_linear(x.double(), g) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert group_linear(x, g) is None
+    g[0].weight.data = g[0].weight.data.clone()  # no longer a row block of the packed tensor
+    assert group_linear(x, g) is None
+    apply_lora(m, rank=2, target_modules=("q_proj",))
+    assert group_linear(x, next(_groups(m))) is None

@@ -57,11 +57,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         B, T, C = x.shape
         Dq, Dkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        # generation only: a scoring forward keeps the training forward's GEMMs, so that log-probs it computes
-        # without autograd (old log-probs) equal the training forward's bit for bit (at equal shapes on a GPU)
-        packed = meta.fused_ops and meta.mode != "full"
-        qkv = group_linear(x, (self.q_proj, self.k_proj, self.v_proj)) if packed else None
-        if qkv is not None:  # no autograd: one GEMM over the packed weights, LoRA terms added (model/packing.py)
+        # every mode on the fused path: generation, scoring and training run the same packed GEMM (training through
+        # PackedLinearFunction), so that log-probs computed without autograd (old log-probs) equal the training
+        # forward's bit for bit (at equal shapes on a GPU)
+        qkv = group_linear(x, (self.q_proj, self.k_proj, self.v_proj)) if meta.fused_ops else None
+        if qkv is not None:  # one GEMM over the packed weights, LoRA terms added without autograd (model/packing.py)
             q, k, v = qkv.split([Dq, Dkv, Dkv], dim=-1)  # strided views of (B, T, Dq + 2 Dkv)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -112,7 +112,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, H, bias=False)
 
     def forward(self, x: torch.Tensor, fused: bool = False, packed: bool = False) -> torch.Tensor:
-        if fused:  # triton backend: silu(gate) * up fused; gate and up as one GEMM with ``packed`` (generation)
+        if fused:  # triton backend: silu(gate) * up fused; gate and up as one GEMM with ``packed``
             from rlhf_engine.kernels.swiglu import silu_mul
 
             gu = group_linear(x, (self.gate_proj, self.up_proj)) if packed else None
@@ -140,8 +140,9 @@ class DecoderLayer(nn.Module):
                       meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor]:
         """The same math on the fused kernels, with the residual stream carried as x + d (d: the previous layer's
         MLP output, not yet added; None: none). Returns (x', d'), this layer's output x' + d': each residual add
-        happens inside the next norm (residual add + RMSNorm in one kernel). Differentiable; with autograd on,
-        the projections run as separate GEMMs (their weights need their own gradients)."""
+        happens inside the next norm (residual add + RMSNorm in one kernel). Differentiable; q/k/v and gate/up run
+        as one GEMM each over their packed weights, with autograd too (``PackedLinearFunction``: one GEMM for the
+        input's gradient, one for the packed weights', split into each parameter's rows)."""
         from rlhf_engine.kernels.rmsnorm import rms_norm
 
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
@@ -150,7 +151,7 @@ class DecoderLayer(nn.Module):
         else:
             h, x = rms_norm(d, n1.weight, n1.eps, residual=x, backend="triton")
         h, x = rms_norm(self.self_attn(h, cos, sin, meta), n2.weight, n2.eps, residual=x, backend="triton")
-        return x, self.mlp(h, fused=True, packed=meta.mode != "full")
+        return x, self.mlp(h, fused=True, packed=True)
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,11 @@
 Each layer's ``q_proj``, ``k_proj``, ``v_proj`` (and ``gate_proj``, ``up_proj``) stay separate ``nn.Parameter``
 objects with their HF names, so training, the optimizer, LoRA and checkpoints see nothing new. What changes is
 where their data live: consecutive rows of one (sum of out_features, in_features) tensor (``pack_linears``).
-The generation path can then run each group as ONE GEMM over that tensor (``packed_weights``), 5 GEMMs -> 2 per
-layer. At batch 64 a decode step's GEMMs are small and launch-bound, so the count matters.
+The fused (triton) path can then run each group as ONE GEMM over that tensor, 5 GEMMs -> 2 per layer: without
+autograd as ``F.linear`` over a view (``packed_weights``), with autograd through ``PackedLinearFunction`` (one
+GEMM for the input's gradient and one for the packed weights', split into each parameter's rows: 10 GEMMs and 3
+adds -> 4 GEMMs per layer in the backward). At batch 64 a decode step's GEMMs are small and launch-bound, and a
+training step on a slow host is bound by its launches too, so the count matters.
 
 Nothing is copied per call: the packed weight is a view of the parameters' own storage, and an optimizer step
 (in place) shows up in the next call. Some operations give the parameters new tensors:
@@ -20,6 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .lora import LoRALinear
 
@@ -120,13 +124,68 @@ def lora_group_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, 
     return y
 
 
+class PackedLinearFunction(torch.autograd.Function):
+    """``F.linear`` over the packed rows of n layers' weights (and biases), differentiable in x and in each layer's
+    own parameters: inputs (x, n, w_1 .. w_n, b_1 .. b_n or none).
+
+    Forward one GEMM (plus the bias); backward one GEMM for dx (where the layers one by one take n GEMMs and n - 1
+    adds), one for the packed dW, split into each weight's rows, and one column sum for the biases. Each weight's
+    gradient is a row block of one tensor (a view, as layout-compatible as the weight itself). Saves x and the
+    weights (the packed view is rebuilt in the backward, so an in-place update of any weight in between is caught
+    by autograd's version check)."""
+
+    @staticmethod
+    def forward(ctx, x, n, *params):
+        ws, bs = params[:n], params[n:]
+        ctx.n, ctx.has_bias = n, bool(bs)
+        ctx.save_for_backward(x, *ws)
+        return F.linear(x, _rows(ws), _rows(bs) if bs else None)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, *ws = ctx.saved_tensors
+        n = ctx.n
+        need = ctx.needs_input_grad
+        need_w, need_b = any(need[2:2 + n]), ctx.has_bias and any(need[2 + n:])
+        dx = dy.matmul(_rows(ws)) if need[0] else None
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        sizes = [w.shape[0] for w in ws]
+        dws = (dy2.t().mm(x.reshape(-1, x.shape[-1])).split(sizes) if need_w else (None,) * n)
+        dbs = (dy2.sum(0).split(sizes) if need_b else (None,) * n) if ctx.has_bias else ()
+        return (dx, None, *(g if need[2 + i] else None for i, g in enumerate(dws)),
+                *(g if need[2 + n + i] else None for i, g in enumerate(dbs)))
+
+
+def _trainable_group(x: torch.Tensor, linears: Sequence[nn.Module]) -> tuple | None:
+    """The (weights, biases) to hand ``PackedLinearFunction`` when autograd needs the layers' gradients: plain
+    ``nn.Linear`` layers (a LoRALinear counts while its adapter is off) without module or global hooks (forward or
+    backward: one GEMM would skip them), packed rows of one tensor (biases: all or none), x in their dtype, no
+    autocast; else None (the caller runs the layers one by one)."""
+    if global_hooks(backward=True) or torch.is_autocast_enabled(x.device.type):
+        return None
+    for m in linears:
+        if (m.adapters_enabled if isinstance(m, LoRALinear) else type(m) is not nn.Linear) or m._forward_hooks \
+                or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return None
+    if _packed_base(linears) is None or x.dtype != linears[0].weight.dtype:
+        return None
+    ws = tuple(m.weight for m in linears)
+    bs = tuple(m.bias for m in linears) if linears[0].bias is not None else ()
+    return ws, bs
+
+
 def group_linear(x: torch.Tensor, linears: Sequence[nn.Module]) -> torch.Tensor | None:
     """The layers' outputs on x concatenated on the last dim, as one GEMM over their packed weights (plus the
-    LoRA terms when adapters are on: ``packed_lora``); None when neither applies (the caller runs them one by
-    one). For the generation paths: without autograd."""
+    LoRA terms when adapters are on: ``packed_lora``); with autograd on and a gradient needed for a weight or a
+    bias, through ``PackedLinearFunction`` (one GEMM forward, three kernels backward). None when none of these
+    applies: the caller runs the layers one by one."""
     pw = packed_weights(linears)
     if pw is not None:
         return F.linear(x, *pw)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for m in linears for t in (m.weight, m.bias)):
+        group = _trainable_group(x, linears)
+        return None if group is None else PackedLinearFunction.apply(x, len(linears), *group[0], *group[1])
     lo = packed_lora(linears)
     return None if lo is None else lora_group_linear(x, *lo)
 
