@@ -268,12 +268,25 @@ def test_group_linear_with_autograd_equals_the_layers(name):
 
 
 def test_packed_linear_function_gradcheck_and_version_check():
+    """First and second derivatives (gradcheck, gradgradcheck: the backward is differentiable), the same gradients
+    when saved-tensor hooks hand the weights back as copies (save_on_cpu, offloading), and autograd's version check
+    when a weight is updated in place between forward and backward."""
     torch.manual_seed(0)
     m = CausalLM(preset("tiny-qwen2")).double()
     g = next(_groups(m))
     x = torch.randn(3, m.config.hidden_size, dtype=torch.float64, requires_grad=True)
     ws, bs = [mod.weight for mod in g], [mod.bias for mod in g]
-    assert torch.autograd.gradcheck(lambda x, *p: PackedLinearFunction.apply(x, 3, *p), (x, *ws, *bs))
+    fn = lambda x, *p: PackedLinearFunction.apply(x, 3, *p)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *ws, *bs))
+    small = [t[:4].detach().clone().requires_grad_() for t in ws]  # gradgradcheck on a smaller problem
+    assert torch.autograd.gradgradcheck(lambda x, *p: PackedLinearFunction.apply(x, 3, *p),
+                                        (x[:2].detach().clone().requires_grad_(), *small))
+    go = torch.randn(3, sum(t.shape[0] for t in ws), dtype=torch.float64)
+    ref = _grads(group_linear(x, g), go, [x, *ws, *bs])
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        y = group_linear(x, g)
+    for a, b in zip(_grads(y, go, [x, *ws, *bs]), ref):
+        assert torch.equal(a, b)
     y = group_linear(x, g)
     with torch.no_grad():
         g[1].weight.mul_(2.0)  # an optimizer step between the forward and the backward
@@ -298,7 +311,11 @@ def test_group_linear_with_autograd_falls_back_where_one_gemm_would_skip_somethi
     assert group_linear(x.double(), g) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert group_linear(x, g) is None
-    g[0].weight.data = g[0].weight.data.clone()  # no longer a row block of the packed tensor
+    apply_lora(m, rank=2, target_modules=("q_proj",), freeze_base=False)  # the base weights still train
+    g = next(_groups(m))
     assert group_linear(x, g) is None
-    apply_lora(m, rank=2, target_modules=("q_proj",))
-    assert group_linear(x, next(_groups(m))) is None
+    with disable_adapters(m):
+        assert group_linear(x, g) is not None  # the adapter off: the base weights alone, one GEMM
+    g[0].weight.data = g[0].weight.data.clone()  # no longer a row block of the packed tensor
+    with disable_adapters(m):
+        assert group_linear(x, g) is None

@@ -59,10 +59,15 @@ class Attention(nn.Module):
         Dq, Dkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         # every mode on the fused path: generation, scoring and training run the same packed GEMM (training through
         # PackedLinearFunction), so that log-probs computed without autograd (old log-probs) equal the training
-        # forward's bit for bit (at equal shapes on a GPU)
-        qkv = group_linear(x, (self.q_proj, self.k_proj, self.v_proj)) if meta.fused_ops else None
-        if qkv is not None:  # one GEMM over the packed weights, LoRA terms added without autograd (model/packing.py)
-            q, k, v = qkv.split([Dq, Dkv, Dkv], dim=-1)  # strided views of (B, T, Dq + 2 Dkv)
+        # forward's bit for bit (at equal shapes on a GPU); LoRA adapters packed in generation only (scoring runs
+        # them one layer at a time, as training does)
+        qkv = (group_linear(x, (self.q_proj, self.k_proj, self.v_proj), lora=meta.mode != "full")
+               if meta.fused_ops else None)
+        if qkv is not None:  # one GEMM over the packed weights (model/packing.py)
+            # strided views of (B, T, Dq + 2 Dkv); in training the attention saves v, which keeps the whole qkv
+            # buffer (pre-RoPE q and k included: (Dq + Dkv) more elements a token a layer) until the backward
+            # unless the layer is recomputed (activation checkpointing), where nothing of it is saved
+            q, k, v = qkv.split([Dq, Dkv, Dkv], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
@@ -111,11 +116,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(H, I, bias=False)
         self.down_proj = nn.Linear(I, H, bias=False)
 
-    def forward(self, x: torch.Tensor, fused: bool = False, packed: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False, packed: bool = False, lora: bool = True) -> torch.Tensor:
         if fused:  # triton backend: silu(gate) * up fused; gate and up as one GEMM with ``packed``
             from rlhf_engine.kernels.swiglu import silu_mul
 
-            gu = group_linear(x, (self.gate_proj, self.up_proj)) if packed else None
+            gu = group_linear(x, (self.gate_proj, self.up_proj), lora=lora) if packed else None
             if gu is not None:
                 gate, up = gu.chunk(2, dim=-1)  # strided views of (..., 2 I)
             else:
@@ -151,7 +156,7 @@ class DecoderLayer(nn.Module):
         else:
             h, x = rms_norm(d, n1.weight, n1.eps, residual=x, backend="triton")
         h, x = rms_norm(self.self_attn(h, cos, sin, meta), n2.weight, n2.eps, residual=x, backend="triton")
-        return x, self.mlp(h, fused=True, packed=True)
+        return x, self.mlp(h, fused=True, packed=True, lora=meta.mode != "full")
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -372,8 +377,10 @@ class CausalLM(nn.Module):
         input_ids: (B, Tn) int64, written at slots [cache.lengths, cache.lengths + Tn);
         position ids are slot - cache.start. Mutates the cache in place (K/V and
         ``cache.lengths += Tn``) and never syncs with the host, so the step can be
-        captured in a CUDA graph. kv_len: optional host-side upper bound on the used
-        cache length after this step (lets the torch path skip the unused tail).
+        captured in a CUDA graph; the caller keeps ``lengths + Tn <= max_len`` (``generate`` does: past the
+        end the new K/V would be dropped and, on the triton path, the RoPE table read out of range).
+        kv_len: optional host-side upper bound on the used cache length after this step (lets the torch
+        path skip the unused tail).
         """
         B, Tn = self.model._check_ids(input_ids)
         _check_cache(cache, B, None, self.config)

@@ -23,7 +23,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .lora import LoRALinear
 
@@ -130,31 +129,42 @@ class PackedLinearFunction(torch.autograd.Function):
 
     Forward one GEMM (plus the bias); backward one GEMM for dx (where the layers one by one take n GEMMs and n - 1
     adds), one for the packed dW, split into each weight's rows, and one column sum for the biases. Each weight's
-    gradient is a row block of one tensor (a view, as layout-compatible as the weight itself). Saves x and the
-    weights (the packed view is rebuilt in the backward, so an in-place update of any weight in between is caught
-    by autograd's version check)."""
+    gradient is a row block of one tensor: the parameters' ``.grad`` share a storage, in disjoint blocks (in-place
+    ops on them are fine; ``resize_``/``set_`` on one would not be). Saves x and the weights (the packed view is
+    rebuilt in the backward, so an in-place update of any weight in between is caught by autograd's version check;
+    weights that are not row blocks of one storage, e.g. copies saved under ``save_on_cpu``, are concatenated). The backward is differentiable
+    (``create_graph=True``: double backward works, through ``torch.cat`` of the weights)."""
 
     @staticmethod
     def forward(ctx, x, n, *params):
         ws, bs = params[:n], params[n:]
         ctx.n, ctx.has_bias = n, bool(bs)
         ctx.save_for_backward(x, *ws)
-        return F.linear(x, _rows(ws), _rows(bs) if bs else None)
+        return F.linear(x, _rows_or_cat(ws), _rows_or_cat(bs) if bs else None)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, *ws = ctx.saved_tensors
         n = ctx.n
         need = ctx.needs_input_grad
         need_w, need_b = any(need[2:2 + n]), ctx.has_bias and any(need[2 + n:])
-        dx = dy.matmul(_rows(ws)) if need[0] else None
+        # a view of the weights' storage (no copy) unless the backward itself is differentiated or the saved
+        # weights came back as copies (saved-tensor hooks): then one tensor made of them
+        w = torch.cat(ws) if torch.is_grad_enabled() else _rows_or_cat(ws)
+        dx = dy.matmul(w) if need[0] else None
         dy2 = dy.reshape(-1, dy.shape[-1])
-        sizes = [w.shape[0] for w in ws]
+        sizes = [t.shape[0] for t in ws]
         dws = (dy2.t().mm(x.reshape(-1, x.shape[-1])).split(sizes) if need_w else (None,) * n)
         dbs = (dy2.sum(0).split(sizes) if need_b else (None,) * n) if ctx.has_bias else ()
         return (dx, None, *(g if need[2 + i] else None for i, g in enumerate(dws)),
                 *(g if need[2 + n + i] else None for i, g in enumerate(dbs)))
+
+
+def _rows_or_cat(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The packed view over ``ts`` (no copy), or, when they are not row blocks of one storage (saved-tensor hooks
+    returned copies, a direct call on separate tensors), one new tensor made of them."""
+    rows = _rows(ts)
+    return torch.cat(ts) if rows is None else rows
 
 
 def _trainable_group(x: torch.Tensor, linears: Sequence[nn.Module]) -> tuple | None:
@@ -175,18 +185,19 @@ def _trainable_group(x: torch.Tensor, linears: Sequence[nn.Module]) -> tuple | N
     return ws, bs
 
 
-def group_linear(x: torch.Tensor, linears: Sequence[nn.Module]) -> torch.Tensor | None:
-    """The layers' outputs on x concatenated on the last dim, as one GEMM over their packed weights (plus the
-    LoRA terms when adapters are on: ``packed_lora``); with autograd on and a gradient needed for a weight or a
-    bias, through ``PackedLinearFunction`` (one GEMM forward, three kernels backward). None when none of these
-    applies: the caller runs the layers one by one."""
+def group_linear(x: torch.Tensor, linears: Sequence[nn.Module], lora: bool = True) -> torch.Tensor | None:
+    """The layers' outputs on x concatenated on the last dim, as one GEMM over their packed weights (plus, with
+    ``lora``, the LoRA terms when adapters are on: ``packed_lora``, for generation only: a scoring forward must
+    run the adapters as the training forward does, one layer at a time, to give its log-probs bit for bit); with
+    autograd on and a gradient needed for a weight or a bias, through ``PackedLinearFunction`` (one GEMM forward,
+    three kernels backward). None when none of these applies: the caller runs the layers one by one."""
     pw = packed_weights(linears)
     if pw is not None:
         return F.linear(x, *pw)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for m in linears for t in (m.weight, m.bias)):
         group = _trainable_group(x, linears)
         return None if group is None else PackedLinearFunction.apply(x, len(linears), *group[0], *group[1])
-    lo = packed_lora(linears)
+    lo = packed_lora(linears) if lora else None
     return None if lo is None else lora_group_linear(x, *lo)
 
 
