@@ -132,8 +132,9 @@ class PackedLinearFunction(torch.autograd.Function):
     gradient is a row block of one tensor: the parameters' ``.grad`` share a storage, in disjoint blocks (in-place
     ops on them are fine; ``resize_``/``set_`` on one would not be). Saves x and the weights (the packed view is
     rebuilt in the backward, so an in-place update of any weight in between is caught by autograd's version check;
-    weights that are not row blocks of one storage, e.g. copies saved under ``save_on_cpu``, are concatenated). The backward is differentiable
-    (``create_graph=True``: double backward works, through ``torch.cat`` of the weights)."""
+    weights that are not row blocks of one storage, e.g. copies saved under ``save_on_cpu``, are concatenated).
+    The backward is differentiable (``create_graph=True``: double backward works, through ``torch.cat`` of the
+    weights)."""
 
     @staticmethod
     def forward(ctx, x, n, *params):
