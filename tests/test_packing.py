@@ -276,11 +276,10 @@ def test_packed_linear_function_gradcheck_and_version_check():
     g = next(_groups(m))
     x = torch.randn(3, m.config.hidden_size, dtype=torch.float64, requires_grad=True)
     ws, bs = [mod.weight for mod in g], [mod.bias for mod in g]
-    fn = lambda x, *p: PackedLinearFunction.apply(x, 3, *p)  # noqa: E731
+    fn = lambda x, *p: PackedLinearFunction.apply(x, 3, None, None, *p)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, *ws, *bs))
     small = [t[:4].detach().clone().requires_grad_() for t in ws]  # gradgradcheck on a smaller problem
-    assert torch.autograd.gradgradcheck(lambda x, *p: PackedLinearFunction.apply(x, 3, *p),
-                                        (x[:2].detach().clone().requires_grad_(), *small))
+    assert torch.autograd.gradgradcheck(fn, (x[:2].detach().clone().requires_grad_(), *small))
     go = torch.randn(3, sum(t.shape[0] for t in ws), dtype=torch.float64)
     ref = _grads(group_linear(x, g), go, [x, *ws, *bs])
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):

@@ -28,14 +28,21 @@ from .lora import LoRALinear
 
 
 def _rows(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """One tensor over ``ts`` when they are consecutive contiguous row blocks of one storage, else None."""
+    """One tensor over ``ts`` when they are consecutive contiguous row blocks of one storage, else None.
+
+    Checked with data pointers (each block starts where the previous one ends) and one storage lookup (the span
+    lies inside the first tensor's storage, hence so do the others): ~2 us where asking every tensor for its
+    storage cost ~20 (this runs in every packed GEMM's forward)."""
     t0 = ts[0]
-    storage, off = t0.untyped_storage().data_ptr(), t0.storage_offset()
+    es, dev, ptr = t0.element_size(), t0.device, t0.data_ptr()
     for t in ts:
-        if (t.dtype != t0.dtype or t.shape[1:] != t0.shape[1:] or not t.is_contiguous()
-                or t.storage_offset() != off or t.untyped_storage().data_ptr() != storage):
+        if (t.dtype != t0.dtype or t.device != dev or t.shape[1:] != t0.shape[1:] or not t.is_contiguous()
+                or t.data_ptr() != ptr):
             return None
-        off += t.numel()
+        ptr += t.numel() * es
+    storage = t0.untyped_storage()
+    if ptr - storage.data_ptr() > storage.nbytes():
+        return None
     # detach: the view is for no-grad use; as_strided may span past t0 because the storage holds the rest
     return t0.detach().as_strided((sum(t.shape[0] for t in ts), *t0.shape[1:]), t0.stride())
 
@@ -125,7 +132,7 @@ def lora_group_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, 
 
 class PackedLinearFunction(torch.autograd.Function):
     """``F.linear`` over the packed rows of n layers' weights (and biases), differentiable in x and in each layer's
-    own parameters: inputs (x, n, w_1 .. w_n, b_1 .. b_n or none).
+    own parameters: inputs (x, n, packed weight or None, packed bias or None, w_1 .. w_n, b_1 .. b_n or none).
 
     Forward one GEMM (plus the bias); backward one GEMM for dx (where the layers one by one take n GEMMs and n - 1
     adds), one for the packed dW, split into each weight's rows, and one column sum for the biases. Each weight's
@@ -137,28 +144,31 @@ class PackedLinearFunction(torch.autograd.Function):
     weights)."""
 
     @staticmethod
-    def forward(ctx, x, n, *params):
+    def forward(ctx, x, n, w, b, *params):
+        """x; n layers; w, b: the packed weight and bias (views without grad, or None to build them here); params:
+        the layers' weights, then their biases (if any), whose gradients the backward returns."""
         ws, bs = params[:n], params[n:]
+        w = _rows_or_cat(ws) if w is None else w
+        b = (_rows_or_cat(bs) if bs else None) if b is None else b
         ctx.n, ctx.has_bias = n, bool(bs)
-        ctx.save_for_backward(x, *ws)
-        return F.linear(x, _rows_or_cat(ws), _rows_or_cat(bs) if bs else None)
+        ctx.save_for_backward(x, w, *ws)  # ws: for autograd's version check of every parameter
+        return F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, dy):
-        x, *ws = ctx.saved_tensors
+        x, w, *ws = ctx.saved_tensors
         n = ctx.n
-        need = ctx.needs_input_grad
-        need_w, need_b = any(need[2:2 + n]), ctx.has_bias and any(need[2 + n:])
-        # a view of the weights' storage (no copy) unless the backward itself is differentiated or the saved
-        # weights came back as copies (saved-tensor hooks): then one tensor made of them
-        w = torch.cat(ws) if torch.is_grad_enabled() else _rows_or_cat(ws)
-        dx = dy.matmul(w) if need[0] else None
+        need = ctx.needs_input_grad[4:]  # of the parameters; [0]: x
+        need_w, need_b = any(need[:n]), ctx.has_bias and any(need[n:])
+        if torch.is_grad_enabled():  # the backward is differentiated: w built from the weights themselves
+            w = torch.cat(ws)
+        dx = dy.matmul(w) if ctx.needs_input_grad[0] else None
         dy2 = dy.reshape(-1, dy.shape[-1])
         sizes = [t.shape[0] for t in ws]
         dws = (dy2.t().mm(x.reshape(-1, x.shape[-1])).split(sizes) if need_w else (None,) * n)
         dbs = (dy2.sum(0).split(sizes) if need_b else (None,) * n) if ctx.has_bias else ()
-        return (dx, None, *(g if need[2 + i] else None for i, g in enumerate(dws)),
-                *(g if need[2 + n + i] else None for i, g in enumerate(dbs)))
+        return (dx, None, None, None, *(g if need[i] else None for i, g in enumerate(dws)),
+                *(g if need[n + i] else None for i, g in enumerate(dbs)))
 
 
 def _rows_or_cat(ts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -179,11 +189,12 @@ def _trainable_group(x: torch.Tensor, linears: Sequence[nn.Module]) -> tuple | N
         if (m.adapters_enabled if isinstance(m, LoRALinear) else type(m) is not nn.Linear) or m._forward_hooks \
                 or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return None
-    if _packed_base(linears) is None or x.dtype != linears[0].weight.dtype:
+    base = _packed_base(linears)
+    if base is None or x.dtype != linears[0].weight.dtype:
         return None
     ws = tuple(m.weight for m in linears)
     bs = tuple(m.bias for m in linears) if linears[0].bias is not None else ()
-    return ws, bs
+    return base, ws, bs
 
 
 def group_linear(x: torch.Tensor, linears: Sequence[nn.Module], lora: bool = True) -> torch.Tensor | None:
@@ -192,12 +203,15 @@ def group_linear(x: torch.Tensor, linears: Sequence[nn.Module], lora: bool = Tru
     run the adapters as the training forward does, one layer at a time, to give its log-probs bit for bit); with
     autograd on and a gradient needed for a weight or a bias, through ``PackedLinearFunction`` (one GEMM forward,
     three kernels backward). None when none of these applies: the caller runs the layers one by one."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for m in linears for t in (m.weight, m.bias)):
+        group = _trainable_group(x, linears)
+        if group is None:
+            return None
+        (w, b), ws, bs = group
+        return PackedLinearFunction.apply(x, len(linears), w, b, *ws, *bs)
     pw = packed_weights(linears)
     if pw is not None:
         return F.linear(x, *pw)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for m in linears for t in (m.weight, m.bias)):
-        group = _trainable_group(x, linears)
-        return None if group is None else PackedLinearFunction.apply(x, len(linears), *group[0], *group[1])
     lo = packed_lora(linears) if lora else None
     return None if lo is None else lora_group_linear(x, *lo)
 
