@@ -12,19 +12,11 @@ import torch
 
 METRIC_KEYS = ("pg_loss", "clip_frac", "approx_kl", "vf_loss", "vf_clip_frac", "entropy", "kl")  # buffer order
 
-_KEYS: dict[tuple[bool, bool, bool], tuple[str, ...]] = {}
-
-
 def metric_keys(has_values: bool, has_entropy: bool, has_ref: bool) -> tuple[str, ...]:
     """The metrics a call defines: pg_loss, clip_frac, approx_kl, plus vf_loss and vf_clip_frac with values,
     entropy with entropy, kl with ref_logp (the keys of ``ppo_loss_reference``'s metrics)."""
-    flags = (has_values, has_entropy, has_ref)
-    keys = _KEYS.get(flags)
-    if keys is None:
-        keys = ("pg_loss", "clip_frac", "approx_kl") + (("vf_loss", "vf_clip_frac") if has_values else ()) \
-            + (("entropy",) if has_entropy else ()) + (("kl",) if has_ref else ())
-        _KEYS[flags] = keys
-    return keys
+    return ("pg_loss", "clip_frac", "approx_kl") + (("vf_loss", "vf_clip_frac") if has_values else ()) \
+        + (("entropy",) if has_entropy else ()) + (("kl",) if has_ref else ())
 
 
 class PPOMetrics(Mapping):

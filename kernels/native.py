@@ -25,7 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._args import AGG_MODES, KL_KINDS, ConfigCache, grad_scale_value, ppo_hyperparameters
-from ._metrics import PPOMetrics, metric_keys
+from ._metrics import METRIC_KEYS, PPOMetrics, metric_keys  # METRIC_KEYS: the csrc order of the metrics too
 
 try:
     from rlhf_engine import _C
@@ -35,7 +35,6 @@ except ImportError as exc:  # not built: the Python references still work
     _IMPORT_ERROR = exc
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-_METRICS = ("pg_loss", "clip_frac", "approx_kl", "vf_loss", "vf_clip_frac", "entropy", "kl")  # csrc order
 _NORM_FROM_MASK, _NORM_VALUE, _NORM_POINTER = 0, 1, 2  # csrc/ppo_math.h NormMode
 
 
@@ -230,6 +229,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, last_va
 
 # ----------------------------------------------------------------------------- PPO loss
 
+def _check_ppo_tensors(logp, others: tuple, mask) -> None:
+    """The tensor checks of the PPO losses, each with its error message: logp a (B, T) float32/float64 tensor;
+    others (old_logp, advantages, values, old_values, returns, ref_logp, entropy; None = absent) and mask of its
+    shape and device, the others in its dtype."""
+    _check_tensor("logp", logp)
+    _dtype_name("logp", logp)
+    for name, x in zip(("old_logp", "advantages", "values", "old_values", "returns", "ref_logp", "entropy"), others):
+        if x is not None:
+            _check_tensor(name, x, logp, "logp")
+    _check_tensor("mask", mask, logp, "logp", same_dtype=False)
+
+
 def _normalizer(name: str, x, dtype: torch.dtype, device: torch.device):
     """(mode, value, tensor) for num_tokens / num_seqs: from the mask, a number, or a device scalar.
 
@@ -270,7 +281,7 @@ class _PPOCall:
         work = torch.empty(nb * (P + 1), dtype=torch.float64, device=dev)
         partials, row_scale = work[: nb * P], work[nb * P:]
         loss = torch.empty((), dtype=dtype, device=dev)
-        metrics = torch.empty(len(_METRICS), dtype=dtype, device=dev)
+        metrics = torch.empty(len(METRIC_KEYS), dtype=dtype, device=dev)
         a = _C.PpoLossArgs()
         a.logp, a.old_logp, a.advantages, a.mask = logp.data_ptr(), self.old_logp.data_ptr(), \
             self.advantages.data_ptr(), self.mask_u8.data_ptr()
@@ -389,13 +400,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
         loss (0-dim, differentiable), metrics: dict of detached 0-dim tensors: pg_loss, clip_frac,
         approx_kl, and vf_loss, vf_clip_frac / entropy / kl when their inputs are given.
     """
-    _check_tensor("logp", logp)
-    _dtype_name("logp", logp)
-    for name, x in (("old_logp", old_logp), ("advantages", advantages), ("values", values),
-                    ("old_values", old_values), ("returns", returns), ("ref_logp", ref_logp), ("entropy", entropy)):
-        if x is not None:
-            _check_tensor(name, x, logp, "logp")
-    _check_tensor("mask", mask, logp, "logp", same_dtype=False)
+    _check_ppo_tensors(logp, (old_logp, advantages, values, old_values, returns, ref_logp, entropy), mask)
     critic = [values is None, old_values is None, returns is None]
     if any(critic) and not all(critic):
         raise ValueError("values, old_values, returns: expected all three or none")
@@ -414,32 +419,13 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     call = _PPOCall(c(old_logp), c(advantages), _mask_u8(mask), c(old_values), c(returns), c(ref_logp), cfg, norms)
     loss, metrics_buf = _PPOLossFunction.apply(logp.contiguous(), None if values is None else values.contiguous(),
                                                None if entropy is None else entropy.contiguous(), call)
-    keep = ["pg_loss", "clip_frac", "approx_kl"]
-    if values is not None:
-        keep += ["vf_loss", "vf_clip_frac"]
-    if entropy is not None:
-        keep.append("entropy")
-    if ref_logp is not None:
-        keep.append("kl")
-    by_name = dict(zip(_METRICS, metrics_buf.unbind(0)))
-    return loss, {k: by_name[k] for k in keep}
+    by_name = dict(zip(METRIC_KEYS, metrics_buf.unbind(0)))
+    return loss, {k: by_name[k] for k in metric_keys(values is not None, entropy is not None, ref_logp is not None)}
 
 
 # ----------------------------------------------------------------------------- PPO loss and its gradients
 
-_PPO_GRADS_WORK = 8 + _C.ppo_num_partials + 1 if _C is not None else 0  # see ppo_loss_with_grads's `small`
-
-
-def _ppo_grads_check(logp, others: tuple, mask) -> None:
-    """Every argument check of ppo_loss_with_grads on the tensors, with its error message (the slow path: the
-    call runs it only when its one-line test of shapes, devices and dtypes fails)."""
-    _check_tensor("logp", logp)
-    _dtype_name("logp", logp)
-    for name, x in zip(("old_logp", "advantages", "values", "old_values", "returns", "ref_logp", "entropy"), others):
-        if x is not None:
-            _check_tensor(name, x, logp, "logp")
-    _check_tensor("mask", mask, logp, "logp", same_dtype=False)
-    _device_kind("logp", logp)
+_PPO_ROW_DOUBLES = _C.ppo_num_partials + 1 if _C is not None else 0  # per row: the partials, the row scale
 
 
 def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -486,17 +472,16 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     except AttributeError:
         ok = False
     if not ok or _C is None or (dev.type == "cuda" and not _C.with_cuda) or dev.type not in ("cpu", "cuda"):
-        _ppo_grads_check(logp, others, mask)
+        _check_ppo_tensors(logp, others, mask)
+        _device_kind("logp", logp)
     if not (values is None) == (old_values is None) == (returns is None):
         raise ValueError("values, old_values, returns: expected all three or none")
     grad_scale = grad_scale_value(grad_scale)
     cfg = _ppo_grads_config(_DTYPES[dt], clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef,
                             kl_kind, agg, max_len)
     _check_required(cfg.kl_coef, cfg.ent_coef, ref_logp, entropy)
-    ntok_mode, ntok_value, ntok = _normalizer("num_tokens", num_tokens, dt, dev) if num_tokens is not None \
-        else (_NORM_FROM_MASK, 0.0, None)
-    nseq_mode, nseq_value, nseq = _normalizer("num_seqs", num_seqs, dt, dev) if num_seqs is not None \
-        else (_NORM_FROM_MASK, 0.0, None)
+    ntok_mode, ntok_value, ntok = _normalizer("num_tokens", num_tokens, dt, dev)
+    nseq_mode, nseq_value, nseq = _normalizer("num_seqs", num_seqs, dt, dev)
 
     B, T = shape
     has_v, has_h = values is not None, entropy is not None
@@ -507,7 +492,7 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     g_v = torch.empty_like(lp) if has_v else None
     g_h = torch.empty_like(lp) if has_h else None
     # small: loss (1), metrics (7), then B * (partials + 1) doubles (8 fp32 / fp64 elements keep them 8-byte aligned)
-    small = lp.new_empty(8 + B * (_PPO_GRADS_WORK - 8) * (8 // lp.element_size()))
+    small = lp.new_empty(8 + B * _PPO_ROW_DOUBLES * (8 // lp.element_size()))
     base, es = small.data_ptr(), small.element_size()
     # a contiguous bool mask is read as bytes in place (0/1, what the kernels test for nonzero)
     m = mask if mask.dtype == torch.bool and mask.is_contiguous() else _mask_u8(mask)
@@ -518,7 +503,7 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
             0 if h is None else h.data_ptr(), g_lp.data_ptr(), 0 if g_v is None else g_v.data_ptr(),
             0 if g_h is None else g_h.data_ptr(), base + 8 * es, base, base + es, B, T, ntok_mode, ntok_value,
             0 if ntok is None else ntok.data_ptr(), nseq_mode, nseq_value, 0 if nseq is None else nseq.data_ptr(),
-            float(grad_scale), dev.type == "cuda")
+            grad_scale, dev.type == "cuda")
     if dev.type != "cuda":
         _C.ppo_loss_grads(*args, 0)
     elif dev.index == torch.cuda.current_device():  # the common case: no device switch (torch's guard costs µs)

@@ -142,15 +142,8 @@ def _checked_config(tensors: dict, clip_low, clip_high, dual_clip, value_clip, v
 
 def _metrics_dict(metrics: torch.Tensor, values, entropy, ref_logp) -> dict[str, torch.Tensor]:
     """The (7,) metrics tensor as a dict of () views (one unbind op), with the keys the given inputs define."""
-    vals = metrics.unbind()                       # order METRIC_KEYS
-    out = {"pg_loss": vals[0], "clip_frac": vals[1], "approx_kl": vals[2]}
-    if values is not None:
-        out["vf_loss"], out["vf_clip_frac"] = vals[3], vals[4]
-    if entropy is not None:
-        out["entropy"] = vals[5]
-    if ref_logp is not None:
-        out["kl"] = vals[6]
-    return out
+    by_name = dict(zip(METRIC_KEYS, metrics.unbind()))
+    return {k: by_name[k] for k in metric_keys(values is not None, entropy is not None, ref_logp is not None)}
 
 
 def _call_op(logp, old_logp, advantages, mask, values, old_values, returns, ref_logp, entropy, cfg: PPOLossConfig,

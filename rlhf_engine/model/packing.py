@@ -56,6 +56,19 @@ def global_hooks(backward: bool = False) -> bool:
         _module._global_backward_hooks or _module._global_backward_pre_hooks)))
 
 
+def _one_gemm_may_stand_in(linears: Sequence[nn.Module], backward: bool = False) -> bool:
+    """Whether one GEMM over the packed weights may replace the layers' own calls: each a plain ``nn.Linear`` (a
+    LoRALinear counts while its adapter is off) with no forward hooks, module or global, which the GEMM would skip
+    (with ``backward``: no backward hooks either)."""
+    if global_hooks(backward):
+        return False
+    for m in linears:
+        if (m.adapters_enabled if isinstance(m, LoRALinear) else type(m) is not nn.Linear) or m._forward_hooks \
+                or m._forward_pre_hooks or (backward and (m._backward_hooks or m._backward_pre_hooks)):
+            return False
+    return True
+
+
 def _packed_base(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(W, b): views over the layers' weights and biases (b None when no layer has one); None unless they are
     packed rows of one tensor each and the biases are all there or all absent."""
@@ -76,12 +89,8 @@ def packed_weights(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Te
     ``nn.Linear`` (a LoRALinear counts while its adapter is off), or has forward hooks, which one GEMM would
     skip; or when autograd would need a gradient for a weight or bias (a view of the storage would not carry
     it to the separate parameters)."""
-    if global_hooks():
+    if not _one_gemm_may_stand_in(linears):
         return None
-    for m in linears:
-        if (m.adapters_enabled if isinstance(m, LoRALinear) else type(m) is not nn.Linear) \
-                or m._forward_hooks or m._forward_pre_hooks:
-            return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for m in linears for t in (m.weight, m.bias)):
         return None
     return _packed_base(linears)
@@ -183,12 +192,8 @@ def _trainable_group(x: torch.Tensor, linears: Sequence[nn.Module]) -> tuple | N
     ``nn.Linear`` layers (a LoRALinear counts while its adapter is off) without module or global hooks (forward or
     backward: one GEMM would skip them), packed rows of one tensor (biases: all or none), x in their dtype, no
     autocast; else None (the caller runs the layers one by one)."""
-    if global_hooks(backward=True) or torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) or not _one_gemm_may_stand_in(linears, backward=True):
         return None
-    for m in linears:
-        if (m.adapters_enabled if isinstance(m, LoRALinear) else type(m) is not nn.Linear) or m._forward_hooks \
-                or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return None
     base = _packed_base(linears)
     if base is None or x.dtype != linears[0].weight.dtype:
         return None
