@@ -116,11 +116,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(H, I, bias=False)
         self.down_proj = nn.Linear(I, H, bias=False)
 
-    def forward(self, x: torch.Tensor, fused: bool = False, packed: bool = False, lora: bool = True) -> torch.Tensor:
-        if fused:  # triton backend: silu(gate) * up fused; gate and up as one GEMM with ``packed``
+    def forward(self, x: torch.Tensor, fused: bool = False, lora: bool = True) -> torch.Tensor:
+        """``fused`` (triton backend): silu(gate) * up in one kernel, gate and up as one GEMM over their packed
+        weights where ``group_linear`` can (LoRA adapters packed only with ``lora``: generation)."""
+        if fused:
             from rlhf_engine.kernels.swiglu import silu_mul
 
-            gu = group_linear(x, (self.gate_proj, self.up_proj), lora=lora) if packed else None
+            gu = group_linear(x, (self.gate_proj, self.up_proj), lora=lora)
             if gu is not None:
                 gate, up = gu.chunk(2, dim=-1)  # strided views of (..., 2 I)
             else:
@@ -156,7 +158,7 @@ class DecoderLayer(nn.Module):
         else:
             h, x = rms_norm(d, n1.weight, n1.eps, residual=x, backend="triton")
         h, x = rms_norm(self.self_attn(h, cos, sin, meta), n2.weight, n2.eps, residual=x, backend="triton")
-        return x, self.mlp(h, fused=True, packed=True, lora=meta.mode != "full")
+        return x, self.mlp(h, fused=True, lora=meta.mode != "full")
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
