@@ -244,6 +244,38 @@ def test_apply_rope_forward_backward(device):
     torch.testing.assert_close(apply_rope(x, cos, sin, backend="torch"), ref.detach())  # (T, D) tables
 
 
+def test_apply_rope_eager_function_and_custom_op_agree(device):
+    """Eager calls run an autograd.Function (the custom op's dispatch costs host time), torch.compile the custom op:
+    the same outputs and gradients, a gradient that is not contiguous included; opcheck on the op."""
+    from rlhf_engine.kernels.kv_cache import apply_rope_op
+
+    B, T, H, D = 2, 5, 3, 16
+    cos, sin = _tables(T, D, device, torch.float32)
+    cos_b, sin_b = cos[None].expand(B, T, D), sin[None].expand(B, T, D)
+    x = torch.randn(B, T, H, D, device=device)
+    g = torch.randn(B, T, D, H, device=device).transpose(-1, -2)  # not contiguous in the last dim
+    torch.library.opcheck(apply_rope_op, (x.requires_grad_(), cos_b, sin_b),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def fn(x):
+        return apply_rope(x, cos_b, sin_b, backend="triton")
+
+    results = []
+    for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+        xl = x.detach().clone().requires_grad_()
+        y = f(xl)
+        (gx,) = torch.autograd.grad(y, xl, g)
+        results.append((y.detach(), gx))
+    x64 = x.detach().double().requires_grad_()
+    ref = apply_rope_reference(x64, cos_b.double()[:, :, None], sin_b.double()[:, :, None])
+    (gr,) = torch.autograd.grad(ref, x64, g.double())
+    for y, gx in results:
+        torch.testing.assert_close(y.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx.double(), gr, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no autograd: the launch alone, same values
+        torch.testing.assert_close(fn(x), results[0][0])
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("Tn", [1, 4])
