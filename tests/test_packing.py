@@ -318,3 +318,29 @@ def test_group_linear_with_autograd_falls_back_where_one_gemm_would_skip_somethi
     g[0].weight.data = g[0].weight.data.clone()  # no longer a row block of the packed tensor
     with disable_adapters(m):
         assert group_linear(x, g) is None
+
+
+def test_cached_packed_views_follow_in_place_updates_and_new_tensors():
+    """The packed views are cached per group: an in-place update shows in the next call, and parameters given new
+    tensors (then repacked) are read from the new ones, never from the cached old storage."""
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-qwen2"))
+    g = next(_groups(m))
+    x = torch.randn(2, 3, m.config.hidden_size)
+
+    def layers():
+        return torch.cat([lin(x) for lin in g], -1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(group_linear(x, g), layers())
+        for lin in g:
+            lin.weight.mul_(1.5)  # an optimizer-style in-place step
+        torch.testing.assert_close(group_linear(x, g), layers())
+        for lin in g:
+            lin.weight.data = lin.weight.data.clone() * -2  # new tensors: not packed until repacked
+            lin.bias.data = lin.bias.data.clone() + 1
+        assert group_linear(x, g) is None
+        assert pack_linears(g)
+        torch.testing.assert_close(group_linear(x, g), layers())
+    y = group_linear(x, g)  # with autograd: the same cached views
+    torch.testing.assert_close(y, layers())
