@@ -132,7 +132,7 @@ def test_separate_critic_trains_in_train_mode_with_recomputation(tmp_path, monke
     import rlhf_engine.model.llama as llama
 
     calls = {"actor": 0, "critic": 0}
-    real = llama.checkpoint
+    real = llama.checkpoint_layer
     cfg = _cfg(tmp_path, ppo={"critic": "separate", "epochs": 1}, run={"steps": 1})
     model = tiny_model().eval()
     model.gradient_checkpointing = True
@@ -144,7 +144,7 @@ def test_separate_critic_trains_in_train_mode_with_recomputation(tmp_path, monke
         calls[owner] += 1
         return real(fn, *args, **kw)
 
-    monkeypatch.setattr(llama, "checkpoint", counting)
+    monkeypatch.setattr(llama, "checkpoint_layer", counting)
     eng.train_ppo(PROMPTS, reward=length_reward)
     trainer = eng.last_trainer
     assert trainer.critic.gradient_checkpointing and trainer.critic.model.training  # the trunk, not only the wrapper

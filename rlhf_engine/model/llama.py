@@ -17,12 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
 from .attention import (AttnMeta, cache_attention, decode_fused_write_enabled, full_attention, mask_to_kv_range,
                         resolve_backend, write_kv)
+from .checkpointing import checkpoint_layer, needs_torch_checkpoint
 from .config import ModelConfig
 from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears
 from .rope import RotaryEmbedding, apply_rotary
@@ -217,19 +217,20 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rotary(position_ids, x.dtype, half=meta.fused_ops)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        fallback = use_ckpt and needs_torch_checkpoint(self)  # dropout or autocast: torch.utils.checkpoint
         if meta.fused_ops:  # triton backend: the residual adds ride in the norms (DecoderLayer.forward_fused)
             from rlhf_engine.kernels.rmsnorm import rms_norm
 
             d = None
             for layer in self.layers:
                 if use_ckpt:
-                    x, d = checkpoint(layer.forward_fused, x, d, cos, sin, meta, use_reentrant=False)
+                    x, d = checkpoint_layer(layer.forward_fused, x, d, cos, sin, meta, torch_fallback=fallback)
                 else:
                     x, d = layer.forward_fused(x, d, cos, sin, meta)
             return rms_norm(d, self.norm.weight, self.norm.eps, residual=x, backend="triton")[0]
         for layer in self.layers:
             if use_ckpt:
-                x = checkpoint(layer, x, cos, sin, meta, use_reentrant=False)
+                x = checkpoint_layer(layer, x, cos, sin, meta, torch_fallback=fallback)
             else:
                 x = layer(x, cos, sin, meta)
         return self.norm(x)
@@ -265,8 +266,8 @@ class Transformer(nn.Module):
 class CausalLM(nn.Module):
     """Transformer trunk + LM head (tied to the embedding or not).
 
-    ``model.gradient_checkpointing = True`` recomputes each layer in the backward pass
-    (torch.utils.checkpoint, use_reentrant=False) while training.
+    ``model.gradient_checkpointing = True`` recomputes each layer in the backward pass while training
+    (``model/checkpointing.py``: works with ``loss.backward()``, not with ``torch.autograd.grad``).
     """
 
     def __init__(self, config: ModelConfig):

@@ -1,0 +1,143 @@
+"""Activation checkpointing (``rlhf_engine/model/checkpointing.py``): the recomputing backward gives the gradients
+of the plain backward, bit for bit where the recomputation is exact; parameters behind inputs that need no gradient
+(LoRA on a frozen trunk) still get theirs; dropout and autocast defer to torch.utils.checkpoint; what the scheme
+cannot do (torch.autograd.grad) raises a clear error."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhf_engine.model import CausalLM, apply_lora, lora_parameters, preset
+from rlhf_engine.model.checkpointing import checkpoint_layer, needs_torch_checkpoint
+from rlhf_engine.model.logprobs import sequence_logprobs
+
+
+def _model(backend: str, device) -> CausalLM:
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-qwen2", num_layers=3, attn_backend=backend)).to(device)
+    with torch.no_grad():
+        for p in m.parameters():  # non-trivial norm weights and biases
+            p.add_(0.05 * torch.randn_like(p))
+    return m.train()
+
+
+def _batch(m: CausalLM, device):
+    g = torch.Generator().manual_seed(1)
+    B, T = 3, 13
+    ids = torch.randint(3, m.config.vocab_size, (B, T), generator=g).to(device)
+    mask = torch.ones(B, T, dtype=torch.long, device=device)
+    mask[1, :4] = 0  # left padding
+    mask[2, -3:] = 0  # right padding
+    w = torch.randn(B, T - 1, generator=g).to(device)  # a grad_output that is not all ones
+    return ids, mask, w
+
+
+def _grads(m: CausalLM, ckpt: bool, ids, mask, w, backend: str) -> dict:
+    m.zero_grad(set_to_none=True)
+    m.gradient_checkpointing = ckpt
+    lp = sequence_logprobs(m, ids, mask, start=1, backend="torch", attn_backend=backend)
+    (lp * w * mask[:, 1:]).sum().backward()
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_checkpointed_backward_equals_plain_backward(backend, device):
+    """Every parameter's gradient, with left and right padding, fp32: exactly the plain backward's (the recomputed
+    forward runs the same ops on the same values; the triton backend's forward without autograd is the one the
+    scoring path runs, equal to the training forward bit for bit)."""
+    if backend == "triton" and device.type != "cuda" and not _interpreter():
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    m = _model(backend, device)
+    ids, mask, w = _batch(m, device)
+    plain, ckpt = _grads(m, False, ids, mask, w, backend), _grads(m, True, ids, mask, w, backend)
+    assert plain.keys() == ckpt.keys() == {n for n, _ in m.named_parameters()}
+    for name, g in plain.items():
+        assert torch.isfinite(g).all(), name
+        assert torch.equal(ckpt[name], g), name
+
+
+def test_lora_on_a_frozen_trunk_gets_its_gradients(device):
+    """No input of a checkpointed layer needs a gradient (the embedding is frozen), but its adapters do."""
+    m = _model("torch", device)
+    apply_lora(m, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for p in lora_parameters(m):
+            p.add_(0.1 * torch.randn_like(p))  # B starts at zero: make A's gradient non-zero too
+    ids, mask, w = _batch(m, device)
+    plain, ckpt = _grads(m, False, ids, mask, w, "torch"), _grads(m, True, ids, mask, w, "torch")
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert names and plain.keys() == ckpt.keys() == names
+    for name, g in plain.items():
+        assert g.abs().sum() > 0, name
+        assert torch.equal(ckpt[name], g), name
+
+
+def test_dropout_defers_to_torch_checkpoint(device):
+    """A LoRA dropout draws random numbers: the model uses torch.utils.checkpoint, which replays the RNG, so the
+    gradients still equal the plain backward's under the same seed."""
+    m = _model("torch", device)
+    apply_lora(m, rank=4, alpha=8.0, dropout=0.3)
+    with torch.no_grad():
+        for p in lora_parameters(m):
+            p.add_(0.1 * torch.randn_like(p))
+    assert needs_torch_checkpoint(m.model)
+    assert not needs_torch_checkpoint(m.model.eval()) and needs_torch_checkpoint(m.model.train())
+    ids, mask, w = _batch(m, device)
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(5)
+        results.append(_grads(m, ckpt, ids, mask, w, "torch"))
+    for name, g in results[0].items():
+        torch.testing.assert_close(results[1][name], g, msg=name)
+
+
+def test_autocast_defers_to_torch_checkpoint():
+    m = _model("torch", torch.device("cpu"))
+    assert not needs_torch_checkpoint(m.model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert needs_torch_checkpoint(m.model)
+
+
+def test_autograd_grad_through_checkpointed_layers_raises(device):
+    m = _model("torch", device)
+    m.gradient_checkpointing = True
+    ids, mask, _ = _batch(m, device)
+    loss = sequence_logprobs(m, ids, mask, start=1, backend="torch", attn_backend="torch").sum()
+    with pytest.raises(RuntimeError, match="torch.autograd.grad"):
+        torch.autograd.grad(loss, list(m.parameters()))
+
+
+def test_checkpoint_layer_function_semantics():
+    """A plain function: tuple outputs, a non-tensor argument, a None argument, an output the loss does not use,
+    and no autograd at all (the function is simply called)."""
+    w = torch.randn(5, 5, requires_grad=True)
+
+    def f(x, r, scale, extra):
+        assert extra is None
+        y = torch.tanh(x @ w) * scale
+        return y, y + r
+
+    x, r = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    g = torch.randn(4, 5)
+    y, s = f(x, r, 2.0, None)
+    (s * g).sum().backward()
+    ref = [t.grad.clone() for t in (x, r, w)]
+    for t in (x, r, w):
+        t.grad = None
+    y, s = checkpoint_layer(f, x, r, 2.0, None)
+    assert not y.requires_grad or y.grad_fn is s.grad_fn  # outputs of the one recomputing node
+    (s * g).sum().backward()  # y unused: its gradient arrives as None
+    for a, b in zip((x.grad, r.grad, w.grad), ref):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        out = checkpoint_layer(f, x, r, 2.0, None)
+    assert not out[0].requires_grad
+
+
+def _interpreter() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
