@@ -182,3 +182,13 @@ def test_decode_step_kernel_count():
     assert fused_write["per_layer"] == fused["per_layer"] - 1  # the opt-in: the cache write rides in the attention
     assert fused["step"] < unfused["step"] and fused["sampling"] < unfused["sampling"]
     assert lora["per_layer"] <= fused["per_layer"] + 13, lora  # 2 x (cat + A GEMM) + 5 B terms + 2 x (A + B)
+
+
+def test_host_train_script_runs():
+    """benchmarks/host_train.py (quoted by RESULTS.md): every case runs, in a child process (it stubs the
+    interpreter's launches, which must not leak into this one)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_train.py"), "--rounds", "1", "--reps", "1",
+                           "--layers", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for case in ("no checkpointing", "checkpoint_layer (ours)", "torch.utils.checkpoint", "scoring fwd"):
+        assert case in proc.stdout, proc.stdout
