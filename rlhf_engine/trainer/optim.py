@@ -53,6 +53,8 @@ class MasterWeightAdamW:
                 if not getattr(p, "_rlhf_master_hooked", False):  # one hook per parameter, whichever optimizer
                     p.register_post_accumulate_grad_hook(_grad_to_master)
                     p._rlhf_master_hooked = True
+        pairs = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+        self._low = ([p for p, _ in pairs], [m for _, m in pairs]) if pairs else None  # (params, their masters)
         # Bias, norm and (most) 1-D parameters get no weight decay.
         decay = [m for p, m in zip(self.params, self.masters) if p.dim() >= 2]
         no_decay = [m for p, m in zip(self.params, self.masters) if p.dim() < 2]
@@ -81,6 +83,7 @@ class MasterWeightAdamW:
         self.inner.param_groups.clear()  # the groups hold the masters too
         self.masters = []
         self.params = []
+        self._low = None
 
     def zero_grad(self) -> None:
         for p, m in zip(self.params, self.masters):
@@ -110,9 +113,8 @@ class MasterWeightAdamW:
     def step(self) -> None:
         self._with_grad()
         self.inner.step()
-        for p, m in zip(self.params, self.masters):
-            if m is not p:
-                p.copy_(m)  # in place: generation keeps reading the same tensor
+        if self._low:  # in place, one call for all (~290 copy_ calls at Qwen2-0.5B): generation reads the same tensors
+            torch._foreach_copy_(self._low[0], self._low[1])
 
     def state_dict(self) -> dict:
         return {"inner": self.inner.state_dict(),
