@@ -71,8 +71,8 @@ def _count_triton():
         InterpretedFunction.run = run
 
 
-def count_decode_step(fused: bool, num_layers: int, lora: bool = False,
-                      fused_write: bool = False) -> tuple[collections.Counter, collections.Counter]:
+def count_decode_step(fused: bool, num_layers: int, lora: bool = False, fused_write: bool = False,
+                      norm_gemm: bool = False) -> tuple[collections.Counter, collections.Counter]:
     from rlhf_engine.generation import KVCache
     from rlhf_engine.model import CausalLM, apply_lora, preset
     from rlhf_engine.model import llama
@@ -88,7 +88,8 @@ def count_decode_step(fused: bool, num_layers: int, lora: bool = False,
     cache = KVCache.allocate(cfg, B, P + 3, dtype=torch.float32, device="cpu")
     m.prefill(ids, torch.ones_like(ids), cache, attn_backend="triton")
     # unfused: the same step with the generation path's fusions turned off
-    env = {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1" if fused_write else "0"}  # the opt-in cache write in the kernel
+    env = {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1" if fused_write else "0",  # the opt-in cache write in the kernel
+           "RLHF_ENGINE_DECODE_NORM_GEMM": "1" if norm_gemm else "0"}  # the opt-in norms inside the GEMMs
     with mock.patch.object(llama, "_fused_ops", llama._fused_ops if fused else lambda *args: False), \
             mock.patch.dict(os.environ, env):
         # one step first, as a generation loop (and the CUDA-graph warm-up) runs: what a step builds once and
@@ -113,20 +114,23 @@ def count_sampling(backend: str) -> int:
 def main(num_layers: int = 24) -> list[dict]:
     """Counts for 1 and 2 layers give the per-layer and per-step parts; printed for ``num_layers``."""
     rows = []
-    for fused, lora, fused_write in ((False, False, False), (True, False, False), (True, True, False),
-                                     (True, False, True)):
+    for fused, lora, fused_write, norm_gemm in ((False, False, False, False), (True, False, False, False),
+                                                (True, True, False, False), (True, False, True, False),
+                                                (True, False, False, True), (True, False, True, True)):
         totals = {}
         for n in (1, 2):
-            aten, trit = count_decode_step(fused, n, lora, fused_write)
+            aten, trit = count_decode_step(fused, n, lora, fused_write, norm_gemm)
             totals[n] = sum(aten.values()) + sum(trit.values())
         per_layer, fixed = totals[2] - totals[1], 2 * totals[1] - totals[2]
         label = ("generation path, LoRA on" if lora else "generation path (fused ops)") if fused else "unfused ops"
         label = "generation path, cache write fused" if fused_write else label
+        if norm_gemm:
+            label = "norms in the GEMMs" + (" + cache write fused" if fused_write else "")
         print(f"\n{label}: {per_layer} kernels per layer + {fixed} per step; 2 layers: "
               f"ATen {dict(sorted(aten.items()))}, Triton {dict(sorted(trit.items()))}")
         rows.append({"path": label, "per_layer": per_layer, "fixed": fixed, "step": fixed + num_layers * per_layer})
     for r in rows:
-        print(f"{r['path']:<28} {r['per_layer']:3d} per layer, {r['fixed']:3d} per step: "
+        print(f"{r['path']:<40} {r['per_layer']:3d} per layer, {r['fixed']:3d} per step: "
               f"{r['step']} kernels per decode step at {num_layers} layers")
     for r, backend in zip(rows[:2], ("torch", "triton")):
         r["sampling"] = count_sampling(backend)

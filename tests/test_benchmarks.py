@@ -171,17 +171,20 @@ def test_record_value_writes_to_out(record_value, tmp_path, monkeypatch):
 def test_decode_step_kernel_count():
     """benchmarks/decode_launches.py: the generation path's packed GEMMs and fused kernels cut a decode layer from
     27 kernels to 9 (counted under the interpreter: Triton launches plus computing ATen ops; at most 10 asserted),
-    the opt-in fused cache write (RLHF_ENGINE_DECODE_FUSED_WRITE=1) one more, and the Triton sampler needs fewer
+    the opt-in fused cache write (RLHF_ENGINE_DECODE_FUSED_WRITE=1) one more, the opt-in norms inside the GEMMs
+    (RLHF_ENGINE_DECODE_NORM_GEMM=1) three more, and the Triton sampler needs fewer
     than the eager one. With LoRA adapters on all 7 projections: the q/k/v and gate/up groups
     run as one packed base GEMM, one stacked-A GEMM (and its cat) and a B term per layer, o_proj and down_proj
     as base GEMM, A GEMM and B term: 23 a layer."""
     import decode_launches
 
-    unfused, fused, lora, fused_write = decode_launches.main(num_layers=24)
+    unfused, fused, lora, fused_write, norm_gemm, both = decode_launches.main(num_layers=24)
     assert fused["per_layer"] <= 10 and fused["per_layer"] * 2 <= unfused["per_layer"]
     assert fused_write["per_layer"] == fused["per_layer"] - 1  # the opt-in: the cache write rides in the attention
     assert fused["step"] < unfused["step"] and fused["sampling"] < unfused["sampling"]
     assert lora["per_layer"] <= fused["per_layer"] + 13, lora  # 2 x (cat + A GEMM) + 5 B terms + 2 x (A + B)
+    # the opt-in norms inside the GEMMs (RLHF_ENGINE_DECODE_NORM_GEMM=1): 2 norms and silu * up fewer a layer
+    assert norm_gemm["per_layer"] == fused["per_layer"] - 3 and both["per_layer"] == fused["per_layer"] - 4
 
 
 def test_host_train_script_runs():

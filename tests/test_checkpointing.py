@@ -55,7 +55,10 @@ def test_checkpointed_backward_equals_plain_backward(backend, device):
     assert plain.keys() == ckpt.keys() == {n for n, _ in m.named_parameters()}
     for name, g in plain.items():
         assert torch.isfinite(g).all(), name
-        assert torch.equal(ckpt[name], g), name
+        if device.type == "cpu":
+            assert torch.equal(ckpt[name], g), name
+        else:  # the same kernels on the same values; allow a GEMM algorithm that a GPU library picks per call
+            torch.testing.assert_close(ckpt[name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_lora_on_a_frozen_trunk_gets_its_gradients(device):

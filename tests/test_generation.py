@@ -291,7 +291,7 @@ def test_graph_cache_bounded_and_drops_stale_entries():
     gc.get(other, 5, 10, "torch", capture=False)  # full: batch 2, the least recently used, goes
     assert [(k[0], e[0][0]) for k, e in gc._entries.items()] == [(3, id(m)), (1, id(m)), (5, id(other))]
     cache, _ = gc.get(m, 3, 10, "torch", capture=False)
-    assert cache is gc._entries[(3, 16, "torch", False, False)][1]  # a hit returns the kept cache (unfused write)
+    assert cache is gc._entries[(3, 16, "torch", False, False, False)][1]  # a hit returns the kept cache (defaults)
     m.to(torch.float64).to(torch.float32)  # new parameter tensors: m's entries can no longer replay
     gc.get(m, 4, 10, "torch", capture=False)
     assert sorted((k[0], e[0][0]) for k, e in gc._entries.items()) == [(4, id(m)), (5, id(other))]
@@ -433,6 +433,37 @@ def test_bf16_generation_logprob_parity_gpu(record_value):
 
 
 @pytest.mark.gpu
+def test_norm_gemm_decode_bf16_gpu(monkeypatch, record_value):
+    """RLHF_ENGINE_DECODE_NORM_GEMM=1 in bf16 at Qwen2-0.5B widths (2 layers, batch 64, the autotuned kernel): a
+    decode step's logits within 2x of the usual path's error against the fp32 model; and a generation through a
+    CUDA graph with it gives finite log-probs equal to its eager run's."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m32 = CausalLM(preset("qwen2-0.5b", num_layers=2)).eval()
+    m = copy.deepcopy(m32).to(torch.bfloat16)
+    ids = torch.randint(4, m.config.vocab_size, (64, 33), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[::5, :9] = 0  # left padding
+
+    def step_logits(model, fused: bool):
+        monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if fused else "0")
+        cache = KVCache.allocate(model.config, 64, 40, dtype=model.dtype, device="cuda")
+        model.prefill(ids[:, :-1], mask[:, :-1], cache, attn_backend="triton")
+        return model.decode_step(ids[:, -1:], cache, attn_backend="triton").float()
+
+    ref = step_logits(m32, False)
+    err = {f: (step_logits(m, f) - ref).abs().max().item() for f in (False, True)}
+    record_value("norm GEMM decode, bf16 logits max err vs fp32 (usual path, norms in GEMMs)", (err[False], err[True]))
+    assert err[True] <= 2 * err[False] + 1e-3, err
+    monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1")
+    runs = [generate(m, ids, mask, max_new_tokens=12, use_cuda_graph=g, eos_token_ids=(),
+                     generator=torch.Generator("cuda").manual_seed(1)) for g in (False, True)]
+    assert torch.isfinite(runs[1].logprobs).all()
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs)
+
+
+@pytest.mark.gpu
 def test_qwen2_shape_graph_vs_eager_gpu():
     """Qwen2-0.5B widths (2 layers), bf16, V=151936: graph replay == eager; cache sizing helper."""
     from rlhf_engine.generation import max_batch_from_free_memory
@@ -509,6 +540,51 @@ def test_triton_generation_with_the_cache_write_fused(device, monkeypatch):
             assert torch.equal(a.logprobs, b.logprobs)
         else:
             torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_triton_generation_with_norms_in_the_gemms(name, device, monkeypatch):
+    """RLHF_ENGINE_DECODE_NORM_GEMM=1: each decode layer runs norm + q/k/v GEMM, attention, o, norm + gate/up GEMM +
+    silu * up, down (kernels/norm_linear.py) and never the separate norm or SwiGLU kernels; the greedy tokens equal
+    the usual path's and the log-probs agree to fp32 rounding (the sums of squares and the GEMMs accumulate in
+    another order); q/k/v biases (Qwen2) and left-padded prompts included."""
+    import rlhf_engine.kernels.norm_linear as nl
+    import rlhf_engine.kernels.rmsnorm as rn
+    import rlhf_engine.kernels.swiglu as sw
+
+    m = _model(name).to(device)
+    ids, mask = _prompts(m.config.vocab_size, lengths=(7, 3), P=7)
+    ids, mask = ids.to(device), mask.to(device)
+    kw = dict(max_new_tokens=5, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False)
+    runs = {}
+    for fused in (False, True):
+        monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if fused else "0")
+        calls = {"norm_gemm": 0, "norm": 0, "silu": 0}
+        with monkeypatch.context() as mp:
+            for mod, fn, key in ((nl, "norm_linear_forward", "norm_gemm"), (rn, "rms_norm_forward", "norm"),
+                                 (sw, "silu_mul_forward", "silu")):
+                real = getattr(mod, fn)
+                mp.setattr(mod, fn, lambda *a, _r=real, _k=key, **k: (calls.__setitem__(_k, calls[_k] + 1),
+                                                                        _r(*a, **k))[1])
+            runs[fused] = (generate(m, ids, mask, greedy=True, **kw), dict(calls))
+    (a, ca), (b, cb) = runs[False], runs[True]
+    L, steps = m.config.num_layers, kw["max_new_tokens"] - 1  # the prefill draws the first token
+    assert ca["norm_gemm"] == 0 and cb["norm_gemm"] == 2 * L * steps
+    assert cb["norm"] == ca["norm"] - 2 * L * steps and cb["silu"] == ca["silu"] - L * steps
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-5, rtol=1e-5)
+
+
+def test_graph_cache_keys_on_the_norm_gemm(monkeypatch):
+    from rlhf_engine.generation import DecodeGraphCache
+
+    m = _model("tiny-llama")
+    gc = DecodeGraphCache(len_multiple=16)
+    monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "0")
+    a, _ = gc.get(m, 2, 10, "triton", capture=False)
+    monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1")
+    b, _ = gc.get(m, 2, 10, "triton", capture=False)
+    assert a is not b and gc.get(m, 2, 10, "triton", capture=False)[0] is b
 
 
 # ----------------------------------------------------------------------------- the decode step's RoPE table

@@ -238,6 +238,24 @@ def _inference_op_cases():
                 ["inv_t"], dict(BLOCK_S=32), 1)
 
 
+def _norm_linear_cases():
+    """kernels/norm_linear.py: every autotune config at a decode batch (BLOCK_M 64), bf16, the q/k/v form (residual,
+    bias) and the gate/up form (residual, SwiGLU: two accumulators), plus the fixed default's first-layer form."""
+    from rlhf_engine.kernels import norm_linear  # pure Python config list, no launch
+
+    ptrs = {"X": "bf16", "R": "bf16", "G": "bf16", "W": "bf16", "BIAS": "bf16", "Y": "bf16", "S": "bf16"}
+    for c in norm_linear._NL_CONFIGS:
+        bn, bk, w, st = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+        for form, extra in (("qkv", dict(HAS_BIAS=True, SWIGLU=False)), ("gateup", dict(HAS_BIAS=False, SWIGLU=True))):
+            yield _case(f"norm_linear-bf16-{form}-{bn}x{bk}-w{w}s{st}", "norm_linear", "_norm_linear_kernel", ptrs,
+                        ["eps"], dict(HAS_RES=True, PRECISION="tf32", BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, **extra),
+                        w, st)
+    d = norm_linear._NL_DEFAULT
+    yield _case("norm_linear-bf16-first-default", "norm_linear", "_norm_linear_kernel", ptrs, ["eps"],
+                dict(HAS_RES=False, HAS_BIAS=True, SWIGLU=False, PRECISION="tf32", BLOCK_M=16, **d.kwargs),
+                d.num_warps, d.num_stages)
+
+
 def _autotune_kept_cases():
     """bf16 attention at HEAD_DIM 256 (the largest tile per row): every autotune config that the module's own
     early_config_prune keeps for a long sequence must fit in shared memory, or the prune is letting through
@@ -285,7 +303,7 @@ def _pow2(x: int) -> int:
 
 CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_attention_tma_cases(),
          *_decode_cases(), *_kv_cache_cases(),
-         *_inference_op_cases(), *_autotune_kept_cases()]
+         *_inference_op_cases(), *_norm_linear_cases(), *_autotune_kept_cases()]
 
 # ----------------------------------------------------------------------------- the child process
 # Reads a JSON list of cases from argv[1], compiles each, writes one JSON result per case to argv[2].
@@ -401,7 +419,7 @@ NO_SPILL = {"attn_fwd-bf16-d128-64x64", "attn_fwd-bf16-d64-64x64", "attn_bwd_dkd
             "attn_bwd_dq-bf16-d128-128x64-flat"}
 MAX_STACK = 32
 NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope", "rms_norm",
-                     "silu_mul", "sample")
+                     "silu_mul", "sample", "norm_linear")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..model.attention import decode_fused_write_enabled
+from ..model.attention import decode_fused_write_enabled, decode_norm_gemm_enabled
 from .cache import KVCache
 
 
@@ -124,7 +124,7 @@ class DecodeGraphCache:
         (``capture=False``: an eager decoder over a reused static cache, on any device)."""
         L = self.cache_len(min_len)
         # the decode step's path is part of the key: a graph replays the kernels it was captured with
-        key = (batch, L, attn_backend, capture, decode_fused_write_enabled())
+        key = (batch, L, attn_backend, capture, decode_fused_write_enabled(), decode_norm_gemm_enabled())
         fp = model_fingerprint(model)
         entry = self._entries.pop(key, None)
         if entry is not None and entry[0] == fp:

@@ -60,6 +60,8 @@ class AttnMeta:
       once per step when ``decode_fused_write_enabled()`` and the attention runs one split.
     rope_table: decode with fused_ops: the model's (L, D) [cos | sin] half table (``RotaryEmbedding.half_table``);
       the step gathers its rows at the position ids (int32) instead of computing them.
+    fuse_norm_gemm: decode with fused_ops: each norm runs inside the packed GEMM after it, and silu * up in the
+      gate/up GEMM (``kernels/norm_linear.py``); set once per step when ``decode_norm_gemm_enabled()``.
     """
 
     backend: str
@@ -76,6 +78,7 @@ class AttnMeta:
     rope_rows: torch.Tensor | None = None
     fuse_cache_write: bool = False
     rope_table: torch.Tensor | None = None
+    fuse_norm_gemm: bool = False
 
 
 def mask_to_kv_range(attention_mask: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +185,14 @@ def decode_fused_write_enabled() -> bool:
     24 a Qwen2-0.5B step; tested on the CPU against the separate write, bit for bit). Read once per decode step;
     ``DecodeGraphCache`` keys its graphs on it."""
     return os.environ.get("RLHF_ENGINE_DECODE_FUSED_WRITE", "0") == "1"
+
+
+def decode_norm_gemm_enabled() -> bool:
+    """``RLHF_ENGINE_DECODE_NORM_GEMM=1``: the triton decode step runs each norm inside the packed GEMM after it and
+    silu * up in the gate/up GEMM (``kernels/norm_linear.py``; 3 kernels fewer a layer, 72 a Qwen2-0.5B step). Off by
+    default until a GPU run measures it against cuBLAS plus the separate kernels. Read once per decode step;
+    ``DecodeGraphCache`` keys its graphs on it."""
+    return os.environ.get("RLHF_ENGINE_DECODE_NORM_GEMM", "0") == "1"
 
 
 def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,

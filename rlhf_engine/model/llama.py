@@ -20,11 +20,11 @@ from torch import nn
 
 from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
-from .attention import (AttnMeta, cache_attention, decode_fused_write_enabled, full_attention, mask_to_kv_range,
-                        resolve_backend, write_kv)
+from .attention import (AttnMeta, cache_attention, decode_fused_write_enabled, decode_norm_gemm_enabled,
+                        full_attention, mask_to_kv_range, resolve_backend, write_kv)
 from .checkpointing import checkpoint_layer, needs_torch_checkpoint
 from .config import ModelConfig
-from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears
+from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears, packed_weights
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -54,15 +54,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, config.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.q_size, H, bias=config.o_proj_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-        B, T, C = x.shape
+    def forward(self, x: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); or, with ``qkv`` (B, T, Dq + 2 Dkv) given (the q/k/v projection already done,
+        e.g. by the fused norm + GEMM of the decode step), x None."""
+        B, T = (x if qkv is None else qkv).shape[:2]
         Dq, Dkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         # every mode on the fused path: generation, scoring and training run the same packed GEMM (training through
         # PackedLinearFunction), so that log-probs computed without autograd (old log-probs) equal the training
         # forward's bit for bit (at equal shapes on a GPU); LoRA adapters packed in generation only (scoring runs
         # them one layer at a time, as training does)
-        qkv = (group_linear(x, (self.q_proj, self.k_proj, self.v_proj), lora=meta.mode != "full")
-               if meta.fused_ops else None)
+        if qkv is None and meta.fused_ops:
+            qkv = group_linear(x, (self.q_proj, self.k_proj, self.v_proj), lora=meta.mode != "full")
         if qkv is not None:  # one GEMM over the packed weights (model/packing.py)
             # strided views of (B, T, Dq + 2 Dkv); in training the attention saves v, which keeps the whole qkv
             # buffer (pre-RoPE q and k included: (Dq + Dkv) more elements a token a layer) until the backward
@@ -153,12 +156,38 @@ class DecoderLayer(nn.Module):
         from rlhf_engine.kernels.rmsnorm import rms_norm
 
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        if meta.fuse_norm_gemm:
+            out = self._decode_norm_gemm(x, d, cos, sin, meta)
+            if out is not None:
+                return out
         if d is None:
             h = rms_norm(x, n1.weight, n1.eps, backend="triton")
         else:
             h, x = rms_norm(d, n1.weight, n1.eps, residual=x, backend="triton")
         h, x = rms_norm(self.self_attn(h, cos, sin, meta), n2.weight, n2.eps, residual=x, backend="triton")
         return x, self.mlp(h, fused=True, lora=meta.mode != "full")
+
+    def _decode_norm_gemm(self, x: torch.Tensor, d: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                          meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``forward_fused`` of a decode step with each norm inside the packed GEMM after it and silu * up in the
+        gate/up GEMM (``kernels/norm_linear.py``): norm+q/k/v, attention, o, norm+gate/up+silu*up, down (5 kernels
+        where ``forward_fused`` runs 8). None when it does not apply (a group not packed, e.g. a LoRA adapter on, or
+        norm weights of another dtype): the caller runs the usual path."""
+        from rlhf_engine.kernels.norm_linear import rms_norm_linear
+
+        attn, mlp = self.self_attn, self.mlp
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        wq = packed_weights((attn.q_proj, attn.k_proj, attn.v_proj))
+        wg = packed_weights((mlp.gate_proj, mlp.up_proj))
+        if wq is None or wg is None or wg[1] is not None or not (
+                x.dtype == n1.weight.dtype == n2.weight.dtype == wq[0].dtype):
+            return None
+        qkv, s = rms_norm_linear(x if d is None else d, n1.weight, n1.eps, *wq, residual=None if d is None else x,
+                                 backend="triton")
+        x = x if s is None else s
+        act, x = rms_norm_linear(attn(None, cos, sin, meta, qkv=qkv), n2.weight, n2.eps, wg[0], residual=x,
+                                 swiglu=True, backend="triton")
+        return x, mlp.down_proj(act)
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -407,6 +436,10 @@ class CausalLM(nn.Module):
 
                 k0 = cache.k[0]
                 meta.fuse_cache_write = default_num_splits(B, k0.shape[2], k0.shape[1], k0.device) == 1
+            if backend == "triton" and decode_norm_gemm_enabled():
+                from rlhf_engine.kernels.norm_linear import MAX_ROWS
+
+                meta.fuse_norm_gemm = B * Tn <= MAX_ROWS
         else:
             slots = cache.lengths.long()[:, None] + torch.arange(Tn, device=dev)  # (B, Tn)
             position_ids = slots - cache.start.long()[:, None]  # (B, Tn)
