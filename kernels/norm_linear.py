@@ -20,8 +20,10 @@ kernels.
 How: programs tile (N, M) as (BLOCK_N, BLOCK_M); each walks K twice over its BLOCK_M rows: once for the sum of
 squares (the program of the first N tile also writes s), once to build the normalized rows chunk by chunk as the
 norm kernel rounds them and feed them to ``tl.dot`` with its BLOCK_N weight rows (and the matching up rows with
-``swiglu``). The second walk re-reads x (and r) from L2 (M · K · 2 B, ~115 KB a layer at Qwen2-0.5B's batch 64)
-instead of a round trip through HBM and a second launch. The weights are read once overall. The sum of squares is
+``swiglu``). Every program reads its rows of x (and r) twice, from L2 after the first touch (M · K · 2 B, ~115 KB at
+Qwen2-0.5B's batch 64, per program and walk: with 36-152 programs ~8-70 MB of L2 reads a GEMM, next to 2-17 MB of
+weights from HBM), instead of a round trip of the normalized rows through HBM and a second launch. The weights are
+read once per M tile (once at M <= 64). The sum of squares is
 taken in BLOCK_K chunks, so rstd may differ from the norm kernel's by an fp32 ulp and y by a ``dt`` ulp; the GEMM
 accumulates in another order than cuBLAS. Inference only (no autograd).
 """
@@ -121,6 +123,8 @@ _norm_linear_kernel_tuned = parallel_autotune(triton.autotune(
     configs=_NL_CONFIGS, key=["N", "K", "M_BUCKET", "HAS_RES", "HAS_BIAS", "SWIGLU"],
 )(_norm_linear_kernel))
 _NL_DEFAULT = triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4)  # no autotune (CUDA)
+# fp32 on CUDA (tests): exact FMA dots, whose compile time grows with the tile: a small one
+_NL_FP32 = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2)
 _NL_INTERPRETER = {"BLOCK_N": 16, "BLOCK_K": 32}
 MAX_ROWS = 256  # a GEMM of more rows (prefill, training) is cuBLAS's job: this kernel re-reads its rows per N tile
 
@@ -146,7 +150,8 @@ def norm_linear_forward(x: torch.Tensor, residual: Optional[torch.Tensor], norm_
         grid = lambda c: (cdiv(N, c["BLOCK_N"]), cdiv(M, block_m))  # noqa: E731
         _norm_linear_kernel_tuned[grid](*args, **meta)
     else:
-        c = _NL_DEFAULT if x.is_cuda else triton.Config(_NL_INTERPRETER, num_warps=4, num_stages=2)
+        c = ((_NL_FP32 if x.dtype == torch.float32 else _NL_DEFAULT) if x.is_cuda
+             else triton.Config(_NL_INTERPRETER, num_warps=4, num_stages=2))
         grid = (cdiv(N, c.kwargs["BLOCK_N"]), cdiv(M, block_m))
         _norm_linear_kernel[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     return y, s

@@ -103,13 +103,39 @@ def test_autocast_defers_to_torch_checkpoint():
         assert needs_torch_checkpoint(m.model)
 
 
-def test_autograd_grad_through_checkpointed_layers_raises(device):
-    m = _model("torch", device)
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autograd_grad_and_double_backward_through_checkpointed_layers_raise(backend, device):
+    """What the recomputing backward cannot do raises (and shows that the layers are checkpointed on both paths)."""
+    if backend == "triton" and device.type != "cuda" and not _interpreter():
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    m = _model(backend, device)
     m.gradient_checkpointing = True
     ids, mask, _ = _batch(m, device)
-    loss = sequence_logprobs(m, ids, mask, start=1, backend="torch", attn_backend="torch").sum()
+
+    def loss():
+        return sequence_logprobs(m, ids, mask, start=1, backend="torch", attn_backend=backend).sum()
+
     with pytest.raises(RuntimeError, match="torch.autograd.grad"):
-        torch.autograd.grad(loss, list(m.parameters()))
+        torch.autograd.grad(loss(), list(m.parameters()))
+    with pytest.raises(RuntimeError, match="create_graph"):
+        loss().backward(create_graph=True)
+
+
+def test_frozen_layers_build_no_graph_and_every_dropout_kind_is_seen():
+    """A layer whose inputs and parameters need no gradient is just run (nothing kept, no recomputation); the
+    dropout check covers Dropout1d/2d/3d and AlphaDropout too (not subclasses of nn.Dropout)."""
+    lin = torch.nn.Linear(4, 4).requires_grad_(False)
+    out = checkpoint_layer(lin, torch.randn(2, 4))
+    assert not out.requires_grad and out.grad_fn is None
+    lin.weight.requires_grad_(True)
+    out = checkpoint_layer(lin, torch.randn(2, 4))
+    assert out.requires_grad
+    out.sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    for drop in (torch.nn.Dropout2d(0.1), torch.nn.AlphaDropout(0.1), torch.nn.Dropout(0.1)):
+        assert needs_torch_checkpoint(torch.nn.Sequential(torch.nn.Linear(4, 4), drop).train())
+    assert not needs_torch_checkpoint(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.0)).train())
 
 
 def test_checkpoint_layer_function_semantics():

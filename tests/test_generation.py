@@ -553,6 +553,9 @@ def test_triton_generation_with_norms_in_the_gemms(name, device, monkeypatch):
     import rlhf_engine.kernels.swiglu as sw
 
     m = _model(name).to(device)
+    with torch.no_grad():  # norm weights that are not ones and biases that are not zeros: the wiring shows
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     ids, mask = _prompts(m.config.vocab_size, lengths=(7, 3), P=7)
     ids, mask = ids.to(device), mask.to(device)
     kw = dict(max_new_tokens=5, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False)
@@ -573,6 +576,27 @@ def test_triton_generation_with_norms_in_the_gemms(name, device, monkeypatch):
     assert cb["norm"] == ca["norm"] - 2 * L * steps and cb["silu"] == ca["silu"] - L * steps
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-5, rtol=1e-5)
+
+
+def test_norm_gemm_path_steps_aside_for_module_hooks(monkeypatch):
+    """A forward hook on a layer's MLP (which the norm-GEMM path never calls) or its attention module: that layer
+    runs the usual path, and the hook runs."""
+    import rlhf_engine.kernels.norm_linear as nl
+
+    m = _model("tiny-llama")
+    ids, mask = _prompts(m.config.vocab_size, lengths=(5, 3), P=5)
+    monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1")
+    seen, fused = [], []
+    real = nl.norm_linear_forward
+    monkeypatch.setattr(nl, "norm_linear_forward", lambda *a, **k: (fused.append(1), real(*a, **k))[1])
+    h = m.model.layers[0].mlp.register_forward_hook(lambda *a: seen.append("mlp"))
+    h2 = m.model.layers[1].self_attn.register_forward_pre_hook(lambda *a: seen.append("attn"))
+    generate(m, ids, mask, max_new_tokens=3, greedy=True, attn_backend="triton", eos_token_ids=(),
+             use_cuda_graph=False)
+    h.remove()
+    h2.remove()
+    assert seen.count("mlp") == 3 and seen.count("attn") == 3  # prefill + 2 decode steps each
+    assert len(fused) == 0  # both layers stepped aside (layer 0: its MLP; layer 1: its attention)
 
 
 def test_graph_cache_keys_on_the_norm_gemm(monkeypatch):

@@ -240,20 +240,25 @@ def _inference_op_cases():
 
 def _norm_linear_cases():
     """kernels/norm_linear.py: every autotune config at a decode batch (BLOCK_M 64), bf16, the q/k/v form (residual,
-    bias) and the gate/up form (residual, SwiGLU: two accumulators), plus the fixed default's first-layer form."""
+    bias) and the gate/up form (residual, SwiGLU: two accumulators), plus the fixed default's first-layer form and
+    the fp32 tile of the GPU tests."""
     from rlhf_engine.kernels import norm_linear  # pure Python config list, no launch
 
-    ptrs = {"X": "bf16", "R": "bf16", "G": "bf16", "W": "bf16", "BIAS": "bf16", "Y": "bf16", "S": "bf16"}
+    ptrs = {"X": "{dt}", "R": "{dt}", "G": "{dt}", "W": "{dt}", "BIAS": "{dt}", "Y": "{dt}", "S": "{dt}"}
     for c in norm_linear._NL_CONFIGS:
         bn, bk, w, st = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
         for form, extra in (("qkv", dict(HAS_BIAS=True, SWIGLU=False)), ("gateup", dict(HAS_BIAS=False, SWIGLU=True))):
-            yield _case(f"norm_linear-bf16-{form}-{bn}x{bk}-w{w}s{st}", "norm_linear", "_norm_linear_kernel", ptrs,
-                        ["eps"], dict(HAS_RES=True, PRECISION="tf32", BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, **extra),
-                        w, st)
+            yield _case(f"norm_linear-bf16-{form}-{bn}x{bk}-w{w}s{st}", "norm_linear", "_norm_linear_kernel",
+                        _sub(ptrs, "bf16"), ["eps"],
+                        dict(HAS_RES=True, PRECISION="tf32", BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, **extra), w, st)
     d = norm_linear._NL_DEFAULT
-    yield _case("norm_linear-bf16-first-default", "norm_linear", "_norm_linear_kernel", ptrs, ["eps"],
+    yield _case("norm_linear-bf16-first-default", "norm_linear", "_norm_linear_kernel", _sub(ptrs, "bf16"), ["eps"],
                 dict(HAS_RES=False, HAS_BIAS=True, SWIGLU=False, PRECISION="tf32", BLOCK_M=16, **d.kwargs),
                 d.num_warps, d.num_stages)
+    f = norm_linear._NL_FP32  # the GPU tests' fp32 tile (exact FMA dots): must compile in seconds, not minutes
+    yield _case("norm_linear-fp32-gateup-fixed", "norm_linear", "_norm_linear_kernel", _sub(ptrs, "fp32"), ["eps"],
+                dict(HAS_RES=True, HAS_BIAS=False, SWIGLU=True, PRECISION="ieee", BLOCK_M=64, **f.kwargs),
+                f.num_warps, f.num_stages)
 
 
 def _autotune_kept_cases():

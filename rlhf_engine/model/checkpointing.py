@@ -11,12 +11,14 @@ without autograd costs ~12 ms. A step on a GPU whose host is slower than its ker
 under ``no_grad`` (nothing saved but the inputs), and the backward re-runs it with autograd on over detached
 inputs, back-propagates through that fresh graph (parameter gradients accumulate there, as in a normal backward)
 and returns the inputs' gradients. It is exact because a layer's forward computes the same values with and
-without autograd (the fused path is built that way: scoring = training, bit for bit, tested), and has no
-randomness. Where that cannot be assumed it defers to ``torch.utils.checkpoint`` (non-reentrant): active dropout
+without autograd (the fused path is built that way: scoring = training, bit for bit on the CPU, tested; on a GPU a
+library may pick another kernel for a call that needs gradients, e.g. SDPA's backend on the torch backend, which can
+change the last bits), and has no randomness. Where that cannot be assumed it defers to ``torch.utils.checkpoint`` (non-reentrant): active dropout
 (a LoRA adapter's), autocast, or tracing by torch.compile.
 
-Like any reentrant checkpoint it supports ``loss.backward()`` but not ``torch.autograd.grad`` or
-``backward(inputs=...)`` through the checkpointed layers: those raise a ``RuntimeError`` that says so.
+Like any reentrant checkpoint it supports ``loss.backward()`` but not ``torch.autograd.grad``,
+``backward(inputs=...)`` or ``backward(create_graph=True)`` through the checkpointed layers: those raise a
+``RuntimeError`` that says so. A layer none of whose inputs or parameters needs a gradient is simply run.
 """
 from __future__ import annotations
 
@@ -28,10 +30,14 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 def needs_torch_checkpoint(module: nn.Module) -> bool:
     """Whether ``module``'s forward may draw random numbers or run under autocast, so that a re-run needs
     ``torch.utils.checkpoint``'s RNG and autocast bookkeeping: a training-mode dropout with p > 0 anywhere inside,
-    or autocast on. (Checked once per trunk forward: ~1 us a module.)"""
+    or autocast on. (Checked once per trunk forward: ~1 us a module.) Dropout called as a function inside a forward
+    is not seen: such a layer must pass ``torch_fallback=True`` itself."""
     if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
         return True
-    return module.training and any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in module.modules())
+    return module.training and any(isinstance(m, _DROPOUT) and m.training and m.p > 0 for m in module.modules())
+
+
+_DROPOUT = (nn.modules.dropout._DropoutNd,)  # Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout
 
 
 class _Recompute(torch.autograd.Function):
@@ -54,6 +60,9 @@ class _Recompute(torch.autograd.Function):
             raise RuntimeError("checkpoint_layer: activation checkpointing here works with loss.backward(), not "
                                "with torch.autograd.grad or backward(inputs=...); turn gradient_checkpointing off "
                                "for those")
+        if torch.is_grad_enabled():  # the engine enables grad mode exactly for backward(create_graph=True)
+            raise RuntimeError("checkpoint_layer: backward(create_graph=True) (double backward) is not supported "
+                               "through checkpointed layers; turn gradient_checkpointing off for it")
         saved = iter(ctx.saved_tensors)
         args, leaves = [], []  # leaves: per argument, the detached input whose gradient is returned, or None
         for is_t, other in zip(ctx.is_tensor, ctx.others):
@@ -88,8 +97,11 @@ def checkpoint_layer(fn, *args, torch_fallback: bool = False):
     if not torch.is_grad_enabled():
         return fn(*args)
     if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        # No input needs a gradient (frozen embeddings, LoRA), but the layer's parameters may: an input that
-        # requires grad makes autograd record the Function, so that its backward runs.
+        owner = getattr(fn, "__self__", fn)
+        if isinstance(owner, nn.Module) and not any(p.requires_grad for p in owner.parameters()):
+            return fn(*args)  # nothing to differentiate: no graph, nothing kept
+        # No input needs a gradient (frozen embeddings, LoRA), but the layer's parameters may (or, fn not a module's,
+        # might): an input that requires grad makes autograd record the Function, so that its backward runs.
         args = (*args, _GRAD_ANCHOR.get())
         fn = _DropLast(fn)
     return _Recompute.apply(fn, *args)
@@ -115,7 +127,7 @@ class _Anchor:
 
     def get(self) -> torch.Tensor:
         if self._t is None:
-            self._t = torch.empty(0, requires_grad=True)
+            self._t = torch.empty(0, device="cpu", requires_grad=True)
         return self._t
 
 

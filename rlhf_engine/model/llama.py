@@ -171,16 +171,19 @@ class DecoderLayer(nn.Module):
                           meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``forward_fused`` of a decode step with each norm inside the packed GEMM after it and silu * up in the
         gate/up GEMM (``kernels/norm_linear.py``): norm+q/k/v, attention, o, norm+gate/up+silu*up, down (5 kernels
-        where ``forward_fused`` runs 8). None when it does not apply (a group not packed, e.g. a LoRA adapter on, or
-        norm weights of another dtype): the caller runs the usual path."""
+        where ``forward_fused`` runs 8). None when it does not apply (a group not packed, e.g. a LoRA adapter on; hooks
+        on the attention or the MLP module; weights of another dtype): the caller runs the usual path."""
         from rlhf_engine.kernels.norm_linear import rms_norm_linear
 
         attn, mlp = self.self_attn, self.mlp
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp)):
+            return None  # mlp is not called and attn gets no x here: their hooks would be skipped or misled
         wq = packed_weights((attn.q_proj, attn.k_proj, attn.v_proj))
         wg = packed_weights((mlp.gate_proj, mlp.up_proj))
         if wq is None or wg is None or wg[1] is not None or not (
-                x.dtype == n1.weight.dtype == n2.weight.dtype == wq[0].dtype):
+                x.dtype == n1.weight.dtype == n2.weight.dtype == wq[0].dtype == wg[0].dtype) or (
+                wq[1] is not None and wq[1].dtype != x.dtype):
             return None
         qkv, s = rms_norm_linear(x if d is None else d, n1.weight, n1.eps, *wq, residual=None if d is None else x,
                                  backend="triton")

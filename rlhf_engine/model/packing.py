@@ -70,8 +70,8 @@ def _one_gemm_may_stand_in(linears: Sequence[nn.Module], backward: bool = False)
     return True
 
 
-# Per group (keyed by its first layer, weakly): the parameters' (data_ptr, shape, dtype, contiguity) when the packed
-# views were last built, and those views (or None: not packed). Building them (``_rows`` twice) costs ~25 us of host
+# Per group (keyed by its first layer, weakly): the parameters' (data_ptr, shape, dtype, device, contiguity) when the
+# packed views were last built, and those views (packed groups only; ``pack_linears`` drops the entry). Building them (``_rows`` twice) costs ~25 us of host
 # time, the key ~3: this runs in every packed GEMM, 2 a layer in each forward. The key changes whenever a parameter
 # gets another tensor (``param.data = ...``, ``.to()``, loading), and a cached view keeps its storage alive, so no new
 # tensor can appear at its address meanwhile; in-place updates (an optimizer step) keep the key and the view sees them.
@@ -81,13 +81,16 @@ _PACKED_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDi
 def _packed_base(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(W, b): views over the layers' weights and biases (b None when no layer has one); None unless they are
     packed rows of one tensor each and the biases are all there or all absent. Cached per group (above)."""
-    key = tuple(None if t is None else (t.data_ptr(), t.shape, t.dtype, t.is_contiguous())
+    key = tuple(None if t is None else (t.data_ptr(), t.shape, t.dtype, t.device, t.is_contiguous())
                 for m in linears for t in (m.weight, m.bias))
     hit = _PACKED_CACHE.get(linears[0])
     if hit is not None and hit[0] == key:
         return hit[1]
     base = _build_packed_base(linears)
-    _PACKED_CACHE[linears[0]] = (key, base)
+    if base is None:  # not packed: nothing cached (a cached view would pin memory; a cached None could outlive it)
+        _PACKED_CACHE.pop(linears[0], None)
+    else:
+        _PACKED_CACHE[linears[0]] = (key, base)
     return base
 
 
@@ -267,6 +270,7 @@ def pack_linears(linears: Sequence[nn.Module]) -> bool:
     with_bias = all(b is not None for b in bs)
     if (not with_bias and any(b is not None for b in bs)) or not _packable(ws) or (with_bias and not _packable(bs)):
         return False
+    _PACKED_CACHE.pop(linears[0], None)  # views of the old tensors go with them
     for group in (ws, bs) if with_bias else (ws,):
         if _rows(group) is None:
             for t, rows in zip(group, _concat_rows(group)):
