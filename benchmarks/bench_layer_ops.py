@@ -13,7 +13,9 @@ SwiGLU pair) and keep more for the backward (an fp32 copy of s and the bf16 norm
 MLP): the peak column, which includes what the forward saves, shows that.
 Then the same kernels, with the fused LM-head loss, through ``integrations.hf_kernels.apply_kernels`` on a stock
 HF Qwen2ForCausalLM (Qwen2-0.5B widths and vocabulary, 4 layers, B=4, T=1024, one training step's forward and
-backward of the causal-LM loss) against HF's own forward with SDPA and full logits.
+backward of the causal-LM loss) against HF's own forward with SDPA and full logits. Last, our actor's training
+forward + backward with recomputed layers (one PPO micro-batch of the Qwen2-0.5B shape): the model's
+``checkpoint_layer`` against ``torch.utils.checkpoint``.
 
     python benchmarks/bench_layer_ops.py             # needs CUDA; exits cleanly without it
     python benchmarks/bench_layer_ops.py --cpu-tiny  # tiny shape under the Triton interpreter (smoke run)
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          metric="bandwidth", value=nbytes / (floor_ms * 1e-3) / 1e9, unit="GB/s",
                          peak_mb=float("nan"), vs_baseline=base_ms / floor_ms))
     rows += _hf_trunk_rows(device, dtype, w_ours, rep_ours, args.cpu_tiny)
+    rows += _checkpoint_rows(device, dtype, w_ours, rep_ours, args.cpu_tiny)
     print_table(rows)
     record(rows)
     return rows
@@ -163,6 +166,61 @@ def _hf_trunk_rows(device: str, dtype, warmup: int, rep: int, tiny: bool) -> lis
         rows.append(dict(op="hf qwen2 train step fwd+bwd", shape=shape, impl=name, ms=ms, metric="time", value=ms,
                          unit="ms", peak_mb=peak_mem_mb(step), vs_baseline=base_ms / ms))
     remove_kernels(model)
+    return rows
+
+
+def _checkpoint_rows(device: str, dtype, warmup: int, rep: int, tiny: bool) -> list[dict]:
+    """Our actor's training forward + backward (``policy_forward``: trunk + fused LM-head log-probs) on one PPO
+    micro-batch of the Qwen2-0.5B shape (24 layers, 16 x 384 tokens, 256 response tokens each) with every layer
+    recomputed in the backward, as ``bench_ppo_step.py`` trains: the model's ``checkpoint_layer`` against
+    ``torch.utils.checkpoint`` (non-reentrant, what it used before), same run. The CPU measured the host side alone
+    (``benchmarks/host_train.py``: 90-105 -> 54-63 ms for 24 layers); this row says what a GPU step sees."""
+    import torch
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    from common import bench, peak_mem_mb
+
+    import rlhf_engine.model.llama as llama
+    from rlhf_engine.model import CausalLM, preset
+    from rlhf_engine.trainer.actor_critic import policy_forward
+
+    if tiny:
+        cfg = preset("tiny-qwen2", num_layers=2, attn_backend="triton")
+        B, P, N = 2, 4, 4
+    else:
+        cfg = preset("qwen2-0.5b", attn_backend="triton")
+        B, P, N = 16, 128, 256
+    torch.manual_seed(0)
+    lm = CausalLM(cfg).to(device, dtype).train()
+    lm.gradient_checkpointing = True
+    ids = torch.randint(3, cfg.vocab_size, (B, P + N), device=device)
+    am = torch.ones_like(ids)
+    rid, rm = ids[:, P:], torch.ones(B, N, dtype=torch.long, device=device)
+    params = [p for p in lm.parameters() if p.requires_grad]
+
+    def step():
+        loss = policy_forward(lm, ids, am, rid, rm, temperature=1.0)["logp"].sum()
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    def torch_ckpt(fn, *a, torch_fallback=False):  # noqa: ARG001 - the previous call
+        return torch_checkpoint(fn, *a, use_reentrant=False)
+
+    ours = llama.checkpoint_layer
+    shape = f"{'tiny-qwen2 x2' if tiny else 'Qwen2-0.5B x24'},B={B},T={P + N},{str(dtype)[6:]},ckpt"
+    rows, base_ms = [], None
+    for name, impl in (("torch.utils.checkpoint (non-reentrant)", torch_ckpt), ("ours (checkpoint_layer)", ours)):
+        llama.checkpoint_layer = impl
+        try:
+            ms = bench(step, warmup=warmup, rep=max(3, rep // 5))
+            peak = peak_mem_mb(step)
+        finally:
+            llama.checkpoint_layer = ours
+        base_ms = ms if base_ms is None else base_ms
+        rows.append(dict(op="actor train fwd+bwd, recomputed layers", shape=shape, impl=name, ms=ms, metric="time",
+                         value=ms, unit="ms", peak_mb=peak, vs_baseline=base_ms / ms))
+    del lm
     return rows
 
 
