@@ -299,15 +299,16 @@ def test_graph_cache_bounded_and_drops_stale_entries():
         DecodeGraphCache(max_entries=0)
 
 
-def test_graph_cache_keys_on_the_fused_cache_write(monkeypatch):
-    """A graph replays the kernels it was captured with: switching RLHF_ENGINE_DECODE_FUSED_WRITE gets another entry."""
+@pytest.mark.parametrize("switch", ["RLHF_ENGINE_DECODE_FUSED_WRITE", "RLHF_ENGINE_DECODE_NORM_GEMM"])
+def test_graph_cache_keys_on_the_decode_path_switches(switch, monkeypatch):
+    """A graph replays the kernels it was captured with: switching an opt-in decode path gets another entry."""
     from rlhf_engine.generation import DecodeGraphCache
 
     m = _model("tiny-llama")
     gc = DecodeGraphCache(len_multiple=16)
-    monkeypatch.setenv("RLHF_ENGINE_DECODE_FUSED_WRITE", "0")
+    monkeypatch.setenv(switch, "0")
     a, _ = gc.get(m, 2, 10, "triton", capture=False)
-    monkeypatch.setenv("RLHF_ENGINE_DECODE_FUSED_WRITE", "1")
+    monkeypatch.setenv(switch, "1")
     b, _ = gc.get(m, 2, 10, "triton", capture=False)
     assert a is not b and gc.get(m, 2, 10, "triton", capture=False)[0] is b
 
@@ -509,6 +510,13 @@ def test_graph_cache_reuse_sees_weight_updates():
     assert torch.equal(swapped.sequences, eager.sequences)
 
 
+def _eager_triton_batch(m, device, max_new_tokens: int):
+    """Two left-padded prompts (lengths 7 and 3) on ``device`` and the generate keywords of an eager triton run."""
+    ids, mask = _prompts(m.config.vocab_size, lengths=(7, 3), P=7)
+    kw = dict(max_new_tokens=max_new_tokens, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False)
+    return ids.to(device), mask.to(device), kw
+
+
 def test_triton_generation_with_the_cache_write_fused(device, monkeypatch):
     """RLHF_ENGINE_DECODE_FUSED_WRITE=1: the decode attention kernel writes the KV cache itself (one split); the
     tokens and log-probs equal the separate write's (bit for bit on the CPU; left-padded prompts, greedy and
@@ -516,9 +524,7 @@ def test_triton_generation_with_the_cache_write_fused(device, monkeypatch):
     from rlhf_engine.kernels import decode_attention as da
 
     m = _model().to(device)
-    ids, mask = _prompts(m.config.vocab_size, lengths=(7, 3), P=7)
-    ids, mask = ids.to(device), mask.to(device)
-    kw = dict(max_new_tokens=4, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False)
+    ids, mask, kw = _eager_triton_batch(m, device, max_new_tokens=4)
     runs = {}
     for fused in (False, True):
         monkeypatch.setenv("RLHF_ENGINE_DECODE_FUSED_WRITE", "1" if fused else "0")
@@ -556,9 +562,7 @@ def test_triton_generation_with_norms_in_the_gemms(name, device, monkeypatch):
     with torch.no_grad():  # norm weights that are not ones and biases that are not zeros: the wiring shows
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ids, mask = _prompts(m.config.vocab_size, lengths=(7, 3), P=7)
-    ids, mask = ids.to(device), mask.to(device)
-    kw = dict(max_new_tokens=5, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False)
+    ids, mask, kw = _eager_triton_batch(m, device, max_new_tokens=5)
     runs = {}
     for fused in (False, True):
         monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if fused else "0")
@@ -597,18 +601,6 @@ def test_norm_gemm_path_steps_aside_for_module_hooks(monkeypatch):
     h2.remove()
     assert seen.count("mlp") == 3 and seen.count("attn") == 3  # prefill + 2 decode steps each
     assert len(fused) == 0  # both layers stepped aside (layer 0: its MLP; layer 1: its attention)
-
-
-def test_graph_cache_keys_on_the_norm_gemm(monkeypatch):
-    from rlhf_engine.generation import DecodeGraphCache
-
-    m = _model("tiny-llama")
-    gc = DecodeGraphCache(len_multiple=16)
-    monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "0")
-    a, _ = gc.get(m, 2, 10, "triton", capture=False)
-    monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1")
-    b, _ = gc.get(m, 2, 10, "triton", capture=False)
-    assert a is not b and gc.get(m, 2, 10, "triton", capture=False)[0] is b
 
 
 # ----------------------------------------------------------------------------- the decode step's RoPE table
