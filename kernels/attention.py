@@ -58,7 +58,7 @@ def _check_range(name: str, t: Optional[torch.Tensor], batch: int, device: torch
         raise TypeError(f"{name}: expected an integer dtype, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
-    return t.to(torch.int32).contiguous()
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name: str = "k",
@@ -215,4 +215,8 @@ def flash_attention(
         raise TypeError(f"q: expected one of {_DTYPES} for the Triton backend, got {q.dtype}")
     if torch.compiler.is_compiling():
         return flash_attention_op(q, k, v, kv_start, kv_end, causal, scale)[0]
-    return FlashAttentionFunction.apply(q, k, v, kv_start, kv_end, causal, scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return FlashAttentionFunction.apply(q, k, v, kv_start, kv_end, causal, scale)
+    # no autograd (generation's prefill, scoring, a checkpointed layer's first pass): the launch without the Function
+    return attention_forward(_unit_last(q), _unit_last(k), _unit_last(v), causal=causal, kv_start=kv_start,
+                             kv_end=kv_end, softmax_scale=scale)[0]

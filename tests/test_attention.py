@@ -180,6 +180,22 @@ def test_padding_rows_are_zero_not_nan(device):
     assert torch.isneginf(lse[0, :, :10]).all() and torch.isneginf(lse[2]).all()
 
 
+def test_no_grad_call_skips_the_function_with_the_same_output(device, monkeypatch):
+    """Without autograd (prefill, scoring, a checkpointed layer's first pass) the launch runs without the
+    autograd.Function; the output is the Function's, bit for bit (kv ranges given as int64 too)."""
+    import rlhf_engine.kernels.attention as A
+
+    q, k, v = _inputs(2, 21, 21, 4, 2, 16, torch.float32, device)
+    ks, ke = _ranges("left", 2, 21, device)
+    with_grad = flash_attention(q, k, v, kv_start=ks.long(), kv_end=ke, backend="triton")
+    calls = []
+    monkeypatch.setattr(A.FlashAttentionFunction, "apply", lambda *a: calls.append(1))
+    with torch.no_grad():
+        o = flash_attention(q, k, v, kv_start=ks.long(), kv_end=ke, backend="triton")
+    assert calls == [] and not o.requires_grad
+    assert torch.equal(o, with_grad.detach())
+
+
 def test_custom_op_matches_autograd_function(device):
     B, T, Hq, Hkv, D = 2, 33, 4, 2, 80
     q, k, v = _inputs(B, T, T, Hq, Hkv, D, torch.float32, device)
