@@ -3,8 +3,8 @@
 ``torch.utils.checkpoint`` (non-reentrant, the recommended mode) runs the layer's forward with autograd on and
 drops each saved tensor through a pair of Python hooks, then re-runs the forward in the backward and matches every
 re-saved tensor to its slot. For a layer of ~30 small ops that bookkeeping is most of the host time: on this
-project's 2-core CPU a 24-layer training forward + backward took 88 ms with it against 39 ms without checkpointing
-(kernel launches stubbed, so host time alone; ``benchmarks/host_overhead.py --train``), where one more forward
+project's 2-core CPU a 24-layer training forward + backward took 90-105 ms with it against ~40 ms without
+checkpointing (kernel launches stubbed, so host time alone; ``benchmarks/host_train.py``), where one more forward
 without autograd costs ~12 ms. A step on a GPU whose host is slower than its kernels pays that in full.
 
 ``checkpoint_layer`` does what the reentrant mode does, without its per-call RNG bookkeeping: the forward runs
@@ -12,9 +12,10 @@ under ``no_grad`` (nothing saved but the inputs), and the backward re-runs it wi
 inputs, back-propagates through that fresh graph (parameter gradients accumulate there, as in a normal backward)
 and returns the inputs' gradients. It is exact because a layer's forward computes the same values with and
 without autograd (the fused path is built that way: scoring = training, bit for bit on the CPU, tested; on a GPU a
-library may pick another kernel for a call that needs gradients, e.g. SDPA's backend on the torch backend, which can
-change the last bits), and has no randomness. Where that cannot be assumed it defers to ``torch.utils.checkpoint`` (non-reentrant): active dropout
-(a LoRA adapter's), autocast, or tracing by torch.compile.
+library may pick another kernel for a call that needs gradients, e.g. SDPA's backend on the torch backend, which
+can change the last bits), and has no randomness. Where that cannot be assumed it defers to
+``torch.utils.checkpoint`` (non-reentrant): active dropout (a LoRA adapter's), autocast, or tracing by
+torch.compile.
 
 Like any reentrant checkpoint it supports ``loss.backward()`` but not ``torch.autograd.grad``,
 ``backward(inputs=...)`` or ``backward(create_graph=True)`` through the checkpointed layers: those raise a

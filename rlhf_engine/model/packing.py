@@ -71,10 +71,11 @@ def _one_gemm_may_stand_in(linears: Sequence[nn.Module], backward: bool = False)
 
 
 # Per group (keyed by its first layer, weakly): the parameters' (data_ptr, shape, dtype, device, contiguity) when the
-# packed views were last built, and those views (packed groups only; ``pack_linears`` drops the entry). Building them (``_rows`` twice) costs ~25 us of host
-# time, the key ~3: this runs in every packed GEMM, 2 a layer in each forward. The key changes whenever a parameter
-# gets another tensor (``param.data = ...``, ``.to()``, loading), and a cached view keeps its storage alive, so no new
-# tensor can appear at its address meanwhile; in-place updates (an optimizer step) keep the key and the view sees them.
+# packed views were last built, and those views (packed groups only; ``pack_linears`` drops the entry). Building
+# them (``_rows`` twice) costs ~25 us of host time, the key ~3: this runs in every packed GEMM, 2 a layer in each
+# forward. The key changes whenever a parameter gets another tensor (``param.data = ...``, ``.to()``, loading), and a
+# cached view keeps its storage alive, so no new tensor can appear at its address meanwhile; in-place updates (an
+# optimizer step) keep the key and the view sees them.
 _PACKED_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
