@@ -39,6 +39,8 @@ import triton.language as tl
 from ._launch import cdiv, next_pow2, parallel_autotune
 from .attention_fwd import autotune_enabled, dot_precision
 from .reference.norm import rms_norm_reference
+from .rmsnorm import rms_normalize
+from .swiglu import silu_mul_rounded
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -88,9 +90,8 @@ def _norm_linear_kernel(
         if HAS_RES:
             r = tl.load(R + rows[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
             s = (s.to(tl.float32) + r.to(tl.float32)).to(dt)
-        yn = (s.to(tl.float32) * rstd[:, None]).to(dt)  # back to dt before the weight, as transformers
         g = tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        y = (g[None, :] * yn.to(tl.float32)).to(W.dtype.element_ty)
+        y = rms_normalize(s.to(tl.float32), rstd[:, None], g[None, :], dt, W.dtype.element_ty)  # the norm kernel's
         nk = n_ok[:, None] & k_ok[None, :]
         w = tl.load(W + w_rows[:, None] * stride_wn + offs_k[None, :], mask=nk, other=0.0)
         acc = tl.dot(y, tl.trans(w), acc, input_precision=PRECISION)
@@ -101,11 +102,8 @@ def _norm_linear_kernel(
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_t = Y.dtype.element_ty
-    if SWIGLU:
-        gate = acc.to(out_t).to(tl.float32)  # the GEMM outputs' rounding, then silu * up as the SwiGLU kernel
-        up = acc_up.to(out_t).to(tl.float32)
-        a = (gate / (1.0 + tl.exp(-gate))).to(out_t)
-        out = (a.to(tl.float32) * up).to(out_t)
+    if SWIGLU:  # the GEMM outputs' rounding, then silu * up as the SwiGLU kernel
+        out = silu_mul_rounded(acc.to(out_t).to(tl.float32), acc_up.to(out_t).to(tl.float32), out_t)
     else:
         out = acc.to(out_t)
     tl.store(Y + rows[:, None] * stride_ym + offs_n[None, :], out, mask=m_ok[:, None] & n_ok[None, :])

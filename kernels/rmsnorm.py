@@ -41,6 +41,14 @@ MAX_HIDDEN = 8192
 
 
 @triton.jit
+def rms_normalize(sf, rstd, w, DT: tl.constexpr, OUT_T: tl.constexpr):
+    """w * (s * rstd).to(DT), rounded to OUT_T: transformers' roundings, from fp32 s, rstd and w (broadcastable;
+    also the prologue of ``norm_linear``'s GEMM)."""
+    y = (sf * rstd).to(DT)  # back to the input dtype before the weight, as transformers
+    return (w * y.to(tl.float32)).to(OUT_T)
+
+
+@triton.jit
 def _rms_norm_kernel(
     X, R, W, Y, S,
     stride_x, stride_r, stride_y, stride_s,
@@ -59,9 +67,8 @@ def _rms_norm_kernel(
     else:
         xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
-    y = (xf * rstd).to(X.dtype.element_ty)  # back to the input dtype before the weight, as transformers
     w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + offs, (w * y.to(tl.float32)).to(Y.dtype.element_ty), mask=m)
+    tl.store(Y + row * stride_y + offs, rms_normalize(xf, rstd, w, X.dtype.element_ty, Y.dtype.element_ty), mask=m)
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -27,6 +27,14 @@ _BLOCK = 1024
 
 
 @triton.jit
+def silu_mul_rounded(g, u, OUT_T: tl.constexpr):
+    """silu(g) * u from fp32 g, u with the eager pair's roundings to OUT_T (also the epilogue of
+    ``norm_linear``'s gate/up GEMM)."""
+    a = (g / (1.0 + tl.exp(-g))).to(OUT_T)
+    return (a.to(tl.float32) * u).to(OUT_T)
+
+
+@triton.jit
 def _silu_mul_kernel(G, U, O, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
     # one (row, column block) per program; rows may be strided (gate and up as halves of one packed GEMM output)
     row = tl.program_id(0).to(tl.int64)
@@ -34,8 +42,7 @@ def _silu_mul_kernel(G, U, O, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.co
     m = cols < n_cols
     g = tl.load(G + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=m, other=0.0).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(O.dtype.element_ty)
-    tl.store(O + row * stride_o + cols, (a.to(tl.float32) * u).to(O.dtype.element_ty), mask=m)
+    tl.store(O + row * stride_o + cols, silu_mul_rounded(g, u, O.dtype.element_ty), mask=m)
 
 
 @triton.jit
