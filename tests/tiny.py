@@ -26,3 +26,23 @@ def rms_norm_fp64(s: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """The RMSNorm definition in fp64: w · s / sqrt(mean(s²) + eps)."""
     s64 = s.double()
     return w.double() * s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def generation_model(name: str = "tiny-llama", std: float = 0.15, **kw):
+    """A preset's model in eval mode, seeded, with initializer_range ``std`` (the generation tests' model)."""
+    from rlhf_engine.model import CausalLM, preset
+
+    torch.manual_seed(0)
+    return CausalLM(preset(name, initializer_range=std, **kw)).eval()
+
+
+def left_padded_prompts(vocab: int, lengths=(9, 4, 6), P: int = 9, pad: int = 0):
+    """Left-padded prompts (B, P) of the given lengths, tokens avoiding the special ids 0..3."""
+    g = torch.Generator().manual_seed(1)
+    B = len(lengths)
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    mask = torch.zeros(B, P, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, P - n:] = torch.randint(4, vocab, (n,), generator=g)
+        mask[b, P - n:] = 1
+    return ids, mask
