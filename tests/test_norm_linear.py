@@ -70,11 +70,13 @@ def test_rows_tile_over_m(device):
     torch.testing.assert_close(out.double(), _fp64(x, nw, 1e-5, w, b, r, False), atol=2e-5, rtol=2e-5)
 
 
-def test_torch_backend_is_the_reference():
+def test_torch_backend_is_the_reference_and_matches_fp64():
+    """The torch backend is the eager reference (the 16-bit test's yardstick), itself right against fp64."""
     x, r, nw, w, _ = _inputs((3,), 32, 8, True, False, True, torch.float32, "cpu")
     out, s = rms_norm_linear(x, nw, 1e-6, w, residual=r, swiglu=True, backend="torch")
     ref, s_ref = norm_linear_reference(x, nw, 1e-6, w, residual=r, swiglu=True)
     assert torch.equal(out, ref) and torch.equal(s, s_ref)
+    torch.testing.assert_close(out.double(), _fp64(x, nw, 1e-6, w, None, r, True), atol=2e-5, rtol=2e-5)
 
 
 def test_bad_inputs_raise(device):
