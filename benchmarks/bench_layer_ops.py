@@ -174,13 +174,15 @@ def _checkpoint_rows(device: str, dtype, warmup: int, rep: int, tiny: bool) -> l
     micro-batch of the Qwen2-0.5B shape (24 layers, 16 x 384 tokens, 256 response tokens each) with every layer
     recomputed in the backward, as ``bench_ppo_step.py`` trains: the model's ``checkpoint_layer`` against
     ``torch.utils.checkpoint`` (non-reentrant, what it used before), same run. The CPU measured the host side alone
-    (``benchmarks/host_train.py``: 90-105 -> 54-63 ms for 24 layers); this row says what a GPU step sees."""
+    (``benchmarks/host_train.py``: 90-105 -> 54-63 ms for 24 layers); this row says what a GPU step sees. A third
+    row runs ours with every Triton launch through Triton's own path (``kernels/_fastlaunch.py`` off)."""
     import torch
     from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
     from common import bench, peak_mem_mb
 
     import rlhf_engine.model.llama as llama
+    from rlhf_engine.kernels import _fastlaunch as fastlaunch
     from rlhf_engine.model import CausalLM, preset
     from rlhf_engine.trainer.actor_critic import policy_forward
 
@@ -210,13 +212,17 @@ def _checkpoint_rows(device: str, dtype, warmup: int, rep: int, tiny: bool) -> l
     ours = llama.checkpoint_layer
     shape = f"{'tiny-qwen2 x2' if tiny else 'Qwen2-0.5B x24'},B={B},T={P + N},{str(dtype)[6:]},ckpt"
     rows, base_ms = [], None
-    for name, impl in (("torch.utils.checkpoint (non-reentrant)", torch_ckpt), ("ours (checkpoint_layer)", ours)):
+    cases = (("torch.utils.checkpoint (non-reentrant)", torch_ckpt, True), ("ours (checkpoint_layer)", ours, True),
+             ("ours, Triton's own launch path (no cached launches)", ours, False))
+    for name, impl, cached in cases:
         llama.checkpoint_layer = impl
+        fastlaunch.set_enabled(cached)
         try:
             ms = bench(step, warmup=warmup, rep=max(3, rep // 5))
             peak = peak_mem_mb(step)
         finally:
             llama.checkpoint_layer = ours
+            fastlaunch.set_enabled(True)
         base_ms = ms if base_ms is None else base_ms
         rows.append(dict(op="actor train fwd+bwd, recomputed layers", shape=shape, impl=name, ms=ms, metric="time",
                          value=ms, unit="ms", peak_mb=peak, vs_baseline=base_ms / ms))

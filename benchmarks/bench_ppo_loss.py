@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from common import H100_COPY_TBPS, bench, kernel_ms, peak_mem_mb, print_table, record
 
     from rlhf_engine.algo import ppo_loss_reference
+    from rlhf_engine.kernels import _fastlaunch as fastlaunch
     from rlhf_engine.kernels.ppo_loss import ppo_loss_triton, ppo_loss_with_grads
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,9 +81,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                       old_values=t["old_values"], returns=t["returns"], ref_logp=t["ref_logp"], **KW)
         return g["logp"], g["values"]
 
+    def fused_triton_launch():  # A/B: the same call through Triton's own launch path (kernels/_fastlaunch.py off)
+        fastlaunch.set_enabled(False)
+        try:
+            return fused()
+        finally:
+            fastlaunch.set_enabled(True)
+
     impls = {"eager PyTorch (ppo_loss_reference)": fwd_bwd(ppo_loss_reference),
              "ours triton (ppo_loss_triton)": fwd_bwd(ppo_loss_triton),
-             "ours triton, loss + grads in 2 launches (ppo_loss_with_grads)": fused}
+             "ours triton, loss + grads in 2 launches (ppo_loss_with_grads)": fused,
+             "ours triton, ppo_loss_with_grads through Triton's own launch path": fused_triton_launch}
     try:
         from rlhf_engine.kernels import native
 

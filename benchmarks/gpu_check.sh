@@ -16,14 +16,14 @@
 # Installs no dependency (the machine has no internet). A failing step is recorded and the script
 # goes on; it exits non-zero when the build or any test failed (benchmark errors are only reported).
 #
-# Order: environment, build (<= 150 s), benchmarks (all but GPU_CHECK_TEST_RESERVE_S = 100 s of what is left),
+# Order: environment, build (<= 150 s), the cached-launch check (<= 120 s), benchmarks (all but GPU_CHECK_TEST_RESERVE_S = 100 s of what is left),
 # GPU tests (<= 120 s), kernel tests (<= 60 s), summary. The benchmarks come first: they are the numbers the issues
 # ask for and each kernel script checks its kernels against its baseline before timing; a test step with < 45 s left
 # is reported as skipped. A second run (warm machine: the build and Triton's cache are kept) picks up what the
 # first skipped, e.g. GPU_CHECK_SKIP=build GPU_CHECK_BENCH="ppo_step generate". Knobs (environment):
 # GPU_CHECK_BUDGET_S (total, default 450), GPU_CHECK_BUILD_S (150), GPU_CHECK_TEST_S (120), GPU_CHECK_KTEST_S (60),
 # GPU_CHECK_TEST_RESERVE_S (100),
-# GPU_CHECK_SKIP (any of "build tests ktests bench"),
+# GPU_CHECK_SKIP (any of "build fastlaunch tests ktests bench"),
 # GPU_CHECK_BENCH (substrings of the benchmarks to run, e.g. "logprob ppo_step"), GPU_CHECK_KTEST_FILES (the kernel
 # test files, space-separated, in order),
 # RLHF_ENGINE_CUDA_ARCHS (default 90a: Hopper only, to save build time), PYTHON (default python),
@@ -259,6 +259,28 @@ EOF
   fi
   echo "build: $BUILD"
 
+  # The cached Triton launch path (kernels/_fastlaunch.py) is new to the GPU: outputs must equal Triton's own path
+  # bit for bit. If not (or it crashes), the rest of the run takes Triton's path, and the run says so.
+  step "cached Triton launches: benchmarks/fastlaunch_check.py"
+  local FASTLAUNCH
+  if skipped fastlaunch; then
+    rc=0
+    FASTLAUNCH="skipped (GPU_CHECK_SKIP): not checked in this run"
+  else
+    timeout -k 5 "$(cap 120)" "$PY" benchmarks/fastlaunch_check.py
+    rc=$?
+  fi
+  if [ -n "${FASTLAUNCH:-}" ]; then
+    :
+  elif [ $rc -eq 0 ]; then
+    FASTLAUNCH="ok (outputs identical to Triton's launch path)"
+  else
+    FASTLAUNCH="FAILED ($(rc_note $rc 120)): the rest of this run used Triton's launch path (RLHF_ENGINE_FAST_LAUNCH=0)"
+    export RLHF_ENGINE_FAST_LAUNCH=0
+    FAIL=1
+  fi
+  echo "cached launches: $FASTLAUNCH"
+
   # Parallel test workers (pytest-xdist, carried: benchmarks/fetch_baselines.sh), if this pytest loads it: the
   # kernel tests are mostly Triton compiles (ptxas: one core each), 16 cores here. The probe starts two workers on
   # two quick CPU tests (collect-only would not start any); it runs before the benchmarks, whose host-bound
@@ -353,6 +375,7 @@ EOF
     echo "## checks"
     echo "- CUDA: $CUDA"
     echo "- build: $BUILD"
+    echo "- cached Triton launches: ${FASTLAUNCH:-not checked}"
     echo "- GPU tests (pytest -m gpu tests): $TESTS"
     echo "- kernel tests on CUDA (not gpu-marked): $KTESTS"
     echo "- benchmarks: $BENCH"

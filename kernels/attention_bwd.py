@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._fastlaunch import launch
 from ._launch import cdiv, parallel_autotune
 from .attention_fwd import (
     INTERPRETER_BLOCK_M,
@@ -420,7 +421,7 @@ def attention_backward(
     delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     BLOCK_D = max(16, next_pow2(D))
     pre_bm = 64
-    _bwd_preprocess_kernel[tile_grid(cdiv(Tq, pre_bm), B * Hq)](
+    launch(_bwd_preprocess_kernel, tile_grid(cdiv(Tq, pre_bm), B * Hq),
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, FLAT_GRID=flat_grid(B * Hq))
 
@@ -453,19 +454,19 @@ def attention_backward(
         named = {"Q": q, "T_BUCKET": tb}
         c = fixed_config(_DKDV_CONFIGS, _prune_dkdv_atomic if atomic else _prune_dkdv, named, BLOCK_D,
                          _DKDV_ATOMIC_DEFAULT if atomic else _DKDV_DEFAULT, _DKDV_FP32)
-        _bwd_dkdv_kernel[kv_grid(c.kwargs["BLOCK_N"])](
+        launch(_bwd_dkdv_kernel, kv_grid(c.kwargs["BLOCK_N"]),
             *dkdv_args, **dkdv_meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         if not atomic:
             c = fixed_config(_DQ_CONFIGS, _prune_dq, named, BLOCK_D, _DQ_DEFAULT, _DQ_FP32)
-            _bwd_dq_kernel[q_grid(c.kwargs["BLOCK_M"])](
+            launch(_bwd_dq_kernel, q_grid(c.kwargs["BLOCK_M"]),
                 *dq_args, **dq_meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         bm = block_m or INTERPRETER_BLOCK_M
         bn = block_n or INTERPRETER_BLOCK_N
-        _bwd_dkdv_kernel[kv_grid(bn)](
+        launch(_bwd_dkdv_kernel, kv_grid(bn),
             *dkdv_args, **dkdv_meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
         if not atomic:
-            _bwd_dq_kernel[q_grid(bm)](
+            launch(_bwd_dq_kernel, q_grid(bm),
                 *dq_args, **dq_meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
     if atomic and dq.dtype != q.dtype:
         dq = dq.to(q.dtype)

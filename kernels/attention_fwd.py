@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._fastlaunch import launch
 from ._launch import cdiv, next_pow2, parallel_autotune
 
 LOG2E = 1.4426950408889634  # log2(e) = 1 / ln 2
@@ -362,11 +363,11 @@ def attention_forward(
     elif q.is_cuda and block_m is None and block_n is None:
         c = fixed_config(_FWD_CONFIGS, _prune_fwd, {"Q": q, "T_BUCKET": args[-1]}, meta["BLOCK_D"], _FWD_DEFAULT,
                          _FWD_FP32)
-        _attn_fwd_kernel[tile_grid(cdiv(Tq, c.kwargs["BLOCK_M"]), B * Hq)](
+        launch(_attn_fwd_kernel, tile_grid(cdiv(Tq, c.kwargs["BLOCK_M"]), B * Hq),
             *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         bm = block_m or INTERPRETER_BLOCK_M
         bn = block_n or INTERPRETER_BLOCK_N
-        _attn_fwd_kernel[tile_grid(cdiv(Tq, bm), B * Hq)](
+        launch(_attn_fwd_kernel, tile_grid(cdiv(Tq, bm), B * Hq),
             *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps, num_stages=num_stages)
     return o, lse

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._fastlaunch import launch
 from ._launch import parallel_autotune, sm_count
 from .attention import check_qkv
 from .attention_fwd import LOG2E, autotune_enabled, dot_precision, next_pow2
@@ -305,12 +306,12 @@ def decode_attention_forward(
         _decode_split_kernel_tuned[grid](*args, **meta)
     elif q.is_cuda and block_n is None:
         c = _decode_fixed_config(D, single, q.dtype)
-        _decode_split_kernel[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        launch(_decode_split_kernel, grid, *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
-        _decode_split_kernel[grid](*args, **meta, BLOCK_N=block_n or INTERPRETER_BLOCK_N, num_warps=4,
+        launch(_decode_split_kernel, grid, *args, **meta, BLOCK_N=block_n or INTERPRETER_BLOCK_N, num_warps=4,
                                    num_stages=2)
     if not single:
-        _decode_reduce_kernel[(B * Hq * Tn,)](
+        launch(_decode_reduce_kernel, (B * Hq * Tn,),
             o, o_part, lse_part, o.stride(0), o.stride(1), o.stride(2), Hq, Tn, num_splits,
             HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_S=max(2, next_pow2(num_splits)),
             num_warps=1 if next_pow2(num_splits) * next_pow2(D) <= 1024 else 4)  # 1 warp spills at 64 x 128

@@ -65,6 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._fastlaunch import launch
 from ._launch import cdiv, row_launch_config
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -223,7 +224,7 @@ def gae_forward(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     r, v, m = rewards.contiguous(), values.contiguous(), _mask_arg(mask)
     lv = last_value.contiguous() if last_value is not None else r
     ROWS, BLOCK_T, num_warps = _launch_config(B, T, block_t)
-    _gae_fwd_kernel[(cdiv(B, ROWS),)](
+    launch(_gae_fwd_kernel, (cdiv(B, ROWS),),
         r, v, m, lv, adv, ret, B, T, float(gamma), float(gamma) * float(lam),
         HAS_LV=last_value is not None, CARRY=bool(carry), ROWS=ROWS, BLOCK_T=BLOCK_T, num_warps=num_warps,
     )
@@ -255,7 +256,7 @@ def gae_backward(grad_adv: Optional[torch.Tensor], grad_ret: Optional[torch.Tens
     ga = grad_adv.contiguous() if grad_adv is not None else None
     gr = grad_ret.contiguous() if grad_ret is not None else None
     ROWS, BLOCK_T, num_warps = _launch_config(B, T, block_t)
-    _gae_bwd_kernel[(cdiv(B, ROWS),)](
+    launch(_gae_bwd_kernel, (cdiv(B, ROWS),),
         ga if ga is not None else dr, gr if gr is not None else dr, m, dr, dv, dlv if dlv is not None else dr,
         B, T, float(gamma), float(gamma) * float(lam),
         HAS_GA=ga is not None, HAS_GR=gr is not None, HAS_LV=bool(has_last_value), CARRY=bool(carry),

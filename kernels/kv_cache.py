@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
+from ._fastlaunch import launch
 from .attention_fwd import next_pow2
 from .reference.attention import apply_rope_reference, write_kv_cache_reference
 
@@ -107,7 +108,7 @@ def write_kv_cache_forward(k_cache, v_cache, k_new, v_new, positions, cos, sin, 
     has_rope = cos is not None
     half = D // 2
     dummy = positions
-    _write_kv_kernel[(B * Tn,)](
+    launch(_write_kv_kernel, (B * Tn,),
         k_cache, v_cache, k_new, v_new, positions, rope_positions if has_rope else dummy,
         cos if has_rope else dummy, sin if has_rope else dummy,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -128,7 +129,7 @@ def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_sign
     if B * T * H == 0:
         return y
     half = D // 2
-    _rope_kernel[(B * T,)](
+    launch(_rope_kernel, (B * T,),
         x, y, cos, sin,
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._fastlaunch import launch
 from ._launch import next_pow2
 from .reference.logprob import logprobs_reference
 
@@ -188,7 +189,7 @@ def token_logprobs_forward(
     if N == 0:
         return logp, entropy, lse, pz
     BLOCK_V, num_warps = _launch_config(V, block_v)
-    _logprob_fwd_kernel[(N,)](
+    launch(_logprob_fwd_kernel, (N,),
         logits, targets, logp, entropy if with_entropy else logp, lse, pz if with_entropy else lse,
         V, rows_inner, sxb, sxt, _LOG2E / temperature, ignore_index,
         WITH_ENTROPY=with_entropy, BLOCK_V=BLOCK_V, num_warps=num_warps,
@@ -239,7 +240,7 @@ def token_logprobs_backward(
     g = grad_logp.reshape(-1).float().contiguous() if has_g else lse
     ge = grad_entropy.reshape(-1).float().contiguous() if has_ge else lse
     BLOCK_V, num_warps = _launch_config(V, block_v)
-    _logprob_bwd_kernel[(N,)](
+    launch(_logprob_bwd_kernel, (N,),
         logits, out, targets, lse, pz if has_ge else lse, g, ge,
         V, col_offset, rows_inner, sxb, sxt, sdb, sdt,
         1.0 / temperature, _LOG2E / temperature, ignore_index,

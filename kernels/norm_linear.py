@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._fastlaunch import launch
 from ._launch import cdiv, next_pow2, parallel_autotune
 from .attention_fwd import autotune_enabled, dot_precision
 from .reference.norm import rms_norm_reference
@@ -151,7 +152,7 @@ def norm_linear_forward(x: torch.Tensor, residual: Optional[torch.Tensor], norm_
         c = ((_NL_FP32 if x.dtype == torch.float32 else _NL_DEFAULT) if x.is_cuda
              else triton.Config(_NL_INTERPRETER, num_warps=4, num_stages=2))
         grid = (cdiv(N, c.kwargs["BLOCK_N"]), cdiv(M, block_m))
-        _norm_linear_kernel[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        launch(_norm_linear_kernel, grid, *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     return y, s
 
 

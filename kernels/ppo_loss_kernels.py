@@ -59,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._fastlaunch import launch
 from ._launch import cdiv, next_pow2, row_launch_config
 
 from ._args import AGG_MODES, KL_KINDS  # noqa: E402 - one definition for the Triton and the native losses
@@ -363,7 +364,7 @@ def ppo_loss_forward(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
     loss = torch.empty((), dtype=torch.float32, device=dev)
     metrics = torch.empty((len(METRIC_KEYS),), dtype=torch.float32, device=dev)
     inv_n = torch.empty((), dtype=torch.float32, device=dev)
-    _ppo_loss_finalize_kernel[(1,)](small, loss, metrics, inv_n, *fin_args, **fin_meta)
+    launch(_ppo_loss_finalize_kernel, (1,), small, loss, metrics, inv_n, *fin_args, **fin_meta)
     if logp.dtype != torch.float32:  # rounded by torch (the interpreter truncates fp32 -> bf16 stores)
         loss, metrics = loss.to(logp.dtype), metrics.to(logp.dtype)
     u_logp, u_v, u_ent = (small.new_empty(0) if u is None else u for u in us)
@@ -386,7 +387,7 @@ def ppo_loss_launch_grads(logp, old_logp, advantages, mask, values, old_values, 
     n = B * T
     grid = (max(1, min(cdiv(n, _GRAD_BLOCK), _GRAD_MAX_PROGRAMS)),)
     ptr = lambda x: small if x is None else x  # noqa: E731 - absent gradients: any valid pointer
-    _ppo_loss_finalize_grads_kernel[grid](
+    launch(_ppo_loss_finalize_grads_kernel, grid,
         small, *fin_args, *map(ptr, us), *map(ptr, outs), n, float(grad_scale), **fin_meta,
         HAS1=us[1] is not None, HAS2=us[2] is not None, BLOCK=_GRAD_BLOCK)
     return (small, *outs)
@@ -411,7 +412,7 @@ def _launch_rows(logp, old_logp, advantages, mask, values, old_values, returns, 
         c = lambda x: x.contiguous() if x is not None else logp  # noqa: E731 - absent inputs: any valid pointer
         m = mask.contiguous()
         m = m.view(torch.uint8) if m.dtype == torch.bool else m
-        _ppo_loss_fwd_kernel[(cdiv(B, ROWS),)](
+        launch(_ppo_loss_fwd_kernel, (cdiv(B, ROWS),),
             c(logp), c(old_logp), c(advantages), m, c(values), c(old_values), c(returns), c(ref_logp), c(entropy),
             small if u_logp is None else u_logp, small if u_v is None else u_v, small if u_ent is None else u_ent,
             small, B, T, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high,

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ._fastlaunch import launch
 from ._launch import cdiv, next_pow2, sm_count
 from .reference.norm import rms_norm_reference
 
@@ -80,7 +81,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if N == 0:
         return y, s
     block = next_pow2(H)
-    _rms_norm_kernel[(N,)](
+    launch(_rms_norm_kernel, (N,),
         x, residual if residual is not None else x, weight, y, s if s is not None else y,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         s.stride(0) if s is not None else 0, H, eps,
@@ -144,7 +145,7 @@ def rms_norm_backward(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch
     programs = cdiv(N, rows)
     partial = torch.empty((programs, H), dtype=torch.float32, device=s.device) if need_dw else ds
     block = next_pow2(H)
-    _rms_norm_bwd_kernel[(programs,)](
+    launch(_rms_norm_bwd_kernel, (programs,),
         dy, ds_out if ds_out is not None else dy, s, weight, ds, partial,
         dy.stride(0), ds_out.stride(0) if ds_out is not None else 0, s.stride(0), ds.stride(0),
         N, H, eps, rows,

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ._fastlaunch import launch
 from ._launch import cdiv
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -73,7 +74,7 @@ def silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if out.numel():
         g, u = _as_rows(gate), _as_rows(up)
         n_rows, n_cols = g.shape
-        _silu_mul_kernel[(n_rows, cdiv(n_cols, _BLOCK))](g, u, out, n_cols, g.stride(0), u.stride(0), n_cols,
+        launch(_silu_mul_kernel, (n_rows, cdiv(n_cols, _BLOCK)), g, u, out, n_cols, g.stride(0), u.stride(0), n_cols,
                                                           BLOCK=_BLOCK, num_warps=4)
     return out
 
@@ -85,7 +86,7 @@ def silu_mul_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) 
     if dg.numel():
         do, g, u = _as_rows(dout), _as_rows(gate), _as_rows(up)
         n_rows, n_cols = g.shape
-        _silu_mul_bwd_kernel[(n_rows, cdiv(n_cols, _BLOCK))](
+        launch(_silu_mul_bwd_kernel, (n_rows, cdiv(n_cols, _BLOCK)),
             do, g, u, dg, du, n_cols, do.stride(0), g.stride(0), u.stride(0), n_cols, n_cols,
             BLOCK=_BLOCK, num_warps=4)
     return dg, du

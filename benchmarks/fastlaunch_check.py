@@ -1,0 +1,110 @@
+"""GPU check of ``kernels._fastlaunch``: outputs with the cached launch path equal Triton's own path, bit for bit.
+
+Runs a few ops whose kernels launch through ``launch`` (RMSNorm + residual fwd/bwd, SwiGLU fwd/bwd, GAE fwd/bwd,
+``ppo_loss_with_grads``, token log-probs with entropy, causal GQA attention fwd/bwd on fixed tiles, a KV-cache
+write), each three times with the cached path on (the first launch compiles, the second caches, the third uses the
+cache), and once with it off; then checks that every output and gradient is identical, nothing is NaN, and that
+the kernels were launched from the cache. ``benchmarks/gpu_check.sh`` runs it before anything else and turns the
+cached path off (``RLHF_ENGINE_FAST_LAUNCH=0``) for the rest of the run if it fails or crashes.
+
+    python benchmarks/fastlaunch_check.py              # needs CUDA; exit 0 ok, 1 mismatch, 2 no CUDA
+    python benchmarks/fastlaunch_check.py --cpu-smoke  # the same ops on the CPU under the Triton interpreter,
+                                                       # where nothing is cached (tests/test_fastlaunch.py)
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _ops(torch, dev: str):
+    from rlhf_engine.kernels.attention import flash_attention
+    from rlhf_engine.kernels.gae import gae_triton
+    from rlhf_engine.kernels.kv_cache import write_kv_cache
+    from rlhf_engine.kernels.logprob import token_logprobs
+    from rlhf_engine.kernels.ppo_loss import ppo_loss_with_grads
+    from rlhf_engine.kernels.rmsnorm import rms_norm
+    from rlhf_engine.kernels.swiglu import silu_mul
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    bf = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter's bf16 dots are wrong (3.6)
+
+    def rnd(*shape, dtype=torch.float32, grad=False):
+        return torch.randn(*shape, generator=g, device=dev).to(dtype).requires_grad_(grad)
+
+    n, h, i, vocab = (97, 896, 4864, 50257) if dev == "cuda" else (9, 40, 72, 301)  # the interpreter is slow
+    x, r, w = rnd(n, h, dtype=bf, grad=True), rnd(n, h, dtype=bf, grad=True), rnd(h, dtype=bf, grad=True)
+    gate, up = rnd(n, i, dtype=bf, grad=True), rnd(n, i, dtype=bf, grad=True)
+    rew, val = rnd(7, 131, grad=True), rnd(7, 131, grad=True)
+    mask = torch.rand(7, 131, generator=g, device=dev) > 0.2
+    logits, tgt = rnd(37, vocab, dtype=bf, grad=True), torch.randint(0, vocab, (37,), generator=g, device=dev)
+    q, k, v = rnd(2, n, 14, 64, dtype=bf, grad=True), rnd(2, n, 2, 64, dtype=bf, grad=True), \
+        rnd(2, n, 2, 64, dtype=bf, grad=True)
+    cache_k, cache_v = torch.zeros(3, 40, 2, 64, device=dev, dtype=bf), torch.zeros(3, 40, 2, 64, device=dev, dtype=bf)
+    new_k, new_v, pos = rnd(3, 1, 2, 64, dtype=bf), rnd(3, 1, 2, 64, dtype=bf), torch.tensor([5, 17, 39], device=dev)
+
+    def grads(out, *inputs):  # the same grad_output on every call
+        go = torch.randn(out.shape, generator=torch.Generator(device=dev).manual_seed(1), device=dev).to(out.dtype)
+        return (out, *torch.autograd.grad(out, inputs, go))
+
+    def norm():
+        y, s = rms_norm(x, w, 1e-6, residual=r, backend="triton")
+        return grads(y + s, x, r, w)
+
+    def kv_write():
+        ck, cv = cache_k.clone(), cache_v.clone()
+        write_kv_cache(ck, cv, new_k, new_v, pos, backend="triton")
+        return ck, cv
+
+    def ppo():
+        loss, metrics, gr = ppo_loss_with_grads(rew, rew.detach() + 0.1, val.detach(), mask, values=val,
+                                                old_values=val.detach(), returns=rew.detach(), kl_coef=0.1,
+                                                ref_logp=rew.detach())
+        return (loss, gr["logp"], gr["values"], *metrics.values())
+
+    return {
+        "rms_norm + residual fwd/bwd": norm,
+        "silu_mul fwd/bwd": lambda: grads(silu_mul(gate, up, backend="triton"), gate, up),
+        "gae fwd/bwd": lambda: grads(torch.stack(gae_triton(rew, val, mask, gamma=0.99, lam=0.95)), rew, val),
+        "ppo_loss_with_grads": ppo,
+        "token_logprobs + entropy fwd/bwd": lambda: grads(
+            torch.stack(token_logprobs(logits, tgt, temperature=0.7, with_entropy=True)), logits),
+        "flash_attention fwd/bwd": lambda: grads(flash_attention(q, k, v, causal=True, backend="triton"), q, k, v),
+        "write_kv_cache": kv_write,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    cpu = "--cpu-smoke" in (sys.argv[1:] if argv is None else argv)
+    if cpu:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+    import torch
+
+    if not cpu and not torch.cuda.is_available():
+        print("fastlaunch check: no CUDA device")
+        return 2
+    os.environ.setdefault("RLHF_ENGINE_AUTOTUNE", "0")  # fixed tiles: plain JITFunction launches
+    import rlhf_engine.kernels._fastlaunch as FL
+
+    ok = True
+    for name, op in _ops(torch, "cpu" if cpu else "cuda").items():
+        FL.set_enabled(True)
+        fast = [op() for _ in range(3)][-1]
+        cached = FL.cached_launches()
+        FL.set_enabled(False)
+        slow = op()
+        if not cpu:
+            torch.cuda.synchronize()
+        same = all(torch.equal(a, b) for a, b in zip(fast, slow)) and len(fast) == len(slow)
+        finite = all(torch.isfinite(t.float()).all().item() for t in fast if t.is_floating_point())
+        good = same and finite and (cached > 0 or cpu)
+        ok &= good
+        print(f"fastlaunch check: {name:34s} {'ok' if good else 'FAILED'} (identical {same}, finite {finite}, "
+              f"cached kernels {cached})")
+    FL.set_enabled(True)
+    print(f"fastlaunch check: {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
