@@ -106,7 +106,7 @@ def _install_fakes(calls) -> None:
         _, spec, options = binder(*args, **options)
         stand_in = _Kernel()
         kernel_cache[compute_cache_key(key_cache, spec, options)] = stand_in
-        state = FL._STATES.get(id(kernel)) or FL._state(kernel)
+        state = FL._STATES[id(kernel)][1] if id(kernel) in FL._STATES else FL._state(kernel)
         state.backend = BACKEND
         _, key = state.plan(len(args), tuple(kwargs))(args, kwargs, BACKEND)
         state.compiled[(0, key)] = FL._entry(stand_in)

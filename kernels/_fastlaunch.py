@@ -27,7 +27,7 @@ import torch
 
 _ENABLED = os.environ.get("RLHF_ENGINE_FAST_LAUNCH", "1") != "0"
 _SLOW = object()  # state of a kernel this module does not launch itself
-_STATES: dict = {}  # id(kernel) -> _KernelState or _SLOW (kernels are module globals: never freed)
+_STATES: dict = {}  # id(kernel) -> (kernel, _KernelState or _SLOW): the kernel kept, so that its id is not reused
 
 try:
     import triton
@@ -94,7 +94,7 @@ def _state(kernel):
     ok = (_ENABLED and _SUPPORTED and type(kernel) is _JITFunction and not kernel.pre_run_hooks
           and _get_device is not None and torch.cuda.is_available())
     state = _KernelState(kernel) if ok else _SLOW
-    _STATES[id(kernel)] = state
+    _STATES[id(kernel)] = (kernel, state)
     return state
 
 
@@ -113,9 +113,8 @@ def _entry(compiled):
 def launch(kernel, grid: tuple, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, with Triton's per-launch Python skipped once this specialization has
     been launched before (see the module docstring). ``grid`` is a tuple of 1-3 ints. Returns nothing."""
-    state = _STATES.get(id(kernel))
-    if state is None:
-        state = _state(kernel)
+    known = _STATES.get(id(kernel))
+    state = known[1] if known is not None else _state(kernel)
     if state is _SLOW or grid.__class__ is not tuple:
         kernel[grid](*args, **kwargs)
         return
@@ -164,4 +163,4 @@ def set_enabled(enabled: bool) -> None:
 def cached_launches() -> int:
     """How many kernel specializations the cached path holds, over all kernels (0: every launch took Triton's
     path)."""
-    return sum(len(s.compiled) for s in _STATES.values() if s is not _SLOW)
+    return sum(len(s.compiled) for _, s in _STATES.values() if s is not _SLOW)
