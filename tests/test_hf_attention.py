@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config  # noqa: E402
 
+import rlhf_engine.integrations.hf_attention as hf_attention  # noqa: E402
 from rlhf_engine.integrations.hf_attention import mask_to_kv_range, register_hf_attention  # noqa: E402
 
 # On the CPU the Triton kernels run under the interpreter ("triton"); on a GPU the default "auto" path.
@@ -29,6 +30,27 @@ def model(request):
     m = AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME).eval()
     assert m.config._attn_implementation == NAME
     return m
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts of what our attention function ran: {"flash": n, "decode": n}; a fallback to HF's SDPA raises, so
+    that a parity test cannot pass on HF's own attention."""
+    calls = {"flash": 0, "decode": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def no_fallback(reason, *args):
+        raise AssertionError(f"fell back to HF's SDPA: {reason}")
+
+    monkeypatch.setattr(hf_attention, "flash_attention", spy("flash", hf_attention.flash_attention))
+    monkeypatch.setattr(hf_attention, "decode_attention", spy("decode", hf_attention.decode_attention))
+    monkeypatch.setattr(hf_attention, "_fallback", no_fallback)
+    return calls
 
 
 def _batch(B, T, padding, device="cpu"):
@@ -53,10 +75,11 @@ def _logits(m, impl, **kw):
 
 
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
-def test_prefill_logits_match(model, padding):
+def test_prefill_logits_match(model, padding, kernel_calls):
     ids, am, pos = _batch(3, 13, padding)
     kw = dict(input_ids=ids, attention_mask=am, position_ids=pos)
     ours = _logits(model, NAME, **kw)
+    assert kernel_calls == {"flash": model.config.num_hidden_layers, "decode": 0}
     valid = torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
     for impl in ("eager", "sdpa"):
         ref = _logits(model, impl, **kw)
@@ -65,7 +88,7 @@ def test_prefill_logits_match(model, padding):
 
 
 @pytest.mark.parametrize("padding", ["none", "left"])
-def test_decode_steps_match(model, padding):
+def test_decode_steps_match(model, padding, kernel_calls):
     """Prefill into a DynamicCache, then two decode steps (1 token, then 2 tokens)."""
     ids, am, pos = _batch(2, 11, padding)
     new = [torch.randint(0, 96, (2, 1)), torch.randint(0, 96, (2, 2))]
@@ -89,11 +112,13 @@ def test_decode_steps_match(model, padding):
                                    **{cache_kw: cache}).logits)
         outs[impl] = steps
     model.set_attn_implementation(NAME)
+    layers = model.config.num_hidden_layers  # the prefill on flash_attention, both decode steps on decode_attention
+    assert kernel_calls == {"flash": layers, "decode": 2 * layers}
     for a, b in zip(outs["eager"], outs[NAME]):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
-def test_training_grads_match(model):
+def test_training_grads_match(model, kernel_calls):
     ids, am, pos = _batch(2, 10, "right")
     grads = {}
     for impl in ("eager", NAME):
@@ -104,6 +129,7 @@ def test_training_grads_match(model):
         grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.set_attn_implementation(NAME)
     model.zero_grad()
+    assert kernel_calls == {"flash": model.config.num_hidden_layers, "decode": 0}
     for n, g in grads["eager"].items():
         torch.testing.assert_close(grads[NAME][n], g, atol=1e-4, rtol=1e-3, msg=lambda m: f"{n}: {m}")
 
@@ -139,7 +165,7 @@ def test_mask_to_kv_range_and_fallback(model):
 
 
 @pytest.mark.parametrize("cache_implementation", ["static", "dynamic"])
-def test_generate_left_padded(model, cache_implementation):
+def test_generate_left_padded(model, cache_implementation, kernel_calls):
     """Greedy generate with left padding: same tokens and logits; the static cache hands us (B, Hkv, L_max, D)
     keys with unwritten slots masked, which exercises the causal-offset derivation."""
     ids, am, _ = _batch(2, 9, "left")
@@ -151,6 +177,8 @@ def test_generate_left_padded(model, cache_implementation):
                                         cache_implementation=cache_implementation, output_logits=True,
                                         return_dict_in_generate=True, pad_token_id=0)
     model.set_attn_implementation(NAME)
+    layers = model.config.num_hidden_layers  # the prompt on flash_attention, 2 more tokens on decode_attention
+    assert kernel_calls == {"flash": layers, "decode": 2 * layers}
     assert torch.equal(outs["eager"].sequences, outs[NAME].sequences)
     for a, b in zip(outs["eager"].logits, outs[NAME].logits):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
