@@ -70,6 +70,29 @@ def test_sharded_checkpoint(tmp_path):
         assert torch.equal(back.state_dict()[k], v), k
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_transformers_written_sharded_checkpoint_loads_with_logit_parity(tmp_path, family):
+    """A directory written by transformers' own ``save_pretrained`` (sharded: its index file and shard names),
+    from a randomly initialized HF model: our loader reads it and gives HF's logits."""
+    import transformers
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.08, rope_theta=5e4)
+    cfg = {"llama": lambda: transformers.LlamaConfig(**common, tie_word_embeddings=False),
+           "qwen2": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False),
+           "mistral": lambda: transformers.MistralConfig(**common, sliding_window=None)}[family]()
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    ours, _ = load_pretrained(tmp_path / "hf")
+    assert ours.config.tie_word_embeddings == (family == "qwen2")
+    ids = torch.randint(3, 96, (2, 13))
+    with torch.no_grad():
+        assert (ours(ids) - hf(input_ids=ids).logits).abs().max() <= 1e-4
+
+
 def test_missing_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_pretrained(tmp_path / "nowhere")
