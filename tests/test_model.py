@@ -1,6 +1,8 @@
 """The Llama-family model: config interop, logit parity with transformers, padding, heads, log-probs."""
 import copy
 
+import warnings
+
 import pytest
 import torch
 
@@ -64,6 +66,19 @@ def test_config_from_transformers4_dict():
     cfg = ModelConfig.from_hf(d)
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling.factor == 8.0 and cfg.head_dim == 16
     assert cfg.eos_token_ids == (5, 6)
+
+
+def test_sliding_window_configs_warn():
+    base = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=8192)
+    with pytest.warns(UserWarning, match="sliding_window=4096.*at most 4096 tokens"):
+        ModelConfig.from_hf(dict(base, model_type="mistral", sliding_window=4096))
+    with pytest.warns(UserWarning, match="sliding_window=2048"):
+        ModelConfig.from_hf(dict(base, model_type="qwen2", sliding_window=2048, use_sliding_window=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModelConfig.from_hf(dict(base, model_type="qwen2", sliding_window=2048, use_sliding_window=False))
+        ModelConfig.from_hf(dict(base, model_type="mistral", sliding_window=None))
 
 
 def test_presets_parameter_counts():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,8 +152,9 @@ class ModelConfig:
     def from_hf(cls, hf_config: Any, **overrides) -> "ModelConfig":
         """Build from a transformers config object or a ``config.json`` dict (llama, qwen2, mistral).
 
-        Mistral's sliding window is ignored (full causal attention), which is exact for
-        sequences shorter than the window.
+        A sliding window (Mistral's ``sliding_window``, Qwen2's with ``use_sliding_window``) is not implemented: the
+        model attends causally over the whole sequence, which is exact for sequences no longer than the window, and
+        a warning says so when the config has one.
         """
         d = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
         model_type = d.get("model_type", "llama")
@@ -163,6 +165,11 @@ class ModelConfig:
             raise ValueError(f"hf_config.hidden_act: expected 'silu', got {act!r}")
         if d.get("mlp_bias", False):
             raise ValueError("hf_config.mlp_bias=True is not supported")
+        window = d.get("sliding_window")
+        if window is not None and (model_type != "qwen2" or d.get("use_sliding_window", False)):
+            warnings.warn(f"hf_config.sliding_window={window}: sliding-window attention is not implemented; this "
+                          f"model attends over the whole sequence, which equals the checkpoint's attention only "
+                          f"for sequences of at most {window} tokens", stacklevel=2)
 
         # RoPE: transformers 5 stores {"rope_type", "rope_theta", ...} in rope_parameters;
         # transformers 4 stores rope_theta at the top level and rope_scaling separately.
