@@ -8,11 +8,13 @@ Triton interpreter. Only the CUDA-graph and FlexAttention branches are left for 
 """
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -55,6 +57,10 @@ def test_smoke_rows_reach_the_csv(smoke_run):
     for r in rows:
         ms = float(r["ms"])
         assert ms == ms and ms > 0, f"bad ms in {r}"
+        # the environment columns every row carries (common.record): when, what code, on what
+        assert re.fullmatch(r"20\d\d-\d\d-\d\d \d\d:\d\d", r["date"]), f"bad date in {r}"
+        assert r["commit"] and r["device"] == "cpu" and r["torch"] == torch.__version__ and r["triton"], r
+        assert r["impl"] and r["shape"], r
 
 
 def test_smoke_does_not_touch_the_committed_csv(tmp_path, monkeypatch):

@@ -174,8 +174,16 @@ def test_sampled_distribution_matches_softmax(temperature, top_k, top_p):
     assert (freq[target == 0] == 0).all()
     assert torch.allclose(lp, torch.log_softmax(logits / temperature, -1)[tok])  # untruncated log-prob
     g2 = torch.Generator().manual_seed(7)
-    tok2, _ = sample_tokens(logits.expand(n, 6), temperature=temperature, top_k=top_k, top_p=top_p, generator=g2)
-    assert torch.equal(tok, tok2)  # reproducible with the generator
+    tok2, lp2 = sample_tokens(logits.expand(n, 6), temperature=temperature, top_k=top_k, top_p=top_p, generator=g2,
+                              logprob_dist="sampled")
+    assert torch.equal(tok, tok2)  # reproducible with the generator, whichever log-prob is returned
+    # the log-prob under the distribution drawn from: the truncated, renormalized target (exactly the tempered
+    # one without truncation)
+    assert torch.allclose(lp2, target.log()[tok2], atol=1e-6)
+    if top_k or top_p < 1:
+        assert (lp2 > lp).all()
+    else:
+        assert torch.equal(lp2, lp)
 
 
 def test_sampling_argument_errors():
@@ -189,6 +197,35 @@ def test_sampling_argument_errors():
         generate(m, ids, mask.flip(1), max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(m, ids, mask, max_new_tokens=0)
+    with pytest.raises(ValueError, match="logprob_dist"):
+        generate(m, ids, mask, max_new_tokens=2, logprob_dist="truncated")
+    with pytest.raises(ValueError, match="logprob_dist"):
+        sample_tokens(torch.zeros(2, 5), logprob_dist="")
+
+
+def test_generate_sampled_logprobs():
+    """generate(..., logprob_dist="sampled") with top-k: the same tokens as the default, and each token's log-prob
+    under the top-k distribution it was drawn from; greedy gets the truncated log-prob too."""
+    m = _model()
+    ids, mask = _prompts(m.config.vocab_size)
+    kw = dict(max_new_tokens=6, temperature=0.8, top_k=4, eos_token_ids=())
+    a = generate(m, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    b = generate(m, ids, mask, generator=torch.Generator().manual_seed(3), logprob_dist="sampled", **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    with torch.no_grad():
+        logits = m(a.sequences, a.attention_mask)[:, a.prompt_len - 1:-1].float() / 0.8  # (B, N, V) each step's
+    want = _top_k_logprobs(logits, 4).gather(-1, a.response_ids[..., None]).squeeze(-1)
+    assert (b.logprobs - want).abs().max() <= 1e-5 and (b.logprobs >= a.logprobs).all()
+    g = generate(m, ids, mask, greedy=True, logprob_dist="sampled", **kw)
+    with torch.no_grad():
+        logits = m(g.sequences, g.attention_mask)[:, g.prompt_len - 1:-1].float() / 0.8
+    assert torch.equal(g.response_ids, logits.argmax(-1))
+    assert (g.logprobs - _top_k_logprobs(logits, 4).max(-1).values).abs().max() <= 1e-5
+
+
+def _top_k_logprobs(logits, k):
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
 
 
 # ----------------------------------------------------------------------------- EOS, trimming, compaction

@@ -16,7 +16,7 @@ import torch
 from rlhf_engine.model.attention import resolve_backend
 
 from .cache import KVCache
-from .sampling import sample_tokens
+from .sampling import LOGPROB_DISTS, sample_tokens
 
 
 @dataclass
@@ -28,7 +28,7 @@ class GenerationOutput:
     response_ids: (B, N) int64 — generated tokens, ``pad_token_id`` after EOS.
     response_mask: (B, N) int64 — 1 up to and including the EOS token, 0 after.
     logprobs: (B, N) fp32 — log softmax(logits / temperature)[token] of each generated
-        token (0 where response_mask is 0). Untruncated by top-k/top-p: see ``generate``.
+        token (0 where response_mask is 0). Untruncated by top-k/top-p unless generate(..., logprob_dist="sampled").
     prompt_len: P. num_steps: N (<= max_new_tokens; with trim=True, the columns after the last
         row's EOS are dropped).
     """
@@ -83,17 +83,18 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
              eos_token_ids: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, attn_backend: str | None = None,
              use_cuda_graph: bool | None = None, graph_cache=None, check_every: int = 8, compact: bool = True,
-             min_compact_batch: int = 8, trim: bool = True) -> GenerationOutput:
+             min_compact_batch: int = 8, trim: bool = True, logprob_dist: str = "tempered") -> GenerationOutput:
     """Sample up to ``max_new_tokens`` tokens after each left-padded prompt.
 
     model: a CausalLM. prompt_ids: (B, P) int64, LEFT-padded. prompt_mask: (B, P) 0/1
     (None: all ones); every row needs at least one prompt token.
     temperature (> 0), top_k (0 = off), top_p (1.0 = off) shape the sampling distribution
     in HF order (logits / T, then top-k, then top-p); greedy takes the argmax.
-    Returned ``logprobs`` are log softmax(logits / T) of the chosen token WITHOUT the
-    top-k/top-p truncation — what the PPO training forward recomputes at temperature T —
+    Returned ``logprobs`` (logprob_dist="tempered", the default) are log softmax(logits / T) of the chosen token
+    WITHOUT the top-k/top-p truncation — what the PPO training forward recomputes at temperature T —
     so with top_k/top_p active they are not the log-probs of the distribution actually
-    sampled from.
+    sampled from; logprob_dist="sampled" returns those instead (renormalized over the kept tokens; the same
+    numbers when neither truncation is active). See ``sample_tokens``.
     eos_token_ids: stop tokens (default: the config's); a row is finished after emitting
     one, later positions get ``pad_token_id`` (default: config pad, else the first EOS,
     else 0) with response_mask 0. generator: torch.Generator on the model's device.
@@ -121,6 +122,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
         raise ValueError(f"max_new_tokens: expected > 0, got {max_new_tokens}")
     if check_every <= 0:
         raise ValueError(f"check_every: expected > 0, got {check_every}")
+    if logprob_dist not in LOGPROB_DISTS:
+        raise ValueError(f"logprob_dist: expected one of {LOGPROB_DISTS}, got {logprob_dist!r}")
     config = model.config
     device = prompt_ids.device
     if model.device != device:
@@ -143,7 +146,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     N = max_new_tokens
     # the triton backend also samples with one kernel (plain temperature sampling and greedy)
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
-                     backend=backend)
+                     backend=backend, logprob_dist=logprob_dist)
     eos = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=device)
     response = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, N), dtype=torch.long, device=device)

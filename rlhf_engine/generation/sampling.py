@@ -42,17 +42,23 @@ def sampling_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: in
     return apply_top_p(z, top_p)
 
 
+LOGPROB_DISTS = ("tempered", "sampled")
+
+
 def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  greedy: bool = False, generator: torch.Generator | None = None, backend: str = "auto"
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  greedy: bool = False, generator: torch.Generator | None = None, backend: str = "auto",
+                  logprob_dist: str = "tempered") -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row and return its log-probability.
 
-    logits: (B, V) any float dtype. Returns tokens (B,) int64 and logprobs (B,) fp32, where
-    logprobs = log softmax(logits / temperature)[token] — the *untruncated* tempered
-    distribution, i.e. what a training forward at the same temperature recomputes. With
-    top_k/top_p active the token is drawn from the truncated distribution but the returned
-    log-prob is still the untruncated one. greedy: argmax of the logits (temperature,
-    top_k, top_p then only affect the returned log-prob's temperature).
+    logits: (B, V) any float dtype. Returns tokens (B,) int64 and logprobs (B,) fp32:
+      logprob_dist="tempered" (default): log softmax(logits / temperature)[token], the *untruncated* tempered
+        distribution, i.e. what a training forward at the same temperature recomputes (PPO's old log-probs).
+        With top_k/top_p active the token is drawn from the truncated distribution but this log-prob is not
+        of that distribution;
+      logprob_dist="sampled": the log-prob under the distribution the token was drawn from, log softmax of
+        ``sampling_logits`` (tempered, then top-k, then top-p, renormalized over the kept tokens); equal to
+        "tempered" when neither truncation is active.
+    greedy: argmax of the logits (temperature, top_k, top_p then only shape the returned log-prob).
     backend: "triton" draws greedy and plain temperature samples (no top-k/top-p) with one Triton kernel
     (``rlhf_engine.kernels.sample``: one pass over the logits, Gumbel-max on a Philox stream seeded from
     ``generator``); "torch" always uses the ops below; "auto": triton on CUDA. The two backends draw from the
@@ -66,6 +72,8 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+    if logprob_dist not in LOGPROB_DISTS:
+        raise ValueError(f"logprob_dist: expected one of {LOGPROB_DISTS}, got {logprob_dist!r}")
     plain = top_p >= 1.0 and (top_k <= 0 or top_k >= logits.shape[-1])
     fits = logits.numel() < 2**31  # the kernel's random-stream offsets are int32
     if (greedy or plain) and fits and (backend == "triton" or (backend == "auto" and logits.is_cuda)):
@@ -73,13 +81,13 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
 
         return sample_logits(logits, temperature=temperature, greedy=greedy, generator=generator)
     z = logits.float() / temperature  # (B, V)
+    zt = apply_top_p(apply_top_k(z, top_k), top_p) if not greedy or (logprob_dist == "sampled" and not plain) else z
     if greedy:
         tokens = torch.argmax(z, dim=-1)
     else:
-        zt = apply_top_p(apply_top_k(z, top_k), top_p)
         probs = torch.softmax(zt, dim=-1)  # (B, V); 0 outside the kept set
         e = torch.empty_like(probs).exponential_(1.0, generator=generator)  # E ~ Exp(1)
         e.clamp_(min=torch.finfo(torch.float32).tiny)  # E = 0 would give 0/0 = NaN for a removed token
         tokens = torch.argmax(probs / e, dim=-1)  # exponential race: P(i wins) = p_i
-    logprobs = z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)  # (B,) log softmax(z)[tok]
-    return tokens, logprobs
+    zl = zt if logprob_dist == "sampled" else z
+    return tokens, zl.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(zl, dim=-1)  # (B,) log softmax
