@@ -294,3 +294,33 @@ def test_triton_backend_gradients_match_torch(device):
     ref, got = grads("torch"), grads("triton")
     for n in ref:
         assert torch.allclose(got[n], ref[n], atol=1e-4, rtol=1e-3), n
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_torch_compile_traces_the_triton_backend_model(checkpointing):
+    """A tiny CausalLM on the triton backend (its kernels as custom ops, the interpreter on the CPU) compiles with
+    fullgraph=True: the same loss and gradients as eager, and the mask check becomes an assert in the graph."""
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-qwen2", num_layers=2, attn_backend="triton")).train()
+    m.gradient_checkpointing = checkpointing
+    ids = torch.randint(3, m.config.vocab_size, (2, 9))
+    am = torch.ones_like(ids)
+    am[0, :3] = 0
+
+    def loss(ids, am):
+        return m(ids, am).float().square().mean()
+
+    want = loss(ids, am)
+    want.backward()
+    want_grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = compiled(ids, am)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for p, g in zip(m.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-7, rtol=1e-5)
+    holes = am.clone()
+    holes[1, 4] = 0
+    with pytest.raises(RuntimeError, match="contiguous run"):
+        compiled(ids, holes)

@@ -85,7 +85,8 @@ def mask_to_kv_range(attention_mask: torch.Tensor, validate: bool = True) -> tup
     """(B, T) 0/1 mask -> kv_start, kv_end (B,) int32 with mask[b] == 1 exactly on [kv_start, kv_end).
 
     An all-zero row gives kv_start = kv_end = 0. ``validate`` checks that every row is one
-    contiguous run (one host sync) and raises ValueError otherwise.
+    contiguous run (one host sync) and raises ValueError otherwise; under torch.compile the check is an
+    asynchronous assert in the graph (a RuntimeError, or a device-side assert on a GPU).
     """
     B, T = attention_mask.shape
     m = attention_mask.bool()
@@ -97,7 +98,10 @@ def mask_to_kv_range(attention_mask: torch.Tensor, validate: bool = True) -> tup
     if validate:
         j = torch.arange(T, device=m.device)
         expected = (j[None, :] >= kv_start[:, None]) & (j[None, :] < kv_end[:, None])
-        if not bool(torch.equal(expected, m)):
+        if torch.compiler.is_compiling():  # no host branch on data in a graph: an assert that runs with it
+            torch._assert_async((expected == m).all(), "attention_mask: the triton attention backend needs each "
+                                "row's valid tokens to be one contiguous run; got a mask with holes")
+        elif not bool(torch.equal(expected, m)):
             raise ValueError("attention_mask: the triton attention backend needs each row's valid tokens to be one "
                              "contiguous run (left and/or right padding); got a mask with holes. Use "
                              "attn_backend='torch' for arbitrary masks.")

@@ -231,7 +231,10 @@ def group_linear(x: torch.Tensor, linears: Sequence[nn.Module], lora: bool = Tru
     ``lora``, the LoRA terms when adapters are on: ``packed_lora``, for generation only: a scoring forward must
     run the adapters as the training forward does, one layer at a time, to give its log-probs bit for bit); with
     autograd on and a gradient needed for a weight or a bias, through ``PackedLinearFunction`` (one GEMM forward,
-    three kernels backward). None when none of these applies: the caller runs the layers one by one."""
+    three kernels backward). None when none of these applies: the caller runs the layers one by one, as it does
+    under torch.compile (the packing checks compare data pointers, which do not trace)."""
+    if torch.compiler.is_compiling():
+        return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for m in linears for t in (m.weight, m.bias)):
         group = _trainable_group(x, linears)
         if group is None:
