@@ -128,3 +128,24 @@ def test_gae_no_nan_with_extreme_values():
     r = torch.full((2, 6), 1e30, dtype=torch.float64)
     adv, _ = gae(r, torch.zeros_like(r), torch.ones_like(r), gamma=1.0, lam=1.0, backend="torch")
     assert torch.isfinite(adv).all() and math.isclose(adv[0, 0].item(), 6e30)
+
+
+def test_auto_backend_traces_under_torch_compile():
+    """"auto" picks the C++ ops on the CPU in eager mode; under torch.compile (they do not trace) the reference:
+    GAE and the PPO loss compile with fullgraph=True and give the eager values."""
+    from rlhf_engine.algo import ppo_loss
+
+    torch.manual_seed(0)
+    r, v = torch.randn(3, 11), torch.randn(3, 11, requires_grad=True)
+    m = torch.rand(3, 11) > 0.2
+    logp = (-torch.rand(3, 11)).requires_grad_()
+
+    def f(r, v, m, logp):
+        adv, ret = gae(r, v.detach(), m, gamma=0.99, lam=0.95)
+        loss, _ = ppo_loss(logp, logp.detach() + 0.1, adv, m, values=v, old_values=v.detach() + 0.1, returns=ret)
+        return loss
+
+    want = f(r, v, m, logp)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(r, v, m, logp)
+    torch.testing.assert_close(got, want)
+    assert torch.autograd.grad(got, logp)[0].abs().sum() > 0
