@@ -62,6 +62,7 @@ CASES = [
     (3, 61, 4, 2, 64, False, "left"),
     (2, 1, 14, 2, 64, True, "none"),
     (3, 1, 4, 2, 96, True, "left"),
+    (2, 33, 32, 8, 16, True, "right"),  # Llama's 32/8 grouping (small D for the interpreter)
 ]
 
 
@@ -234,6 +235,14 @@ def test_strided_inputs(device):
     torch.testing.assert_close(o, flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="triton"))
     torch.testing.assert_close(o.double(), attention_reference(q.double(), k.double(), v.double()), atol=2e-4,
                                rtol=1e-4)
+
+
+def test_tiny_head_long_sequence_backward(device):
+    """T = 1025, forward and the three gradients against fp64, left padding, grad_output random (D = 16 keeps it
+    affordable under the interpreter)."""
+    q, k, v = _inputs(2, 1025, 1025, 2, 1, 16, torch.float32, device)
+    ks, ke = _ranges("left", 2, 1025, device)
+    _check(q, k, v, causal=True, kv_start=ks, kv_end=ke, atol=2e-4, rtol=1e-4)
 
 
 def test_tiny_head_long_sequence(device):
