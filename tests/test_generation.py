@@ -427,6 +427,33 @@ def test_cuda_graph_matches_eager(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_steps_do_not_sync_the_host(backend):
+    """With the CUDA graph and no host checks in the loop (check_every past max_new_tokens), a call makes the same
+    number of synchronizing CUDA calls for 8 new tokens as for 40: none per token."""
+    import warnings
+
+    from rlhf_engine.generation import DecodeGraphCache
+
+    m = _model("tiny-qwen2").cuda()
+    ids, mask = _prompts(m.config.vocab_size)
+    ids, mask = ids.cuda(), mask.cuda()
+    gc = DecodeGraphCache()
+    kw = dict(attn_backend=backend, eos_token_ids=(), check_every=1000, graph_cache=gc, use_cuda_graph=True)
+    syncs = {}
+    for n in (8, 40, 8, 40):  # the first two capture their graphs; the last two are counted
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                generate(m, ids, mask, max_new_tokens=n, generator=torch.Generator("cuda").manual_seed(0), **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs[n] = sum("synchroniz" in str(w.message) for w in seen)
+    assert syncs[8] == syncs[40], syncs
+
+
+@pytest.mark.gpu
 def test_bf16_generation_logprob_parity_gpu(record_value):
     """bf16 on the GPU: Triton decode vs the training forward; tolerance of bf16 rounding."""
     m = _model("tiny-llama", std=0.1).cuda().to(torch.bfloat16)
