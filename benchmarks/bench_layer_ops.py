@@ -212,17 +212,19 @@ def _checkpoint_rows(device: str, dtype, warmup: int, rep: int, tiny: bool) -> l
     ours = llama.checkpoint_layer
     shape = f"{'tiny-qwen2 x2' if tiny else 'Qwen2-0.5B x24'},B={B},T={P + N},{str(dtype)[6:]},ckpt"
     rows, base_ms = [], None
-    cases = (("torch.utils.checkpoint (non-reentrant)", torch_ckpt, True), ("ours (checkpoint_layer)", ours, True),
-             ("ours, Triton's own launch path (no cached launches)", ours, False))
-    for name, impl, cached in cases:
+    cached = fastlaunch.enabled()  # False with RLHF_ENGINE_FAST_LAUNCH=0 (e.g. gpu_check.sh's check failed)
+    cases = [("torch.utils.checkpoint (non-reentrant)", torch_ckpt, cached), ("ours (checkpoint_layer)", ours, cached)]
+    if cached:
+        cases.append(("ours, Triton's own launch path (no cached launches)", ours, False))
+    for name, impl, on in cases:
         llama.checkpoint_layer = impl
-        fastlaunch.set_enabled(cached)
+        fastlaunch.set_enabled(on)
         try:
             ms = bench(step, warmup=warmup, rep=max(3, rep // 5))
             peak = peak_mem_mb(step)
         finally:
             llama.checkpoint_layer = ours
-            fastlaunch.set_enabled(True)
+            fastlaunch.set_enabled(cached)
         base_ms = ms if base_ms is None else base_ms
         rows.append(dict(op="actor train fwd+bwd, recomputed layers", shape=shape, impl=name, ms=ms, metric="time",
                          value=ms, unit="ms", peak_mb=peak, vs_baseline=base_ms / ms))

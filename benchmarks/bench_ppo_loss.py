@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     impls = {"eager PyTorch (ppo_loss_reference)": fwd_bwd(ppo_loss_reference),
              "ours triton (ppo_loss_triton)": fwd_bwd(ppo_loss_triton),
-             "ours triton, loss + grads in 2 launches (ppo_loss_with_grads)": fused,
-             "ours triton, ppo_loss_with_grads through Triton's own launch path": fused_triton_launch}
+             "ours triton, loss + grads in 2 launches (ppo_loss_with_grads)": fused}
+    if fastlaunch.enabled():  # else (RLHF_ENGINE_FAST_LAUNCH=0, e.g. gpu_check.sh's check failed) the row above is it
+        impls["ours triton, ppo_loss_with_grads through Triton's own launch path"] = fused_triton_launch
     try:
         from rlhf_engine.kernels import native
 

@@ -1,8 +1,9 @@
 """GPU check of ``kernels._fastlaunch``: outputs with the cached launch path equal Triton's own path, bit for bit.
 
-Runs a few ops whose kernels launch through ``launch`` (RMSNorm + residual fwd/bwd, SwiGLU fwd/bwd, GAE fwd/bwd,
-``ppo_loss_with_grads``, token log-probs with entropy, causal GQA attention fwd/bwd on fixed tiles, a KV-cache
-write), each three times with the cached path on (the first launch compiles, the second caches, the third uses the
+Runs the ops whose kernels launch through ``launch`` (RMSNorm + residual fwd/bwd, RoPE fwd/bwd, SwiGLU fwd/bwd,
+GAE fwd/bwd, ``ppo_loss_with_grads``, token log-probs with entropy, causal GQA attention fwd/bwd on fixed tiles,
+decode attention with 1 and 3 splits, the norm + GEMM + SwiGLU decode kernel, the sampler, a KV-cache write), each
+three times with the cached path on (the first launch compiles, the second caches, the third uses the
 cache), and once with it off; then checks that every output and gradient is identical, nothing is NaN, and that
 the kernels were launched from the cache. ``benchmarks/gpu_check.sh`` runs it before anything else and turns the
 cached path off (``RLHF_ENGINE_FAST_LAUNCH=0``) for the rest of the run if it fails or crashes.
@@ -19,11 +20,14 @@ import sys
 
 def _ops(torch, dev: str):
     from rlhf_engine.kernels.attention import flash_attention
+    from rlhf_engine.kernels.decode_attention import decode_attention
     from rlhf_engine.kernels.gae import gae_triton
-    from rlhf_engine.kernels.kv_cache import write_kv_cache
+    from rlhf_engine.kernels.kv_cache import apply_rope, write_kv_cache
     from rlhf_engine.kernels.logprob import token_logprobs
+    from rlhf_engine.kernels.norm_linear import rms_norm_linear
     from rlhf_engine.kernels.ppo_loss import ppo_loss_with_grads
     from rlhf_engine.kernels.rmsnorm import rms_norm
+    from rlhf_engine.kernels.sample import sample_logits
     from rlhf_engine.kernels.swiglu import silu_mul
 
     g = torch.Generator(device=dev).manual_seed(0)
@@ -62,8 +66,23 @@ def _ops(torch, dev: str):
                                                 ref_logp=rew.detach())
         return (loss, gr["logp"], gr["values"], *metrics.values())
 
+    cos, sin = rnd(2, n, 64), rnd(2, n, 64)
+    dq, dk, dv = rnd(3, 2, 14, 64, dtype=bf), rnd(3, 40, 2, 64, dtype=bf), rnd(3, 40, 2, 64, dtype=bf)
+    lens = torch.tensor([40, 23, 31], device=dev)
+    w_gu = rnd(2 * i, h, dtype=bf)
+
+    def sample():  # a fresh generator each call: the same draw
+        tok, lp = sample_logits(logits.detach(), temperature=0.8, generator=torch.Generator(dev).manual_seed(5))
+        return tok, lp
+
     return {
         "rms_norm + residual fwd/bwd": norm,
+        "rope fwd/bwd": lambda: grads(apply_rope(q, cos, sin, backend="triton"), q),
+        "decode_attention, 1 and 3 splits": lambda: tuple(
+            decode_attention(dq, dk, dv, lens, num_splits=s, backend="triton") for s in (1, 3)),
+        "rms_norm_linear + SwiGLU": lambda: rms_norm_linear(x.detach()[:7], w.detach(), 1e-6, w_gu,
+                                                            residual=r.detach()[:7], swiglu=True, backend="triton"),
+        "sample_logits": sample,
         "silu_mul fwd/bwd": lambda: grads(silu_mul(gate, up, backend="triton"), gate, up),
         "gae fwd/bwd": lambda: grads(torch.stack(gae_triton(rew, val, mask, gamma=0.99, lam=0.95)), rew, val),
         "ppo_loss_with_grads": ppo,
@@ -83,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu and not torch.cuda.is_available():
         print("fastlaunch check: no CUDA device")
         return 2
-    os.environ.setdefault("RLHF_ENGINE_AUTOTUNE", "0")  # fixed tiles: plain JITFunction launches
+    os.environ["RLHF_ENGINE_AUTOTUNE"] = "0"  # fixed tiles: plain JITFunction launches
+    os.environ["RLHF_ENGINE_ATTN_DQ"] = "split"  # the deterministic backward: the runs must agree bit for bit
     import rlhf_engine.kernels._fastlaunch as FL
 
     ok = True

@@ -109,7 +109,7 @@ def _install_fakes(calls) -> None:
         state = FL._STATES[id(kernel)][1] if id(kernel) in FL._STATES else FL._state(kernel)
         state.backend = BACKEND
         _, key = state.plan(len(args), tuple(kwargs))(args, kwargs, BACKEND)
-        state.compiled[(0, key)] = FL._entry(stand_in)
+        state.compiled[(0, (len(args), *kwargs), key)] = FL._entry(stand_in)
 
 
 def _min_us(fn, calls: int, reps: int) -> float:

@@ -92,7 +92,7 @@ class _KernelState:
 
 def _state(kernel):
     ok = (_ENABLED and _SUPPORTED and type(kernel) is _JITFunction and not kernel.pre_run_hooks
-          and _get_device is not None and torch.cuda.is_available())
+          and _get_device is not None and _get_stream is not None and torch.cuda.is_available())
     state = _KernelState(kernel) if ok else _SLOW
     _STATES[id(kernel)] = (kernel, state)
     return state
@@ -115,8 +115,8 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     been launched before (see the module docstring). ``grid`` is a tuple of 1-3 ints. Returns nothing."""
     known = _STATES.get(id(kernel))
     state = known[1] if known is not None else _state(kernel)
-    if state is _SLOW or grid.__class__ is not tuple:
-        kernel[grid](*args, **kwargs)
+    if state is _SLOW or grid.__class__ is not tuple or torch.compiler.is_compiling():
+        kernel[grid](*args, **kwargs)  # (dynamo traces a user-defined Triton launch itself)
         return
     enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
     if enter.__class__ is not _HookChain or enter.calls or leave.__class__ is not _HookChain or leave.calls:
@@ -136,7 +136,8 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         return
     try:
         vals, key = plan(args, kwargs, state.backend)
-        entry = state.compiled.get((device, key))
+        key = (device, shape, key)  # the call's shape names the launch options whose values the key holds
+        entry = state.compiled.get(key)
     except Exception:  # noqa: BLE001 - an argument Triton's specializer rejects or an unhashable constexpr
         kernel[grid](*args, **kwargs)
         return
@@ -145,18 +146,23 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         if hasattr(compiled, "packed_metadata"):
             if len(state.compiled) >= _MAX_KEYS:
                 state.compiled.clear()
-            state.compiled[(device, key)] = _entry(compiled)
+            state.compiled[key] = _entry(compiled)
         return
     c_launch, fixed = entry
     n = len(grid)
     c_launch(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _get_stream(device), *fixed, *vals)
 
 
-def set_enabled(enabled: bool) -> None:
+def enabled() -> bool:
+    """Whether launches may take the cached path (``RLHF_ENGINE_FAST_LAUNCH``, ``set_enabled``)."""
+    return _ENABLED
+
+
+def set_enabled(on: bool) -> None:
     """Turn the cached path on or off for this process (``RLHF_ENGINE_FAST_LAUNCH`` sets it at import); forgets
     every cached kernel, so that the next launches re-decide. For A/B measurements and checks."""
     global _ENABLED
-    _ENABLED = bool(enabled)
+    _ENABLED = bool(on)
     _STATES.clear()
 
 

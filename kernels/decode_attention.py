@@ -309,7 +309,7 @@ def decode_attention_forward(
         launch(_decode_split_kernel, grid, *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         launch(_decode_split_kernel, grid, *args, **meta, BLOCK_N=block_n or INTERPRETER_BLOCK_N, num_warps=4,
-                                   num_stages=2)
+               num_stages=2)
     if not single:
         launch(_decode_reduce_kernel, (B * Hq * Tn,),
             o, o_part, lse_part, o.stride(0), o.stride(1), o.stride(2), Hq, Tn, num_splits,

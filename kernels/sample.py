@@ -113,10 +113,10 @@ def sample_logits_forward(logits: torch.Tensor, seed: torch.Tensor, temperature:
     part = torch.empty((3, B, S), dtype=torch.float32, device=logits.device)
     idx = torch.empty((B, S), dtype=torch.int32, device=logits.device)
     inv_t = 1.0 / temperature
-    launch(_sample_partial_kernel, (B, S), logits, seed, part[0], part[1], part[2], idx, logits.stride(0), V, chunk, S,
-                                   inv_t, GREEDY=greedy, BLOCK_V=_BLOCK_V, num_warps=8)
-    launch(_sample_combine_kernel, (B,), logits, part[0], part[1], part[2], idx, tokens, logp, logits.stride(0), S, inv_t,
-                                 BLOCK_S=max(16, next_pow2(S)), num_warps=1)
+    launch(_sample_partial_kernel, (B, S), logits, seed, part[0], part[1], part[2], idx, logits.stride(0), V,
+           chunk, S, inv_t, GREEDY=greedy, BLOCK_V=_BLOCK_V, num_warps=8)
+    launch(_sample_combine_kernel, (B,), logits, part[0], part[1], part[2], idx, tokens, logp, logits.stride(0), S,
+           inv_t, BLOCK_S=max(16, next_pow2(S)), num_warps=1)
     return tokens, logp
 
 

@@ -74,8 +74,8 @@ def silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if out.numel():
         g, u = _as_rows(gate), _as_rows(up)
         n_rows, n_cols = g.shape
-        launch(_silu_mul_kernel, (n_rows, cdiv(n_cols, _BLOCK)), g, u, out, n_cols, g.stride(0), u.stride(0), n_cols,
-                                                          BLOCK=_BLOCK, num_warps=4)
+        launch(_silu_mul_kernel, (n_rows, cdiv(n_cols, _BLOCK)), g, u, out, n_cols, g.stride(0), u.stride(0),
+               n_cols, BLOCK=_BLOCK, num_warps=4)
     return out
 
 

@@ -166,6 +166,9 @@ def test_cached_launch_calls_the_c_launcher_with_the_binders_arguments(monkeypat
     # 1st: Triton's path (the backend is made there); 2nd: Triton's path, and the kernel it returns is kept
     assert len(rec.run) == 2 and len(rec.c_launch) == 2
     bound, _ = _triton_key(kernel, args, kwargs)
+    from triton.backends.nvidia.driver import _BASE_ARGS_FORMAT_LEN
+
+    assert _BASE_ARGS_FORMAT_LEN == 13  # the C launcher's fixed arguments before the kernel's (Triton 3.6)
     head, tail = rec.c_launch[0][:13], rec.c_launch[0][13:]
     assert head == (grid[0], 1, 1, 1234, "fn", False, False, None, None, ("meta",), None, None, None)
     assert len(tail) == len(bound) and all(a is b for a, b in zip(tail, bound))
@@ -186,6 +189,19 @@ def test_a_new_specialization_goes_through_triton_again(monkeypatch, rms_call):
     assert len(rec.run) == 3 and rec.c_launch[-1][13] is odd
     FL.launch(kernel, grid, *args, **dict(kwargs, num_warps=8))  # another launch option
     assert len(rec.run) == 4
+
+
+def test_launch_options_are_keyed_by_name(monkeypatch, rms_call):
+    """num_warps=4, num_stages=2 and num_warps=2, num_stages=4 (the same values, other names) are two kernels."""
+    kernel, grid, args, kwargs = rms_call
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    rec = _Recorder()
+    _fake_cuda(monkeypatch, kernel, rec)
+    for _ in range(3):
+        FL.launch(kernel, grid, *args, **kwargs, num_warps=4, num_stages=2)
+    assert len(rec.run) == 2
+    FL.launch(kernel, grid, *args, **kwargs, num_stages=4, num_warps=2)
+    assert len(rec.run) == 3 and rec.run[-1][2]["num_warps"] == 2
 
 
 def test_scratch_memory_keeps_tritons_python_launcher(monkeypatch, rms_call):
@@ -257,7 +273,7 @@ def test_gpu_check_script_runs_on_the_cpu():
     interpreter (nothing is cached there: the comparison is of Triton's path with itself)."""
     proc = _run_check("--cpu-smoke")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(" ok (identical True, finite True") == 7
+    assert proc.stdout.count(" ok (identical True, finite True") == 11
 
 
 @pytest.mark.gpu
@@ -269,7 +285,7 @@ def test_cached_launches_equal_tritons_path_on_the_gpu():
 
 def test_host_launch_script_runs():
     """benchmarks/host_launch.py (quoted by RESULTS.md): both paths replay every recorded launch."""
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "host_launch.py"), "--reps", "1", "--calls", "20"], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "host_launch.py"), "--reps", "1", "--calls", "20"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("\n") == 8 and "_ppo_loss_finalize_grads_kernel" in proc.stdout

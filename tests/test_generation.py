@@ -223,6 +223,19 @@ def test_generate_sampled_logprobs():
     assert (g.logprobs - _top_k_logprobs(logits, 4).max(-1).values).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_sampled_logprobs_on_the_triton_sampler_backend(greedy):
+    """backend="triton" (its one-kernel sampler takes greedy and plain sampling): with top-k and
+    logprob_dist="sampled" the truncated log-prob, which the kernel does not compute, still comes back."""
+    logits = torch.randn(5, 37, generator=torch.Generator().manual_seed(0))
+    tok, lp = sample_tokens(logits, temperature=0.7, top_k=3, greedy=greedy, backend="triton",
+                            logprob_dist="sampled", generator=torch.Generator().manual_seed(1))
+    want = _top_k_logprobs(logits / 0.7, 3).gather(-1, tok[:, None]).squeeze(-1)
+    torch.testing.assert_close(lp, want)
+    _, lp_plain = sample_tokens(logits, temperature=0.7, greedy=True, backend="triton", logprob_dist="sampled")
+    torch.testing.assert_close(lp_plain, torch.log_softmax(logits / 0.7, -1).max(-1).values)
+
+
 def _top_k_logprobs(logits, k):
     kth = logits.topk(k, dim=-1).values[..., -1:]
     return torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
@@ -450,7 +463,7 @@ def test_decode_steps_do_not_sync_the_host(backend):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs[n] = sum("synchroniz" in str(w.message) for w in seen)
-    assert syncs[8] == syncs[40], syncs
+    assert 1 <= syncs[8] == syncs[40], syncs  # >= 1: the final trim reads the mask on the host (the mode works)
 
 
 @pytest.mark.gpu

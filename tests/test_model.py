@@ -74,11 +74,15 @@ def test_sliding_window_configs_warn():
     with pytest.warns(UserWarning, match="sliding_window=4096.*at most 4096 tokens"):
         ModelConfig.from_hf(dict(base, model_type="mistral", sliding_window=4096))
     with pytest.warns(UserWarning, match="sliding_window=2048"):
-        ModelConfig.from_hf(dict(base, model_type="qwen2", sliding_window=2048, use_sliding_window=True))
-    with warnings.catch_warnings():
+        ModelConfig.from_hf(dict(base, model_type="qwen2", sliding_window=2048, use_sliding_window=True,
+                                 max_window_layers=1))
+    with warnings.catch_warnings():  # no layer slides, or the window covers every position
         warnings.simplefilter("error")
         ModelConfig.from_hf(dict(base, model_type="qwen2", sliding_window=2048, use_sliding_window=False))
+        ModelConfig.from_hf(dict(base, model_type="qwen2", sliding_window=2048, use_sliding_window=True,
+                                 max_window_layers=2))
         ModelConfig.from_hf(dict(base, model_type="mistral", sliding_window=None))
+        ModelConfig.from_hf(dict(base, model_type="mistral", sliding_window=8192))
 
 
 def test_presets_parameter_counts():

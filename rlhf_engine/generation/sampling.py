@@ -76,7 +76,9 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         raise ValueError(f"logprob_dist: expected one of {LOGPROB_DISTS}, got {logprob_dist!r}")
     plain = top_p >= 1.0 and (top_k <= 0 or top_k >= logits.shape[-1])
     fits = logits.numel() < 2**31  # the kernel's random-stream offsets are int32
-    if (greedy or plain) and fits and (backend == "triton" or (backend == "auto" and logits.is_cuda)):
+    kernel_logprob = plain or logprob_dist == "tempered"  # the kernel returns the untruncated tempered log-prob
+    on_kernel = backend == "triton" or (backend == "auto" and logits.is_cuda)
+    if (greedy or plain) and fits and kernel_logprob and on_kernel:
         from rlhf_engine.kernels.sample import sample_logits
 
         return sample_logits(logits, temperature=temperature, greedy=greedy, generator=generator)

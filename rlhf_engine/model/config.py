@@ -166,7 +166,11 @@ class ModelConfig:
         if d.get("mlp_bias", False):
             raise ValueError("hf_config.mlp_bias=True is not supported")
         window = d.get("sliding_window")
-        if window is not None and (model_type != "qwen2" or d.get("use_sliding_window", False)):
+        slides = window is not None and window < d.get("max_position_embeddings", float("inf"))
+        if model_type == "qwen2":  # Qwen2: layers from max_window_layers on slide, with use_sliding_window
+            slides = slides and d.get("use_sliding_window", False) and \
+                d.get("max_window_layers", 0) < d.get("num_hidden_layers", 0)
+        if slides:
             warnings.warn(f"hf_config.sliding_window={window}: sliding-window attention is not implemented; this "
                           f"model attends over the whole sequence, which equals the checkpoint's attention only "
                           f"for sequences of at most {window} tokens", stacklevel=2)
