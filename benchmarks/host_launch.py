@@ -15,8 +15,6 @@ Not a run_all benchmark (no bench_ prefix): RESULTS.md quotes it as a prediction
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import types
 
 import torch
@@ -34,6 +32,8 @@ from rlhf_engine.kernels.logprob import token_logprobs_forward
 from rlhf_engine.kernels.ppo_loss import ppo_loss_with_grads
 from rlhf_engine.kernels.rmsnorm import rms_norm_backward, rms_norm_forward
 from rlhf_engine.kernels.swiglu import silu_mul
+
+from host_overhead import _median_us  # noqa: E402 - benchmarks/ is the script's directory
 
 BACKEND = CUDABackend(GPUTarget("cuda", 90, 32))
 
@@ -112,18 +112,6 @@ def _install_fakes(calls) -> None:
         state.compiled[(0, (len(args), *kwargs), key)] = FL._entry(stand_in)
 
 
-def _min_us(fn, calls: int, reps: int) -> float:
-    for _ in range(100):
-        fn()
-    runs = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        runs.append((time.perf_counter() - t0) / calls * 1e6)
-    return min(runs), statistics.median(runs)
-
-
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -135,11 +123,10 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     out = {}
     print(f"{'op':20s} {'kernel':34s} {'triton us':>10s} {'ours us':>8s}   (min of reps; median)")
     for op, kernel, grid, a, kw in calls:
-        triton_us = _min_us(lambda: kernel[grid](*a, **kw), args.calls, args.reps)
-        ours_us = _min_us(lambda: FL.launch(kernel, grid, *a, **kw), args.calls, args.reps)
-        out[f"{op}: {kernel.fn.__name__}"] = (triton_us[0], ours_us[0])
-        print(f"{op:20s} {kernel.fn.__name__:34s} {triton_us[0]:10.1f} {ours_us[0]:8.1f}   "
-              f"({triton_us[1]:.1f}; {ours_us[1]:.1f})")
+        t_med, t_min, _ = _median_us(lambda: kernel[grid](*a, **kw), args.calls, args.reps)
+        o_med, o_min, _ = _median_us(lambda: FL.launch(kernel, grid, *a, **kw), args.calls, args.reps)
+        out[f"{op}: {kernel.fn.__name__}"] = (t_min, o_min)
+        print(f"{op:20s} {kernel.fn.__name__:34s} {t_min:10.1f} {o_min:8.1f}   ({t_med:.1f}; {o_med:.1f})")
     return out
 
 

@@ -157,10 +157,16 @@ def rms_call(recorded_calls):
     return JITFunction(kernel.fn), grid, args, kwargs
 
 
-def test_cached_launch_calls_the_c_launcher_with_the_binders_arguments(monkeypatch, rms_call):
+@pytest.fixture
+def faked(monkeypatch, rms_call):
+    """The recorded RMSNorm launch on a fake device: (kernel, grid, args, kwargs, recorder, compiled stand-in)."""
     kernel, grid, args, kwargs = rms_call
     rec = _Recorder()
-    _fake_cuda(monkeypatch, kernel, rec)
+    return kernel, grid, args, kwargs, rec, _fake_cuda(monkeypatch, kernel, rec)
+
+
+def test_cached_launch_calls_the_c_launcher_with_the_binders_arguments(faked):
+    kernel, grid, args, kwargs, rec, _ = faked
     for _ in range(4):
         FL.launch(kernel, grid, *args, **kwargs)
     # 1st: Triton's path (the backend is made there); 2nd: Triton's path, and the kernel it returns is kept
@@ -174,10 +180,8 @@ def test_cached_launch_calls_the_c_launcher_with_the_binders_arguments(monkeypat
     assert len(tail) == len(bound) and all(a is b for a, b in zip(tail, bound))
 
 
-def test_a_new_specialization_goes_through_triton_again(monkeypatch, rms_call):
-    kernel, grid, args, kwargs = rms_call
-    rec = _Recorder()
-    _fake_cuda(monkeypatch, kernel, rec)
+def test_a_new_specialization_goes_through_triton_again(faked):
+    kernel, grid, args, kwargs, rec, _ = faked
     for _ in range(3):
         FL.launch(kernel, grid, *args, **kwargs)
     x = args[0]
@@ -191,12 +195,10 @@ def test_a_new_specialization_goes_through_triton_again(monkeypatch, rms_call):
     assert len(rec.run) == 4
 
 
-def test_launch_options_are_keyed_by_name(monkeypatch, rms_call):
+def test_launch_options_are_keyed_by_name(faked):
     """num_warps=4, num_stages=2 and num_warps=2, num_stages=4 (the same values, other names) are two kernels."""
-    kernel, grid, args, kwargs = rms_call
+    kernel, grid, args, kwargs, rec, _ = faked
     kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-    rec = _Recorder()
-    _fake_cuda(monkeypatch, kernel, rec)
     for _ in range(3):
         FL.launch(kernel, grid, *args, **kwargs, num_warps=4, num_stages=2)
     assert len(rec.run) == 2
@@ -204,10 +206,8 @@ def test_launch_options_are_keyed_by_name(monkeypatch, rms_call):
     assert len(rec.run) == 3 and rec.run[-1][2]["num_warps"] == 2
 
 
-def test_scratch_memory_keeps_tritons_python_launcher(monkeypatch, rms_call):
-    kernel, grid, args, kwargs = rms_call
-    rec = _Recorder()
-    compiled = _fake_cuda(monkeypatch, kernel, rec)
+def test_scratch_memory_keeps_tritons_python_launcher(monkeypatch, faked):
+    kernel, grid, args, kwargs, rec, compiled = faked
     compiled.run.global_scratch_size = 64  # the kernel needs global scratch: CudaLauncher.__call__ allocates it
     allocs = []
     monkeypatch.setattr(FL.triton.runtime._allocation, "_allocator",
@@ -219,10 +219,8 @@ def test_scratch_memory_keeps_tritons_python_launcher(monkeypatch, rms_call):
 
 
 @pytest.mark.parametrize("case", ["callable grid", "launch hook", "interpreted", "disabled", "unknown type"])
-def test_what_it_does_not_model_takes_tritons_path(monkeypatch, rms_call, case):
-    kernel, grid, args, kwargs = rms_call
-    rec = _Recorder()
-    _fake_cuda(monkeypatch, kernel, rec)
+def test_what_it_does_not_model_takes_tritons_path(monkeypatch, faked, case):
+    kernel, grid, args, kwargs, rec, _ = faked
     if case == "callable grid":
         grid = lambda meta: (7,)  # noqa: E731
     elif case == "launch hook":
@@ -249,10 +247,8 @@ def test_what_it_does_not_model_takes_tritons_path(monkeypatch, rms_call, case):
         assert len(rec.run) == 3 and not rec.c_launch
 
 
-def test_the_cache_is_bounded(monkeypatch, rms_call):
-    kernel, grid, args, kwargs = rms_call
-    rec = _Recorder()
-    _fake_cuda(monkeypatch, kernel, rec)
+def test_the_cache_is_bounded(monkeypatch, faked):
+    kernel, grid, args, kwargs, rec, _ = faked
     monkeypatch.setattr(FL, "_MAX_KEYS", 4)
     FL.launch(kernel, grid, *args, **kwargs)
     for n in range(10):  # num_warps values: each a new key
