@@ -99,24 +99,36 @@ class DecodeGraphCache:
     """Static KV caches and their captured decode graphs, reused across ``generate`` calls.
 
     Keyed by (batch, cache length rounded up to ``len_multiple``, backend, capture); pass the same
-    object to every ``generate(..., graph_cache=...)`` call of a training loop. Holds the
+    object to every ``generate(..., graph_cache=...)`` call of a training loop. ``generate`` runs a batch of B
+    rows in its bucket ``batch_bucket(B)`` (powers of two up to ``batch_multiple``, then multiples of it), so batch
+    sizes that vary from call to call share graphs. Holds the
     cache memory of every bucket it keeps (``nbytes``): at most ``max_entries`` of them (16: compaction alone
     uses up to four batch buckets per cache length), the least recently used dropped first. A model's entries
     whose fingerprint went stale (swapped parameter tensors, LoRA switched) are dropped at its next ``get`` that
     allocates (a replay of theirs would need a new capture). ``clear()`` frees them all.
     """
 
-    def __init__(self, len_multiple: int = 256, max_entries: int = 16):
+    def __init__(self, len_multiple: int = 256, max_entries: int = 16, batch_multiple: int = 8):
         if len_multiple <= 0:
             raise ValueError(f"len_multiple: expected > 0, got {len_multiple}")
         if max_entries <= 0:
             raise ValueError(f"max_entries: expected > 0, got {max_entries}")
+        if batch_multiple <= 0 or batch_multiple & (batch_multiple - 1):
+            raise ValueError(f"batch_multiple: expected a power of two, got {batch_multiple}")
         self.len_multiple = len_multiple
         self.max_entries = max_entries
+        self.batch_multiple = batch_multiple
         self._entries: dict[tuple, tuple[tuple, KVCache, CudaGraphDecoder]] = {}  # oldest use first
 
     def cache_len(self, min_len: int) -> int:
         return math.ceil(min_len / self.len_multiple) * self.len_multiple
+
+    def batch_bucket(self, batch: int) -> int:
+        """The batch size ``batch`` rows run at: the next power of two up to ``batch_multiple``, else the next
+        multiple of it (compaction's power-of-two buckets are among them)."""
+        if batch <= self.batch_multiple:
+            return 1 << max(0, batch - 1).bit_length()
+        return math.ceil(batch / self.batch_multiple) * self.batch_multiple
 
     def get(self, model, batch: int, min_len: int, attn_backend: str,
             capture: bool = True) -> tuple[KVCache, CudaGraphDecoder]:

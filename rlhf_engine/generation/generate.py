@@ -101,7 +101,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     attn_backend: None -> the config's; "triton" also samples with the one-pass Triton sampler (greedy and
     plain temperature sampling; top-k/top-p on the eager ops). use_cuda_graph: None -> True on CUDA.
     graph_cache: a ``DecodeGraphCache`` to reuse static caches and captured graphs across
-    calls (capture once per batch bucket and rounded length; with use_cuda_graph=False, e.g.
+    calls (capture once per batch bucket and rounded length: the batch runs padded to
+    ``graph_cache.batch_bucket(B)`` rows, the padding rows finished from the start; with use_cuda_graph=False, e.g.
     on the CPU, only the caches are reused); None: allocate (and capture) per call, and again at each
     compaction: a capture costs a device sync and tens of ms, so repeated callers should pass a cache.
     check_every: steps between host checks (stop when all rows finished; compaction).
@@ -148,23 +149,30 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
                      backend=backend, logprob_dist=logprob_dist)
     eos = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=device)
-    response = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
-    response_mask = torch.zeros((B, N), dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, N), dtype=torch.float32, device=device)
+    pooled = graph_cache is not None
+    # with a graph cache the batch runs in its bucket (one captured graph per bucket, not per batch size): the rows
+    # past B are copies of row 0, finished from the start; their tokens are never returned
+    Bb = graph_cache.batch_bucket(B) if pooled else B
+    run_ids, run_mask = prompt_ids, prompt_mask
+    if Bb > B:
+        run_ids = torch.cat([prompt_ids, prompt_ids[:1].expand(Bb - B, P)])
+        run_mask = torch.cat([prompt_mask, prompt_mask[:1].expand(Bb - B, P)])
+    response = torch.full((Bb, N), pad_token_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros((Bb, N), dtype=torch.long, device=device)
+    logprobs = torch.zeros((Bb, N), dtype=torch.float32, device=device)
 
     was_training = model.training
     model.eval()
     try:
-        pooled = graph_cache is not None
         runner = None
         if pooled:
-            cache, runner = graph_cache.get(model, B, P + N, backend, capture=use_cuda_graph)
+            cache, runner = graph_cache.get(model, Bb, P + N, backend, capture=use_cuda_graph)
         else:
             cache = KVCache.allocate(config, B, P + N, dtype=model.dtype, device=device)
-        logits = model.prefill(prompt_ids, prompt_mask, cache, attn_backend=backend)  # (B, V)
+        logits = model.prefill(run_ids, run_mask, cache, attn_backend=backend)  # (Bb, V)
         decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner)
-        rows = torch.arange(B, device=device)  # original row of each cache row
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        rows = torch.arange(Bb, device=device)  # original row of each cache row
+        finished = rows >= B  # the bucket's padding rows
         steps = N
         for t in range(N):
             tok, lp = sample_tokens(logits, **sample_kw)  # (Ba,), (Ba,)
@@ -198,6 +206,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     finally:
         model.train(was_training)
 
+    response, response_mask, logprobs = response[:B], response_mask[:B], logprobs[:B]
     if trim:
         # Rows stop for good, so the columns where some row is still running form a prefix.
         steps = int(response_mask[:, :steps].any(0).sum())
