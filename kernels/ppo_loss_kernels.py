@@ -53,6 +53,7 @@ launches: kernel 1 as above, then ``_ppo_loss_finalize_grads_kernel``, whose eve
 its cost is host overhead: one Python call and two launches, against the autograd path's Function, two
 launches, the engine and three elementwise ops.
 """
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -321,6 +322,20 @@ class PPOLossConfig(NamedTuple):
     max_len: Optional[int] = None
 
 
+@functools.lru_cache(maxsize=64)
+def _cfg_arguments(cfg: PPOLossConfig) -> tuple[tuple, dict, int, tuple]:
+    """What the kernels take from a configuration, computed once per configuration (these calls are host-bound):
+    the rows kernel's float arguments and configuration constexprs, the aggregation mode, the finalize kernels'
+    coefficients."""
+    agg = AGG_MODES.index(cfg.agg)
+    coefs = (float(cfg.vf_coef), float(cfg.ent_coef), float(cfg.kl_coef))
+    rows_args = (1.0 - cfg.clip_low, 1.0 + cfg.clip_high, float(cfg.dual_clip or 0.0), float(cfg.value_clip or 0.0),
+                 *coefs)
+    rows_meta = dict(DUAL=cfg.dual_clip is not None, VCLIP=cfg.value_clip is not None,
+                     KL_KIND=KL_KINDS.index(cfg.kl_kind) + 1, ROW_MEAN=agg == 1)
+    return rows_args, rows_meta, agg, coefs
+
+
 def _launch_config(B: int, T: int, block_t: Optional[int]) -> tuple[int, int, int]:
     return row_launch_config(B, T, block_t, 1024)
 
@@ -404,7 +419,7 @@ def _launch_rows(logp, old_logp, advantages, mask, values, old_values, returns, 
     new = lambda on: torch.empty(B, T, dtype=torch.float32, device=dev) if on else None  # noqa: E731
     u_logp, u_v, u_ent = new(st_logp), new(st_v), new(st_ent)
     small = torch.empty(_PART_OFFSET + _N_PART * B, dtype=torch.float32, device=dev)
-    agg = AGG_MODES.index(cfg.agg)
+    rows_args, rows_meta, agg, coefs = _cfg_arguments(cfg)
     ntok_mode, ntok_val, ntok_t = _normalizer(num_tokens, "num_tokens", dev)
     nseq_mode, nseq_val, nseq_t = _normalizer(num_seqs, "num_seqs", dev)
     if B > 0:
@@ -415,17 +430,13 @@ def _launch_rows(logp, old_logp, advantages, mask, values, old_values, returns, 
         launch(_ppo_loss_fwd_kernel, (cdiv(B, ROWS),),
             c(logp), c(old_logp), c(advantages), m, c(values), c(old_values), c(returns), c(ref_logp), c(entropy),
             small if u_logp is None else u_logp, small if u_v is None else u_v, small if u_ent is None else u_ent,
-            small, B, T, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high,
-            float(cfg.dual_clip or 0.0), float(cfg.value_clip or 0.0), float(cfg.vf_coef), float(cfg.ent_coef),
-            float(cfg.kl_coef),
-            HAS_V=has_v, HAS_ENT=has_ent, HAS_REF=has_ref, DUAL=cfg.dual_clip is not None,
-            VCLIP=cfg.value_clip is not None, KL_KIND=KL_KINDS.index(cfg.kl_kind) + 1, ROW_MEAN=agg == 1,
+            small, B, T, *rows_args,
+            HAS_V=has_v, HAS_ENT=has_ent, HAS_REF=has_ref, **rows_meta,
             STORE_DLOGP=st_logp, STORE_DV=st_v, STORE_DENT=st_ent,
             ROWS=ROWS, BLOCK_T=BLOCK_T, num_warps=num_warps,
         )
     fin_args = (ntok_t if ntok_t is not None else small, nseq_t if nseq_t is not None else small, B,
-                ntok_val, nseq_val, float(T if cfg.max_len is None else cfg.max_len), float(cfg.vf_coef),
-                float(cfg.ent_coef), float(cfg.kl_coef))
+                ntok_val, nseq_val, float(T if cfg.max_len is None else cfg.max_len), *coefs)
     fin_meta = dict(NTOK_MODE=ntok_mode, NSEQ_MODE=nseq_mode, AGG=agg,
                     BLOCK_B=min(1024, next_pow2(max(B, 16))), num_warps=4)
     return small, (u_logp, u_v, u_ent), fin_args, fin_meta
