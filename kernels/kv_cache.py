@@ -129,10 +129,9 @@ def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_sign
     if B * T * H == 0:
         return y
     half = D // 2
+    sx, sy, sc, ss = x.stride(), y.stride(), cos.stride(), sin.stride()  # one call each (~0.3 us a call)
     launch(_rope_kernel, (B * T,),
-        x, y, cos, sin,
-        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        x, y, cos, sin, sx[0], sx[1], sx[2], sy[0], sy[1], sy[2], sc[0], sc[1], ss[0], ss[1],
         T, H, sin_sign,
         HALF=half, BLOCK_HALF=next_pow2(half), BLOCK_H=next_pow2(H), num_warps=1 if H * D <= 512 else 4,
     )
@@ -311,8 +310,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend
         c = torch.cat((c, c), -1).unsqueeze(-2)  # (B|1, T, 1, D)
         s = torch.cat((s, s), -1).unsqueeze(-2)
         return apply_rope_reference(x, c if c.dim() == 4 else c[None], s if s.dim() == 4 else s[None])
-    cos = cos.expand(B, T, cos.shape[-1]) if cos.dim() == 3 else cos[None].expand(B, T, cos.shape[-1])
-    sin = sin.expand(B, T, sin.shape[-1]) if sin.dim() == 3 else sin[None].expand(B, T, sin.shape[-1])
+    if cos.dim() != 3 or cos.shape[0] != B:  # (T, D) or (1, T, D): a broadcast view (its batch stride is 0)
+        cos = cos.expand(B, T, cos.shape[-1]) if cos.dim() == 3 else cos[None].expand(B, T, cos.shape[-1])
+    if sin.dim() != 3 or sin.shape[0] != B:
+        sin = sin.expand(B, T, sin.shape[-1]) if sin.dim() == 3 else sin[None].expand(B, T, sin.shape[-1])
     x = x if x.stride(-1) == 1 else x.contiguous()
     if torch.compiler.is_compiling():
         return apply_rope_op(x, cos, sin)

@@ -83,8 +83,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
     block = next_pow2(H)
     launch(_rms_norm_kernel, (N,),
         x, residual if residual is not None else x, weight, y, s if s is not None else y,
-        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
-        s.stride(0) if s is not None else 0, H, eps,
+        x.stride(0), residual.stride(0) if residual is not None else 0, H, H if s is not None else 0, H, eps,
         HAS_RES=residual is not None, BLOCK_H=block, num_warps=4 if block <= 2048 else 8,
     )
     return y, s
@@ -147,8 +146,7 @@ def rms_norm_backward(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch
     block = next_pow2(H)
     launch(_rms_norm_bwd_kernel, (programs,),
         dy, ds_out if ds_out is not None else dy, s, weight, ds, partial,
-        dy.stride(0), ds_out.stride(0) if ds_out is not None else 0, s.stride(0), ds.stride(0),
-        N, H, eps, rows,
+        dy.stride(0), ds_out.stride(0) if ds_out is not None else 0, s.stride(0), H, N, H, eps, rows,
         HAS_DSO=ds_out is not None, HAS_DW=need_dw, BLOCK_H=block, num_warps=_bwd_warps(block),
     )
     return ds, (partial.sum(0).to(weight.dtype) if need_dw else None)
