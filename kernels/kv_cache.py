@@ -74,14 +74,16 @@ def _write_kv_kernel(
 
 @triton.jit
 def _rope_kernel(
-    X, Y, COS, SIN,
+    X, X2, Y, COS, SIN,
     stride_xb, stride_xt, stride_xh,
+    stride_x2b, stride_x2t, stride_x2h,
     stride_yb, stride_yt, stride_yh,
     stride_cb, stride_ct, stride_sb, stride_st,
-    T, H, sin_sign,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    T, H, H1, sin_sign,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, TWO_INPUTS: tl.constexpr,
 ):
-    # One program per (b, t): all heads, y = x * cos + rotate_half(x) * (sin_sign * sin).
+    # One program per (b, t): all heads, y = x * cos + rotate_half(x) * (sin_sign * sin). With TWO_INPUTS, heads
+    # [0, H1) are read from X and heads [H1, H) from X2 (the backward of q and k rotated in one launch).
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = pid % T
@@ -91,9 +93,18 @@ def _rope_kernel(
     m = (heads < H)[:, None] & hm[None, :]
     c = tl.load(COS + b * stride_cb + t * stride_ct + offs_h, mask=hm, other=1.0).to(tl.float32)
     s = tl.load(SIN + b * stride_sb + t * stride_st + offs_h, mask=hm, other=0.0).to(tl.float32) * sin_sign
-    x_ptr = X + b * stride_xb + t * stride_xt + heads[:, None] * stride_xh + offs_h[None, :]
-    x1 = tl.load(x_ptr, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + HALF, mask=m, other=0.0).to(tl.float32)
+    if TWO_INPUTS:
+        first = (heads < H1)[:, None]
+        p1 = X + b * stride_xb + t * stride_xt + heads[:, None] * stride_xh + offs_h[None, :]
+        p2 = X2 + b * stride_x2b + t * stride_x2t + (heads[:, None] - H1) * stride_x2h + offs_h[None, :]
+        x1 = tl.where(first, tl.load(p1, mask=m & first, other=0.0), tl.load(p2, mask=m & ~first, other=0.0))
+        x2 = tl.where(first, tl.load(p1 + HALF, mask=m & first, other=0.0),
+                      tl.load(p2 + HALF, mask=m & ~first, other=0.0))
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    else:
+        x_ptr = X + b * stride_xb + t * stride_xt + heads[:, None] * stride_xh + offs_h[None, :]
+        x1 = tl.load(x_ptr, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + HALF, mask=m, other=0.0).to(tl.float32)
     y_ptr = Y + b * stride_yb + t * stride_yt + heads[:, None] * stride_yh + offs_h[None, :]
     tl.store(y_ptr, (x1 * c[None, :] - x2 * s[None, :]).to(Y.dtype.element_ty), mask=m)
     tl.store(y_ptr + HALF, (x2 * c[None, :] + x1 * s[None, :]).to(Y.dtype.element_ty), mask=m)
@@ -122,18 +133,23 @@ def write_kv_cache_forward(k_cache, v_cache, k_new, v_new, positions, cos, sin, 
     )
 
 
-def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_sign: float = 1.0) -> torch.Tensor:
-    """y (B, T, H, D) = rope(x); cos/sin (B, T, D or D/2) (broadcast views with stride 0 are fine)."""
-    B, T, H, D = x.shape
+def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_sign: float = 1.0,
+                 x2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y (B, T, H, D) = rope(x); cos/sin (B, T, D or D/2) (broadcast views with stride 0 are fine). With ``x2``
+    (B, T, H2, D): y (B, T, H + H2, D) = rope of x's heads followed by x2's, in one launch."""
+    B, T, H1, D = x.shape
+    H = H1 + (0 if x2 is None else x2.shape[2])
     y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)
     if B * T * H == 0:
         return y
     half = D // 2
     sx, sy, sc, ss = x.stride(), y.stride(), cos.stride(), sin.stride()  # one call each (~0.3 us a call)
+    s2 = sx if x2 is None else x2.stride()
     launch(_rope_kernel, (B * T,),
-        x, y, cos, sin, sx[0], sx[1], sx[2], sy[0], sy[1], sy[2], sc[0], sc[1], ss[0], ss[1],
-        T, H, sin_sign,
-        HALF=half, BLOCK_HALF=next_pow2(half), BLOCK_H=next_pow2(H), num_warps=1 if H * D <= 512 else 4,
+        x, x if x2 is None else x2, y, cos, sin, sx[0], sx[1], sx[2], s2[0], s2[1], s2[2], sy[0], sy[1], sy[2],
+        sc[0], sc[1], ss[0], ss[1], T, H, H1, sin_sign,
+        HALF=half, BLOCK_HALF=next_pow2(half), BLOCK_H=next_pow2(H), TWO_INPUTS=x2 is not None,
+        num_warps=1 if H * D <= 512 else 4,
     )
     return y
 
@@ -206,6 +222,31 @@ class RopeFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         return rope_forward(dy, cos, sin, sin_sign=-1.0), None, None
+
+
+class RopeQKFunction(torch.autograd.Function):
+    """q and k rotated in one launch each way: forward on the (B, T, Hq + Hkv, D) view of the packed q|k columns,
+    returning q (B, T, Hq, D) and k (B, T, Hkv, D) as views of one new tensor; backward reads dq and dk (two
+    inputs) and writes one (B, T, Hq + Hkv, D) gradient, what the packed GEMM's backward takes."""
+
+    @staticmethod
+    def forward(ctx, qk, cos, sin, n_q: int):
+        ctx.save_for_backward(cos, sin)
+        ctx.n_q, ctx.shape = n_q, qk.shape
+        y = rope_forward(qk, cos, sin)
+        return y[:, :, :n_q], y[:, :, n_q:]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        B, T, H, D = ctx.shape
+        n_q = ctx.n_q
+        dq = torch.zeros((B, T, n_q, D), dtype=cos.dtype if dk is None else dk.dtype, device=cos.device) \
+            if dq is None else (dq if dq.stride(-1) == 1 else dq.contiguous())
+        dk = torch.zeros((B, T, H - n_q, D), dtype=dq.dtype, device=dq.device) if dk is None else \
+            (dk if dk.stride(-1) == 1 else dk.contiguous())
+        return rope_forward(dq, cos, sin, sin_sign=-1.0, x2=dk), None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -291,12 +332,7 @@ def write_kv_cache(
         write_kv_cache_forward(k_cache, v_cache, k_new, v_new, positions, cos, sin, rope_positions)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """RoPE (HF rotate_half convention) on x (B, T, H, D); differentiable in x.
-
-    cos, sin: (B, T, D) or (T, D) (HF ``position_embeddings``; duplicated halves, only the first half is read;
-    width D/2 works too). Returns (B, T, H, D) in x.dtype, computed in fp32.
-    """
+def _check_rope_args(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"x: expected (B, T, H, D) with even D, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -305,18 +341,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend
         _check_table(name, t, D, x.device)
         if t.dim() not in (2, 3) or t.shape[-2] != T or (t.dim() == 3 and t.shape[0] not in (1, B)):
             raise ValueError(f"{name}: expected ({B}, {T}, {D}) or ({T}, {D}), got {tuple(t.shape)}")
-    if not _use_triton(backend, x):
-        c, s = cos[..., : D // 2], sin[..., : D // 2]
-        c = torch.cat((c, c), -1).unsqueeze(-2)  # (B|1, T, 1, D)
-        s = torch.cat((s, s), -1).unsqueeze(-2)
-        return apply_rope_reference(x, c if c.dim() == 4 else c[None], s if s.dim() == 4 else s[None])
+
+
+def _kernel_rope_args(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(x with unit stride on D, cos and sin as (B, T, ·) views) for ``rope_forward``."""
+    B, T = x.shape[:2]
     if cos.dim() != 3 or cos.shape[0] != B:  # (T, D) or (1, T, D): a broadcast view (its batch stride is 0)
         cos = cos.expand(B, T, cos.shape[-1]) if cos.dim() == 3 else cos[None].expand(B, T, cos.shape[-1])
     if sin.dim() != 3 or sin.shape[0] != B:
         sin = sin.expand(B, T, sin.shape[-1]) if sin.dim() == 3 else sin[None].expand(B, T, sin.shape[-1])
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    return (x if x.stride(-1) == 1 else x.contiguous()), cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """RoPE (HF rotate_half convention) on x (B, T, H, D); differentiable in x.
+
+    cos, sin: (B, T, D) or (T, D) (HF ``position_embeddings``; duplicated halves, only the first half is read;
+    width D/2 works too). Returns (B, T, H, D) in x.dtype, computed in fp32.
+    """
+    _check_rope_args(x, cos, sin)
+    if not _use_triton(backend, x):
+        D = x.shape[-1]
+        c, s = cos[..., : D // 2], sin[..., : D // 2]
+        c = torch.cat((c, c), -1).unsqueeze(-2)  # (B|1, T, 1, D)
+        s = torch.cat((s, s), -1).unsqueeze(-2)
+        return apply_rope_reference(x, c if c.dim() == 4 else c[None], s if s.dim() == 4 else s[None])
+    x, cos, sin = _kernel_rope_args(x, cos, sin)
     if torch.compiler.is_compiling():
         return apply_rope_op(x, cos, sin)
     if torch.is_grad_enabled() and x.requires_grad:
         return RopeFunction.apply(x, cos, sin)
     return rope_forward(x, cos, sin)
+
+
+def apply_rope_qk(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rope`` on q and k given as one (B, T, Hq + Hkv, D) tensor (the packed q|k columns of a layer's
+    q/k/v GEMM), in one launch forward and one backward (the triton backend); returns q (B, T, Hq, D) and
+    k (B, T, Hkv, D), equal bit for bit to rotating each alone. cos, sin as in ``apply_rope``."""
+    if not isinstance(qk, torch.Tensor) or qk.dim() != 4 or not 0 < n_q < qk.shape[2]:
+        raise ValueError(f"qk, n_q: expected (B, T, Hq + Hkv, D) and 0 < n_q < Hq + Hkv, got "
+                         f"{tuple(qk.shape) if isinstance(qk, torch.Tensor) else type(qk).__name__}, {n_q}")
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and qk.requires_grad):
+        y = apply_rope(qk, cos, sin, backend="triton")  # the custom op under compile; one launch without autograd
+        return y[:, :, :n_q], y[:, :, n_q:]
+    _check_rope_args(qk, cos, sin)
+    return RopeQKFunction.apply(*_kernel_rope_args(qk, cos, sin), n_q)

@@ -203,10 +203,12 @@ def _kv_cache_cases():
         yield _case(f"write_kv-{dt}-d{d}", "kv_cache", "_write_kv_kernel", _sub(write, dt), [],
                     dict(HEAD_DIM=d, BLOCK_D=_pow2(d), HALF=d // 2, BLOCK_HALF=_pow2(d // 2), BLOCK_H=hkv,
                          HAS_ROPE=rope), 1 if hkv * d <= 512 else 4)
-    rope = {"X": "{dt}", "Y": "{dt}", "COS": "{dt}", "SIN": "{dt}"}
-    for dt, d, h in [("bf16", 128, 32), ("fp32", 64, 4)]:
-        yield _case(f"rope-{dt}-d{d}", "kv_cache", "_rope_kernel", _sub(rope, dt), ["sin_sign"],
-                    dict(HALF=d // 2, BLOCK_HALF=d // 2, BLOCK_H=h), 1 if h * d <= 512 else 4)
+    rope = {"X": "{dt}", "X2": "{dt}", "Y": "{dt}", "COS": "{dt}", "SIN": "{dt}"}
+    # the model rotates q and k in one launch: Qwen2-0.5B's 14 + 2 heads, D = 64; two inputs in the backward
+    for dt, d, h, two in [("bf16", 128, 32, False), ("bf16", 64, 16, True), ("fp32", 64, 4, True)]:
+        yield _case(f"rope-{dt}-d{d}{'-two' if two else ''}", "kv_cache", "_rope_kernel", _sub(rope, dt),
+                    ["sin_sign"], dict(HALF=d // 2, BLOCK_HALF=d // 2, BLOCK_H=h, TWO_INPUTS=two),
+                    1 if h * d <= 512 else 4)
 
 
 def _inference_op_cases():

@@ -66,7 +66,15 @@ class Attention(nn.Module):
         # them one layer at a time, as training does)
         if qkv is None and meta.fused_ops:
             qkv = group_linear(x, (self.q_proj, self.k_proj, self.v_proj), lora=meta.mode != "full")
-        if qkv is not None:  # one GEMM over the packed weights (model/packing.py)
+        # fused decode: K is rotated inside the cache write, q inside the decode attention kernel
+        rope_in_write = meta.mode == "decode" and meta.fused_ops
+        joint_rope = qkv is not None and meta.backend == "triton" and not rope_in_write
+        if joint_rope:  # q and k rotated together: one launch forward and one backward, not two of each
+            from rlhf_engine.kernels.kv_cache import apply_rope_qk
+
+            qk, v = qkv.split([Dq + Dkv, Dkv], dim=-1)
+            q, k = apply_rope_qk(qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim), cos, sin, self.n_head)
+        elif qkv is not None:  # one GEMM over the packed weights (model/packing.py)
             # strided views of (B, T, Dq + 2 Dkv); in training the attention saves v, which keeps the whole qkv
             # buffer (pre-RoPE q and k included: (Dq + Dkv) more elements a token a layer) until the backward
             # unless the layer is recomputed (activation checkpointing), where nothing of it is saved
@@ -76,15 +84,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
-        # fused decode: K is rotated inside the cache write, q inside the decode attention kernel
-        rope_in_write = meta.mode == "decode" and meta.fused_ops
-        if meta.backend == "triton":  # one fused kernel per tensor instead of ~5 elementwise ops
+        if meta.backend != "triton":
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        elif not (joint_rope or rope_in_write):  # one fused kernel per tensor instead of ~5 elementwise ops
             from rlhf_engine.kernels.kv_cache import apply_rope
 
-            q = q if rope_in_write else apply_rope(q, cos, sin, backend="triton")
-            k = k if rope_in_write else apply_rope(k, cos, sin, backend="triton")
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = apply_rope(q, cos, sin, backend="triton"), apply_rope(k, cos, sin, backend="triton")
         if meta.mode == "decode":
             k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]  # (B, L, Hkv, D)
             if rope_in_write and meta.fuse_cache_write:
