@@ -422,7 +422,7 @@ def attention_backward(
     BLOCK_D = max(16, next_pow2(D))
     pre_bm = 64
     launch(_bwd_preprocess_kernel, tile_grid(cdiv(Tq, pre_bm), B * Hq),
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        o, do, delta, *o.stride()[:3], *do.stride()[:3],
         Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, FLAT_GRID=flat_grid(B * Hq))
 
     has_range = kv_start is not None
@@ -433,11 +433,10 @@ def attention_backward(
     tb = t_bucket(max(Tq, Tk))
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_CAUSAL=causal, HAS_KV_RANGE=has_range,
                 PRECISION=dot_precision(q.dtype))
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    dq_strides = (dq.stride(0), dq.stride(1), dq.stride(2))
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])  # one stride() call a tensor
+    dq_strides = dq.stride()[:3]
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq, ks, ke, *strides,
-                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dq_strides,
+                 *dk.stride()[:3], *dv.stride()[:3], *dq_strides,
                  Hq, Hkv, Tq, Tk, group, qk_scale, softmax_scale, tb)
     dq_args = (q, k, v, do, lse, delta, dq, ks, ke, *strides, *dq_strides,
                Hq, Tq, Tk, group, qk_scale, softmax_scale, tb)

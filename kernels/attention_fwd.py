@@ -349,10 +349,7 @@ def attention_forward(
     has_range = kv_start is not None
     args = (
         q, k, v, o, lse, ks, ke,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],  # one stride() call a tensor
         Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E, t_bucket(max(Tq, Tk)),
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), IS_CAUSAL=causal, HAS_KV_RANGE=has_range,
