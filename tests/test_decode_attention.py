@@ -4,7 +4,7 @@ import torch
 
 from rlhf_engine.kernels.attention import flash_attention
 from rlhf_engine.kernels.decode_attention import decode_attention, decode_attention_op, default_num_splits
-from rlhf_engine.kernels.kv_cache import apply_rope, write_kv_cache
+from rlhf_engine.kernels.kv_cache import apply_rope, apply_rope_qk, write_kv_cache
 from rlhf_engine.kernels.reference.attention import (
     apply_rope_reference,
     decode_attention_reference,
@@ -242,6 +242,35 @@ def test_apply_rope_forward_backward(device):
     (gr,) = torch.autograd.grad(ref, x64, g)
     torch.testing.assert_close(gx.double(), gr, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(apply_rope(x, cos, sin, backend="torch"), ref.detach())  # (T, D) tables
+
+
+@pytest.mark.parametrize("used", ["both", "k only"])
+def test_apply_rope_qk_equals_two_rotations(used, device):
+    """q and k rotated together from the packed q|k columns (the model's packed path): outputs and the gradient of
+    the packed tensor equal rotating q and k alone, bit for bit (odd widths: Hq/Hkv 9/3, D 80; a gradient for k
+    only leaves q's rows zero); fp64 reference for the values."""
+    B, T, Hq, Hkv, D = 2, 5, 9, 3, 80
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=device, requires_grad=True)
+    cos, sin = _tables(T, D, device, torch.float32)
+    cos, sin = cos[None].expand(B, T, D), sin[None].expand(B, T, D)
+    qk, _ = qkv.split([(Hq + Hkv) * D, Hkv * D], -1)
+    q, k = apply_rope_qk(qk.view(B, T, Hq + Hkv, D), cos, sin, Hq)
+    q2, k2, _ = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
+    q2, k2 = (apply_rope(t.view(B, T, -1, D), cos, sin, backend="triton") for t in (q2, k2))
+    assert torch.equal(q, q2) and torch.equal(k, k2) and q.shape == (B, T, Hq, D) and k.shape == (B, T, Hkv, D)
+    ref = apply_rope_reference(qk.detach().double().view(B, T, Hq + Hkv, D), cos.double()[:, :, None],
+                               sin.double()[:, :, None])
+    torch.testing.assert_close(torch.cat([q, k], 2).double(), ref, atol=1e-5, rtol=1e-5)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    outs = ((k, k2), (gk,)) if used == "k only" else ((q, k, q2, k2), (gq, gk))
+    n = len(outs[1])
+    (g,) = torch.autograd.grad(outs[0][:n], qkv, outs[1])
+    (g2,) = torch.autograd.grad(outs[0][n:], qkv, outs[1])
+    assert torch.equal(g, g2)
+    if used == "k only":
+        assert not g[..., :Hq * D].any() and g[..., Hq * D:(Hq + Hkv) * D].any()
+    with pytest.raises(ValueError, match="n_q"):
+        apply_rope_qk(qk.view(B, T, Hq + Hkv, D), cos, sin, Hq + Hkv)
 
 
 def test_apply_rope_eager_function_and_custom_op_agree(device):
