@@ -318,14 +318,16 @@ def test_reused_static_caches_with_compaction():
     assert gc.nbytes == 0
 
 
-def test_graph_cache_batch_buckets():
-    """Batches of 5 and 7 rows run in one bucket of 8 (one cache, one graph on a GPU): the same tokens and
-    log-probs as without the cache, and only the real rows come back."""
+def test_graph_cache_batch_buckets(monkeypatch):
+    """Batches of 5 and 7 rows decode in one bucket of 8 (one cache, one graph on a GPU): the same tokens and
+    log-probs as without the cache, only the real rows prefilled, only the real rows returned."""
     from rlhf_engine.generation import DecodeGraphCache
 
     gc = DecodeGraphCache(len_multiple=16)
     assert [gc.batch_bucket(b) for b in (1, 2, 3, 5, 8, 9, 16, 17, 64, 65)] == [1, 2, 4, 8, 8, 16, 16, 24, 64, 72]
     m = _model("tiny-qwen2")
+    prefilled, prefill = [], m.prefill
+    monkeypatch.setattr(m, "prefill", lambda ids, *a, **k: prefilled.append(ids.shape[0]) or prefill(ids, *a, **k))
     kw = dict(max_new_tokens=6, greedy=True, eos_token_ids=())
     for B in (5, 7):
         ids, mask = _prompts(m.config.vocab_size, lengths=tuple(2 + b % 7 for b in range(B)))
@@ -333,9 +335,11 @@ def test_graph_cache_batch_buckets():
         out = generate(m, ids, mask, graph_cache=gc, **kw)
         assert out.sequences.shape == ref.sequences.shape and torch.equal(out.sequences, ref.sequences)
         assert (out.logprobs - ref.logprobs).abs().max() <= 1e-5
-    assert [k[0] for k in gc._entries] == [8]
+    assert [k[0] for k in gc._entries] == [8] and prefilled == [5, 5, 7, 7]
     with pytest.raises(ValueError, match="batch_multiple"):
         DecodeGraphCache(batch_multiple=6)
+    with pytest.raises(ValueError, match="prompt"):
+        generate(m, ids[:0], mask[:0], graph_cache=gc, **kw)
 
 
 def test_graph_cache_bounded_and_drops_stale_entries():

@@ -102,9 +102,11 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     plain temperature sampling; top-k/top-p on the eager ops). use_cuda_graph: None -> True on CUDA.
     graph_cache: a ``DecodeGraphCache`` to reuse static caches and captured graphs across
     calls (capture once per batch bucket and rounded length: the batch runs padded to
-    ``graph_cache.batch_bucket(B)`` rows, the padding rows finished from the start; with use_cuda_graph=False, e.g.
-    on the CPU, only the caches are reused); None: allocate (and capture) per call, and again at each
-    compaction: a capture costs a device sync and tens of ms, so repeated callers should pass a cache.
+    ``graph_cache.batch_bucket(B)`` rows, the padding rows finished from the start and never prefilled; sampled
+    tokens then depend on the bucket, as they do on compaction, since the padding rows draw random numbers too;
+    with use_cuda_graph=False, e.g. on the CPU, only the caches are reused); None: allocate (and capture) per
+    call, and again at each compaction: a capture costs a device sync and tens of ms, so repeated callers should
+    pass a cache.
     check_every: steps between host checks (stop when all rows finished; compaction).
     compact: at those checks, when at most half the rows are still running and the batch
     is larger than ``min_compact_batch``, move the running rows into a smaller cache
@@ -149,14 +151,13 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
                      backend=backend, logprob_dist=logprob_dist)
     eos = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=device)
+    if B == 0:
+        raise ValueError("prompt_ids: expected at least one row, got an empty batch")
     pooled = graph_cache is not None
-    # with a graph cache the batch runs in its bucket (one captured graph per bucket, not per batch size): the rows
-    # past B are copies of row 0, finished from the start; their tokens are never returned
+    # with a graph cache the batch decodes in its bucket (one captured graph per bucket, not per batch size): the
+    # rows past B are finished from the start (row 0's lengths, its logits, K/V never read for a kept token) and
+    # are never returned; only the B real rows are prefilled
     Bb = graph_cache.batch_bucket(B) if pooled else B
-    run_ids, run_mask = prompt_ids, prompt_mask
-    if Bb > B:
-        run_ids = torch.cat([prompt_ids, prompt_ids[:1].expand(Bb - B, P)])
-        run_mask = torch.cat([prompt_mask, prompt_mask[:1].expand(Bb - B, P)])
     response = torch.full((Bb, N), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((Bb, N), dtype=torch.long, device=device)
     logprobs = torch.zeros((Bb, N), dtype=torch.float32, device=device)
@@ -169,7 +170,15 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
             cache, runner = graph_cache.get(model, Bb, P + N, backend, capture=use_cuda_graph)
         else:
             cache = KVCache.allocate(config, B, P + N, dtype=model.dtype, device=device)
-        logits = model.prefill(run_ids, run_mask, cache, attn_backend=backend)  # (Bb, V)
+        if Bb > B:  # prefill the real rows through a view of the cache's first B rows
+            real = KVCache(k_all=cache.k_all[:, :B], v_all=cache.v_all[:, :B], lengths=cache.lengths[:B],
+                           start=cache.start[:B])
+            logits = model.prefill(prompt_ids, prompt_mask, real, attn_backend=backend)  # (B, V)
+            cache.lengths[B:].fill_(P)
+            cache.start[B:].copy_(cache.start[:1].expand(Bb - B))
+            logits = torch.cat([logits, logits[:1].expand(Bb - B, -1)])  # (Bb, V)
+        else:
+            logits = model.prefill(prompt_ids, prompt_mask, cache, attn_backend=backend)  # (B, V)
         decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner)
         rows = torch.arange(Bb, device=device)  # original row of each cache row
         finished = rows >= B  # the bucket's padding rows

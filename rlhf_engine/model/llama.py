@@ -70,6 +70,7 @@ class Attention(nn.Module):
         rope_in_write = meta.mode == "decode" and meta.fused_ops
         joint_rope = qkv is not None and meta.backend == "triton" and not rope_in_write
         if joint_rope:  # q and k rotated together: one launch forward and one backward, not two of each
+            # (q and k are then two views of one autograd output: do not modify them in place)
             from rlhf_engine.kernels.kv_cache import apply_rope_qk
 
             qk, v = qkv.split([Dq + Dkv, Dkv], dim=-1)
