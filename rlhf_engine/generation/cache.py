@@ -72,6 +72,12 @@ class KVCache:
         self.lengths.zero_()
         self.start.zero_()
 
+    def head(self, n: int) -> "KVCache":
+        """A view of the first ``n`` rows (K/V, lengths and start share this cache's memory): writes through it,
+        e.g. a prefill of n sequences, land in this cache."""
+        return KVCache(k_all=self.k_all[:, :n], v_all=self.v_all[:, :n], lengths=self.lengths[:n],
+                       start=self.start[:n])
+
     def select(self, rows: torch.Tensor) -> "KVCache":
         """A new, smaller cache holding the given rows (int64 (B',) on the cache device), e.g. to drop finished ones."""
         return KVCache(k_all=self.k_all.index_select(1, rows), v_all=self.v_all.index_select(1, rows),

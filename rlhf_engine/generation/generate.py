@@ -146,13 +146,13 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
             eos_token_ids[0] if eos_token_ids else 0)
 
     B, P = prompt_ids.shape
+    if B == 0:
+        raise ValueError("prompt_ids: expected at least one row, got an empty batch")
     N = max_new_tokens
     # the triton backend also samples with one kernel (plain temperature sampling and greedy)
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
                      backend=backend, logprob_dist=logprob_dist)
     eos = torch.tensor(eos_token_ids or [-1], dtype=torch.long, device=device)
-    if B == 0:
-        raise ValueError("prompt_ids: expected at least one row, got an empty batch")
     pooled = graph_cache is not None
     # with a graph cache the batch decodes in its bucket (one captured graph per bucket, not per batch size): the
     # rows past B are finished from the start (row 0's lengths, its logits, K/V never read for a kept token) and
@@ -171,9 +171,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
         else:
             cache = KVCache.allocate(config, B, P + N, dtype=model.dtype, device=device)
         if Bb > B:  # prefill the real rows through a view of the cache's first B rows
-            real = KVCache(k_all=cache.k_all[:, :B], v_all=cache.v_all[:, :B], lengths=cache.lengths[:B],
-                           start=cache.start[:B])
-            logits = model.prefill(prompt_ids, prompt_mask, real, attn_backend=backend)  # (B, V)
+            logits = model.prefill(prompt_ids, prompt_mask, cache.head(B), attn_backend=backend)  # (B, V)
             cache.lengths[B:].fill_(P)
             cache.start[B:].copy_(cache.start[:1].expand(Bb - B))
             logits = torch.cat([logits, logits[:1].expand(Bb - B, -1)])  # (Bb, V)
