@@ -257,7 +257,10 @@ def test_apply_rope_qk_equals_two_rotations(used, device):
     q, k = apply_rope_qk(qk.view(B, T, Hq + Hkv, D), cos, sin, Hq)
     q2, k2, _ = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
     q2, k2 = (apply_rope(t.view(B, T, -1, D), cos, sin, backend="triton") for t in (q2, k2))
-    assert torch.equal(q, q2) and torch.equal(k, k2) and q.shape == (B, T, Hq, D) and k.shape == (B, T, Hkv, D)
+    # Bit for bit under the interpreter. On a GPU the compiler contracts x1 * c - x2 * s into an FMA as it sees fit
+    # for each specialization (the H200 run of 1f4b6a6 found k a rounding apart): there, equal to fp32 rounding.
+    same = torch.equal if device.type == "cpu" else (lambda a, b: torch.allclose(a, b, rtol=2e-6, atol=1e-6))
+    assert same(q, q2) and same(k, k2) and q.shape == (B, T, Hq, D) and k.shape == (B, T, Hkv, D)
     ref = apply_rope_reference(qk.detach().double().view(B, T, Hq + Hkv, D), cos.double()[:, :, None],
                                sin.double()[:, :, None])
     torch.testing.assert_close(torch.cat([q, k], 2).double(), ref, atol=1e-5, rtol=1e-5)
@@ -266,7 +269,7 @@ def test_apply_rope_qk_equals_two_rotations(used, device):
     n = len(outs[1])
     (g,) = torch.autograd.grad(outs[0][:n], qkv, outs[1])
     (g2,) = torch.autograd.grad(outs[0][n:], qkv, outs[1])
-    assert torch.equal(g, g2)
+    assert same(g, g2)
     if used == "k only":
         assert not g[..., :Hq * D].any() and g[..., Hq * D:(Hq + Hkv) * D].any()
     with pytest.raises(ValueError, match="n_q"):

@@ -127,13 +127,13 @@ def test_triton_generation_with_norms_in_the_gemms(name, device, monkeypatch):
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-5, rtol=1e-5)
 
 
-def test_norm_gemm_path_steps_aside_for_module_hooks(monkeypatch):
+def test_norm_gemm_path_steps_aside_for_module_hooks(device, monkeypatch):
     """A forward hook on a layer's MLP (which the norm-GEMM path never calls) or its attention module: that layer
     runs the usual path, and the hook runs."""
     import rlhf_engine.kernels.norm_linear as nl
 
-    m = _model("tiny-llama")
-    ids, mask = _prompts(m.config.vocab_size, lengths=(5, 3), P=5)
+    m = _model("tiny-llama").to(device)
+    ids, mask = (t.to(device) for t in _prompts(m.config.vocab_size, lengths=(5, 3), P=5))
     monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1")
     seen, fused = [], []
     real = nl.norm_linear_forward
@@ -169,20 +169,20 @@ def test_rope_half_table_is_the_computed_rows():
 
 
 @pytest.mark.parametrize("Tn", [1, 2])
-def test_decode_step_rope_table_matches_computed_tables(Tn, monkeypatch):
+def test_decode_step_rope_table_matches_computed_tables(Tn, device, monkeypatch):
     """The triton decode step gathers its RoPE rows from the table: logits and cache contents bit for bit those
     of the step that computes cos/sin from the position ids (left-padded prompts, Tn new tokens), and the step
     keeps its constants (the table, rope_rows) across steps."""
-    m = _model("tiny-qwen2")
-    ids, mask = _prompts(m.config.vocab_size, lengths=(9, 4, 6))
+    m = _model("tiny-qwen2").to(device)
+    ids, mask = (t.to(device) for t in _prompts(m.config.vocab_size, lengths=(9, 4, 6)))
     B, P = ids.shape
-    cont = torch.randint(4, m.config.vocab_size, (B, 2 * Tn))
+    cont = torch.randint(4, m.config.vocab_size, (B, 2 * Tn)).to(device)
     outs = []
     for use_table in (True, False):
         with monkeypatch.context() as mp:
             if not use_table:  # as inside a first CUDA-graph capture: no table, the rows computed per step
                 mp.setattr(type(m.model.rotary), "half_table", lambda *a, **k: None)
-            cache = KVCache.allocate(m.config, B, P + 2 * Tn)
+            cache = KVCache.allocate(m.config, B, P + 2 * Tn, device=device)
             m.prefill(ids, mask, cache, attn_backend="triton")
             lg = [m.decode_step(cont[:, i:i + Tn], cache, attn_backend="triton") for i in range(0, 2 * Tn, Tn)]
             outs.append((torch.cat(lg, 1), cache.k_all.clone(), cache.v_all.clone(), cache.lengths.clone()))

@@ -224,12 +224,12 @@ def test_generate_sampled_logprobs():
 
 
 @pytest.mark.parametrize("greedy", [True, False])
-def test_sampled_logprobs_on_the_triton_sampler_backend(greedy):
+def test_sampled_logprobs_on_the_triton_sampler_backend(greedy, device):
     """backend="triton" (its one-kernel sampler takes greedy and plain sampling): with top-k and
     logprob_dist="sampled" the truncated log-prob, which the kernel does not compute, still comes back."""
-    logits = torch.randn(5, 37, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(5, 37, generator=torch.Generator().manual_seed(0)).to(device)
     tok, lp = sample_tokens(logits, temperature=0.7, top_k=3, greedy=greedy, backend="triton",
-                            logprob_dist="sampled", generator=torch.Generator().manual_seed(1))
+                            logprob_dist="sampled", generator=torch.Generator(device).manual_seed(1))
     want = _top_k_logprobs(logits / 0.7, 3).gather(-1, tok[:, None]).squeeze(-1)
     torch.testing.assert_close(lp, want)
     _, lp_plain = sample_tokens(logits, temperature=0.7, greedy=True, backend="triton", logprob_dist="sampled")

@@ -13,6 +13,8 @@ from rlhf_engine.integrations.hf_attention import mask_to_kv_range, register_hf_
 
 # On the CPU the Triton kernels run under the interpreter ("triton"); on a GPU the default "auto" path.
 NAME = register_hf_attention("rlhf_engine_test", backend="auto" if torch.cuda.is_available() else "triton")
+# The model and its inputs live on CUDA when present (so that "auto" runs the Triton kernels there), else on the CPU.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _config(kind: str):
@@ -27,7 +29,7 @@ def _config(kind: str):
 def model(request):
     torch.manual_seed(0)
     cfg = _config(request.param)
-    m = AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME).eval()
+    m = AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME).to(DEV).eval()
     assert m.config._attn_implementation == NAME
     return m
 
@@ -53,7 +55,7 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def _batch(B, T, padding, device="cpu"):
+def _batch(B, T, padding, device=DEV):
     ids = torch.randint(0, 96, (B, T), device=device)
     am = torch.ones(B, T, dtype=torch.long, device=device)
     if padding == "left":
@@ -91,7 +93,7 @@ def test_prefill_logits_match(model, padding, kernel_calls):
 def test_decode_steps_match(model, padding, kernel_calls):
     """Prefill into a DynamicCache, then two decode steps (1 token, then 2 tokens)."""
     ids, am, pos = _batch(2, 11, padding)
-    new = [torch.randint(0, 96, (2, 1)), torch.randint(0, 96, (2, 2))]
+    new = [torch.randint(0, 96, (2, 1), device=DEV), torch.randint(0, 96, (2, 2), device=DEV)]
     outs = {}
     # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` deprecated); 5.17 does not
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -106,8 +108,8 @@ def test_decode_steps_match(model, padding, kernel_calls):
             for tok in new:
                 n = tok.shape[1]
                 if mask is not None:
-                    mask = torch.cat([mask, torch.ones(2, n, dtype=mask.dtype)], 1)
-                p = p[:, -1:] + torch.arange(1, n + 1)[None]
+                    mask = torch.cat([mask, torch.ones(2, n, dtype=mask.dtype, device=DEV)], 1)
+                p = p[:, -1:] + torch.arange(1, n + 1, device=DEV)[None]
                 steps.append(model(input_ids=tok, attention_mask=mask, position_ids=p, use_cache=True,
                                    **{cache_kw: cache}).logits)
         outs[impl] = steps
@@ -152,8 +154,8 @@ def test_mask_to_kv_range_and_fallback(model):
 
     # An arbitrary 4D mask given to the model goes to HF's SDPA with a warning, same logits.
     T = 9
-    ids = torch.randint(0, 96, (2, T))
-    m4 = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None].repeat(2, 1, 1, 1)
+    ids = torch.randint(0, 96, (2, T), device=DEV)
+    m4 = torch.tril(torch.ones(T, T, dtype=torch.bool, device=DEV))[None, None].repeat(2, 1, 1, 1)
     m4[:, :, 6, 2] = False
     import transformers.integrations.sdpa_attention as sdpa_module
 
@@ -192,7 +194,7 @@ def test_autocast_casts_qkv_as_hf_sdpa_does(model):
     losses = {}
     for impl in ("sdpa", NAME):
         model.set_attn_implementation(impl)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16):
             losses[impl] = model(input_ids=ids, attention_mask=am, position_ids=pos, labels=ids).loss
     model.set_attn_implementation(NAME)
     assert torch.isfinite(losses[NAME])
@@ -213,9 +215,9 @@ def test_packed_sequences_without_a_mask_attend_within_their_segment(model):
     """Two sequences packed in one row with restarting position_ids and no mask (what transformers hands over
     when it detects packing): each segment's logits equal those of the segment run alone."""
     torch.manual_seed(3)
-    a, b = torch.randint(0, 96, (1, 7)), torch.randint(0, 96, (1, 5))
+    a, b = torch.randint(0, 96, (1, 7), device=DEV), torch.randint(0, 96, (1, 5), device=DEV)
     ids = torch.cat([a, b], 1)
-    pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    pos = torch.cat([torch.arange(7, device=DEV), torch.arange(5, device=DEV)])[None]
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=pos).logits
         alone = [model(input_ids=x).logits for x in (a, b)]
@@ -227,7 +229,7 @@ def test_packed_sequences_without_a_mask_attend_within_their_segment(model):
     assert packed_causal_mask(torch.arange(12)[None], None, 1, 12) is None
     seg = packed_causal_mask(pos, None, 1, 12)[0, 0]
     assert seg[8, 7] and not seg[8, 6] and not seg[6, 7]  # row 8 (b's 2nd token) sees b's 1st, not a's last
-    cu = packed_causal_mask(None, torch.tensor([0, 7, 12]), 1, 12)[0, 0]
+    cu = packed_causal_mask(None, torch.tensor([0, 7, 12], device=DEV), 1, 12)[0, 0]
     assert torch.equal(cu, seg)
     two = packed_causal_mask(pos, None, 2, 12)  # the same position tensor at another batch size: still packed
     assert two.shape == (2, 1, 12, 12) and torch.equal(two[1, 0], seg)
