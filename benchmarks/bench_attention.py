@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (H100_BF16_TFLOPS, autotune_report, bench, device, peak_mem_mb, print_table,  # noqa: E402
+from common import (BF16_TFLOPS, CARD, autotune_report, bench, device, peak_mem_mb, print_table,  # noqa: E402
                     record, smoke, time_left)
 
 from rlhf_engine.kernels.attention import flash_attention  # noqa: E402
@@ -219,8 +219,8 @@ def main(with_flex: bool = True) -> list[dict]:
             if pass_name == "targets":
                 for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
                     new.append({"op": f"attention_{mode}", "shape": shape, "impl": "floor",
-                                "ms": flops / (H100_BF16_TFLOPS * 1e9), "metric": "TFLOP/s",
-                                "value": H100_BF16_TFLOPS, "unit": "TFLOP/s"})
+                                "ms": flops / (BF16_TFLOPS * 1e9), "metric": "TFLOP/s",
+                                "value": BF16_TFLOPS, "unit": "TFLOP/s"})
             ratios(new)
             record(new)  # shape by shape: a run cut short by its timeout keeps what it measured
             rows += new
@@ -233,7 +233,7 @@ def main(with_flex: bool = True) -> list[dict]:
                                               "attn_bwd_dkdv_atomic_dq": attention_bwd._bwd_dkdv_atomic_dq_tuned,
                                               "attn_bwd_dq": attention_bwd._bwd_dq_kernel_tuned})))
     print_table(rows)
-    print(f"floor: {H100_BF16_TFLOPS:.0f} TFLOP/s (bf16 matmul ceiling, H100). vs_baseline = speedup over default "
+    print(f"floor: {BF16_TFLOPS:.0f} TFLOP/s (bf16 matmul ceiling, {CARD}). vs_baseline = speedup over default "
           "SDPA (>1 is faster); targets: ours >= 0.9x default SDPA and >= 1.3x FA2.")
     for r in rows:
         if r["impl"].startswith("ours"):

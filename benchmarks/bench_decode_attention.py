@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import H100_COPY_TBPS, autotune_report, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
+from common import COPY_TBPS, autotune_report, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels.decode_attention import decode_attention, default_num_splits  # noqa: E402
 from rlhf_engine.kernels.kv_cache import write_kv_cache  # noqa: E402
@@ -119,13 +119,13 @@ def main() -> list[dict]:
                                  # a replay allocates nothing: its peak says nothing (the graph's pool is static)
                                  "peak_mb": peak_mem_mb(run) if mode == "eager" else float("nan"),
                                  "us": ms * 1e3})
-        floor_us = kv_bytes / (H100_COPY_TBPS * 1e12) * 1e6
+        floor_us = kv_bytes / (COPY_TBPS * 1e12) * 1e6
         rows.append({"op": "decode_attention", "shape": shape, "impl": "floor", "ms": floor_us / 1e3,
-                     "metric": "TB/s", "value": H100_COPY_TBPS, "unit": "TB/s", "us": floor_us})
+                     "metric": "TB/s", "value": COPY_TBPS, "unit": "TB/s", "us": floor_us})
         for r in rows:
             if r["shape"] == shape:
                 r["vs_baseline"] = base.get(r.get("mode", "eager"), base["eager"]) / r["ms"]
-        print(f"{shape}: KV {kv_bytes / 1e6:.1f} MB, floor {floor_us:.1f} us at {H100_COPY_TBPS} TB/s")
+        print(f"{shape}: KV {kv_bytes / 1e6:.1f} MB, floor {floor_us:.1f} us at {COPY_TBPS} TB/s")
     from rlhf_engine.kernels import decode_attention as da
     print("\n".join(autotune_report({"decode_split": da._decode_split_kernel_tuned})))
     print_table(rows)

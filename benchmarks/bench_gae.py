@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         os.environ["TRITON_INTERPRET"] = "1"   # before triton is first imported (the kernels import it)
         args.B, args.T = 4, 64
 
-    from common import H100_COPY_TBPS, bench, kernel_ms, peak_mem_mb, print_table, record
+    from common import COPY_TBPS, bench, kernel_ms, peak_mem_mb, print_table, record
 
     from rlhf_engine.algo import gae_reference
     from rlhf_engine.kernels.gae import gae_triton
@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ms = bench(fn, warmup=1 if is_loop else w_ours, rep=rep_loop if is_loop else rep_ours)
             base_ms = ms if is_loop else base_ms
             rows.append(row("gae", name, ms, nbytes, base_ms, peak_mem_mb(fn)) | {"kernel_ms": kernel_ms(fn)})
-    floor_ms = max(nbytes / (H100_COPY_TBPS * 1e12) * 1e3, 0.005)
-    rows.append(row("gae", "floor (max(bytes / 3 TB/s, one launch 5 us))", floor_ms, nbytes, base_ms, float("nan")))
+    floor_ms = max(nbytes / (COPY_TBPS * 1e12) * 1e3, 0.005)
+    rows.append(row("gae", f"floor (max(bytes / {COPY_TBPS} TB/s, one launch 5 us))", floor_ms, nbytes, base_ms,
+                    float("nan")))
 
     # forward + backward w.r.t. rewards, values, last_value: the loop through autograd vs the Triton op
     # (its backward is one more scan launch reading d adv, d ret, mask and writing d r, d v: 17 B/token more)
@@ -118,9 +119,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ms = bench(fn, warmup=1 if is_loop else w_ours, rep=max(3, rep_loop // 4) if is_loop else rep_ours)
         base_ms = ms if is_loop else base_ms
         rows.append(row("gae fwd+bwd", name, ms, 2 * nbytes, base_ms, peak_mem_mb(fn)) | {"kernel_ms": kernel_ms(fn)})
-    floor_ms = max(2 * nbytes / (H100_COPY_TBPS * 1e12) * 1e3, 0.010)
-    rows.append(row("gae fwd+bwd", "floor (max(bytes / 3 TB/s, two launches 10 us))", floor_ms, 2 * nbytes, base_ms,
-                    float("nan")))
+    floor_ms = max(2 * nbytes / (COPY_TBPS * 1e12) * 1e3, 0.010)
+    rows.append(row("gae fwd+bwd", f"floor (max(bytes / {COPY_TBPS} TB/s, two launches 10 us))", floor_ms,
+                    2 * nbytes, base_ms, float("nan")))
 
     if device == "cpu":
         print("bench_gae: Triton interpreter timings (CPU smoke run): not comparable to GPU numbers")

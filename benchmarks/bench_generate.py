@@ -5,8 +5,9 @@ Shapes (BASELINES.md): Qwen2-0.5B (494M params, 24 layers, 14/2 heads, D=64, V=1
 (30 layers, 9/3 heads, V=49152), B=64, prompt 128, 256 new tokens, pure sampling (T=1, no top-k/top-p),
 EOS disabled so every row makes all 256 tokens.
 Reported: new tokens/s, ms per decode step, peak MB, and the floor of one decode step: reading every weight
-once plus the KV cache at the mean context (P + N/2), at the 3.0 TB/s copy ceiling of an H100:
-  floor_step = (param_bytes + B·(P + N/2)·kv_bytes_per_token) / 3.0 TB/s.
+once plus the KV cache at the mean context (P + N/2), at the card's copy ceiling (``common.COPY_TBPS``: 3.0 TB/s on
+an H100, 4.3 on an H200):
+  floor_step = (param_bytes + B·(P + N/2)·kv_bytes_per_token) / COPY_TBPS.
 Ours includes prefill and the CUDA-graph capture (once per call; once per run with a DecodeGraphCache
 reused across calls, as a training loop would); ms/step = (total - prefill) / N.
 
@@ -25,7 +26,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import H100_COPY_TBPS, print_table, profiled_op_times, record, smoke, time_left  # noqa: E402
+from common import COPY_TBPS, print_table, profiled_op_times, record, smoke, time_left  # noqa: E402
 
 from rlhf_engine.generation import DecodeGraphCache, KVCache, generate  # noqa: E402
 from rlhf_engine.generation.cache import kv_bytes_per_token  # noqa: E402
@@ -146,7 +147,7 @@ def run_case(name: str, B: int, P: int, N: int, device: torch.device, dtype: tor
 
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_step = B * (P + N / 2) * kv_bytes_per_token(cfg, model.dtype)
-    floor_step_ms = (param_bytes + kv_step) / (H100_COPY_TBPS * 1e12) * 1e3
+    floor_step_ms = (param_bytes + kv_step) / (COPY_TBPS * 1e12) * 1e3
     base_s = results["hf_generate (dynamic cache)"][0]
     for label, (sec, peak, out) in results.items():
         tok_s = B * N / sec
@@ -154,7 +155,7 @@ def run_case(name: str, B: int, P: int, N: int, device: torch.device, dtype: tor
         rows.append({"op": "generate", "shape": shape, "impl": label, "ms": sec * 1e3, "metric": "new_tok_s",
                      "value": tok_s, "unit": "tok/s", "peak_mb": peak, "vs_baseline": base_s / sec,
                      "ms_per_step": step_ms})
-    rows.append({"op": "generate", "shape": shape, "impl": "floor (weights + KV at 3.0 TB/s)",
+    rows.append({"op": "generate", "shape": shape, "impl": f"floor (weights + KV at {COPY_TBPS} TB/s)",
                  "ms": floor_step_ms * N, "metric": "new_tok_s", "value": B * N / (floor_step_ms * N / 1e3),
                  "unit": "tok/s", "ms_per_step": floor_step_ms})
     print(f"{shape}: prefill {prefill_s * 1e3:.2f} ms (ours); floor per decode step {floor_step_ms:.3f} ms "
@@ -186,12 +187,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv if argv is not None else [])
     rows: list[dict] = []
     if smoke() and not torch.cuda.is_available():  # the script's path on a tiny model; no CUDA graph on a CPU
-        variants = {"ours (triton, eager)": {"attn_backend": "triton", "use_cuda_graph": False, "fused_write": False,
+        variants = {"ours (triton, eager)": {"attn_backend": "triton", "use_cuda_graph": False, "fused_write": True,
                                              "norm_gemm": False},
-                    "ours (triton, eager, cache write fused)": {"attn_backend": "triton", "use_cuda_graph": False,
-                                                                "fused_write": True},
+                    "ours (triton, eager, separate cache write)": {"attn_backend": "triton", "use_cuda_graph": False,
+                                                                   "fused_write": False, "norm_gemm": False},
                     "ours (triton, eager, norms in GEMMs)": {"attn_backend": "triton", "use_cuda_graph": False,
-                                                             "fused_write": False, "norm_gemm": True},
+                                                             "fused_write": True, "norm_gemm": True},
                     "ours (sdpa, eager)": {"attn_backend": "torch", "use_cuda_graph": False}}
         rows += run_case("tiny-qwen2", 2, 8, 4, torch.device("cpu"), torch.float32, variants=variants,
                          profile_step=True)
@@ -214,21 +215,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         wanted += ["tiny-qwen2"] if smoke() else []
         for name, B, P, N in cases:
             if name in wanted:
-                # fused_write / norm_gemm False: the default path whatever the environment says (the A/B is explicit)
-                variants = {"ours (triton, cuda graph)": {"fused_write": False, "norm_gemm": False},
+                # fused_write / norm_gemm set: the same path whatever the environment says (the A/B is explicit).
+                # The default since the H200 run of 1f4b6a6: the decode attention kernel writes the KV cache.
+                variants = {"ours (triton, cuda graph)": {"fused_write": True, "norm_gemm": False},
                             "ours (triton, cuda graph reused across calls)": {"graph_cache": DecodeGraphCache(),
-                                                                              "fused_write": False,
+                                                                              "fused_write": True,
                                                                               "norm_gemm": False},
-                            # opt-in: the decode attention kernel writes the KV cache (one launch fewer a layer)
-                            "ours (triton, cuda graph reused, cache write fused)": {"graph_cache": DecodeGraphCache(),
-                                                                                   "fused_write": True,
-                                                                                   "norm_gemm": False},
+                            # RLHF_ENGINE_DECODE_FUSED_WRITE=0: the cache write as its own kernel (one more a layer)
+                            "ours (triton, cuda graph reused, separate cache write)": {
+                                "graph_cache": DecodeGraphCache(), "fused_write": False, "norm_gemm": False},
                             # opt-in: each norm inside the GEMM after it, silu * up in the gate/up GEMM (3 fewer a
-                            # layer; with the fused write 5 kernels a layer instead of 9: the row above separates them)
-                            "ours (triton, cuda graph reused, norms in GEMMs + cache write fused)": {
+                            # layer: 5 kernels a layer instead of 8)
+                            "ours (triton, cuda graph reused, norms in GEMMs)": {
                                 "graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": True},
                             "ours (sdpa, cuda graph)": {"attn_backend": "torch"},
-                            "ours (triton, eager)": {"use_cuda_graph": False, "fused_write": False,
+                            "ours (triton, eager)": {"use_cuda_graph": False, "fused_write": True,
                                                      "norm_gemm": False}}
                 # recorded case by case, before the profile: a run cut short by its timeout keeps what it measured
                 case_rows = run_case(name, B, P, args.new_tokens or N, torch.device("cuda"), torch.bfloat16,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import H100_COPY_TBPS, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
+from common import COPY_TBPS, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels.logprob import token_logprobs  # noqa: E402
 
@@ -50,8 +50,8 @@ def main(N: int = 16384, V: int = 151936) -> list[dict]:
     g = torch.randn(N, device=dev)
     shape = f"N={N} V={V} bf16"
     nbytes = N * V * logits.element_size()
-    floor_fwd = nbytes / (H100_COPY_TBPS * 1e12) * 1e3
-    floor_fb = 3 * nbytes / (H100_COPY_TBPS * 1e12) * 1e3
+    floor_fwd = nbytes / (COPY_TBPS * 1e12) * 1e3
+    floor_fb = 3 * nbytes / (COPY_TBPS * 1e12) * 1e3
     rows: list[dict] = []
 
     def add(op, impl, fn, floor_ms, n_bytes, base_ms=None):
@@ -93,10 +93,10 @@ def main(N: int = 16384, V: int = 151936) -> list[dict]:
         _fwd_bwd(lambda t: ours(t, targets, inplace_backward=True), x, g),
         floor_fb, 3 * nbytes, base_fb)
     rows.append({"op": "logprob fwd", "shape": shape, "impl": "floor (read logits once)", "ms": floor_fwd,
-                 "metric": "bandwidth", "value": H100_COPY_TBPS, "unit": "TB/s", "peak_mb": 0.0,
+                 "metric": "bandwidth", "value": COPY_TBPS, "unit": "TB/s", "peak_mb": 0.0,
                  "vs_baseline": base / floor_fwd})
     rows.append({"op": "logprob fwd+bwd", "shape": shape, "impl": "floor (2 reads + 1 write)", "ms": floor_fb,
-                 "metric": "bandwidth", "value": H100_COPY_TBPS, "unit": "TB/s", "peak_mb": 0.0,
+                 "metric": "bandwidth", "value": COPY_TBPS, "unit": "TB/s", "peak_mb": 0.0,
                  "vs_baseline": base_fb / floor_fb})
     record(rows[-2:])
     print_table(rows)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import H100_COPY_TBPS, bench, print_table, record, smoke  # noqa: E402
+from common import CARD, COPY_TBPS, bench, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.algo import gae_reference, ppo_loss_reference  # noqa: E402
 from rlhf_engine.kernels import native  # noqa: E402
@@ -98,8 +98,8 @@ def _rows(device: str, rep: int) -> list[dict]:
                      value=tokens * PPO_BYTES_PER_TOKEN / ms_wg / 1e6, unit="GB/s", vs_baseline=ms_ref / ms_wg))
     if device == "cuda":
         for op, bytes_per_token in (("gae", GAE_BYTES_PER_TOKEN), ("ppo_loss_fwd_bwd", PPO_BYTES_PER_TOKEN)):
-            floor_ms = tokens * bytes_per_token / (H100_COPY_TBPS * 1e9)
-            rows.append(dict(op=op, shape=shape, impl="floor (bytes at H100 copy bandwidth)", ms=floor_ms))
+            floor_ms = tokens * bytes_per_token / (COPY_TBPS * 1e9)
+            rows.append(dict(op=op, shape=shape, impl=f"floor (bytes at {CARD} copy bandwidth)", ms=floor_ms))
     return rows
 
 

@@ -16,9 +16,25 @@ from typing import Callable
 
 import torch
 
-# Ceilings of the card, measured on an H100 80GB HBM3 (../shared/BASELINES.md).
-H100_BF16_TFLOPS = 764.0
-H100_COPY_TBPS = 3.0
+# Ceilings of the cards the floors are computed against: dense bf16 matmul (8192^3, random data) and device-to-device
+# copy (bytes read + written). H100 80GB HBM3: ../shared/BASELINES.md. H200: /work/.library/device/KINDS.md (788
+# TFLOP/s and 4.3 TB/s measured on such a machine, 2026-10-28 and 2026-11-04). Another card gets the H100's figures.
+CARD_CEILINGS = {"H200": (788.0, 4.3), "H100": (764.0, 3.0)}
+
+
+def card_ceilings(name: str | None = None) -> tuple[str, float, float]:
+    """(card, bf16 TFLOP/s, copy TB/s) for ``name`` (default: the current CUDA device's name; the H100's figures
+    off a GPU or for a card not in ``CARD_CEILINGS``)."""
+    if name is None:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    for card, (tflops, tbps) in CARD_CEILINGS.items():
+        if card in name:
+            return card, tflops, tbps
+    return "H100", *CARD_CEILINGS["H100"]
+
+
+# The floors of this run: the card's own ceilings (an H200's memory floors are ~1.4x lower than an H100's).
+CARD, BF16_TFLOPS, COPY_TBPS = card_ceilings()
 
 
 def smoke() -> bool:

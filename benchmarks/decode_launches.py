@@ -88,7 +88,7 @@ def count_decode_step(fused: bool, num_layers: int, lora: bool = False, fused_wr
     cache = KVCache.allocate(cfg, B, P + 3, dtype=torch.float32, device="cpu")
     m.prefill(ids, torch.ones_like(ids), cache, attn_backend="triton")
     # unfused: the same step with the generation path's fusions turned off
-    env = {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1" if fused_write else "0",  # the opt-in cache write in the kernel
+    env = {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1" if fused_write else "0",  # the cache write in the kernel (default)
            "RLHF_ENGINE_DECODE_NORM_GEMM": "1" if norm_gemm else "0"}  # the opt-in norms inside the GEMMs
     with mock.patch.object(llama, "_fused_ops", llama._fused_ops if fused else lambda *args: False), \
             mock.patch.dict(os.environ, env):

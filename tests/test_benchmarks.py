@@ -79,6 +79,18 @@ def _row(op, impl, ms, **kw):
     return {"op": op, "shape": "s", "impl": impl, "ms": ms, **kw}
 
 
+def test_floors_use_the_card_that_runs():
+    """The floors' ceilings come from the card's name: an H200's copy bandwidth (4.3 TB/s measured) and not the
+    H100's 3.0, which would put a faster card's memory-bound kernels under their floor."""
+    import common
+
+    assert common.card_ceilings("NVIDIA H200") == ("H200", 788.0, 4.3)
+    assert common.card_ceilings("NVIDIA H100 80GB HBM3") == ("H100", 764.0, 3.0)
+    assert common.card_ceilings("NVIDIA A100-SXM4-80GB") == ("H100", 764.0, 3.0)  # unknown: the H100's figures
+    if not torch.cuda.is_available():
+        assert (common.CARD, common.BF16_TFLOPS, common.COPY_TBPS) == ("H100", 764.0, 3.0)
+
+
 @pytest.mark.parametrize("ours_ms, met", [(0.08, "yes"), (0.2, "NO")])
 def test_target_ppo_loss(ours_ms, met):
     group = [_row("ppo_loss fwd+bwd", "eager PyTorch", 1.87, vs_baseline=1.0),
@@ -177,16 +189,16 @@ def test_record_value_writes_to_out(record_value, tmp_path, monkeypatch):
 def test_decode_step_kernel_count():
     """benchmarks/decode_launches.py: the generation path's packed GEMMs and fused kernels cut a decode layer from
     27 kernels to 9 (counted under the interpreter: Triton launches plus computing ATen ops; at most 10 asserted),
-    the opt-in fused cache write (RLHF_ENGINE_DECODE_FUSED_WRITE=1) one more, the opt-in norms inside the GEMMs
-    (RLHF_ENGINE_DECODE_NORM_GEMM=1) three more, and the Triton sampler needs fewer
-    than the eager one. With LoRA adapters on all 7 projections: the q/k/v and gate/up groups
+    the fused cache write (the default; RLHF_ENGINE_DECODE_FUSED_WRITE=0 turns it off) one more, the opt-in norms
+    inside the GEMMs (RLHF_ENGINE_DECODE_NORM_GEMM=1) three more, and the Triton sampler needs fewer than the eager
+    one. With LoRA adapters on all 7 projections: the q/k/v and gate/up groups
     run as one packed base GEMM, one stacked-A GEMM (and its cat) and a B term per layer, o_proj and down_proj
     as base GEMM, A GEMM and B term: 23 a layer."""
     import decode_launches
 
     unfused, fused, lora, fused_write, norm_gemm, both = decode_launches.main(num_layers=24)
     assert fused["per_layer"] <= 10 and fused["per_layer"] * 2 <= unfused["per_layer"]
-    assert fused_write["per_layer"] == fused["per_layer"] - 1  # the opt-in: the cache write rides in the attention
+    assert fused_write["per_layer"] == fused["per_layer"] - 1  # the cache write rides in the attention kernel
     assert fused["step"] < unfused["step"] and fused["sampling"] < unfused["sampling"]
     assert lora["per_layer"] <= fused["per_layer"] + 13, lora  # 2 x (cat + A GEMM) + 5 B terms + 2 x (A + B)
     # the opt-in norms inside the GEMMs (RLHF_ENGINE_DECODE_NORM_GEMM=1): 2 norms and silu * up fewer a layer

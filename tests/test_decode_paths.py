@@ -1,5 +1,6 @@
-"""The triton decode step's own paths, each against the usual one: the opt-in fused cache write
-(RLHF_ENGINE_DECODE_FUSED_WRITE=1) and norms inside the GEMMs (RLHF_ENGINE_DECODE_NORM_GEMM=1), the CUDA-graph cache
+"""The triton decode step's own paths, each against the other one: the fused cache write (the default;
+RLHF_ENGINE_DECODE_FUSED_WRITE=0 turns it off) and norms inside the GEMMs (opt-in, RLHF_ENGINE_DECODE_NORM_GEMM=1),
+the CUDA-graph cache
 keyed on them, and the RoPE rows gathered from the model's table. Split from test_generation.py."""
 import copy
 
