@@ -1,7 +1,7 @@
 """The triton decode step's own paths, each against the other one: the fused cache write (the default;
 RLHF_ENGINE_DECODE_FUSED_WRITE=0 turns it off) and norms inside the GEMMs (opt-in, RLHF_ENGINE_DECODE_NORM_GEMM=1),
-the CUDA-graph cache
-keyed on them, and the RoPE rows gathered from the model's table. Split from test_generation.py."""
+the CUDA-graph cache keyed on them, and the RoPE rows gathered from the model's table. Split from
+test_generation.py."""
 import copy
 
 import pytest
