@@ -359,10 +359,15 @@ def main(smoke: bool | None = None, steps: int = 1, device: str | None = None, b
 
 
 def _print_phase_kernel_time(trainer, prompts: list[str], walls: dict, dev: torch.device) -> None:
-    """One more step under torch.profiler: each phase's kernel time (the device time of the kernels launched
-    inside its ``phase/<name>`` range, PhaseTimer's) beside its wall time in the timed steps. A phase whose
-    kernels take a small part of its wall time is bound by its host side (Python, dispatch, launches); kernels
-    replayed from a CUDA graph (generation) may not be attributed to the range. CPU: the CPU time instead."""
+    """One more step under torch.profiler: each phase's kernel time beside its wall time in the timed steps. A phase
+    whose kernels take a small part of its wall time is bound by its host side (Python, dispatch, launches).
+
+    On CUDA a kernel counts for the phase whose ``phase/<name>`` range (PhaseTimer's, which synchronizes the device
+    at both ends) holds the kernel's start on the profiler's timeline. Attributing kernels to the range that
+    launched them instead (its ``device_time_total``) misses the backward's kernels, which the autograd engine
+    launches from its own thread: the H200 run of 1f4b6a6 reported 0.13 s of kernels for a training phase whose
+    FLOPs alone need ~0.2 s. Kernels replayed from a CUDA graph (generation) may not be reported at all. CPU: the
+    ranges' CPU time instead."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -370,11 +375,21 @@ def _print_phase_kernel_time(trainer, prompts: list[str], walls: dict, dev: torc
     _free(dev)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         trainer.train_step(prompts)
-    busy: dict[str, float] = {}
-    for e in prof.events():  # the host-side ranges only (a GPU-side copy of a range spans, it does not sum)
-        if e.name.startswith("phase/") and e.device_type == DeviceType.CPU:
-            name = e.name[len("phase/"):]
-            busy[name] = busy.get(name, 0.0) + (e.device_time_total if cuda else e.cpu_time_total) / 1e6
+    events = prof.events()
+    ranges = [(e.name[len("phase/"):], e.time_range.start, e.time_range.end, e.cpu_time_total)
+              for e in events if e.name.startswith("phase/") and e.device_type == DeviceType.CPU]
+    busy = {name: 0.0 for name, *_ in ranges}
+    if cuda:
+        for e in events:
+            if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+                continue
+            for name, start, end, _ in ranges:
+                if start <= e.time_range.start < end:
+                    busy[name] += e.self_device_time_total / 1e6
+                    break
+    else:
+        for name, _, _, cpu_us in ranges:
+            busy[name] += cpu_us / 1e6
     print("  phase        wall s (timed steps)   " + ("kernel s (profiled step)" if cuda else "CPU s (profiled step)"))
     for name, s in busy.items():
         print(f"  {name:<12} {walls.get(f'time/{name}_s', float('nan')):>10.3f}            {s:>10.3f}")
