@@ -2,6 +2,8 @@
 definitions and fp64, the model's prefill/decode on them against the unfused forward, and the one-pass sampler.
 Their backward and the training forward: test_fused_layer_backward.py. Triton runs under the interpreter on the
 CPU."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,6 +212,22 @@ def test_triton_sampler_distribution_and_logprob(device):
     """kernels/sample.py: draws follow softmax(logits / T); the log-prob is exact; a generator replays.
     The interpreter spends ~20 ms a row in tl.rand: 1000 draws, a 4.5-sigma bound (0.07)."""
     _sampler_check(1000, 0.5, 0.07, device)
+
+
+def test_triton_sampler_uses_each_of_the_four_uniforms(device):
+    """One Philox call gives the uniforms of 4 neighbouring logits (tl.rand4x): with equal logits over V = 13 (three
+    full groups of 4 and a partial one), every token is drawn at its 1/13 rate, the last group's too, and draws of
+    different rows are independent (rows do not share a stream). 800 rows: a 4.5-sigma bound of 0.042."""
+    from rlhf_engine.kernels.sample import sample_logits
+
+    n, V = 800, 13
+    g = torch.Generator(device).manual_seed(3)
+    tok, lp = sample_logits(torch.zeros(n, V, device=device), generator=g)
+    freq = torch.bincount(tok, minlength=V).float() / n
+    assert (freq - 1 / V).abs().max() < 0.042, freq
+    torch.testing.assert_close(lp, torch.full_like(lp, -math.log(V)))
+    pairs = (tok[0::2] * V + tok[1::2]).unique().numel()  # 400 pairs of rows over 169 combinations
+    assert pairs > 120, pairs  # rows repeating their neighbour's draw would leave 13
 
 
 @pytest.mark.gpu
