@@ -171,7 +171,7 @@ def test_low_rank_term_is_one_addmm_with_and_without_autograd(dtype):
 
 @pytest.mark.parametrize("attn_backend", ["torch", "triton"])
 @pytest.mark.parametrize("freeze_base", [True, False])
-def test_lora_scoring_forward_equals_training_forward(attn_backend, freeze_base):
+def test_lora_scoring_forward_equals_training_forward(attn_backend, freeze_base, device):
     """A LoRA policy: log-probs without autograd (old log-probs) equal the training forward's bit for bit, on the
     fused (triton) path too, where generation packs the adapters but scoring must run them as training does."""
     m = _model("tiny-qwen2")
@@ -179,7 +179,8 @@ def test_lora_scoring_forward_equals_training_forward(attn_backend, freeze_base)
     for mod in m.modules():
         if isinstance(mod, LoRALinear):
             torch.nn.init.normal_(mod.lora_B, std=0.05)
-    ids, mask = _batch(m.config.vocab_size)
+    m.to(device)
+    ids, mask = (t.to(device) for t in _batch(m.config.vocab_size))
     with torch.no_grad():
         scored = sequence_logprobs(m, ids, mask, start=6, attn_backend=attn_backend)
     trained = sequence_logprobs(m, ids, mask, start=6, attn_backend=attn_backend)
