@@ -81,7 +81,7 @@ KERNEL_TESTS=${GPU_CHECK_KTEST_FILES:-"tests/test_hf_attention.py tests/test_dec
   tests/test_fused_inference_ops.py tests/test_norm_linear.py tests/test_checkpointing.py
   tests/test_fused_layer_backward.py tests/test_hf_kernels.py tests/test_attention_tma.py
   tests/test_logprob.py tests/test_fused_linear_logprob.py tests/test_gae_triton.py tests/test_ppo_loss_triton.py
-  tests/test_native.py tests/test_attention.py"}
+  tests/test_native.py tests/test_native_compile.py tests/test_attention.py"}
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # cap WANT [RESERVE]: WANT seconds, or what is left of the budget after RESERVE, whichever is less.

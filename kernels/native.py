@@ -223,6 +223,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, last_va
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam: expected a value in [0, 1], got {lam}")
     _device_kind("rewards", rewards)
+    if torch.compiler.is_compiling():  # the custom op (kernels/native_ops.py): dynamo does not trace the Function
+        return native_ops.native_gae(rewards.contiguous(), values.contiguous(), _mask_u8(mask), last_value,
+                                     float(gamma), float(lam), bool(carry))
     return _GAEFunction.apply(rewards.contiguous(), values.contiguous(), last_value, _mask_u8(mask),
                               float(gamma), float(lam), bool(carry))
 
@@ -276,10 +279,11 @@ class _PPOCall:
         dev, dtype = logp.device, logp.dtype
         grads = [torch.empty_like(x) if x is not None and need else None
                  for x, need in zip((logp, values, entropy), needs_grad)]
-        # One float64 workspace: row partial sums (B, P) then the row scales c_b (B,).
+        # One float64 workspace: the row scales c_b (B,) first (the custom op returns them), then the row partial
+        # sums (B, P).
         nb, P = max(B, 1), _C.ppo_num_partials
         work = torch.empty(nb * (P + 1), dtype=torch.float64, device=dev)
-        partials, row_scale = work[: nb * P], work[nb * P:]
+        row_scale, partials = work[:nb], work[nb:]
         loss = torch.empty((), dtype=dtype, device=dev)
         metrics = torch.empty(len(METRIC_KEYS), dtype=dtype, device=dev)
         a = _C.PpoLossArgs()
@@ -416,9 +420,19 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     norms = {"ntok": _normalizer("num_tokens", num_tokens, dtype, dev),
              "nseq": _normalizer("num_seqs", num_seqs, dtype, dev)}
     c = lambda x: None if x is None else x.detach().contiguous()  # noqa: E731
-    call = _PPOCall(c(old_logp), c(advantages), _mask_u8(mask), c(old_values), c(returns), c(ref_logp), cfg, norms)
-    loss, metrics_buf = _PPOLossFunction.apply(logp.contiguous(), None if values is None else values.contiguous(),
-                                               None if entropy is None else entropy.contiguous(), call)
+    if torch.compiler.is_compiling():  # the custom op (kernels/native_ops.py): dynamo does not trace the Function
+        d = lambda x: None if x is None else x.contiguous()  # noqa: E731
+        (ntm, ntv, ntt), (nsm, nsv, nst) = norms["ntok"], norms["nseq"]
+        loss, metrics_buf, *_ = native_ops.native_ppo_loss(
+            d(logp), c(old_logp), c(advantages), _mask_u8(mask), d(values), c(old_values), c(returns), c(ref_logp),
+            d(entropy), ntt, nst, ntm, ntv, nsm, nsv, *cfg.values(), logp.requires_grad,
+            values is not None and values.requires_grad, entropy is not None and entropy.requires_grad)
+    else:
+        call = _PPOCall(c(old_logp), c(advantages), _mask_u8(mask), c(old_values), c(returns), c(ref_logp), cfg,
+                        norms)
+        loss, metrics_buf = _PPOLossFunction.apply(logp.contiguous(),
+                                                   None if values is None else values.contiguous(),
+                                                   None if entropy is None else entropy.contiguous(), call)
     by_name = dict(zip(METRIC_KEYS, metrics_buf.unbind(0)))
     return loss, {k: by_name[k] for k in metric_keys(values is not None, entropy is not None, ref_logp is not None)}
 
@@ -517,3 +531,6 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     if has_h:
         grads["entropy"] = g_h
     return small[0], PPOMetrics(small, metric_keys(has_v, has_h, ref_logp is not None), offset=1), grads
+
+
+from . import native_ops  # noqa: E402 - the custom ops call this module's launch functions

@@ -130,10 +130,17 @@ def test_gae_no_nan_with_extreme_values():
     assert torch.isfinite(adv).all() and math.isclose(adv[0, 0].item(), 6e30)
 
 
-def test_auto_backend_traces_under_torch_compile():
-    """"auto" picks the C++ ops on the CPU in eager mode; under torch.compile (they do not trace) the reference:
-    GAE and the PPO loss compile with fullgraph=True and give the eager values."""
+def test_auto_backend_traces_under_torch_compile(monkeypatch):
+    """"auto" picks the C++ ops on the CPU, eager or compiled (their custom ops, kernels/native_ops.py, trace): GAE
+    and the PPO loss compile with fullgraph=True and give the eager values."""
     from rlhf_engine.algo import ppo_loss
+    from rlhf_engine.kernels import native
+
+    if not native.available():
+        pytest.skip("the native extension is not built")
+    ran = []
+    real = native.native_ops.native_gae
+    monkeypatch.setattr(native.native_ops, "native_gae", lambda *a: (ran.append(1), real(*a))[1])
 
     torch.manual_seed(0)
     r, v = torch.randn(3, 11), torch.randn(3, 11, requires_grad=True)
@@ -142,10 +149,13 @@ def test_auto_backend_traces_under_torch_compile():
 
     def f(r, v, m, logp):
         adv, ret = gae(r, v.detach(), m, gamma=0.99, lam=0.95)
-        loss, _ = ppo_loss(logp, logp.detach() + 0.1, adv, m, values=v, old_values=v.detach() + 0.1, returns=ret)
+        loss, _ = ppo_loss(logp, logp.detach() + 0.1, adv, m, values=v, old_values=v.detach() + 0.1, returns=ret,
+                           backend="auto")
         return loss
 
     want = f(r, v, m, logp)
+    assert not ran  # eager: the autograd.Function
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(r, v, m, logp)
-    torch.testing.assert_close(got, want)
+    assert ran  # traced: the custom op
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert torch.autograd.grad(got, logp)[0].abs().sum() > 0

@@ -91,13 +91,10 @@ def gae_reference(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
 
 def _resolve_backend(backend: str, x: torch.Tensor, *others: torch.Tensor | None) -> str:
     """"auto" -> Triton on CUDA; the C++ op on the CPU for fp32/fp64 inputs of one dtype; else the reference.
-    Under torch.compile "auto" never picks the C++/CUDA ops (raw-pointer calls, not custom ops: they do not
-    trace): Triton's custom ops on CUDA, the reference elsewhere."""
+    The same under torch.compile: the Triton kernels and the native ops are all custom ops (kernels/native_ops.py)."""
     check_choice("backend", backend, ("auto", "torch", "triton", "cpp", "cuda"))
     if backend != "auto":
         return backend
-    if torch.compiler.is_compiling():
-        return "triton" if x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) else "torch"
     same_dtype = all(o is None or o.dtype == x.dtype for o in others)
     if x.is_cuda:
         if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
