@@ -422,11 +422,14 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     c = lambda x: None if x is None else x.detach().contiguous()  # noqa: E731
     if torch.compiler.is_compiling():  # the custom op (kernels/native_ops.py): dynamo does not trace the Function
         d = lambda x: None if x is None else x.contiguous()  # noqa: E731
-        (ntm, ntv, ntt), (nsm, nsv, nst) = norms["ntok"], norms["nseq"]
+        # a tensor normalizer is read by the op through its pointer (a CPU tensor's .item() would break the graph)
+        (ntm, ntv, ntt), (nsm, nsv, nst) = (
+            (_NORM_POINTER, 0.0, x.reshape(()).to(device=dev, dtype=dtype).contiguous())
+            if isinstance(x, torch.Tensor) else norms[key] for key, x in (("ntok", num_tokens), ("nseq", num_seqs)))
+        need = [x is not None and x.requires_grad and torch.is_grad_enabled() for x in (logp, values, entropy)]
         loss, metrics_buf, *_ = native_ops.native_ppo_loss(
             d(logp), c(old_logp), c(advantages), _mask_u8(mask), d(values), c(old_values), c(returns), c(ref_logp),
-            d(entropy), ntt, nst, ntm, ntv, nsm, nsv, *cfg.values(), logp.requires_grad,
-            values is not None and values.requires_grad, entropy is not None and entropy.requires_grad)
+            d(entropy), ntt, nst, ntm, ntv, nsm, nsv, *cfg.values(), *need)
     else:
         call = _PPOCall(c(old_logp), c(advantages), _mask_u8(mask), c(old_values), c(returns), c(ref_logp), cfg,
                         norms)

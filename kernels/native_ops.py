@@ -35,8 +35,10 @@ def _or_none(x: torch.Tensor) -> Optional[torch.Tensor]:
 @torch.library.custom_op("rlhf_engine::native_gae", mutates_args=())
 def native_gae(rewards: torch.Tensor, values: torch.Tensor, mask_u8: torch.Tensor, last_value: Optional[torch.Tensor],
                gamma: float, lam: float, carry: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) of contiguous, checked inputs (``native.gae`` checks them)."""
-    return N.gae_forward(rewards, values, mask_u8, last_value, gamma=gamma, lam=lam, carry=carry)
+    """(advantages, returns) of checked inputs (``native.gae`` checks them; made contiguous here too, since the
+    native code reads raw pointers and a compiled graph may hand the op other layouts)."""
+    return N.gae_forward(rewards.contiguous(), values.contiguous(), mask_u8.contiguous(),
+                         None if last_value is None else last_value.contiguous(), gamma=gamma, lam=lam, carry=carry)
 
 
 @native_gae.register_fake
@@ -48,8 +50,8 @@ def _(rewards, values, mask_u8, last_value, gamma, lam, carry):
 def native_gae_backward(mask_u8: torch.Tensor, grad_adv: Optional[torch.Tensor], grad_ret: Optional[torch.Tensor],
                         gamma: float, lam: float, carry: bool, dtype: torch.dtype,
                         with_last_value: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    d_r, d_v, d_lv = N.gae_backward(mask_u8, grad_adv, grad_ret, gamma=gamma, lam=lam, carry=carry, dtype=dtype,
-                                    with_last_value=with_last_value)
+    d_r, d_v, d_lv = N.gae_backward(mask_u8.contiguous(), grad_adv, grad_ret, gamma=gamma, lam=lam, carry=carry,
+                                    dtype=dtype, with_last_value=with_last_value)  # (grads made contiguous there)
     return d_r, d_v, d_lv if d_lv is not None else d_r.new_empty(_EMPTY)
 
 
@@ -91,6 +93,10 @@ def native_ppo_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused forward of contiguous, checked inputs (``native.ppo_loss`` checks them and packs the
     hyperparameters: ``dual_clip`` / ``value_clip`` 0 for none, ``kl_kind`` and ``agg`` as csrc indices)."""
+    c = lambda x: None if x is None else x.contiguous()  # noqa: E731 - the native code reads raw pointers
+    logp, old_logp, advantages, mask_u8, values, old_values, returns, ref_logp, entropy, num_tokens, num_seqs = (
+        c(x) for x in (logp, old_logp, advantages, mask_u8, values, old_values, returns, ref_logp, entropy,
+                       num_tokens, num_seqs))
     cfg = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, value_clip=value_clip, vf_coef=vf_coef,
                ent_coef=ent_coef, kl_coef=kl_coef, kl_kind=kl_kind, agg=agg, max_len=max_len)
     norms = {"ntok": (ntok_mode, ntok_value, num_tokens), "nseq": (nseq_mode, nseq_value, num_seqs)}
@@ -116,8 +122,8 @@ def native_ppo_loss_backward(g_logp: torch.Tensor, g_values: torch.Tensor, g_ent
                              row_scale: torch.Tensor, grad_loss: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The saved gradients (``(0,)`` for absent ones) times row_scale[b] * grad_loss."""
-    grads = tuple(_or_none(g) for g in (g_logp, g_values, g_entropy))
-    outs = N.ppo_loss_backward(grads, row_scale, grad_loss)
+    grads = tuple(_or_none(g.contiguous()) for g in (g_logp, g_values, g_entropy))
+    outs = N.ppo_loss_backward(grads, row_scale.contiguous(), grad_loss)
     return tuple(o if o is not None else g.new_empty(_EMPTY) for o, g in zip(outs, (g_logp, g_values, g_entropy)))
 
 
@@ -128,7 +134,7 @@ def _(g_logp, g_values, g_entropy, row_scale, grad_loss):
 
 def _ppo_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[2:])
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(*output[1:])  # metrics, the saved gradients and row scales: no zero-filled grads
 
 
 def _ppo_backward(ctx, grad_loss, *_):

@@ -139,8 +139,9 @@ def test_auto_backend_traces_under_torch_compile(monkeypatch):
     if not native.available():
         pytest.skip("the native extension is not built")
     ran = []
-    real = native.native_ops.native_gae
-    monkeypatch.setattr(native.native_ops, "native_gae", lambda *a: (ran.append(1), real(*a))[1])
+    for op in ("native_gae", "native_ppo_loss"):
+        real = getattr(native.native_ops, op)
+        monkeypatch.setattr(native.native_ops, op, lambda *a, _r=real, _op=op: (ran.append(_op), _r(*a))[1])
 
     torch.manual_seed(0)
     r, v = torch.randn(3, 11), torch.randn(3, 11, requires_grad=True)
@@ -156,6 +157,6 @@ def test_auto_backend_traces_under_torch_compile(monkeypatch):
     want = f(r, v, m, logp)
     assert not ran  # eager: the autograd.Function
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(r, v, m, logp)
-    assert ran  # traced: the custom op
+    assert set(ran) == {"native_gae", "native_ppo_loss"}  # traced: both custom ops
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert torch.autograd.grad(got, logp)[0].abs().sum() > 0

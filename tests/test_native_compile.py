@@ -84,11 +84,30 @@ def test_native_ppo_loss_compiles_and_matches_eager(agg, device, monkeypatch):
         outs.append((loss.detach(), metrics, *torch.autograd.grad(loss, leaves)))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
-    # only logp requires grad: the op is told so, and no values / entropy gradient is computed
+    # only logp requires grad: the op is told so (need_values = need_entropy = False), with the same logp gradient
+    seen = []
+    real = native_ops.native_ppo_loss
+    monkeypatch.setattr(native_ops, "native_ppo_loss", lambda *a: (seen.append(a[-3:]), real(*a))[1])
     logp = t["logp"].clone().requires_grad_()
     loss, _ = torch.compile(f, backend="aot_eager", fullgraph=True)(logp, t["values"], t["entropy"])
     (g,) = torch.autograd.grad(loss, logp)
-    assert torch.equal(g, outs[0][2])
+    assert torch.equal(g, outs[0][2]) and seen and all(tuple(s) == (True, False, False) for s in seen)
+
+
+def test_native_ppo_loss_compiles_with_tensor_normalizers(device):
+    """num_tokens / num_seqs as tensors (a CPU one too): read by the op through a pointer, no .item() in the graph."""
+    device = _native_device(device)
+    t, mask = _ppo_inputs(device)
+    ntok, nseq = torch.tensor(23.0), torch.tensor(3.0, device=device)
+
+    def f(logp):
+        loss, _ = N.ppo_loss(logp, t["old_logp"], t["advantages"], mask, agg="seq-mean-token-sum",
+                             num_tokens=ntok, num_seqs=nseq)
+        return loss
+
+    want = f(t["logp"])
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(t["logp"])
+    assert torch.equal(got, want)
 
 
 def test_opcheck_native_ops(device):
@@ -107,5 +126,9 @@ def test_opcheck_native_ops(device):
             None, 0, 0.0, 0, 0.0, 0.2, 0.28, 0.0, 0.2, 0.5, 0.01, 0.05, 3, 0, float(lp.shape[1]), True, True, True)
     torch.library.opcheck(native_ops.native_ppo_loss, args)
     out = native_ops.native_ppo_loss(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    # the need flags: a gradient not asked for is not computed (a (0,) stand-in), as the eager Function does
+    few = native_ops.native_ppo_loss(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-2]),
+                                     False, False)
+    assert few[3].shape == few[4].shape == (0,) and torch.equal(few[2], out[2]) and torch.equal(few[0], out[0])
     torch.library.opcheck(native_ops.native_ppo_loss_backward, (*out[2:], torch.tensor(1.3, dtype=torch.float64,
                                                                                         device=device)))

@@ -185,11 +185,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, 
 
 def decode_fused_write_enabled() -> bool:
     """Whether the triton decode step hands its cache write to the attention kernel (``kv_write``): on by default,
-    off with ``RLHF_ENGINE_DECODE_FUSED_WRITE=0``. One launch fewer per layer (24 a Qwen2-0.5B step); the H200 run of
-    1f4b6a6 measured decode steps 4.8% (Qwen2-0.5B) and 6.8% (SmolLM2-135M) faster with it (benchmarks/RESULTS.md,
-    "Generation"), and the CPU tests check it against the separate write, bit for bit. Read once per decode step;
-    ``DecodeGraphCache`` keys its graphs on it."""
-    return os.environ.get("RLHF_ENGINE_DECODE_FUSED_WRITE", "1") != "0"
+    off with ``RLHF_ENGINE_DECODE_FUSED_WRITE=0`` (or false/off/no). One launch fewer per layer (24 a Qwen2-0.5B
+    step); the H200 run of 1f4b6a6 measured decode steps 4.8% (Qwen2-0.5B) and 6.8% (SmolLM2-135M) faster with it
+    (benchmarks/RESULTS.md, "Generation"), and the CPU tests check it against the separate write, bit for bit. Read
+    once per decode step; ``DecodeGraphCache`` keys its graphs on it."""
+    return os.environ.get("RLHF_ENGINE_DECODE_FUSED_WRITE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def decode_norm_gemm_enabled() -> bool:

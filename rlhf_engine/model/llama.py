@@ -94,7 +94,7 @@ class Attention(nn.Module):
         if meta.mode == "decode":
             k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]  # (B, L, Hkv, D)
             if rope_in_write and meta.fuse_cache_write:
-                # the default (RLHF_ENGINE_DECODE_FUSED_WRITE=0: off): the attention kernel writes the cache with one
+                # by default (RLHF_ENGINE_DECODE_FUSED_WRITE=0 turns it off) the attention kernel writes the cache: one
                 # split (K rotated with q's tables: rope_rows is b * T, the same rows), one launch fewer a layer
                 y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin), kv_write=(k, v, meta.write_pos))
             else:

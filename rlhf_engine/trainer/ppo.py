@@ -49,9 +49,10 @@ class PhaseTimer:
                 self.range.__enter__()
 
             def __exit__(self, *exc):
+                if timer.device.type == "cuda":  # inside the range: every kernel of the phase ends within it
+                    torch.cuda.synchronize(timer.device)
                 self.range.__exit__(*exc)
                 if timer.device.type == "cuda":
-                    torch.cuda.synchronize(timer.device)
                     timer.metrics[f"mem/{name}_peak_mb"] = torch.cuda.max_memory_allocated(timer.device) / 2**20
                 timer.metrics[f"time/{name}_s"] = time.perf_counter() - self.t0
                 return False
