@@ -79,15 +79,22 @@ def silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def silu_mul_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch ``_silu_mul_bwd_kernel``: (dgate, dup), new contiguous tensors of gate's shape and dtype."""
-    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    du = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+def silu_mul_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                      packed_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch ``_silu_mul_bwd_kernel``: (dgate, dup), new contiguous tensors of gate's shape and dtype; with
+    ``packed_out`` (a contiguous (..., 2 I) tensor) the two halves of it instead, written in place."""
+    n = gate.shape[-1] if gate.dim() else 1
+    if packed_out is None:
+        dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        du = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        dg2, du2 = dg.view(-1, n), du.view(-1, n)
+    else:
+        dg, du = packed_out.chunk(2, dim=-1)
+        dg2, du2 = packed_out.view(-1, 2 * n).chunk(2, dim=-1)  # (rows, I) views with row stride 2 I
     if dg.numel():
         do, g, u = _as_rows(dout), _as_rows(gate), _as_rows(up)
-        n_rows, n_cols = g.shape
-        launch(_silu_mul_bwd_kernel, (n_rows, cdiv(n_cols, _BLOCK)),
-            do, g, u, dg, du, n_cols, do.stride(0), g.stride(0), u.stride(0), n_cols, n_cols,
+        launch(_silu_mul_bwd_kernel, (g.shape[0], cdiv(n, _BLOCK)),
+            do, g, u, dg2, du2, n, do.stride(0), g.stride(0), u.stride(0), dg2.stride(0), du2.stride(0),
             BLOCK=_BLOCK, num_warps=4)
     return dg, du
 
@@ -105,6 +112,24 @@ class SiluMulFunction(torch.autograd.Function):
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
         return silu_mul_backward(dout, gate, up)
+
+
+class SiluMulPackedFunction(torch.autograd.Function):
+    """Eager autograd for ``silu_mul_packed``: the gradient of the packed (..., 2 I) input comes out of the kernel
+    as one tensor, where the two halves' gradients would be joined by a copy (autograd's backward of the split)."""
+
+    @staticmethod
+    def forward(ctx, gu):
+        ctx.save_for_backward(gu)
+        return silu_mul_forward(*gu.chunk(2, dim=-1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        (gu,) = ctx.saved_tensors
+        dgu = torch.empty(gu.shape, dtype=gu.dtype, device=gu.device)
+        silu_mul_backward(dout, *gu.chunk(2, dim=-1), packed_out=dgu)
+        return dgu
 
 
 @torch.library.custom_op("rlhf_engine::silu_mul", mutates_args=())
@@ -163,3 +188,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return SiluMulFunction.apply(gate, up)
     return silu_mul_forward(gate, up)
+
+
+def silu_mul_packed(gu: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``silu_mul(gate, up)`` of ``gate, up = gu.chunk(2, dim=-1)``, the output of one GEMM over the packed gate and
+    up weights: the same values, and in the backward one (..., 2 I) gradient written by the kernel (no join of the
+    two halves' gradients: a copy of 2 I elements a row and a launch fewer). gu: a float (..., 2 I) tensor."""
+    if not isinstance(gu, torch.Tensor) or not gu.dtype.is_floating_point or gu.dim() < 1 or gu.shape[-1] % 2:
+        raise ValueError(f"gu: expected a floating-point (..., 2 I) tensor, got {gu!r:.80}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if (backend == "auto" and not gu.is_cuda) or backend == "torch" or torch.compiler.is_compiling() \
+            or not (torch.is_grad_enabled() and gu.requires_grad):
+        return silu_mul(*gu.chunk(2, dim=-1), backend=backend)
+    return SiluMulPackedFunction.apply(gu)

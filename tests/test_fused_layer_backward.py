@@ -177,6 +177,35 @@ def test_silu_mul_backward_strided_halves(device):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_silu_mul_packed_one_gradient_no_join(device):
+    """silu_mul_packed(gu): the values and the (..., 2 I) gradient of silu_mul on gu's two halves, bit for bit, with
+    the gradient written by the kernel as one tensor (no cat joining the halves' gradients); no grad: the plain op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlhf_engine.kernels.swiglu import silu_mul_packed
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gu = (torch.randn(3, 4, 2 * 130, device=device) * 3).requires_grad_()
+    dout = torch.randn(3, 4, 130, device=device)
+    want_y = silu_mul(*gu.chunk(2, dim=-1), backend="triton")
+    (want,) = _grads(want_y, (gu,), dout)
+    y = silu_mul_packed(gu, backend="triton")
+    with Ops():
+        (got,) = torch.autograd.grad(y, gu, dout)
+    assert torch.equal(y, want_y) and torch.equal(got, want) and got.shape == gu.shape
+    assert "cat" not in Ops.seen, Ops.seen
+    with torch.no_grad():
+        assert torch.equal(silu_mul_packed(gu, backend="triton"), want_y)
+    with pytest.raises(ValueError, match="gu"):
+        silu_mul_packed(gu[..., :-1], backend="triton")
+
+
 @pytest.mark.parametrize("dtype", DTYPES_16)
 def test_silu_mul_backward_16bit_within_2x_eager_error(dtype, device):
     torch.manual_seed(2)
@@ -238,7 +267,8 @@ def test_fused_training_forward_matches_eager(ckpt, device, monkeypatch):
     from rlhf_engine.kernels import rmsnorm, swiglu
 
     calls = {"norm": 0, "silu": 0}
-    for mod, cls, key in ((rmsnorm, "RMSNormFunction", "norm"), (swiglu, "SiluMulFunction", "silu")):
+    for mod, cls, key in ((rmsnorm, "RMSNormFunction", "norm"), (swiglu, "SiluMulFunction", "silu"),
+                          (swiglu, "SiluMulPackedFunction", "silu")):  # the packed one where gate/up are one GEMM
         fn = getattr(mod, cls)
         monkeypatch.setattr(mod, cls, type(cls, (), {"apply": staticmethod(
             lambda *a, _fn=fn, _k=key: (calls.__setitem__(_k, calls[_k] + 1), _fn.apply(*a))[1])}))

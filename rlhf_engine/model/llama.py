@@ -129,14 +129,12 @@ class MLP(nn.Module):
         """``fused`` (triton backend): silu(gate) * up in one kernel, gate and up as one GEMM over their packed
         weights where ``group_linear`` can (LoRA adapters packed only with ``lora``: generation)."""
         if fused:
-            from rlhf_engine.kernels.swiglu import silu_mul
+            from rlhf_engine.kernels.swiglu import silu_mul, silu_mul_packed
 
             gu = group_linear(x, (self.gate_proj, self.up_proj), lora=lora)
-            if gu is not None:
-                gate, up = gu.chunk(2, dim=-1)  # strided views of (..., 2 I)
-            else:
-                gate, up = self.gate_proj(x), self.up_proj(x)
-            return self.down_proj(silu_mul(gate, up, backend="triton"))
+            if gu is not None:  # (..., 2 I): the kernel reads both halves in place, its backward writes one gradient
+                return self.down_proj(silu_mul_packed(gu, backend="triton"))
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), backend="triton"))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
