@@ -118,6 +118,33 @@ def _rms_norm_bwd_kernel(
         tl.store(DWP + pid * H + offs, dw, mask=m)
 
 
+@triton.jit
+def _col_sum_kernel(P, OUT, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # OUT[c] = sum_r P[r, c] of a contiguous fp32 (n_rows, n_cols), accumulated in fp32 in a fixed order and written
+    # in OUT's dtype: the weight gradient from the backward's per-program partials in one launch, where
+    # partial.sum(0).to(weight.dtype) takes two for a 16-bit weight.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < n_cols
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        x = tl.load(P + rows[:, None] * n_cols + cols[None, :], mask=(rows[:, None] < n_rows) & cm[None, :],
+                    other=0.0)
+        acc += tl.sum(x, axis=0)
+    tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=cm)
+
+
+def _col_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(P, H) fp32 partials -> (H,) of ``dtype``: one launch (a 16-bit weight's cast included)."""
+    if dtype == torch.float32:
+        return partial.sum(0)  # one kernel already
+    n_rows, n_cols = partial.shape
+    out = torch.empty(n_cols, dtype=dtype, device=partial.device)
+    launch(_col_sum_kernel, (cdiv(n_cols, 64),), partial, out, n_rows, n_cols, BLOCK_R=32, BLOCK_C=64,
+           num_warps=4)
+    return out
+
+
 def _bwd_warps(block: int) -> int:
     """4 warps up to 2048 columns, 8 up to 4096, then 16 (MAX_HIDDEN = 8192): the backward keeps ~6 fp32 values
     a column live (s, n, dy, g, ds, the dweight sum); on sm_90, 8192 columns over 8 warps take 255 registers a
@@ -149,7 +176,7 @@ def rms_norm_backward(dy: torch.Tensor, ds_out: Optional[torch.Tensor], s: torch
         dy.stride(0), ds_out.stride(0) if ds_out is not None else 0, s.stride(0), H, N, H, eps, rows,
         HAS_DSO=ds_out is not None, HAS_DW=need_dw, BLOCK_H=block, num_warps=_bwd_warps(block),
     )
-    return ds, (partial.sum(0).to(weight.dtype) if need_dw else None)
+    return ds, (_col_sum(partial, weight.dtype) if need_dw else None)
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -70,6 +70,21 @@ def test_rms_norm_backward_16bit_activations_fp32_weight(device):
     torch.testing.assert_close(gw.double(), ew, atol=1e-2 * ew.abs().max().item(), rtol=1e-2)  # s rounded to fp16
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_weight_grad_column_sum(dtype, device):
+    """The weight gradient's sum over the backward's per-program fp32 partials (kernels/rmsnorm.py ``_col_sum``):
+    the fp64 column sums rounded to the weight's dtype (to an fp32 rounding before it), odd shapes."""
+    from rlhf_engine.kernels.rmsnorm import _col_sum
+
+    for rows, cols in ((1, 7), (37, 130), (264, 896)):
+        p = torch.randn(rows, cols, device=device) * 10
+        got = _col_sum(p, dtype)
+        want = p.double().sum(0)
+        assert got.dtype == dtype and got.shape == (cols,)
+        torch.testing.assert_close(got.double(), want.to(dtype).double(), atol=1e-4 * rows ** 0.5,
+                                   rtol=torch.finfo(dtype).eps)
+
+
 def test_rms_norm_leaf_grads_do_not_alias(device):
     """x and the residual as leaves: two .grad tensors of their own, accumulated right over two backward passes
     (one tensor handed to both would be accumulated twice)."""

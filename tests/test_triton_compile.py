@@ -224,6 +224,9 @@ def _inference_op_cases():
                            ("bf16", 8192, True, 16)]:  # _bwd_warps, up to MAX_HIDDEN
         yield _case(f"rms_norm_bwd-{dt}-h{bh}", "rmsnorm", "_rms_norm_bwd_kernel", _sub(norm_bwd, dt), ["eps"],
                     dict(HAS_DSO=dso, HAS_DW=True, BLOCK_H=bh), w)
+    # the weight gradient's sum of the fp32 partials, written in the 16-bit weight's dtype (_col_sum)
+    yield _case("rms_norm_colsum-bf16", "rmsnorm", "_col_sum_kernel", {"P": "fp32", "OUT": "bf16"}, [],
+                dict(BLOCK_R=32, BLOCK_C=64), 4)
     for dt in ("bf16", "fp32"):
         yield _case(f"silu_mul-{dt}", "swiglu", "_silu_mul_kernel", {"G": dt, "U": dt, "O": dt}, [],
                     dict(BLOCK=1024), 4)
