@@ -321,7 +321,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Opt
         y, s = add_rms_norm_op(x2, r2, weight, float(eps))
         return y.view(*lead, H), s.view(*lead, H)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
-        copy_grad = r2 is not None and (x.is_leaf or residual.is_leaf)
+        # a leaf's .grad may be accumulated into later: it must not be the other input's gradient too. Not so for
+        # the detached inputs of a recomputed layer (model/checkpointing.py), whose .grad is read once: no copy
+        copy_grad = r2 is not None and any(t.is_leaf and not getattr(t, "_grad_read_once", False)
+                                           for t in (x, residual))
         out = RMSNormFunction.apply(x2, weight, float(eps), r2, copy_grad)
     else:
         out = rms_norm_forward(x2, weight, float(eps), r2)

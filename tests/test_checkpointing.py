@@ -61,6 +61,25 @@ def test_checkpointed_backward_equals_plain_backward(backend, device):
             torch.testing.assert_close(ckpt[name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_recomputed_layers_copy_no_residual_gradient(device, monkeypatch):
+    """The detached inputs of a recomputed layer get their .grad read once (never accumulated into), so the residual
+    add + RMSNorm hands one gradient tensor to both of its inputs there, no copy (a clone a layer before); a leaf
+    of the caller's still gets its own copy (test_fused_layer_backward.py::test_rms_norm_leaf_grads_do_not_alias)."""
+    if device.type != "cuda" and not _interpreter():
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    from rlhf_engine.kernels import rmsnorm
+
+    flags = []
+    real = rmsnorm.RMSNormFunction.apply
+    # (x, weight, eps, residual, copy_grad): record copy_grad of the norms that have a residual
+    monkeypatch.setattr(rmsnorm.RMSNormFunction, "apply",
+                        lambda *a: (flags.append(a[4]) if a[3] is not None else None, real(*a))[1])
+    m = _model("triton", device)
+    ids, mask, w = _batch(m, device)
+    _grads(m, True, ids, mask, w, "triton")
+    assert len(flags) >= 2 * (m.config.num_layers - 1) and not any(flags), flags
+
+
 def test_lora_on_a_frozen_trunk_gets_its_gradients(device):
     """No input of a checkpointed layer needs a gradient (the embedding is frozen), but its adapters do."""
     m = _model("torch", device)

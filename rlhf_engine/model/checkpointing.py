@@ -79,6 +79,7 @@ class _Recompute(torch.autograd.Function):
             t = next(saved) if is_t else other
             if is_t and t.requires_grad:
                 t = t.detach().requires_grad_()
+                t._grad_read_once = True  # its .grad is read below and never accumulated into (kernels/rmsnorm.py)
                 leaves.append(t)
             else:
                 leaves.append(None)
