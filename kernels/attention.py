@@ -22,6 +22,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .attention_bwd import attention_backward
 from .attention_fwd import attention_forward
@@ -125,6 +126,68 @@ class FlashAttentionFunction(torch.autograd.Function):
         dq, dk, dv = attention_backward(_unit_last(do), q, k, v, o, lse, causal=ctx.causal, kv_start=kv_start,
                                         kv_end=kv_end, softmax_scale=ctx.softmax_scale)
         return dq, dk, dv, None, None, None, None
+
+
+class RopeAttentionPackedFunction(torch.autograd.Function):
+    """The training path's RoPE + attention on the packed q/k/v GEMM output, as one autograd node: forward rotates
+    q and k in one launch (``kv_cache.rope_forward``) and runs the attention; backward runs the attention backward
+    with dV written straight into the v columns of one (B, T, Hq + 2 Hkv, D) gradient and the RoPE backward of dQ,
+    dK into its q|k columns: the gradient the packed GEMM's backward takes, where separate nodes left autograd to
+    join dQK and dV with a copy (``torch.cat``). The same launches as the separate path, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int, kv_start, kv_end, softmax_scale: float):
+        from .kv_cache import rope_forward
+
+        qk, v = qkv[:, :, :n_q + n_kv], qkv[:, :, n_q + n_kv:]
+        y = rope_forward(qk, cos, sin)
+        q, k = y[:, :, :n_q], y[:, :, n_q:]
+        o, lse = attention_forward(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end,
+                                   softmax_scale=softmax_scale)
+        ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, cos, sin)
+        ctx.n_q, ctx.scale = n_q, softmax_scale
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        from .kv_cache import rope_forward
+
+        q, k, v, o, lse, kv_start, kv_end, cos, sin = ctx.saved_tensors
+        B, T, n_kv, D = k.shape
+        n_q = ctx.n_q
+        dqkv = torch.empty((B, T, n_q + 2 * n_kv, D), dtype=q.dtype, device=q.device)
+        dq, dk, _ = attention_backward(_unit_last(do), q, k, v, o, lse, causal=True, kv_start=kv_start,
+                                       kv_end=kv_end, softmax_scale=ctx.scale, dv_out=dqkv[:, :, n_q + n_kv:])
+        rope_forward(dq, cos, sin, sin_sign=-1.0, x2=dk, out=dqkv[:, :, :n_q + n_kv])
+        return dqkv, None, None, None, None, None, None, None
+
+
+def rope_attention_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int, *,
+                          kv_start: Optional[torch.Tensor] = None, kv_end: Optional[torch.Tensor] = None,
+                          softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """Causal GQA attention of q, k rotated by (cos, sin) and v, all three read from the packed (B, T, Hq + 2 Hkv,
+    D) q/k/v GEMM output, for a training forward on the Triton kernels (``RopeAttentionPackedFunction``: one
+    (B, T, Hq + 2 Hkv, D) gradient). cos/sin: (B, T, D / 2) half tables (or D), as ``apply_rope_qk``; kv_start,
+    kv_end: as ``flash_attention``. For the model's internal use: shapes are checked only as far as the launches
+    need. Returns o (B, T, Hq, D)."""
+    B, T, H, D = qkv.shape
+    if H != n_q + 2 * n_kv or n_q % n_kv or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv: expected (B, T, {n_q} + 2 * {n_kv}, D) with unit stride on D, got "
+                         f"{tuple(qkv.shape)} strides {qkv.stride()}")
+    if qkv.dtype not in _DTYPES:
+        raise TypeError(f"qkv: expected one of {_DTYPES}, got {qkv.dtype}")
+    from .kv_cache import _check_rope_args, _kernel_rope_args
+
+    kv_start, kv_end = _check_range("kv_start", kv_start, B, qkv.device), _check_range("kv_end", kv_end, B, qkv.device)
+    if (kv_start is None) != (kv_end is None):
+        kv_start = torch.zeros_like(kv_end) if kv_start is None else kv_start
+        kv_end = torch.full_like(kv_start, T) if kv_end is None else kv_end
+    qk = qkv[:, :, :n_q + n_kv]
+    _check_rope_args(qk, cos, sin)
+    _, cos, sin = _kernel_rope_args(qk, cos, sin)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    return RopeAttentionPackedFunction.apply(qkv, cos, sin, n_q, n_kv, kv_start, kv_end, scale)
 
 
 # ----------------------------------------------------------------------------- custom op (torch.compile path)

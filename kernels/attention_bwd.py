@@ -399,13 +399,15 @@ def attention_backward(
     num_warps: int = 4,
     num_stages: int = 2,
     dq_mode: str | None = None,
+    dv_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch preprocess, dK/dV and dQ kernels. Returns dq (B, Tq, Hq, D), dk, dv (B, Tk, Hkv, D) in the input dtypes.
 
     do/q/o (B, Tq, Hq, D), k/v (B, Tk, Hkv, D), all with unit stride on D; lse (B, Hq, Tq) fp32 from the forward.
     dq_mode: "split" (a dQ kernel of its own: deterministic) or "atomic" (the dK/dV kernel also adds each key block's
     share of dQ into a zeroed fp32 buffer: no recompute, run-to-run order of the fp32 additions varies);
-    None: ``resolve_dq_mode``.
+    None: ``resolve_dq_mode``. dv_out: where to write dv (a (B, Tk, Hkv, D) view with unit stride on D, e.g. the v
+    columns of a packed q/k/v gradient); returned as dv.
     """
     dq_mode = resolve_dq_mode(dq_mode)
     atomic = dq_mode == "atomic"
@@ -415,7 +417,7 @@ def attention_backward(
     dq = torch.zeros((B, Tq, Hq, D), dtype=torch.float32, device=q.device) if atomic else \
         torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Tk, Hkv, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, Tk, Hkv, D), dtype=v.dtype, device=v.device)
+    dv = torch.empty((B, Tk, Hkv, D), dtype=v.dtype, device=v.device) if dv_out is None else dv_out
     if B * Hq * Tq * Tk == 0:
         return dq.to(q.dtype).zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)

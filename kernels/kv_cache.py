@@ -134,12 +134,13 @@ def write_kv_cache_forward(k_cache, v_cache, k_new, v_new, positions, cos, sin, 
 
 
 def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_sign: float = 1.0,
-                 x2: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 x2: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y (B, T, H, D) = rope(x); cos/sin (B, T, D or D/2) (broadcast views with stride 0 are fine). With ``x2``
-    (B, T, H2, D): y (B, T, H + H2, D) = rope of x's heads followed by x2's, in one launch."""
+    (B, T, H2, D): y (B, T, H + H2, D) = rope of x's heads followed by x2's, in one launch. ``out``: where to write
+    y (a view with unit stride on D, e.g. the q|k columns of a packed q/k/v gradient)."""
     B, T, H1, D = x.shape
     H = H1 + (0 if x2 is None else x2.shape[2])
-    y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)
+    y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device) if out is None else out
     if B * T * H == 0:
         return y
     half = D // 2

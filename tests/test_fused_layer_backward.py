@@ -221,6 +221,44 @@ def test_silu_mul_packed_one_gradient_no_join(device):
         silu_mul_packed(gu[..., :-1], backend="triton")
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_rope_attention_packed_equals_the_separate_nodes(padded, device):
+    """rope_attention_packed (the training path: RoPE + attention as one autograd node on the packed q/k/v GEMM
+    output) against apply_rope_qk + flash_attention on the split views: the same output and the same packed
+    gradient, bit for bit on the CPU, with left/right padding; its backward writes that gradient without a cat."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlhf_engine.kernels.attention import flash_attention, rope_attention_packed
+    from rlhf_engine.kernels.kv_cache import apply_rope_qk
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    B, T, Hq, Hkv, D = 2, 13, 6, 2, 16
+    qkv = torch.randn(B, T, Hq + 2 * Hkv, D, device=device, requires_grad=True)
+    ang = torch.rand(B, T, D // 2, device=device) * 5
+    cos, sin = ang.cos(), ang.sin()
+    kv = dict(kv_start=torch.tensor([3, 0], device=device, dtype=torch.int32),
+              kv_end=torch.tensor([T, 10], device=device, dtype=torch.int32)) if padded else {}
+    do = torch.randn(B, T, Hq, D, device=device)
+    o = rope_attention_packed(qkv, cos, sin, Hq, Hkv, **kv)
+    with Ops():
+        (g,) = torch.autograd.grad(o, qkv, do)
+    assert "cat" not in Ops.seen, Ops.seen
+    qk, v = qkv.split([Hq + Hkv, Hkv], dim=2)
+    q, k = apply_rope_qk(qk, cos, sin, Hq)
+    o2 = flash_attention(q, k, v, causal=True, backend="triton", **kv)
+    (g2,) = torch.autograd.grad(o2, qkv, do)
+    same = torch.equal if device.type == "cpu" else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+    assert same(o, o2) and same(g, g2) and torch.isfinite(g).all()
+    with pytest.raises(ValueError, match="qkv"):
+        rope_attention_packed(qkv, cos, sin, Hq + 1, Hkv)
+
+
 @pytest.mark.parametrize("dtype", DTYPES_16)
 def test_silu_mul_backward_16bit_within_2x_eager_error(dtype, device):
     torch.manual_seed(2)

@@ -69,6 +69,15 @@ class Attention(nn.Module):
         # fused decode: K is rotated inside the cache write, q inside the decode attention kernel
         rope_in_write = meta.mode == "decode" and meta.fused_ops
         joint_rope = qkv is not None and meta.backend == "triton" and not rope_in_write
+        if joint_rope and meta.mode == "full" and torch.is_grad_enabled() and qkv.requires_grad \
+                and not torch.compiler.is_compiling():
+            # training: RoPE + attention as one autograd node, whose backward writes the packed q/k/v gradient
+            # (no copy joining dQK and dV; kernels/attention.py RopeAttentionPackedFunction)
+            from rlhf_engine.kernels.attention import rope_attention_packed
+
+            y = rope_attention_packed(qkv.view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim), cos, sin,
+                                      self.n_head, self.n_kv_head, kv_start=meta.kv_start, kv_end=meta.kv_end)
+            return self.o_proj(y.reshape(B, T, Dq))
         if joint_rope:  # q and k rotated together: one launch forward and one backward, not two of each
             # (q and k are then two views of one autograd output: do not modify them in place)
             from rlhf_engine.kernels.kv_cache import apply_rope_qk
