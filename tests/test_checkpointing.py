@@ -4,7 +4,6 @@ of the plain backward, bit for bit where the recomputation is exact; parameters 
 cannot do (torch.autograd.grad) raises a clear error."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
