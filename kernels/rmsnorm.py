@@ -139,10 +139,12 @@ def _col_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float32:
         return partial.sum(0)  # one kernel already
     n_rows, n_cols = partial.shape
-    out = torch.empty(n_cols, dtype=dtype, device=partial.device)
+    # the interpreter (CPU) truncates fp32 -> 16-bit stores instead of rounding to nearest: round with torch there
+    cast_in_kernel = partial.is_cuda
+    out = torch.empty(n_cols, dtype=dtype if cast_in_kernel else torch.float32, device=partial.device)
     launch(_col_sum_kernel, (cdiv(n_cols, 64),), partial, out, n_rows, n_cols, BLOCK_R=32, BLOCK_C=64,
            num_warps=4)
-    return out
+    return out if cast_in_kernel else out.to(dtype)
 
 
 def _bwd_warps(block: int) -> int:

@@ -87,11 +87,13 @@ def silu_mul_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     if packed_out is None:
         dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
         du = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-        dg2, du2 = dg.view(-1, n), du.view(-1, n)
     else:
         dg, du = packed_out.chunk(2, dim=-1)
-        dg2, du2 = packed_out.view(-1, 2 * n).chunk(2, dim=-1)  # (rows, I) views with row stride 2 I
     if dg.numel():
+        if packed_out is None:
+            dg2, du2 = dg.view(-1, n), du.view(-1, n)
+        else:
+            dg2, du2 = packed_out.view(-1, 2 * n).chunk(2, dim=-1)  # (rows, I) views with row stride 2 I
         do, g, u = _as_rows(dout), _as_rows(gate), _as_rows(up)
         launch(_silu_mul_bwd_kernel, (g.shape[0], cdiv(n, _BLOCK)),
             do, g, u, dg2, du2, n, do.stride(0), g.stride(0), u.stride(0), dg2.stride(0), du2.stride(0),

@@ -78,6 +78,25 @@ def test_recomputed_layers_copy_no_residual_gradient(device, monkeypatch):
     assert len(flags) >= 2 * (m.config.num_layers - 1) and not any(flags), flags
 
 
+def test_a_callers_leaves_through_checkpoint_layer_get_their_own_grads(device):
+    """checkpoint_layer(f, x, r) on leaves of the caller's: x.grad and r.grad are separate tensors, and a second
+    backward accumulates each right (the read-once gradients are only for inputs that come from a graph)."""
+    if device.type != "cuda" and not _interpreter():
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    from rlhf_engine.kernels.rmsnorm import rms_norm
+
+    w = torch.randn(32, device=device)
+    x, r = (torch.randn(5, 32, device=device, requires_grad=True) for _ in range(2))
+    dy = torch.randn(5, 32, device=device)
+    for _ in range(2):
+        checkpoint_layer(lambda a, b: rms_norm(a, w, 1e-6, residual=b, backend="triton")[0], x, r).backward(dy)
+    x1, r1 = (t.detach().clone().requires_grad_() for t in (x, r))
+    rms_norm(x1, w, 1e-6, residual=r1, backend="triton")[0].backward(dy)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    torch.testing.assert_close(x.grad, 2 * x1.grad)
+    torch.testing.assert_close(r.grad, 2 * r1.grad)
+
+
 def test_lora_on_a_frozen_trunk_gets_its_gradients(device):
     """No input of a checkpointed layer needs a gradient (the embedding is frozen), but its adapters do."""
     m = _model("torch", device)

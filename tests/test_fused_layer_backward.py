@@ -219,6 +219,9 @@ def test_silu_mul_packed_one_gradient_no_join(device):
         assert torch.equal(silu_mul_packed(gu, backend="triton"), want_y)
     with pytest.raises(ValueError, match="gu"):
         silu_mul_packed(gu[..., :-1], backend="triton")
+    empty = torch.zeros(3, 0, device=device, requires_grad=True)  # I = 0: empty gradients, no error
+    assert silu_mul_packed(empty, backend="triton").shape == (3, 0)
+    assert torch.autograd.grad(silu_mul(empty, empty, backend="triton").sum(), empty)[0].shape == (3, 0)
 
 
 @pytest.mark.parametrize("padded", [False, True])

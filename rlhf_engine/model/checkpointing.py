@@ -78,8 +78,12 @@ class _Recompute(torch.autograd.Function):
         for is_t, other in zip(ctx.is_tensor, ctx.others):
             t = next(saved) if is_t else other
             if is_t and t.requires_grad:
+                from_graph = not t.is_leaf
                 t = t.detach().requires_grad_()
-                t._grad_read_once = True  # its .grad is read below and never accumulated into (kernels/rmsnorm.py)
+                # its .grad is read below and handed on: the residual add + RMSNorm may give it the same tensor as
+                # the other input's (kernels/rmsnorm.py, no copy), which is safe when it flows into the graph
+                # (autograd reads it) but not when a leaf of the caller's would adopt it as its own .grad
+                t._grad_read_once = from_graph
                 leaves.append(t)
             else:
                 leaves.append(None)
