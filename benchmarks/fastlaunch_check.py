@@ -1,6 +1,7 @@
 """GPU check of ``kernels._fastlaunch``: outputs with the cached launch path equal Triton's own path, bit for bit.
 
-Runs the ops whose kernels launch through ``launch`` (RMSNorm + residual fwd/bwd, RoPE fwd/bwd, SwiGLU fwd/bwd,
+Runs the ops whose kernels launch through ``launch`` (RMSNorm + residual fwd/bwd, RoPE fwd/bwd, SwiGLU fwd/bwd and
+its packed form, RoPE + attention on a packed q/k/v tensor fwd/bwd,
 GAE fwd/bwd, ``ppo_loss_with_grads``, token log-probs with entropy, causal GQA attention fwd/bwd on fixed tiles,
 decode attention with 1 and 3 splits, the norm + GEMM + SwiGLU decode kernel, the sampler, a KV-cache write), each
 three times with the cached path on (the first launch compiles, the second caches, the third uses the
@@ -19,7 +20,7 @@ import sys
 
 
 def _ops(torch, dev: str):
-    from rlhf_engine.kernels.attention import flash_attention
+    from rlhf_engine.kernels.attention import flash_attention, rope_attention_packed
     from rlhf_engine.kernels.decode_attention import decode_attention
     from rlhf_engine.kernels.gae import gae_triton
     from rlhf_engine.kernels.kv_cache import apply_rope, write_kv_cache
@@ -28,7 +29,7 @@ def _ops(torch, dev: str):
     from rlhf_engine.kernels.ppo_loss import ppo_loss_with_grads
     from rlhf_engine.kernels.rmsnorm import rms_norm
     from rlhf_engine.kernels.sample import sample_logits
-    from rlhf_engine.kernels.swiglu import silu_mul
+    from rlhf_engine.kernels.swiglu import silu_mul, silu_mul_packed
 
     g = torch.Generator(device=dev).manual_seed(0)
     bf = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter's bf16 dots are wrong (3.6)
@@ -70,6 +71,8 @@ def _ops(torch, dev: str):
     dq, dk, dv = rnd(3, 2, 14, 64, dtype=bf), rnd(3, 40, 2, 64, dtype=bf), rnd(3, 40, 2, 64, dtype=bf)
     lens = torch.tensor([40, 23, 31], device=dev)
     w_gu = rnd(2 * i, h, dtype=bf)
+    gu = rnd(n, 2 * i, dtype=bf, grad=True)  # the packed gate/up GEMM output of the training path
+    qkv = rnd(2, n, 18, 64, dtype=bf, grad=True)  # the packed q/k/v GEMM output (14 + 2 + 2 heads)
 
     def sample():  # a fresh generator each call: the same draw
         tok, lp = sample_logits(logits.detach(), temperature=0.8, generator=torch.Generator(dev).manual_seed(5))
@@ -84,6 +87,8 @@ def _ops(torch, dev: str):
                                                             residual=r.detach()[:7], swiglu=True, backend="triton"),
         "sample_logits": sample,
         "silu_mul fwd/bwd": lambda: grads(silu_mul(gate, up, backend="triton"), gate, up),
+        "silu_mul_packed fwd/bwd": lambda: grads(silu_mul_packed(gu, backend="triton"), gu),
+        "rope + attention packed fwd/bwd": lambda: grads(rope_attention_packed(qkv, cos, sin, 14, 2), qkv),
         "gae fwd/bwd": lambda: grads(torch.stack(gae_triton(rew, val, mask, gamma=0.99, lam=0.95)), rew, val),
         "ppo_loss_with_grads": ppo,
         "token_logprobs + entropy fwd/bwd": lambda: grads(
