@@ -93,13 +93,18 @@ def check_attention_inputs(
     kv_start: Optional[torch.Tensor], kv_end: Optional[torch.Tensor],
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Validate shapes/dtypes/devices; return (kv_start, kv_end) as int32 (both set, or both None)."""
-    B = check_qkv(q, k, v)[0]
-    kv_start = _check_range("kv_start", kv_start, B, q.device)
-    kv_end = _check_range("kv_end", kv_end, B, q.device)
+    return _kv_ranges(kv_start, kv_end, check_qkv(q, k, v)[0], k.shape[1], q.device)
+
+
+def _kv_ranges(kv_start: Optional[torch.Tensor], kv_end: Optional[torch.Tensor], B: int, Tk: int,
+               device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(kv_start, kv_end) checked and as int32, both set (the missing one: 0 or Tk) or both None."""
+    kv_start = _check_range("kv_start", kv_start, B, device)
+    kv_end = _check_range("kv_end", kv_end, B, device)
     if kv_start is None and kv_end is not None:
         kv_start = torch.zeros_like(kv_end)
     if kv_end is None and kv_start is not None:
-        kv_end = torch.full_like(kv_start, k.shape[1])
+        kv_end = torch.full_like(kv_start, Tk)
     return kv_start, kv_end
 
 
@@ -179,10 +184,7 @@ def rope_attention_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise TypeError(f"qkv: expected one of {_DTYPES}, got {qkv.dtype}")
     from .kv_cache import _check_rope_args, _kernel_rope_args
 
-    kv_start, kv_end = _check_range("kv_start", kv_start, B, qkv.device), _check_range("kv_end", kv_end, B, qkv.device)
-    if (kv_start is None) != (kv_end is None):
-        kv_start = torch.zeros_like(kv_end) if kv_start is None else kv_start
-        kv_end = torch.full_like(kv_start, T) if kv_end is None else kv_end
+    kv_start, kv_end = _kv_ranges(kv_start, kv_end, B, T, qkv.device)
     qk = qkv[:, :, :n_q + n_kv]
     _check_rope_args(qk, cos, sin)
     _, cos, sin = _kernel_rope_args(qk, cos, sin)
