@@ -113,6 +113,19 @@ def _expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; fp32 on the CPU, computed in fp64 and rounded once to fp32.
+
+    A query row's fp32 result would otherwise depend on the shapes around it: the CPU kernel blocks its GEMMs by the
+    number of query rows and keys, which differ between a decode step (G·Tn rows over the cache) and the training
+    forward (T rows over T keys), and over 30 layers that puts ~1e-5 between a token's log-prob in generation and
+    in the training forward (SmolLM2-135M). In fp64 the order of the sums moves a result by ~1e-16 relative, which
+    the rounding to fp32 absorbs: both paths give the same fp32 attention (and a more accurate one)."""
+    if q.dtype == torch.float32 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kwargs).float()
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Causal GQA attention with SDPA. q (B,T,Hq,D), k/v (B,T,Hkv,D), mask (B,T) or None -> (B,T,Hq,D)."""
@@ -120,14 +133,14 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Hkv = k.shape[2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     if attention_mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv)
+        out = _sdpa(q, k, v, is_causal=True, enable_gqa=Hq != Hkv)
     else:
         idx = torch.arange(T, device=q.device)
         causal = idx[None, :] <= idx[:, None]  # (T, T): key j <= query i
         allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, T)
         allowed = allowed | (idx[None, :] == idx[:, None])[None]  # rows with no valid key see themselves
         k, v = _expand_kv(k, Hq // Hkv), _expand_kv(v, Hq // Hkv)  # (B, Hq, T, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        out = _sdpa(q, k, v, attn_mask=allowed[:, None])
     return out.transpose(1, 2)  # (B, T, Hq, D)
 
 
@@ -149,7 +162,7 @@ def torch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     allowed = allowed[:, None].expand(B, G, Tn, L).reshape(B, 1, G * Tn, L)  # row g*Tn + t
     qh = q.view(B, Tn, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Tn, D)  # head h = kv*G + g
     kh, vh = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, Hkv, L, D) views
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed)  # (B, Hkv, G*Tn, D)
+    out = _sdpa(qh, kh, vh, attn_mask=allowed)  # (B, Hkv, G*Tn, D)
     return out.view(B, Hkv, G, Tn, D).permute(0, 3, 1, 2, 4).reshape(B, Tn, Hq, D)
 
 

@@ -22,6 +22,7 @@ from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
 from .attention import (AttnMeta, cache_attention, decode_fused_write_enabled, decode_norm_gemm_enabled,
                         full_attention, mask_to_kv_range, resolve_backend, write_kv)
+from .batch_invariant import Linear, linear
 from .checkpointing import checkpoint_layer, needs_torch_checkpoint
 from .config import ModelConfig
 from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears, packed_weights
@@ -49,10 +50,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         H = config.hidden_size
-        self.q_proj = nn.Linear(H, config.q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(H, config.kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(H, config.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.q_size, H, bias=config.o_proj_bias)
+        self.q_proj = Linear(H, config.q_size, bias=config.attention_bias)
+        self.k_proj = Linear(H, config.kv_size, bias=config.attention_bias)
+        self.v_proj = Linear(H, config.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(config.q_size, H, bias=config.o_proj_bias)
 
     def forward(self, x: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
                 qkv: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,9 +131,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         H, I = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(H, I, bias=False)
-        self.up_proj = nn.Linear(H, I, bias=False)
-        self.down_proj = nn.Linear(I, H, bias=False)
+        self.gate_proj = Linear(H, I, bias=False)
+        self.up_proj = Linear(H, I, bias=False)
+        self.down_proj = Linear(I, H, bias=False)
 
     def forward(self, x: torch.Tensor, fused: bool = False, lora: bool = True) -> torch.Tensor:
         """``fused`` (triton backend): silu(gate) * up in one kernel, gate and up as one GEMM over their packed
@@ -319,8 +320,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Transformer(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                         bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rope_rows_cache: dict[tuple[int, int, str], torch.Tensor] = {}  # decode_step's b * Tn rows
         self.apply(self._init_weights)
 
@@ -367,7 +367,7 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden -> (..., V) logits in the parameter dtype."""
-        return F.linear(hidden, self.lm_head_weight)
+        return linear(hidden, self.lm_head_weight)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, attn_backend: str | None = None) -> torch.Tensor:
@@ -384,7 +384,7 @@ class CausalLM(nn.Module):
         Liger's): a sampled token's log-prob and the one the training forward recomputes come from the same
         bf16-rounded logits, so the PPO ratio does not start from a mismatch of up to half a bf16 step (0.03 at
         |logit| 10) per token."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight).float()
 
     # ------------------------------------------------------------------ cached generation paths
     @torch.no_grad()

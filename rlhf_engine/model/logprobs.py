@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .batch_invariant import linear
+
 IGNORE_INDEX = -100
 
 
 def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
                     with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """h (n, H), weight (V, H), targets (n,) -> logp (n,), entropy (n,) fp32 (entropy empty when not asked)."""
-    z = F.linear(h, weight).float() / temperature  # (n, V)
+    z = linear(h, weight).float() / temperature  # (n, V): batch-invariant in fp32 on the CPU, as generation's
     # z[target] - logsumexp(z), the sampler's formula (generation/sampling.py): on the CPU, torch.log_softmax sums
     # its exponentials less accurately (up to 2e-5 off in fp32 at V = 151936 against fp64, logsumexp 2e-6), and
     # generation's log-probs and these must agree to 1e-5

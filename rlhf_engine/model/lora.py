@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch_invariant import Linear, applies, linear
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -51,7 +53,7 @@ class LoRALinear(nn.Module):
         self.adapters_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if not self.adapters_enabled:
             return y
         h = self.dropout(x).to(self.lora_A.dtype)
@@ -60,9 +62,14 @@ class LoRALinear(nn.Module):
             # (h Aᵀ, then Bᵀ, the scale and the add), the low-rank term rounded once. The same op with and
             # without autograd, so a no-grad scoring forward equals the training forward bit for bit; in place
             # (no new buffer) when nothing needs a gradient.
-            low = F.linear(h, self.lora_A).reshape(-1, self.rank)
+            low = linear(h, self.lora_A).reshape(-1, self.rank)
             y2 = y.reshape(-1, self.out_features)
-            if torch.is_grad_enabled() and (y.requires_grad or low.requires_grad or self.lora_B.requires_grad):
+            grad = torch.is_grad_enabled() and (y.requires_grad or low.requires_grad or self.lora_B.requires_grad)
+            if applies(y):  # fp32 CPU: the low-rank GEMM batch-invariant too (batch_invariant.py), then the add
+                delta = linear(low, self.lora_B)
+                return (torch.add(y2, delta, alpha=self.scaling) if grad
+                        else y2.add_(delta, alpha=self.scaling)).view(y.shape)
+            if grad:
                 return torch.addmm(y2, low, self.lora_B.t(), alpha=self.scaling).view(y.shape)
             return y2.addmm_(low, self.lora_B.t(), alpha=self.scaling).view(y.shape)
         delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # (..., out)
@@ -151,7 +158,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 child.weight.add_(child.delta_weight().to(child.weight.dtype))
-                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                lin = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                 lin.weight = child.weight
                 lin.bias = child.bias
                 setattr(parent, name, lin)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch_invariant import Linear, linear
 from .lora import LoRALinear
 
 
@@ -64,8 +65,9 @@ def _one_gemm_may_stand_in(linears: Sequence[nn.Module], backward: bool = False)
     if global_hooks(backward):
         return False
     for m in linears:
-        if (m.adapters_enabled if isinstance(m, LoRALinear) else type(m) is not nn.Linear) or m._forward_hooks \
-                or m._forward_pre_hooks or (backward and (m._backward_hooks or m._backward_pre_hooks)):
+        plain = not m.adapters_enabled if isinstance(m, LoRALinear) else type(m) in (nn.Linear, Linear)
+        if not plain or m._forward_hooks or m._forward_pre_hooks \
+                or (backward and (m._backward_hooks or m._backward_pre_hooks)):
             return False
     return True
 
@@ -185,7 +187,7 @@ class PackedLinearFunction(torch.autograd.Function):
         b = (_rows_or_cat(bs) if bs else None) if b is None else b
         ctx.n, ctx.has_bias = n, bool(bs)
         ctx.save_for_backward(x, w, *ws)  # ws: for autograd's version check of every parameter
-        return F.linear(x, w, b)
+        return linear(x, w, b)
 
     @staticmethod
     def backward(ctx, dy):
@@ -243,7 +245,7 @@ def group_linear(x: torch.Tensor, linears: Sequence[nn.Module], lora: bool = Tru
         return PackedLinearFunction.apply(x, len(linears), w, b, *ws, *bs)
     pw = packed_weights(linears)
     if pw is not None:
-        return F.linear(x, *pw)
+        return linear(x, *pw)
     lo = packed_lora(linears) if lora else None
     return None if lo is None else lora_group_linear(x, *lo)
 

@@ -1,0 +1,103 @@
+"""A linear layer whose fp32 CPU result for a row does not depend on how many rows come with it.
+
+Generation computes a token's log-prob in a decode step (B rows per GEMM); the training forward recomputes it over
+the whole sequence (B * T rows). On the CPU, MKL's fp32 GEMM rounds a row differently in the two: below 16 rows it
+runs another kernel, and with more than one thread it splits long reductions (K > ~768 here) across the threads
+depending on the shape. Over a 30-layer model that puts ~1e-5 between the two log-probs of a token (SmolLM2-135M,
+fp32), where the issue asks for parity within 1e-5.
+
+``linear`` removes both causes: fewer than 16 rows are padded to 16, and K is cut into chunks of at most 512
+(``MAX_K_CHUNK``: no thread split of the reduction seen up to 768, any N from 8 to 151936, any M from 16, 1 to 4
+threads) accumulated in a fixed order (addmm into the output). The sum per output element is then the same
+sequence of fp32 operations whatever M is, so a row's result is bit for bit the same in a decode step and in the
+training forward (``tests/test_batch_invariant.py``). Elsewhere (CUDA, other dtypes, torch.compile) it is
+``F.linear``: on a GPU the log-prob parity is measured, not bitwise (bf16, cuBLAS).
+
+The cost on the CPU: a decode step of B < 16 rows computes 16 (a GEMV becomes a small GEMM: the weights are read
+once either way), and K > 512 takes ceil(K / 512) GEMMs into one output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_ROWS = 16  # MKL's fp32 GEMM takes another kernel below this many rows
+MAX_K_CHUNK = 512  # K per GEMM: below MKL's thread split of the reduction (seen from K = 832)
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether ``linear`` takes the batch-invariant path for input x: fp32 on the CPU, outside torch.compile and
+    CPU autocast (whose casts are F.linear's)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def k_chunks(K: int) -> list[tuple[int, int]]:
+    """[k0, k1) ranges cutting K into ceil(K / MAX_K_CHUNK) near-equal chunks (multiples of 16 but the last)."""
+    n = max(1, -(-K // MAX_K_CHUNK))
+    size = -(-K // n)
+    size = min(MAX_K_CHUNK, -(-size // 16) * 16)
+    return [(k0, min(K, k0 + size)) for k0 in range(0, K, size)]
+
+
+def invariant_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)ᵀ (+ bias (N,)) -> (M, N), each row computed as in any other M (no autograd)."""
+    M, K = x.shape
+    if M < MIN_ROWS:  # padded to the GEMM kernel the larger batches take
+        x = torch.cat([x, x.new_zeros(MIN_ROWS - M, K)])
+    chunks = k_chunks(K)
+    k0, k1 = chunks[0]
+    out = (torch.mm(x[:, k0:k1], weight[:, k0:k1].t()) if bias is None
+           else torch.addmm(bias, x[:, k0:k1], weight[:, k0:k1].t()))
+    for k0, k1 in chunks[1:]:
+        out.addmm_(x[:, k0:k1], weight[:, k0:k1].t())
+    return out[:M] if M < MIN_ROWS else out
+
+
+class InvariantLinearFunction(torch.autograd.Function):
+    """``invariant_mm`` forward; the usual linear backward (dx = dy W, dW = dyᵀ x, db = Σ dy), differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return invariant_mm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dy.mm(weight) if ctx.needs_input_grad[0] else None
+        dw = dy.t().mm(x) if ctx.needs_input_grad[1] else None
+        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) or None -> (..., N).
+
+    fp32 on the CPU (``applies``), every row is computed the same way whatever the number of rows (module
+    docstring); elsewhere, or when the operands' dtypes or devices differ, exactly ``F.linear``.
+    """
+    if not (applies(x) and weight.dtype == x.dtype and weight.device == x.device and weight.dim() == 2
+            and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))):
+        return F.linear(x, weight, bias)
+    lead, K = x.shape[:-1], x.shape[-1]
+    if K != weight.shape[1]:
+        return F.linear(x, weight, bias)  # F.linear's own shape error
+    x2 = x.reshape(-1, K)  # (M, K)
+    if x2.shape[0] == 0 or K == 0:
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        y = InvariantLinearFunction.apply(x2, weight, bias)
+    else:
+        y = invariant_mm(x2, weight, bias)
+    return y.view(*lead, weight.shape[0])  # (..., N)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is ``linear`` (batch-invariant in fp32 on the CPU); same parameters and
+    state-dict keys, so it loads and saves as ``nn.Linear`` does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

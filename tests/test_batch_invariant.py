@@ -1,0 +1,97 @@
+"""The batch-invariant fp32 CPU linear (model/batch_invariant.py) and the fp64-accumulated CPU attention: a row's
+result does not depend on how many rows come with it, so generation's log-probs equal the training forward's."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_engine.model.attention import torch_attention, torch_decode_attention
+from rlhf_engine.model.batch_invariant import (MAX_K_CHUNK, MIN_ROWS, InvariantLinearFunction, Linear, applies,
+                                               invariant_mm, k_chunks, linear)
+
+
+@pytest.mark.parametrize("K", [1, 40, 512, 576, 1536, 4864])
+def test_k_chunks_cover_k_in_order(K):
+    chunks = k_chunks(K)
+    assert chunks[0][0] == 0 and chunks[-1][1] == K
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all(0 < k1 - k0 <= MAX_K_CHUNK for k0, k1 in chunks)
+
+
+@pytest.mark.parametrize("K,N", [(576, 192), (896, 4864), (1536, 576), (4864, 896), (97, 9)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_equal_whatever_the_row_count(K, N, bias):
+    """Bit for bit: rows computed among 1, 3, 15, 16, 17, 97 or 700 rows, at any offset (F.linear differs below 16
+    rows, and for K > ~768 with two threads)."""
+    g = torch.Generator().manual_seed(K + N)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    b = torch.randn(N, generator=g) if bias else None
+    x = torch.randn(700, K, generator=g)
+    full = invariant_mm(x, w, b)  # (700, N)
+    for m, o in [(1, 0), (1, 311), (3, 5), (MIN_ROWS - 1, 40), (MIN_ROWS, 7), (17, 600), (97, 123), (700, 0)]:
+        assert torch.equal(invariant_mm(x[o:o + m], w, b), full[o:o + m]), (m, o)
+    # as accurate as F.linear against fp64
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    err_ours = (full.double() - ref).abs().max().item()
+    err_torch = (F.linear(x, w, b).double() - ref).abs().max().item()
+    assert err_ours <= 2 * err_torch + 1e-6, (err_ours, err_torch)
+
+
+def test_linear_dispatch():
+    x, w, b = torch.randn(2, 5, 24), torch.randn(7, 24), torch.randn(7)
+    assert applies(x) and not applies(x.bfloat16()) and not applies(x.double())
+    y = linear(x, w, b)
+    assert y.shape == (2, 5, 7)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    for dt in (torch.bfloat16, torch.float64):  # other dtypes: F.linear itself
+        assert torch.equal(linear(x.to(dt), w.to(dt), b.to(dt)), F.linear(x.to(dt), w.to(dt), b.to(dt)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast: F.linear's casts
+        assert not applies(x) and linear(x, w, b).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError):  # F.linear's own shape error
+        linear(x, torch.randn(7, 23))
+    assert linear(torch.randn(0, 24), w).shape == (0, 7)
+
+
+def test_linear_gradients_match_f_linear():
+    """The autograd path (grad_output not all ones): gradients of x, weight and bias as F.linear's, and the double
+    backward works (the backward is made of differentiable ops)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 600, generator=g, requires_grad=True)
+    w = torch.randn(11, 600, generator=g, requires_grad=True)
+    b = torch.randn(11, generator=g, requires_grad=True)
+    go = torch.randn(3, 6, 11, generator=g)
+    ours = torch.autograd.grad(linear(x, w, b), (x, w, b), go)
+    theirs = torch.autograd.grad(F.linear(x, w, b), (x, w, b), go)
+    for a, r in zip(ours, theirs):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+    xd = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    wd = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(InvariantLinearFunction.apply, (xd, wd, None))
+    assert torch.autograd.gradgradcheck(InvariantLinearFunction.apply, (xd, wd, None))
+
+
+def test_linear_module_is_an_nn_linear():
+    m = Linear(24, 7)
+    assert isinstance(m, torch.nn.Linear) and list(m.state_dict()) == ["weight", "bias"]
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_rows_equal_the_full_attention():
+    """fp32 on the CPU: the attention of the last token over the cache (decode) equals the same row of the full
+    causal attention bit for bit (both in fp64, rounded once), left padding included; and both stay within fp32
+    rounding of an fp64 reference."""
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, Hkv, D, L = 3, 97, 14, 2, 64, 105  # in fp32 SDPA, these rows differ by up to 7e-7
+    q = torch.randn(B, T, Hq, D, generator=g)
+    k, v = torch.randn(B, T, Hkv, D, generator=g), torch.randn(B, T, Hkv, D, generator=g)
+    start = torch.tensor([0, 5, 11], dtype=torch.int32)
+    mask = torch.arange(T)[None] >= start[:, None].long()  # (B, T) left padding
+    full = torch_attention(q, k, v, mask)  # (B, T, Hq, D)
+    kc, vc = torch.zeros(B, L, Hkv, D), torch.zeros(B, L, Hkv, D)
+    kc[:, :T], vc[:, :T] = k, v
+    lens = torch.full((B,), T, dtype=torch.int32)
+    for Tn, kv_len in ((1, T), (4, T), (1, None)):  # None: all L slots, the unused ones masked
+        dec = torch_decode_attention(q[:, T - Tn:], kc, vc, lens, start, kv_len=kv_len)  # (B, Tn, Hq, D)
+        assert torch.equal(dec, full[:, T - Tn:]), (Tn, kv_len)
+    ref = torch_attention(q.double(), k.double(), v.double(), mask)
+    assert (full.double() - ref).abs().max().item() < 1e-6
