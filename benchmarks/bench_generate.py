@@ -61,15 +61,22 @@ def _hf_generate(hf, ids, mask, n, seed):
                        max_new_tokens=n, pad_token_id=0)  # EOS disabled below
 
 
-def _ours(model, ids, mask, n, seed, fused_write: bool | None = None, norm_gemm: bool | None = None, **kw):
+def _ours(model, ids, mask, n, seed, fused_write: bool | None = None, norm_gemm: bool | None = None,
+          batch_invariant: bool | None = None, **kw):
     """Our generate; ``fused_write`` / ``norm_gemm`` True/False set RLHF_ENGINE_DECODE_FUSED_WRITE /
-    RLHF_ENGINE_DECODE_NORM_GEMM for the call (None: as set)."""
+    RLHF_ENGINE_DECODE_NORM_GEMM for the call (None: as set); ``batch_invariant`` the model's for the call (the CPU's
+    batch-invariant GEMMs and fp64 attention, model/batch_invariant.py)."""
     g = torch.Generator(ids.device).manual_seed(seed)
     env = {} if fused_write is None else {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1" if fused_write else "0"}
     if norm_gemm is not None:
         env["RLHF_ENGINE_DECODE_NORM_GEMM"] = "1" if norm_gemm else "0"
-    with mock.patch.dict(os.environ, env):
-        return generate(model, ids, mask, max_new_tokens=n, eos_token_ids=(), generator=g, **kw)
+    was = model.batch_invariant
+    model.batch_invariant = was if batch_invariant is None else batch_invariant
+    try:
+        with mock.patch.dict(os.environ, env):
+            return generate(model, ids, mask, max_new_tokens=n, eos_token_ids=(), generator=g, **kw)
+    finally:
+        model.batch_invariant = was
 
 
 def decode_step_profile(model, ids, mask, n_lo: int = 8, n_hi: int = 24) -> dict[str, tuple[float, float]]:
@@ -204,8 +211,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             real, _ = smollm2_135m_instruct()
         except (FileNotFoundError, ImportError) as e:
             print(f"real SmolLM2 weights unavailable ({e}); using random weights")
+        variants = {"ours": {}, "ours (batch_invariant=False)": {"batch_invariant": False}}
         rows += run_case("smollm2-135m", 4, 16, args.new_tokens or 16, torch.device("cpu"), torch.float32,
-                         real_model=real, reps=3)
+                         real_model=real, reps=3, variants=variants)
     elif not torch.cuda.is_available():
         print("bench_generate: needs a CUDA device (or --cpu for a small CPU comparison); skipped.")
         return []

@@ -40,6 +40,9 @@ class ModelSpec:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
     attn_backend: str = "auto"  # auto: Triton kernels on CUDA, PyTorch on the CPU
     gradient_checkpointing: bool = False
+    # fp32 on the CPU: generation's log-probs equal the training forward's (model/batch_invariant.py); false: faster
+    # decode steps below 16 sequences
+    batch_invariant: bool = True
     cache_dir: str | None = None  # where the converted GGUF checkpoint is cached
 
     def __post_init__(self):
@@ -47,6 +50,7 @@ class ModelSpec:
                "a non-empty string", self.name_or_path)
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("model.attn_backend", self.attn_backend, ("auto", "torch", "triton"))
+        _check(isinstance(self.batch_invariant, bool), "model.batch_invariant", "true or false", self.batch_invariant)
 
 
 @dataclass

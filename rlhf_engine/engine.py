@@ -72,6 +72,7 @@ def load_model(spec, device: torch.device):
     else:
         model, tok = load_pretrained(name, dtype=dtype, device=device, attn_backend=spec.attn_backend)
     model.gradient_checkpointing = spec.gradient_checkpointing
+    model.batch_invariant = spec.batch_invariant
     return model, tok
 
 

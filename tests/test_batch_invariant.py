@@ -95,3 +95,31 @@ def test_decode_attention_rows_equal_the_full_attention():
         assert torch.equal(dec, full[:, T - Tn:]), (Tn, kv_len)
     ref = torch_attention(q.double(), k.double(), v.double(), mask)
     assert (full.double() - ref).abs().max().item() < 1e-6
+
+
+def test_the_switch_reaches_every_gemm_and_the_attention():
+    """``ModelConfig.batch_invariant`` (default True) and ``CausalLM.batch_invariant``: off, the model's GEMMs are
+    F.linear and its attention fp32 SDPA; LoRA layers take their base layer's setting and merge_lora keeps it."""
+    from rlhf_engine.config import ModelSpec
+    from rlhf_engine.model import CausalLM, ModelConfig, apply_lora, merge_lora, preset
+    from rlhf_engine.model.attention import AttnMeta, full_attention
+
+    with pytest.raises(TypeError, match="ModelConfig.batch_invariant"):
+        ModelConfig(batch_invariant="yes")
+    with pytest.raises(ValueError, match="model.batch_invariant"):
+        ModelSpec(batch_invariant="no")
+    m = CausalLM(preset("tiny-llama", batch_invariant=False))
+    flags = [mod.batch_invariant for mod in m.modules() if isinstance(mod, Linear)]
+    assert flags and not any(flags)
+    m.batch_invariant = True
+    apply_lora(m, rank=2, alpha=4.0)
+    assert m.config.batch_invariant and all(mod.batch_invariant for mod in m.modules() if hasattr(mod, "lora_A"))
+    m.batch_invariant = False
+    merge_lora(m)
+    assert not any(mod.batch_invariant for mod in m.modules() if isinstance(mod, Linear))
+    x, w = torch.randn(3, 1536), torch.randn(64, 1536)
+    assert torch.equal(linear(x, w, batch_invariant=False), F.linear(x, w))
+    q, k, v = torch.randn(2, 97, 14, 64), torch.randn(2, 97, 2, 64), torch.randn(2, 97, 2, 64)
+    fp32 = torch_attention(q, k, v, None, batch_invariant=False)
+    assert torch.equal(full_attention(q, k, v, AttnMeta(backend="torch", batch_invariant=False)), fp32)
+    assert not torch.equal(torch_attention(q, k, v, None), fp32)  # the fp64 path rounds differently somewhere

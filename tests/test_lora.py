@@ -5,7 +5,7 @@ import torch
 from rlhf_engine.generation import generate
 from rlhf_engine.model import (CausalLM, apply_lora, disable_adapters, load_pretrained, lora_parameters, merge_lora,
                                preset, save_pretrained, sequence_logprobs)
-from rlhf_engine.model.batch_invariant import applies
+from rlhf_engine.model.batch_invariant import Linear, applies
 from rlhf_engine.model.lora import LoRALinear, merged_state_dict
 
 
@@ -139,18 +139,20 @@ class _CountOps:
         return self._mode.__exit__(*exc)
 
 
+@pytest.mark.parametrize("base", [torch.nn.Linear, Linear])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_rank_term_is_one_addmm_with_and_without_autograd(dtype):
+def test_low_rank_term_is_one_addmm_with_and_without_autograd(dtype, base):
     """Adapters in the activations' dtype: the low-rank term is one addmm into the base output (3 kernels, not 5),
     in place without autograd and out of place with it: the same op, so the values are equal bit for bit (the
     PPO scoring forward and the training forward); it matches the two-GEMM definition up to one rounding. fp32
-    adapters over a 16-bit base keep the general path. fp32 on the CPU: the batch-invariant GEMMs and one add
-    (model/batch_invariant.py), again the same ops with and without autograd."""
+    adapters over a 16-bit base keep the general path. Over the model's Linear, fp32 on the CPU: the batch-invariant
+    GEMMs and one add (model/batch_invariant.py), again the same ops with and without autograd."""
     torch.manual_seed(0)
-    m = LoRALinear(torch.nn.Linear(48, 40), rank=4, alpha=8.0).to(dtype)
+    m = LoRALinear(base(48, 40), rank=4, alpha=8.0).to(dtype)
+    assert m.batch_invariant == (base is Linear)  # the base layer's setting
     torch.nn.init.normal_(m.lora_B)
     x = torch.randn(3, 5, 48, dtype=dtype)
-    invariant = applies(x)
+    invariant = applies(x) and m.batch_invariant
     with _CountOps() as c:
         trained = m(x.clone().requires_grad_())
     assert ("add" in c.ops if invariant else "addmm" in c.ops and "add" not in c.ops) and "mul" not in c.ops, c.ops

@@ -62,6 +62,8 @@ class AttnMeta:
       the step gathers its rows at the position ids (int32) instead of computing them.
     fuse_norm_gemm: decode with fused_ops: each norm runs inside the packed GEMM after it, and silu * up in the
       gate/up GEMM (``kernels/norm_linear.py``); set once per step when ``decode_norm_gemm_enabled()``.
+    batch_invariant: torch backend, fp32 on the CPU: the attention accumulated in fp64 (``_sdpa``); the model's
+      ``ModelConfig.batch_invariant``.
     """
 
     backend: str
@@ -79,6 +81,7 @@ class AttnMeta:
     fuse_cache_write: bool = False
     rope_table: torch.Tensor | None = None
     fuse_norm_gemm: bool = False
+    batch_invariant: bool = True
 
 
 def mask_to_kv_range(attention_mask: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,40 +116,44 @@ def _expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``; fp32 on the CPU, computed in fp64 and rounded once to fp32.
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch_invariant: bool, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; with ``batch_invariant``, fp32 on the CPU: computed in fp64 and rounded
+    once to fp32.
 
     A query row's fp32 result would otherwise depend on the shapes around it: the CPU kernel blocks its GEMMs by the
     number of query rows and keys, which differ between a decode step (G·Tn rows over the cache) and the training
     forward (T rows over T keys), and over 30 layers that puts ~1e-5 between a token's log-prob in generation and
     in the training forward (SmolLM2-135M). In fp64 the order of the sums moves a result by ~1e-16 relative, which
     the rounding to fp32 absorbs: both paths give the same fp32 attention (and a more accurate one)."""
-    if q.dtype == torch.float32 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+    if batch_invariant and q.dtype == torch.float32 and q.device.type == "cpu" and not torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kwargs).float()
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Causal GQA attention with SDPA. q (B,T,Hq,D), k/v (B,T,Hkv,D), mask (B,T) or None -> (B,T,Hq,D)."""
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+                    batch_invariant: bool = True) -> torch.Tensor:
+    """Causal GQA attention with SDPA. q (B,T,Hq,D), k/v (B,T,Hkv,D), mask (B,T) or None -> (B,T,Hq,D).
+    batch_invariant: fp32 on the CPU, accumulated in fp64 (``_sdpa``)."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     if attention_mask is None:
-        out = _sdpa(q, k, v, is_causal=True, enable_gqa=Hq != Hkv)
+        out = _sdpa(q, k, v, batch_invariant, is_causal=True, enable_gqa=Hq != Hkv)
     else:
         idx = torch.arange(T, device=q.device)
         causal = idx[None, :] <= idx[:, None]  # (T, T): key j <= query i
         allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, T)
         allowed = allowed | (idx[None, :] == idx[:, None])[None]  # rows with no valid key see themselves
         k, v = _expand_kv(k, Hq // Hkv), _expand_kv(v, Hq // Hkv)  # (B, Hq, T, D)
-        out = _sdpa(q, k, v, attn_mask=allowed[:, None])
+        out = _sdpa(q, k, v, batch_invariant, attn_mask=allowed[:, None])
     return out.transpose(1, 2)  # (B, T, Hq, D)
 
 
 def torch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
-                           cache_start: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+                           cache_start: torch.Tensor, kv_len: int | None = None,
+                           batch_invariant: bool = True) -> torch.Tensor:
     """Attention of Tn new queries over the cache. q (B,Tn,Hq,D), caches (B,L,Hkv,D) -> (B,Tn,Hq,D).
+    batch_invariant: fp32 on the CPU, accumulated in fp64 (``_sdpa``), so a row equals ``torch_attention``'s.
 
     The G = Hq/Hkv query heads of a KV head are packed as G·Tn query rows of that head, so
     the cache is read in place, never expanded to Hq heads.
@@ -162,7 +169,7 @@ def torch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     allowed = allowed[:, None].expand(B, G, Tn, L).reshape(B, 1, G * Tn, L)  # row g*Tn + t
     qh = q.view(B, Tn, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Tn, D)  # head h = kv*G + g
     kh, vh = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, Hkv, L, D) views
-    out = _sdpa(qh, kh, vh, attn_mask=allowed)  # (B, Hkv, G*Tn, D)
+    out = _sdpa(qh, kh, vh, batch_invariant, attn_mask=allowed)  # (B, Hkv, G*Tn, D)
     return out.view(B, Hkv, G, Tn, D).permute(0, 3, 1, 2, 4).reshape(B, Tn, Hq, D)
 
 
@@ -179,7 +186,7 @@ def torch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Te
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
     """Causal attention over the sequence itself (training forward and prefill): (B,T,Hq,D)."""
     if meta.backend == "torch":
-        return torch_attention(q, k, v, meta.attention_mask)
+        return torch_attention(q, k, v, meta.attention_mask, meta.batch_invariant)
     from rlhf_engine.kernels.attention import flash_attention  # lazy: Triton is optional
 
     return flash_attention(q, k, v, causal=True, kv_start=meta.kv_start, kv_end=meta.kv_end, backend="triton")
@@ -230,7 +237,8 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             from rlhf_engine.kernels.kv_cache import apply_rope
 
             q = apply_rope(q, *q_rope, backend="torch")  # fp32, rounded once, as the kernel does
-        return torch_decode_attention(q, k_cache, v_cache, meta.cache_lens, meta.cache_start, meta.kv_len)
+        return torch_decode_attention(q, k_cache, v_cache, meta.cache_lens, meta.cache_start, meta.kv_len,
+                                      meta.batch_invariant)
     from rlhf_engine.kernels.decode_attention import decode_attention
 
     q_cos, q_sin = q_rope if q_rope is not None else (None, None)

@@ -51,7 +51,10 @@ class ModelConfig:
     attention_bias: bias on q/k/v projections (Qwen2: True). o_proj_bias: bias on the
     output projection (Llama with ``attention_bias=True`` has both). ``attn_backend``
     is not part of the checkpoint: "auto" picks Triton kernels on CUDA tensors and
-    PyTorch SDPA elsewhere; "torch" / "triton" force one.
+    PyTorch SDPA elsewhere; "torch" / "triton" force one. ``batch_invariant`` is not
+    either: in fp32 on the CPU, a row's GEMMs and attention are computed the same way
+    whatever the batch (model/batch_invariant.py), so generation's log-probs equal the
+    training forward's; False trades that for faster decode steps below 16 sequences.
     """
 
     vocab_size: int = 32000
@@ -74,6 +77,7 @@ class ModelConfig:
     model_type: str = "llama"
     initializer_range: float = 0.02
     attn_backend: str = "auto"
+    batch_invariant: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -107,6 +111,8 @@ class ModelConfig:
                              f"{self.model_type!r}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"ModelConfig.attn_backend: expected one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise TypeError(f"ModelConfig.batch_invariant: expected a bool, got {self.batch_invariant!r}")
         for name in ("bos_token_id", "pad_token_id"):
             v = getattr(self, name)
             if v is not None and not 0 <= v < self.vocab_size:

@@ -25,6 +25,7 @@ from .attention import (AttnMeta, cache_attention, decode_fused_write_enabled, d
 from .batch_invariant import Linear, linear
 from .checkpointing import checkpoint_layer, needs_torch_checkpoint
 from .config import ModelConfig
+from .lora import LoRALinear
 from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears, packed_weights
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -49,11 +50,11 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        H = config.hidden_size
-        self.q_proj = Linear(H, config.q_size, bias=config.attention_bias)
-        self.k_proj = Linear(H, config.kv_size, bias=config.attention_bias)
-        self.v_proj = Linear(H, config.kv_size, bias=config.attention_bias)
-        self.o_proj = Linear(config.q_size, H, bias=config.o_proj_bias)
+        H, bi = config.hidden_size, config.batch_invariant
+        self.q_proj = Linear(H, config.q_size, bias=config.attention_bias, batch_invariant=bi)
+        self.k_proj = Linear(H, config.kv_size, bias=config.attention_bias, batch_invariant=bi)
+        self.v_proj = Linear(H, config.kv_size, bias=config.attention_bias, batch_invariant=bi)
+        self.o_proj = Linear(config.q_size, H, bias=config.o_proj_bias, batch_invariant=bi)
 
     def forward(self, x: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
                 qkv: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,10 +131,10 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        H, I = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(H, I, bias=False)
-        self.up_proj = Linear(H, I, bias=False)
-        self.down_proj = Linear(I, H, bias=False)
+        H, I, bi = config.hidden_size, config.intermediate_size, config.batch_invariant
+        self.gate_proj = Linear(H, I, bias=False, batch_invariant=bi)
+        self.up_proj = Linear(H, I, bias=False, batch_invariant=bi)
+        self.down_proj = Linear(I, H, bias=False, batch_invariant=bi)
 
     def forward(self, x: torch.Tensor, fused: bool = False, lora: bool = True) -> torch.Tensor:
         """``fused`` (triton backend): silu(gate) * up in one kernel, gate and up as one GEMM over their packed
@@ -300,7 +301,8 @@ class Transformer(nn.Module):
                             else torch.arange(T, device=input_ids.device).expand(B, T))
         elif tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids: expected shape {(B, T)}, got {tuple(position_ids.shape)}")
-        meta = AttnMeta(backend=backend, fused_ops=_fused_ops(backend, self))
+        meta = AttnMeta(backend=backend, fused_ops=_fused_ops(backend, self),
+                        batch_invariant=self.config.batch_invariant)
         if attention_mask is not None:
             if backend == "torch":
                 meta.attention_mask = attention_mask.bool()
@@ -320,7 +322,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Transformer(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, bias=False, batch_invariant=config.batch_invariant)
         self._rope_rows_cache: dict[tuple[int, int, str], torch.Tensor] = {}  # decode_step's b * Tn rows
         self.apply(self._init_weights)
 
@@ -350,6 +353,18 @@ class CausalLM(nn.Module):
         self.model.gradient_checkpointing = bool(value)
 
     @property
+    def batch_invariant(self) -> bool:
+        """fp32 on the CPU: GEMMs and attention computed the same way whatever the batch (``ModelConfig``)."""
+        return self.config.batch_invariant
+
+    @batch_invariant.setter
+    def batch_invariant(self, value: bool) -> None:
+        self.config.batch_invariant = bool(value)
+        for m in self.modules():
+            if isinstance(m, (Linear, LoRALinear)):
+                m.batch_invariant = bool(value)
+
+    @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
@@ -367,7 +382,7 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden -> (..., V) logits in the parameter dtype."""
-        return linear(hidden, self.lm_head_weight)
+        return linear(hidden, self.lm_head_weight, batch_invariant=self.config.batch_invariant)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, attn_backend: str | None = None) -> torch.Tensor:
@@ -384,7 +399,7 @@ class CausalLM(nn.Module):
         Liger's): a sampled token's log-prob and the one the training forward recomputes come from the same
         bf16-rounded logits, so the PPO ratio does not start from a mismatch of up to half a bf16 step (0.03 at
         |logit| 10) per token."""
-        return linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight, batch_invariant=self.config.batch_invariant).float()
 
     # ------------------------------------------------------------------ cached generation paths
     @torch.no_grad()
@@ -406,7 +421,7 @@ class CausalLM(nn.Module):
         n_valid = attention_mask.long().sum(1)  # (B,)
         start = (P - n_valid).to(torch.int32)  # (B,)
         meta = AttnMeta(backend=backend, mode="prefill", cache=cache,
-                        fused_ops=_fused_ops(backend, self.model))
+                        fused_ops=_fused_ops(backend, self.model), batch_invariant=self.config.batch_invariant)
         if backend == "torch":
             meta.attention_mask = attention_mask.bool()
         else:
@@ -438,7 +453,7 @@ class CausalLM(nn.Module):
         # layers before lengths += Tn below
         meta = AttnMeta(backend=backend, mode="decode", cache=cache, write_pos=cache.lengths,
                         cache_lens=cache.lengths + Tn, cache_start=cache.start, kv_len=kv_len,
-                        fused_ops=_fused_ops(backend, self.model))
+                        fused_ops=_fused_ops(backend, self.model), batch_invariant=self.config.batch_invariant)
         if meta.fused_ops:
             # position ids slot - start in int32 (one kernel for Tn = 1), the RoPE rows gathered from the model's
             # table (None only inside a first CUDA-graph capture: then run_layers computes them), the rope_rows

@@ -17,9 +17,10 @@ IGNORE_INDEX = -100
 
 
 def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    with_entropy: bool, batch_invariant: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """h (n, H), weight (V, H), targets (n,) -> logp (n,), entropy (n,) fp32 (entropy empty when not asked)."""
-    z = linear(h, weight).float() / temperature  # (n, V): batch-invariant in fp32 on the CPU, as generation's
+    # (n, V); with batch_invariant, in fp32 on the CPU each row as generation's decode step computes it
+    z = linear(h, weight, batch_invariant=batch_invariant).float() / temperature
     # z[target] - logsumexp(z), the sampler's formula (generation/sampling.py): on the CPU, torch.log_softmax sums
     # its exponentials less accurately (up to 2e-5 off in fp32 at V = 151936 against fp64, logsumexp 2e-6), and
     # generation's log-probs and these must agree to 1e-5
@@ -34,18 +35,21 @@ def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 
 def linear_logprobs_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                          temperature: float = 1.0, with_entropy: bool = False, chunk_rows: int = 1024):
+                          temperature: float = 1.0, with_entropy: bool = False, chunk_rows: int = 1024,
+                          batch_invariant: bool = True):
     """PyTorch LM head + log-prob in row chunks (each chunk recomputed in the backward).
 
     hidden: (N, H); weight: (V, H); targets: (N,) int64 with IGNORE_INDEX rows giving 0.
     Returns logp (N,) fp32 (and entropy (N,) fp32 with ``with_entropy``). At most
     chunk_rows × V logits exist at a time, in the forward and in the backward.
+    batch_invariant: the LM-head GEMM batch-invariant in fp32 on the CPU (model/batch_invariant.py).
     """
     N = hidden.shape[0]
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     lps, ents = [], []
     for i in range(0, N, chunk_rows):
-        args = (hidden[i:i + chunk_rows], weight, targets[i:i + chunk_rows], temperature, with_entropy)
+        args = (hidden[i:i + chunk_rows], weight, targets[i:i + chunk_rows], temperature, with_entropy,
+                batch_invariant)
         lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if need_grad else _chunk_logprobs(*args)
         lps.append(lp)
         ents.append(ent)
@@ -56,12 +60,14 @@ def linear_logprobs_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                    with_entropy: bool = False, backend: str = "auto"):
-    """Dispatch: "auto" -> fused Triton kernel on CUDA, chunked PyTorch elsewhere. Shapes as linear_logprobs_torch."""
+                    with_entropy: bool = False, backend: str = "auto", batch_invariant: bool = True):
+    """Dispatch: "auto" -> fused Triton kernel on CUDA, chunked PyTorch elsewhere. Shapes and ``batch_invariant``
+    (the PyTorch path's) as linear_logprobs_torch."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "torch" or (backend == "auto" and not hidden.is_cuda):
-        return linear_logprobs_torch(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy)
+        return linear_logprobs_torch(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy,
+                                     batch_invariant=batch_invariant)
     from rlhf_engine.kernels.fused_linear_logprob import fused_linear_logprobs
 
     return fused_linear_logprobs(hidden, weight, targets, temperature=temperature, ignore_index=IGNORE_INDEX,
@@ -119,7 +125,8 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             targets = targets.masked_fill(~score, IGNORE_INDEX)
     N = targets.shape[1]
     out = linear_logprobs(h.reshape(B * N, H), model.lm_head_weight, targets.reshape(B * N).long(),
-                          temperature=temperature, with_entropy=with_entropy, backend=backend)
+                          temperature=temperature, with_entropy=with_entropy, backend=backend,
+                          batch_invariant=model.config.batch_invariant)
     if with_entropy:
         logp, ent = out[0].view(B, N), out[1].view(B, N)
     else:

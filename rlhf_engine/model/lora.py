@@ -51,9 +51,10 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapters_enabled = True
+        self.batch_invariant = getattr(base, "batch_invariant", False)  # the base Linear's (batch_invariant.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias, batch_invariant=self.batch_invariant)
         if not self.adapters_enabled:
             return y
         h = self.dropout(x).to(self.lora_A.dtype)
@@ -62,10 +63,10 @@ class LoRALinear(nn.Module):
             # (h Aᵀ, then Bᵀ, the scale and the add), the low-rank term rounded once. The same op with and
             # without autograd, so a no-grad scoring forward equals the training forward bit for bit; in place
             # (no new buffer) when nothing needs a gradient.
-            low = linear(h, self.lora_A).reshape(-1, self.rank)
+            low = linear(h, self.lora_A, batch_invariant=self.batch_invariant).reshape(-1, self.rank)
             y2 = y.reshape(-1, self.out_features)
             grad = torch.is_grad_enabled() and (y.requires_grad or low.requires_grad or self.lora_B.requires_grad)
-            if applies(y):  # fp32 CPU: the low-rank GEMM batch-invariant too (batch_invariant.py), then the add
+            if self.batch_invariant and applies(y):  # fp32 CPU: the low-rank GEMM batch-invariant too, then the add
                 delta = linear(low, self.lora_B)
                 return (torch.add(y2, delta, alpha=self.scaling) if grad
                         else y2.add_(delta, alpha=self.scaling)).view(y.shape)
@@ -158,7 +159,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 child.weight.add_(child.delta_weight().to(child.weight.dtype))
-                lin = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                lin = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta",
+                             batch_invariant=child.batch_invariant)
                 lin.weight = child.weight
                 lin.bias = child.bias
                 setattr(parent, name, lin)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch_invariant import Linear, linear
+from .batch_invariant import Linear
 from .lora import LoRALinear
 
 
@@ -187,7 +187,7 @@ class PackedLinearFunction(torch.autograd.Function):
         b = (_rows_or_cat(bs) if bs else None) if b is None else b
         ctx.n, ctx.has_bias = n, bool(bs)
         ctx.save_for_backward(x, w, *ws)  # ws: for autograd's version check of every parameter
-        return linear(x, w, b)
+        return F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, dy):
@@ -245,7 +245,7 @@ def group_linear(x: torch.Tensor, linears: Sequence[nn.Module], lora: bool = Tru
         return PackedLinearFunction.apply(x, len(linears), w, b, *ws, *bs)
     pw = packed_weights(linears)
     if pw is not None:
-        return linear(x, *pw)
+        return F.linear(x, *pw)
     lo = packed_lora(linears) if lora else None
     return None if lo is None else lora_group_linear(x, *lo)
 

@@ -61,7 +61,7 @@ def policy_forward(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, re
         h_resp = hidden[:, P - 1:P + N - 1]  # (B, N, H): position P-1+t predicts response token t
         targets = response_targets(response_ids, response_mask).reshape(-1)  # (B*N,)
         out = linear_logprobs(h_resp.reshape(B * N, H), lm.lm_head_weight, targets, temperature=temperature,
-                              with_entropy=with_entropy)
+                              with_entropy=with_entropy, batch_invariant=lm.config.batch_invariant)
         logp, ent = out if with_entropy else (out, None)
         result["logp"] = logp.view(B, N)
         if with_entropy:
