@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from rlhf_engine.model.attention import torch_attention, torch_decode_attention
 from rlhf_engine.model.batch_invariant import (MAX_K_CHUNK, MIN_ROWS, InvariantLinearFunction, Linear, applies,
-                                               invariant_mm, k_chunks, linear)
+                                               invariant_mm, k_chunks, linear, logsumexp)
 
 
 @pytest.mark.parametrize("K", [1, 40, 512, 576, 1536, 4864])
@@ -108,10 +108,14 @@ def test_the_switch_reaches_every_gemm_and_the_attention():
         ModelConfig(batch_invariant="yes")
     with pytest.raises(ValueError, match="model.batch_invariant"):
         ModelSpec(batch_invariant="no")
-    m = CausalLM(preset("tiny-llama", batch_invariant=False))
+    cfg = preset("tiny-llama", batch_invariant=False)
+    m, other = CausalLM(cfg), CausalLM(cfg)
     flags = [mod.batch_invariant for mod in m.modules() if isinstance(mod, Linear)]
     assert flags and not any(flags)
     m.batch_invariant = True
+    assert m.model.config is m.config and not other.config.batch_invariant  # the shared config is not changed
+    with pytest.raises(TypeError, match="batch_invariant"):
+        m.batch_invariant = 1
     apply_lora(m, rank=2, alpha=4.0)
     assert m.config.batch_invariant and all(mod.batch_invariant for mod in m.modules() if hasattr(mod, "lora_A"))
     m.batch_invariant = False
@@ -119,7 +123,46 @@ def test_the_switch_reaches_every_gemm_and_the_attention():
     assert not any(mod.batch_invariant for mod in m.modules() if isinstance(mod, Linear))
     x, w = torch.randn(3, 1536), torch.randn(64, 1536)
     assert torch.equal(linear(x, w, batch_invariant=False), F.linear(x, w))
+    assert not torch.equal(linear(x, w), F.linear(x, w))  # 3 rows: F.linear's small-M kernel rounds otherwise
     q, k, v = torch.randn(2, 97, 14, 64), torch.randn(2, 97, 2, 64), torch.randn(2, 97, 2, 64)
     fp32 = torch_attention(q, k, v, None, batch_invariant=False)
     assert torch.equal(full_attention(q, k, v, AttnMeta(backend="torch", batch_invariant=False)), fp32)
     assert not torch.equal(torch_attention(q, k, v, None), fp32)  # the fp64 path rounds differently somewhere
+
+
+def test_padded_rows_give_a_tensor_of_their_own():
+    """Below 16 rows the output is not a view of the padded product: it may be modified in place, with autograd
+    (as an nn.Linear output may) and without."""
+    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    y = linear(x, w)
+    y.add_(1.0)  # a view created in a custom Function would refuse this
+    F.relu(linear(x, w), inplace=True).sum().backward()
+    assert x.grad is not None and w.grad is not None
+    with torch.no_grad():
+        assert linear(x, w)._base is None and invariant_mm(x, w)._base is None
+
+
+def test_frozen_weight_saves_no_input():
+    """The reference policy and a LoRA base: a weight without grad keeps no x for the backward."""
+    x = torch.randn(20, 8, requires_grad=True)
+    w = torch.randn(5, 8)
+    y = linear(x, w)
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert len(saved) == 1 and saved[0].shape == w.shape
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, torch.ones(20, 5) @ w)
+
+
+def test_one_row_log_sum_exp_as_among_many():
+    """ATen splits a single row's log-sum-exp across threads (V >= 32768), and sums each row in one thread once
+    there are two: ``logsumexp`` gives a row the same bits alone as among others, which plain torch.logsumexp
+    does not (2 of 50 rows here, up to 1e-6)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(50, 49152, generator=g) * 3
+    full = torch.logsumexp(z, dim=-1)
+    alone = torch.cat([logsumexp(z[i:i + 1]) for i in range(50)])
+    assert torch.equal(alone, full)
+    assert torch.equal(logsumexp(z), full)
+    if torch.get_num_threads() > 1:  # what the helper is for
+        plain = torch.cat([torch.logsumexp(z[i:i + 1], dim=-1) for i in range(50)])
+        assert not torch.equal(plain, full)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_engine.model.batch_invariant import logsumexp
+
 
 def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Set every logit below the k-th largest of its row to -inf. (B, V) -> (B, V); k <= 0 or k >= V: unchanged."""
@@ -92,4 +94,5 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         e.clamp_(min=torch.finfo(torch.float32).tiny)  # E = 0 would give 0/0 = NaN for a removed token
         tokens = torch.argmax(probs / e, dim=-1)  # exponential race: P(i wins) = p_i
     zl = zt if logprob_dist == "sampled" else z
-    return tokens, zl.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(zl, dim=-1)  # (B,) log softmax
+    # (B,) log softmax; the log-sum-exp computed as the training forward's (one row as several, on the CPU)
+    return tokens, zl.gather(-1, tokens[:, None]).squeeze(-1) - logsumexp(zl)

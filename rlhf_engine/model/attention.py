@@ -120,11 +120,13 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch_invariant: bo
     """``F.scaled_dot_product_attention``; with ``batch_invariant``, fp32 on the CPU: computed in fp64 and rounded
     once to fp32.
 
-    A query row's fp32 result would otherwise depend on the shapes around it: the CPU kernel blocks its GEMMs by the
-    number of query rows and keys, which differ between a decode step (G·Tn rows over the cache) and the training
-    forward (T rows over T keys), and over 30 layers that puts ~1e-5 between a token's log-prob in generation and
-    in the training forward (SmolLM2-135M). In fp64 the order of the sums moves a result by ~1e-16 relative, which
-    the rounding to fp32 absorbs: both paths give the same fp32 attention (and a more accurate one)."""
+    A query row's fp32 result would otherwise depend on the shapes around it (7e-7 seen at T = 97, D = 64): the
+    numbers of query rows and keys differ between a decode step (G·Tn rows over the cache) and the training forward
+    (T rows over T keys), and over 30 layers that put ~1e-5 between a token's log-prob in generation and in the
+    training forward (SmolLM2-135M). In fp64 the order of the sums moves a result by ~1e-16 relative, which the
+    rounding to fp32 absorbs unless the result lies that close to a rounding boundary: both paths give the same
+    fp32 attention but for such rare elements (none seen), and a more accurate one. Costs the CPU attention twice
+    its time and, in training, twice the memory it saves for the backward."""
     if batch_invariant and q.dtype == torch.float32 and q.device.type == "cpu" and not torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kwargs).float()
     return F.scaled_dot_product_attention(q, k, v, **kwargs)

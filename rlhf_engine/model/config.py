@@ -55,6 +55,8 @@ class ModelConfig:
     either: in fp32 on the CPU, a row's GEMMs and attention are computed the same way
     whatever the batch (model/batch_invariant.py), so generation's log-probs equal the
     training forward's; False trades that for faster decode steps below 16 sequences.
+    The layers read it when the model is built: switch a built model with
+    ``CausalLM.batch_invariant``.
     """
 
     vocab_size: int = 32000

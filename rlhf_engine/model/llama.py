@@ -14,6 +14,8 @@ in training as in generation; the torch backend is the eager, reference definiti
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -359,10 +361,15 @@ class CausalLM(nn.Module):
 
     @batch_invariant.setter
     def batch_invariant(self, value: bool) -> None:
-        self.config.batch_invariant = bool(value)
+        """Switch a built model: its config (a copy, so that another model built from the same config object keeps
+        its own setting) and every Linear and LoRALinear layer, which read the config once, when built."""
+        if not isinstance(value, bool):
+            raise TypeError(f"batch_invariant: expected a bool, got {value!r}")
+        if value != self.config.batch_invariant:
+            self.config = self.model.config = dataclasses.replace(self.config, batch_invariant=value)
         for m in self.modules():
             if isinstance(m, (Linear, LoRALinear)):
-                m.batch_invariant = bool(value)
+                m.batch_invariant = value
 
     @property
     def device(self) -> torch.device:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .batch_invariant import linear
+from .batch_invariant import linear, logsumexp
 
 IGNORE_INDEX = -100
 
@@ -24,7 +24,7 @@ def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     # z[target] - logsumexp(z), the sampler's formula (generation/sampling.py): on the CPU, torch.log_softmax sums
     # its exponentials less accurately (up to 2e-5 off in fp32 at V = 151936 against fp64, logsumexp 2e-6), and
     # generation's log-probs and these must agree to 1e-5
-    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    lse = logsumexp(z)  # (n,): one row as several (a chunk of one row, a decode step of one sequence)
     ignore = targets == IGNORE_INDEX
     logp = (z.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1) - lse).masked_fill(ignore, 0.0)
     if not with_entropy:

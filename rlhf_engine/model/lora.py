@@ -62,7 +62,8 @@ class LoRALinear(nn.Module):
             # y + scaling · (h Aᵀ) Bᵀ with the second GEMM accumulating into y (addmm): 3 kernels instead of 5
             # (h Aᵀ, then Bᵀ, the scale and the add), the low-rank term rounded once. The same op with and
             # without autograd, so a no-grad scoring forward equals the training forward bit for bit; in place
-            # (no new buffer) when nothing needs a gradient.
+            # (no new buffer) when nothing needs a gradient. fp32 on the CPU with batch_invariant: (h Aᵀ) Bᵀ as a
+            # batch-invariant GEMM of its own, then one add (batch_invariant.py), again the same with and without.
             low = linear(h, self.lora_A, batch_invariant=self.batch_invariant).reshape(-1, self.rank)
             y2 = y.reshape(-1, self.out_features)
             grad = torch.is_grad_enabled() and (y.requires_grad or low.requires_grad or self.lora_B.requires_grad)
