@@ -75,9 +75,11 @@ T0=$(date +%s)
 # Test files whose non-gpu-marked tests exercise the real kernels when CUDA is present. Those not yet seen passing
 # on a GPU first (the twelfth session's fixes: the H200 run of 1f4b6a6 found 17 tests that only the interpreter had
 # run), then the rest; the attention tests last: their fp32 tiles are the slowest compiles, and a timeout cuts the
-# tail of the list. GPU_CHECK_KTEST_FILES overrides the list (e.g. the files a cut run did not reach).
-KERNEL_TESTS=${GPU_CHECK_KTEST_FILES:-"tests/test_hf_attention.py tests/test_decode_paths.py
-  tests/test_decode_attention.py tests/test_generation.py tests/test_model.py tests/test_lora.py
+# tail of the list. GPU_CHECK_KTEST_FILES overrides the list (e.g. the files a cut run did not reach). First of all
+# test_batch_invariant.py (a few seconds, CPU tensors): its bit-for-bit rows depend on the MKL of the torch wheel
+# and on the CPU, so it checks the GPU machine's host as well (with the CPU parity tests of test_generation.py).
+KERNEL_TESTS=${GPU_CHECK_KTEST_FILES:-"tests/test_batch_invariant.py tests/test_hf_attention.py
+  tests/test_decode_paths.py tests/test_decode_attention.py tests/test_generation.py tests/test_model.py tests/test_lora.py
   tests/test_fused_inference_ops.py tests/test_norm_linear.py tests/test_checkpointing.py
   tests/test_fused_layer_backward.py tests/test_hf_kernels.py tests/test_attention_tma.py
   tests/test_logprob.py tests/test_fused_linear_logprob.py tests/test_gae_triton.py tests/test_ppo_loss_triton.py
