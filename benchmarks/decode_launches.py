@@ -75,12 +75,12 @@ def count_decode_step(fused: bool, num_layers: int, lora: bool = False, fused_wr
                       norm_gemm: bool = False) -> tuple[collections.Counter, collections.Counter]:
     from rlhf_engine.generation import KVCache
     from rlhf_engine.model import CausalLM, apply_lora, preset
-    from rlhf_engine.model import batch_invariant, llama
-    from rlhf_engine.model import lora as lora_mod
+    from rlhf_engine.model import llama
 
     torch.manual_seed(0)
     cfg = preset("qwen2-0.5b", num_layers=num_layers, hidden_size=64, intermediate_size=128, num_heads=14,
-                 num_kv_heads=2, head_dim=16, vocab_size=256, pad_token_id=None, bos_token_id=None, eos_token_id=1)
+                 num_kv_heads=2, head_dim=16, vocab_size=256, pad_token_id=None, bos_token_id=None, eos_token_id=1,
+                 batch_invariant=False)  # the GEMMs as on a GPU, one kernel each (not model/batch_invariant.py's)
     m = CausalLM(cfg).eval()
     if lora:  # adapters on all 7 projections (the default targets), as a LoRA actor's rollouts run
         apply_lora(m, rank=4, alpha=8.0)
@@ -91,10 +91,8 @@ def count_decode_step(fused: bool, num_layers: int, lora: bool = False, fused_wr
     # unfused: the same step with the generation path's fusions turned off
     env = {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1" if fused_write else "0",  # the cache write in the kernel (default)
            "RLHF_ENGINE_DECODE_NORM_GEMM": "1" if norm_gemm else "0"}  # the opt-in norms inside the GEMMs
-    # the GEMMs as on a GPU, one kernel each: not the CPU's batch-invariant GEMMs (model/batch_invariant.py)
     with mock.patch.object(llama, "_fused_ops", llama._fused_ops if fused else lambda *args: False), \
-            mock.patch.dict(os.environ, env), mock.patch.object(batch_invariant, "applies", lambda x: False), \
-            mock.patch.object(lora_mod, "applies", lambda x: False):
+            mock.patch.dict(os.environ, env):
         # one step first, as a generation loop (and the CUDA-graph warm-up) runs: what a step builds once and
         # keeps (the RoPE table, the rope_rows constant) is not counted
         m.decode_step(ids[:, -1:], cache, attn_backend="triton")

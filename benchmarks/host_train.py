@@ -44,13 +44,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     torch.set_num_threads(1)
     interpreter.InterpretedFunction.__getitem__ = lambda self, grid: (lambda *a, **k: None)  # launches stubbed
-    # the GEMMs as on a GPU (F.linear), not the CPU's batch-invariant ones (model/batch_invariant.py)
-    import rlhf_engine.model.batch_invariant as batch_invariant
-    import rlhf_engine.model.lora as lora
-    batch_invariant.applies = lora.applies = lambda x: False
 
     torch.manual_seed(0)
-    lm = CausalLM(preset("tiny-qwen2", num_layers=args.layers, attn_backend="triton")).train()
+    # batch_invariant=False: the GEMMs as on a GPU (F.linear), not the CPU's batch-invariant ones
+    lm = CausalLM(preset("tiny-qwen2", num_layers=args.layers, attn_backend="triton", batch_invariant=False)).train()
     B, P, N = 2, 4, 4
     ids = torch.randint(3, lm.config.vocab_size, (B, P + N))
     am = torch.ones(B, P + N, dtype=torch.long)

@@ -45,7 +45,7 @@ def k_chunks(K: int) -> list[tuple[int, int]]:
     """[k0, k1) ranges cutting K into ceil(K / MAX_K_CHUNK) near-equal chunks (multiples of 16 but the last)."""
     n = max(1, -(-K // MAX_K_CHUNK))
     size = -(-K // n)
-    size = min(MAX_K_CHUNK, -(-size // 16) * 16)
+    size = -(-size // 16) * 16  # still <= MAX_K_CHUNK, a multiple of 16
     return [(k0, min(K, k0 + size)) for k0 in range(0, K, size)]
 
 
