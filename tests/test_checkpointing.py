@@ -40,13 +40,16 @@ def _grads(m: CausalLM, ckpt: bool, ids, mask, w, backend: str) -> dict:
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_checkpointed_backward_equals_plain_backward(backend, device):
+@pytest.mark.parametrize("backend,node", [("torch", "1"), ("triton", "0"), ("triton", "1")],
+                         ids=["torch", "triton-recorded", "triton-one-node"])
+def test_checkpointed_backward_equals_plain_backward(backend, node, device, monkeypatch):
     """Every parameter's gradient, with left and right padding, fp32: exactly the plain backward's (the recomputed
     forward runs the same ops on the same values; the triton backend's forward without autograd is the one the
-    scoring path runs, equal to the training forward bit for bit)."""
+    scoring path runs, equal to the training forward bit for bit). On the triton backend both ways to recompute:
+    ``checkpoint_layer`` over the layer (the recorded path) and the layer as one node (model/fused_layer.py)."""
     if backend == "triton" and device.type != "cuda" and not _interpreter():
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("RLHF_ENGINE_FUSED_LAYER_NODE", node)
     m = _model(backend, device)
     ids, mask, w = _batch(m, device)
     plain, ckpt = _grads(m, False, ids, mask, w, backend), _grads(m, True, ids, mask, w, backend)
@@ -67,6 +70,7 @@ def test_recomputed_layers_copy_no_residual_gradient(device, monkeypatch):
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
     from rlhf_engine.kernels import rmsnorm
 
+    monkeypatch.setenv("RLHF_ENGINE_FUSED_LAYER_NODE", "0")  # the recorded path (the one node calls no RMSNormFunction)
     flags = []
     real = rmsnorm.RMSNormFunction.apply
     # (x, weight, eps, residual, copy_grad): record copy_grad of the norms that have a residual
@@ -140,11 +144,13 @@ def test_autocast_defers_to_torch_checkpoint():
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_autograd_grad_and_double_backward_through_checkpointed_layers_raise(backend, device):
-    """What the recomputing backward cannot do raises (and shows that the layers are checkpointed on both paths)."""
+@pytest.mark.parametrize("backend,node", [("torch", "1"), ("triton", "0"), ("triton", "1")],
+                         ids=["torch", "triton-recorded", "triton-one-node"])
+def test_autograd_grad_and_double_backward_through_checkpointed_layers_raise(backend, node, device, monkeypatch):
+    """What the recomputing backward cannot do raises (and shows that the layers are checkpointed on every path)."""
     if backend == "triton" and device.type != "cuda" and not _interpreter():
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("RLHF_ENGINE_FUSED_LAYER_NODE", node)
     m = _model(backend, device)
     m.gradient_checkpointing = True
     ids, mask, _ = _batch(m, device)

@@ -26,6 +26,7 @@ from .attention import (AttnMeta, cache_attention, decode_fused_write_enabled, d
                         full_attention, mask_to_kv_range, resolve_backend, write_kv)
 from .batch_invariant import Linear, linear
 from .checkpointing import checkpoint_layer, needs_torch_checkpoint
+from . import fused_layer
 from .config import ModelConfig
 from .lora import LoRALinear
 from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears, packed_weights
@@ -271,8 +272,11 @@ class Transformer(nn.Module):
             from rlhf_engine.kernels.rmsnorm import rms_norm
 
             d = None
+            one_node = use_ckpt and not fallback and fused_layer.enabled()
             for layer in self.layers:
-                if use_ckpt:
+                if one_node and fused_layer.applies(layer, x, meta):  # the recomputed layer as one autograd node
+                    x, d = fused_layer.fused_layer_forward(layer, x, d, cos, sin, meta)
+                elif use_ckpt:
                     x, d = checkpoint_layer(layer.forward_fused, x, d, cos, sin, meta, torch_fallback=fallback)
                 else:
                     x, d = layer.forward_fused(x, d, cos, sin, meta)
