@@ -174,8 +174,12 @@ def _checkpoint_rows(device: str, dtype, warmup: int, rep: int, tiny: bool) -> l
     micro-batch of the Qwen2-0.5B shape (24 layers, 16 x 384 tokens, 256 response tokens each) with every layer
     recomputed in the backward, as ``bench_ppo_step.py`` trains: the model's ``checkpoint_layer`` against
     ``torch.utils.checkpoint`` (non-reentrant, what it used before), same run. The CPU measured the host side alone
-    (``benchmarks/host_train.py``: 90-105 -> 54-63 ms for 24 layers); this row says what a GPU step sees. A third
-    row runs ours with every Triton launch through Triton's own path (``kernels/_fastlaunch.py`` off)."""
+    (``benchmarks/host_train.py``: 90-105 -> 54-63 ms for 24 layers); this row says what a GPU step sees. Then each
+    recomputed layer as one autograd node (``model/fused_layer.py``, the default since the fourteenth session;
+    host_train.py: -33% host time against ``checkpoint_layer``), and that with every Triton launch through Triton's
+    own path (``kernels/_fastlaunch.py`` off)."""
+    import os
+
     import torch
     from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
@@ -213,12 +217,17 @@ def _checkpoint_rows(device: str, dtype, warmup: int, rep: int, tiny: bool) -> l
     shape = f"{'tiny-qwen2 x2' if tiny else 'Qwen2-0.5B x24'},B={B},T={P + N},{str(dtype)[6:]},ckpt"
     rows, base_ms = [], None
     cached = fastlaunch.enabled()  # False with RLHF_ENGINE_FAST_LAUNCH=0 (e.g. gpu_check.sh's check failed)
-    cases = [("torch.utils.checkpoint (non-reentrant)", torch_ckpt, cached), ("ours (checkpoint_layer)", ours, cached)]
+    # (name, the recorded path's checkpoint function, cached launches, one node a layer)
+    cases = [("torch.utils.checkpoint (non-reentrant)", torch_ckpt, cached, False),
+             ("ours (checkpoint_layer)", ours, cached, False),
+             ("ours (one node a layer, the default)", ours, cached, True)]
     if cached:
-        cases.append(("ours, Triton's own launch path (no cached launches)", ours, False))
-    for name, impl, on in cases:
+        cases.append(("ours, one node, Triton's own launch path (no cached launches)", ours, False, True))
+    node_env = os.environ.get("RLHF_ENGINE_FUSED_LAYER_NODE")
+    for name, impl, on, node in cases:
         llama.checkpoint_layer = impl
         fastlaunch.set_enabled(on)
+        os.environ["RLHF_ENGINE_FUSED_LAYER_NODE"] = "1" if node else "0"
         try:
             ms = bench(step, warmup=warmup, rep=max(3, rep // 5))
             peak = peak_mem_mb(step)
@@ -226,6 +235,10 @@ def _checkpoint_rows(device: str, dtype, warmup: int, rep: int, tiny: bool) -> l
         finally:
             llama.checkpoint_layer = ours
             fastlaunch.set_enabled(cached)
+            if node_env is None:
+                os.environ.pop("RLHF_ENGINE_FUSED_LAYER_NODE", None)
+            else:
+                os.environ["RLHF_ENGINE_FUSED_LAYER_NODE"] = node_env
         base_ms = ms if base_ms is None else base_ms
         rows.append(dict(op="actor train fwd+bwd, recomputed layers", shape=shape, impl=name, ms=ms, metric="time",
                          value=ms, unit="ms", peak_mb=peak, vs_baseline=base_ms / ms, kernel_ms=k_ms))

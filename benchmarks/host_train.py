@@ -8,9 +8,10 @@ Setup: the Qwen2-0.5B layer structure (24 layers, q/k/v bias, tied embeddings, 1
 at tiny widths (``tiny-qwen2``: hidden 48, so the CPU GEMMs cost ~1 us each), B=2 sequences of 4 prompt + 4
 response tokens, the actor's training forward (``policy_forward``: trunk + fused LM-head log-probs) and its
 backward, one thread. The triton backend runs under the interpreter with ``kernel[grid](...)`` replaced by a
-no-op, so outputs are garbage and only host work is timed. Rows: no checkpointing, this project's
-``checkpoint_layer`` (model/checkpointing.py), and ``torch.utils.checkpoint`` (non-reentrant, what the model used
-before), plus the forward without autograd (scoring). The cases run interleaved, in rounds; the minimum over all
+no-op, so outputs are garbage and only host work is timed. Rows: no checkpointing; each recomputed layer as one
+autograd node (model/fused_layer.py, the default since the fourteenth session); this project's ``checkpoint_layer``
+(model/checkpointing.py: the layer's graph recorded again in the backward); ``torch.utils.checkpoint``
+(non-reentrant, what the model used before); the forward without autograd (scoring). The cases run interleaved, in rounds; the minimum over all
 repetitions is reported (this VM is noisy; the minimum is the least disturbed run).
 
     python benchmarks/host_train.py [--rounds 4] [--reps 10] [--layers 24]
@@ -65,15 +66,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def torch_ckpt(fn, *a, torch_fallback=False):  # noqa: ARG001 - the model's previous call
         return torch_checkpoint(fn, *a, use_reentrant=False)
 
-    cases = [("training fwd+bwd, no checkpointing", False, ours, train),
-             ("training fwd+bwd, checkpoint_layer (ours)", True, ours, train),
-             ("training fwd+bwd, torch.utils.checkpoint (non-reentrant)", True, torch_ckpt, train),
-             ("scoring fwd (no autograd)", False, ours, score)]
+    # (name, checkpointing, the recorded path's checkpoint function, the one-node layer on, what runs)
+    cases = [("training fwd+bwd, no checkpointing", False, ours, False, train),
+             ("training fwd+bwd, one node a recomputed layer (the default)", True, ours, True, train),
+             ("training fwd+bwd, checkpoint_layer (ours)", True, ours, False, train),
+             ("training fwd+bwd, torch.utils.checkpoint (non-reentrant)", True, torch_ckpt, False, train),
+             ("scoring fwd (no autograd)", False, ours, False, score)]
     times: dict[str, list[float]] = {name: [] for name, *_ in cases}
+    node_env = os.environ.get("RLHF_ENGINE_FUSED_LAYER_NODE")
     for _ in range(args.rounds):  # the cases interleaved, so that a slow spell of the VM hits them alike
-        for name, ckpt, impl, fn in cases:
+        for name, ckpt, impl, node, fn in cases:
             lm.gradient_checkpointing = ckpt
             llama.checkpoint_layer = impl
+            os.environ["RLHF_ENGINE_FUSED_LAYER_NODE"] = "1" if node else "0"  # model/fused_layer.py
             try:
                 fn()  # warm-up
                 for _ in range(args.reps):
@@ -82,6 +87,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     times[name].append(time.perf_counter() - t0)
             finally:
                 llama.checkpoint_layer = ours
+                if node_env is None:
+                    os.environ.pop("RLHF_ENGINE_FUSED_LAYER_NODE", None)
+                else:
+                    os.environ["RLHF_ENGINE_FUSED_LAYER_NODE"] = node_env
     out = {}
     for name, ts in times.items():
         out[name] = min(ts) * 1e3
