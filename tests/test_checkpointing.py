@@ -7,29 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_engine.model import CausalLM, apply_lora, lora_parameters, preset
+from rlhf_engine.model import CausalLM, apply_lora, lora_parameters
 from rlhf_engine.model.checkpointing import checkpoint_layer, needs_torch_checkpoint
 from rlhf_engine.model.logprobs import sequence_logprobs
+from tiny import padded_batch, perturbed_model
 
 
 def _model(backend: str, device) -> CausalLM:
-    torch.manual_seed(0)
-    m = CausalLM(preset("tiny-qwen2", num_layers=3, attn_backend=backend)).to(device)
-    with torch.no_grad():
-        for p in m.parameters():  # non-trivial norm weights and biases
-            p.add_(0.05 * torch.randn_like(p))
-    return m.train()
+    return perturbed_model(device, backend=backend)
 
 
-def _batch(m: CausalLM, device):
-    g = torch.Generator().manual_seed(1)
-    B, T = 3, 13
-    ids = torch.randint(3, m.config.vocab_size, (B, T), generator=g).to(device)
-    mask = torch.ones(B, T, dtype=torch.long, device=device)
-    mask[1, :4] = 0  # left padding
-    mask[2, -3:] = 0  # right padding
-    w = torch.randn(B, T - 1, generator=g).to(device)  # a grad_output that is not all ones
-    return ids, mask, w
+_batch = padded_batch
 
 
 def _grads(m: CausalLM, ckpt: bool, ids, mask, w, backend: str) -> dict:

@@ -15,6 +15,7 @@ from rlhf_engine.model import CausalLM, apply_lora, lora_parameters, preset
 from rlhf_engine.model.attention import AttnMeta, mask_to_kv_range
 from rlhf_engine.model.checkpointing import checkpoint_layer
 from rlhf_engine.model.logprobs import sequence_logprobs
+from tiny import padded_batch, perturbed_model
 
 
 @pytest.fixture(autouse=True)
@@ -32,24 +33,11 @@ def node_calls(monkeypatch):
     return calls
 
 
-def _model(name: str, device, dtype=torch.float32, **over) -> CausalLM:
-    torch.manual_seed(0)
-    m = CausalLM(preset(name, num_layers=3, attn_backend="triton", **over)).to(device=device, dtype=dtype)
-    with torch.no_grad():
-        for p in m.parameters():  # non-trivial norm weights and biases
-            p.add_(0.05 * torch.randn_like(p))
-    return m.train()
+def _model(name: str, device, **over) -> CausalLM:
+    return perturbed_model(device, name=name, **over)
 
 
-def _batch(m: CausalLM, device):
-    g = torch.Generator().manual_seed(1)
-    B, T = 3, 13
-    ids = torch.randint(3, m.config.vocab_size, (B, T), generator=g).to(device)
-    mask = torch.ones(B, T, dtype=torch.long, device=device)
-    mask[1, :4] = 0  # left padding
-    mask[2, -3:] = 0  # right padding
-    w = torch.randn(B, T - 1, generator=g).to(device)  # a grad_output that is not all ones
-    return ids, mask, w
+_batch = padded_batch
 
 
 def _run(m: CausalLM, node: bool, ids, mask, w, monkeypatch, attn_backend: str = "triton"):
@@ -114,7 +102,7 @@ def test_other_configurations_take_the_recorded_path(device, monkeypatch, node_c
     _assert_same(plain, on, device)
 
 
-def _layer_inputs(m: CausalLM, device, leaf: bool = True):
+def _layer_inputs(m: CausalLM, device):
     ids, mask, _ = _batch(m, device)
     B, T = ids.shape
     g = torch.Generator().manual_seed(2)

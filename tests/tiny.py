@@ -46,3 +46,29 @@ def left_padded_prompts(vocab: int, lengths=(9, 4, 6), P: int = 9, pad: int = 0)
         ids[b, P - n:] = torch.randint(4, vocab, (n,), generator=g)
         mask[b, P - n:] = 1
     return ids, mask
+
+
+def perturbed_model(device, name: str = "tiny-qwen2", backend: str = "triton", dtype=torch.float32, **overrides):
+    """A 3-layer preset model in train mode, seeded, every parameter moved off its initial value (norm weights
+    other than 1, biases other than 0): the gradient tests' model."""
+    from rlhf_engine.model import CausalLM, preset
+
+    torch.manual_seed(0)
+    m = CausalLM(preset(name, num_layers=3, attn_backend=backend, **overrides)).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.train()
+
+
+def padded_batch(m, device):
+    """(ids, mask, w) for ``m``: 3 sequences of 13 tokens, one left-padded and one right-padded, and a
+    grad_output w (3, 12) that is not all ones."""
+    g = torch.Generator().manual_seed(1)
+    B, T = 3, 13
+    ids = torch.randint(3, m.config.vocab_size, (B, T), generator=g).to(device)
+    mask = torch.ones(B, T, dtype=torch.long, device=device)
+    mask[1, :4] = 0  # left padding
+    mask[2, -3:] = 0  # right padding
+    w = torch.randn(B, T - 1, generator=g).to(device)
+    return ids, mask, w
