@@ -58,12 +58,13 @@ def _assert_same(a: dict, b: dict, device) -> None:
             torch.testing.assert_close(b[name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("name,over", [("tiny-qwen2", {}), ("tiny-llama", {}), ("tiny-llama", {"o_proj_bias": True}),
-                                       ("tiny-qwen2", {"batch_invariant": False})],
-                         ids=["qwen2-qkv-bias", "llama", "llama-o-bias", "qwen2-not-batch-invariant"])
+@pytest.mark.parametrize("name,over", [("tiny-qwen2", {}), ("tiny-llama", {"o_proj_bias": True}),
+                                       ("tiny-qwen2", {"batch_invariant": False, "head_dim": 12})],
+                         ids=["qwen2-qkv-bias", "llama-o-bias", "qwen2-not-batch-invariant-heads-wider"])
 def test_one_node_equals_recorded_path(name, over, device, monkeypatch, node_calls):
     """Log-probs and every parameter's gradient (the embedding's carries the first layer's input gradient) equal the
-    recorded path's; the node ran once per layer."""
+    recorded path's; the node ran once per layer. Also where the heads are wider than the hidden size (Hq * D = 72
+    against 48: the o projection's input is not the layer's width)."""
     m = _model(name, device, **over)
     m.gradient_checkpointing = True
     ids, mask, w = _batch(m, device)
@@ -85,8 +86,10 @@ def test_other_configurations_take_the_recorded_path(device, monkeypatch, node_c
     _run(m, True, ids, mask, w, monkeypatch)
     m.gradient_checkpointing = True
     h = m.model.layers[1].mlp.register_forward_hook(lambda *a: None)
-    _run(m, True, ids, mask, w, monkeypatch)
+    _, mixed = _run(m, True, ids, mask, w, monkeypatch)
     assert len(node_calls) == m.config.num_layers - 1  # layers 0 and 2 only
+    _, recorded = _run(m, False, ids, mask, w, monkeypatch)
+    _assert_same(recorded, mixed, device)  # one-node layers around a recorded one
     h.remove()
     node_calls.clear()
     _run(m, True, ids, mask, w, monkeypatch, attn_backend="torch")
@@ -157,9 +160,30 @@ def test_layer_node_direct(used, with_d, device):
     layer.requires_grad_(True)
 
 
+@pytest.mark.parametrize("frozen", [("input_layernorm", "self_attn.k_proj", "mlp.up_proj"),
+                                    ("model.embed_tokens", "input_layernorm", "self_attn")],
+                         ids=["some-parameters", "embedding-norm1-attention"])
+def test_partly_frozen_layers(frozen, device, monkeypatch, node_calls):
+    """Some parameters frozen (one of a packed group, a norm), or the embedding and, in every layer, the first norm
+    and the whole attention (the first layer's node then skips the attention backward: nothing upstream needs a
+    gradient): the gradients that remain equal the recorded path's, the frozen ones stay None."""
+    m = _model("tiny-qwen2", device)
+    m.gradient_checkpointing = True
+    for name, mod in m.named_modules():
+        if any(name.endswith(f) for f in frozen):
+            mod.requires_grad_(False)
+    ids, mask, w = _batch(m, device)
+    _, ref = _run(m, False, ids, mask, w, monkeypatch)
+    _, got = _run(m, True, ids, mask, w, monkeypatch)
+    assert len(node_calls) == m.config.num_layers
+    assert ref.keys() == {n for n, p in m.named_parameters() if p.requires_grad} and len(ref) > 10
+    _assert_same(ref, got, device)
+
+
 def test_in_place_update_before_backward_and_autograd_grad_raise(device):
-    """A parameter changed in place between the forward and the backward is caught (autograd's version check, as on
-    the recorded path); torch.autograd.grad through the node raises the checkpointing error."""
+    """A parameter changed in place between the forward and the backward is caught (autograd's version check: the
+    node saves the parameters, where the recorded path would recompute with the new values and return gradients of
+    a forward that never ran); torch.autograd.grad through the node raises the checkpointing error."""
     m = _model("tiny-llama", device)
     layer = m.model.layers[0]
     x, d, cos, sin, meta = _layer_inputs(m, device)

@@ -8,13 +8,22 @@ recording ~8 nodes (two norms, two packed GEMMs, RoPE + attention, SwiGLU, two G
 one ``autograd.Function``: its forward is ``DecoderLayer.forward_fused`` without autograd (the values scoring
 computes, bit for bit), and its backward re-runs the same kernels keeping the intermediates in local variables
 and calls the backward kernels directly, in the order the engine would: no graph is recorded, no engine
-dispatch per node. The launches are the ones of the recorded path (36 a checkpointed bf16 layer), and each
-gradient is the same operation on the same operands, so on the CPU the gradients equal the recorded path's
-bit for bit (``tests/test_fused_layer_node.py``).
+dispatch per node. Each gradient is the same operation on the same operands as on the recorded path, so on the
+CPU the gradients equal its bit for bit (``tests/test_fused_layer_node.py``). The launches are its launches but
+one: the recomputation stops before the down projection, whose output the backward does not read (35 kernels a
+checkpointed bf16 layer instead of 36, one GEMM of 16 fewer).
 
-It covers the common training configuration: the triton backend, a whole-sequence ("full") forward, q/k/v and
-gate/up packed (``model/packing.py``), plain linear layers (no active LoRA adapter), no module hooks, one dtype.
-Anything else (``applies`` is False) keeps ``checkpoint_layer``: slower on the host, never wrong.
+Two differences from the recorded path. The node saves the layer's parameters for autograd's version check, so a
+parameter changed in place between the forward and the backward raises (the recorded path would recompute with
+the new values and return gradients of a forward that never ran). And it returns the layer's parameter gradients
+together when it ends, where the engine hands each on as soon as it is computed: the backward's peak can hold one
+layer's parameter gradients more (~26 MB at Qwen2-0.5B, bf16), while skipping the down projection's output saves
+a (tokens, hidden) tensor.
+
+It covers the common training configuration: the triton backend, a whole-sequence ("full") forward, the model's
+own layer classes, q/k/v and gate/up packed (``model/packing.py``), plain linear layers (no ``LoRALinear``, even
+with its adapters off), no bias in the MLP, no module hooks, one dtype. Anything else (``applies`` is False)
+keeps ``checkpoint_layer``: slower on the host, never wrong.
 """
 from __future__ import annotations
 
@@ -42,17 +51,22 @@ def _hooked(m: nn.Module) -> bool:
 
 def applies(layer: nn.Module, x: torch.Tensor, meta) -> bool:
     """Whether ``fused_layer_forward`` may stand in for ``checkpoint_layer(layer.forward_fused, ...)``: a training
-    forward over whole sequences on the triton backend; plain linear layers (no LoRA), q/k/v and gate/up packed,
-    no bias in the MLP; no hooks, module or global (the node would skip them); every parameter in x's dtype and on
-    its device; no autocast; not under torch.compile."""
+    forward over whole sequences on the triton backend; the model's own layer classes and plain linear layers (no
+    LoRA), q/k/v and gate/up packed, no bias in the MLP; no hooks, module or global (the node would skip them);
+    every parameter in x's dtype and on its device; no autocast; not under torch.compile."""
     if (meta.mode != "full" or meta.backend != "triton" or not meta.fused_ops or meta.fuse_norm_gemm
             or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or global_hooks(True)):
         return False
+    from .llama import MLP, Attention, DecoderLayer, RMSNorm  # here: llama imports this module
+
     attn, mlp = layer.self_attn, layer.mlp
     qkv = [getattr(attn, n) for n in _QKV]
     gu = [mlp.gate_proj, mlp.up_proj]
     linears = (*qkv, attn.o_proj, *gu, mlp.down_proj)
-    if (any(type(m) not in (nn.Linear, Linear) for m in linears)
+    # the exact classes: a subclass may change a forward that the node's backward would not follow
+    if (type(layer) is not DecoderLayer or type(attn) is not Attention or type(mlp) is not MLP
+            or type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm
+            or any(type(m) not in (nn.Linear, Linear) for m in linears)
             or any(_hooked(m) for m in (layer, attn, mlp, layer.input_layernorm, layer.post_attention_layernorm,
                                         *linears))
             or any(m.bias is not None for m in (*gu, mlp.down_proj))
@@ -143,12 +157,13 @@ def _layer_backward(layer, meta, flags, x, d, cos, sin, params, gx_out, gd_out, 
     W_gu, _ = _packed_base([mlp.gate_proj, mlp.up_proj])
 
     # ---- recompute (the kernels of forward_fused; kept: every tensor a backward kernel reads)
-    x2 = _unit_rows(x.reshape(-1, H))  # as rms_norm hands its kernel the rows
+    x2 = _unit_rows(x.reshape(-1, H))  # as rms_norm hands its kernel the rows, and the weight contiguous
+    w1, w2 = w1.contiguous(), w2.contiguous()
     if d is None:
-        h1, _ = rms_norm_forward(x2, w1.contiguous(), n1.eps, None)
+        h1, _ = rms_norm_forward(x2, w1, n1.eps, None)
         s1 = x2
     else:
-        h1, s1 = rms_norm_forward(_unit_rows(d.reshape(-1, H)), w1.contiguous(), n1.eps, x2)
+        h1, s1 = rms_norm_forward(_unit_rows(d.reshape(-1, H)), w1, n1.eps, x2)
     qkv = F.linear(h1.view(B, T, H), W_qkv, b_qkv).view(B, T, nq + 2 * nkv, D)
     kv_start, kv_end = _kv_ranges(meta.kv_start, meta.kv_end, B, T, x.device)
     qk = qkv[:, :, :nq + nkv]
@@ -160,8 +175,8 @@ def _layer_backward(layer, meta, flags, x, d, cos, sin, params, gx_out, gd_out, 
     o2 = o.reshape(B, T, Dq)
     bi_o = getattr(attn.o_proj, "batch_invariant", False)
     a = linear(o2, wo, bo, batch_invariant=bi_o)
-    h2, s2 = rms_norm_forward(a.reshape(-1, H), w2.contiguous(), n2.eps, s1)
-    del a  # each intermediate goes after its last use, as the recorded path frees it (the same peak memory)
+    h2, s2 = rms_norm_forward(a.reshape(-1, H), w2, n2.eps, s1)
+    del a  # each intermediate goes after its last use, as the recorded path frees it
     gu = F.linear(h2.view(B, T, H), W_gu)  # (B, T, 2 I)
     I2 = gu.shape[-1]
     gate, up = gu.chunk(2, dim=-1)
@@ -190,10 +205,15 @@ def _layer_backward(layer, meta, flags, x, d, cos, sin, params, gx_out, gd_out, 
         return (None,) * (4 + len(params))
     # o_proj: a = o2 Woᵀ (+ bo); da = ds2
     del s2
-    d_o = ds2.mm(wo)  # (B * T, Dq)
     g_wo = ds2.t().mm(o2.reshape(-1, Dq)) if need_wo else None
     g_bo = ds2.sum(0) if need_bo else None
     del o2
+    needs_x, needs_d = needs[3], needs[4]
+    if not (needs_x or needs_d or need_w1 or any(need_wq) or any(need_bq)):  # nothing upstream: no attention backward
+        return (None, None, None, None, *_param_grads(flags, need, g_w1=None, g_wq=(None,) * 3, g_bq=(None,) * 3,
+                                                       g_wo=g_wo, g_bo=g_bo, g_w2=g_w2, g_wg=g_wg, g_wu=g_wu,
+                                                       g_wd=g_wd))
+    d_o = ds2.mm(wo)  # (B * T, Dq): the o projection's input gradient
     dqkv = torch.empty((B, T, nq + 2 * nkv, D), dtype=qkv.dtype, device=qkv.device)
     dq, dk, _ = attention_backward(d_o.view(B, T, nq, D), q, k, v, o, lse, causal=True, kv_start=kv_start,
                                    kv_end=kv_end, softmax_scale=scale, dv_out=dqkv[:, :, nq + nkv:])
@@ -211,14 +231,21 @@ def _layer_backward(layer, meta, flags, x, d, cos, sin, params, gx_out, gd_out, 
     else:
         ds1, g_w1 = rms_norm_backward(dh1.reshape(-1, H), ds2, s1, w1, n1.eps, need_w1)
         g_d = ds1.view(B, T, H)
-        # x and d get the same gradient: one tensor, unless a leaf's .grad could adopt it (and later be added to)
-        g_x = g_d.clone() if (x.is_leaf or d.is_leaf) else g_d
-    out = [g_w1 if need_w1 else None, *(g if n else None for g, n in zip(g_wq, need_wq))]
+        # x and d get the same gradient: one tensor, unless both need it and one is a leaf, whose .grad could adopt
+        # it (and later be added to in place)
+        g_x = g_d.clone() if (needs_x and needs_d and (x.is_leaf or d.is_leaf)) else g_d
+    return (g_x if needs_x else None, g_d if needs_d else None, None, None,
+            *_param_grads(flags, need, g_w1=g_w1, g_wq=g_wq, g_bq=g_bq, g_wo=g_wo, g_bo=g_bo, g_w2=g_w2, g_wg=g_wg,
+                          g_wu=g_wu, g_wd=g_wd))
+
+
+def _param_grads(flags, need, *, g_w1, g_wq, g_bq, g_wo, g_bo, g_w2, g_wg, g_wu, g_wd) -> list:
+    """The parameters' gradients in ``_params`` order, None where ``need`` (their needs_input_grad) is False."""
+    grads = [g_w1, *g_wq]
     if flags["qkv_bias"]:
-        out += [g if n else None for g, n in zip(g_bq, need_bq)]
-    out.append(g_wo)
+        grads += list(g_bq)
+    grads.append(g_wo)
     if flags["o_bias"]:
-        out.append(g_bo)
-    out += [g_w2 if need_w2 else None, g_wg if need_wg else None, g_wu if need_wu else None, g_wd]
-    needs_x, needs_d = needs[3], needs[4]
-    return (g_x if needs_x else None, g_d if needs_d else None, None, None, *out)
+        grads.append(g_bo)
+    grads += [g_w2, g_wg, g_wu, g_wd]
+    return [g if n else None for g, n in zip(grads, need)]
