@@ -11,8 +11,9 @@ backward, one thread. The triton backend runs under the interpreter with ``kerne
 no-op, so outputs are garbage and only host work is timed. Rows: no checkpointing; each recomputed layer as one
 autograd node (model/fused_layer.py, the default since the fourteenth session); this project's ``checkpoint_layer``
 (model/checkpointing.py: the layer's graph recorded again in the backward); ``torch.utils.checkpoint``
-(non-reentrant, what the model used before); the forward without autograd (scoring). The cases run interleaved, in rounds; the minimum over all
-repetitions is reported (this VM is noisy; the minimum is the least disturbed run).
+(non-reentrant, what the model used before); the forward without autograd (scoring). The cases run interleaved,
+in rounds; the minimum over all repetitions is reported (this VM is noisy; the minimum is the least disturbed
+run).
 
     python benchmarks/host_train.py [--rounds 4] [--reps 10] [--layers 24]
 
