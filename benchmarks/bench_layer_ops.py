@@ -176,7 +176,7 @@ def _checkpoint_rows(device: str, dtype, warmup: int, rep: int, tiny: bool) -> l
     ``torch.utils.checkpoint`` (non-reentrant, what it used before), same run. The CPU measured the host side alone
     (``benchmarks/host_train.py``: 90-105 -> 54-63 ms for 24 layers); this row says what a GPU step sees. Then each
     recomputed layer as one autograd node (``model/fused_layer.py``, the default since the fourteenth session;
-    host_train.py: -33% host time against ``checkpoint_layer``), and that with every Triton launch through Triton's
+    host_train.py: -34% host time against ``checkpoint_layer``), and that with every Triton launch through Triton's
     own path (``kernels/_fastlaunch.py`` off)."""
     import os
 

@@ -22,11 +22,11 @@ from torch import nn
 
 from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
+from . import fused_layer
 from .attention import (AttnMeta, cache_attention, decode_fused_write_enabled, decode_norm_gemm_enabled,
                         full_attention, mask_to_kv_range, resolve_backend, write_kv)
 from .batch_invariant import Linear, linear
 from .checkpointing import checkpoint_layer, needs_torch_checkpoint
-from . import fused_layer
 from .config import ModelConfig
 from .lora import LoRALinear
 from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears, packed_weights
