@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch_invariant import Linear, linear
-from .packing import _packed_base, global_hooks
+from .batch_invariant import Linear
+from .packing import _one_gemm_may_stand_in, _packed_base
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -55,7 +55,7 @@ def applies(layer: nn.Module, x: torch.Tensor, meta) -> bool:
     LoRA), q/k/v and gate/up packed, no bias in the MLP; no hooks, module or global (the node would skip them);
     every parameter in x's dtype and on its device; no autocast; not under torch.compile."""
     if (meta.mode != "full" or meta.backend != "triton" or not meta.fused_ops or meta.fuse_norm_gemm
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or global_hooks(True)):
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
         return False
     from .llama import MLP, Attention, DecoderLayer, RMSNorm  # here: llama imports this module
 
@@ -67,12 +67,12 @@ def applies(layer: nn.Module, x: torch.Tensor, meta) -> bool:
     if (type(layer) is not DecoderLayer or type(attn) is not Attention or type(mlp) is not MLP
             or type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm
             or any(type(m) not in (nn.Linear, Linear) for m in linears)
-            or any(_hooked(m) for m in (layer, attn, mlp, layer.input_layernorm, layer.post_attention_layernorm,
-                                        *linears))
+            or not _one_gemm_may_stand_in(linears, backward=True)  # their hooks, and global module hooks
+            or any(_hooked(m) for m in (layer, attn, mlp, layer.input_layernorm, layer.post_attention_layernorm))
             or any(m.bias is not None for m in (*gu, mlp.down_proj))
             or _packed_base(qkv) is None or _packed_base(gu) is None):
         return False
-    return all(p.dtype == x.dtype and p.device == x.device for p in _params(layer)[0])
+    return all(p.dtype == x.dtype and p.device == x.device for p in layer.parameters())
 
 
 def _params(layer: nn.Module) -> tuple[list[torch.Tensor], dict]:
@@ -148,7 +148,6 @@ def _layer_backward(layer, meta, flags, x, d, cos, sin, params, gx_out, gd_out, 
     i_o = 4 + nb
     i_2 = i_o + (2 if flags["o_bias"] else 1)
     w1, wo, w2, wd = params[0], params[i_o], params[i_2], params[i_2 + 3]
-    bo = params[i_o + 1] if flags["o_bias"] else None
     need = needs[7:]  # of the params (needs: of layer, meta, flags, x, d, cos, sin, *params)
     need_w1, need_wq, need_bq = need[0], need[1:4], (need[4:4 + nb] if nb else (False,) * 3)
     need_wo, need_bo = need[i_o], flags["o_bias"] and need[i_o + 1]
@@ -173,8 +172,7 @@ def _layer_backward(layer, meta, flags, x, d, cos, sin, params, gx_out, gd_out, 
     scale = 1.0 / math.sqrt(D)
     o, lse = attention_forward(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end, softmax_scale=scale)
     o2 = o.reshape(B, T, Dq)
-    bi_o = getattr(attn.o_proj, "batch_invariant", False)
-    a = linear(o2, wo, bo, batch_invariant=bi_o)
+    a = attn.o_proj.forward(o2)  # its own GEMM (batch-invariant on the CPU where it is a Linear that is); no hooks
     h2, s2 = rms_norm_forward(a.reshape(-1, H), w2, n2.eps, s1)
     del a  # each intermediate goes after its last use, as the recorded path frees it
     gu = F.linear(h2.view(B, T, H), W_gu)  # (B, T, 2 I)
