@@ -25,7 +25,7 @@ def _ops(torch, dev: str):
     from rlhf_engine.kernels.gae import gae_triton
     from rlhf_engine.kernels.kv_cache import apply_rope, write_kv_cache
     from rlhf_engine.kernels.logprob import token_logprobs
-    from rlhf_engine.kernels.norm_linear import rms_norm_linear
+    from rlhf_engine.kernels.norm_linear import decode_linear, rms_norm_linear
     from rlhf_engine.kernels.ppo_loss import ppo_loss_with_grads
     from rlhf_engine.kernels.rmsnorm import rms_norm
     from rlhf_engine.kernels.sample import sample_logits
@@ -85,6 +85,9 @@ def _ops(torch, dev: str):
             decode_attention(dq, dk, dv, lens, num_splits=s, backend="triton") for s in (1, 3)),
         "rms_norm_linear + SwiGLU": lambda: rms_norm_linear(x.detach()[:7], w.detach(), 1e-6, w_gu,
                                                             residual=r.detach()[:7], swiglu=True, backend="triton"),
+        "decode_linear split-K, residual + sums": lambda: tuple(decode_linear(
+            x.detach()[:7], w_gu[:h], out_residual=r.detach()[:7], return_sumsq=True, backend="triton",
+            tile=dict(BLOCK_N=32, BLOCK_K=64, SPLITS=8))[::2]),
         "sample_logits": sample,
         "silu_mul fwd/bwd": lambda: grads(silu_mul(gate, up, backend="triton"), gate, up),
         "silu_mul_packed fwd/bwd": lambda: grads(silu_mul_packed(gu, backend="triton"), gu),

@@ -16,6 +16,7 @@ write_kv_cache            kv_cache                    KV-cache write, RoPE fused
 apply_rope                kv_cache                    RoPE (HF rotate_half convention)
 rms_norm                  rmsnorm                     residual add + RMSNorm
 silu_mul                  swiglu                      silu(gate) * up
+decode_linear             norm_linear                 split-K GEMM for decode rows, norm/SwiGLU/add fused
 ========================  ==========================  ===============================================
 
 Decode attention over a KV cache is ``rlhf_engine.kernels.decode_attention.decode_attention``: the function shares
@@ -36,6 +37,7 @@ _EXPORTS = {
     "apply_rope": "kv_cache",
     "rms_norm": "rmsnorm",
     "silu_mul": "swiglu",
+    "decode_linear": "norm_linear",
 }
 __all__ = sorted(_EXPORTS)
 

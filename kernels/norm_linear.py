@@ -1,35 +1,37 @@
-"""RMSNorm (after the residual add) fused into the GEMM that reads it, optionally with SwiGLU in the epilogue: one
-kernel where a decode layer runs two or three.
+"""The GEMMs of a decode step (M <= 256 rows), split over K, with the layer's norms, SwiGLU and residual adds fused
+in: a decode layer in 5 kernels (norm+q/k/v, attention, o+add, norm+gate/up+SwiGLU, down+add) where the cuBLAS path
+runs 8.
 
-For x (M, K) in a dtype ``dt``, the residual r, the norm weight g (K,), the projection W (N, K) and bias b:
-    s   = x + r                                        (rounded to dt, as the eager add; without r: s = x)
-    y   = g * (s_f32 * rsqrt(mean(s_f32²) + eps)).to(dt)  (the norm, with transformers' roundings)
+For x (M, K) in a dtype ``dt``, the projection W (N, K) and bias b, ``decode_linear`` computes
+    s   = x + r                                        (prologue residual r, rounded to dt as the eager add)
+    y   = g * (s_f32 * rsqrt(mean(s_f32²) + eps)).to(dt)  (with a norm weight g: transformers' roundings; else y = s)
     out = y Wᵀ + b                                     (fp32 accumulation, rounded once to dt)
-and with ``swiglu`` (W = [W_gate; W_up], 2N rows, the packed gate/up weight):
-    out = silu(gate).to(dt) * up, gate = (y W_gateᵀ).to(dt), up = (y W_upᵀ).to(dt)   (the SwiGLU pair's roundings)
-Returns out and s (the next residual stream; None without r).
+    out = silu(gate).to(dt) * up                       (``swiglu``: W = [W_gate; W_up], 2N rows, each half rounded)
+    out = (ro + out).to(dt)                            (epilogue residual ro, the eager add)
+and optionally the per-row sums of squares of ``out`` in fp32, as (cdiv(N, BLOCK_N), M) partial sums over each
+N tile: the next GEMM's norm takes its rstd from them (``row_sumsq``) instead of reading its rows twice.
 
-Why: a decode step at batch 64 is bound by per-kernel latency, not bytes (the first H100 run: ~5-6 us a kernel on
-average for 255-280 kernels a step, the step at 3.6-4.1x the floor where the issue asks 3x). Per decoder layer the
-generation path runs add + RMSNorm, the packed q/k/v GEMM, ..., add + RMSNorm, the packed gate/up GEMM, silu * up,
-the down GEMM; with this kernel the two norms ride in the GEMMs after them and silu * up in the gate/up GEMM's
-epilogue: 3 kernels fewer a layer (72 a Qwen2-0.5B step). Opt-in (``RLHF_ENGINE_DECODE_NORM_GEMM=1``, read by
-``model.attention.decode_norm_gemm_enabled``) until a GPU run compares it with the cuBLAS GEMMs plus the separate
-kernels.
+Why: a decode step at batch 64 is bound by latency, not bytes. The H200 profile of one Qwen2-0.5B step (RESULTS.md,
+"Generation"): the four cuBLAS GEMMs of a layer take 4.2-7.6 us each for 1.6-17 MB of weights (0.4-2.3 TB/s, where
+the card reads 4.3), 583 of the step's 1,002 us of kernel time, and the norms and silu * up another 111 us in 73
+launches, each with a ~1 us gap after it. The first version of this kernel (one program per N tile, the norm
+computed by every program over full rows) left most SMs idle at q/k/v (36 programs) and lost to cuBLAS.
 
-How: programs tile (N, M) as (BLOCK_N, BLOCK_M); each walks K twice over its BLOCK_M rows: once for the sum of
-squares (the program of the first N tile also writes s), once to build the normalized rows chunk by chunk as the
-norm kernel rounds them and feed them to ``tl.dot`` with its BLOCK_N weight rows (and the matching up rows with
-``swiglu``). Every program reads its rows of x (and r) twice, from L2 after the first touch (M · K · 2 B, ~115 KB at
-Qwen2-0.5B's batch 64, per program and walk: with 36-152 programs ~8-70 MB of L2 reads a GEMM, next to 2-17 MB of
-weights from HBM), instead of a round trip of the normalized rows through HBM and a second launch. The weights are
-read once per M tile (once at M <= 64). The sum of squares is
-taken in BLOCK_K chunks, so rstd may differ from the norm kernel's by an fp32 ulp and y by a ``dt`` ulp; the GEMM
-accumulates in another order than cuBLAS. Inference only (no autograd).
+How: programs tile (N, K splits, M) as (BLOCK_N, SPLITS, BLOCK_M): SPLITS programs share each output tile, so a
+1-2 MB projection still spreads over ~100-300 programs whose loads are all in flight at once. Each walks its K
+range, the rows normalized chunk by chunk on the way into ``tl.dot``. With SPLITS > 1 each program stores its fp32
+partial tile to a workspace and takes a ticket from a per-tile counter (an acq_rel atomic after a CTA barrier: the
+release covers the whole CTA's stores, as CUTLASS's semaphore); the program that draws the last ticket sums the
+partials in split order (deterministic: the same bits whichever program finishes last), resets the counter for the
+next launch and runs the epilogue. No second kernel, no zero-fill, CUDA-graph safe (the counters live per device and
+stream, zero between launches). The rstd of a norm comes from the previous GEMM's ``row_sumsq`` partials (one small
+load) or, without them, from a walk over the full rows (the first layer). The sums of squares are taken in another
+order than the norm kernel's (per N tile, then over tiles), so rstd may differ by an fp32 ulp and y by a ``dt``
+ulp; the GEMM accumulates in another order than cuBLAS. Inference only (no autograd).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._fastlaunch import launch
-from ._launch import cdiv, next_pow2, parallel_autotune
+from ._launch import cdiv, next_pow2, parallel_autotune, sm_count
 from .attention_fwd import autotune_enabled, dot_precision
 from .reference.norm import rms_norm_reference
 from .rmsnorm import rms_normalize
@@ -47,16 +49,38 @@ _BACKENDS = ("auto", "triton", "torch")
 
 
 @triton.jit
-def _norm_linear_kernel(
-    X, R, G, W, BIAS, Y, S,
-    M, N, K,
-    stride_xm, stride_rm, stride_wn, stride_ym, stride_sm,
+def _epilogue(acc, acc_up, BIAS, RO, Y, SQO, rows, offs_n, m_ok, n_ok, pid_n, M, stride_rom, stride_ym,
+              HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, HAS_ORES: tl.constexpr, HAS_SQO: tl.constexpr):
+    out_t = Y.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:  # the GEMM outputs' rounding, then silu * up as the SwiGLU kernel
+        out = silu_mul_rounded(acc.to(out_t).to(tl.float32), acc_up.to(out_t).to(tl.float32), out_t)
+    else:
+        out = acc.to(out_t)
+    mn = m_ok[:, None] & n_ok[None, :]
+    if HAS_ORES:  # the residual add after the projection, rounded as the eager add
+        ro = tl.load(RO + rows[:, None] * stride_rom + offs_n[None, :], mask=mn, other=0.0)
+        out = (ro.to(tl.float32) + out.to(tl.float32)).to(out_t)
+    tl.store(Y + rows[:, None] * stride_ym + offs_n[None, :], out, mask=mn)
+    if HAS_SQO:  # this tile's share of each row's sum of squares, for the next GEMM's norm
+        of = tl.where(mn, out.to(tl.float32), 0.0)
+        tl.store(SQO + pid_n * M + rows, tl.sum(of * of, axis=1), mask=m_ok)
+
+
+@triton.jit
+def _decode_linear_kernel(
+    X, R, G, SQ, W, BIAS, RO, Y, S, SQO, WS, CNT,
+    M, N, K, P,
+    stride_xm, stride_rm, stride_wn, stride_rom, stride_ym, stride_sm,
     eps, M_BUCKET,  # M_BUCKET: autotune key only
-    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_SQ: tl.constexpr, SQ_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SWIGLU: tl.constexpr, HAS_ORES: tl.constexpr, HAS_SQO: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -64,147 +88,278 @@ def _norm_linear_kernel(
     rows = offs_m.to(tl.int64)
     dt = X.dtype.element_ty
 
-    # walk 1: the sum of squares of s = x + r (rounded to dt as the eager add), s written by the first N tile
-    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = m_ok[:, None] & (offs_k[None, :] < K)
-        s = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
-        if HAS_RES:
-            r = tl.load(R + rows[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
-            s = (s.to(tl.float32) + r.to(tl.float32)).to(dt)
-            tl.store(S + rows[:, None] * stride_sm + offs_k[None, :], s, mask=mk & (pid_n == 0))
-        sf = s.to(tl.float32)
-        sumsq += tl.sum(sf * sf, axis=1)
-    rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+    if NORM:  # each row's rstd: from the producer's partial sums of squares, or a walk over the full rows
+        if HAS_SQ:
+            offs_p = tl.arange(0, SQ_P2)
+            sq = tl.load(SQ + offs_p[:, None] * M + rows[None, :], mask=(offs_p[:, None] < P) & m_ok[None, :],
+                         other=0.0)
+            sumsq = tl.sum(sq, axis=0)
+        else:
+            sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mk = m_ok[:, None] & (offs_k[None, :] < K)
+                s = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
+                if HAS_RES:
+                    r = tl.load(R + rows[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
+                    s = (s.to(tl.float32) + r.to(tl.float32)).to(dt)
+                sf = s.to(tl.float32)
+                sumsq += tl.sum(sf * sf, axis=1)
+        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
 
-    # walk 2: y = g * (s * rstd).to(dt) chunk by chunk, into the dot with this tile's weight rows
+    # this program's K range: SPLITS consecutive shares of the K blocks (the last may be short)
+    kb_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLITS)
+    k_lo = pid_s * kb_per * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + kb_per * BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = acc
     if SWIGLU:
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = offs_n.to(tl.int64)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         mk = m_ok[:, None] & k_ok[None, :]
-        s = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
-        if HAS_RES:
+        a = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
+        if HAS_RES:  # s = x + r, written once (by the first N tile's programs, each its K range)
             r = tl.load(R + rows[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
-            s = (s.to(tl.float32) + r.to(tl.float32)).to(dt)
-        g = tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        y = rms_normalize(s.to(tl.float32), rstd[:, None], g[None, :], dt, W.dtype.element_ty)  # the norm kernel's
+            a = (a.to(tl.float32) + r.to(tl.float32)).to(dt)
+            tl.store(S + rows[:, None] * stride_sm + offs_k[None, :], a, mask=mk & (pid_n == 0))
+        if NORM:
+            g = tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            a = rms_normalize(a.to(tl.float32), rstd[:, None], g[None, :], dt, W.dtype.element_ty)  # the norm's
         nk = n_ok[:, None] & k_ok[None, :]
         w = tl.load(W + w_rows[:, None] * stride_wn + offs_k[None, :], mask=nk, other=0.0)
-        acc = tl.dot(y, tl.trans(w), acc, input_precision=PRECISION)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
         if SWIGLU:  # the up rows sit N rows below the gate rows in the packed weight
             wu = tl.load(W + (w_rows + N)[:, None] * stride_wn + offs_k[None, :], mask=nk, other=0.0)
-            acc_up = tl.dot(y, tl.trans(wu), acc_up, input_precision=PRECISION)
+            acc_up = tl.dot(a, tl.trans(wu), acc_up, input_precision=PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_t = Y.dtype.element_ty
-    if SWIGLU:  # the GEMM outputs' rounding, then silu * up as the SwiGLU kernel
-        out = silu_mul_rounded(acc.to(out_t).to(tl.float32), acc_up.to(out_t).to(tl.float32), out_t)
+    if SPLITS > 1:
+        n_acc: tl.constexpr = 2 if SWIGLU else 1
+        tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
+        tile = pid_m * tl.num_programs(0) + pid_n
+        n_splits = tl.num_programs(1)
+        offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        base = WS + tile.to(tl.int64) * (SPLITS * n_acc * tile_elems)
+        tl.store(base + pid_s * (n_acc * tile_elems) + offs_t, acc)
+        if SWIGLU:
+            tl.store(base + pid_s * (n_acc * tile_elems) + tile_elems + offs_t, acc_up)
+        tl.debug_barrier()  # every thread's partial stored before the ticket's release
+        ticket = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_splits - 1:  # the last program of this tile: the sum in split order, then the epilogue
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_up = acc
+            for s in tl.static_range(SPLITS):
+                part = base + s * (n_acc * tile_elems) + offs_t
+                acc += tl.load(part, mask=s < n_splits, other=0.0, cache_modifier=".cg")
+                if SWIGLU:
+                    acc_up += tl.load(part + tile_elems, mask=s < n_splits, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")  # zero for the next launch
+            _epilogue(acc, acc_up, BIAS, RO, Y, SQO, rows, offs_n, m_ok, n_ok, pid_n, M, stride_rom, stride_ym,
+                      HAS_BIAS, SWIGLU, HAS_ORES, HAS_SQO)
     else:
-        out = acc.to(out_t)
-    tl.store(Y + rows[:, None] * stride_ym + offs_n[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
+        _epilogue(acc, acc_up, BIAS, RO, Y, SQO, rows, offs_n, m_ok, n_ok, pid_n, M, stride_rom, stride_ym,
+                  HAS_BIAS, SWIGLU, HAS_ORES, HAS_SQO)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages). At batch 64 a decode GEMM is a few MB of weights spread over
-# cdiv(N, BLOCK_N) programs: 36 (BLOCK_N 32) to 9 at Qwen2-0.5B's q/k/v (N = 1152), 152 to 38 at its gate/up
-# (N = 4864 a half); small BLOCK_N spreads the weights over more SMs, BLOCK_K sets the bytes in flight per step.
-_NL_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [(32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (16, 128, 8, 3),
-                         (128, 64, 8, 3), (16, 64, 4, 4)]
+def _smem_bytes(c: triton.Config, block_m: int, swiglu: bool) -> int:
+    kw = c.kwargs
+    return c.num_stages * (block_m + (2 if swiglu else 1) * kw["BLOCK_N"]) * kw["BLOCK_K"] * 2
+
+
+def _prune(configs, named_args, **kwargs):
+    """Tiles whose pipelined x and weight stages fit ~200 KB of shared memory (the H100's 227 KB a block, with room
+    for the epilogue's layout conversions), and whose split sum (SPLITS partial tiles, two with SwiGLU, unrolled)
+    stays within 512 columns: more spills registers (sm_90 compiles, tests/test_triton_compile.py)."""
+    bm, swiglu = kwargs.get("BLOCK_M", 64), kwargs.get("SWIGLU", False)
+    kept = [c for c in configs if _smem_bytes(c, bm, swiglu) <= 200 * 1024
+            and c.kwargs["BLOCK_N"] * c.kwargs["SPLITS"] * (2 if swiglu else 1) <= 512]
+    return kept or configs[:1]
+
+
+# (BLOCK_N, BLOCK_K, SPLITS, num_warps, num_stages). At batch 64 a decode GEMM is 1.6-17 MB of weights (Qwen2-0.5B):
+# cdiv(N, BLOCK_N) * SPLITS programs read them (q/k/v: 18-72 N tiles, down: 14-56, times 1-8 splits). Small BLOCK_N
+# spreads the weights over more SMs but re-reads x (M rows of K) from L2 once per N tile (M / BLOCK_N of the weight
+# bytes, per weight row group); splits do not re-read x but write and read back M * BLOCK_N fp32 partials each.
+_DL_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLITS": sp}, num_warps=w, num_stages=st)
+    for bn, bk, sp, w, st in [(32, 128, 1, 4, 4), (32, 128, 2, 4, 3), (32, 128, 4, 4, 3), (32, 128, 8, 4, 3),
+                              (16, 128, 4, 4, 3), (16, 128, 8, 4, 3), (64, 128, 1, 8, 3), (64, 128, 2, 8, 3),
+                              (64, 128, 4, 8, 3), (64, 128, 8, 8, 3), (128, 128, 4, 8, 3), (32, 64, 8, 4, 4),
+                              (64, 64, 4, 8, 4)]
 ]
-_norm_linear_kernel_tuned = parallel_autotune(triton.autotune(
-    configs=_NL_CONFIGS, key=["N", "K", "M_BUCKET", "HAS_RES", "HAS_BIAS", "SWIGLU"],
-)(_norm_linear_kernel))
-_NL_DEFAULT = triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4)  # no autotune (CUDA)
+_decode_linear_kernel_tuned = parallel_autotune(triton.autotune(
+    configs=_DL_CONFIGS, key=["N", "K", "M_BUCKET", "NORM", "HAS_RES", "HAS_SQ", "HAS_BIAS", "SWIGLU", "HAS_ORES",
+                              "HAS_SQO"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_decode_linear_kernel))
 # fp32 on CUDA (tests): exact FMA dots, whose compile time grows with the tile: a small one
-_NL_FP32 = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2)
-_NL_INTERPRETER = {"BLOCK_N": 16, "BLOCK_K": 32}
+_DL_FP32 = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLITS": 2}, num_warps=8, num_stages=2)
+_DL_INTERPRETER = {"BLOCK_N": 16, "BLOCK_K": 32}  # SPLITS from default_splits
 MAX_ROWS = 256  # a GEMM of more rows (prefill, training) is cuBLAS's job: this kernel re-reads its rows per N tile
+_MAX_SPLITS = 8
 
 
-def norm_linear_forward(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
-                        weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        swiglu: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Launch ``_norm_linear_kernel`` on x (M, K) with unit column stride; inputs validated by ``rms_norm_linear``."""
+def default_config(M: int, N: int, K: int, swiglu: bool, sms: int) -> triton.Config:
+    """The tile a CUDA launch uses without autotuning: BLOCK_N 64 (32 pairs of gate/up rows with ``swiglu``) when
+    its N tiles times the possible splits give a program per SM, else 32, then 16; the splits (at most 8, and at
+    most one per K block once rounded up to a power of two) doubled until the programs cover the SMs twice."""
+    bk = 128 if K >= 128 else max(16, next_pow2(K))
+    kb = cdiv(K, bk)
+    for bn in ((32, 16) if swiglu else (64, 32, 16)):
+        if cdiv(N, bn) * min(_MAX_SPLITS, kb) >= sms:
+            break
+    splits = 1
+    while splits < min(_MAX_SPLITS, kb) and cdiv(N, bn) * splits < 2 * sms:
+        splits *= 2
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLITS": splits}, num_warps=8 if bn >= 64 else 4,
+                         num_stages=3)
+
+
+def grid_for(M: int, N: int, K: int, block_m: int, c: dict) -> tuple[int, int, int]:
+    """(N tiles, K splits actually used, M tiles) for a config's BLOCK_N, BLOCK_K and SPLITS."""
+    kb = cdiv(K, c["BLOCK_K"])
+    return cdiv(N, c["BLOCK_N"]), cdiv(kb, cdiv(kb, c["SPLITS"])), cdiv(M, block_m)
+
+
+_COUNTERS: dict = {}  # (device, stream) -> int32 tile counters, zero between launches
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+class DecodeLinearOut(NamedTuple):
+    out: torch.Tensor  # (..., N)
+    s: Optional[torch.Tensor]  # (..., K): x + residual (the prologue residual), else None
+    sumsq: Optional[torch.Tensor]  # (P, rows) fp32 partial sums of squares of out's rows, with return_sumsq
+
+
+def decode_linear_forward(x, residual, norm_weight, eps, row_sumsq, weight, bias, out_residual, swiglu,
+                          return_sumsq, tile: Optional[dict] = None) -> DecodeLinearOut:
+    """Launch ``_decode_linear_kernel`` on 2-D x (M, K) with unit column strides; inputs validated by
+    ``decode_linear``."""
     M, K = x.shape
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     y = torch.empty((M, N), dtype=weight.dtype, device=x.device)
     s = torch.empty_like(x) if residual is not None else None
-    if M == 0 or N == 0:
-        return y, s
     block_m = max(16, min(64, next_pow2(M)))
-    args = (x, residual if residual is not None else x, norm_weight, weight, bias if bias is not None else weight, y,
-            s if s is not None else x, M, N, K,
-            x.stride(0), residual.stride(0) if residual is not None else 0, weight.stride(0), y.stride(0),
+    tuned = x.is_cuda and autotune_enabled(x.dtype) and tile is None
+    if tile is not None:
+        cands = [triton.Config(dict(tile), num_warps=4, num_stages=3 if x.is_cuda else 2)]
+    elif tuned:
+        cands = _prune(_DL_CONFIGS, {}, BLOCK_M=block_m, SWIGLU=swiglu)
+    elif x.is_cuda:
+        cands = [_DL_FP32 if x.dtype == torch.float32 else default_config(M, N, K, swiglu, sm_count(x.device))]
+    else:
+        c = default_config(M, N, K, swiglu, sm_count(x.device))
+        cands = [triton.Config({**_DL_INTERPRETER, "SPLITS": c.kwargs["SPLITS"]}, num_warps=4, num_stages=2)]
+    bn_min = min(c.kwargs["BLOCK_N"] for c in cands)
+    sqo = torch.empty((cdiv(N, bn_min), M), dtype=torch.float32, device=x.device) if return_sumsq else None
+    if M == 0 or N == 0:
+        return DecodeLinearOut(y, s, None if sqo is None else sqo.zero_())
+    ws_elems = max(cdiv(N, c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_N"] * c.kwargs["SPLITS"] for c in cands
+                   if c.kwargs["SPLITS"] > 1) if any(c.kwargs["SPLITS"] > 1 for c in cands) else 0
+    ws = torch.empty(max(1, ws_elems * cdiv(M, block_m) * block_m * (2 if swiglu else 1)), dtype=torch.float32,
+                     device=x.device)
+    cnt = _counters(x.device, max(cdiv(N, c.kwargs["BLOCK_N"]) for c in cands) * cdiv(M, block_m))
+    p = 0 if row_sumsq is None else row_sumsq.shape[0]
+    args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+            row_sumsq if row_sumsq is not None else ws, weight, bias if bias is not None else weight,
+            out_residual if out_residual is not None else y, y, s if s is not None else x,
+            sqo if sqo is not None else ws, ws, cnt, M, N, K, p,
+            x.stride(0), residual.stride(0) if residual is not None else 0, weight.stride(0),
+            out_residual.stride(0) if out_residual is not None else 0, y.stride(0),
             s.stride(0) if s is not None else 0, eps, block_m)
-    meta = dict(HAS_RES=residual is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu,
-                PRECISION=dot_precision(x.dtype), BLOCK_M=block_m)
-    if x.is_cuda and autotune_enabled(x.dtype):
-        grid = lambda c: (cdiv(N, c["BLOCK_N"]), cdiv(M, block_m))  # noqa: E731
-        _norm_linear_kernel_tuned[grid](*args, **meta)
+    meta = dict(NORM=norm_weight is not None, HAS_RES=residual is not None, HAS_SQ=row_sumsq is not None,
+                SQ_P2=max(2, next_pow2(p)), HAS_BIAS=bias is not None, SWIGLU=swiglu,
+                HAS_ORES=out_residual is not None, HAS_SQO=return_sumsq, PRECISION=dot_precision(x.dtype),
+                BLOCK_M=block_m)
+    if tuned:
+        _decode_linear_kernel_tuned[lambda c: grid_for(M, N, K, block_m, c)](*args, **meta)
+        bn = _decode_linear_kernel_tuned.best_config.kwargs["BLOCK_N"]
     else:
-        c = ((_NL_FP32 if x.dtype == torch.float32 else _NL_DEFAULT) if x.is_cuda
-             else triton.Config(_NL_INTERPRETER, num_warps=4, num_stages=2))
-        grid = (cdiv(N, c.kwargs["BLOCK_N"]), cdiv(M, block_m))
-        launch(_norm_linear_kernel, grid, *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-    return y, s
+        c = cands[0]
+        launch(_decode_linear_kernel, grid_for(M, N, K, block_m, c.kwargs), *args, **meta, **c.kwargs,
+               num_warps=c.num_warps, num_stages=c.num_stages)
+        bn = c.kwargs["BLOCK_N"]
+    return DecodeLinearOut(y, s, None if sqo is None else sqo[:cdiv(N, bn)])
 
 
-def norm_linear_reference(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                          bias: Optional[torch.Tensor] = None, *, residual: Optional[torch.Tensor] = None,
-                          swiglu: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The unfused ops, eager: ``rms_norm_reference`` (with the residual), ``F.linear``, and for ``swiglu`` the
-    packed output's halves through ``F.silu(gate) * up``."""
-    if residual is None:
-        h, s = rms_norm_reference(x, norm_weight, eps), None
-    else:
-        h, s = rms_norm_reference(x, norm_weight, eps, residual)
+def decode_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                            norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                            residual: Optional[torch.Tensor] = None, row_sumsq: Optional[torch.Tensor] = None,
+                            out_residual: Optional[torch.Tensor] = None, swiglu: bool = False,
+                            return_sumsq: bool = False) -> DecodeLinearOut:
+    """The unfused ops, eager: the add, ``rms_norm_reference``, ``F.linear``, ``F.silu(gate) * up`` over the packed
+    output's halves, the residual add; the sums of squares as one (1, rows) partial. ``row_sumsq`` is ignored (the
+    norm recomputes its statistics)."""
+    s = None if residual is None else x + residual
+    h = x if s is None else s
+    if norm_weight is not None:
+        h = rms_norm_reference(h, norm_weight, eps)
     out = F.linear(h, weight, bias)
     if swiglu:
         gate, up = out.chunk(2, dim=-1)
         out = F.silu(gate) * up
-    return out, s
+    if out_residual is not None:
+        out = out_residual + out
+    sq = out.float().pow(2).sum(-1).reshape(1, -1) if return_sumsq else None
+    return DecodeLinearOut(out, s, sq)
 
 
-def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                    bias: Optional[torch.Tensor] = None, *, residual: Optional[torch.Tensor] = None,
-                    swiglu: bool = False, backend: str = "auto") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``F.linear(rms_norm(x + residual), weight, bias)`` in one kernel, and with ``swiglu`` the MLP's activation
-    ``silu(gate) * up`` of the packed gate/up projection too (see the module docstring). Inference only.
+def _check(name: str, t, dtype: torch.dtype, device: torch.device, shape: Optional[tuple] = None) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != device:
+        got = (t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name}: expected a {dtype} tensor on {device}, got {got}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                  norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                  residual: Optional[torch.Tensor] = None, row_sumsq: Optional[torch.Tensor] = None,
+                  out_residual: Optional[torch.Tensor] = None, swiglu: bool = False, return_sumsq: bool = False,
+                  backend: str = "auto", tile: Optional[dict] = None) -> DecodeLinearOut:
+    """``F.linear`` for a decode step's rows, with the norm before it, SwiGLU and the residual add after it fused in
+    (see the module docstring for the exact math and roundings). Inference only.
 
     Args:
         x: (..., K) bf16, fp16 or fp32; at most ``MAX_ROWS`` rows (a decode step's batch).
-        norm_weight: (K,) the RMSNorm weight, in x's dtype.
-        eps: the norm's epsilon, >= 0.
-        weight: (N, K), or (2 N, K) with ``swiglu`` (gate rows, then up rows), in x's dtype, unit column stride.
+        weight: (N, K), or (2 N, K) with ``swiglu`` (gate rows, then up rows), x's dtype and device.
         bias: optional (N,) (not with ``swiglu``).
-        residual: optional, x's shape and dtype: the norm runs on s = x + residual.
+        norm_weight: (K,): RMSNorm the GEMM's input s first (transformers' roundings); None: no norm.
+        eps: the norm's epsilon, >= 0.
+        residual: optional, x's shape: the GEMM's input is s = x + residual (returned as ``s``).
+        row_sumsq: optional (P, rows) fp32 with a norm: partial sums of squares of s's rows (a previous call's
+            ``sumsq``), summed over P for the rstd instead of a walk over the rows (the torch backend recomputes).
+        out_residual: optional (..., N): out = out_residual + (the projection), rounded as the eager add.
         swiglu: return silu(gate) * up (N columns) instead of the (2 N) projection.
-        backend: "triton" (CUDA or the interpreter), "torch" (``norm_linear_reference``) or "auto".
+        return_sumsq: also return the fp32 sums of squares of out's rows as (P, rows) partial sums.
+        backend: "triton" (CUDA or the interpreter), "torch" (``decode_linear_reference``) or "auto".
+        tile: a fixed {"BLOCK_N", "BLOCK_K", "SPLITS"} (powers of two, SPLITS <= 8) instead of the default or
+            autotuned one (tests, benchmarks).
     Returns:
-        (out (..., N) in weight's dtype, s (..., K) or None without ``residual``).
+        ``DecodeLinearOut(out (..., N) in weight's dtype, s (..., K) or None, sumsq (P, rows) or None)``.
     Raises:
         ValueError / TypeError: shapes, dtypes, devices or options that do not fit.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.dtype not in (torch.bfloat16, torch.float16,
                                                                           torch.float32):
         raise TypeError(f"x: expected a bf16/fp16/fp32 tensor (..., K), got {x!r:.80}")
-    K = x.shape[-1]
-    for name, t, shape in (("norm_weight", norm_weight, (K,)), ("weight", weight, None)):
-        if not isinstance(t, torch.Tensor) or t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"{name}: expected a {x.dtype} tensor on {x.device}, got "
-                            f"{(t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if shape is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    K, lead = x.shape[-1], x.shape[:-1]
+    _check("weight", weight, x.dtype, x.device)
     if weight.dim() != 2 or weight.shape[1] != K or (swiglu and weight.shape[0] % 2):
         raise ValueError(f"weight: expected ({'2 N' if swiglu else 'N'}, {K}), got {tuple(weight.shape)}")
     n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if norm_weight is not None:
+        _check("norm_weight", norm_weight, x.dtype, x.device, (K,))
     if bias is not None:
         if swiglu:
             raise ValueError("bias: not supported with swiglu (the MLP's gate/up projections have none)")
@@ -215,23 +370,60 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
     if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape
                                  or residual.dtype != x.dtype or residual.device != x.device):
         raise ValueError(f"residual: expected a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
+    if out_residual is not None and (not isinstance(out_residual, torch.Tensor)
+                                     or tuple(out_residual.shape) != (*lead, n_out)
+                                     or out_residual.dtype != x.dtype or out_residual.device != x.device):
+        raise ValueError(f"out_residual: expected a {x.dtype} tensor of shape {(*lead, n_out)} on {x.device}")
+    rows = lead.numel()
+    if row_sumsq is not None:
+        if norm_weight is None:
+            raise ValueError("row_sumsq: only with norm_weight (it feeds the norm's rstd)")
+        _check("row_sumsq", row_sumsq, torch.float32, x.device)
+        if row_sumsq.dim() != 2 or row_sumsq.shape[1] != rows or row_sumsq.shape[0] < 1:
+            raise ValueError(f"row_sumsq: expected (P >= 1, {rows}), got {tuple(row_sumsq.shape)}")
     if not eps >= 0:
         raise ValueError(f"eps: expected >= 0, got {eps}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if tile is not None and (set(tile) != {"BLOCK_N", "BLOCK_K", "SPLITS"} or any(
+            v < 1 or v & (v - 1) for v in tile.values()) or tile["SPLITS"] > _MAX_SPLITS or min(
+            tile["BLOCK_N"], tile["BLOCK_K"]) < 16):
+        raise ValueError(f"tile: expected powers of two BLOCK_N, BLOCK_K >= 16 and SPLITS <= {_MAX_SPLITS}, "
+                         f"got {tile}")
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
-        return norm_linear_reference(x, norm_weight, eps, weight, bias, residual=residual, swiglu=swiglu)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if x2.shape[0] > MAX_ROWS:
-        raise ValueError(f"x: {x2.shape[0]} rows, at most {MAX_ROWS} (a decode step's batch; larger GEMMs: cuBLAS)")
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    r2 = None
-    if residual is not None:
-        r2 = residual.reshape(-1, K)
-        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    y, s = norm_linear_forward(x2, r2, norm_weight.contiguous(), float(eps), w,
-                               None if bias is None else bias.contiguous(), swiglu)
-    return y.view(*lead, n_out), (None if s is None else s.view(*lead, K))
+        return decode_linear_reference(x, weight, bias, norm_weight=norm_weight, eps=eps, residual=residual,
+                                       out_residual=out_residual, swiglu=swiglu, return_sumsq=return_sumsq)
+    if rows > MAX_ROWS:
+        raise ValueError(f"x: {rows} rows, at most {MAX_ROWS} (a decode step's batch; larger GEMMs: cuBLAS)")
 
+    def rows2d(t):
+        t = t.reshape(-1, t.shape[-1])
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    r = decode_linear_forward(
+        rows2d(x), None if residual is None else rows2d(residual),
+        None if norm_weight is None else norm_weight.contiguous(), float(eps),
+        None if row_sumsq is None else row_sumsq.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(),
+        None if bias is None else bias.contiguous(), None if out_residual is None else rows2d(out_residual), swiglu,
+        return_sumsq, tile)
+    return DecodeLinearOut(r.out.view(*lead, n_out), None if r.s is None else r.s.view(*lead, K), r.sumsq)
+
+
+def norm_linear_reference(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None, *, residual: Optional[torch.Tensor] = None,
+                          swiglu: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``decode_linear_reference`` with a norm: (out, s)."""
+    r = decode_linear_reference(x, weight, bias, norm_weight=norm_weight, eps=eps, residual=residual, swiglu=swiglu)
+    return r.out, r.s
+
+
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, *, residual: Optional[torch.Tensor] = None,
+                    swiglu: bool = False, backend: str = "auto") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``F.linear(rms_norm(x + residual), weight, bias)`` in one kernel (with ``swiglu``: ``silu(gate) * up``):
+    ``decode_linear`` with a norm, returning (out, s) (s = x + residual, or None without a residual)."""
+    if norm_weight is None:
+        raise TypeError("norm_weight: expected a tensor, got None")
+    r = decode_linear(x, weight, bias, norm_weight=norm_weight, eps=eps, residual=residual, swiglu=swiglu,
+                      backend=backend)
+    return r.out, r.s

@@ -244,25 +244,31 @@ def _inference_op_cases():
 
 
 def _norm_linear_cases():
-    """kernels/norm_linear.py: every autotune config at a decode batch (BLOCK_M 64), bf16, the q/k/v form (residual,
-    bias) and the gate/up form (residual, SwiGLU: two accumulators), plus the fixed default's first-layer form and
-    the fp32 tile of the GPU tests."""
-    from rlhf_engine.kernels import norm_linear  # pure Python config list, no launch
+    """kernels/norm_linear.py (the split-K decode GEMM): every autotune config the prune keeps at a decode batch
+    (BLOCK_M 64), bf16, in the model's three forms: norm+q/k/v (rstd from partial sums, bias), norm+gate/up (SwiGLU:
+    two accumulators) and o/down (residual add and sums of squares in the epilogue); plus the first layer's form
+    (the norm's statistics over the full rows) at its default tile and the fp32 tile of the GPU tests."""
+    from rlhf_engine.kernels import norm_linear as nl  # pure Python config list, no launch
 
-    ptrs = {"X": "{dt}", "R": "{dt}", "G": "{dt}", "W": "{dt}", "BIAS": "{dt}", "Y": "{dt}", "S": "{dt}"}
-    for c in norm_linear._NL_CONFIGS:
-        bn, bk, w, st = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
-        for form, extra in (("qkv", dict(HAS_BIAS=True, SWIGLU=False)), ("gateup", dict(HAS_BIAS=False, SWIGLU=True))):
-            yield _case(f"norm_linear-bf16-{form}-{bn}x{bk}-w{w}s{st}", "norm_linear", "_norm_linear_kernel",
-                        _sub(ptrs, "bf16"), ["eps"],
-                        dict(HAS_RES=True, PRECISION="tf32", BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, **extra), w, st)
-    d = norm_linear._NL_DEFAULT
-    yield _case("norm_linear-bf16-first-default", "norm_linear", "_norm_linear_kernel", _sub(ptrs, "bf16"), ["eps"],
-                dict(HAS_RES=False, HAS_BIAS=True, SWIGLU=False, PRECISION="tf32", BLOCK_M=16, **d.kwargs),
-                d.num_warps, d.num_stages)
-    f = norm_linear._NL_FP32  # the GPU tests' fp32 tile (exact FMA dots): must compile in seconds, not minutes
-    yield _case("norm_linear-fp32-gateup-fixed", "norm_linear", "_norm_linear_kernel", _sub(ptrs, "fp32"), ["eps"],
-                dict(HAS_RES=True, HAS_BIAS=False, SWIGLU=True, PRECISION="ieee", BLOCK_M=64, **f.kwargs),
+    ptrs = {"X": "{dt}", "R": "{dt}", "G": "{dt}", "SQ": "fp32", "W": "{dt}", "BIAS": "{dt}", "RO": "{dt}",
+            "Y": "{dt}", "S": "{dt}", "SQO": "fp32", "WS": "fp32", "CNT": "i32"}
+    off = dict(NORM=False, HAS_RES=False, HAS_SQ=False, SQ_P2=64, HAS_BIAS=False, SWIGLU=False, HAS_ORES=False,
+               HAS_SQO=False)
+    forms = {"qkv": dict(NORM=True, HAS_SQ=True, HAS_BIAS=True), "gateup": dict(NORM=True, HAS_SQ=True, SWIGLU=True),
+             "res": dict(HAS_ORES=True, HAS_SQO=True)}
+    for form, flags in forms.items():
+        for c in nl._prune(nl._DL_CONFIGS, {}, BLOCK_M=64, SWIGLU=flags.get("SWIGLU", False)):
+            bn, bk, sp, w, st = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLITS"], c.num_warps, c.num_stages
+            yield _case(f"norm_linear-bf16-{form}-{bn}x{bk}s{sp}-w{w}s{st}", "norm_linear", "_decode_linear_kernel",
+                        _sub(ptrs, "bf16"), ["eps"], dict(off, **flags, PRECISION="tf32", BLOCK_M=64, **c.kwargs),
+                        w, st)
+    d = nl.default_config(64, 1152, 896, False, 132)  # Qwen2-0.5B's q/k/v at batch 64 on an H100
+    yield _case("norm_linear-bf16-first-default", "norm_linear", "_decode_linear_kernel", _sub(ptrs, "bf16"), ["eps"],
+                dict(off, NORM=True, HAS_BIAS=True, PRECISION="tf32", BLOCK_M=64, **d.kwargs), d.num_warps,
+                d.num_stages)
+    f = nl._DL_FP32  # the GPU tests' fp32 tile (exact FMA dots): must compile in seconds, not minutes
+    yield _case("norm_linear-fp32-gateup-fixed", "norm_linear", "_decode_linear_kernel", _sub(ptrs, "fp32"), ["eps"],
+                dict(off, NORM=True, HAS_RES=True, SWIGLU=True, PRECISION="ieee", BLOCK_M=64, **f.kwargs),
                 f.num_warps, f.num_stages)
 
 
