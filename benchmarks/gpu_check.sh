@@ -78,11 +78,13 @@ T0=$(date +%s)
 # tail of the list. GPU_CHECK_KTEST_FILES overrides the list (e.g. the files a cut run did not reach). First of all
 # test_batch_invariant.py (a few seconds, CPU tensors): its bit-for-bit rows depend on the MKL of the torch wheel
 # and on the CPU, so it checks the GPU machine's host as well (with the CPU parity tests of test_generation.py).
-# Before it, the fourteenth session's one-node recomputed layer (model/fused_layer.py): not yet run on a GPU.
+# Before it, what has not yet run on a GPU: the fourteenth session's one-node recomputed layer (model/fused_layer.py)
+# and the fifteenth's split-K decode GEMMs (kernels/norm_linear.py: its own tests, then the decode paths using them).
 KERNEL_TESTS=${GPU_CHECK_KTEST_FILES:-"tests/test_fused_layer_node.py tests/test_checkpointing.py
+  tests/test_decode_linear.py tests/test_norm_linear.py tests/test_decode_paths.py
   tests/test_batch_invariant.py tests/test_hf_attention.py
-  tests/test_decode_paths.py tests/test_decode_attention.py tests/test_generation.py tests/test_model.py tests/test_lora.py
-  tests/test_fused_inference_ops.py tests/test_norm_linear.py
+  tests/test_decode_attention.py tests/test_generation.py tests/test_model.py tests/test_lora.py
+  tests/test_fused_inference_ops.py
   tests/test_fused_layer_backward.py tests/test_hf_kernels.py tests/test_attention_tma.py
   tests/test_logprob.py tests/test_fused_linear_logprob.py tests/test_gae_triton.py tests/test_ppo_loss_triton.py
   tests/test_native.py tests/test_native_compile.py tests/test_attention.py"}

@@ -43,7 +43,8 @@ HERE = Path(__file__).resolve().parent
 # phase against HF generate too. bench_layer_ops, which no issue target needs (and which compiles
 # our attention again for its HF row), runs last.
 ORDER = ["bench_gae", "bench_ppo_loss", "bench_native_cpu", "bench_logprob", "bench_fused_linear_logprob",
-         "bench_decode_attention", "bench_attention", "bench_ppo_step", "bench_generate", "bench_layer_ops"]
+         "bench_decode_attention", "bench_decode_gemm", "bench_attention", "bench_ppo_step", "bench_generate",
+         "bench_layer_ops"]
 LONG = ("bench_ppo_step", "bench_generate", "bench_layer_ops")
 TIMEOUT_S = {"bench_attention": 150, "bench_generate": 200, "bench_ppo_step": 200}  # generate: 148 s at a235d55
 DEFAULT_TIMEOUT_S = 90
@@ -55,7 +56,8 @@ MIN_START_S = {"bench_attention": 90, "bench_ppo_step": 110, "bench_generate": 6
 DEFAULT_MIN_START_S = 20
 
 BASELINE_WORDS = ("eager", "python", "hf", "huggingface", "transformers", "sdpa", "liger", "pytorch", "torch",
-                  "flash", "fa2", "cudnn", "efficient", "math", "flex", "reference", "baseline", "generate")
+                  "flash", "fa2", "cudnn", "efficient", "math", "flex", "reference", "baseline", "generate", "cublas",
+                  "usual")
 
 
 # ----------------------------------------------------------------------------- discovery and running
@@ -247,6 +249,8 @@ def target(row: dict, group: list[dict]) -> tuple[str, str]:
         return ">=1000x Python loop", _verdict(_ge(ratio, 1000.0))
     if "ppo_loss" in op or "ppo loss" in op:
         return ">=20x eager", _verdict(_ge(ratio, 20.0))
+    if "gemm" in op:  # the decode step's GEMMs: no issue target of their own, they serve the decode step's
+        return "faster than cuBLAS", _verdict(_ge(ratio, 1.0))
     if "generat" in op or ("decode" in op and "att" not in op):  # generation, decode step of the model
         step, floor_step = _num(row.get("ms_per_step")), float("nan")
         for r in group:

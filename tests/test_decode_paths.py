@@ -96,10 +96,11 @@ def test_triton_generation_with_the_cache_write_fused(device, monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_triton_generation_with_norms_in_the_gemms(name, device, monkeypatch):
-    """RLHF_ENGINE_DECODE_NORM_GEMM=1: each decode layer runs norm + q/k/v GEMM, attention, o, norm + gate/up GEMM +
-    silu * up, down (kernels/norm_linear.py) and never the separate norm or SwiGLU kernels; the greedy tokens equal
-    the usual path's and the log-probs agree to fp32 rounding (the sums of squares and the GEMMs accumulate in
-    another order); q/k/v biases (Qwen2) and left-padded prompts included."""
+    """RLHF_ENGINE_DECODE_NORM_GEMM=1: each decode layer runs norm + q/k/v GEMM, attention, o + residual, norm +
+    gate/up GEMM + silu * up, down + residual (the split-K GEMMs of kernels/norm_linear.py) and never the separate
+    norm or SwiGLU kernels; the greedy tokens equal the usual path's and the log-probs agree to fp32 rounding (the
+    sums of squares and the GEMMs accumulate in another order); q/k/v biases (Qwen2) and left-padded prompts
+    included."""
     import rlhf_engine.kernels.norm_linear as nl
     import rlhf_engine.kernels.rmsnorm as rn
     import rlhf_engine.kernels.swiglu as sw
@@ -114,7 +115,7 @@ def test_triton_generation_with_norms_in_the_gemms(name, device, monkeypatch):
         monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if fused else "0")
         calls = {"norm_gemm": 0, "norm": 0, "silu": 0}
         with monkeypatch.context() as mp:
-            for mod, fn, key in ((nl, "norm_linear_forward", "norm_gemm"), (rn, "rms_norm_forward", "norm"),
+            for mod, fn, key in ((nl, "decode_linear_forward", "norm_gemm"), (rn, "rms_norm_forward", "norm"),
                                  (sw, "silu_mul_forward", "silu")):
                 real = getattr(mod, fn)
                 mp.setattr(mod, fn, lambda *a, _r=real, _k=key, **k: (calls.__setitem__(_k, calls[_k] + 1),
@@ -122,8 +123,9 @@ def test_triton_generation_with_norms_in_the_gemms(name, device, monkeypatch):
             runs[fused] = (generate(m, ids, mask, greedy=True, **kw), dict(calls))
     (a, ca), (b, cb) = runs[False], runs[True]
     L, steps = m.config.num_layers, kw["max_new_tokens"] - 1  # the prefill draws the first token
-    assert ca["norm_gemm"] == 0 and cb["norm_gemm"] == 2 * L * steps
-    assert cb["norm"] == ca["norm"] - 2 * L * steps and cb["silu"] == ca["silu"] - L * steps
+    assert ca["norm_gemm"] == 0 and cb["norm_gemm"] == 4 * L * steps  # q/k/v, o, gate/up, down
+    # the split-K path keeps the first layer's norm (no GEMM before it leaves the sums of squares) and the final one
+    assert cb["norm"] == ca["norm"] - (2 * L - 1) * steps and cb["silu"] == ca["silu"] - L * steps
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-5, rtol=1e-5)
 
@@ -137,8 +139,8 @@ def test_norm_gemm_path_steps_aside_for_module_hooks(device, monkeypatch):
     ids, mask = (t.to(device) for t in _prompts(m.config.vocab_size, lengths=(5, 3), P=5))
     monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1")
     seen, fused = [], []
-    real = nl.norm_linear_forward
-    monkeypatch.setattr(nl, "norm_linear_forward", lambda *a, **k: (fused.append(1), real(*a, **k))[1])
+    real = nl.decode_linear_forward
+    monkeypatch.setattr(nl, "decode_linear_forward", lambda *a, **k: (fused.append(1), real(*a, **k))[1])
     h = m.model.layers[0].mlp.register_forward_hook(lambda *a: seen.append("mlp"))
     h2 = m.model.layers[1].self_attn.register_forward_pre_hook(lambda *a: seen.append("attn"))
     generate(m, ids, mask, max_new_tokens=3, greedy=True, attn_backend="triton", eos_token_ids=(),
@@ -147,6 +149,31 @@ def test_norm_gemm_path_steps_aside_for_module_hooks(device, monkeypatch):
     h2.remove()
     assert seen.count("mlp") == 3 and seen.count("attn") == 3  # prefill + 2 decode steps each
     assert len(fused) == 0  # both layers stepped aside (layer 0: its MLP; layer 1: its attention)
+
+
+@pytest.mark.parametrize("hooked", ["0.self_attn.o_proj", "1.mlp.down_proj"])
+def test_norm_gemm_layers_mixed_with_usual_ones(hooked, device, monkeypatch):
+    """A hook on one layer's o or down projection (which the split-K path does not call): that layer runs the usual
+    path and the other the split-K one, so the residual stream passes between the two forms (an addend into the
+    prologue's residual add; the whole stream with its sums of squares into the usual norm and the final norm); the
+    tokens and log-probs equal the usual path's, and the hook runs."""
+    import rlhf_engine.kernels.norm_linear as nl
+
+    m = _model("tiny-qwen2").to(device)
+    ids, mask, kw = _eager_triton_batch(m, device, max_new_tokens=4)
+    monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "0")
+    ref = generate(m, ids, mask, greedy=True, **kw)
+    monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1")
+    seen, fused = [], []
+    real = nl.decode_linear_forward
+    monkeypatch.setattr(nl, "decode_linear_forward", lambda *a, **k: (fused.append(1), real(*a, **k))[1])
+    h = m.model.layers.get_submodule(hooked).register_forward_hook(lambda *a: seen.append(1))
+    out = generate(m, ids, mask, greedy=True, **kw)
+    h.remove()
+    steps = kw["max_new_tokens"] - 1
+    assert len(seen) == 1 + steps and len(fused) == 4 * steps  # the hooked layer: prefill and every step
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=2e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the decode step's RoPE table

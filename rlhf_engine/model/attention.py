@@ -60,8 +60,8 @@ class AttnMeta:
       once per step when ``decode_fused_write_enabled()`` and the attention runs one split.
     rope_table: decode with fused_ops: the model's (L, D) [cos | sin] half table (``RotaryEmbedding.half_table``);
       the step gathers its rows at the position ids (int32) instead of computing them.
-    fuse_norm_gemm: decode with fused_ops: each norm runs inside the packed GEMM after it, and silu * up in the
-      gate/up GEMM (``kernels/norm_linear.py``); set once per step when ``decode_norm_gemm_enabled()``.
+    fuse_norm_gemm: decode with fused_ops: the projections on the split-K decode GEMM with the norms, silu * up and
+      the residual adds fused in (``kernels/norm_linear.py``); set once per step when ``decode_norm_gemm_enabled()``.
     batch_invariant: torch backend, fp32 on the CPU: the attention accumulated in fp64 (``_sdpa``); the model's
       ``ModelConfig.batch_invariant``.
     """
@@ -215,9 +215,10 @@ def decode_fused_write_enabled() -> bool:
 
 
 def decode_norm_gemm_enabled() -> bool:
-    """``RLHF_ENGINE_DECODE_NORM_GEMM=1``: the triton decode step runs each norm inside the packed GEMM after it and
-    silu * up in the gate/up GEMM (``kernels/norm_linear.py``; 3 kernels fewer a layer, 72 a Qwen2-0.5B step). Off by
-    default until a GPU run measures it against cuBLAS plus the separate kernels. Read once per decode step;
+    """``RLHF_ENGINE_DECODE_NORM_GEMM=1``: the triton decode step runs its four projections on the split-K decode GEMM
+    (``kernels/norm_linear.py``): each norm inside the GEMM after it, silu * up in the gate/up GEMM, the residual
+    adds in the o and down GEMMs (3 kernels fewer a layer, 72 a Qwen2-0.5B step, and no cuBLAS). Off by default
+    until a GPU run measures it against cuBLAS plus the separate kernels. Read once per decode step;
     ``DecodeGraphCache`` keys its graphs on it."""
     return os.environ.get("RLHF_ENGINE_DECODE_NORM_GEMM", "0") == "1"
 

@@ -15,6 +15,7 @@ in training as in generation; the torch backend is the eager, reference definiti
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ from .batch_invariant import Linear, linear
 from .checkpointing import checkpoint_layer, needs_torch_checkpoint
 from .config import ModelConfig
 from .lora import LoRALinear
-from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears, packed_weights
+from .packing import (PROJECTION_GROUPS, _one_gemm_may_stand_in, global_hooks, group_linear, pack_linears,
+                      packed_weights)
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -60,9 +62,10 @@ class Attention(nn.Module):
         self.o_proj = Linear(config.q_size, H, bias=config.o_proj_bias, batch_invariant=bi)
 
     def forward(self, x: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
-                qkv: torch.Tensor | None = None) -> torch.Tensor:
+                qkv: torch.Tensor | None = None, project: bool = True) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); or, with ``qkv`` (B, T, Dq + 2 Dkv) given (the q/k/v projection already done,
-        e.g. by the fused norm + GEMM of the decode step), x None."""
+        e.g. by the fused norm + GEMM of the decode step), x None. ``project=False``: the attention output (B, T, Dq)
+        before o_proj (the decode step's split-K path fuses o_proj with the residual add)."""
         B, T = (x if qkv is None else qkv).shape[:2]
         Dq, Dkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         # every mode on the fused path: generation, scoring and training run the same packed GEMM (training through
@@ -82,7 +85,8 @@ class Attention(nn.Module):
 
             y = rope_attention_packed(qkv.view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim), cos, sin,
                                       self.n_head, self.n_kv_head, kv_start=meta.kv_start, kv_end=meta.kv_end)
-            return self.o_proj(y.reshape(B, T, Dq))
+            y = y.reshape(B, T, Dq)
+            return self.o_proj(y) if project else y
         if joint_rope:  # q and k rotated together: one launch forward and one backward, not two of each
             # (q and k are then two views of one autograd output: do not modify them in place)
             from rlhf_engine.kernels.kv_cache import apply_rope_qk
@@ -126,7 +130,7 @@ class Attention(nn.Module):
                 meta.cache.k[self.layer_idx][:, :T].copy_(k)
                 meta.cache.v[self.layer_idx][:, :T].copy_(v)
         y = y.reshape(B, T, self.n_head * self.head_dim)  # (B, T, Hq*D)
-        return self.o_proj(y)
+        return self.o_proj(y) if project else y
 
 
 class MLP(nn.Module):
@@ -178,37 +182,55 @@ class DecoderLayer(nn.Module):
             out = self._decode_norm_gemm(x, d, cos, sin, meta)
             if out is not None:
                 return out
-        if d is None:
+        if d is None or isinstance(d, RowSumSq):  # (RowSumSq: x is the whole stream, after a split-K GEMM layer)
             h = rms_norm(x, n1.weight, n1.eps, backend="triton")
         else:
             h, x = rms_norm(d, n1.weight, n1.eps, residual=x, backend="triton")
         h, x = rms_norm(self.self_attn(h, cos, sin, meta), n2.weight, n2.eps, residual=x, backend="triton")
         return x, self.mlp(h, fused=True, lora=meta.mode != "full")
 
-    def _decode_norm_gemm(self, x: torch.Tensor, d: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                          meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``forward_fused`` of a decode step with each norm inside the packed GEMM after it and silu * up in the
-        gate/up GEMM (``kernels/norm_linear.py``): norm+q/k/v, attention, o, norm+gate/up+silu*up, down (5 kernels
-        where ``forward_fused`` runs 8). None when it does not apply (a group not packed, e.g. a LoRA adapter on; hooks
-        on the attention or the MLP module; weights of another dtype): the caller runs the usual path."""
-        from rlhf_engine.kernels.norm_linear import rms_norm_linear
+    def _decode_norm_gemm(self, x: torch.Tensor, d, cos: torch.Tensor, sin: torch.Tensor,
+                          meta: AttnMeta) -> tuple[torch.Tensor, RowSumSq] | None:
+        """``forward_fused`` of a decode step on the split-K decode GEMMs (``kernels/norm_linear.py``), 5 kernels a
+        layer where ``forward_fused`` runs 8: norm+q/k/v, attention (+ cache write), o + residual add, norm+gate/up
+        +silu*up, down + residual add. The o and down GEMMs add the residual stream in their epilogue and leave
+        the per-row sums of squares of the sum, from which the next GEMM's norm takes its rstd: so the layer
+        returns (x', RowSumSq), x' the whole residual stream. None when it does not apply (a group not packed,
+        e.g. a LoRA adapter on; hooks on the attention, the MLP or a projection; weights of another dtype): the
+        caller runs the usual path."""
+        from rlhf_engine.kernels.norm_linear import decode_linear
+        from rlhf_engine.kernels.rmsnorm import rms_norm
 
         attn, mlp = self.self_attn, self.mlp
-        n1, n2 = self.input_layernorm, self.post_attention_layernorm
-        if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp)):
-            return None  # mlp is not called and attn gets no x here: their hooks would be skipped or misled
+        n1, n2, o, down = self.input_layernorm, self.post_attention_layernorm, attn.o_proj, mlp.down_proj
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp)) \
+                or not _one_gemm_may_stand_in((o, down)):
+            return None  # mlp and the projections are not called and attn gets no x: their hooks would be skipped
         wq = packed_weights((attn.q_proj, attn.k_proj, attn.v_proj))
         wg = packed_weights((mlp.gate_proj, mlp.up_proj))
-        if wq is None or wg is None or wg[1] is not None or not (
-                x.dtype == n1.weight.dtype == n2.weight.dtype == wq[0].dtype == wg[0].dtype) or (
-                wq[1] is not None and wq[1].dtype != x.dtype):
+        if wq is None or wg is None or wg[1] is not None or any(
+                t is not None and t.dtype != x.dtype
+                for t in (n1.weight, n2.weight, *wq, wg[0], o.weight, o.bias, down.weight, down.bias)):
             return None
-        qkv, s = rms_norm_linear(x if d is None else d, n1.weight, n1.eps, *wq, residual=None if d is None else x,
-                                 backend="triton")
-        x = x if s is None else s
-        act, x = rms_norm_linear(attn(None, cos, sin, meta, qkv=qkv), n2.weight, n2.eps, wg[0], residual=x,
-                                 swiglu=True, backend="triton")
-        return x, mlp.down_proj(act)
+        if isinstance(d, RowSumSq):  # x is the whole stream, its rows' sums of squares computed by the last GEMM
+            qkv = decode_linear(x, *wq, norm_weight=n1.weight, eps=n1.eps, row_sumsq=d.sumsq, backend="triton").out
+        elif d is None:  # the first layer: no GEMM before it left the sums; the norm kernel, not a walk over the
+            # full rows in each of the GEMM's ~250 programs
+            qkv = decode_linear(rms_norm(x, n1.weight, n1.eps, backend="triton"), *wq, backend="triton").out
+        else:  # after a layer of the usual path: the residual add in the prologue
+            qkv, x, _ = decode_linear(d, *wq, norm_weight=n1.weight, eps=n1.eps, residual=x, backend="triton")
+        y = attn(None, cos, sin, meta, qkv=qkv, project=False)
+        h = decode_linear(y, o.weight, o.bias, out_residual=x, return_sumsq=True, backend="triton")
+        act = decode_linear(h.out, wg[0], norm_weight=n2.weight, eps=n2.eps, row_sumsq=h.sumsq, swiglu=True,
+                            backend="triton").out
+        out = decode_linear(act, down.weight, down.bias, out_residual=h.out, return_sumsq=True, backend="triton")
+        return out.out, RowSumSq(out.sumsq)
+
+
+class RowSumSq(NamedTuple):
+    """What a decode layer on the split-K GEMM path hands the next in place of an addend: its output is the whole
+    residual stream, and ``sumsq`` (P, rows) fp32 the partial sums of squares of its rows (the next norm's rstd)."""
+    sumsq: torch.Tensor
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -280,6 +302,8 @@ class Transformer(nn.Module):
                     x, d = checkpoint_layer(layer.forward_fused, x, d, cos, sin, meta, torch_fallback=fallback)
                 else:
                     x, d = layer.forward_fused(x, d, cos, sin, meta)
+            if isinstance(d, RowSumSq):  # the split-K decode GEMMs added the last residual
+                return rms_norm(x, self.norm.weight, self.norm.eps, backend="triton")
             return rms_norm(d, self.norm.weight, self.norm.eps, residual=x, backend="triton")[0]
         for layer in self.layers:
             if use_ckpt:
