@@ -10,7 +10,9 @@ Rows:
 - "cuBLAS" / "ours": the projection alone (F.linear against decode_linear with no fusion; the same math).
 - "usual layer (8 kernels)": the generation path's non-attention kernels of a layer: add + norm, q/k/v GEMM,
   o GEMM, add + norm, gate/up GEMM, silu * up, down GEMM (the last add rides in the next layer's norm).
-- "ours: split-K layer (4 kernels)": norm + q/k/v, o + add (+ sums of squares), norm + gate/up + SwiGLU, down + add.
+- "ours: split-K layer (4 kernels)": norm + q/k/v, o + add (+ sums of squares), norm + gate/up + SwiGLU, down + add,
+  each launched with programmatic dependent launch on Hopper (its first weight block read while the previous kernel
+  finishes); "no PDL": the same launched the usual way (RLHF_ENGINE_PDL=0).
 Each row is timed as a CUDA-graph replay, 10 back to back a sample (a decode step replays its kernels so).
 Run: python benchmarks/bench_decode_gemm.py   (needs a CUDA device; RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1 runs a
 tiny fp32 shape on the CPU without graphs)
@@ -103,11 +105,23 @@ def main() -> list[dict]:
                               backend="triton").out
             return decode_linear(a, w["down"], out_residual=h.out, return_sumsq=True, backend="triton")
 
+        def split_k_no_pdl():  # the same kernels launched without programmatic dependent launch (A/B)
+            before = os.environ.get("RLHF_ENGINE_PDL")
+            os.environ["RLHF_ENGINE_PDL"] = "0"
+            try:
+                return split_k()
+            finally:
+                if before is None:
+                    del os.environ["RLHF_ENGINE_PDL"]
+                else:
+                    os.environ["RLHF_ENGINE_PDL"] = before
+
         layer_bytes = sum(t.numel() * t.element_size() for t in (w["qkv"], w["o"], w["gu"], w["down"]))
         cases = [(p, "cuBLAS", wt, base) for p, (wt, base, _) in projections.items()]
         cases += [(p, "ours (split-K)", wt, ours) for p, (wt, _, ours) in projections.items()]
         cases += [("layer", "usual layer (8 kernels)", layer_bytes, usual),
-                  ("layer", "ours: split-K layer (4 kernels)", layer_bytes, split_k)]
+                  ("layer", "ours: split-K layer (4 kernels)", layer_bytes, split_k),
+                  ("layer", "ours: split-K layer (4 kernels), no PDL", layer_bytes, split_k_no_pdl)]
         base_ms = {}
         with torch.no_grad():
             for what, impl, wt, fn in cases:

@@ -53,6 +53,27 @@ def sm_count(device: torch.device, default: int = 4) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=8)
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_enabled() -> bool:
+    """``RLHF_ENGINE_PDL`` is not "0" (the default: on). See ``use_pdl``."""
+    return os.environ.get("RLHF_ENGINE_PDL", "1") != "0"
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether launches on ``device`` use programmatic dependent launch (PDL): a CUDA device of compute capability
+    >= 9.0 (Hopper), unless ``RLHF_ENGINE_PDL=0``. Such a kernel starts while the previous kernel on the stream
+    finishes (its launch, and what it reads before waiting) and waits for it (``griddepcontrol.wait``) before
+    reading anything that kernel may write; kernels that trigger early (``griddepcontrol.launch_dependents``) let
+    the next start sooner."""
+    if device.type != "cuda" or not pdl_enabled():
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
 # ----------------------------------------------------------------------------- parallel autotune compiles
 
 _FORCE_PARALLEL_COMPILE = False  # tests: hook on CPU tensors too (the launch itself is stubbed there)

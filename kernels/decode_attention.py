@@ -24,9 +24,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ._fastlaunch import launch
-from ._launch import parallel_autotune, sm_count
+from ._launch import parallel_autotune, sm_count, use_pdl
 from .attention import check_qkv
 from .attention_fwd import LOG2E, autotune_enabled, dot_precision, next_pow2
 from .kv_cache import _check_table, apply_rope, write_kv_cache
@@ -49,8 +50,10 @@ def _decode_split_kernel(
     L_BUCKET, S_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_START: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HAS_ROPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, WRITE_KV: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, WRITE_KV: tl.constexpr = False, PDL_TRIGGER: tl.constexpr = False,
 ):
+    if PDL_TRIGGER:  # a kernel after this one launched with PDL (the split-K o GEMM) may start loading its weights
+        gdc_launch_dependents()
     b = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
@@ -300,7 +303,7 @@ def decode_attention_forward(
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_R=max(16, next_pow2(group * Tn)),
                 HAS_START=has_start, SINGLE_SPLIT=single, HAS_ROPE=has_rope, PRECISION=dot_precision(q.dtype),
-                WRITE_KV=kv_write is not None)
+                WRITE_KV=kv_write is not None, **({"PDL_TRIGGER": True} if use_pdl(q.device) else {}))
     grid = (B, Hkv, num_splits)
     if q.is_cuda and block_n is None and autotune_enabled(q.dtype):
         _decode_split_kernel_tuned[grid](*args, **meta)

@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._fastlaunch import launch
-from ._launch import cdiv, next_pow2, parallel_autotune, sm_count
+from ._launch import cdiv, next_pow2, parallel_autotune, sm_count, use_pdl
 from .attention_fwd import autotune_enabled, dot_precision
 from .reference.norm import rms_norm_reference
 from .rmsnorm import rms_normalize
@@ -69,6 +70,25 @@ def _epilogue(acc, acc_up, BIAS, RO, Y, SQO, rows, offs_n, m_ok, n_ok, pid_n, M,
 
 
 @triton.jit
+def _gemm_rows(X, R, G, S, rows, m_ok, k0, K, stride_xm, stride_rm, stride_sm, pid_n, rstd, dt: tl.constexpr,
+               w_t: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The GEMM's A operand for K block k0: x's rows (+ r, s = x + r written once, by the first N tile's programs),
+    normalized with rstd and the norm weight as the norm kernel rounds them."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    mk = m_ok[:, None] & k_ok[None, :]
+    a = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
+    if HAS_RES:
+        r = tl.load(R + rows[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
+        a = (a.to(tl.float32) + r.to(tl.float32)).to(dt)
+        tl.store(S + rows[:, None] * stride_sm + offs_k[None, :], a, mask=mk & (pid_n == 0))
+    if NORM:
+        g = tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        a = rms_normalize(a.to(tl.float32), rstd[:, None], g[None, :], dt, w_t)
+    return a
+
+
+@triton.jit
 def _decode_linear_kernel(
     X, R, G, SQ, W, BIAS, RO, Y, S, SQO, WS, CNT,
     M, N, K, P,
@@ -77,6 +97,7 @@ def _decode_linear_kernel(
     NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_SQ: tl.constexpr, SQ_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
     SWIGLU: tl.constexpr, HAS_ORES: tl.constexpr, HAS_SQO: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -88,6 +109,24 @@ def _decode_linear_kernel(
     rows = offs_m.to(tl.int64)
     dt = X.dtype.element_ty
 
+    # this program's K range: SPLITS consecutive shares of the K blocks (the last may be short; none is empty)
+    kb_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLITS)
+    k_lo = pid_s * kb_per * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + kb_per * BLOCK_K)
+    w_rows = offs_n.to(tl.int64)
+    if PDL:  # programmatic dependent launch: the next kernel may start (and read its weights) once we all got here
+        gdc_launch_dependents()
+    # the first K block's weights depend on nothing the previous kernel writes: their loads go out before the wait
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    nk = n_ok[:, None] & (offs_k[None, :] < K)
+    w = tl.load(W + w_rows[:, None] * stride_wn + offs_k[None, :], mask=nk, other=0.0)
+    wu = w
+    if SWIGLU:
+        wu = tl.load(W + (w_rows + N)[:, None] * stride_wn + offs_k[None, :], mask=nk, other=0.0)
+    if PDL:  # from here on the previous kernel is complete and its writes visible: read x, r, sums; write anything
+        gdc_wait()
+
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # (unused without a norm)
     if NORM:  # each row's rstd: from the producer's partial sums of squares, or a walk over the full rows
         if HAS_SQ:
             offs_p = tl.arange(0, SQ_P2)
@@ -107,28 +146,21 @@ def _decode_linear_kernel(
                 sumsq += tl.sum(sf * sf, axis=1)
         rstd = 1.0 / tl.sqrt(sumsq / K + eps)
 
-    # this program's K range: SPLITS consecutive shares of the K blocks (the last may be short)
-    kb_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLITS)
-    k_lo = pid_s * kb_per * BLOCK_K
-    k_hi = tl.minimum(K, k_lo + kb_per * BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = acc
     if SWIGLU:
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    w_rows = offs_n.to(tl.int64)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    # the first K block (its weights loaded before the wait), then the rest of this program's range
+    a = _gemm_rows(X, R, G, S, rows, m_ok, k_lo, K, stride_xm, stride_rm, stride_sm, pid_n, rstd, dt,
+                   W.dtype.element_ty, NORM, HAS_RES, BLOCK_K)
+    acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+    if SWIGLU:
+        acc_up = tl.dot(a, tl.trans(wu), acc_up, input_precision=PRECISION)
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+        a = _gemm_rows(X, R, G, S, rows, m_ok, k0, K, stride_xm, stride_rm, stride_sm, pid_n, rstd, dt,
+                       W.dtype.element_ty, NORM, HAS_RES, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        mk = m_ok[:, None] & k_ok[None, :]
-        a = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
-        if HAS_RES:  # s = x + r, written once (by the first N tile's programs, each its K range)
-            r = tl.load(R + rows[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
-            a = (a.to(tl.float32) + r.to(tl.float32)).to(dt)
-            tl.store(S + rows[:, None] * stride_sm + offs_k[None, :], a, mask=mk & (pid_n == 0))
-        if NORM:
-            g = tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            a = rms_normalize(a.to(tl.float32), rstd[:, None], g[None, :], dt, W.dtype.element_ty)  # the norm's
-        nk = n_ok[:, None] & k_ok[None, :]
+        nk = n_ok[:, None] & (offs_k[None, :] < K)
         w = tl.load(W + w_rows[:, None] * stride_wn + offs_k[None, :], mask=nk, other=0.0)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
         if SWIGLU:  # the up rows sit N rows below the gate rows in the packed weight
@@ -277,10 +309,11 @@ def decode_linear_forward(x, residual, norm_weight, eps, row_sumsq, weight, bias
             x.stride(0), residual.stride(0) if residual is not None else 0, weight.stride(0),
             out_residual.stride(0) if out_residual is not None else 0, y.stride(0),
             s.stride(0) if s is not None else 0, eps, block_m)
+    pdl = use_pdl(x.device)
     meta = dict(NORM=norm_weight is not None, HAS_RES=residual is not None, HAS_SQ=row_sumsq is not None,
                 SQ_P2=max(2, next_pow2(p)), HAS_BIAS=bias is not None, SWIGLU=swiglu,
                 HAS_ORES=out_residual is not None, HAS_SQO=return_sumsq, PRECISION=dot_precision(x.dtype),
-                BLOCK_M=block_m)
+                BLOCK_M=block_m, **({"PDL": True, "launch_pdl": True} if pdl else {}))
     if tuned:
         _decode_linear_kernel_tuned[lambda c: grid_for(M, N, K, block_m, c)](*args, **meta)
         bn = _decode_linear_kernel_tuned.best_config.kwargs["BLOCK_N"]

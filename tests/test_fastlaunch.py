@@ -269,7 +269,7 @@ def test_gpu_check_script_runs_on_the_cpu():
     interpreter (nothing is cached there: the comparison is of Triton's path with itself)."""
     proc = _run_check("--cpu-smoke")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(" ok (identical True, finite True") == 13
+    assert proc.stdout.count(" ok (identical True, finite True") == 14
 
 
 @pytest.mark.gpu

@@ -188,6 +188,11 @@ def _decode_cases():
                 _sub(split, "bf16"), ["qk_scale"],
                 dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_R=16, HAS_START=True, SINGLE_SPLIT=True, HAS_ROPE=True,
                      PRECISION=_DTYPES["bf16"], BLOCK_N=128, WRITE_KV=True), 4, 3)
+    # the same with the PDL trigger a Hopper launch sets (use_pdl): the next kernel may start early
+    yield _case("decode_split-bf16-d64-r16-n128-rope-write-pdl", "decode_attention", "_decode_split_kernel",
+                _sub(split, "bf16"), ["qk_scale"],
+                dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_R=16, HAS_START=True, SINGLE_SPLIT=True, HAS_ROPE=True,
+                     PRECISION=_DTYPES["bf16"], BLOCK_N=128, WRITE_KV=True, PDL_TRIGGER=True), 4, 3)
     red = {"O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32"}
     # decode_attention_forward: 1 warp up to 1024 elements (BLOCK_S * BLOCK_D), else 4
     for dt, bs, w in (("bf16", 64, 4), ("fp32", 8, 1)):
@@ -260,8 +265,8 @@ def _norm_linear_cases():
         for c in nl._prune(nl._DL_CONFIGS, {}, BLOCK_M=64, SWIGLU=flags.get("SWIGLU", False)):
             bn, bk, sp, w, st = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLITS"], c.num_warps, c.num_stages
             yield _case(f"norm_linear-bf16-{form}-{bn}x{bk}s{sp}-w{w}s{st}", "norm_linear", "_decode_linear_kernel",
-                        _sub(ptrs, "bf16"), ["eps"], dict(off, **flags, PRECISION="tf32", BLOCK_M=64, **c.kwargs),
-                        w, st)
+                        _sub(ptrs, "bf16"), ["eps"],
+                        dict(off, **flags, PRECISION="tf32", BLOCK_M=64, PDL=True, **c.kwargs), w, st)
     d = nl.default_config(64, 1152, 896, False, 132)  # Qwen2-0.5B's q/k/v at batch 64 on an H100
     yield _case("norm_linear-bf16-first-default", "norm_linear", "_decode_linear_kernel", _sub(ptrs, "bf16"), ["eps"],
                 dict(off, NORM=True, HAS_BIAS=True, PRECISION="tf32", BLOCK_M=64, **d.kwargs), d.num_warps,
@@ -375,11 +380,17 @@ def compile_case(case):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # row strides are multiples of 16 (D, V, H * D)
     src = ASTSource(fn=fn, signature=signature, constexprs=case["constexprs"], attrs=attrs)
     opts = {"num_warps": case["num_warps"], "num_stages": case["num_stages"]}
+    if case["constexprs"].get("PDL"):
+        opts["launch_pdl"] = True
     t0 = time.perf_counter()
     k = triton.compile(src, target=TARGET, options=opts)
     seconds = time.perf_counter() - t0
     regs, stack = resources(k.asm["cubin"])
-    return dict(ok=True, shared=k.metadata.shared, regs=regs, stack=stack, seconds=round(seconds, 2))
+    ptx = k.asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")  # programmatic dependent launch: nothing may be written before it
+    writes = None if wait < 0 else len(re.findall(r"\b(?:st\.global|atom\.|red\.)", ptx[:wait]))
+    return dict(ok=True, shared=k.metadata.shared, regs=regs, stack=stack, seconds=round(seconds, 2),
+                writes_before_wait=writes)
 
 
 def main():
@@ -425,7 +436,7 @@ def compiled(tmp_path_factory):
 # 224 B) and still beat the spill-free tiles listed here, so they are not held to this rule.
 NO_SPILL = {"attn_fwd-bf16-d128-64x64", "attn_fwd-bf16-d64-64x64", "attn_bwd_dkdv-bf16-d64-32x64",
             "attn_bwd_dq-bf16-d64-64x64", "decode_split-bf16-d64-r16-n128-rope", "decode_split-bf16-d128-r16-n32",
-            "decode_split-bf16-d64-r16-n128-rope-write",
+            "decode_split-bf16-d64-r16-n128-rope-write", "decode_split-bf16-d64-r16-n128-rope-write-pdl",
             "attn_fwd-bf16-d128-128x64", "attn_fwd-bf16-d64-128x64", "attn_bwd_dkdv-bf16-d128-32x128",
             "attn_bwd_dq-bf16-d128-128x64", "attn_bwd_dkdv-bf16-d64-64x128", "attn_bwd_dq-bf16-d64-128x64",
             "decode_split-bf16-d128-r16-n64", "decode_split-bf16-d64-r16-n64-rope", "decode_reduce-bf16-s64",
@@ -445,6 +456,8 @@ def test_compiles_for_sm90(compiled, case, request):
     assert r["ok"], f"{case['kernel']} ({cid}) does not compile for sm_90:\n{r['error']}\n{r['traceback']}"
     if (cid in NO_SPILL or cid.startswith(NO_SPILL_PREFIXES)) and r["stack"] is not None:
         assert r["stack"] <= MAX_STACK, f"{case['kernel']} ({cid}) spills: {r['stack']} B of stack, {r['regs']} registers"
+    if case["constexprs"].get("PDL"):  # griddepcontrol.wait there, and no global write before it
+        assert r["writes_before_wait"] == 0, f"{cid}: {r['writes_before_wait']} global writes before the wait"
     assert r["shared"] <= H100_SMEM_PER_BLOCK, (
         f"{case['kernel']} ({cid}) needs {r['shared']} B of shared memory, "
         f"H100 allows {H100_SMEM_PER_BLOCK} B per block")

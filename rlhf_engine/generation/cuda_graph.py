@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from ..kernels._launch import pdl_enabled
 from ..model.attention import decode_fused_write_enabled, decode_norm_gemm_enabled
 from .cache import KVCache
 
@@ -136,7 +137,8 @@ class DecodeGraphCache:
         (``capture=False``: an eager decoder over a reused static cache, on any device)."""
         L = self.cache_len(min_len)
         # the decode step's path is part of the key: a graph replays the kernels it was captured with
-        key = (batch, L, attn_backend, capture, decode_fused_write_enabled(), decode_norm_gemm_enabled())
+        key = (batch, L, attn_backend, capture, decode_fused_write_enabled(), decode_norm_gemm_enabled(),
+               pdl_enabled())
         fp = model_fingerprint(model)
         entry = self._entries.pop(key, None)
         if entry is not None and entry[0] == fp:
