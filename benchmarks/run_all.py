@@ -46,13 +46,15 @@ ORDER = ["bench_gae", "bench_ppo_loss", "bench_native_cpu", "bench_logprob", "be
          "bench_decode_attention", "bench_decode_gemm", "bench_attention", "bench_ppo_step", "bench_generate",
          "bench_layer_ops"]
 LONG = ("bench_ppo_step", "bench_generate", "bench_layer_ops")
-TIMEOUT_S = {"bench_attention": 150, "bench_generate": 200, "bench_ppo_step": 200}  # generate: 148 s at a235d55
+TIMEOUT_S = {"bench_attention": 150, "bench_generate": 200, "bench_ppo_step": 200,  # generate: 148 s at a235d55
+             "bench_decode_gemm": 120}  # autotunes 13 tiles for each of 16 (shape, form) keys
 DEFAULT_TIMEOUT_S = 90
 # Do not start a script with less than this left in the budget: a script killed before its first record() leaves
 # nothing, and the seconds it burnt are better left to the cheaper scripts after it (a second run picks it up).
 # bench_attention's target rows (ours and SDPA, both shapes, cold autotune) need ~90 s; the PPO step builds
 # eight Qwen2-0.5B-shape models and runs the HF step (8 s there) before ours.
-MIN_START_S = {"bench_attention": 90, "bench_ppo_step": 110, "bench_generate": 60, "bench_layer_ops": 45}
+MIN_START_S = {"bench_attention": 90, "bench_ppo_step": 110, "bench_generate": 60, "bench_layer_ops": 45,
+               "bench_decode_gemm": 60}
 DEFAULT_MIN_START_S = 20
 
 BASELINE_WORDS = ("eager", "python", "hf", "huggingface", "transformers", "sdpa", "liger", "pytorch", "torch",
