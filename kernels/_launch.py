@@ -55,7 +55,10 @@ def sm_count(device: torch.device, default: int = 4) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _pdl_capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    """Hopper or later, and a CUDA runtime of 12.3 or later (stream capture records PDL launches as programmatic
+    edges of the graph from 12.3 on)."""
+    version = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return torch.cuda.get_device_capability(index)[0] >= 9 and version >= (12, 3)
 
 
 def pdl_enabled() -> bool:
@@ -68,7 +71,9 @@ def use_pdl(device: torch.device) -> bool:
     >= 9.0 (Hopper), unless ``RLHF_ENGINE_PDL=0``. Such a kernel starts while the previous kernel on the stream
     finishes (its launch, and what it reads before waiting) and waits for it (``griddepcontrol.wait``) before
     reading anything that kernel may write; kernels that trigger early (``griddepcontrol.launch_dependents``) let
-    the next start sooner."""
+    the next start sooner. What such a kernel reads before its wait must not be written by the early-triggering
+    kernels just before it (the decode GEMMs read their weights then: parameters, written by ordinary launches,
+    which trigger only by completing)."""
     if device.type != "cuda" or not pdl_enabled():
         return False
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())

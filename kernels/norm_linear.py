@@ -22,12 +22,15 @@ How: programs tile (N, K splits, M) as (BLOCK_N, SPLITS, BLOCK_M): SPLITS progra
 range, the rows normalized chunk by chunk on the way into ``tl.dot``. With SPLITS > 1 each program stores its fp32
 partial tile to a workspace and takes a ticket from a per-tile counter (an acq_rel atomic after a CTA barrier: the
 release covers the whole CTA's stores, as CUTLASS's semaphore); the program that draws the last ticket sums the
-partials in split order (deterministic: the same bits whichever program finishes last), resets the counter for the
-next launch and runs the epilogue. No second kernel, no zero-fill, CUDA-graph safe (the counters live per device and
-stream, zero between launches). The rstd of a norm comes from the previous GEMM's ``row_sumsq`` partials (one small
-load) or, without them, from a walk over the full rows (the first layer). The sums of squares are taken in another
-order than the norm kernel's (per N tile, then over tiles), so rstd may differ by an fp32 ulp and y by a ``dt``
-ulp; the GEMM accumulates in another order than cuBLAS. Inference only (no autograd).
+partials in split order (for a given tile, the same bits whichever program finishes last; the autotuner may pick
+another tile in another process), resets the counter for the next launch and runs the epilogue. No second kernel, no
+zero-fill, CUDA-graph safe (the counters live per device, zero between launches; one launch at a time per device).
+On Hopper the launch is a programmatic dependent launch (``_launch.use_pdl``): each program reads its first K block
+of weights, then waits for the previous kernel before reading anything else or writing (the weights must not be
+written by the early-triggering kernels just before: parameters are not). The rstd of a norm comes from the previous
+GEMM's ``row_sumsq`` partials (one small load) or, without them, from a walk over the full rows. The sums of squares
+are taken in another order than the norm kernel's (per N tile, then over tiles), so rstd may differ by an fp32 ulp
+and y by a ``dt`` ulp; the GEMM accumulates in another order than cuBLAS. Inference only (no autograd).
 """
 from __future__ import annotations
 
@@ -255,14 +258,21 @@ def grid_for(M: int, N: int, K: int, block_m: int, c: dict) -> tuple[int, int, i
     return cdiv(N, c["BLOCK_N"]), cdiv(kb, cdiv(kb, c["SPLITS"])), cdiv(M, block_m)
 
 
-_COUNTERS: dict = {}  # (device, stream) -> int32 tile counters, zero between launches
+_COUNTERS: dict = {}  # device -> int32 tile counters, zero between launches
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    """The device's tile counters (at least ``n``), zero whenever no launch is running: each launch's last program
+    of a tile puts its counter back to zero. One buffer per device, shared by every launch and every CUDA graph: a
+    launch must not run concurrently with another on a second stream. Made outside a CUDA graph capture only: a
+    capture would record the zero fill without running it, and a graph replayed before that one would start from
+    garbage (call ``decode_linear`` once before capturing, as any warm-up does)."""
+    key = str(device)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode_linear: its tile counters are made on the first call, which must not be "
+                               "inside a CUDA graph capture: run one call (a warm-up) before capturing")
         buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return buf
 
@@ -365,7 +375,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
     Args:
         x: (..., K) bf16, fp16 or fp32; at most ``MAX_ROWS`` rows (a decode step's batch).
-        weight: (N, K), or (2 N, K) with ``swiglu`` (gate rows, then up rows), x's dtype and device.
+        weight: (N, K), or (2 N, K) with ``swiglu`` (gate rows, then up rows), x's dtype and device. With PDL
+            (Hopper) its first K block is read before the launch waits for the kernel before it: it must not be
+            the output of a decode_linear or decode attention launch just before (parameters never are).
         bias: optional (N,) (not with ``swiglu``).
         norm_weight: (K,): RMSNorm the GEMM's input s first (transformers' roundings); None: no norm.
         eps: the norm's epsilon, >= 0.
@@ -387,6 +399,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                                                           torch.float32):
         raise TypeError(f"x: expected a bf16/fp16/fp32 tensor (..., K), got {x!r:.80}")
     K, lead = x.shape[-1], x.shape[:-1]
+    if K == 0:
+        raise ValueError("x: expected K >= 1 columns, got 0")
     _check("weight", weight, x.dtype, x.device)
     if weight.dim() != 2 or weight.shape[1] != K or (swiglu and weight.shape[0] % 2):
         raise ValueError(f"weight: expected ({'2 N' if swiglu else 'N'}, {K}), got {tuple(weight.shape)}")

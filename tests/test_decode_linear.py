@@ -78,17 +78,25 @@ def test_norm_from_partial_sums_matches_full_rows(tile, swiglu, bias, device):
                                rtol=3e-5)
 
 
-def test_split_sum_is_deterministic_and_counters_reset(device):
-    """The last program sums the partials in split order: two launches give the same bits; the tile counters are
-    zero after each launch (a CUDA graph replays the launch with them as they are)."""
+def test_split_sum_is_the_partials_in_split_order_and_counters_reset(device):
+    """The last program of a tile sums the fp32 partials in split order, whichever program finishes last: the output
+    equals, bit for bit, the per-split products (each an unsplit launch over its K range) added in that order, launch
+    after launch (20 on a GPU, where the programs finish in varying order); the tile counters are zero after each
+    launch (a CUDA graph replays the launch with them as they are)."""
     g = torch.Generator().manual_seed(3)
-    x, w = _rand(g, 50, 256, device=device), _rand(g, 48, 256, scale=1 / 16, device=device)
-    tile = dict(BLOCK_N=16, BLOCK_K=32, SPLITS=8)
-    a = decode_linear(x, w, return_sumsq=True, backend="triton", tile=tile)
-    assert _counters_zero()
-    b = decode_linear(x, w, return_sumsq=True, backend="triton", tile=tile)
-    assert torch.equal(a.out, b.out) and torch.equal(a.sumsq, b.sumsq)
-    assert _counters_zero()
+    M, K, N, bk, splits = 50, 256, 48, 32, 8
+    x, w = _rand(g, M, K, device=device), _rand(g, N, K, scale=1 / 16, device=device)
+    tile = dict(BLOCK_N=16, BLOCK_K=bk, SPLITS=splits)
+    per = K // splits  # one K block a split here
+    parts = [decode_linear(x[:, s * per:(s + 1) * per].contiguous(), w[:, s * per:(s + 1) * per].contiguous(),
+                           backend="triton", tile=dict(tile, SPLITS=1)).out for s in range(splits)]
+    want = parts[0]
+    for part in parts[1:]:
+        want = want + part
+    for _ in range(20 if device.type == "cuda" else 2):
+        r = decode_linear(x, w, return_sumsq=True, backend="triton", tile=tile)
+        assert torch.equal(r.out, want)
+        assert _counters_zero()
 
 
 def test_rows_over_several_m_tiles(device):
@@ -175,6 +183,46 @@ def test_bad_inputs_raise(device):
         decode_linear(x, w, backend="triton", tile=dict(BLOCK_N=16, BLOCK_K=32, SPLITS=16))
     with pytest.raises(ValueError, match="tile"):
         decode_linear(x, w, backend="triton", tile=dict(BLOCK_N=24, BLOCK_K=32, SPLITS=2))
+    with pytest.raises(ValueError, match="K >= 1"):
+        decode_linear(x[:, :0], w[:, :0], backend="triton")
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_and_pdl_gpu(monkeypatch):
+    """On a GPU: the tile counters are not made inside a capture (it would record their zero fill without running
+    it); after one eager call, two graphs captured with the same counters replay right in either order; launches
+    with programmatic dependent launch (the default on Hopper) give the bits of launches without it."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(9)
+    x, w = _rand(g, 64, 896, dtype=torch.bfloat16, device=dev), _rand(g, 1152, 896, scale=0.03, dtype=torch.bfloat16,
+                                                                        device=dev)
+    ro = _rand(g, 64, 1152, dtype=torch.bfloat16, device=dev)
+
+    def call():
+        return decode_linear(x, w, out_residual=ro, return_sumsq=True, backend="triton")
+
+    monkeypatch.setattr(nl, "_COUNTERS", {})
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capture"):
+        with torch.cuda.graph(graph):
+            call()
+    want = call()  # eager: makes the counters
+    monkeypatch.setenv("RLHF_ENGINE_PDL", "0")
+    plain = call()
+    monkeypatch.delenv("RLHF_ENGINE_PDL")
+    assert torch.equal(want.out, plain.out) and torch.equal(want.sumsq, plain.sumsq)
+    graphs, outs = [], []
+    for _ in range(2):
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            outs.append(call())
+        graphs.append(gr)
+    for i in (1, 0, 1):
+        outs[i].out.zero_()
+        graphs[i].replay()
+        torch.cuda.synchronize()
+        assert torch.equal(outs[i].out, want.out)
+    assert _counters_zero()
 
 
 def test_empty_batch(device):

@@ -389,8 +389,9 @@ def compile_case(case):
     ptx = k.asm["ptx"]
     wait = ptx.find("griddepcontrol.wait")  # programmatic dependent launch: nothing may be written before it
     writes = None if wait < 0 else len(re.findall(r"\b(?:st\.global|atom\.|red\.)", ptx[:wait]))
+    loads = None if wait < 0 else len(re.findall(r"\b(?:ld\.global|cp\.async)", ptx[:wait]))
     return dict(ok=True, shared=k.metadata.shared, regs=regs, stack=stack, seconds=round(seconds, 2),
-                writes_before_wait=writes)
+                writes_before_wait=writes, loads_before_wait=loads)
 
 
 def main():
@@ -456,8 +457,12 @@ def test_compiles_for_sm90(compiled, case, request):
     assert r["ok"], f"{case['kernel']} ({cid}) does not compile for sm_90:\n{r['error']}\n{r['traceback']}"
     if (cid in NO_SPILL or cid.startswith(NO_SPILL_PREFIXES)) and r["stack"] is not None:
         assert r["stack"] <= MAX_STACK, f"{case['kernel']} ({cid}) spills: {r['stack']} B of stack, {r['regs']} registers"
-    if case["constexprs"].get("PDL"):  # griddepcontrol.wait there, and no global write before it
+    if case["constexprs"].get("PDL"):  # griddepcontrol.wait there, no global write before it, and no load but the
+        # first K block's weights (BLOCK_N x BLOCK_K, twice with SwiGLU): at most one scalar load per element a thread
+        c = case["constexprs"]
+        w_loads = c["BLOCK_N"] * c["BLOCK_K"] * (2 if c.get("SWIGLU") else 1) // (32 * case["num_warps"])
         assert r["writes_before_wait"] == 0, f"{cid}: {r['writes_before_wait']} global writes before the wait"
+        assert 0 < r["loads_before_wait"] <= w_loads, f"{cid}: {r['loads_before_wait']} loads before the wait"
     assert r["shared"] <= H100_SMEM_PER_BLOCK, (
         f"{case['kernel']} ({cid}) needs {r['shared']} B of shared memory, "
         f"H100 allows {H100_SMEM_PER_BLOCK} B per block")
