@@ -47,7 +47,7 @@ ORDER = ["bench_gae", "bench_ppo_loss", "bench_native_cpu", "bench_logprob", "be
          "bench_layer_ops"]
 LONG = ("bench_ppo_step", "bench_generate", "bench_layer_ops")
 TIMEOUT_S = {"bench_attention": 150, "bench_generate": 200, "bench_ppo_step": 200,  # generate: 148 s at a235d55
-             "bench_decode_gemm": 120}  # autotunes 13 tiles for each of 16 (shape, form) keys
+             "bench_decode_gemm": 120}  # autotunes 15 tiles for each of 16 (shape, form) keys
 DEFAULT_TIMEOUT_S = 90
 # Do not start a script with less than this left in the budget: a script killed before its first record() leaves
 # nothing, and the seconds it burnt are better left to the cheaper scripts after it (a second run picks it up).

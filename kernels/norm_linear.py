@@ -216,13 +216,15 @@ def _prune(configs, named_args, **kwargs):
 # (BLOCK_N, BLOCK_K, SPLITS, num_warps, num_stages). At batch 64 a decode GEMM is 1.6-17 MB of weights (Qwen2-0.5B):
 # cdiv(N, BLOCK_N) * SPLITS programs read them (q/k/v: 18-72 N tiles, down: 14-56, times 1-8 splits). Small BLOCK_N
 # spreads the weights over more SMs but re-reads x (M rows of K) from L2 once per N tile (M / BLOCK_N of the weight
-# bytes, per weight row group); splits do not re-read x but write and read back M * BLOCK_N fp32 partials each.
+# bytes, per weight row group); splits do not re-read x but write and read back M * BLOCK_N fp32 partials each
+# (4 M / K of the weight bytes per split, written and read). Which costs less, and how evenly the programs fall on
+# the SMs (152 programs on 132 SMs give 20 of them twice the bytes), is for the autotuner to measure.
 _DL_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLITS": sp}, num_warps=w, num_stages=st)
     for bn, bk, sp, w, st in [(32, 128, 1, 4, 4), (32, 128, 2, 4, 3), (32, 128, 4, 4, 3), (32, 128, 8, 4, 3),
-                              (16, 128, 4, 4, 3), (16, 128, 8, 4, 3), (64, 128, 1, 8, 3), (64, 128, 2, 8, 3),
-                              (64, 128, 4, 8, 3), (64, 128, 8, 8, 3), (128, 128, 4, 8, 3), (32, 64, 8, 4, 4),
-                              (64, 64, 4, 8, 4)]
+                              (16, 128, 1, 4, 4), (16, 128, 2, 4, 3), (16, 128, 4, 4, 3), (16, 128, 8, 4, 3),
+                              (64, 128, 1, 8, 3), (64, 128, 2, 8, 3), (64, 128, 4, 8, 3), (64, 128, 8, 8, 3),
+                              (128, 128, 4, 8, 3), (32, 64, 8, 4, 4), (64, 64, 4, 8, 4)]
 ]
 _decode_linear_kernel_tuned = parallel_autotune(triton.autotune(
     configs=_DL_CONFIGS, key=["N", "K", "M_BUCKET", "NORM", "HAS_RES", "HAS_SQ", "HAS_BIAS", "SWIGLU", "HAS_ORES",
