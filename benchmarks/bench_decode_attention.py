@@ -88,10 +88,13 @@ def main() -> list[dict]:
             return decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, num_splits=1, backend="triton")
 
         write_names = ("ours + q RoPE + cache write, 2 launches (splits=1)",
-                       "ours + q RoPE + cache write fused, 1 launch (splits=1)")
+                       "ours + q RoPE + cache write fused, 1 launch (splits=1)",
+                       "ours + q RoPE + cache write fused, 1 launch (splits=2, combined in the kernel)",
+                       "ours + q RoPE + cache write fused, 1 launch (splits=4, combined in the kernel)")
         impls[write_names[0]] = write_then_attend
-        impls[write_names[1]] = lambda: decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, num_splits=1,
-                                                         kv_write=new_kv, backend="triton")
+        for name, splits in zip(write_names[1:], (1, 2, 4)):  # since the fifteenth session: splits in one launch
+            impls[name] = (lambda n=splits: decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, num_splits=n,
+                                                             kv_write=new_kv, backend="triton"))
         with torch.no_grad():  # correctness first: every variant against SDPA
             want = impls["sdpa"]().transpose(1, 2).float()
             q_rot = apply_rope_reference(q, cos[:, :, None], sin[:, :, None]).transpose(1, 2).contiguous()

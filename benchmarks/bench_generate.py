@@ -181,6 +181,11 @@ def run_case(name: str, B: int, P: int, N: int, device: torch.device, dtype: tor
                 n_lo, n_hi = (1, 3) if smoke() else (8, 24)
                 per = decode_step_profile(model, ids, mask, n_lo, n_hi)
                 print_step_profile(shape, per, graph[0] if graph else None)
+                norm_gemm = [r["ms_per_step"] for r in rows if r["impl"].endswith("norms in GEMMs)")]
+                if norm_gemm and time_left() >= 20:  # the opt-in split-K decode GEMM path's step, kernel by kernel
+                    with mock.patch.dict(os.environ, {"RLHF_ENGINE_DECODE_NORM_GEMM": "1"}):
+                        per = decode_step_profile(model, ids, mask, n_lo, n_hi)
+                    print_step_profile(f"{shape} [norms in GEMMs, split-K]", per, norm_gemm[0])
             except Exception as e:  # noqa: BLE001 - report and keep the measured rows
                 print(f"{shape}: decode-step profile FAILED {type(e).__name__}: {e}")
     return rows

@@ -13,7 +13,10 @@ Decoding reads the whole KV cache to produce a handful of rows: it is bound by m
    normalized partial output and its log-sum-exp.
 2. ``_decode_reduce_kernel``, one program per (b, h, t): combines the splits,
        o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s,
-   and writes zeros for rows with no valid position. With one split the first kernel writes o directly.
+   and writes zeros for rows with no valid position. With one split the first kernel writes o directly, and with
+   up to ``FUSED_REDUCE_MAX_SPLITS`` it combines them itself: each program stores its partials and takes a ticket
+   per (sequence, KV head) (a CTA barrier, then an acq_rel atomic); the last one combines the splits of its rows
+   with the same formula and zeroes the ticket for the next launch (one launch a step, CUDA-graph safe).
 Splitting the sequence gives the card enough programs when B * Hkv is small (64 * 2 = 128 programs for 132 SMs).
 Optionally (``q_cos``/``q_sin``) the split kernel applies RoPE to the query tile as it loads it, so that a decode
 step needs no separate kernel for it (the keys are rotated by the cache write, ``kv_cache.write_kv_cache``).
@@ -27,7 +30,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from ._fastlaunch import launch
-from ._launch import parallel_autotune, sm_count, use_pdl
+from ._launch import parallel_autotune, sm_count, tile_counters, use_pdl
 from .attention import check_qkv
 from .attention_fwd import LOG2E, autotune_enabled, dot_precision, next_pow2
 from .kv_cache import _check_table, apply_rope, write_kv_cache
@@ -40,6 +43,7 @@ _BACKENDS = ("auto", "triton", "torch")
 def _decode_split_kernel(
     Q, K, V, O, O_PART, LSE_PART, CACHE_LENS, CACHE_START, COS, SIN,
     KN, VN, WPOS,  # WRITE_KV: the new tokens' (B, Tn, Hkv, D) K and V, and the (B,) first cache slot they go to
+    CNT,  # FUSED_REDUCE: int32 tickets, one per (sequence, KV head), zero between launches
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -51,6 +55,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_START: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HAS_ROPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, WRITE_KV: tl.constexpr = False, PDL_TRIGGER: tl.constexpr = False,
+    FUSED_REDUCE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
 ):
     if PDL_TRIGGER:  # a kernel after this one launched with PDL (the split-K o GEMM) may start loading its weights
         gdc_launch_dependents()
@@ -59,11 +64,24 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     b64 = b.to(tl.int64)
 
+    cache_len = tl.load(CACHE_LENS + b)
+    n_end = tl.minimum(cache_len, L)
+    if HAS_START:
+        n_start = tl.maximum(tl.load(CACHE_START + b), 0)
+    else:
+        n_start = 0
+    # This program's chunk of [n_start, n_end): chunk length rounded up to whole blocks.
+    span = tl.maximum(n_end - n_start, 0)
+    chunk = ((span + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo = n_start + split * chunk
+    hi = tl.minimum(lo + chunk, n_end)
+
     if WRITE_KV:
-        # The cache write, fused (one split only: this program is the only one reading its KV head's slots).
-        # Token t's K (rotated with the query's RoPE tables at its position, fp32, rounded once: the arithmetic
-        # of kernels/kv_cache.py's _write_kv_kernel) and V go to slot WPOS[b] + t; slots outside [0, L) are
-        # dropped. The barrier makes the stores visible to the whole program before its loads below.
+        # The cache write, fused. Token t's K (rotated with the query's RoPE tables at its position, fp32, rounded
+        # once: the arithmetic of kernels/kv_cache.py's _write_kv_kernel) and V go to slot WPOS[b] + t; slots
+        # outside [0, L) are dropped. A slot is written by the program whose chunk [lo, hi) holds it, the only one
+        # that reads it (slots outside [n_start, n_end), which no program reads, by split 0); the barrier makes
+        # the stores visible to the whole program before its loads below.
         HALF_W: tl.constexpr = HEAD_DIM // 2
         offs_w = tl.arange(0, BLOCK_D)
         wmask = offs_w < HEAD_DIM
@@ -72,7 +90,8 @@ def _decode_split_kernel(
         w0 = tl.load(WPOS + b)
         for tw in range(0, Tn):
             slot = w0 + tw
-            ok = (slot >= 0) & (slot < L)
+            mine = ((slot >= lo) & (slot < hi)) | ((split == 0) & ((slot < n_start) | (slot >= n_end)))
+            ok = (slot >= 0) & (slot < L) & mine
             k_dst = K + b64 * stride_kb + slot.to(tl.int64) * stride_kt + hk * stride_kh
             v_dst = V + b64 * stride_vb + slot.to(tl.int64) * stride_vt + hk * stride_vh
             k_src = KN + b64 * stride_knb + tw * stride_knt + hk * stride_knh
@@ -113,19 +132,7 @@ def _decode_split_kernel(
         rot = tl.where((offs_d < HALF)[None, :], -partner, partner)
         q = (q.to(tl.float32) * c.to(tl.float32) + rot * sn.to(tl.float32)).to(Q.dtype.element_ty)
 
-    cache_len = tl.load(CACHE_LENS + b)
     pos = cache_len - Tn + t  # (BLOCK_R,) cache position of each query row
-    n_end = tl.minimum(cache_len, L)
-    if HAS_START:
-        n_start = tl.maximum(tl.load(CACHE_START + b), 0)
-    else:
-        n_start = 0
-    # This program's chunk of [n_start, n_end): chunk length rounded up to whole blocks.
-    span = tl.maximum(n_end - n_start, 0)
-    chunk = ((span + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    lo = n_start + split * chunk
-    hi = tl.minimum(lo + chunk, n_end)
-
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
     offs_n = tl.arange(0, BLOCK_N)
@@ -160,6 +167,32 @@ def _decode_split_kernel(
         part = ((b64 * Hq + h) * Tn + t) * num_splits + split  # (BLOCK_R,)
         tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None] & dmask)
         tl.store(LSE_PART + part, lse, mask=row_ok)
+        if FUSED_REDUCE:
+            # The combine in this kernel: the last program of (b, hk) to take its ticket (after a CTA barrier:
+            # every thread's partials stored before the acq_rel release) combines the splits of its rows as
+            # _decode_reduce_kernel does, and zeroes the ticket for the next launch.
+            tl.debug_barrier()
+            ticket = tl.atomic_add(CNT + b * tl.num_programs(1) + hk, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:
+                first = part - split  # (BLOCK_R,) the rows' split-0 entries
+                offs_s = tl.arange(0, BLOCK_S)
+                s_ok = row_ok[:, None] & (offs_s[None, :] < num_splits)
+                lse_all = tl.load(LSE_PART + first[:, None] + offs_s[None, :], mask=s_ok, other=float("-inf"),
+                                  cache_modifier=".cg")  # (BLOCK_R, BLOCK_S)
+                m = tl.max(lse_all, 1)
+                m_use = tl.where(m == float("-inf"), 0.0, m)
+                w = tl.math.exp2(lse_all - m_use[:, None])  # 0 for empty splits
+                denom = tl.sum(w, 1)
+                o = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+                for sp in tl.static_range(BLOCK_S):
+                    w_s = tl.sum(tl.where(offs_s[None, :] == sp, w, 0.0), 1)  # (BLOCK_R,) column sp of w
+                    o_s = tl.load(O_PART + (first + sp)[:, None] * HEAD_DIM + offs_d[None, :],
+                                  mask=row_ok[:, None] & dmask & (sp < num_splits), other=0.0, cache_modifier=".cg")
+                    o += w_s[:, None] * o_s
+                o = o / tl.where(denom == 0.0, 1.0, denom)[:, None]
+                tl.atomic_xchg(CNT + b * tl.num_programs(1) + hk, 0, sem="relaxed", scope="gpu")
+                o_ptrs = O + b64 * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]
+                tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask)
 
 
 @triton.jit
@@ -240,6 +273,7 @@ def _decode_fixed_config(head_dim: int, single: bool, dtype: torch.dtype) -> tri
 
 
 MAX_SPLITS = 64  # the reduce kernel holds a (splits, head dim) fp32 tile: more would spill
+FUSED_REDUCE_MAX_SPLITS = 8  # up to this many splits the split kernel combines them itself (no reduce kernel)
 
 
 def default_num_splits(batch: int, kv_heads: int, cache_len: int, device: torch.device) -> int:
@@ -249,7 +283,10 @@ def default_num_splits(batch: int, kv_heads: int, cache_len: int, device: torch.
     One split (no combine kernel) once the (sequence, KV head) programs alone fill ~90% of the SMs: on the first
     H100 run (a235d55, bf16, L = 2048, CUDA-graph replays) one split beat the old rule's 5 at B * Hkv = 128
     (28.5 against 31.9 us, D = 64) and its 2 at 512 (182 against 187 us, D = 128). Below that, enough splits for
-    one wave (the old rule aimed at four programs per SM; which is better for small batches is not measured)."""
+    one wave (the old rule aimed at four programs per SM; which is better for small batches is not measured).
+    Those runs timed splits with the separate combine kernel; since the fifteenth session up to 8 splits combine
+    inside the split kernel (no second launch), which ``bench_decode_attention.py``'s 2- and 4-split rows measure
+    before this rule changes."""
     sms = sm_count(device)
     programs = max(batch * kv_heads, 1)
     splits = 1 if programs >= 0.9 * sms else math.ceil(sms / programs)
@@ -270,8 +307,9 @@ def decode_attention_forward(
     kv_write: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Launch the split and reduce kernels; inputs validated by ``decode_attention``. Returns o (B, Tn, Hq, D).
-    ``kv_write`` = (k_new, v_new, write_pos): the split kernel writes them into the cache first (one split only;
-    validated by ``decode_attention``)."""
+    ``kv_write`` = (k_new, v_new, write_pos): the split kernel writes them into the cache first, each slot by the
+    program that reads it (validated by ``decode_attention``). Up to ``FUSED_REDUCE_MAX_SPLITS`` splits are
+    combined by the split kernel's last program per (sequence, KV head); more by ``_decode_reduce_kernel``."""
     B, Tn, Hq, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -286,12 +324,12 @@ def decode_attention_forward(
         lse_part = torch.empty((B, Hq, Tn, num_splits), dtype=torch.float32, device=q.device)
     has_start, has_rope = cache_start is not None, q_cos is not None
     cos, sin = (q_cos, q_sin) if has_rope else (q, q)  # unused without RoPE
-    if kv_write is not None and not single:
-        raise ValueError("kv_write: the fused cache write needs num_splits == 1")
     k_new, v_new, write_pos = kv_write if kv_write is not None else (q, q, cache_lens)  # unused without it
+    fused_reduce = not single and num_splits <= FUSED_REDUCE_MAX_SPLITS
+    cnt = tile_counters(q.device, B * Hkv) if fused_reduce else cache_lens  # unused without the fused combine
     args = (
         q, k_cache, v_cache, o, o_part, lse_part, cache_lens, cache_start if has_start else cache_lens, cos, sin,
-        k_new, v_new, write_pos,
+        k_new, v_new, write_pos, cnt,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -303,7 +341,8 @@ def decode_attention_forward(
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_R=max(16, next_pow2(group * Tn)),
                 HAS_START=has_start, SINGLE_SPLIT=single, HAS_ROPE=has_rope, PRECISION=dot_precision(q.dtype),
-                WRITE_KV=kv_write is not None, **({"PDL_TRIGGER": True} if use_pdl(q.device) else {}))
+                WRITE_KV=kv_write is not None, **({"PDL_TRIGGER": True} if use_pdl(q.device) else {}),
+                **({"FUSED_REDUCE": True, "BLOCK_S": max(2, next_pow2(num_splits))} if fused_reduce else {}))
     grid = (B, Hkv, num_splits)
     if q.is_cuda and block_n is None and autotune_enabled(q.dtype):
         _decode_split_kernel_tuned[grid](*args, **meta)
@@ -313,7 +352,7 @@ def decode_attention_forward(
     else:
         launch(_decode_split_kernel, grid, *args, **meta, BLOCK_N=block_n or INTERPRETER_BLOCK_N, num_warps=4,
                num_stages=2)
-    if not single:
+    if not single and not fused_reduce:
         launch(_decode_reduce_kernel, (B * Hq * Tn,),
             o, o_part, lse_part, o.stride(0), o.stride(1), o.stride(2), Hq, Tn, num_splits,
             HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_S=max(2, next_pow2(num_splits)),
@@ -382,9 +421,9 @@ def decode_attention(
         kv_write: optional (k_new, v_new, write_pos): the new tokens' K and V, (B, Tn, Hkv, D), and the (B,) int
             cache slot of each sequence's first one, written into the cache BEFORE the attention reads it, as
             ``kernels.kv_cache.write_kv_cache`` would (slots outside [0, L) dropped), K rotated with the query's
-            tables when q_cos/q_sin are given (a new token's key and query share its position). On CUDA with one
-            split the attention kernel writes them itself (one launch instead of two, the same values); otherwise
-            ``write_kv_cache`` runs first. cache_lens must count the new tokens, as always.
+            tables when q_cos/q_sin are given (a new token's key and query share its position). The attention
+            kernel writes them itself (one launch instead of two, the same values; with splits, each slot by the
+            program whose chunk reads it). cache_lens must count the new tokens, as always.
         backend: "auto" | "triton" | "torch" (see ``kernels.attention.flash_attention``).
     Returns:
         o: (B, Tn, Hq, D) in q.dtype; rows without a valid position are zeros.
@@ -425,8 +464,8 @@ def decode_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache, v_cache: expected unit stride on the head dim (copying a cache is never wanted)")
-    if kv_write is not None and (num_splits != 1 or torch.compiler.is_compiling()):
-        _write_first(kv_write, k_cache, v_cache, q_cos, q_sin, backend)  # fused only with one split, eager
+    if kv_write is not None and torch.compiler.is_compiling():
+        _write_first(kv_write, k_cache, v_cache, q_cos, q_sin, backend)  # the custom op takes no write
         kv_write = None
     if torch.compiler.is_compiling():
         return decode_attention_op(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits, q_cos, q_sin)

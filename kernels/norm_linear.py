@@ -43,7 +43,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._fastlaunch import launch
-from ._launch import cdiv, next_pow2, parallel_autotune, sm_count, use_pdl
+from ._launch import cdiv, next_pow2, parallel_autotune, sm_count, tile_counters, use_pdl
 from .attention_fwd import autotune_enabled, dot_precision
 from .reference.norm import rms_norm_reference
 from .rmsnorm import rms_normalize
@@ -260,25 +260,6 @@ def grid_for(M: int, N: int, K: int, block_m: int, c: dict) -> tuple[int, int, i
     return cdiv(N, c["BLOCK_N"]), cdiv(kb, cdiv(kb, c["SPLITS"])), cdiv(M, block_m)
 
 
-_COUNTERS: dict = {}  # device -> int32 tile counters, zero between launches
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The device's tile counters (at least ``n``), zero whenever no launch is running: each launch's last program
-    of a tile puts its counter back to zero. One buffer per device, shared by every launch and every CUDA graph: a
-    launch must not run concurrently with another on a second stream. Made outside a CUDA graph capture only: a
-    capture would record the zero fill without running it, and a graph replayed before that one would start from
-    garbage (call ``decode_linear`` once before capturing, as any warm-up does)."""
-    key = str(device)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode_linear: its tile counters are made on the first call, which must not be "
-                               "inside a CUDA graph capture: run one call (a warm-up) before capturing")
-        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
-
-
 class DecodeLinearOut(NamedTuple):
     out: torch.Tensor  # (..., N)
     s: Optional[torch.Tensor]  # (..., K): x + residual (the prologue residual), else None
@@ -312,7 +293,7 @@ def decode_linear_forward(x, residual, norm_weight, eps, row_sumsq, weight, bias
                    if c.kwargs["SPLITS"] > 1) if any(c.kwargs["SPLITS"] > 1 for c in cands) else 0
     ws = torch.empty(max(1, ws_elems * cdiv(M, block_m) * block_m * (2 if swiglu else 1)), dtype=torch.float32,
                      device=x.device)
-    cnt = _counters(x.device, max(cdiv(N, c.kwargs["BLOCK_N"]) for c in cands) * cdiv(M, block_m))
+    cnt = tile_counters(x.device, max(cdiv(N, c.kwargs["BLOCK_N"]) for c in cands) * cdiv(M, block_m))
     p = 0 if row_sumsq is None else row_sumsq.shape[0]
     args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
             row_sumsq if row_sumsq is not None else ws, weight, bias if bias is not None else weight,
@@ -452,7 +433,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     r = decode_linear_forward(
         rows2d(x), None if residual is None else rows2d(residual),
         None if norm_weight is None else norm_weight.contiguous(), float(eps),
-        None if row_sumsq is None else row_sumsq.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(),
+        None if row_sumsq is None else row_sumsq.contiguous(),
+        weight if weight.stride(-1) == 1 else weight.contiguous(),
         None if bias is None else bias.contiguous(), None if out_residual is None else rows2d(out_residual), swiglu,
         return_sumsq, tile)
     return DecodeLinearOut(r.out.view(*lead, n_out), None if r.s is None else r.s.view(*lead, K), r.sumsq)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rlhf_engine.kernels import _launch
 from rlhf_engine.kernels import norm_linear as nl
 from rlhf_engine.kernels.norm_linear import decode_linear, decode_linear_reference
 from tiny import DTYPES_16, rms_norm_fp64
@@ -32,7 +33,7 @@ def _fp64(x, w, b=None, g=None, eps=1e-6, r=None, ro=None, swiglu=False):
 
 
 def _counters_zero():
-    return all(int(c.abs().sum()) == 0 for c in nl._COUNTERS.values())
+    return all(int(c.abs().sum()) == 0 for c in _launch._COUNTERS.values())
 
 
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: f"n{t['BLOCK_N']}k{t['BLOCK_K']}s{t['SPLITS']}")
@@ -201,7 +202,7 @@ def test_cuda_graphs_and_pdl_gpu(monkeypatch):
     def call():
         return decode_linear(x, w, out_residual=ro, return_sumsq=True, backend="triton")
 
-    monkeypatch.setattr(nl, "_COUNTERS", {})
+    monkeypatch.setattr(_launch, "_COUNTERS", {})
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="capture"):
         with torch.cuda.graph(graph):

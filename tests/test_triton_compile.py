@@ -162,7 +162,7 @@ def _attention_tma_cases():
 def _decode_cases():
     split = {"Q": "{dt}", "K": "{dt}", "V": "{dt}", "O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32",
              "CACHE_LENS": "i32", "CACHE_START": "i32", "COS": "{dt}", "SIN": "{dt}", "KN": "{dt}", "VN": "{dt}",
-             "WPOS": "i32"}
+             "WPOS": "i32", "CNT": "i32"}
     # (dtype, HEAD_DIM, BLOCK_R = max(16, next_pow2(group * Tn)), single split, q RoPE in the kernel (the model's
     # fused decode step: Qwen2-0.5B is D=64, group 7), _DECODE_CONFIGS entry)
     for dt, d, br, single, rope, (bn, w, s) in [("bf16", 128, 16, False, False, (64, 4, 3)),
@@ -188,6 +188,12 @@ def _decode_cases():
                 _sub(split, "bf16"), ["qk_scale"],
                 dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_R=16, HAS_START=True, SINGLE_SPLIT=True, HAS_ROPE=True,
                      PRECISION=_DTYPES["bf16"], BLOCK_N=128, WRITE_KV=True), 4, 3)
+    # splits combined by the split kernel itself (2-8 splits; the cache write with them), bf16 and fp32
+    for dt, d, bn, w, s in [("bf16", 64, 64, 4, 3), ("bf16", 128, 64, 4, 3), ("fp32", 64, 32, 4, 4)]:
+        yield _case(f"decode_split-{dt}-d{d}-r16-n{bn}-rope-write-fused-reduce", "decode_attention",
+                    "_decode_split_kernel", _sub(split, dt), ["qk_scale"],
+                    dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=16, HAS_START=True, SINGLE_SPLIT=False, HAS_ROPE=True,
+                         PRECISION=_DTYPES[dt], BLOCK_N=bn, WRITE_KV=True, FUSED_REDUCE=True, BLOCK_S=8), w, s)
     # the same with the PDL trigger a Hopper launch sets (use_pdl): the next kernel may start early
     yield _case("decode_split-bf16-d64-r16-n128-rope-write-pdl", "decode_attention", "_decode_split_kernel",
                 _sub(split, "bf16"), ["qk_scale"],
@@ -438,6 +444,8 @@ def compiled(tmp_path_factory):
 NO_SPILL = {"attn_fwd-bf16-d128-64x64", "attn_fwd-bf16-d64-64x64", "attn_bwd_dkdv-bf16-d64-32x64",
             "attn_bwd_dq-bf16-d64-64x64", "decode_split-bf16-d64-r16-n128-rope", "decode_split-bf16-d128-r16-n32",
             "decode_split-bf16-d64-r16-n128-rope-write", "decode_split-bf16-d64-r16-n128-rope-write-pdl",
+            "decode_split-bf16-d64-r16-n64-rope-write-fused-reduce",
+            "decode_split-bf16-d128-r16-n64-rope-write-fused-reduce",
             "attn_fwd-bf16-d128-128x64", "attn_fwd-bf16-d64-128x64", "attn_bwd_dkdv-bf16-d128-32x128",
             "attn_bwd_dq-bf16-d128-128x64", "attn_bwd_dkdv-bf16-d64-64x128", "attn_bwd_dq-bf16-d64-128x64",
             "decode_split-bf16-d128-r16-n64", "decode_split-bf16-d64-r16-n64-rope", "decode_reduce-bf16-s64",
