@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import COPY_TBPS, autotune_report, bench, device, peak_mem_mb, print_table, record, smoke  # noqa: E402
+from common import (COPY_TBPS, autotune_report, bench, device, graphed, peak_mem_mb, print_table,  # noqa: E402
+                    record, smoke)
 
 from rlhf_engine.kernels.decode_attention import decode_attention, default_num_splits  # noqa: E402
 from rlhf_engine.kernels.kv_cache import write_kv_cache  # noqa: E402
@@ -27,21 +28,6 @@ SHAPES = [  # (B, Hq, Hkv, L, D)
     (64, 32, 8, 2048, 128),
 ]
 SMOKE_SHAPES = [(2, 6, 2, 300, 16)]
-
-
-def _graphed(fn):
-    """Capture fn in a CUDA graph (after a warm call that also autotunes) and return its replay."""
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def main() -> list[dict]:
@@ -109,7 +95,7 @@ def main() -> list[dict]:
         base = {}  # SDPA's time per mode: each row is compared with SDPA run the same way
         for name, fn in impls.items():
             with torch.no_grad():
-                modes = (("eager", fn), ("graph", _graphed(fn))) if dev.type == "cuda" else (("eager", fn),)
+                modes = (("eager", fn), ("graph", graphed(fn))) if dev.type == "cuda" else (("eager", fn),)
                 for mode, run in modes:
                     # 10 calls per timed sample, as in a decode loop: a lone ~20 µs call would also time its own
                     # launch latency (5-10 µs for a graph replay), for SDPA and ours alike

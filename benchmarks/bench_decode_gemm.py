@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import COPY_TBPS, autotune_report, bench, device, print_table, record, smoke  # noqa: E402
+from common import COPY_TBPS, autotune_report, bench, device, graphed, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels.norm_linear import decode_linear  # noqa: E402
 from rlhf_engine.kernels.rmsnorm import rms_norm  # noqa: E402
@@ -37,21 +37,6 @@ MODELS = {  # name: (hidden, q size, kv size, intermediate, q/k/v bias)
     "SmolLM2-135M": (576, 576, 192, 1536, False),
 }
 SMOKE_MODELS = {"tiny": (64, 64, 32, 96, True)}
-
-
-def _graphed(fn):
-    """fn captured in a CUDA graph after two warm calls (the first autotunes); returns the replay."""
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def _weights(H, Dq, Dkv, I, bias, dev, dt):
@@ -126,7 +111,7 @@ def main() -> list[dict]:
         with torch.no_grad():
             for what, impl, wt, fn in cases:
                 nbytes = wt if isinstance(wt, int) else wt.numel() * wt.element_size()
-                ms = bench(_graphed(fn) if cuda else fn, **reps)
+                ms = bench(graphed(fn) if cuda else fn, **reps)
                 if impl == "cuBLAS" or impl.startswith("usual"):
                     base_ms[what] = ms
                 floor_us = nbytes / (COPY_TBPS * 1e12) * 1e6

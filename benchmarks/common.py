@@ -112,6 +112,22 @@ def bench(fn: Callable[[], object], warmup: int = 3, rep: int = 20, inner: int =
     return times[len(times) // 2]
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph after a warm call (which also autotunes) and a second one on a side stream;
+    returns the graph's replay (how the generation engine runs a decode step: no launch cost per kernel)."""
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def peak_mem_mb(fn: Callable[[], object]) -> float:
     """Extra peak CUDA memory (MB) that one call of ``fn`` allocates above what is live before it."""
     if not torch.cuda.is_available():

@@ -217,9 +217,9 @@ def decode_fused_write_enabled() -> bool:
 def decode_norm_gemm_enabled() -> bool:
     """``RLHF_ENGINE_DECODE_NORM_GEMM=1``: the triton decode step runs its four projections on the split-K decode GEMM
     (``kernels/norm_linear.py``): each norm inside the GEMM after it, silu * up in the gate/up GEMM, the residual
-    adds in the o and down GEMMs (3 kernels fewer a layer, 71 a Qwen2-0.5B step: layer 0 keeps its norm; and no cuBLAS). Off by default
-    until a GPU run measures it against cuBLAS plus the separate kernels. Read once per decode step;
-    ``DecodeGraphCache`` keys its graphs on it."""
+    adds in the o and down GEMMs (3 kernels fewer a layer, 71 a Qwen2-0.5B step, layer 0 keeping its norm; and no
+    cuBLAS). Off by default until a GPU run measures it against cuBLAS plus the separate kernels. Read once per decode
+    step; ``DecodeGraphCache`` keys its graphs on it."""
     return os.environ.get("RLHF_ENGINE_DECODE_NORM_GEMM", "0") == "1"
 
 
