@@ -179,13 +179,18 @@ def run_case(name: str, B: int, P: int, N: int, device: torch.device, dtype: tor
             try:
                 graph = [r["ms_per_step"] for r in rows if r["impl"] == "ours (triton, cuda graph reused across calls)"]
                 n_lo, n_hi = (1, 3) if smoke() else (8, 24)
-                per = decode_step_profile(model, ids, mask, n_lo, n_hi)
+                paths = {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1", "RLHF_ENGINE_DECODE_NORM_GEMM": "0"}  # the default
+                with mock.patch.dict(os.environ, paths):
+                    per = decode_step_profile(model, ids, mask, n_lo, n_hi)
                 print_step_profile(shape, per, graph[0] if graph else None)
-                norm_gemm = [r["ms_per_step"] for r in rows if r["impl"].endswith("norms in GEMMs)")]
+                norm_gemm = [r["ms_per_step"] for r in rows  # (the smoke run's eager row: its path, not its time)
+                             if r["impl"] in ("ours (triton, cuda graph reused, norms in GEMMs)",
+                                              "ours (triton, eager, norms in GEMMs)")]
                 if norm_gemm and time_left() >= 20:  # the opt-in split-K decode GEMM path's step, kernel by kernel
-                    with mock.patch.dict(os.environ, {"RLHF_ENGINE_DECODE_NORM_GEMM": "1"}):
+                    with mock.patch.dict(os.environ, {**paths, "RLHF_ENGINE_DECODE_NORM_GEMM": "1"}):
                         per = decode_step_profile(model, ids, mask, n_lo, n_hi)
-                    print_step_profile(f"{shape} [norms in GEMMs, split-K]", per, norm_gemm[0])
+                    print_step_profile(f"{shape} [norms in GEMMs, split-K]", per,
+                                       norm_gemm[0] if device.type == "cuda" else None)
             except Exception as e:  # noqa: BLE001 - report and keep the measured rows
                 print(f"{shape}: decode-step profile FAILED {type(e).__name__}: {e}")
     return rows

@@ -79,19 +79,23 @@ def use_pdl(device: torch.device) -> bool:
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-_COUNTERS: dict = {}  # device -> int32 counters of the kernels whose last program per tile finishes the work
+_COUNTERS: dict = {}  # (device, owner) -> int32 counters of the kernels whose last program per tile finishes the work
+_RETIRED: list = []  # outgrown counter buffers: a captured CUDA graph may still use them
 
 
-def tile_counters(device: torch.device, n: int) -> torch.Tensor:
-    """The device's int32 tile counters (at least ``n``; the split-K decode GEMM and the split decode attention
-    take a ticket per output tile, and the last program of a tile puts its counter back to zero), so they are zero
-    whenever no such launch runs. One buffer per device, shared by every launch and every CUDA graph: two of these
-    launches must not run concurrently on two streams. Made outside a CUDA graph capture only: a capture would
-    record the zero fill without running it, and a graph replayed before that one would start from garbage (a
-    warm-up call before capturing makes them)."""
-    key = str(device)
+def tile_counters(device: torch.device, n: int, owner: str) -> torch.Tensor:
+    """The int32 tile counters of one kind of kernel (``owner``: "decode_linear", "decode_attention") on ``device``,
+    at least ``n``: its programs take a ticket per output tile, and the last program of a tile puts the counter back
+    to zero, so they are zero whenever no such launch runs. One buffer per (device, owner), shared by its launches and
+    every CUDA graph: two launches of one owner must not run concurrently on two streams. Made outside a CUDA graph
+    capture only: a capture would record the zero fill without running it, and a graph replayed before that one
+    would start from garbage (a warm-up call before capturing makes them). An outgrown buffer is kept alive, not
+    freed: graphs captured with it still replay over it."""
+    key = (str(device), owner)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("tile counters (split-K decode GEMM, split decode attention) are made on the first "
                                "call, which must not be inside a CUDA graph capture: run one call (a warm-up) first")

@@ -326,7 +326,7 @@ def decode_attention_forward(
     cos, sin = (q_cos, q_sin) if has_rope else (q, q)  # unused without RoPE
     k_new, v_new, write_pos = kv_write if kv_write is not None else (q, q, cache_lens)  # unused without it
     fused_reduce = not single and num_splits <= FUSED_REDUCE_MAX_SPLITS
-    cnt = tile_counters(q.device, B * Hkv) if fused_reduce else cache_lens  # unused without the fused combine
+    cnt = tile_counters(q.device, B * Hkv, "decode_attention") if fused_reduce else cache_lens  # (unused without)
     args = (
         q, k_cache, v_cache, o, o_part, lse_part, cache_lens, cache_start if has_start else cache_lens, cos, sin,
         k_new, v_new, write_pos, cnt,
@@ -421,9 +421,10 @@ def decode_attention(
         kv_write: optional (k_new, v_new, write_pos): the new tokens' K and V, (B, Tn, Hkv, D), and the (B,) int
             cache slot of each sequence's first one, written into the cache BEFORE the attention reads it, as
             ``kernels.kv_cache.write_kv_cache`` would (slots outside [0, L) dropped), K rotated with the query's
-            tables when q_cos/q_sin are given (a new token's key and query share its position). The attention
-            kernel writes them itself (one launch instead of two, the same values; with splits, each slot by the
-            program whose chunk reads it). cache_lens must count the new tokens, as always.
+            tables when q_cos/q_sin are given (a new token's key and query share its position). On the triton
+            backend the attention kernel writes them itself (one launch instead of two, the same values; with
+            splits, each slot by the program whose chunk reads it); under torch.compile or on the torch backend
+            ``write_kv_cache`` runs first. cache_lens must count the new tokens, as always.
         backend: "auto" | "triton" | "torch" (see ``kernels.attention.flash_attention``).
     Returns:
         o: (B, Tn, Hq, D) in q.dtype; rows without a valid position are zeros.

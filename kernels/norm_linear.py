@@ -293,7 +293,8 @@ def decode_linear_forward(x, residual, norm_weight, eps, row_sumsq, weight, bias
                    if c.kwargs["SPLITS"] > 1) if any(c.kwargs["SPLITS"] > 1 for c in cands) else 0
     ws = torch.empty(max(1, ws_elems * cdiv(M, block_m) * block_m * (2 if swiglu else 1)), dtype=torch.float32,
                      device=x.device)
-    cnt = tile_counters(x.device, max(cdiv(N, c.kwargs["BLOCK_N"]) for c in cands) * cdiv(M, block_m))
+    cnt = tile_counters(x.device, max(cdiv(N, c.kwargs["BLOCK_N"]) for c in cands) * cdiv(M, block_m),
+                        "decode_linear")
     p = 0 if row_sumsq is None else row_sumsq.shape[0]
     args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
             row_sumsq if row_sumsq is not None else ws, weight, bias if bias is not None else weight,

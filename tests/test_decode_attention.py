@@ -1,4 +1,6 @@
 """decode_attention (split-KV flash-decoding), write_kv_cache and apply_rope against the PyTorch references."""
+import contextlib
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from rlhf_engine.kernels.reference.attention import (
     rotate_half,
     write_kv_cache_reference,
 )
+from tiny import reversed_programs
 
 
 def _cache(B, L, Hkv, D, dtype, device, lens, start=None):
@@ -41,7 +44,8 @@ CASES = [
 @pytest.mark.parametrize("with_start", [False, True])
 def test_decode_matches_reference(B, L, Hq, Hkv, D, Tn, num_splits, with_start, device):
     """Against fp64 at one split (the kernel writes o), 2-8 (its last program per (sequence, KV head) combines
-    them, and leaves the tickets at zero) and 12 (the reduce kernel)."""
+    them, and leaves the tickets at zero; under the interpreter also with the programs in reverse order, where the
+    first split is the last to arrive) and 12 (the reduce kernel)."""
     from rlhf_engine.kernels import _launch
 
     lens = torch.tensor([L - 5 * b for b in range(B)], dtype=torch.int32, device=device)
@@ -54,6 +58,9 @@ def test_decode_matches_reference(B, L, Hq, Hkv, D, Tn, num_splits, with_start, 
     assert not torch.isnan(o).any()
     torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=1e-4)
     assert all(int(c.abs().sum()) == 0 for c in _launch._COUNTERS.values())
+    with reversed_programs():
+        o_rev = decode_attention(q, k, v, lens, cache_start=start, num_splits=num_splits, backend="triton")
+    torch.testing.assert_close(o_rev.double(), ref, atol=2e-5, rtol=1e-4)
 
 
 def test_decode_empty_rows_and_fp16(device):
@@ -470,8 +477,9 @@ def test_kv_write_fused_equals_write_then_attend(Tn, rope, with_start, D, device
     torch.testing.assert_close(k1, k_ref, equal_nan=True, **tol)  # unwritten slots hold NaN (never read)
     torch.testing.assert_close(v1, v_ref, equal_nan=True, atol=0, rtol=0)
     torch.testing.assert_close(o1, o_ref, **tol)
-    for splits, backend in ((2, "triton"), (3, "triton"), (12, "triton"), (None, "torch")):
-        with monkeypatch.context() as mp:
+    for splits, backend, rev in ((2, "triton", False), (3, "triton", True), (12, "triton", True),
+                                 (None, "torch", False)):
+        with monkeypatch.context() as mp, reversed_programs() if rev else contextlib.nullcontext():
             if backend == "triton":
                 mp.setattr(da, "write_kv_cache", no_separate_write)
             k2, v2 = k0.clone(), v0.clone()
@@ -481,6 +489,31 @@ def test_kv_write_fused_equals_write_then_attend(Tn, rope, with_start, D, device
                                                                  dict(atol=1e-6, rtol=1e-6)))
         torch.testing.assert_close(v2, v_ref, atol=0, rtol=0, equal_nan=True)
         torch.testing.assert_close(o2, o_ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 5])
+def test_kv_write_with_splits_outside_the_read_range(splits, device):
+    """Write positions that are not the last Tn slots: ahead of cache_lens (slots nobody reads, written by split
+    0), inside the valid range (written by the split whose chunk holds them, which then reads them) and before
+    cache_start; with the programs in reverse order under the interpreter (split 0 last). The caches equal
+    write_kv_cache's and the output equals the attention over the cache it wrote."""
+    B, L, Hq, Hkv, D, Tn = 3, 96, 6, 2, 16, 2
+    lens = torch.tensor([60, 90, 40], dtype=torch.int32, device=device)
+    start = torch.tensor([0, 10, 30], dtype=torch.int32, device=device)
+    write_pos = torch.tensor([70, 33, 25], dtype=torch.int32, device=device)  # ahead; inside; across cache_start
+    k0 = torch.randn(B, L, Hkv, D, device=device)
+    v0 = torch.randn(B, L, Hkv, D, device=device)
+    k_new, v_new = torch.randn(B, Tn, Hkv, D, device=device), torch.randn(B, Tn, Hkv, D, device=device)
+    q = torch.randn(B, Tn, Hq, D, device=device)
+    k_ref, v_ref = k0.clone(), v0.clone()
+    write_kv_cache(k_ref, v_ref, k_new, v_new, write_pos, backend="triton")
+    o_ref = decode_attention(q, k_ref, v_ref, lens, cache_start=start, num_splits=splits, backend="triton")
+    k1, v1 = k0.clone(), v0.clone()
+    with reversed_programs():
+        o1 = decode_attention(q, k1, v1, lens, cache_start=start, num_splits=splits,
+                              kv_write=(k_new, v_new, write_pos), backend="triton")
+    assert torch.equal(k1, k_ref) and torch.equal(v1, v_ref)
+    torch.testing.assert_close(o1, o_ref, atol=1e-6, rtol=1e-5)
 
 
 def test_kv_write_validation(device):
@@ -501,14 +534,16 @@ def test_kv_write_validation(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 2, 4, 8])
 @pytest.mark.parametrize("L, Tn, with_start", [(384, 1, False), (384, 2, True), (40, 1, True)])
-def test_kv_write_fused_bf16_gpu_and_graph(L, Tn, with_start, device, monkeypatch):
+def test_kv_write_fused_bf16_gpu_and_graph(L, Tn, with_start, splits, device, monkeypatch):
     """On the GPU, where the barrier between the kernel's cache stores and its loads is real: the slots written hold
     NaN before (a load that overtook its store would poison the output); the fused output equals, bit for bit, the
     plain attention over the cache the fused kernel wrote (one fixed tile for both: no autotuning), and the caches
     and output match write_kv_cache + decode_attention (bf16, Qwen2-0.5B's heads; short caches too, where the
     written slot is in the first block loaded after the barrier); then the same from a CUDA graph replayed at a
-    later step."""
+    later step. At 1, 2, 4 and 8 splits (each slot written by the program whose chunk reads it; the splits
+    combined by the kernel's last program)."""
     monkeypatch.setenv("RLHF_ENGINE_AUTOTUNE", "0")
     B, Hq, Hkv, D = 64, 14, 2, 64
     k0, v0, k_new, v_new, q, cos, sin, write_pos, lens, start = _kv_write_case(
@@ -518,16 +553,16 @@ def test_kv_write_fused_bf16_gpu_and_graph(L, Tn, with_start, device, monkeypatc
 
     def separate(k, v):
         _separate_write(k, v, k_new, v_new, write_pos, cos, sin)
-        return decode_attention(q, k, v, lens, cache_start=start, q_cos=cos, q_sin=sin, num_splits=1)
+        return decode_attention(q, k, v, lens, cache_start=start, q_cos=cos, q_sin=sin, num_splits=splits)
 
     def fused(k, v):
-        return decode_attention(q, k, v, lens, cache_start=start, q_cos=cos, q_sin=sin, num_splits=1,
+        return decode_attention(q, k, v, lens, cache_start=start, q_cos=cos, q_sin=sin, num_splits=splits,
                                 kv_write=(k_new, v_new, write_pos))
 
     k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()
     o1, o2 = separate(k1, v1), fused(k2, v2)
     assert not torch.isnan(o2).any()
-    plain = decode_attention(q, k2, v2, lens, cache_start=start, q_cos=cos, q_sin=sin, num_splits=1)
+    plain = decode_attention(q, k2, v2, lens, cache_start=start, q_cos=cos, q_sin=sin, num_splits=splits)
     torch.testing.assert_close(o2, plain, atol=0, rtol=0)
     torch.testing.assert_close(v2, v1, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(k2.float(), k1.float(), atol=1e-2, rtol=1e-2, equal_nan=True)
@@ -541,3 +576,30 @@ def test_kv_write_fused_bf16_gpu_and_graph(L, Tn, with_start, device, monkeypatc
     assert not torch.isnan(o3).any()
     o4 = separate(k1, v1)
     torch.testing.assert_close(o3.float(), o4.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_split_combine_counters_not_made_in_a_capture_gpu(monkeypatch):
+    """The in-kernel combine's tickets are made outside a CUDA graph capture only (a capture would record their zero
+    fill without running it): a first call inside a capture raises; after one eager call a captured graph replays
+    the eager result."""
+    from rlhf_engine.kernels import _launch
+
+    dev = torch.device("cuda")
+    B, L, Hq, Hkv, D = 4, 256, 14, 2, 64
+    k, v = (torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.bfloat16)
+    lens = torch.tensor([256, 100, 17, 200], dtype=torch.int32, device=dev)
+    monkeypatch.setattr(_launch, "_COUNTERS", {})
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capture"):
+        with torch.cuda.graph(g):
+            decode_attention(q, k, v, lens, num_splits=4)
+    want = decode_attention(q, k, v, lens, num_splits=4)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = decode_attention(q, k, v, lens, num_splits=4)
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)

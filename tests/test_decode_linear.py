@@ -3,6 +3,7 @@ squares in its epilogue, and with a norm whose rstd comes from a previous call's
 eager ops, at every split count (including more splits than K blocks, and one), over several M tiles; the split
 sum deterministic and the tile counters back at zero after each launch; a decode layer chained as the model runs it;
 bad inputs rejected. The interpreter runs fp32 and fp16 (its bf16 dots are wrong); bf16 runs on the GPU."""
+import contextlib
 import functools
 
 import pytest
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from rlhf_engine.kernels import _launch
 from rlhf_engine.kernels import norm_linear as nl
 from rlhf_engine.kernels.norm_linear import decode_linear, decode_linear_reference
-from tiny import DTYPES_16, rms_norm_fp64
+from tiny import DTYPES_16, reversed_programs, rms_norm_fp64
 
 TILES = [dict(BLOCK_N=16, BLOCK_K=32, SPLITS=1), dict(BLOCK_N=16, BLOCK_K=32, SPLITS=2),
          dict(BLOCK_N=32, BLOCK_K=16, SPLITS=4), dict(BLOCK_N=16, BLOCK_K=64, SPLITS=8)]
@@ -94,8 +95,9 @@ def test_split_sum_is_the_partials_in_split_order_and_counters_reset(device):
     want = parts[0]
     for part in parts[1:]:
         want = want + part
-    for _ in range(20 if device.type == "cuda" else 2):
-        r = decode_linear(x, w, return_sumsq=True, backend="triton", tile=tile)
+    for i in range(20 if device.type == "cuda" else 2):
+        with reversed_programs() if i % 2 else contextlib.nullcontext():  # interpreter: the other split sums
+            r = decode_linear(x, w, return_sumsq=True, backend="triton", tile=tile)
         assert torch.equal(r.out, want)
         assert _counters_zero()
 
@@ -138,7 +140,8 @@ def test_decode_layer_chain_matches_eager(dtype, device):
     exact = _layer(x.double(), ro.double(), {k: v.double() for k, v in p.items()}, "fp64")
     p = {k: v.to(device, dtype) for k, v in p.items()}
     x, ro = x.to(device, dtype), ro.to(device, dtype)
-    ours = _layer(x, ro, p, "triton", tile=dict(BLOCK_N=32, BLOCK_K=32, SPLITS=2) if not x.is_cuda else None)
+    with reversed_programs():  # under the interpreter: the programs in reverse order (the first split sums)
+        ours = _layer(x, ro, p, "triton", tile=dict(BLOCK_N=32, BLOCK_K=32, SPLITS=2) if not x.is_cuda else None)
     eager = _layer(x, ro, p, "torch")
     assert ours.dtype == dtype and torch.isfinite(ours).all()
     if dtype == torch.float32:

@@ -189,11 +189,13 @@ def _decode_cases():
                 dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_R=16, HAS_START=True, SINGLE_SPLIT=True, HAS_ROPE=True,
                      PRECISION=_DTYPES["bf16"], BLOCK_N=128, WRITE_KV=True), 4, 3)
     # splits combined by the split kernel itself (2-8 splits; the cache write with them), bf16 and fp32
-    for dt, d, bn, w, s in [("bf16", 64, 64, 4, 3), ("bf16", 128, 64, 4, 3), ("fp32", 64, 32, 4, 4)]:
-        yield _case(f"decode_split-{dt}-d{d}-r16-n{bn}-rope-write-fused-reduce", "decode_attention",
-                    "_decode_split_kernel", _sub(split, dt), ["qk_scale"],
+    for dt, d, bn, w, s, pdl in [("bf16", 64, 64, 4, 3, False), ("bf16", 128, 64, 4, 3, False),
+                                 ("fp32", 64, 32, 4, 4, False), ("bf16", 64, 64, 4, 3, True)]:
+        yield _case(f"decode_split-{dt}-d{d}-r16-n{bn}-rope-write-fused-reduce{'-pdl' if pdl else ''}",
+                    "decode_attention", "_decode_split_kernel", _sub(split, dt), ["qk_scale"],
                     dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=16, HAS_START=True, SINGLE_SPLIT=False, HAS_ROPE=True,
-                         PRECISION=_DTYPES[dt], BLOCK_N=bn, WRITE_KV=True, FUSED_REDUCE=True, BLOCK_S=8), w, s)
+                         PRECISION=_DTYPES[dt], BLOCK_N=bn, WRITE_KV=True, FUSED_REDUCE=True, BLOCK_S=8,
+                         PDL_TRIGGER=pdl), w, s)
     # the same with the PDL trigger a Hopper launch sets (use_pdl): the next kernel may start early
     yield _case("decode_split-bf16-d64-r16-n128-rope-write-pdl", "decode_attention", "_decode_split_kernel",
                 _sub(split, "bf16"), ["qk_scale"],
@@ -446,6 +448,8 @@ NO_SPILL = {"attn_fwd-bf16-d128-64x64", "attn_fwd-bf16-d64-64x64", "attn_bwd_dkd
             "decode_split-bf16-d64-r16-n128-rope-write", "decode_split-bf16-d64-r16-n128-rope-write-pdl",
             "decode_split-bf16-d64-r16-n64-rope-write-fused-reduce",
             "decode_split-bf16-d128-r16-n64-rope-write-fused-reduce",
+            "decode_split-fp32-d64-r16-n32-rope-write-fused-reduce",
+            "decode_split-bf16-d64-r16-n64-rope-write-fused-reduce-pdl",
             "attn_fwd-bf16-d128-128x64", "attn_fwd-bf16-d64-128x64", "attn_bwd_dkdv-bf16-d128-32x128",
             "attn_bwd_dq-bf16-d128-128x64", "attn_bwd_dkdv-bf16-d64-64x128", "attn_bwd_dq-bf16-d64-128x64",
             "decode_split-bf16-d128-r16-n64", "decode_split-bf16-d64-r16-n64-rope", "decode_reduce-bf16-s64",

@@ -2,6 +2,9 @@
 ``rlhf_engine.data.toy_tokenizer.byte_tokenizer``: 263 tokens, pad/bos/eos = 0/1/2)."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -72,3 +75,28 @@ def padded_batch(m, device):
     mask[2, -3:] = 0  # right padding
     w = torch.randn(B, T - 1, generator=g).to(device)
     return ids, mask, w
+
+
+@contextlib.contextmanager
+def reversed_programs():
+    """Under TRITON_INTERPRET=1, run each launch's programs in reverse grid order. The interpreter runs them one
+    after another in grid order, so a kernel that wrongly relies on that order (a race on a GPU: e.g. "the last
+    split finishes last", or one program writing what another reads) still passes; reversed, other programs run
+    first. A no-op outside the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    forward = builder.set_grid_idx
+
+    def reverse(x, y, z):
+        nx, ny, nz = builder.grid_dim
+        forward(nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+    builder.set_grid_idx = reverse
+    try:
+        yield
+    finally:
+        del builder.set_grid_idx  # the class's method again
