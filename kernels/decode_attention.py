@@ -18,6 +18,10 @@ Decoding reads the whole KV cache to produce a handful of rows: it is bound by m
    per (sequence, KV head) (a CTA barrier, then an acq_rel atomic); the last one combines the splits of its rows
    with the same formula and zeroes the ticket for the next launch (one launch a step, CUDA-graph safe).
 Splitting the sequence gives the card enough programs when B * Hkv is small (64 * 2 = 128 programs for 132 SMs).
+On Hopper (``_launch.use_pdl``) the split kernel is a programmatic dependent launch: it signals its dependents at
+once, reads the cache lengths and starts, prefetches the first ``PREFETCH_ROWS`` rows of its chunk of K and V to
+L2, and only then waits for the kernel before it (the q/k/v GEMM) to complete. So cache_lens and cache_start must
+not be written by an early-triggering kernel just before (ordinary launches only trigger by completing).
 Optionally (``q_cos``/``q_sin``) the split kernel applies RoPE to the query tile as it loads it, so that a decode
 step needs no separate kernel for it (the keys are rotated by the cache write, ``kv_cache.write_kv_cache``).
 """
@@ -27,7 +31,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._fastlaunch import launch
 from ._launch import parallel_autotune, sm_count, tile_counters, use_pdl
@@ -37,6 +41,16 @@ from .kv_cache import _check_table, apply_rope, write_kv_cache
 from .reference.attention import decode_attention_reference
 
 _BACKENDS = ("auto", "triton", "torch")
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """``prefetch.global.L2`` of each address (a hint: no value changes, no register written)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
+PREFETCH_ROWS = tl.constexpr(512)  # cache rows a program prefetches to L2 before its PDL wait (128 programs: <= 32 MB at D = 128)
 
 
 @triton.jit
@@ -55,7 +69,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_START: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HAS_ROPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, WRITE_KV: tl.constexpr = False, PDL_TRIGGER: tl.constexpr = False,
-    FUSED_REDUCE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
+    FUSED_REDUCE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2, PDL_WAIT: tl.constexpr = False,
 ):
     if PDL_TRIGGER:  # a kernel after this one launched with PDL (the split-K o GEMM) may start loading its weights
         gdc_launch_dependents()
@@ -75,6 +89,21 @@ def _decode_split_kernel(
     chunk = ((span + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     lo = n_start + split * chunk
     hi = tl.minimum(lo + chunk, n_end)
+    k_base = K + b64 * stride_kb + hk * stride_kh
+    v_base = V + b64 * stride_vb + hk * stride_vh
+    if PDL_WAIT:
+        # Launched with PDL: the kernel before (the q/k/v GEMM) may still run. The cache lengths come from ordinary
+        # launches before the step, and the cache rows of the chunk do not depend on that kernel (this launch
+        # writes the new slots itself, after the wait): their first PREFETCH_ROWS rows go to L2 now, then the
+        # program waits, and its loads below find them there. A prefetch changes no value.
+        p_end = tl.minimum(hi, lo + PREFETCH_ROWS)
+        for r0 in range(lo, p_end, 128):
+            rr = r0 + tl.arange(0, 128)
+            rr = tl.where(rr < p_end, rr, lo).to(tl.int64)  # past the end: the first row again (a no-op)
+            for d0 in tl.static_range(0, HEAD_DIM, 64):  # one 128-byte line per 64 bf16 elements of a row
+                _prefetch_l2(k_base + rr * stride_kt + d0)
+                _prefetch_l2(v_base + rr * stride_vt + d0)
+        gdc_wait()
 
     if WRITE_KV:
         # The cache write, fused. Token t's K (rotated with the query's RoPE tables at its position, fp32, rounded
@@ -133,8 +162,6 @@ def _decode_split_kernel(
         q = (q.to(tl.float32) * c.to(tl.float32) + rot * sn.to(tl.float32)).to(Q.dtype.element_ty)
 
     pos = cache_len - Tn + t  # (BLOCK_R,) cache position of each query row
-    k_base = K + b64 * stride_kb + hk * stride_kh
-    v_base = V + b64 * stride_vb + hk * stride_vh
     offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -341,7 +368,8 @@ def decode_attention_forward(
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_R=max(16, next_pow2(group * Tn)),
                 HAS_START=has_start, SINGLE_SPLIT=single, HAS_ROPE=has_rope, PRECISION=dot_precision(q.dtype),
-                WRITE_KV=kv_write is not None, **({"PDL_TRIGGER": True} if use_pdl(q.device) else {}),
+                WRITE_KV=kv_write is not None,
+                **({"PDL_TRIGGER": True, "PDL_WAIT": True, "launch_pdl": True} if use_pdl(q.device) else {}),
                 **({"FUSED_REDUCE": True, "BLOCK_S": max(2, next_pow2(num_splits))} if fused_reduce else {}))
     grid = (B, Hkv, num_splits)
     if q.is_cuda and block_n is None and autotune_enabled(q.dtype):
