@@ -68,11 +68,12 @@ def main() -> list[dict]:
         s0_sq = s0.float().pow(2).sum(-1)[None].contiguous()
         projections = {  # name: (weight bytes, cuBLAS, ours: the same GEMM)
             "q/k/v": (w["qkv"], lambda: F.linear(x, w["qkv"], w["qkv_b"]),
-                      lambda: decode_linear(x, w["qkv"], w["qkv_b"], backend="triton")),
-            "o": (w["o"], lambda: F.linear(y, w["o"]), lambda: decode_linear(y, w["o"], backend="triton")),
-            "gate/up": (w["gu"], lambda: F.linear(x, w["gu"]), lambda: decode_linear(x, w["gu"], backend="triton")),
+                      lambda: decode_linear(x, w["qkv"], w["qkv_b"], backend="triton", pdl=True)),
+            "o": (w["o"], lambda: F.linear(y, w["o"]), lambda: decode_linear(y, w["o"], backend="triton", pdl=True)),
+            "gate/up": (w["gu"], lambda: F.linear(x, w["gu"]),
+                        lambda: decode_linear(x, w["gu"], backend="triton", pdl=True)),
             "down": (w["down"], lambda: F.linear(act, w["down"]),
-                     lambda: decode_linear(act, w["down"], backend="triton")),
+                     lambda: decode_linear(act, w["down"], backend="triton", pdl=True)),
         }
 
         def usual():
@@ -84,11 +85,11 @@ def main() -> list[dict]:
 
         def split_k():
             attn_in = decode_linear(s0, w["qkv"], w["qkv_b"], norm_weight=w["n1"], row_sumsq=s0_sq,
-                                    backend="triton").out[:, :Dq]
-            h = decode_linear(attn_in, w["o"], out_residual=s0, return_sumsq=True, backend="triton")
+                                    backend="triton", pdl=True).out[:, :Dq]
+            h = decode_linear(attn_in, w["o"], out_residual=s0, return_sumsq=True, backend="triton", pdl=True)
             a = decode_linear(h.out, w["gu"], norm_weight=w["n2"], row_sumsq=h.sumsq, swiglu=True,
-                              backend="triton").out
-            return decode_linear(a, w["down"], out_residual=h.out, return_sumsq=True, backend="triton")
+                              backend="triton", pdl=True).out
+            return decode_linear(a, w["down"], out_residual=h.out, return_sumsq=True, backend="triton", pdl=True)
 
         def split_k_no_pdl():  # the same kernels launched without programmatic dependent launch (A/B)
             before = os.environ.get("RLHF_ENGINE_PDL")

@@ -19,9 +19,9 @@ Decoding reads the whole KV cache to produce a handful of rows: it is bound by m
    with the same formula and zeroes the ticket for the next launch (one launch a step, CUDA-graph safe).
 Splitting the sequence gives the card enough programs when B * Hkv is small (64 * 2 = 128 programs for 132 SMs).
 On Hopper (``_launch.use_pdl``) the split kernel is a programmatic dependent launch: it signals its dependents at
-once, reads the cache lengths and starts, prefetches the first ``PREFETCH_ROWS`` rows of its chunk of K and V to
-L2, and only then waits for the kernel before it (the q/k/v GEMM) to complete. So cache_lens and cache_start must
-not be written by an early-triggering kernel just before (ordinary launches only trigger by completing).
+once, prefetches to L2 the first ``PREFETCH_ROWS`` rows of its chunk of K and V (as the lengths read then place it:
+a prefetch changes no value), and only then waits for the kernel before it (in the model, the q/k/v GEMM) to
+complete; everything it computes with, the lengths included, is read after the wait.
 Optionally (``q_cos``/``q_sin``) the split kernel applies RoPE to the query tile as it loads it, so that a decode
 step needs no separate kernel for it (the keys are rotated by the cache write, ``kv_cache.write_kv_cache``).
 """
@@ -41,6 +41,18 @@ from .kv_cache import _check_table, apply_rope, write_kv_cache
 from .reference.attention import decode_attention_reference
 
 _BACKENDS = ("auto", "triton", "torch")
+
+
+@triton.jit
+def _chunk(CACHE_LENS, CACHE_START, b, split, L, num_splits, HAS_START: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): split ``split``'s chunk of sequence b's valid positions [n_start, n_end), n_end = min(len, L), the
+    chunk length rounded up to whole blocks (so a short sequence leaves the last splits empty)."""
+    n_end = tl.minimum(tl.load(CACHE_LENS + b), L)
+    n_start = tl.maximum(tl.load(CACHE_START + b), 0) if HAS_START else 0
+    span = tl.maximum(n_end - n_start, 0)
+    chunk = ((span + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo = n_start + split * chunk
+    return lo, tl.minimum(lo + chunk, n_end)
 
 
 @triton.jit
@@ -79,32 +91,32 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     b64 = b.to(tl.int64)
 
+    k_base = K + b64 * stride_kb + hk * stride_kh
+    v_base = V + b64 * stride_vb + hk * stride_vh
+    if PDL_WAIT:
+        # Launched with PDL: the kernel before (in the model, the q/k/v GEMM) may still run, and nothing it writes
+        # is safe to read before the wait. What is read here only steers L2 prefetches of the chunk's first
+        # PREFETCH_ROWS cache rows (a prefetch changes no value; rows outside [0, L) are never named): the lengths
+        # as they are now (in the model written by ordinary launches well before), then the wait, and everything
+        # below (the lengths again included) is read after it.
+        lo0, hi0 = _chunk(CACHE_LENS, CACHE_START, b, split, L, num_splits, HAS_START, BLOCK_N)
+        p_end = tl.minimum(hi0, lo0 + PREFETCH_ROWS)
+        line: tl.constexpr = 1024 // K.dtype.element_ty.primitive_bitwidth  # elements in a 128-byte line
+        for r0 in range(lo0, p_end, 128):
+            rr = r0 + tl.arange(0, 128)
+            rr = tl.where(rr < p_end, rr, lo0).to(tl.int64)  # past the end: the first row again (a no-op)
+            for d0 in tl.static_range(0, HEAD_DIM, line):
+                _prefetch_l2(k_base + rr * stride_kt + d0)
+                _prefetch_l2(v_base + rr * stride_vt + d0)
+        gdc_wait()
+
     cache_len = tl.load(CACHE_LENS + b)
     n_end = tl.minimum(cache_len, L)
     if HAS_START:
         n_start = tl.maximum(tl.load(CACHE_START + b), 0)
     else:
         n_start = 0
-    # This program's chunk of [n_start, n_end): chunk length rounded up to whole blocks.
-    span = tl.maximum(n_end - n_start, 0)
-    chunk = ((span + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    lo = n_start + split * chunk
-    hi = tl.minimum(lo + chunk, n_end)
-    k_base = K + b64 * stride_kb + hk * stride_kh
-    v_base = V + b64 * stride_vb + hk * stride_vh
-    if PDL_WAIT:
-        # Launched with PDL: the kernel before (the q/k/v GEMM) may still run. The cache lengths come from ordinary
-        # launches before the step, and the cache rows of the chunk do not depend on that kernel (this launch
-        # writes the new slots itself, after the wait): their first PREFETCH_ROWS rows go to L2 now, then the
-        # program waits, and its loads below find them there. A prefetch changes no value.
-        p_end = tl.minimum(hi, lo + PREFETCH_ROWS)
-        for r0 in range(lo, p_end, 128):
-            rr = r0 + tl.arange(0, 128)
-            rr = tl.where(rr < p_end, rr, lo).to(tl.int64)  # past the end: the first row again (a no-op)
-            for d0 in tl.static_range(0, HEAD_DIM, 64):  # one 128-byte line per 64 bf16 elements of a row
-                _prefetch_l2(k_base + rr * stride_kt + d0)
-                _prefetch_l2(v_base + rr * stride_vt + d0)
-        gdc_wait()
+    lo, hi = _chunk(CACHE_LENS, CACHE_START, b, split, L, num_splits, HAS_START, BLOCK_N)
 
     if WRITE_KV:
         # The cache write, fused. Token t's K (rotated with the query's RoPE tables at its position, fp32, rounded

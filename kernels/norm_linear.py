@@ -25,12 +25,13 @@ release covers the whole CTA's stores, as CUTLASS's semaphore); the program that
 partials in split order (for a given tile, the same bits whichever program finishes last; the autotuner may pick
 another tile in another process), resets the counter for the next launch and runs the epilogue. No second kernel, no
 zero-fill, CUDA-graph safe (the counters live per device, zero between launches; one launch at a time per device).
-On Hopper the launch is a programmatic dependent launch (``_launch.use_pdl``): each program reads its first K block
-of weights, then waits for the previous kernel before reading anything else or writing (the weights must not be
-written by the early-triggering kernels just before: parameters are not). The rstd of a norm comes from the previous
-GEMM's ``row_sumsq`` partials (one small load) or, without them, from a walk over the full rows. The sums of squares
-are taken in another order than the norm kernel's (per N tile, then over tiles), so rstd may differ by an fp32 ulp
-and y by a ``dt`` ulp; the GEMM accumulates in another order than cuBLAS. Inference only (no autograd).
+With ``pdl=True`` on Hopper the launch is a programmatic dependent launch (``_launch.use_pdl``): each program reads
+its first K block of weights, then waits for the previous kernel before reading anything else or writing (so the
+weights must not be written by the kernels just before it: the model's parameters are not). The rstd of a norm
+comes from the previous GEMM's ``row_sumsq`` partials (one small load) or, without them, from a walk over the full
+rows. The sums of squares are taken in another order than the norm kernel's (per N tile, then over tiles), so rstd
+may differ by an fp32 ulp and y by a ``dt`` ulp; the GEMM accumulates in another order than cuBLAS. Inference only
+(no autograd).
 """
 from __future__ import annotations
 
@@ -267,7 +268,7 @@ class DecodeLinearOut(NamedTuple):
 
 
 def decode_linear_forward(x, residual, norm_weight, eps, row_sumsq, weight, bias, out_residual, swiglu,
-                          return_sumsq, tile: Optional[dict] = None) -> DecodeLinearOut:
+                          return_sumsq, tile: Optional[dict] = None, pdl: bool = False) -> DecodeLinearOut:
     """Launch ``_decode_linear_kernel`` on 2-D x (M, K) with unit column strides; inputs validated by
     ``decode_linear``."""
     M, K = x.shape
@@ -303,7 +304,7 @@ def decode_linear_forward(x, residual, norm_weight, eps, row_sumsq, weight, bias
             x.stride(0), residual.stride(0) if residual is not None else 0, weight.stride(0),
             out_residual.stride(0) if out_residual is not None else 0, y.stride(0),
             s.stride(0) if s is not None else 0, eps, block_m)
-    pdl = use_pdl(x.device)
+    pdl = pdl and use_pdl(x.device)
     meta = dict(NORM=norm_weight is not None, HAS_RES=residual is not None, HAS_SQ=row_sumsq is not None,
                 SQ_P2=max(2, next_pow2(p)), HAS_BIAS=bias is not None, SWIGLU=swiglu,
                 HAS_ORES=out_residual is not None, HAS_SQO=return_sumsq, PRECISION=dot_precision(x.dtype),
@@ -353,15 +354,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                   residual: Optional[torch.Tensor] = None, row_sumsq: Optional[torch.Tensor] = None,
                   out_residual: Optional[torch.Tensor] = None, swiglu: bool = False, return_sumsq: bool = False,
-                  backend: str = "auto", tile: Optional[dict] = None) -> DecodeLinearOut:
+                  backend: str = "auto", tile: Optional[dict] = None, pdl: bool = False) -> DecodeLinearOut:
     """``F.linear`` for a decode step's rows, with the norm before it, SwiGLU and the residual add after it fused in
     (see the module docstring for the exact math and roundings). Inference only.
 
     Args:
         x: (..., K) bf16, fp16 or fp32; at most ``MAX_ROWS`` rows (a decode step's batch).
-        weight: (N, K), or (2 N, K) with ``swiglu`` (gate rows, then up rows), x's dtype and device. With PDL
-            (Hopper) its first K block is read before the launch waits for the kernel before it: it must not be
-            the output of a decode_linear or decode attention launch just before (parameters never are).
+        weight: (N, K), or (2 N, K) with ``swiglu`` (gate rows, then up rows), x's dtype and device.
         bias: optional (N,) (not with ``swiglu``).
         norm_weight: (K,): RMSNorm the GEMM's input s first (transformers' roundings); None: no norm.
         eps: the norm's epsilon, >= 0.
@@ -374,6 +373,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         backend: "triton" (CUDA or the interpreter), "torch" (``decode_linear_reference``) or "auto".
         tile: a fixed {"BLOCK_N", "BLOCK_K", "SPLITS"} (powers of two, SPLITS <= 8) instead of the default or
             autotuned one (tests, benchmarks).
+        pdl: launch with programmatic dependent launch where ``_launch.use_pdl`` allows it (Hopper): the kernel
+            starts while the kernel before it finishes and reads its first block of ``weight`` before waiting for
+            it. Only for a weight that the kernels just before it on the stream do not write (the model's decode
+            layers: parameters, last written by an optimizer step many launches earlier); off by default.
     Returns:
         ``DecodeLinearOut(out (..., N) in weight's dtype, s (..., K) or None, sumsq (P, rows) or None)``.
     Raises:
@@ -437,7 +440,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         None if row_sumsq is None else row_sumsq.contiguous(),
         weight if weight.stride(-1) == 1 else weight.contiguous(),
         None if bias is None else bias.contiguous(), None if out_residual is None else rows2d(out_residual), swiglu,
-        return_sumsq, tile)
+        return_sumsq, tile, pdl and weight.stride(-1) == 1)  # a copy just made must not be read before the wait
     return DecodeLinearOut(r.out.view(*lead, n_out), None if r.s is None else r.s.view(*lead, K), r.sumsq)
 
 

@@ -61,6 +61,7 @@ def test_decode_matches_reference(B, L, Hq, Hkv, D, Tn, num_splits, with_start, 
     with reversed_programs():
         o_rev = decode_attention(q, k, v, lens, cache_start=start, num_splits=num_splits, backend="triton")
     torch.testing.assert_close(o_rev.double(), ref, atol=2e-5, rtol=1e-4)
+    assert all(int(c.abs().sum()) == 0 for c in _launch._COUNTERS.values())
 
 
 def test_decode_empty_rows_and_fp16(device):

@@ -202,8 +202,8 @@ def test_cuda_graphs_and_pdl_gpu(monkeypatch):
                                                                         device=dev)
     ro = _rand(g, 64, 1152, dtype=torch.bfloat16, device=dev)
 
-    def call():
-        return decode_linear(x, w, out_residual=ro, return_sumsq=True, backend="triton")
+    def call():  # as the model's decode layers launch it: PDL where the device allows (RLHF_ENGINE_PDL=0: not)
+        return decode_linear(x, w, out_residual=ro, return_sumsq=True, backend="triton", pdl=True)
 
     monkeypatch.setattr(_launch, "_COUNTERS", {})
     graph = torch.cuda.CUDAGraph()

@@ -399,8 +399,9 @@ def compile_case(case):
     wait = ptx.find("griddepcontrol.wait")  # programmatic dependent launch: nothing may be written before it
     writes = None if wait < 0 else len(re.findall(r"\b(?:st\.global|atom\.|red\.)", ptx[:wait]))
     loads = None if wait < 0 else len(re.findall(r"\b(?:ld\.global|cp\.async)", ptx[:wait]))
+    prefetches = None if wait < 0 else len(re.findall(r"\bprefetch\.", ptx[:wait]))
     return dict(ok=True, shared=k.metadata.shared, regs=regs, stack=stack, seconds=round(seconds, 2),
-                writes_before_wait=writes, loads_before_wait=loads)
+                writes_before_wait=writes, loads_before_wait=loads, prefetches_before_wait=prefetches)
 
 
 def main():
@@ -479,6 +480,7 @@ def test_compiles_for_sm90(compiled, case, request):
             bound = c["BLOCK_N"] * c["BLOCK_K"] * (2 if c.get("SWIGLU") else 1) // (32 * case["num_warps"])
         else:
             bound = 2
+            assert r["prefetches_before_wait"] > 0, f"{cid}: no L2 prefetch before the wait"
         assert 0 < r["loads_before_wait"] <= bound, f"{cid}: {r['loads_before_wait']} loads before the wait"
     assert r["shared"] <= H100_SMEM_PER_BLOCK, (
         f"{case['kernel']} ({cid}) needs {r['shared']} B of shared memory, "

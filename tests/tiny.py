@@ -89,11 +89,14 @@ def reversed_programs():
     from triton.runtime import interpreter
 
     builder = interpreter.interpreter_builder
-    forward = builder.set_grid_idx
+    if "set_grid_idx" in vars(builder):  # nested: the order is already reversed
+        yield
+        return
+    forward = type(builder).set_grid_idx
 
     def reverse(x, y, z):
         nx, ny, nz = builder.grid_dim
-        forward(nx - 1 - x, ny - 1 - y, nz - 1 - z)
+        forward(builder, nx - 1 - x, ny - 1 - y, nz - 1 - z)
 
     builder.set_grid_idx = reverse
     try:

@@ -212,18 +212,19 @@ class DecoderLayer(nn.Module):
                 t is not None and t.dtype != x.dtype
                 for t in (n1.weight, n2.weight, *wq, wg[0], o.weight, o.bias, down.weight, down.bias)):
             return None
+        # PDL on Hopper: each GEMM reads its first weights before waiting for the kernel before it (parameters)
+        kw = dict(backend="triton", pdl=True)
         if isinstance(d, RowSumSq):  # x is the whole stream, its rows' sums of squares computed by the last GEMM
-            qkv = decode_linear(x, *wq, norm_weight=n1.weight, eps=n1.eps, row_sumsq=d.sumsq, backend="triton").out
+            qkv = decode_linear(x, *wq, norm_weight=n1.weight, eps=n1.eps, row_sumsq=d.sumsq, **kw).out
         elif d is None:  # the first layer: no GEMM before it left the sums; the norm kernel, not a walk over the
             # full rows in each of the GEMM's ~250 programs
-            qkv = decode_linear(rms_norm(x, n1.weight, n1.eps, backend="triton"), *wq, backend="triton").out
+            qkv = decode_linear(rms_norm(x, n1.weight, n1.eps, backend="triton"), *wq, **kw).out
         else:  # after a layer of the usual path: the residual add in the prologue
-            qkv, x, _ = decode_linear(d, *wq, norm_weight=n1.weight, eps=n1.eps, residual=x, backend="triton")
+            qkv, x, _ = decode_linear(d, *wq, norm_weight=n1.weight, eps=n1.eps, residual=x, **kw)
         y = attn(None, cos, sin, meta, qkv=qkv, project=False)
-        h = decode_linear(y, o.weight, o.bias, out_residual=x, return_sumsq=True, backend="triton")
-        act = decode_linear(h.out, wg[0], norm_weight=n2.weight, eps=n2.eps, row_sumsq=h.sumsq, swiglu=True,
-                            backend="triton").out
-        out = decode_linear(act, down.weight, down.bias, out_residual=h.out, return_sumsq=True, backend="triton")
+        h = decode_linear(y, o.weight, o.bias, out_residual=x, return_sumsq=True, **kw)
+        act = decode_linear(h.out, wg[0], norm_weight=n2.weight, eps=n2.eps, row_sumsq=h.sumsq, swiglu=True, **kw).out
+        out = decode_linear(act, down.weight, down.bias, out_residual=h.out, return_sumsq=True, **kw)
         return out.out, RowSumSq(out.sumsq)
 
 
