@@ -234,7 +234,7 @@ _decode_linear_kernel_tuned = parallel_autotune(triton.autotune(
 )(_decode_linear_kernel))
 # fp32 on CUDA (tests): exact FMA dots, whose compile time grows with the tile: a small one
 _DL_FP32 = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLITS": 2}, num_warps=8, num_stages=2)
-_DL_INTERPRETER = {"BLOCK_N": 16, "BLOCK_K": 32}  # SPLITS from default_splits
+_DL_INTERPRETER = {"BLOCK_N": 16, "BLOCK_K": 32}  # SPLITS from default_config
 MAX_ROWS = 256  # a GEMM of more rows (prefill, training) is cuBLAS's job: this kernel re-reads its rows per N tile
 _MAX_SPLITS = 8
 
