@@ -12,7 +12,7 @@ Rows:
   o GEMM, add + norm, gate/up GEMM, silu * up, down GEMM (the last add rides in the next layer's norm).
 - "ours: split-K layer (4 kernels)": norm + q/k/v, o + add (+ sums of squares), norm + gate/up + SwiGLU, down + add,
   each launched with programmatic dependent launch on Hopper (its first weight block read while the previous kernel
-  finishes); "no PDL": the same launched the usual way (RLHF_ENGINE_PDL=0).
+  finishes); "no PDL": the same launched the usual way (pdl=False).
 Each row is timed as a CUDA-graph replay, 10 back to back a sample (a decode step replays its kernels so).
 Run: python benchmarks/bench_decode_gemm.py   (needs a CUDA device; RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1 runs a
 tiny fp32 shape on the CPU without graphs)
@@ -83,31 +83,19 @@ def main() -> list[dict]:
             gate, up = F.linear(h2, w["gu"]).chunk(2, dim=-1)
             return s2, F.linear(silu_mul(gate, up, backend="triton"), w["down"])
 
-        def split_k():
-            attn_in = decode_linear(s0, w["qkv"], w["qkv_b"], norm_weight=w["n1"], row_sumsq=s0_sq,
-                                    backend="triton", pdl=True).out[:, :Dq]
-            h = decode_linear(attn_in, w["o"], out_residual=s0, return_sumsq=True, backend="triton", pdl=True)
-            a = decode_linear(h.out, w["gu"], norm_weight=w["n2"], row_sumsq=h.sumsq, swiglu=True,
-                              backend="triton", pdl=True).out
-            return decode_linear(a, w["down"], out_residual=h.out, return_sumsq=True, backend="triton", pdl=True)
-
-        def split_k_no_pdl():  # the same kernels launched without programmatic dependent launch (A/B)
-            before = os.environ.get("RLHF_ENGINE_PDL")
-            os.environ["RLHF_ENGINE_PDL"] = "0"
-            try:
-                return split_k()
-            finally:
-                if before is None:
-                    del os.environ["RLHF_ENGINE_PDL"]
-                else:
-                    os.environ["RLHF_ENGINE_PDL"] = before
+        def split_k(pdl=True):  # pdl=False: the same kernels launched without programmatic dependent launch
+            kw = dict(backend="triton", pdl=pdl)
+            attn_in = decode_linear(s0, w["qkv"], w["qkv_b"], norm_weight=w["n1"], row_sumsq=s0_sq, **kw).out[:, :Dq]
+            h = decode_linear(attn_in, w["o"], out_residual=s0, return_sumsq=True, **kw)
+            a = decode_linear(h.out, w["gu"], norm_weight=w["n2"], row_sumsq=h.sumsq, swiglu=True, **kw).out
+            return decode_linear(a, w["down"], out_residual=h.out, return_sumsq=True, **kw)
 
         layer_bytes = sum(t.numel() * t.element_size() for t in (w["qkv"], w["o"], w["gu"], w["down"]))
         cases = [(p, "cuBLAS", wt, base) for p, (wt, base, _) in projections.items()]
         cases += [(p, "ours (split-K)", wt, ours) for p, (wt, _, ours) in projections.items()]
         cases += [("layer", "usual layer (7 kernels)", layer_bytes, usual),
                   ("layer", "ours: split-K layer (4 kernels)", layer_bytes, split_k),
-                  ("layer", "ours: split-K layer (4 kernels), no PDL", layer_bytes, split_k_no_pdl)]
+                  ("layer", "ours: split-K layer (4 kernels), no PDL", layer_bytes, lambda: split_k(pdl=False))]
         base_ms = {}
         with torch.no_grad():
             for what, impl, wt, fn in cases:

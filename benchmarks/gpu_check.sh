@@ -83,7 +83,8 @@ T0=$(date +%s)
 KERNEL_TESTS=${GPU_CHECK_KTEST_FILES:-"tests/test_fused_layer_node.py tests/test_checkpointing.py
   tests/test_decode_linear.py tests/test_norm_linear.py tests/test_decode_paths.py
   tests/test_batch_invariant.py tests/test_hf_attention.py
-  tests/test_decode_attention.py tests/test_generation.py tests/test_model.py tests/test_lora.py
+  tests/test_decode_attention.py tests/test_decode_fused_write.py tests/test_generation.py tests/test_model.py
+  tests/test_lora.py
   tests/test_fused_inference_ops.py
   tests/test_fused_layer_backward.py tests/test_hf_kernels.py tests/test_attention_tma.py
   tests/test_logprob.py tests/test_fused_linear_logprob.py tests/test_gae_triton.py tests/test_ppo_loss_triton.py

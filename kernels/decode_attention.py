@@ -45,14 +45,16 @@ _BACKENDS = ("auto", "triton", "torch")
 
 @triton.jit
 def _chunk(CACHE_LENS, CACHE_START, b, split, L, num_splits, HAS_START: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi): split ``split``'s chunk of sequence b's valid positions [n_start, n_end), n_end = min(len, L), the
-    chunk length rounded up to whole blocks (so a short sequence leaves the last splits empty)."""
-    n_end = tl.minimum(tl.load(CACHE_LENS + b), L)
+    """(cache_len, n_start, n_end, lo, hi): sequence b's length, its valid positions [n_start, n_end) with
+    n_end = min(len, L), and split ``split``'s chunk [lo, hi) of them, the chunk length rounded up to whole blocks
+    (so a short sequence leaves the last splits empty)."""
+    cache_len = tl.load(CACHE_LENS + b)
+    n_end = tl.minimum(cache_len, L)
     n_start = tl.maximum(tl.load(CACHE_START + b), 0) if HAS_START else 0
     span = tl.maximum(n_end - n_start, 0)
     chunk = ((span + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     lo = n_start + split * chunk
-    return lo, tl.minimum(lo + chunk, n_end)
+    return cache_len, n_start, n_end, lo, tl.minimum(lo + chunk, n_end)
 
 
 @triton.jit
@@ -99,7 +101,7 @@ def _decode_split_kernel(
         # PREFETCH_ROWS cache rows (a prefetch changes no value; rows outside [0, L) are never named): the lengths
         # as they are now (in the model written by ordinary launches well before), then the wait, and everything
         # below (the lengths again included) is read after it.
-        lo0, hi0 = _chunk(CACHE_LENS, CACHE_START, b, split, L, num_splits, HAS_START, BLOCK_N)
+        _, _, _, lo0, hi0 = _chunk(CACHE_LENS, CACHE_START, b, split, L, num_splits, HAS_START, BLOCK_N)
         p_end = tl.minimum(hi0, lo0 + PREFETCH_ROWS)
         line: tl.constexpr = 1024 // K.dtype.element_ty.primitive_bitwidth  # elements in a 128-byte line
         for r0 in range(lo0, p_end, 128):
@@ -110,13 +112,7 @@ def _decode_split_kernel(
                 _prefetch_l2(v_base + rr * stride_vt + d0)
         gdc_wait()
 
-    cache_len = tl.load(CACHE_LENS + b)
-    n_end = tl.minimum(cache_len, L)
-    if HAS_START:
-        n_start = tl.maximum(tl.load(CACHE_START + b), 0)
-    else:
-        n_start = 0
-    lo, hi = _chunk(CACHE_LENS, CACHE_START, b, split, L, num_splits, HAS_START, BLOCK_N)
+    cache_len, n_start, n_end, lo, hi = _chunk(CACHE_LENS, CACHE_START, b, split, L, num_splits, HAS_START, BLOCK_N)
 
     if WRITE_KV:
         # The cache write, fused. Token t's K (rotated with the query's RoPE tables at its position, fp32, rounded
@@ -212,7 +208,8 @@ def _decode_split_kernel(
             # every thread's partials stored before the acq_rel release) combines the splits of its rows as
             # _decode_reduce_kernel does, and zeroes the ticket for the next launch.
             tl.debug_barrier()
-            ticket = tl.atomic_add(CNT + b * tl.num_programs(1) + hk, 1, sem="acq_rel", scope="gpu")
+            cnt = CNT + b * tl.num_programs(1) + hk
+            ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
             if ticket == num_splits - 1:
                 first = part - split  # (BLOCK_R,) the rows' split-0 entries
                 offs_s = tl.arange(0, BLOCK_S)
@@ -230,7 +227,7 @@ def _decode_split_kernel(
                                   mask=row_ok[:, None] & dmask & (sp < num_splits), other=0.0, cache_modifier=".cg")
                     o += w_s[:, None] * o_s
                 o = o / tl.where(denom == 0.0, 1.0, denom)[:, None]
-                tl.atomic_xchg(CNT + b * tl.num_programs(1) + hk, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
                 o_ptrs = O + b64 * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]
                 tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask)
 

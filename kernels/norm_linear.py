@@ -74,17 +74,27 @@ def _epilogue(acc, acc_up, BIAS, RO, Y, SQO, rows, offs_n, m_ok, n_ok, pid_n, M,
 
 
 @triton.jit
+def _rows_in(X, R, rows, m_ok, k0, K, stride_xm, stride_rm, dt: tl.constexpr, HAS_RES: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """(s, mask) for K block k0 of the input rows: s = x, or x + r rounded to dt as the eager add."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mk = m_ok[:, None] & (offs_k[None, :] < K)
+    s = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
+    if HAS_RES:
+        r = tl.load(R + rows[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
+        s = (s.to(tl.float32) + r.to(tl.float32)).to(dt)
+    return s, mk
+
+
+@triton.jit
 def _gemm_rows(X, R, G, S, rows, m_ok, k0, K, stride_xm, stride_rm, stride_sm, pid_n, rstd, dt: tl.constexpr,
                w_t: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
     """The GEMM's A operand for K block k0: x's rows (+ r, s = x + r written once, by the first N tile's programs),
     normalized with rstd and the norm weight as the norm kernel rounds them."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
-    mk = m_ok[:, None] & k_ok[None, :]
-    a = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
+    a, mk = _rows_in(X, R, rows, m_ok, k0, K, stride_xm, stride_rm, dt, HAS_RES, BLOCK_K)
     if HAS_RES:
-        r = tl.load(R + rows[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
-        a = (a.to(tl.float32) + r.to(tl.float32)).to(dt)
         tl.store(S + rows[:, None] * stride_sm + offs_k[None, :], a, mask=mk & (pid_n == 0))
     if NORM:
         g = tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -140,12 +150,7 @@ def _decode_linear_kernel(
         else:
             sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mk = m_ok[:, None] & (offs_k[None, :] < K)
-                s = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
-                if HAS_RES:
-                    r = tl.load(R + rows[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
-                    s = (s.to(tl.float32) + r.to(tl.float32)).to(dt)
+                s, _ = _rows_in(X, R, rows, m_ok, k0, K, stride_xm, stride_rm, dt, HAS_RES, BLOCK_K)
                 sf = s.to(tl.float32)
                 sumsq += tl.sum(sf * sf, axis=1)
         rstd = 1.0 / tl.sqrt(sumsq / K + eps)
@@ -290,8 +295,8 @@ def decode_linear_forward(x, residual, norm_weight, eps, row_sumsq, weight, bias
     sqo = torch.empty((cdiv(N, bn_min), M), dtype=torch.float32, device=x.device) if return_sumsq else None
     if M == 0 or N == 0:
         return DecodeLinearOut(y, s, None if sqo is None else sqo.zero_())
-    ws_elems = max(cdiv(N, c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_N"] * c.kwargs["SPLITS"] for c in cands
-                   if c.kwargs["SPLITS"] > 1) if any(c.kwargs["SPLITS"] > 1 for c in cands) else 0
+    ws_elems = max((cdiv(N, c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_N"] * c.kwargs["SPLITS"] for c in cands
+                    if c.kwargs["SPLITS"] > 1), default=0)
     ws = torch.empty(max(1, ws_elems * cdiv(M, block_m) * block_m * (2 if swiglu else 1)), dtype=torch.float32,
                      device=x.device)
     cnt = tile_counters(x.device, max(cdiv(N, c.kwargs["BLOCK_N"]) for c in cands) * cdiv(M, block_m),

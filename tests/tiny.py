@@ -103,3 +103,15 @@ def reversed_programs():
         yield
     finally:
         del builder.set_grid_idx  # the class's method again
+
+
+def nan_padded_cache(B, L, Hkv, D, dtype, device, lens, start=None):
+    """Random caches whose unwritten slots (outside [start, lens)) hold NaN: they must never be read."""
+    k = torch.randn(B, L, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(B, L, Hkv, D, device=device, dtype=dtype)
+    for b in range(B):
+        lo = 0 if start is None else int(start[b])
+        for t in (k, v):
+            t[b, int(lens[b]):] = float("nan")
+            t[b, :lo] = float("nan")
+    return k, v
