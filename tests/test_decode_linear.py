@@ -137,7 +137,7 @@ def test_decode_layer_chain_matches_eager(dtype, device):
              down=_rand(g, H, F_, scale=F_ ** -0.5), n1=1 + 0.2 * torch.randn(H, generator=g),
              n2=1 + 0.2 * torch.randn(H, generator=g))
     x, ro = _rand(g, M, H), _rand(g, M, H)
-    exact = _layer(x.double(), ro.double(), {k: v.double() for k, v in p.items()}, "fp64")
+    exact = _layer(x.double(), ro.double(), {k: v.double() for k, v in p.items()}, "fp64").to(device)
     p = {k: v.to(device, dtype) for k, v in p.items()}
     x, ro = x.to(device, dtype), ro.to(device, dtype)
     with reversed_programs():  # under the interpreter: the programs in reverse order (the first split sums)
