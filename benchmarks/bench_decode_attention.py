@@ -81,6 +81,12 @@ def main() -> list[dict]:
         for name, splits in zip(write_names[1:], (1, 2, 4)):  # since the fifteenth session: splits in one launch
             impls[name] = (lambda n=splits: decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, num_splits=n,
                                                              kv_write=new_kv, backend="triton"))
+        # the same as a programmatic dependent launch (decode_attention(pdl=True), the split-K decode path's; Hopper
+        # only): alone in its graph it has no kernel before it to overlap, so this row prices the launch's wait
+        pdl_name = "ours + q RoPE + cache write fused, 1 launch (splits=1), PDL"
+        write_names += (pdl_name,)
+        impls[pdl_name] = lambda: decode_attention(q, k, v, lens, q_cos=cos, q_sin=sin, num_splits=1,
+                                                   kv_write=new_kv, backend="triton", pdl=True)
         with torch.no_grad():  # correctness first: every variant against SDPA
             want = impls["sdpa"]().transpose(1, 2).float()
             q_rot = apply_rope_reference(q, cos[:, :, None], sin[:, :, None]).transpose(1, 2).contiguous()

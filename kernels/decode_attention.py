@@ -18,10 +18,10 @@ Decoding reads the whole KV cache to produce a handful of rows: it is bound by m
    per (sequence, KV head) (a CTA barrier, then an acq_rel atomic); the last one combines the splits of its rows
    with the same formula and zeroes the ticket for the next launch (one launch a step, CUDA-graph safe).
 Splitting the sequence gives the card enough programs when B * Hkv is small (64 * 2 = 128 programs for 132 SMs).
-On Hopper (``_launch.use_pdl``) the split kernel is a programmatic dependent launch: it signals its dependents at
-once, prefetches to L2 the first ``PREFETCH_ROWS`` rows of its chunk of K and V (as the lengths read then place it:
-a prefetch changes no value), and only then waits for the kernel before it (in the model, the q/k/v GEMM) to
-complete; everything it computes with, the lengths included, is read after the wait.
+With ``pdl=True`` on Hopper (``_launch.use_pdl``) the split kernel is a programmatic dependent launch: it signals
+its dependents at once, prefetches to L2 the first ``PREFETCH_ROWS`` rows of its chunk of K and V (as the lengths
+read then place it: a prefetch changes no value), and only then waits for the kernel before it (in the model, the
+split-K q/k/v GEMM) to complete; everything it computes with, the lengths included, is read after the wait.
 Optionally (``q_cos``/``q_sin``) the split kernel applies RoPE to the query tile as it loads it, so that a decode
 step needs no separate kernel for it (the keys are rotated by the cache write, ``kv_cache.write_kv_cache``).
 """
@@ -342,6 +342,7 @@ def decode_attention_forward(
     q_cos: Optional[torch.Tensor] = None,
     q_sin: Optional[torch.Tensor] = None,
     kv_write: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Launch the split and reduce kernels; inputs validated by ``decode_attention``. Returns o (B, Tn, Hq, D).
     ``kv_write`` = (k_new, v_new, write_pos): the split kernel writes them into the cache first, each slot by the
@@ -379,7 +380,7 @@ def decode_attention_forward(
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_R=max(16, next_pow2(group * Tn)),
                 HAS_START=has_start, SINGLE_SPLIT=single, HAS_ROPE=has_rope, PRECISION=dot_precision(q.dtype),
                 WRITE_KV=kv_write is not None,
-                **({"PDL_TRIGGER": True, "PDL_WAIT": True, "launch_pdl": True} if use_pdl(q.device) else {}),
+                **({"PDL_TRIGGER": True, "PDL_WAIT": True, "launch_pdl": True} if pdl and use_pdl(q.device) else {}),
                 **({"FUSED_REDUCE": True, "BLOCK_S": max(2, next_pow2(num_splits))} if fused_reduce else {}))
     grid = (B, Hkv, num_splits)
     if q.is_cuda and block_n is None and autotune_enabled(q.dtype):
@@ -441,6 +442,7 @@ def decode_attention(
     q_sin: Optional[torch.Tensor] = None,
     kv_write: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     backend: str = "auto",
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Attention of Tn new tokens over a static KV cache (inference only, no autograd).
 
@@ -464,6 +466,11 @@ def decode_attention(
             splits, each slot by the program whose chunk reads it); under torch.compile or on the torch backend
             ``write_kv_cache`` runs first. cache_lens must count the new tokens, as always.
         backend: "auto" | "triton" | "torch" (see ``kernels.attention.flash_attention``).
+        pdl: on Hopper (``_launch.use_pdl``), launch the split kernel with programmatic dependent launch: it may
+            start while the kernel before it runs (it prefetches its first cache rows to L2, then waits for it)
+            and lets the next one start at once. Pays only after a kernel that triggers early (the model's
+            split-K q/k/v GEMM); after an ordinary launch it is the wait's cost alone. Off by default: the H200
+            run of 926e32e measured no gain on the default decode step (1.194 against 1.201 ms without it).
     Returns:
         o: (B, Tn, Hq, D) in q.dtype; rows without a valid position are zeros.
     """
@@ -509,7 +516,7 @@ def decode_attention(
     if torch.compiler.is_compiling():
         return decode_attention_op(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits, q_cos, q_sin)
     return decode_attention_forward(q, k_cache, v_cache, cache_lens, cache_start, scale, num_splits,
-                                    q_cos=q_cos, q_sin=q_sin, kv_write=kv_write)
+                                    q_cos=q_cos, q_sin=q_sin, kv_write=kv_write, pdl=pdl)
 
 
 def _check_kv_write(kv_write, k_cache: torch.Tensor, B: int, Tn: int) -> tuple[torch.Tensor, ...]:

@@ -135,16 +135,18 @@ def test_kv_write_validation(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 @pytest.mark.parametrize("splits", [1, 2, 4, 8])
 @pytest.mark.parametrize("L, Tn, with_start", [(384, 1, False), (384, 2, True), (40, 1, True)])
-def test_kv_write_fused_bf16_gpu_and_graph(L, Tn, with_start, splits, device, monkeypatch):
+def test_kv_write_fused_bf16_gpu_and_graph(L, Tn, with_start, splits, pdl, device, monkeypatch):
     """On the GPU, where the barrier between the kernel's cache stores and its loads is real: the slots written hold
     NaN before (a load that overtook its store would poison the output); the fused output equals, bit for bit, the
     plain attention over the cache the fused kernel wrote (one fixed tile for both: no autotuning), and the caches
     and output match write_kv_cache + decode_attention (bf16, Qwen2-0.5B's heads; short caches too, where the
     written slot is in the first block loaded after the barrier); then the same from a CUDA graph replayed at a
     later step. At 1, 2, 4 and 8 splits (each slot written by the program whose chunk reads it; the splits
-    combined by the kernel's last program)."""
+    combined by the kernel's last program). With ``pdl`` the fused kernel is a programmatic dependent launch on
+    Hopper (its prefetches before the wait), against the plain launch bit for bit."""
     monkeypatch.setenv("RLHF_ENGINE_AUTOTUNE", "0")
     B, Hq, Hkv, D = 64, 14, 2, 64
     k0, v0, k_new, v_new, q, cos, sin, write_pos, lens, start = _kv_write_case(
@@ -158,7 +160,7 @@ def test_kv_write_fused_bf16_gpu_and_graph(L, Tn, with_start, splits, device, mo
 
     def fused(k, v):
         return decode_attention(q, k, v, lens, cache_start=start, q_cos=cos, q_sin=sin, num_splits=splits,
-                                kv_write=(k_new, v_new, write_pos))
+                                kv_write=(k_new, v_new, write_pos), pdl=pdl)
 
     k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()
     o1, o2 = separate(k1, v1), fused(k2, v2)

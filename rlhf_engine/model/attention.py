@@ -225,13 +225,15 @@ def decode_norm_gemm_enabled() -> bool:
 
 def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
                     q_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    pdl: bool = False) -> torch.Tensor:
     """Decode attention of q (B,Tn,Hq,D) over the cache (B,L,Hkv,D) -> (B,Tn,Hq,D).
 
     q_rope: (cos, sin) (B, Tn, D) or their first halves (B, Tn, D/2) when q is not rotated yet: the triton
     kernel rotates it (fused decode path).
     kv_write: (k_new, v_new, write_pos), triton backend only: written into the cache first, K rotated with
     q_rope, by the attention kernel itself where it runs one split (``decode_attention(kv_write=...)``).
+    pdl: the kernel before is the split-K q/k/v GEMM (triggers early): launch with PDL on Hopper (``decode_attention``).
     """
     if kv_write is not None and meta.backend != "triton":
         raise ValueError("kv_write: only on the triton backend")
@@ -246,4 +248,4 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     q_cos, q_sin = q_rope if q_rope is not None else (None, None)
     return decode_attention(q, k_cache, v_cache, meta.cache_lens, cache_start=meta.cache_start, q_cos=q_cos,
-                            q_sin=q_sin, kv_write=kv_write, backend="triton")
+                            q_sin=q_sin, kv_write=kv_write, backend="triton", pdl=pdl)

@@ -62,10 +62,11 @@ class Attention(nn.Module):
         self.o_proj = Linear(config.q_size, H, bias=config.o_proj_bias, batch_invariant=bi)
 
     def forward(self, x: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
-                qkv: torch.Tensor | None = None, project: bool = True) -> torch.Tensor:
+                qkv: torch.Tensor | None = None, project: bool = True, pdl: bool = False) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); or, with ``qkv`` (B, T, Dq + 2 Dkv) given (the q/k/v projection already done,
         e.g. by the fused norm + GEMM of the decode step), x None. ``project=False``: the attention output (B, T, Dq)
-        before o_proj (the decode step's split-K path fuses o_proj with the residual add)."""
+        before o_proj (the decode step's split-K path fuses o_proj with the residual add). ``pdl``: the decode
+        attention kernel launched with PDL (``cache_attention``), after the split-K q/k/v GEMM."""
         B, T = (x if qkv is None else qkv).shape[:2]
         Dq, Dkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         # every mode on the fused path: generation, scoring and training run the same packed GEMM (training through
@@ -114,7 +115,8 @@ class Attention(nn.Module):
             if rope_in_write and meta.fuse_cache_write:
                 # by default (RLHF_ENGINE_DECODE_FUSED_WRITE=0 turns it off) the attention kernel writes the cache: one
                 # split (K rotated with q's tables: rope_rows is b * T, the same rows), one launch fewer a layer
-                y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin), kv_write=(k, v, meta.write_pos))
+                y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin), kv_write=(k, v, meta.write_pos),
+                                    pdl=pdl)
             else:
                 if rope_in_write:
                     from rlhf_engine.kernels.kv_cache import write_kv_cache
@@ -123,7 +125,8 @@ class Attention(nn.Module):
                                    sin=sin.reshape(B * T, -1), rope_positions=meta.rope_rows, backend="triton")
                 else:
                     write_kv(k_cache, v_cache, k, v, meta)
-                y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin) if rope_in_write else None)
+                y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin) if rope_in_write else None,
+                                    pdl=pdl)
         else:
             y = full_attention(q, k, v, meta)  # (B, T, Hq, D)
             if meta.mode == "prefill":
@@ -221,7 +224,7 @@ class DecoderLayer(nn.Module):
             qkv = decode_linear(rms_norm(x, n1.weight, n1.eps, backend="triton"), *wq, **kw).out
         else:  # after a layer of the usual path: the residual add in the prologue
             qkv, x, _ = decode_linear(d, *wq, norm_weight=n1.weight, eps=n1.eps, residual=x, **kw)
-        y = attn(None, cos, sin, meta, qkv=qkv, project=False)
+        y = attn(None, cos, sin, meta, qkv=qkv, project=False, pdl=True)  # PDL after the q/k/v GEMM
         h = decode_linear(y, o.weight, o.bias, out_residual=x, return_sumsq=True, **kw)
         act = decode_linear(h.out, wg[0], norm_weight=n2.weight, eps=n2.eps, row_sumsq=h.sumsq, swiglu=True, **kw).out
         out = decode_linear(act, down.weight, down.bias, out_residual=h.out, return_sumsq=True, **kw)
