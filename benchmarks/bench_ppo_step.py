@@ -18,7 +18,9 @@ Ours ("ours (PPOTrainer)"): ``rlhf_engine.model.llama.CausalLM`` roles in bf16 o
 ``rlhf_engine.trainer.ppo.PPOTrainer.train_step`` with a separate critic and a token reward (a
 reward model: a second trunk + linear head on the last token); the trainer keeps fp32 master
 weights for the actor and the critic (``MasterWeightAdamW``), and recomputes each decoder layer in the
-backward (``Setup.grad_ckpt``: the memory target needs it, see there).
+backward (``Setup.grad_ckpt``: the memory target needs it, see there). "ours (PPOTrainer, train CUDA graph)": the
+same trainer afterwards with ``ppo.train_cuda_graph`` on (opt-in; each micro-batch's forward + backward replayed
+as a CUDA graph once its shapes recur), timed on its third step, when every micro-batch is a replay.
 
 Both sides use the same hyperparameters: temperature 1, no top-k/top-p, β = 0.05 (k1 in the
 reward), scores clipped to ±10, γ = 1, λ = 0.95, clip 0.2, value clip 0.2, vf_coef 0.5, AdamW
@@ -347,6 +349,13 @@ def main(smoke: bool | None = None, steps: int = 1, device: str | None = None, b
         print(f"  ours step {i}: {m['time/step_s']:.2f} s", flush=True)
     ours = _rows(s, "ours (PPOTrainer)", _mean(runs), base)
     rows += ours
+    if dev.type == "cuda" and time_left() > 45:  # after the default's rows: the opt-in CUDA-graph training
+        try:
+            graphed_rows = _train_graph_rows(trainer, prompts, s, base, dev)
+            rows += graphed_rows
+            ours += graphed_rows
+        except Exception as e:  # noqa: BLE001 - report and keep the measured rows
+            print(f"  train CUDA graph FAILED {type(e).__name__}: {e}")
     print_table(rows)
     if not smoke:
         record(ours)
@@ -356,6 +365,25 @@ def main(smoke: bool | None = None, steps: int = 1, device: str | None = None, b
         except Exception as e:  # noqa: BLE001 - report and keep the measured rows
             print(f"  phase profile FAILED {type(e).__name__}: {e}")
     return rows
+
+
+def _train_graph_rows(trainer, prompts: list[str], s, base: dict | None, dev: torch.device) -> list[dict]:
+    """The same trainer with ``ppo.train_cuda_graph`` on (``trainer/train_graph.py``): its first step runs the
+    micro-batches eagerly (their shapes first seen), the second captures one and replays the rest, the third
+    replays every one and is the timed row. Reported beside: the replay counts and the peak memory."""
+    from rlhf_engine.trainer.train_graph import TrainGraphs
+
+    params = [p for o in trainer._optimizers() for p in o.params]
+    trainer.train_graphs = graphs = TrainGraphs(trainer._micro_batch_loss, params, device=trainer.device)
+    for what in ("shapes seen", "capture"):
+        t = time.perf_counter()
+        trainer.train_step(prompts)
+        print(f"  ours, train CUDA graph ({what}): {time.perf_counter() - t:.2f} s; {graphs.counts}", flush=True)
+    _free(dev)
+    m = trainer.train_step(prompts)
+    print(f"  ours, train CUDA graph (replays): {m['time/step_s']:.2f} s; {graphs.counts}", flush=True)
+    trainer.train_graphs = None  # the graphs and their pool go; the phase profile after this is the default's
+    return _rows(s, "ours (PPOTrainer, train CUDA graph)", _mean([m]), base)
 
 
 def _print_phase_kernel_time(trainer, prompts: list[str], walls: dict, dev: torch.device) -> None:

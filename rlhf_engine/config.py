@@ -121,6 +121,9 @@ class PPOConfig:
     critic: str = "shared"  # "shared": value head on the actor's trunk; "separate": its own model
     critic_init: str = "policy"  # for a separate critic: "policy" or "reward" weights
     logprob_parity_tol: float | None = None  # reuse generation's log-probs as old log-probs when set
+    # CUDA only, opt-in: replay each micro-batch's forward + backward as a CUDA graph once its shapes recur across
+    # steps (trainer/train_graph.py); keeps the fp32 gradients allocated between steps
+    train_cuda_graph: bool = False
 
     def __post_init__(self):
         from rlhf_engine.algo import AGG_MODES
@@ -155,6 +158,7 @@ class PPOConfig:
         _choice("ppo.critic_init", self.critic_init, ("policy", "reward"))
         _check(self.logprob_parity_tol is None or self.logprob_parity_tol >= 0, "ppo.logprob_parity_tol",
                ">= 0 or null", self.logprob_parity_tol)
+        _check(isinstance(self.train_cuda_graph, bool), "ppo.train_cuda_graph", "a bool", self.train_cuda_graph)
 
     @property
     def uses_critic(self) -> bool:

@@ -85,7 +85,17 @@ class MasterWeightAdamW:
         self.params = []
         self._low = None
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients, or with ``set_to_none=False`` zero the fp32 ones in place (the tensors a captured
+        CUDA graph accumulates into stay where they are; ``trainer/train_graph.py``)."""
+        if not set_to_none:
+            for p in self.params:
+                if p.grad is not None:
+                    _grad_to_master(p)  # a low-precision parameter's own gradient goes to its master first
+            grads = [m.grad for m in self.masters if m.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
+            return
         for p, m in zip(self.params, self.masters):
             p.grad = None
             if m is not p:

@@ -8,6 +8,7 @@ the step, and the only mid-step syncs are the finiteness checks that guard the w
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from contextlib import nullcontext
 
@@ -125,6 +126,12 @@ class PPOTrainer:
         self.sampler = PolicySampler(actor, tokenizer, cfg.generation, self.device, self.gen)
         self.eos_ids = self.sampler.eos_ids
         self.eos_tensor = torch.tensor(self.eos_ids, device=self.device)
+        self.train_graphs = None
+        if pc.train_cuda_graph:
+            from .train_graph import TrainGraphs
+
+            params = [p for o in self._optimizers() for p in o.params]
+            self.train_graphs = TrainGraphs(self._micro_batch_loss, params, device=self.device)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -252,6 +259,11 @@ class PPOTrainer:
         sums: dict[str, torch.Tensor] = {}
         n_updates, n_skipped = 0, 0
         grad_norm = torch.zeros((), device=self.device)
+        graphs = self.train_graphs  # CUDA-graph replays of the micro-batches (opt-in): gradients zeroed in place
+        if graphs is not None:
+            graphs.begin_update(consts=(dataclasses.astuple(pc), self.cfg.generation.temperature,
+                                        self.cfg.generation.max_new_tokens))
+        drop = graphs is None
         for _ in range(pc.epochs):
             order = torch.randperm(B, generator=self.gen, device=self.device)
             for mb_start in range(0, B, pc.minibatch_size):
@@ -260,18 +272,21 @@ class PPOTrainer:
                 num_tokens = mb_mask.sum().clamp(min=1)  # global normalizers of this minibatch
                 num_seqs = (mb_mask.sum(1) > 0).sum().clamp(min=1).float()
                 for o in self._optimizers():
-                    o.zero_grad()
+                    o.zero_grad(set_to_none=drop)
                 for mc_start in range(0, mb.numel(), pc.micro_batch_size):
                     part = ro.select(mb[mc_start:mc_start + pc.micro_batch_size])
-                    loss, metrics = self._micro_batch_loss(part, num_tokens, num_seqs)
-                    loss.backward()
+                    if graphs is not None:
+                        metrics = graphs.run(part, num_tokens, num_seqs)
+                    else:
+                        loss, metrics = self._micro_batch_loss(part, num_tokens, num_seqs)
+                        loss.backward()
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + v
                 norms = [o.clip_grad_norm_(self.cfg.optim.grad_clip) for o in self._optimizers()]
                 total_norm = torch.stack([n.float() for n in norms]).norm()
                 if not bool(torch.isfinite(total_norm)):  # one sync per optimizer step guards the weights
                     for o in self._optimizers():
-                        o.zero_grad()
+                        o.zero_grad(set_to_none=drop)
                     n_skipped += 1
                     continue
                 for o in self._optimizers():
@@ -289,7 +304,7 @@ class PPOTrainer:
         out["optim/lr"] = self.schedulers[0].get_last_lr()[0]
         out["skipped/nonfinite_updates"] = float(n_skipped)
         for o in self._optimizers():
-            o.zero_grad()
+            o.zero_grad(set_to_none=drop)
         return out
 
     def _micro_batch_loss(self, part: Rollout, num_tokens, num_seqs):
