@@ -374,15 +374,22 @@ def _train_graph_rows(trainer, prompts: list[str], s, base: dict | None, dev: to
     from rlhf_engine.trainer.train_graph import TrainGraphs
 
     params = [p for o in trainer._optimizers() for p in o.params]
-    trainer.train_graphs = graphs = TrainGraphs(trainer._micro_batch_loss, params, device=trainer.device)
-    for what in ("shapes seen", "capture"):
-        t = time.perf_counter()
-        trainer.train_step(prompts)
-        print(f"  ours, train CUDA graph ({what}): {time.perf_counter() - t:.2f} s; {graphs.counts}", flush=True)
-    _free(dev)
-    m = trainer.train_step(prompts)
-    print(f"  ours, train CUDA graph (replays): {m['time/step_s']:.2f} s; {graphs.counts}", flush=True)
-    trainer.train_graphs = None  # the graphs and their pool go; the phase profile after this is the default's
+    trainer.train_graphs = graphs = TrainGraphs(trainer._micro_batch_loss, params, watched=trainer._trained_tensors,
+                                                device=trainer.device)
+    try:
+        for what in ("shapes seen", "capture"):
+            t = time.perf_counter()
+            trainer.train_step(prompts)
+            print(f"  ours, train CUDA graph ({what}): {time.perf_counter() - t:.2f} s; {graphs.counts}", flush=True)
+        _free(dev)
+        m = trainer.train_step(prompts)
+        print(f"  ours, train CUDA graph (replays): {m['time/step_s']:.2f} s; {graphs.counts}; reserved "
+              f"{torch.cuda.memory_reserved(dev) / 2**30:.1f} GiB", flush=True)
+    finally:
+        trainer.train_graphs = None  # the graphs and their pool go; the phase profile after this is the default's
+        graphs.reset()
+    if graphs.counts["replayed"] == 0:
+        raise RuntimeError(f"no micro-batch was replayed: {graphs.counts}")
     return _rows(s, "ours (PPOTrainer, train CUDA graph)", _mean([m]), base)
 
 

@@ -24,7 +24,8 @@ from rlhf_engine.trainer.train_graph import TrainGraphs  # noqa: E402
 
 
 class ReplayByRerun:
-    """CPU stand-in for ``CudaGraphRecorder``: a capture executes nothing (as on a GPU); a replay runs the step."""
+    """CPU stand-in for ``CudaGraphRecorder``: a capture executes nothing (as on a GPU); a replay runs the step and,
+    as a graph does, writes its outputs into the same tensors each time."""
 
     def warm_stream(self):
         return None
@@ -33,7 +34,17 @@ class ReplayByRerun:
         pass
 
     def record(self, fn):
-        return fn
+        out = {}
+
+        def replay():
+            fresh = fn()
+            if not out:
+                out.update(fresh)
+            for k, v in fresh.items():
+                out[k].copy_(v)
+            return out
+
+        return replay
 
 
 def _cfg(device="cpu", graph=False, **ppo):
@@ -96,7 +107,7 @@ def test_graph_updates_equal_eager_updates(dtype):
     counts = graph.train_graphs.counts
     # 2 micro-batches a minibatch, 2 minibatches an update: the first update eager, the second captures its shape
     # once and replays the rest, the later ones replay all
-    assert counts == {"eager": 4, "captured": 1, "replayed": 11}, counts
+    assert counts == {"eager": 4, "captured": 1, "replayed": 11, "capture_failed": 0}, counts
     # the gradients stay allocated (zeroed) between updates: the graph accumulates into them
     assert all(m.grad is not None and not m.grad.any() for o in graph._optimizers() for m in o.masters)
     assert all(m.grad is None for o in eager._optimizers() for m in o.masters)
@@ -114,7 +125,7 @@ def test_new_shapes_run_eagerly_until_they_recur():
         for a, b in zip(_state(eager), _state(graph)):
             assert torch.equal(a, b), step
     # N=5: eager x4, capture + 3 replays, (N=4 eager x4), 4 replays; N=4 then: capture + 3 replays
-    assert counts == {"eager": 8, "captured": 2, "replayed": 10}, counts
+    assert counts == {"eager": 8, "captured": 2, "replayed": 10, "capture_failed": 0}, counts
     assert len(graph.train_graphs._graphs) == 2
 
 
@@ -142,6 +153,55 @@ def test_a_moved_parameter_or_gradient_drops_the_graphs():
     for a, b in zip(_state(eager), _state(graph)):
         assert torch.equal(a, b)
     assert counts["captured"] == 3
+
+
+def test_the_key_covers_the_loss_settings_and_the_model_state():
+    """What a graph bakes in besides shapes: a loss coefficient changed between updates, a forward hook added, the
+    recomputation turned off: each is a new key (eager, then captured in a later update), never a stale replay;
+    returned metrics never share storage with the graph's outputs."""
+    eager, graph = _trainer(torch.float32), _trainer(torch.float32, recorder=ReplayByRerun())
+    graph.actor.load_state_dict(eager.actor.state_dict())
+    tg = graph.train_graphs
+    changes = [lambda t: None, lambda t: None, lambda t: setattr(t.cfg.ppo, "ent_coef", 0.05),
+               lambda t: t.actor.model.layers[0].mlp.register_forward_hook(lambda *a: None),
+               lambda t: setattr(t.actor, "gradient_checkpointing", True)]
+    for step, change in enumerate(changes):
+        change(eager), change(graph)
+        before = dict(tg.counts)
+        ro = _rollout(step)
+        eager.update(ro), graph.update(ro)
+        for a, b in zip(_state(eager), _state(graph)):
+            assert torch.equal(a, b), step
+        if step >= 2:  # a new key: all four micro-batches eager, no replay of the old graph
+            assert tg.counts["eager"] - before["eager"] == 4 and tg.counts["replayed"] == before["replayed"], step
+    m1 = tg.run(graph_part := _rollout(9).select(torch.arange(2)), torch.tensor(8.0), torch.tensor(4.0))
+    tg.begin_update(graph._graph_consts())
+    m2 = tg.run(graph_part, torch.tensor(8.0), torch.tensor(4.0))
+    assert tg.counts["captured"] >= 1
+    assert all(m1[k].data_ptr() != m2[k].data_ptr() for k in m1)
+
+
+class FailingCapture(ReplayByRerun):
+    def record(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_leaves_the_shape_eager():
+    """A capture that raises (an op that cannot be captured): one warning, the update finishes equal to the eager one
+    (the warm-up's gradients counted once), and that shape is never tried again."""
+    eager, graph = _trainer(torch.float32), _trainer(torch.float32, recorder=FailingCapture())
+    graph.actor.load_state_dict(eager.actor.state_dict())
+    for step in range(4):
+        ro = _rollout(step)
+        if step == 1:
+            with pytest.warns(RuntimeWarning, match="capturing a micro-batch failed"):
+                graph.update(ro)
+        else:
+            graph.update(ro)
+        eager.update(ro)
+        for a, b in zip(_state(eager), _state(graph)):
+            assert torch.equal(a, b), step
+    assert graph.train_graphs.counts == {"eager": 15, "captured": 0, "replayed": 0, "capture_failed": 1}
 
 
 def test_train_cuda_graph_needs_cuda_and_a_bool():

@@ -131,7 +131,8 @@ class PPOTrainer:
             from .train_graph import TrainGraphs
 
             params = [p for o in self._optimizers() for p in o.params]
-            self.train_graphs = TrainGraphs(self._micro_batch_loss, params, device=self.device)
+            self.train_graphs = TrainGraphs(self._micro_batch_loss, params, watched=self._trained_tensors,
+                                            device=self.device)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -261,8 +262,7 @@ class PPOTrainer:
         grad_norm = torch.zeros((), device=self.device)
         graphs = self.train_graphs  # CUDA-graph replays of the micro-batches (opt-in): gradients zeroed in place
         if graphs is not None:
-            graphs.begin_update(consts=(dataclasses.astuple(pc), self.cfg.generation.temperature,
-                                        self.cfg.generation.max_new_tokens))
+            graphs.begin_update(consts=self._graph_consts())
         drop = graphs is None
         for _ in range(pc.epochs):
             order = torch.randperm(B, generator=self.gen, device=self.device)
@@ -306,6 +306,31 @@ class PPOTrainer:
         for o in self._optimizers():
             o.zero_grad(set_to_none=drop)
         return out
+
+    def _trained_models(self) -> list:
+        return [m for m in (self.actor, self.critic, self.value_head) if m is not None]
+
+    def _trained_tensors(self) -> list[torch.Tensor]:
+        """Every parameter and buffer of the models a micro-batch's loss runs (frozen ones too): a CUDA graph of it
+        reads them by address (``train_graph.py``)."""
+        return [t for m in self._trained_models() for t in (*m.parameters(), *m.buffers())]
+
+    def _graph_consts(self) -> tuple:
+        """What a captured micro-batch bakes in besides its inputs' shapes: the loss's settings, and the model state
+        that picks its code path (recomputation, the one-node layer, hooks and LoRA adapters' switches)."""
+        from rlhf_engine.model import fused_layer
+        from rlhf_engine.model.packing import global_hooks
+
+        state = []
+        for model in self._trained_models():
+            state.append(bool(getattr(model, "gradient_checkpointing", False)))
+            for m in model.modules():
+                hooked = bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+                enabled = getattr(m, "adapters_enabled", None)
+                if hooked or enabled is not None:
+                    state.append((id(m), hooked, enabled))
+        return (dataclasses.astuple(self.cfg.ppo), self.cfg.generation.temperature, self.cfg.generation.max_new_tokens,
+                fused_layer.enabled(), global_hooks(backward=True), tuple(state))
 
     def _micro_batch_loss(self, part: Rollout, num_tokens, num_seqs):
         pc, gc = self.cfg.ppo, self.cfg.generation

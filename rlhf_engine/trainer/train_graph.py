@@ -23,7 +23,14 @@ How:
   micro-batch runs eagerly.
 - The graphs share one memory pool (they never run concurrently, and each consumes within its replay all it
   writes there but its metrics, which are cloned at once). At most ``max_graphs`` are kept (least recently used
-  first out).
+  first out). The pool stays reserved while a graph lives, generation and scoring included: one micro-batch's
+  forward + backward peak, on top of the fp32 gradients kept between steps.
+- A capture that fails (an op that cannot be captured, e.g. ``torch.utils.checkpoint``'s RNG state, which the
+  model falls back to under dropout or autocast) warns once and leaves that shape eager; the warm-up already
+  accumulated the micro-batch's gradients.
+- The difference from the eager path: a parameter whose gradient is zeroed in place, not dropped, still gets
+  AdamW's weight decay and moment decay in a minibatch whose loss does not reach it (eager skips it). A shape is
+  captured only once every trainable parameter got a gradient in its warm-up.
 
 What it does not cover: anything that reads a device value on the host inside the micro-batch (there is none on
 the PPO path: the loss's metrics stay tensors), and the optimizer step and gradient clipping (a few launches,
@@ -31,6 +38,7 @@ left eager).
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -87,12 +95,14 @@ class TrainGraphs:
         loss_fn: ``(part, num_tokens, num_seqs) -> (loss, metrics)``, the trainer's micro-batch loss.
         params: the trainable parameters, whose ``.grad`` (or whose fp32 master's, ``p._rlhf_master``) the
             backward accumulates into.
+        watched: returns every other tensor the step reads by address (frozen weights, buffers): a replay needs
+            them where they were at its capture. Default: none beyond ``params``.
         recorder: a ``CudaGraphRecorder`` (tests pass a stand-in that replays by re-running ``fn``).
-        max_graphs: graphs kept (LRU).
+        max_graphs: graphs kept (LRU; they share one memory pool, so a graph costs little beyond its outputs).
     """
 
-    def __init__(self, loss_fn: LossFn, params: list[torch.Tensor], *, recorder=None, max_graphs: int = 2,
-                 device: Optional[torch.device] = None):
+    def __init__(self, loss_fn: LossFn, params: list[torch.Tensor], *, watched: Callable[[], list] = None,
+                 recorder=None, max_graphs: int = 8, device: Optional[torch.device] = None):
         if recorder is None:
             if device is None or device.type != "cuda":
                 raise ValueError(f"ppo.train_cuda_graph: needs a CUDA device, got {device}")
@@ -100,11 +110,13 @@ class TrainGraphs:
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs: expected an int >= 1, got {max_graphs!r}")
         self.loss_fn, self.params, self.consts = loss_fn, list(params), ()
+        self.watched = watched or (lambda: [])
         self.recorder, self.max_graphs = recorder, max_graphs
         self._graphs: OrderedDict = OrderedDict()  # key -> (replay, static inputs, addresses)
         self._seen: OrderedDict = OrderedDict()  # key -> the last update() that ran it eagerly (the newest 16)
+        self._never: set = set()  # keys whose capture failed: eager from then on
         self._update = 0
-        self.counts = {"eager": 0, "captured": 0, "replayed": 0}
+        self.counts = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0}
 
     def begin_update(self, consts: tuple = ()) -> None:
         """Called at the start of each ``update()``: keys seen before this call may be captured. ``consts``: the
@@ -125,9 +137,11 @@ class TrainGraphs:
         return owners
 
     def _addresses(self) -> tuple:
-        """What a graph reads or writes by address outside its pool: the parameters and the gradient tensors."""
-        return tuple((p.data_ptr(), None if g.grad is None else g.grad.data_ptr())
-                     for p, g in zip(self.params, self._grad_owners()))
+        """What a graph reads or writes by address outside its pool: the parameters, the gradient tensors and the
+        watched tensors (frozen weights, buffers)."""
+        return (tuple((p.data_ptr(), None if g.grad is None else g.grad.data_ptr())
+                      for p, g in zip(self.params, self._grad_owners())),
+                tuple(t.data_ptr() for t in self.watched()))
 
     def run(self, part, num_tokens: torch.Tensor, num_seqs: torch.Tensor) -> dict:
         """One micro-batch's forward and backward (gradients accumulated); returns its metrics (tensors)."""
@@ -146,7 +160,7 @@ class TrainGraphs:
                 return {k: v.clone() for k, v in replay().items()}
             self.reset()  # a parameter or a gradient tensor moved: nothing captured is valid any more
         last = self._seen.get(key)
-        if last is None or last == self._update:  # not run in an earlier update(): eager, no capture
+        if last is None or last == self._update or key in self._never:  # not run in an earlier update(): eager
             self._mark_seen(key)
             self.counts["eager"] += 1
             return self._eager(part, num_tokens, num_seqs)
@@ -188,7 +202,15 @@ class TrainGraphs:
             loss.backward()
             return m
 
-        replay = self.recorder.record(step)
+        try:
+            replay = self.recorder.record(step)
+        except Exception as e:  # noqa: BLE001 - e.g. an op that cannot be captured: this shape stays eager
+            # (the capture executed nothing: the warm-up's gradients are the micro-batch's, counted once)
+            self._never.add(key)
+            self.counts["capture_failed"] += 1
+            warnings.warn(f"ppo.train_cuda_graph: capturing a micro-batch failed ({type(e).__name__}: {e}); its "
+                          "shape runs eagerly from now on", RuntimeWarning, stacklevel=3)
+            return metrics
         self._graphs[key] = (replay, static, self._addresses())
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
