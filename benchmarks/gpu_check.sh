@@ -24,7 +24,7 @@
 # first skipped, e.g. GPU_CHECK_SKIP=build GPU_CHECK_BENCH="ppo_step generate". Knobs (environment):
 # GPU_CHECK_BUDGET_S (total, default 450), GPU_CHECK_BUILD_S (150), GPU_CHECK_TEST_S (120), GPU_CHECK_KTEST_S (60),
 # GPU_CHECK_TEST_RESERVE_S (100),
-# GPU_CHECK_SKIP (any of "build fastlaunch tests ktests bench"),
+# GPU_CHECK_SKIP (any of "build fastlaunch host tests ktests bench"),
 # GPU_CHECK_BENCH (substrings of the benchmarks to run, e.g. "logprob ppo_step"), GPU_CHECK_KTEST_FILES (the kernel
 # test files, space-separated, in order),
 # RLHF_ENGINE_CUDA_ARCHS (default 90a: Hopper only, to save build time), PYTHON (default python),
@@ -291,6 +291,18 @@ EOF
   fi
   echo "cached launches: $FASTLAUNCH"
 
+  # This host's Python speed (the PPO training phase is host-bound): benchmarks/host_train.py times the training
+  # forward + backward with the launches stubbed, on the CPU, as RESULTS.md quotes it for the CI box (~10 s).
+  step "host time of a training forward + backward: benchmarks/host_train.py (CPU, launches stubbed)"
+  local HOSTT="skipped (GPU_CHECK_SKIP)"
+  if ! skipped host; then
+    c=$(cap 45)
+    timeout -k 5 "$c" "$PY" benchmarks/host_train.py --rounds 2 --reps 5 > "$OUT/host_train.txt" 2>&1
+    rc=$?
+    tail -n 5 "$OUT/host_train.txt"
+    HOSTT="$(rc_note $rc "$c"): $(grep -m1 'one node' "$OUT/host_train.txt" | tr -s ' ')"
+  fi
+
   # Parallel test workers (pytest-xdist, carried: benchmarks/fetch_baselines.sh), if this pytest loads it: the
   # kernel tests are mostly Triton compiles (ptxas: one core each), 16 cores here. The probe starts two workers on
   # two quick CPU tests (collect-only would not start any); it runs before the benchmarks, whose host-bound
@@ -386,6 +398,7 @@ EOF
     echo "- CUDA: $CUDA"
     echo "- build: $BUILD"
     echo "- cached Triton launches: ${FASTLAUNCH:-not checked}"
+    echo "- host_train.py (this host's Python): ${HOSTT:-not run}"
     echo "- GPU tests (pytest -m gpu tests): $TESTS"
     echo "- kernel tests on CUDA (not gpu-marked): $KTESTS"
     echo "- benchmarks: $BENCH"
