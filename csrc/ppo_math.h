@@ -4,7 +4,8 @@
 //   delta = logp - old_logp;  rho = exp(clamp(delta, -20, 20))
 //   pg    = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high));   clipped = (second > first)
 //   dual clip (c > 1, A < 0, pg > -c A):  pg = -c A, clipped = true
-//   vf    = 1/2 max((V - G)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - G)^2)   (or 1/2 (V - G)^2)
+//   vf    = 1/2 max((V - G)^2, (V_clip - G)^2)   (or 1/2 (V - G)^2), V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
+//           taken as V itself where |V - V_old| <= eps_v (V_old + (V - V_old) can round away from V)
 //   k     = clamp(k1 | k2 | k3 (x = logp - ref_logp), -10, 10)
 //   loss  = agg(pg) + vf_coef agg(vf) - ent_coef agg(H) + kl_coef agg(k)
 // Every term shares the aggregation weights w_bt = m_bt * c_b (row_weight below), so the ops
@@ -129,12 +130,14 @@ RLHF_HD void ppo_token(const PpoConsts<T>& c, T lp, T olp, T adv, T v, T ov, T r
     T vf = T(0.5) * err, dv = e1, vclipped = T(0);
     if (c.vclip) {
       const T dvo = v - ov;
-      const T e2 = (ov + clampv(dvo, c.vclip_lo, c.vclip_hi)) - ret;
+      // in range the clipped value is v itself, not ov + dvo (an ulp away: a clip counted by rounding)
+      const T inr = in_range(dvo, c.vclip_lo, c.vclip_hi);
+      const T e2 = (inr != T(0) ? v : ov + clampv(dvo, c.vclip_lo, c.vclip_hi)) - ret;
       const T err2 = e2 * e2;
       const T da = max_grad_first(err, err2);
       vf = T(0.5) * (err > err2 ? err : err2);
       vclipped = err2 > err ? T(1) : T(0);
-      dv = da * e1 + (T(1) - da) * e2 * in_range(dvo, c.vclip_lo, c.vclip_hi);
+      dv = da * e1 + (T(1) - da) * e2 * inr;
     }
     s[kVf] += Acc(vf);
     s[kVfClipped] += Acc(vclipped);

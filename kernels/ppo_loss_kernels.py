@@ -177,11 +177,13 @@ def _ppo_loss_fwd_kernel(
             if VCLIP:
                 v_old = tl.load(vold_ptr + offs, mask=ok, other=0.0).to(tl.float32)
                 dvv = v - v_old
-                errc = v_old + tl.minimum(tl.maximum(dvv, -value_clip), value_clip) - ret
+                in_v = (dvv >= -value_clip) & (dvv <= value_clip)
+                # in range the clipped value is v itself, not v_old + dvv (an ulp away: a clip counted by rounding)
+                errc = tl.where(in_v, v, v_old + tl.minimum(tl.maximum(dvv, -value_clip), value_clip)) - ret
                 e2 = err * err
                 ec2 = errc * errc
                 vf = 0.5 * tl.maximum(e2, ec2)
-                dc = tl.where((dvv >= -value_clip) & (dvv <= value_clip), errc, 0.0)
+                dc = tl.where(in_v, errc, 0.0)
                 dvf = tl.where(e2 > ec2, err, tl.where(ec2 > e2, dc, 0.5 * (err + dc)))
                 acc_vclip += tl.sum(tl.where(m & (ec2 > e2), 1.0, 0.0), axis=1)
             else:

@@ -51,6 +51,35 @@ def test_value_loss_hand_case():
     torch.testing.assert_close(loss, torch.tensor([[0.5]], dtype=D))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_value_clip_fraction_counts_no_rounding(backend, dtype):
+    """Tokens with |V - V_old| <= eps_v are never counted as value-clipped: V_old + (V - V_old) rounds an ulp away
+    from V for many of them, and comparing the two losses counted those (a clip fraction of rounding noise). Out of
+    range, every token whose clipped loss is larger is counted. Reference, C++ op and Triton kernel (interpreter)."""
+    if backend == "cpp":
+        pytest.importorskip("rlhf_engine._C")
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernel takes 16/32-bit inputs")
+    g = torch.Generator().manual_seed(3)
+    B, T = 4, 257
+    v = torch.randn(B, T, generator=g, dtype=dtype)
+    d_in = (torch.rand(B, T, generator=g, dtype=dtype) * 2 - 1) * 0.2  # in range, the bounds included below
+    d_in[0, :2] = torch.tensor([0.2, -0.2], dtype=dtype)
+    vo = v - d_in
+    assert (vo + (v - vo) != v).any()  # the rounding the fix is about occurs in this sample
+    ret = torch.randn(B, T, generator=g, dtype=dtype)
+    mask = torch.ones(B, T, dtype=dtype)
+    z = torch.zeros(B, T, dtype=dtype)
+    _, m = ppo_loss(z, z, z, mask, values=v, old_values=vo, returns=ret, value_clip=0.2, backend=backend)
+    assert m["vf_clip_frac"].item() == 0.0
+    # out of range: clipped exactly where the clipped loss is larger
+    vo_far = v - torch.where(torch.rand(B, T, generator=g) < 0.5, 1.0, -1.0).to(dtype) * 0.5
+    _, m = ppo_loss(z, z, z, mask, values=v, old_values=vo_far, returns=ret, value_clip=0.2, backend=backend)
+    want = ((vo_far + (v - vo_far).clamp(-0.2, 0.2) - ret) ** 2 > (v - ret) ** 2).to(dtype).mean()
+    torch.testing.assert_close(m["vf_clip_frac"], want)
+
+
 def test_aggregation_hand_case():
     l = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0], [5.0, 5.0, 5.0]], dtype=D)
     m = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=D)

@@ -73,12 +73,16 @@ def policy_loss_per_token(logp, old_logp, advantages, *, clip_low=0.2, clip_high
 def value_loss_per_token(values, old_values, returns, *, value_clip=0.2):
     """Per-token clipped value loss. Returns (loss (B,T), clipped (B,T) bool).
 
-        l = 1/2 max((V - G)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - G)^2)
+        l = 1/2 max((V - G)^2, (V_clip - G)^2),  V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
+    V_clip is V itself where |V - V_old| <= eps_v: computed as V_old + (V - V_old) it can round an ulp away from V,
+    and that ulp alone would count the token as clipped (it did here, and does in implementations that compare the
+    two losses: the clip fraction then counts rounding noise).
     """
     err = (values - returns) ** 2
     if value_clip is None:
         return 0.5 * err, torch.zeros_like(err, dtype=torch.bool)
-    v_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    d = values - old_values
+    v_clipped = torch.where(d.abs() <= value_clip, values, old_values + d.clamp(-value_clip, value_clip))
     err_clipped = (v_clipped - returns) ** 2
     return 0.5 * torch.maximum(err, err_clipped), err_clipped > err
 
