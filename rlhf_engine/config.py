@@ -124,6 +124,9 @@ class PPOConfig:
     # CUDA only, opt-in: replay each micro-batch's forward + backward as a CUDA graph once its shapes recur across
     # steps (trainer/train_graph.py); keeps the fp32 gradients allocated between steps
     train_cuda_graph: bool = False
+    # with train_cuda_graph: the rollout's prompt and response widths padded (masked) to a multiple of this for the
+    # update, so that micro-batch shapes recur although responses are trimmed to their longest; 1: no padding
+    train_cuda_graph_pad: int = 64
 
     def __post_init__(self):
         from rlhf_engine.algo import AGG_MODES
@@ -159,6 +162,8 @@ class PPOConfig:
         _check(self.logprob_parity_tol is None or self.logprob_parity_tol >= 0, "ppo.logprob_parity_tol",
                ">= 0 or null", self.logprob_parity_tol)
         _check(isinstance(self.train_cuda_graph, bool), "ppo.train_cuda_graph", "a bool", self.train_cuda_graph)
+        _check(isinstance(self.train_cuda_graph_pad, int) and self.train_cuda_graph_pad >= 1,
+               "ppo.train_cuda_graph_pad", "an int >= 1", self.train_cuda_graph_pad)
 
     @property
     def uses_critic(self) -> bool:

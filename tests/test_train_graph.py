@@ -19,7 +19,7 @@ from tiny import byte_tokenizer, tiny_model  # noqa: E402
 from rlhf_engine import EngineConfig  # noqa: E402
 from rlhf_engine.trainer.actor_critic import separate_critic  # noqa: E402
 from rlhf_engine.trainer.ppo import PPOTrainer  # noqa: E402
-from rlhf_engine.trainer.rollout import Rollout  # noqa: E402
+from rlhf_engine.trainer.rollout import Rollout, pad_rollout  # noqa: E402
 from rlhf_engine.trainer.train_graph import TrainGraphs  # noqa: E402
 
 
@@ -47,21 +47,22 @@ class ReplayByRerun:
         return replay
 
 
-def _cfg(device="cpu", graph=False, **ppo):
+def _cfg(device="cpu", graph=False, pad=1, **ppo):
     return EngineConfig.from_dict({
         "generation": {"max_new_tokens": 5, "max_prompt_len": 6, "temperature": 0.9},
         "ppo": {"advantage": "gae", "critic": "separate", "minibatch_size": 4, "micro_batch_size": 2,
-                "ent_coef": 0.01, "kl_loss_coef": 0.1, "train_cuda_graph": graph, **ppo},
+                "ent_coef": 0.01, "kl_loss_coef": 0.1, "train_cuda_graph": graph, "train_cuda_graph_pad": pad,
+                **ppo},
         "optim": {"lr": 1e-3, "grad_clip": 1.0},
         "run": {"steps": 4, "prompts_per_step": 8, "device": device, "progress": False, "tensorboard": False,
                 "plot": False}})
 
 
-def _trainer(dtype, device="cpu", graph=False, recorder=None):
+def _trainer(dtype, device="cpu", graph=False, recorder=None, pad=1):
     actor = tiny_model(0).to(device, dtype)
     critic = separate_critic(tiny_model(1).to(device, dtype))
-    tr = PPOTrainer(_cfg(str(device), graph), actor, byte_tokenizer(), lambda p, r: [0.0] * len(r), critic=critic,
-                    device=device)
+    tr = PPOTrainer(_cfg(str(device), graph, pad), actor, byte_tokenizer(), lambda p, r: [0.0] * len(r),
+                    critic=critic, device=device)
     if recorder is not None:  # the CPU: the graphs with the stand-in recorder
         params = [p for o in tr._optimizers() for p in o.params]
         tr.train_graphs = TrainGraphs(tr._micro_batch_loss, params, recorder=recorder)
@@ -179,6 +180,39 @@ def test_the_key_covers_the_loss_settings_and_the_model_state():
     m2 = tg.run(graph_part, torch.tensor(8.0), torch.tensor(4.0))
     assert tg.counts["captured"] >= 1
     assert all(m1[k].data_ptr() != m2[k].data_ptr() for k in m1)
+
+
+def test_pad_rollout_keeps_every_valid_token_and_the_layout():
+    ro = _rollout(1, N=5)
+    pr = pad_rollout(ro, 4, pad_id=0)
+    assert pr.input_ids.shape == (8, 16) and pr.response_ids.shape == (8, 8)  # P 6 -> 8, N 5 -> 8
+    assert torch.equal(pr.input_ids[:, 2:13], ro.input_ids) and torch.equal(pr.attention_mask[:, 2:13],
+                                                                              ro.attention_mask)
+    assert not pr.attention_mask[:, :2].any() and not pr.attention_mask[:, 13:].any()
+    for name in ("response_ids", "response_mask", "old_logp", "advantages", "values", "returns"):
+        assert torch.equal(getattr(pr, name)[:, :5], getattr(ro, name)), name
+        assert not getattr(pr, name)[:, 5:].any(), name
+    assert pr.scores is ro.scores and pad_rollout(ro, 1, 0) is ro
+    with pytest.raises(ValueError, match="multiple"):
+        pad_rollout(ro, 0, 0)
+
+
+def test_padded_updates_equal_unpadded_ones_and_make_shapes_recur():
+    """``ppo.train_cuda_graph_pad``: the update on masked, padded widths equals the unpadded one up to the
+    roundings of longer rows (AdamW scales an update to ~lr whatever the gradient: a near-zero gradient's rounding
+    can move a weight by a fraction of lr, hence the weights' looser bound); and response widths 5 and 4 pad to one
+    shape, so the second update already replays."""
+    plain, padded = _trainer(torch.float32), _trainer(torch.float32, recorder=ReplayByRerun(), pad=8)
+    padded.actor.load_state_dict(plain.actor.state_dict())
+    for step, N in enumerate([5, 4, 5]):
+        ro = _rollout(step, N=N)
+        m_plain, m_padded = plain.update(ro), padded.update(ro)
+        for k in m_plain:
+            torch.testing.assert_close(torch.as_tensor(m_padded[k]), torch.as_tensor(m_plain[k]), atol=1e-6,
+                                       rtol=1e-5)
+        for a, b in zip(_state(plain), _state(padded)):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)  # lr = 1e-3
+    assert padded.train_graphs.counts == {"eager": 4, "captured": 1, "replayed": 7, "capture_failed": 0}
 
 
 class FailingCapture(ReplayByRerun):

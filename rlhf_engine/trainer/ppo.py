@@ -24,7 +24,7 @@ from .actor_critic import ValueHead, critic_forward, policy_forward
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .logging import MetricsLogger, plot_curves
 from .optim import MasterWeightAdamW, lr_schedule
-from .rollout import PromptSampler, Rollout
+from .rollout import PromptSampler, Rollout, pad_rollout
 from .sampler import PolicySampler
 
 
@@ -263,6 +263,8 @@ class PPOTrainer:
         graphs = self.train_graphs  # CUDA-graph replays of the micro-batches (opt-in): gradients zeroed in place
         if graphs is not None:
             graphs.begin_update(consts=self._graph_consts())
+            if pc.train_cuda_graph_pad > 1:  # masked columns: widths that recur across steps, the same loss
+                ro = pad_rollout(ro, pc.train_cuda_graph_pad, self.sampler.pad_id)
         drop = graphs is None
         for _ in range(pc.epochs):
             order = torch.randperm(B, generator=self.gen, device=self.device)

@@ -75,3 +75,41 @@ class Rollout:
         """Rows ``idx`` (a 1-D index tensor) of every field."""
         return Rollout(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
                           for f in dataclasses.fields(self)})
+
+
+def pad_rollout(ro: Rollout, multiple: int, pad_id: int) -> Rollout:
+    """``ro`` with its prompt width P and response width N each padded up to a multiple of ``multiple``: new
+    prompt columns on the left, new response columns on the right, all masked (attention 0, response mask 0,
+    per-token tensors 0, ids ``pad_id``). The layout (one contiguous valid block per row) and every valid token's
+    position (counted from the mask) are unchanged, so is the loss: it reads only masked-in tokens and its
+    normalizers are mask sums. What it buys: widths that recur across steps, so that a CUDA graph of the training
+    micro-batch (``ppo.train_cuda_graph``) can be replayed although responses are trimmed to their longest."""
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple: expected an int >= 1, got {multiple!r}")
+    B, T = ro.input_ids.shape
+    N = ro.response_ids.shape[1]
+    P = T - N
+    dp, dn = -P % multiple, -N % multiple
+    if dp == 0 and dn == 0:
+        return ro
+
+    def right(t, value):  # (B, N) -> (B, N + dn)
+        return torch.nn.functional.pad(t, (0, dn), value=value)
+
+    def both(t, value):  # (B, P + N) -> (B, dp + P + N + dn)
+        return torch.nn.functional.pad(t, (dp, dn), value=value)
+
+    fields = {}
+    for f in dataclasses.fields(ro):
+        t = getattr(ro, f.name)
+        if t is None or f.name == "scores":
+            fields[f.name] = t
+        elif f.name == "input_ids":
+            fields[f.name] = both(t, pad_id)
+        elif f.name == "attention_mask":
+            fields[f.name] = both(t, 0)
+        elif f.name == "response_ids":
+            fields[f.name] = right(t, pad_id)
+        else:  # response_mask and the per-token fp32 tensors
+            fields[f.name] = right(t, 0)
+    return Rollout(**fields)
