@@ -124,7 +124,8 @@ RLHF_HD void ppo_token(const PpoConsts<T>& c, T lp, T olp, T adv, T v, T ov, T r
   s[kApproxKl] += Acc(T(0.5) * delta * delta);
 
   if (c.has_values) {
-    // Value: 1/2 max((V - G)^2, (V_old + clip(V - V_old, -eps, eps) - G)^2); d/dV = (first or second) e.
+    // Value: 1/2 max((V - G)^2, (V_clip - G)^2), V_clip = V where |V - V_old| <= eps, else V_old +- eps;
+    // d/dV = (first or second) e.
     const T e1 = v - ret;
     const T err = e1 * e1;
     T vf = T(0.5) * err, dv = e1, vclipped = T(0);

@@ -10,9 +10,9 @@ Per token (notation of ``rlhf_engine.algo.losses``; all derivatives are those au
            d max(p, q) = dp if p > q, dq if q > p, (dp + dq) / 2 on a tie (as torch.maximum)
            dual clip (c):  lower = -c A;  pg <- lower where A < 0 and pg > lower (there d pg = 0)
            clipped = pg2 > pg1 (or the dual clip fired)
-  value:   e = V - G,  vc = V_old + clamp(V - V_old, -eps_v, eps_v),  ec = vc - G
+  value:   e = V - G,  vc = V_old + clamp(V - V_old, -eps_v, eps_v) (V itself where in range),  ec = vc - G
            vf = 1/2 max(e^2, ec^2);   d(e^2/2)/dV = e,   d(ec^2/2)/dV = ec [-eps_v <= V - V_old <= eps_v]
-           tie e^2 == ec^2 (always in PPO's first epoch, V == V_old): half to each branch, as torch.maximum
+           tie e^2 == ec^2 (every token in range): half to each branch, as torch.maximum (both are e there)
            unclipped (value_clip None): vf = e^2 / 2, d vf/dV = e
   entropy: H (the given per-token entropy), d/dH = 1
   KL:      y = logp - ref_logp (kl_estimate, clamp 10):

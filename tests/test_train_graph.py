@@ -189,10 +189,14 @@ def test_pad_rollout_keeps_every_valid_token_and_the_layout():
     assert torch.equal(pr.input_ids[:, 2:13], ro.input_ids) and torch.equal(pr.attention_mask[:, 2:13],
                                                                               ro.attention_mask)
     assert not pr.attention_mask[:, :2].any() and not pr.attention_mask[:, 13:].any()
-    for name in ("response_ids", "response_mask", "old_logp", "advantages", "values", "returns"):
+    for name in ("response_ids", "response_mask", "old_logp", "ref_logp", "kl", "rewards", "advantages", "values",
+                 "returns"):
         assert torch.equal(getattr(pr, name)[:, :5], getattr(ro, name)), name
         assert not getattr(pr, name)[:, 5:].any(), name
     assert pr.scores is ro.scores and pad_rollout(ro, 1, 0) is ro
+    capped = pad_rollout(ro, 4, 0, max_prompt=7, max_response=6)  # never past the widest possible widths
+    assert capped.input_ids.shape == (8, 13) and capped.response_ids.shape == (8, 6)
+    assert pad_rollout(ro, 64, 0, max_prompt=6, max_response=5) is ro  # already as wide as they get
     with pytest.raises(ValueError, match="multiple"):
         pad_rollout(ro, 0, 0)
 

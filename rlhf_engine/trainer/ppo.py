@@ -264,7 +264,9 @@ class PPOTrainer:
         if graphs is not None:
             graphs.begin_update(consts=self._graph_consts())
             if pc.train_cuda_graph_pad > 1:  # masked columns: widths that recur across steps, the same loss
-                ro = pad_rollout(ro, pc.train_cuda_graph_pad, self.sampler.pad_id)
+                gc = self.cfg.generation
+                ro = pad_rollout(ro, pc.train_cuda_graph_pad, self.sampler.pad_id, max_prompt=gc.max_prompt_len,
+                                 max_response=gc.max_new_tokens)
         drop = graphs is None
         for _ in range(pc.epochs):
             order = torch.randperm(B, generator=self.gen, device=self.device)

@@ -77,19 +77,26 @@ class Rollout:
                           for f in dataclasses.fields(self)})
 
 
-def pad_rollout(ro: Rollout, multiple: int, pad_id: int) -> Rollout:
-    """``ro`` with its prompt width P and response width N each padded up to a multiple of ``multiple``: new
-    prompt columns on the left, new response columns on the right, all masked (attention 0, response mask 0,
-    per-token tensors 0, ids ``pad_id``). The layout (one contiguous valid block per row) and every valid token's
-    position (counted from the mask) are unchanged, so is the loss: it reads only masked-in tokens and its
-    normalizers are mask sums. What it buys: widths that recur across steps, so that a CUDA graph of the training
-    micro-batch (``ppo.train_cuda_graph``) can be replayed although responses are trimmed to their longest."""
+def pad_rollout(ro: Rollout, multiple: int, pad_id: int, max_prompt: int | None = None,
+                max_response: int | None = None) -> Rollout:
+    """``ro`` with its prompt width P and response width N each padded up to a multiple of ``multiple``, but not
+    past ``max_prompt`` / ``max_response`` (the widest a rollout can be: that width recurs too): new prompt
+    columns on the left, new response columns on the right, all masked (attention 0, response mask 0, per-token
+    tensors 0, ids ``pad_id``). The layout (one contiguous valid block per row) and every valid token's position
+    (counted from the mask) are unchanged, so is the loss: it reads only masked-in tokens and its normalizers are
+    mask sums. What it buys: widths that recur across steps, so that a CUDA graph of the training micro-batch
+    (``ppo.train_cuda_graph``) can be replayed although responses are trimmed to their longest."""
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple: expected an int >= 1, got {multiple!r}")
     B, T = ro.input_ids.shape
     N = ro.response_ids.shape[1]
     P = T - N
-    dp, dn = -P % multiple, -N % multiple
+
+    def target(width, limit):
+        up = width + (-width % multiple)
+        return up if limit is None else max(width, min(up, limit))
+
+    dp, dn = target(P, max_prompt) - P, target(N, max_response) - N
     if dp == 0 and dn == 0:
         return ro
 
