@@ -220,14 +220,27 @@ def test_padded_updates_equal_unpadded_ones_and_make_shapes_recur():
 
 
 class FailingCapture(ReplayByRerun):
+    """A capture that raises midway, as an op that cannot be captured does: the aborted backward has given a
+    low-precision parameter a gradient that was never computed (its hook to the fp32 master did not run)."""
+
+    def __init__(self, params=()):
+        self.params = params
+
     def record(self, fn):
+        for p in self.params:
+            if getattr(p, "_rlhf_master", None) is not None:
+                p.grad = torch.full_like(p, float("nan"))
+                break
         raise RuntimeError("operation not permitted when stream is capturing")
 
 
-def test_a_failed_capture_leaves_the_shape_eager():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_failed_capture_leaves_the_shape_eager(dtype):
     """A capture that raises (an op that cannot be captured): one warning, the update finishes equal to the eager one
-    (the warm-up's gradients counted once), and that shape is never tried again."""
-    eager, graph = _trainer(torch.float32), _trainer(torch.float32, recorder=FailingCapture())
+    (the warm-up's gradients counted once, the aborted capture's left on a parameter dropped), and that shape is
+    never tried again."""
+    eager, graph = _trainer(dtype), _trainer(dtype, recorder=ReplayByRerun())
+    graph.train_graphs.recorder = FailingCapture([p for o in graph._optimizers() for p in o.params])
     graph.actor.load_state_dict(eager.actor.state_dict())
     for step in range(4):
         ro = _rollout(step)

@@ -205,7 +205,12 @@ class TrainGraphs:
         try:
             replay = self.recorder.record(step)
         except Exception as e:  # noqa: BLE001 - e.g. an op that cannot be captured: this shape stays eager
-            # (the capture executed nothing: the warm-up's gradients are the micro-batch's, counted once)
+            # (the capture executed nothing: the warm-up's gradients are the micro-batch's, counted once). A
+            # low-precision parameter may hold a gradient the aborted backward allocated and never computed (its hook
+            # did not run): dropped, or the optimizer would move it into the master
+            for p in self.params:
+                if getattr(p, "_rlhf_master", None) is not None:
+                    p.grad = None
             self._never.add(key)
             self.counts["capture_failed"] += 1
             warnings.warn(f"ppo.train_cuda_graph: capturing a micro-batch failed ({type(e).__name__}: {e}); its "
