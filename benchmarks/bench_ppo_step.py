@@ -371,11 +371,7 @@ def _train_graph_rows(trainer, prompts: list[str], s, base: dict | None, dev: to
     """The same trainer with ``ppo.train_cuda_graph`` on (``trainer/train_graph.py``): its first step runs the
     micro-batches eagerly (their shapes first seen), the second captures one and replays the rest, the third
     replays every one and is the timed row. Reported beside: the replay counts and the peak memory."""
-    from rlhf_engine.trainer.train_graph import TrainGraphs
-
-    params = [p for o in trainer._optimizers() for p in o.params]
-    trainer.train_graphs = graphs = TrainGraphs(trainer._micro_batch_loss, params, watched=trainer._trained_tensors,
-                                                device=trainer.device)
+    trainer.train_graphs = graphs = trainer.make_train_graphs()
     try:
         for what in ("shapes seen", "capture"):
             t = time.perf_counter()

@@ -64,8 +64,7 @@ def _trainer(dtype, device="cpu", graph=False, recorder=None, pad=1):
     tr = PPOTrainer(_cfg(str(device), graph, pad), actor, byte_tokenizer(), lambda p, r: [0.0] * len(r),
                     critic=critic, device=device)
     if recorder is not None:  # the CPU: the graphs with the stand-in recorder
-        params = [p for o in tr._optimizers() for p in o.params]
-        tr.train_graphs = TrainGraphs(tr._micro_batch_loss, params, recorder=recorder)
+        tr.train_graphs = tr.make_train_graphs(recorder=recorder)
     return tr
 
 

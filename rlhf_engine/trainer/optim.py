@@ -89,10 +89,7 @@ class MasterWeightAdamW:
         """Drop the gradients, or with ``set_to_none=False`` zero the fp32 ones in place (the tensors a captured
         CUDA graph accumulates into stay where they are; ``trainer/train_graph.py``)."""
         if not set_to_none:
-            for p in self.params:
-                if p.grad is not None:
-                    _grad_to_master(p)  # a low-precision parameter's own gradient goes to its master first
-            grads = [m.grad for m in self.masters if m.grad is not None]
+            grads = [m.grad for m in self._with_grad()]  # a gradient left on a parameter goes to its master first
             if grads:
                 torch._foreach_zero_(grads)
             return

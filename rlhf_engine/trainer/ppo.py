@@ -126,13 +126,7 @@ class PPOTrainer:
         self.sampler = PolicySampler(actor, tokenizer, cfg.generation, self.device, self.gen)
         self.eos_ids = self.sampler.eos_ids
         self.eos_tensor = torch.tensor(self.eos_ids, device=self.device)
-        self.train_graphs = None
-        if pc.train_cuda_graph:
-            from .train_graph import TrainGraphs
-
-            params = [p for o in self._optimizers() for p in o.params]
-            self.train_graphs = TrainGraphs(self._micro_batch_loss, params, watched=self._trained_tensors,
-                                            device=self.device)
+        self.train_graphs = self.make_train_graphs() if pc.train_cuda_graph else None
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -311,6 +305,13 @@ class PPOTrainer:
             o.zero_grad(set_to_none=drop)
         return out
 
+    def make_train_graphs(self, **kw):
+        """The CUDA-graph runner of this trainer's micro-batches (``ppo.train_cuda_graph``; ``train_graph.py``)."""
+        from .train_graph import TrainGraphs
+
+        params = [p for o in self._optimizers() for p in o.params]
+        return TrainGraphs(self._micro_batch_loss, params, watched=self._trained_tensors, device=self.device, **kw)
+
     def _trained_models(self) -> list:
         return [m for m in (self.actor, self.critic, self.value_head) if m is not None]
 
@@ -329,7 +330,7 @@ class PPOTrainer:
         for model in self._trained_models():
             state.append(bool(getattr(model, "gradient_checkpointing", False)))
             for m in model.modules():
-                hooked = bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+                hooked = fused_layer._hooked(m)
                 enabled = getattr(m, "adapters_enabled", None)
                 if hooked or enabled is not None:
                     state.append((id(m), hooked, enabled))
