@@ -5,7 +5,9 @@ FLOP counts (causal: half of the T x T score matrix is computed):
     backward = 5 matmuls (Q K^T recompute, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q) = 2.5 x forward
     (the convention of FlashAttention's benchmarks; our default "split" backward recomputes Q K^T and dO V^T in
     its dQ kernel, 7 matmuls; the "ours (atomic dQ)" row runs dq_mode="atomic", 5 matmuls and fp32 atomics;
-    the "ours (TMA loads)" row runs the opt-in forward with tensor-descriptor tile moves, attention_fwd_tma.py)
+    the "ours (TMA loads)" row runs the opt-in forward with tensor-descriptor tile moves, attention_fwd_tma.py;
+    the "ours (warp-specialized ...)" rows the opt-in Gluon forward for Hopper, attention_fwd_ws.py, with the
+    default backward)
     forward + backward = 3.5 x forward
 Floor: the bf16 dense matmul ceiling of the card (764 TFLOP/s on an H100, ../shared/BASELINES.md).
 Run: python benchmarks/bench_attention.py [--no-flex]   (needs a CUDA device; exits with a message otherwise;
@@ -97,18 +99,24 @@ def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool, names=None):
         ATOMIC: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
         # the forward with TMA tile moves (kernels/attention_fwd_tma.py, opt-in), the default backward
         TMA: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
+        # the warp-specialized Gluon forward (kernels/attention_fwd_ws.py, opt-in, sm_90), the default backward
+        WS: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
+        WS2: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
     }
     return {n: f for n, f in impls.items() if names is None or n in names or n == "sdpa_default"}
 
 
 ATOMIC = "ours (atomic dQ)"
 TMA = "ours (TMA loads)"
-_ENV = {ATOMIC: {"RLHF_ENGINE_ATTN_DQ": "atomic"}, TMA: {"RLHF_ENGINE_ATTN_TMA": "1"}}
+WS = "ours (warp-specialized)"
+WS2 = "ours (warp-specialized, 2 stages)"  # 2 K/V slots: at D = 64, two programs an SM fit
+_ENV = {ATOMIC: {"RLHF_ENGINE_ATTN_DQ": "atomic"}, TMA: {"RLHF_ENGINE_ATTN_TMA": "1"},
+        WS: {"RLHF_ENGINE_ATTN_WS": "1"}, WS2: {"RLHF_ENGINE_ATTN_WS": "1", "RLHF_ENGINE_ATTN_WS_STAGES": "2"}}
 
 
 def _dq_mode(name: str):
     """The environment of one implementation's calls: RLHF_ENGINE_ATTN_DQ=atomic for the atomic-dQ row,
-    RLHF_ENGINE_ATTN_TMA=1 for the TMA row, else as it was."""
+    RLHF_ENGINE_ATTN_TMA=1 for the TMA row, RLHF_ENGINE_ATTN_WS=1 for the warp-specialized ones, else as it was."""
     if name not in _ENV:
         return contextlib.nullcontext()
     return mock.patch.dict(os.environ, _ENV[name])
@@ -176,11 +184,12 @@ def _measure(impls, shape, fwd_flops, skip=()) -> list[dict]:
     return rows
 
 
-# Passes, in order: the target rows (ours and both SDPA baselines, both shapes), then the variants that choose the
-# defaults (atomic dQ, TMA forward), then FlexAttention. A later pass starts only with ``need`` seconds left before
+# Passes, in order: the target rows (ours and both SDPA baselines, both shapes), the warp-specialized forward, then
+# the variants that choose the defaults (atomic dQ, TMA forward), then FlexAttention. A later pass starts only with ``need`` seconds left before
 # the runner's deadline (common.time_left), so a cold Triton cache (every variant autotunes both head dims) costs
 # the optional rows, never the target ones.
-PASSES = (("targets", ("sdpa_flash_fa2", "ours"), 0.0), ("variants", (ATOMIC, TMA), 45.0), ("flex", (), 40.0))
+PASSES = (("targets", ("sdpa_flash_fa2", "ours"), 0.0), ("warp-specialized", (WS, WS2), 30.0),
+          ("variants", (ATOMIC, TMA), 45.0), ("flex", (), 40.0))
 
 
 def main(with_flex: bool = True) -> list[dict]:
@@ -204,6 +213,9 @@ def main(with_flex: bool = True) -> list[dict]:
         if flex_pass and not with_flex:
             continue
         for B, Hq, Hkv, T, D in SMOKE_SHAPES if smoke() else SHAPES:
+            if pass_name == "warp-specialized" and os.environ.get("RLHF_ENGINE_ATTN_WS_BROKEN") == "1":
+                print("bench_attention: warp-specialized pass skipped: ws_probe.py found the kernel broken")
+                break
             if time_left() < need:
                 print(f"bench_attention: pass '{pass_name}' skipped: {time_left():.0f} s left before the deadline")
                 break

@@ -24,7 +24,7 @@
 # first skipped, e.g. GPU_CHECK_SKIP=build GPU_CHECK_BENCH="ppo_step generate". Knobs (environment):
 # GPU_CHECK_BUDGET_S (total, default 450), GPU_CHECK_BUILD_S (150), GPU_CHECK_TEST_S (120), GPU_CHECK_KTEST_S (60),
 # GPU_CHECK_TEST_RESERVE_S (100),
-# GPU_CHECK_SKIP (any of "build fastlaunch host tests ktests bench"),
+# GPU_CHECK_SKIP (any of "build fastlaunch host wsprobe tests ktests bench"),
 # GPU_CHECK_BENCH (substrings of the benchmarks to run, e.g. "logprob ppo_step"), GPU_CHECK_KTEST_FILES (the kernel
 # test files, space-separated, in order),
 # RLHF_ENGINE_CUDA_ARCHS (default 90a: Hopper only, to save build time), PYTHON (default python),
@@ -325,6 +325,22 @@ EOF
     echo "pytest-xdist: not carried (benchmarks/fetch_baselines.sh); tests run in one process"
   fi
 
+  step "warp-specialized attention probe (benchmarks/ws_probe.py)"
+  # The Gluon kernel's first launch on a GPU: a hang or a wrong result turns its benchmark rows off and makes its
+  # tests fail at once (RLHF_ENGINE_ATTN_WS_BROKEN), instead of hanging the run.
+  local WSP="skipped (GPU_CHECK_SKIP)"
+  if ! skipped wsprobe; then
+    timeout -k 5 90 "$PY" benchmarks/ws_probe.py > "$OUT/ws_probe.txt" 2>&1
+    rc=$?
+    cat "$OUT/ws_probe.txt" | tail -n 8
+    case $rc in
+      0) WSP="ok" ;;
+      2) WSP="not run (no sm_90 device)" ;;
+      *) WSP="BROKEN ($(rc_note $rc 90))"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
+    esac
+  fi
+  echo "ws probe: $WSP"
+
   step "benchmarks: benchmarks/run_all.py"
   if skipped bench; then
     echo "skipped (GPU_CHECK_SKIP)"
@@ -399,6 +415,7 @@ EOF
     echo "- build: $BUILD"
     echo "- cached Triton launches: ${FASTLAUNCH:-not checked}"
     echo "- host_train.py (this host's Python): ${HOSTT:-not run}"
+    echo "- warp-specialized attention probe: $WSP"
     echo "- GPU tests (pytest -m gpu tests): $TESTS"
     echo "- kernel tests on CUDA (not gpu-marked): $KTESTS"
     echo "- benchmarks: $BENCH"

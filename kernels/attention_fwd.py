@@ -333,10 +333,16 @@ def attention_forward(
     q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) with unit stride on D; kv_start/kv_end (B,) int32 or None.
     Returns o (B, Tq, Hq, D) in q.dtype (contiguous) and lse (B, Hq, Tq) fp32 (natural log, -inf on empty rows).
     On CUDA with block_m/block_n None the tile is autotuned; otherwise the given (or interpreter) tile is used.
-    ``RLHF_ENGINE_ATTN_TMA=1`` runs the TMA variant (``attention_fwd_tma``) on the inputs it takes.
+    ``RLHF_ENGINE_ATTN_TMA=1`` runs the TMA variant (``attention_fwd_tma``) on the inputs it takes, and
+    ``RLHF_ENGINE_ATTN_WS=1`` the warp-specialized Gluon kernel for Hopper (``attention_fwd_ws``; it needs finite
+    K and V rows outside the key ranges, which the training forward and prefill have).
     """
     from .attention_fwd_tma import attention_forward_tma, tma_eligible, tma_requested
+    from .attention_fwd_ws import attention_forward_ws, ws_eligible, ws_requested
 
+    if ws_requested() and block_m is None and block_n is None and ws_eligible(q, k, v):
+        return attention_forward_ws(q, k, v, causal=causal, kv_start=kv_start, kv_end=kv_end,
+                                    softmax_scale=softmax_scale)
     if tma_requested() and tma_eligible(q, k, v):  # opt-in: the same kernel with TMA tile moves
         return attention_forward_tma(q, k, v, causal=causal, kv_start=kv_start, kv_end=kv_end,
                                      softmax_scale=softmax_scale, block_m=block_m, block_n=block_n,

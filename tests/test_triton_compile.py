@@ -159,6 +159,27 @@ def _attention_tma_cases():
                              BLOCK_N=bn), w, st, descs=descs)
 
 
+def _attention_ws_cases():
+    # the opt-in warp-specialized Gluon forward (kernels/attention_fwd_ws.py), its tiles (ws_tiles), 16-bit dtypes
+    from triton.experimental.gluon import language as gl
+
+    from rlhf_engine.kernels.attention_fwd_ws import ws_tiles
+
+    for dt, d, causal, rng in [("bf16", 64, True, False), ("bf16", 128, True, True), ("fp16", 64, False, True),
+                               ("fp16", 128, False, False)]:
+        bm, bn, stages = ws_tiles(d)
+        gdt = gl.bfloat16 if dt == "bf16" else gl.float16
+
+        def desc(rows):
+            return f"tensordesc<{dt}[{rows},{d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gdt)!r}>"
+
+        yield _case(f"attn_fwd_ws-{dt}-d{d}-{'causal' if causal else 'full'}{'-range' if rng else ''}",
+                    "attention_fwd_ws", "_attn_fwd_ws_kernel",
+                    {"O": dt, "LSE": "fp32", "KV_START": "i32", "KV_END": "i32"}, ["qk_scale"],
+                    dict(HEAD_DIM=d, IS_CAUSAL=causal, HAS_KV_RANGE=rng, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages), 4,
+                    descs={"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn)})
+
+
 def _decode_cases():
     split = {"Q": "{dt}", "K": "{dt}", "V": "{dt}", "O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32",
              "CACHE_LENS": "i32", "CACHE_START": "i32", "COS": "{dt}", "SIN": "{dt}", "KN": "{dt}", "VN": "{dt}",
@@ -331,7 +352,7 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_attention_tma_cases(),
+CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_attention_tma_cases(), *_attention_ws_cases(),
          *_decode_cases(), *_kv_cache_cases(),
          *_inference_op_cases(), *_norm_linear_cases(), *_autotune_kept_cases()]
 
@@ -387,7 +408,11 @@ def compile_case(case):
             signature[p.name] = "i32"
             if p.name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # row strides are multiples of 16 (D, V, H * D)
-    src = ASTSource(fn=fn, signature=signature, constexprs=case["constexprs"], attrs=attrs)
+    if fn.is_gluon():  # a Gluon kernel (explicit layouts): its own front end
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    else:
+        source = ASTSource
+    src = source(fn=fn, signature=signature, constexprs=case["constexprs"], attrs=attrs)
     opts = {"num_warps": case["num_warps"], "num_stages": case["num_stages"]}
     if case["constexprs"].get("PDL") or case["constexprs"].get("PDL_WAIT"):
         opts["launch_pdl"] = True
@@ -461,7 +486,7 @@ NO_SPILL = {"attn_fwd-bf16-d128-64x64", "attn_fwd-bf16-d64-64x64", "attn_bwd_dkd
             "attn_bwd_dq-bf16-d128-128x64-flat"}
 MAX_STACK = 32
 NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope", "rms_norm",
-                     "silu_mul", "sample", "norm_linear")
+                     "silu_mul", "sample", "norm_linear", "attn_fwd_ws")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,0 +1,52 @@
+"""First launch of the warp-specialized Gluon attention forward (kernels/attention_fwd_ws.py) on a GPU, guarded.
+
+No interpreter runs Gluon, so a GPU run is the first place where this kernel executes, and a wrong barrier phase
+would hang it rather than fail. ``gpu_check.sh`` runs this script under a timeout before the benchmarks and the
+tests: it launches the kernel on small shapes and compares it with the Triton kernel. If it hangs, crashes or
+disagrees, gpu_check sets RLHF_ENGINE_ATTN_WS_BROKEN=1 for the rest of the run: the benchmark drops its
+warp-specialized rows and the GPU tests of the kernel fail at once with that reason instead of hanging.
+Run: python benchmarks/ws_probe.py   (exit 0: agrees; 1: disagrees; 2: not runnable here)
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def main() -> int:
+    from rlhf_engine.kernels.attention import kv_range_from_lengths
+    from rlhf_engine.kernels.attention_fwd import attention_forward
+    from rlhf_engine.kernels.attention_fwd_ws import attention_forward_ws, ws_eligible
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        print("ws_probe: needs an sm_90 GPU; not run")
+        return 2
+    ok = True
+    for B, T, Hq, Hkv, D, causal, pad in [(1, 64, 2, 1, 64, True, False), (2, 300, 14, 2, 64, True, True),
+                                          (2, 257, 8, 8, 128, False, True), (1, 1024, 32, 8, 128, True, False)]:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+        ks = ke = None
+        if pad:
+            lens = torch.tensor([T - 5 * i for i in range(B)])
+            ks, ke = (t.cuda() for t in kv_range_from_lengths(lens, T, padding_side="left"))
+        if not ws_eligible(q, k, v):
+            print(f"ws_probe: B={B} T={T} {Hq}/{Hkv} D={D}: not eligible")
+            return 2
+        o, lse = attention_forward_ws(q, k, v, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5)
+        torch.cuda.synchronize()
+        o_t, lse_t = attention_forward(q, k, v, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5)
+        err = (o.float() - o_t.float()).abs().max().item()
+        fin = torch.isfinite(lse_t)
+        lerr = (lse[fin] - lse_t[fin]).abs().max().item() if fin.any() else 0.0
+        same_empty = torch.equal(torch.isinf(lse), torch.isinf(lse_t))
+        good = err < 2e-2 and lerr < 1e-2 and same_empty and not torch.isnan(o).any()
+        ok &= good
+        print(f"ws_probe: B={B} T={T} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} left-padded={pad}: max |o - triton| "
+              f"{err:.3g}, max |lse - triton| {lerr:.3g}, same empty rows {same_empty}: {'ok' if good else 'WRONG'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

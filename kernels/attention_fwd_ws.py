@@ -1,0 +1,274 @@
+"""A warp-specialized attention forward for Hopper, written in Gluon (Triton's explicit-layout language): an opt-in
+variant of ``attention_fwd`` (``RLHF_ENGINE_ATTN_WS=1``), built to close the gap to cuDNN's attention that the
+Triton kernels cannot (``benchmarks/RESULTS.md``, "GQA attention": Triton 3.6 emits no warp specialization for
+them on sm_90, and the default SDPA is 1.3-1.9x faster).
+
+The structure is FlashAttention-3's (Shah et al., 2024, section 3.1), expressed with Gluon's ``warp_specialize``:
+- **One program, two query tiles of one (batch, head)**: rows [m0, m0 + BLOCK_M) and [m0 + BLOCK_M, m0 + 2 BLOCK_M).
+- **A load warp** (a worker partition of one warp) issues the TMA copies: the two Q tiles once, then each key block's
+  K and V tiles into a ring of ``STAGES`` shared-memory slots, each with its own "ready" barriers (K's and V's, so
+  the first product can start before V lands) and an "empty" barrier that both consumers arrive on.
+- **Two consumer warpgroups** (the default partition and a 4-warp worker), one per query tile, each running the
+  online softmax on its own rows with ``wgmma`` (S = Q Kᵀ with Q and K from shared memory; O += P V with P from
+  registers, as FA3's "RS" product). Both read the same K and V slots, so a key block is fetched once for 2 x
+  BLOCK_M query rows. The two warpgroups are independent instruction streams: while one runs its softmax
+  (exponentials, reductions) the other's products keep the tensor cores busy, which is the overlap FA3 gets
+  from its ping-pong schedule, here left to the warp schedulers.
+
+The math is ``attention_fwd``'s, bit for bit in intent (base-2 softmax, the scale folded into exp2's argument,
+the same -inf guards): keys in [kv_start, kv_end), causal bottom-right aligned (key j <= row i + Tk - Tq), a row
+without a valid key writes o = 0 and lse = -inf. Key blocks are walked over the union of the two tiles' ranges;
+a tile skips (but still releases) the blocks past its own causal edge. Blocks that cross kv_start, kv_end or the
+diagonal are masked; the others are not.
+
+Tiles are boxes of 2-D descriptors over (B * T, H * D): a box that crosses the end of a sequence reads the next
+sequence's rows (the last one reads zeros past the tensor). Those keys are masked (score -inf, p = 0), and query
+rows past Tq are never stored. So the variant needs **finite K and V rows everywhere in the tensors**, which holds
+for the training forward and prefill (every row is a computed activation), not for an unwritten cache slot (0 x NaN
+is NaN in the P V product); ``ws_eligible`` leaves it to those callers (``attention_forward`` only). Eligible inputs:
+an sm_90 GPU (Hopper; not Blackwell, whose MMA is another instruction), bf16 or fp16, head dim 64 or 128, heads
+packed (stride(2) = D, unit stride on D), 16-byte aligned base and row strides.
+
+No interpreter runs Gluon: this kernel is checked by compiling it for sm_90 on the CPU (``tests/test_triton_compile
+.py``) and on a GPU against the fp64 reference and the Triton kernel (``tests/test_attention_ws.py``, ``gpu``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; the CPU interpreter does not run it
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - an older Triton
+    HAVE_GLUON = False
+
+from .attention_fwd import LOG2E, forward_buffers
+
+WS_HEAD_DIMS = (64, 128)
+LN2 = 0.6931471805599453
+
+
+def ws_requested() -> bool:
+    """``RLHF_ENGINE_ATTN_WS=1``: the attention forward uses this variant where it is eligible."""
+    return os.environ.get("RLHF_ENGINE_ATTN_WS", "0") == "1"
+
+
+def ws_layout_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The kernel's rules on dtypes, head dim and strides (the device aside): q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D)
+    bf16 or fp16, D 64 or 128, each tensor rows of one stride over (B * T) with its heads packed, 16-byte aligned."""
+    D = q.shape[-1]
+    if D not in WS_HEAD_DIMS or q.dtype not in (torch.bfloat16, torch.float16) or not (k.dtype == v.dtype == q.dtype):
+        return False
+    if q.shape[0] * q.shape[2] > 65535:  # (batch, head) rows on the grid's second dimension
+        return False
+    for t in (q, k, v):
+        B, T, H, _ = t.shape
+        es = t.element_size()
+        if (0 in t.shape or t.stride(3) != 1 or t.stride(2) != D or t.data_ptr() % 16
+                or (t.stride(1) * es) % 16 or t.stride(1) < H * D
+                or (B > 1 and t.stride(0) != T * t.stride(1))):  # (B * T) rows of one stride
+            return False
+    return True
+
+
+def ws_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q, k, v can run the warp-specialized forward: an sm_90 GPU with Gluon, and ``ws_layout_ok``."""
+    if not HAVE_GLUON or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if os.environ.get("RLHF_ENGINE_ATTN_WS_BROKEN") == "1":  # benchmarks/ws_probe.py saw it hang or disagree
+        return False
+    return ws_layout_ok(q, k, v)
+
+
+def ws_tiles(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows a consumer warpgroup, BLOCK_N keys a block, STAGES K/V slots) for a head dim; shared memory:
+    2 Q tiles + STAGES x (K, V) tiles + the output's 16 KB of staging = 128 KB at D = 64, 176 KB at D = 128 (one
+    program an SM). ``RLHF_ENGINE_ATTN_WS_STAGES`` sets the slots (2 at D = 64: 96 KB, two programs an SM)."""
+    stages = int(os.environ.get("RLHF_ENGINE_ATTN_WS_STAGES", "0")) or (3 if head_dim == 64 else 2)
+    return 64, 128, stages
+
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _ws_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                 q_row, q_col, k_row, kv_col, n_lo, n_hi,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """The load warp: both Q tiles, then K and V of each key block of [n_lo, n_hi) into the slot ring."""
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, q_col], q_bar, q_smem.index(1))
+        i = 0
+        for start_n in range(n_lo, n_hi, BLOCK_N):
+            s = i % STAGES
+            # A slot is free once both consumers released its previous fill; on the first round the wait on
+            # the opposite parity of a fresh barrier returns at once.
+            mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row + start_n, kv_col], k_ready.index(s), k_smem.index(s))
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [k_row + start_n, kv_col], v_ready.index(s), v_smem.index(s))
+            i += 1
+
+    @gluon.jit
+    def _ws_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE,
+                    stride_ob, stride_ot, b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
+                    TILE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One consumer warpgroup: the online softmax of query tile ``TILE`` (0 or 1) over the key blocks."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        dtype: gl.constexpr = q_smem.dtype
+
+        mt = m0 + TILE * BLOCK_M
+        offs_m = mt + gl.arange(0, BLOCK_M, layout=row_s)
+        offs_n = gl.arange(0, BLOCK_N, layout=col_s)
+        if IS_CAUSAL:
+            my_hi = gl.minimum(kv_hi, mt + BLOCK_M + causal_shift)  # one past the tile's last row's last key
+            full_hi = gl.minimum(kv_hi, mt + causal_shift + 1)  # every row of the tile sees all keys < full_hi
+        else:
+            my_hi = kv_hi
+            full_hi = kv_hi
+
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+        mbarrier.wait(q_bar, 0)
+        q = q_smem.index(TILE)
+        i = 0
+        for start_n in range(n_lo, n_hi, BLOCK_N):
+            s = i % STAGES
+            phase = (i // STAGES) & 1
+            mbarrier.wait(k_ready.index(s), phase)
+            if start_n < my_hi:
+                qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=0, deps=[qk])
+                if (start_n < kv_lo) | (start_n + BLOCK_N > full_hi):  # a block the tile sees in part
+                    cols = start_n + offs_n
+                    valid = ((cols >= kv_lo) & (cols < kv_hi))[None, :]
+                    if IS_CAUSAL:
+                        valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
+                    qk = gl.where(valid, qk, float("-inf"))
+                    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+                    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: p = alpha = 0
+                else:
+                    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+                    m_use = m_new
+                p = gl.exp2(qk * qk_scale - m_use[:, None])
+                alpha = gl.exp2(m_i - m_use)
+                l_i = l_i * alpha + gl.sum(p, 1)
+                m_i = m_new
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                mbarrier.wait(v_ready.index(s), phase)
+                acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            mbarrier.arrive(kv_empty.index(s), count=1)  # this consumer is done with the slot
+            i += 1
+
+        empty = l_i == 0.0  # no valid key: o = 0, lse = -inf
+        l_safe = gl.where(empty, 1.0, l_i)
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        gl.store(LSE + bh.to(gl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+        o = (acc / gl.convert_layout(l_safe, row_o)[:, None]).to(dtype)
+        # Stored from a blocked layout, 16 bytes a thread along D (the wgmma layout holds 2 columns a thread).
+        st_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // HEAD_DIM,
+                                                   HEAD_DIM // 8], warps_per_cta=[4, 1], order=[1, 0])
+        o = gl.convert_layout(o, st_layout)
+        rows = mt + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_layout))
+        dcol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_layout))
+        o_ptrs = (O + b.to(gl.int64) * stride_ob + rows.to(gl.int64)[:, None] * stride_ot
+                  + h * HEAD_DIM + dcol[None, :])
+        gl.store(o_ptrs, o, mask=(rows < Tq)[:, None])
+
+    @gluon.jit
+    def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, KV_START, KV_END,
+                            stride_ob, stride_ot, Hq, Tq, Tk, group, qk_scale,
+                            HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_KV_RANGE: gl.constexpr,
+                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        pair = gl.num_programs(0) - 1 - gl.program_id(0)  # the heaviest (last) causal tiles start first
+        bh = gl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // group  # GQA: query head h reads KV head h // (Hq / Hkv)
+        if HAS_KV_RANGE:
+            kv_lo = gl.maximum(gl.load(KV_START + b), 0)
+            kv_hi = gl.minimum(gl.load(KV_END + b), Tk)
+        else:
+            kv_lo = gl.to_tensor(0)
+            kv_hi = gl.to_tensor(Tk)
+        causal_shift = Tk - Tq  # bottom-right alignment
+        m0 = pair * (2 * BLOCK_M)
+        n_lo = (kv_lo // BLOCK_N) * BLOCK_N
+        if IS_CAUSAL:
+            n_hi = gl.minimum(kv_hi, m0 + 2 * BLOCK_M + causal_shift)  # the second tile's last row's last key
+        else:
+            n_hi = kv_hi
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a slot
+        fence_async_shared()
+
+        # (tuples spelled out: concatenating them would unwrap the constexprs, which a partition cannot take)
+        gl.warp_specialize([
+            (_ws_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE, stride_ob, stride_ot,
+                           b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
+                           0, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+            (_ws_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE, stride_ob, stride_ot,
+                           b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
+                           1, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+            (_ws_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                        b * Tq + m0, h * HEAD_DIM, b * Tk, hk * HEAD_DIM, n_lo, n_hi, BLOCK_M, BLOCK_N, STAGES)),
+        ], [4, 1], [240, 24])
+
+
+def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":
+    B, T, H, D = t.shape
+    gl_dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl_dtype)
+    return TensorDescriptor(t, shape=[B * T, H * D], strides=[t.stride(1), 1], block_shape=[rows, D], layout=layout)
+
+
+def attention_forward_ws(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, kv_start: torch.Tensor | None,
+    kv_end: torch.Tensor | None, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_fwd.attention_forward`` on the warp-specialized kernel; inputs must be ``ws_eligible``. Same
+    outputs: o (B, Tq, Hq, D) in q.dtype and lse (B, Hq, Tq) fp32."""
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    o, lse, ks, ke = forward_buffers(q, kv_start, kv_end)
+    if B * Hq * Tq == 0:
+        return o, lse
+    bm, bn, stages = ws_tiles(D)
+    grid = (-(-Tq // (2 * bm)), B * Hq)
+    _attn_fwd_ws_kernel[grid](
+        _desc(q, bm), _desc(k, bn), _desc(v, bn), o, lse, ks, ke, o.stride(0), o.stride(1),
+        Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E,
+        HEAD_DIM=D, IS_CAUSAL=causal, HAS_KV_RANGE=kv_start is not None,
+        BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=4)
+    return o, lse

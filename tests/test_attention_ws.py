@@ -1,0 +1,120 @@
+"""The opt-in warp-specialized Gluon forward for Hopper (``kernels/attention_fwd_ws.py``): its eligibility rules on
+the CPU, and on an sm_90 GPU the kernel against the fp64 reference and the Triton kernel (no interpreter runs
+Gluon; its sm_90 compile is checked on the CPU by ``tests/test_triton_compile.py``)."""
+import os
+
+import pytest
+import torch
+
+from rlhf_engine.kernels.attention import flash_attention, kv_range_from_lengths
+from rlhf_engine.kernels.attention_fwd import attention_forward
+from rlhf_engine.kernels.attention_fwd_ws import attention_forward_ws, ws_eligible, ws_layout_ok
+from rlhf_engine.kernels.reference.attention import attention_reference
+
+
+def _ranges(kind, B, T, device):
+    if kind == "none":
+        return None, None
+    lens = torch.tensor([T - 3 * i - 1 if i % 2 == 0 else T // 2 for i in range(B)])
+    lens[-1] = 0 if B > 2 else lens[-1]  # a sequence with no valid token
+    return [t.to(device) for t in kv_range_from_lengths(lens, T, padding_side=kind)]
+
+
+def test_layout_rules():
+    bf = torch.bfloat16
+    q = torch.randn(2, 8, 4, 64, dtype=bf)
+    assert ws_layout_ok(q, q[:, :, :2], q[:, :, 2:])  # head slices of one tensor: rows of a (B * T, H * D) view
+    qkv = torch.randn(2, 8, (4 + 2 * 2) * 128, dtype=bf).view(2, 8, 8, 128)  # a packed q/k/v projection
+    assert ws_layout_ok(qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:])
+    assert not ws_layout_ok(q.float(), q[:, :, :2].float(), q[:, :, 2:].float())  # fp32: the Triton kernel's
+    assert not ws_layout_ok(q, q[:, :, :2].half(), q[:, :, 2:])  # mixed dtypes
+    x = torch.randn(2, 8, 4, 80, dtype=bf)
+    assert not ws_layout_ok(x, x, x)  # D = 80: not a wgmma tile of this kernel
+    bhtd = torch.randn(2, 4, 8, 64, dtype=bf).transpose(1, 2)  # (B, T, H, D) over (B, H, T, D): heads not packed
+    assert not ws_layout_ok(bhtd, q[:, :, :2], q[:, :, :2])
+    kv = torch.randn(1, 8, 2, 64, dtype=bf).expand(2, 8, 2, 64)
+    assert not ws_layout_ok(q, kv, kv)  # a broadcast batch: not (B * T) rows of one stride
+    assert not ws_layout_ok(q[:, :0], q[:, :0, :2], q[:, :0, 2:])  # empty
+    assert not ws_eligible(q, q[:, :, :2], q[:, :, 2:])  # on the CPU: never
+
+
+def _hopper():
+    """Whether this GPU runs the kernel (sm_90); a test fails at once when benchmarks/ws_probe.py, run by
+    gpu_check.sh before the tests, saw the kernel hang or disagree (RLHF_ENGINE_ATTN_WS_BROKEN=1)."""
+    if os.environ.get("RLHF_ENGINE_ATTN_WS_BROKEN") == "1":
+        pytest.fail("benchmarks/ws_probe.py found the warp-specialized kernel broken (hang or mismatch): see "
+                    "ws_probe.txt")
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+# (B, T, Hq, Hkv, D, causal, padding): odd lengths, one tile, a partial pair, GQA groups 3, 7, 4 and 1
+GPU_CASES = [
+    (2, 97, 9, 3, 64, True, "none"),
+    (3, 1025, 14, 2, 64, True, "left"),
+    (2, 1025, 32, 8, 128, True, "right"),
+    (2, 1, 4, 4, 128, True, "none"),
+    (3, 200, 14, 2, 64, False, "left"),
+    (2, 333, 4, 4, 128, False, "right"),
+    (1, 2048, 14, 2, 64, True, "none"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", GPU_CASES)
+def test_ws_forward_gpu(B, T, Hq, Hkv, D, causal, padding, dtype, record_value):
+    """Against fp64: within 2x of the Triton kernel's own error (+ a floor for 16-bit rounding), no NaN (empty
+    rows give 0), and the same log-sum-exp (what the backward reads)."""
+    if not _hopper():
+        pytest.skip("the warp-specialized kernel is for sm_90")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=dtype) for h in (Hq, Hkv, Hkv))
+    ks, ke = _ranges(padding, B, T, "cuda")
+    assert ws_eligible(q, k, v)
+    o, lse = attention_forward_ws(q, k, v, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5)
+    o_ref_k, lse_ref_k = attention_forward(q, k, v, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, kv_start=ks, kv_end=ke,
+                              softmax_scale=D ** -0.5)
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    err, err_k = ((x.double() - ref).abs().max().item() for x in (o, o_ref_k))
+    record_value(f"WS forward B={B} T={T} {Hq}/{Hkv} D={D} {'causal' if causal else 'full'} {padding} {dtype}: "
+                 "max err vs fp64 (WS / Triton)", f"{err:.3g} / {err_k:.3g}")
+    assert err <= 2 * err_k + 2e-3
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref_k))  # the same empty rows
+    finite = torch.isfinite(lse_ref_k)
+    torch.testing.assert_close(lse[finite], lse_ref_k[finite], atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_ws_env_switch_and_gradients_gpu(monkeypatch):
+    """RLHF_ENGINE_ATTN_WS=1: flash_attention's forward runs the Gluon kernel and its backward (the Triton one, fed
+    by that o and lse) gives the fp64 reference gradients within 2x of the default path's error."""
+    if not _hopper():
+        pytest.skip("the warp-specialized kernel is for sm_90")
+    from rlhf_engine.kernels import attention_fwd_ws
+
+    torch.manual_seed(1)
+    B, T, Hq, Hkv, D = 2, 301, 14, 2, 64
+    q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (Hq, Hkv, Hkv))
+    ks, ke = _ranges("left", B, T, "cuda")
+    g = torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=True, kv_start=ks, kv_end=ke)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+
+    def run():
+        o = flash_attention(q, k, v, causal=True, kv_start=ks, kv_end=ke, backend="triton")
+        return [o, *torch.autograd.grad(o, (q, k, v), g)]
+
+    base = run()
+    calls = []
+    orig = attention_fwd_ws.attention_forward_ws
+    monkeypatch.setattr(attention_fwd_ws, "attention_forward_ws",
+                        lambda *a, **kw: (calls.append(1), orig(*a, **kw))[1])
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS", "1")
+    ws = run()
+    assert calls == [1]
+    for x, y, r in zip(ws, base, [ref, *ref_grads]):
+        assert not torch.isnan(x).any()
+        assert (x.double() - r).abs().max().item() <= 2 * (y.double() - r).abs().max().item() + 2e-3
