@@ -6,8 +6,8 @@ FLOP counts (causal: half of the T x T score matrix is computed):
     (the convention of FlashAttention's benchmarks; our default "split" backward recomputes Q K^T and dO V^T in
     its dQ kernel, 7 matmuls; the "ours (atomic dQ)" row runs dq_mode="atomic", 5 matmuls and fp32 atomics;
     the "ours (TMA loads)" row runs the opt-in forward with tensor-descriptor tile moves, attention_fwd_tma.py;
-    the "ours (warp-specialized ...)" rows the opt-in Gluon forward for Hopper, attention_fwd_ws.py, with the
-    default backward)
+    the "ours (warp-specialized ...)" rows the opt-in Gluon kernels for Hopper, attention_fwd_ws.py and
+    attention_bwd_ws.py: forward, dK/dV and dQ; the 7 backward matmuls of the split scheme)
     forward + backward = 3.5 x forward
 Floor: the bf16 dense matmul ceiling of the card (764 TFLOP/s on an H100, ../shared/BASELINES.md).
 Run: python benchmarks/bench_attention.py [--no-flex]   (needs a CUDA device; exits with a message otherwise;
@@ -99,7 +99,7 @@ def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool, names=None):
         ATOMIC: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
         # the forward with TMA tile moves (kernels/attention_fwd_tma.py, opt-in), the default backward
         TMA: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
-        # the warp-specialized Gluon forward (kernels/attention_fwd_ws.py, opt-in, sm_90), the default backward
+        # the warp-specialized Gluon forward and backward (kernels/attention_{fwd,bwd}_ws.py, opt-in, sm_90)
         WS: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
         WS2: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
     }

@@ -1,8 +1,8 @@
-"""First launch of the warp-specialized Gluon attention forward (kernels/attention_fwd_ws.py) on a GPU, guarded.
+"""First launch of the warp-specialized Gluon attention kernels (kernels/attention_{fwd,bwd}_ws.py) on a GPU, guarded.
 
 No interpreter runs Gluon, so a GPU run is the first place where this kernel executes, and a wrong barrier phase
 would hang it rather than fail. ``gpu_check.sh`` runs this script under a timeout before the benchmarks and the
-tests: it launches the kernel on small shapes and compares it with the Triton kernel. If it hangs, crashes or
+tests: it launches the forward and the backward on small shapes and compares them with the Triton kernels. If it hangs, crashes or
 disagrees, gpu_check sets RLHF_ENGINE_ATTN_WS_BROKEN=1 for the rest of the run: the benchmark drops its
 warp-specialized rows and the GPU tests of the kernel fail at once with that reason instead of hanging.
 Run: python benchmarks/ws_probe.py   (exit 0: agrees; 1: disagrees; 2: not runnable here)
@@ -16,6 +16,8 @@ import torch
 
 def main() -> int:
     from rlhf_engine.kernels.attention import kv_range_from_lengths
+    from rlhf_engine.kernels.attention_bwd import attention_backward
+    from rlhf_engine.kernels.attention_bwd_ws import ws_backward
     from rlhf_engine.kernels.attention_fwd import attention_forward
     from rlhf_engine.kernels.attention_fwd_ws import attention_forward_ws, ws_eligible
 
@@ -43,8 +45,22 @@ def main() -> int:
         same_empty = torch.equal(torch.isinf(lse), torch.isinf(lse_t))
         good = err < 2e-2 and lerr < 1e-2 and same_empty and not torch.isnan(o).any()
         ok &= good
-        print(f"ws_probe: B={B} T={T} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} left-padded={pad}: max |o - triton| "
-              f"{err:.3g}, max |lse - triton| {lerr:.3g}, same empty rows {same_empty}: {'ok' if good else 'WRONG'}")
+        print(f"ws_probe: forward B={B} T={T} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} left-padded={pad}: max |o - "
+              f"triton| {err:.3g}, max |lse - triton| {lerr:.3g}, same empty rows {same_empty}: "
+              f"{'ok' if good else 'WRONG'}", flush=True)
+        do = torch.randn_like(q)
+        grads_t = attention_backward(do, q, k, v, o_t, lse_t, causal=causal, kv_start=ks, kv_end=ke,
+                                     softmax_scale=D ** -0.5, dq_mode="split")
+        delta = (do.float() * o_t.float()).sum(-1).transpose(1, 2).contiguous()
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        ws_backward(do, q, k, v, lse_t, delta, *grads, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5)
+        torch.cuda.synchronize()
+        errs = [((g.float() - gt.float()).abs().max() / gt.float().abs().max().clamp(min=1e-6)).item()
+                for g, gt in zip(grads, grads_t)]
+        good = all(e < 2e-2 for e in errs)  # NaN fails too
+        ok &= good
+        print(f"ws_probe: backward, the same shape: max relative |d{{q,k,v}} - triton| "
+              f"{', '.join(f'{e:.3g}' for e in errs)}: {'ok' if good else 'WRONG'}", flush=True)
     return 0 if ok else 1
 
 

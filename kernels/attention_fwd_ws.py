@@ -175,7 +175,7 @@ if HAVE_GLUON:
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 mbarrier.wait(v_ready.index(s), phase)
                 acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])  # p_op alive until done
             mbarrier.arrive(kv_empty.index(s), count=1)  # this consumer is done with the slot
             i += 1
 

@@ -180,6 +180,32 @@ def _attention_ws_cases():
                     descs={"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn)})
 
 
+def _attention_bwd_ws_cases():
+    # the warp-specialized Gluon backward (kernels/attention_bwd_ws.py): dK/dV and dQ, both head dims
+    from triton.experimental.gluon import language as gl
+
+    from rlhf_engine.kernels.attention_bwd_ws import BWD_BLOCK, dq_block_n
+
+    for dt, d, causal, rng in [("bf16", 64, True, False), ("bf16", 128, True, True), ("fp16", 64, False, True)]:
+        gdt = gl.bfloat16 if dt == "bf16" else gl.float16
+
+        def desc(rows):
+            return f"tensordesc<{dt}[{rows},{d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gdt)!r}>"
+
+        tag = f"{dt}-d{d}-{'causal' if causal else 'full'}{'-range' if rng else ''}"
+        cx = dict(HEAD_DIM=d, IS_CAUSAL=causal, HAS_KV_RANGE=rng, BLOCK=BWD_BLOCK, STAGES=2)
+        yield _case(f"attn_bwd_ws_dkdv-{tag}", "attention_bwd_ws", "_dkdv_ws_kernel",
+                    {"LSE": "fp32", "DELTA": "fp32", "DK": dt, "DV": dt, "KV_START": "i32", "KV_END": "i32"},
+                    ["qk_scale", "sm_scale"], cx, 4,
+                    descs={n: desc(BWD_BLOCK) for n in ("q_desc", "do_desc", "k_desc", "v_desc")})
+        bn = dq_block_n(d)
+        yield _case(f"attn_bwd_ws_dq-{tag}", "attention_bwd_ws", "_dq_ws_kernel",
+                    {"LSE": "fp32", "DELTA": "fp32", "DQ": dt, "KV_START": "i32", "KV_END": "i32"},
+                    ["qk_scale", "sm_scale"], dict(cx, BLOCK_N=bn), 4,
+                    descs={"q_desc": desc(BWD_BLOCK), "do_desc": desc(BWD_BLOCK), "k_desc": desc(bn),
+                           "v_desc": desc(bn)})
+
+
 def _decode_cases():
     split = {"Q": "{dt}", "K": "{dt}", "V": "{dt}", "O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32",
              "CACHE_LENS": "i32", "CACHE_START": "i32", "COS": "{dt}", "SIN": "{dt}", "KN": "{dt}", "VN": "{dt}",
@@ -353,6 +379,7 @@ def _pow2(x: int) -> int:
 
 
 CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_attention_tma_cases(), *_attention_ws_cases(),
+         *_attention_bwd_ws_cases(),
          *_decode_cases(), *_kv_cache_cases(),
          *_inference_op_cases(), *_norm_linear_cases(), *_autotune_kept_cases()]
 
@@ -486,7 +513,8 @@ NO_SPILL = {"attn_fwd-bf16-d128-64x64", "attn_fwd-bf16-d64-64x64", "attn_bwd_dkd
             "attn_bwd_dq-bf16-d128-128x64-flat"}
 MAX_STACK = 32
 NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope", "rms_norm",
-                     "silu_mul", "sample", "norm_linear", "attn_fwd_ws")
+                     "silu_mul", "sample", "norm_linear", "attn_fwd_ws",
+                     "attn_bwd_ws_dq", "attn_bwd_ws_dkdv-bf16-d64", "attn_bwd_ws_dkdv-fp16-d64")
 
 
 @pytest.mark.parametrize("case", CASES)

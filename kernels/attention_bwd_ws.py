@@ -1,0 +1,375 @@
+"""The attention backward's two main kernels, warp-specialized in Gluon for Hopper: the opt-in companions of
+``attention_fwd_ws`` (``RLHF_ENGINE_ATTN_WS=1`` runs both), with the same math, outputs and "split" scheme as
+``attention_bwd`` (whose delta kernel they reuse):
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = c * dS^T Q,  dQ = c * dS K.
+
+Both kernels have ``attention_fwd_ws``'s shape: a one-warp TMA load partition fills a ring of shared-memory slots
+(ready barriers per operand, an "empty" barrier that two consumers release), and two 4-warp consumer warpgroups
+run the products with wgmma on 64-row tiles, their elementwise work overlapping each other's products.
+- ``_dkdv_ws_kernel``: a program owns 2 x 64 keys of one (batch, KV head), K and V loaded once; its ring carries
+  the Q and dO tiles of every query block of the ``group`` query heads that read this KV head (GQA summed inside,
+  K/V never expanded). Consumer t holds dK and dV of its 64 keys in registers: S^T = K Q^T, P^T from the saved
+  log-sum-exp, dV += P^T dO (P^T from registers), dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+- ``_dq_ws_kernel``: a program owns 2 x 64 query rows of one (batch, query head), Q and dO loaded once; its ring
+  carries K and V of each key block: S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K (4 products where
+  FlashAttention's fused backward has 3 for dQ; 7 in all instead of 5, the price of no atomics).
+
+Tiles are boxes of 2-D descriptors over (B * T, H * D), as in the forward: a box past a sequence's end reads the
+next sequence's rows, whose probabilities are masked to exactly 0 (so dS = 0 x finite = 0: the inputs must be
+finite there, as for the forward); rows and keys are stored only inside [0, T). Inputs must satisfy ``attention_fwd_ws.ws_layout_ok`` (do too; it
+is made contiguous otherwise). Not run by any interpreter: sm_90 compiles in ``tests/test_triton_compile.py``,
+GPU tests in ``tests/test_attention_ws.py``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention_fwd import LOG2E
+from .attention_fwd_ws import HAVE_GLUON, _desc, ws_layout_ok
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+BWD_BLOCK = 64  # rows of a consumer's tile, in both kernels (keys in dK/dV, queries in dQ)
+
+
+def dq_block_n(head_dim: int) -> int:
+    """Keys a block in the dQ kernel: 128 at D = 64; 64 at D = 128, where S and dP (BLOCK x BLOCK_N fp32 each) and
+    the dQ accumulator must share a consumer's registers."""
+    return 128 if head_dim == 64 else 64
+
+
+if HAVE_GLUON:
+    @gluon.constexpr_function
+    def _mma_layout(N):
+        """The wgmma accumulator layout of a 4-warp consumer for an (64, N) tile."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+
+    @gluon.jit
+    def _store_rows(ptr_base, x, rows0, n_rows, stride_t, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Store x (ROWS, HEAD_DIM) at rows [rows0, rows0 + ROWS) of a (T, ..., HEAD_DIM) head view, rows < n_rows,
+        from a blocked layout (16 bytes a thread along D)."""
+        st_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // HEAD_DIM,
+                                                   HEAD_DIM // 8], warps_per_cta=[4, 1], order=[1, 0])
+        x = gl.convert_layout(x, st_layout)
+        rows = rows0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
+        dcol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_layout))
+        gl.store(ptr_base + rows.to(gl.int64)[:, None] * stride_t + dcol[None, :], x, mask=(rows < n_rows)[:, None])
+
+    # ------------------------------------------------------------------------------------------------ dK, dV
+    @gluon.jit
+    def _dkdv_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready,
+                   empty, q_row0, k_row, kv_col, hq0, m_lo, n_m,
+                   group, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        """K and V of both key tiles once, then Q and dO of each (query head, query block) into the ring."""
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row, kv_col], kv_bar, k_smem.index(0))
+        tma.async_copy_global_to_shared(k_desc, [k_row + BLOCK, kv_col], kv_bar, k_smem.index(1))
+        tma.async_copy_global_to_shared(v_desc, [k_row, kv_col], kv_bar, v_smem.index(0))
+        tma.async_copy_global_to_shared(v_desc, [k_row + BLOCK, kv_col], kv_bar, v_smem.index(1))
+        i = 0
+        for g in range(0, group):
+            col = (hq0 + g) * HEAD_DIM
+            for j in range(0, n_m):
+                s = i % STAGES
+                mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+                row = q_row0 + m_lo + j * BLOCK
+                mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [row, col], q_ready.index(s), q_smem.index(s))
+                mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(do_desc, [row, col], do_ready.index(s), do_smem.index(s))
+                i += 1
+
+    @gluon.jit
+    def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA, DK, DV,
+                      stride_dkt, stride_dvt, dk_base, dv_base, bhq0, Tq, Tk, n0, m_lo, n_m, kv_lo, kv_hi,
+                      causal_shift, qk_scale, sm_scale, group,
+                      TILE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
+                      STAGES: gl.constexpr):
+        """Consumer ``TILE``: dK and dV of keys [n0 + TILE * BLOCK, + BLOCK) over the ring's query blocks."""
+        s_layout: gl.constexpr = _mma_layout(BLOCK)  # S^T, dP^T: (keys, query rows)
+        o_layout: gl.constexpr = _mma_layout(HEAD_DIM)  # dK, dV: (keys, D)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        key_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+        dtype: gl.constexpr = q_smem.dtype
+
+        nt = n0 + TILE * BLOCK
+        keys = nt + gl.arange(0, BLOCK, layout=key_l)
+        key_ok = (keys >= kv_lo) & (keys < kv_hi)
+        edge = (nt < kv_lo) | (nt + BLOCK > kv_hi)  # a padding edge inside the tile: every block masked
+        if IS_CAUSAL:
+            first = nt - causal_shift  # the first query row that sees key nt
+            full = nt + BLOCK - 1 - causal_shift  # rows >= full see every key of the tile
+        else:
+            first = -Tk
+            full = -Tk
+        dk = gl.zeros([BLOCK, HEAD_DIM], gl.float32, layout=o_layout)
+        dv = gl.zeros([BLOCK, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK, BLOCK], gl.float32, layout=s_layout)
+        offs_r = gl.arange(0, BLOCK, layout=row_l)
+
+        mbarrier.wait(kv_bar, 0)
+        k_t = k_smem.index(TILE)
+        v_t = v_smem.index(TILE)
+        i = 0
+        for g in range(0, group):
+            bhq = (bhq0 + g).to(gl.int64)
+            for j in range(0, n_m):
+                s = i % STAGES
+                phase = (i // STAGES) & 1
+                m = m_lo + j * BLOCK
+                mbarrier.wait(q_ready.index(s), phase)
+                if (m + BLOCK - 1 >= first) & (nt < kv_hi) & (nt + BLOCK > kv_lo):  # the block sees the tile
+                    rows = m + offs_r
+                    row_ok = rows < Tq
+                    lse = gl.load(LSE + bhq * Tq + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+                    lse = gl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
+                    delta = gl.load(DELTA + bhq * Tq + rows, mask=row_ok, other=0.0)
+                    q_t = q_smem.index(s)
+                    st = warpgroup_mma(k_t, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    mbarrier.wait(do_ready.index(s), phase)
+                    do_t = do_smem.index(s)
+                    dpt = warpgroup_mma(v_t, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    st = warpgroup_mma_wait(num_outstanding=1, deps=[st])  # S^T done; dP^T runs on
+                    pt = gl.exp2(st * qk_scale - lse[None, :])
+                    masked = edge | (m < full) | (m + BLOCK > Tq)
+                    if masked:
+                        valid = key_ok[:, None] & row_ok[None, :]
+                        if IS_CAUSAL:
+                            valid = valid & (keys[:, None] <= rows[None, :] + causal_shift)
+                        pt = gl.where(valid, pt, 0.0)
+                    dpt = warpgroup_mma_wait(num_outstanding=0, deps=[dpt])
+                    dst = pt * (dpt - delta[None, :])  # masked: 0 x finite (the kernels' input contract) = 0
+                    pt_op = gl.convert_layout(pt.to(dtype), a_layout)
+                    dst_op = gl.convert_layout(dst.to(dtype), a_layout)
+                    dv = warpgroup_mma(pt_op, do_t, dv, is_async=True)
+                    dk = warpgroup_mma(dst_op, q_t, dk, is_async=True)
+                    # (the register operands ride in deps: kept alive until their products are done)
+                    dv, dk, pt_op, dst_op = warpgroup_mma_wait(num_outstanding=0, deps=[dv, dk, pt_op, dst_op])
+                mbarrier.arrive(empty.index(s), count=1)  # this consumer is done with the slot
+                i += 1
+        _store_rows(dk_base, (dk * sm_scale).to(dtype), nt, Tk, stride_dkt, BLOCK, HEAD_DIM)
+        _store_rows(dv_base, dv.to(dtype), nt, Tk, stride_dvt, BLOCK, HEAD_DIM)
+
+    @gluon.jit
+    def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, KV_START, KV_END,
+                        stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                        Hq, Hkv, Tq, Tk, group, qk_scale, sm_scale,
+                        HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_KV_RANGE: gl.constexpr,
+                        BLOCK: gl.constexpr, STAGES: gl.constexpr):
+        pair = gl.program_id(0)  # causal: the first key tiles are read by the most query blocks, and start first
+        bh = gl.program_id(1)
+        b = bh // Hkv
+        hk = bh % Hkv
+        if HAS_KV_RANGE:
+            kv_lo = gl.maximum(gl.load(KV_START + b), 0)
+            kv_hi = gl.minimum(gl.load(KV_END + b), Tk)
+        else:
+            kv_lo = gl.to_tensor(0)
+            kv_hi = gl.to_tensor(Tk)
+        causal_shift = Tk - Tq
+        n0 = pair * (2 * BLOCK)
+        if IS_CAUSAL:  # the query blocks that see the pair's first key (tile 0's; tile 1 skips the first ones)
+            m_lo = (gl.maximum(n0 - causal_shift, 0) // BLOCK) * BLOCK
+        else:
+            m_lo = gl.to_tensor(0)
+        n_m = gl.maximum(Tq - m_lo + BLOCK - 1, 0) // BLOCK
+        none = (n0 >= kv_hi) | (n0 + 2 * BLOCK <= kv_lo)
+        n_m = gl.where(none, 0, n_m)  # no valid key in the pair: nothing to load, dK = dV = 0
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], v_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # both consumers release a slot
+        fence_async_shared()
+
+        b64 = b.to(gl.int64)
+        dk_base = DK + b64 * stride_dkb + hk * stride_dkh
+        dv_base = DV + b64 * stride_dvb + hk * stride_dvh
+        bhq0 = b * Hq + hk * group
+        # (tuples spelled out: concatenating them would unwrap the constexprs, which a partition cannot take)
+        gl.warp_specialize([
+            (_dkdv_consume, (q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA, DK, DV,
+                             stride_dkt, stride_dvt, dk_base, dv_base, bhq0, Tq, Tk, n0, m_lo, n_m, kv_lo, kv_hi,
+                             causal_shift, qk_scale, sm_scale, group, 0, IS_CAUSAL, HEAD_DIM, BLOCK, STAGES)),
+            (_dkdv_consume, (q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA, DK, DV,
+                             stride_dkt, stride_dvt, dk_base, dv_base, bhq0, Tq, Tk, n0, m_lo, n_m, kv_lo, kv_hi,
+                             causal_shift, qk_scale, sm_scale, group, 1, IS_CAUSAL, HEAD_DIM, BLOCK, STAGES)),
+            (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready,
+                          do_ready, empty, b * Tq, b * Tk + n0, hk * HEAD_DIM, hk * group, m_lo, n_m, group,
+                          BLOCK, HEAD_DIM, STAGES)),
+        ], [4, 1], [240, 24])
+
+    # ------------------------------------------------------------------------------------------------ dQ
+    @gluon.jit
+    def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready,
+                 empty, q_row, q_col, k_row, kv_col, n_lo, n_hi,
+                 BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Q and dO of both query tiles once, then K and V of each key block into the ring."""
+        mbarrier.expect(qdo_bar, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, q_col], qdo_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK, q_col], qdo_bar, q_smem.index(1))
+        tma.async_copy_global_to_shared(do_desc, [q_row, q_col], qdo_bar, do_smem.index(0))
+        tma.async_copy_global_to_shared(do_desc, [q_row + BLOCK, q_col], qdo_bar, do_smem.index(1))
+        i = 0
+        for start_n in range(n_lo, n_hi, BLOCK_N):
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row + start_n, kv_col], k_ready.index(s), k_smem.index(s))
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [k_row + start_n, kv_col], v_ready.index(s), v_smem.index(s))
+            i += 1
+
+    @gluon.jit
+    def _dq_consume(q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, empty, LSE, DELTA, dq_base,
+                    stride_dqt, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale, sm_scale,
+                    TILE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Consumer ``TILE``: dQ of query rows [m0 + TILE * BLOCK, + BLOCK) over the ring's key blocks."""
+        s_layout: gl.constexpr = _mma_layout(BLOCK_N)  # S, dP: (query rows, keys)
+        o_layout: gl.constexpr = _mma_layout(HEAD_DIM)  # dQ: (query rows, D)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+        dtype: gl.constexpr = q_smem.dtype
+
+        mt = m0 + TILE * BLOCK
+        rows = mt + gl.arange(0, BLOCK, layout=row_l)
+        row_ok = rows < Tq
+        offs_n = gl.arange(0, BLOCK_N, layout=col_l)
+        if IS_CAUSAL:
+            my_hi = gl.minimum(kv_hi, mt + BLOCK + causal_shift)
+            full_hi = gl.minimum(kv_hi, mt + causal_shift + 1)
+        else:
+            my_hi = kv_hi
+            full_hi = kv_hi
+        lse = gl.load(LSE + bh.to(gl.int64) * Tq + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse = gl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
+        delta = gl.load(DELTA + bh.to(gl.int64) * Tq + rows, mask=row_ok, other=0.0)
+        dq = gl.zeros([BLOCK, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK, BLOCK_N], gl.float32, layout=s_layout)
+
+        mbarrier.wait(qdo_bar, 0)
+        q_t = q_smem.index(TILE)
+        do_t = do_smem.index(TILE)
+        i = 0
+        for start_n in range(n_lo, n_hi, BLOCK_N):
+            s = i % STAGES
+            phase = (i // STAGES) & 1
+            mbarrier.wait(k_ready.index(s), phase)
+            if start_n < my_hi:
+                k_s = k_smem.index(s)
+                sc = warpgroup_mma(q_t, k_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(s), phase)
+                dp = warpgroup_mma(do_t, v_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                sc = warpgroup_mma_wait(num_outstanding=1, deps=[sc])
+                p = gl.exp2(sc * qk_scale - lse[:, None])
+                masked = (start_n < kv_lo) | (start_n + BLOCK_N > full_hi)
+                if masked:
+                    cols = start_n + offs_n
+                    valid = ((cols >= kv_lo) & (cols < kv_hi))[None, :]
+                    if IS_CAUSAL:
+                        valid = valid & (cols[None, :] <= rows[:, None] + causal_shift)
+                    p = gl.where(valid, p, 0.0)
+                dp = warpgroup_mma_wait(num_outstanding=0, deps=[dp])
+                ds = p * (dp - delta[:, None])  # masked: 0 x finite (the kernels' input contract) = 0
+                ds_op = gl.convert_layout(ds.to(dtype), a_layout)
+                dq = warpgroup_mma(ds_op, k_s, dq, is_async=True)
+                dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq, ds_op])
+            mbarrier.arrive(empty.index(s), count=1)
+            i += 1
+        _store_rows(dq_base, (dq * sm_scale).to(dtype), mt, Tq, stride_dqt, BLOCK, HEAD_DIM)
+
+    @gluon.jit
+    def _dq_ws_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, KV_START, KV_END,
+                      stride_dqb, stride_dqt, stride_dqh, Hq, Tq, Tk, group, qk_scale, sm_scale,
+                      HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_KV_RANGE: gl.constexpr,
+                      BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        pair = gl.num_programs(0) - 1 - gl.program_id(0)  # the heaviest (last) causal tiles start first
+        bh = gl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // group
+        if HAS_KV_RANGE:
+            kv_lo = gl.maximum(gl.load(KV_START + b), 0)
+            kv_hi = gl.minimum(gl.load(KV_END + b), Tk)
+        else:
+            kv_lo = gl.to_tensor(0)
+            kv_hi = gl.to_tensor(Tk)
+        causal_shift = Tk - Tq
+        m0 = pair * (2 * BLOCK)
+        n_lo = (kv_lo // BLOCK_N) * BLOCK_N
+        if IS_CAUSAL:
+            n_hi = gl.minimum(kv_hi, m0 + 2 * BLOCK + causal_shift)
+        else:
+            n_hi = kv_hi
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(qdo_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        fence_async_shared()
+
+        dq_base = DQ + b.to(gl.int64) * stride_dqb + h * stride_dqh
+        gl.warp_specialize([
+            (_dq_consume, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, empty, LSE, DELTA, dq_base,
+                           stride_dqt, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale, sm_scale,
+                           0, IS_CAUSAL, HEAD_DIM, BLOCK, BLOCK_N, STAGES)),
+            (_dq_consume, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, empty, LSE, DELTA, dq_base,
+                           stride_dqt, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale, sm_scale,
+                           1, IS_CAUSAL, HEAD_DIM, BLOCK, BLOCK_N, STAGES)),
+            (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready,
+                        empty, b * Tq + m0, h * HEAD_DIM, b * Tk, hk * HEAD_DIM, n_lo, n_hi, BLOCK, BLOCK_N, STAGES)),
+        ], [4, 1], [240, 24])
+
+
+def ws_backward(do, q, k, v, lse, delta, dq, dk, dv, *, causal: bool, kv_start, kv_end, softmax_scale: float,
+                stages: int = 2) -> None:
+    """dK/dV and dQ on the warp-specialized kernels, written into dq (B, Tq, Hq, D), dk and dv (B, Tk, Hkv, D)
+    (unit stride on D, heads D apart); delta (B, Hq, Tq) from ``attention_bwd``'s preprocess kernel. q, k, v
+    must be ``ws_layout_ok``; do is made contiguous if it is not."""
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if not ws_layout_ok(do, k, v):
+        do = do.contiguous()
+    has_range = kv_start is not None
+    ks = kv_start if has_range else lse
+    ke = kv_end if has_range else lse
+    group = Hq // Hkv
+    qk_scale = softmax_scale * LOG2E
+    blk = BWD_BLOCK
+    meta = dict(HEAD_DIM=D, IS_CAUSAL=causal, HAS_KV_RANGE=has_range, num_warps=4)
+    _dkdv_ws_kernel[(-(-Tk // (2 * blk)), B * Hkv)](
+        _desc(q, blk), _desc(do, blk), _desc(k, blk), _desc(v, blk), lse, delta, dk, dv, ks, ke,
+        *dk.stride()[:3], *dv.stride()[:3], Hq, Hkv, Tq, Tk, group, qk_scale, softmax_scale,
+        BLOCK=blk, STAGES=stages, **meta)
+    bn = dq_block_n(D)
+    _dq_ws_kernel[(-(-Tq // (2 * blk)), B * Hq)](
+        _desc(q, blk), _desc(do, blk), _desc(k, bn), _desc(v, bn), lse, delta, dq, ks, ke,
+        *dq.stride()[:3], Hq, Tq, Tk, group, qk_scale, softmax_scale,
+        BLOCK=blk, BLOCK_N=bn, STAGES=stages, **meta)
