@@ -5,7 +5,11 @@ would hang it rather than fail. ``gpu_check.sh`` runs this script under a timeou
 tests: it launches the forward and the backward on small shapes and compares them with the Triton kernels. If it hangs, crashes or
 disagrees, gpu_check sets RLHF_ENGINE_ATTN_WS_BROKEN=1 for the rest of the run: the benchmark drops its
 warp-specialized rows and the GPU tests of the kernel fail at once with that reason instead of hanging.
-Run: python benchmarks/ws_probe.py   (exit 0: agrees; 1: disagrees; 2: not runnable here)
+Two runs, each under its own timeout: ``--simple`` (the forward without FA3's intra-warpgroup overlap, and the
+backward) and ``--pipelined`` (the forward's default, with it). gpu_check sets RLHF_ENGINE_ATTN_WS_BROKEN=1 when
+the first fails, RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1 (the forward then runs without the overlap, and the
+benchmark drops the overlap's rows) when only the second does.
+Run: python benchmarks/ws_probe.py --simple | --pipelined   (exit 0: agrees; 1: disagrees; 2: not runnable here)
 """
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ import sys
 import torch
 
 
-def main() -> int:
+def main(pipelined: bool) -> int:
+    import os
+
+    os.environ["RLHF_ENGINE_ATTN_WS_PIPELINE"] = "1" if pipelined else "0"
     from rlhf_engine.kernels.attention import kv_range_from_lengths
     from rlhf_engine.kernels.attention_bwd import attention_backward
     from rlhf_engine.kernels.attention_bwd_ws import ws_backward
@@ -45,9 +52,11 @@ def main() -> int:
         same_empty = torch.equal(torch.isinf(lse), torch.isinf(lse_t))
         good = err < 2e-2 and lerr < 1e-2 and same_empty and not torch.isnan(o).any()
         ok &= good
-        print(f"ws_probe: forward B={B} T={T} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} left-padded={pad}: max |o - "
+        print(f"ws_probe: forward ({'pipelined' if pipelined else 'simple'}) B={B} T={T} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} left-padded={pad}: max |o - "
               f"triton| {err:.3g}, max |lse - triton| {lerr:.3g}, same empty rows {same_empty}: "
               f"{'ok' if good else 'WRONG'}", flush=True)
+        if pipelined:  # the backward has no variant: checked by the --simple run
+            continue
         do = torch.randn_like(q)
         grads_t = attention_backward(do, q, k, v, o_t, lse_t, causal=causal, kv_start=ks, kv_end=ke,
                                      softmax_scale=D ** -0.5, dq_mode="split")
@@ -65,4 +74,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if len(sys.argv) != 2 or sys.argv[1] not in ("--simple", "--pipelined"):
+        sys.exit("usage: python benchmarks/ws_probe.py --simple | --pipelined")
+    sys.exit(main(sys.argv[1] == "--pipelined"))

@@ -86,6 +86,14 @@ def ws_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return ws_layout_ok(q, k, v)
 
 
+def ws_pipeline() -> bool:
+    """FA3's intra-warpgroup overlap in the forward's consumers (``_ws_consume``): on unless
+    ``RLHF_ENGINE_ATTN_WS_PIPELINE=0``."""
+    if os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") == "1":  # benchmarks/ws_probe.py saw it fail
+        return False
+    return os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE", "1") != "0"
+
+
 def ws_tiles(head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_M rows a consumer warpgroup, BLOCK_N keys a block, STAGES K/V slots) for a head dim; shared memory:
     2 Q tiles + STAGES x (K, V) tiles + the output's 16 KB of staging = 128 KB at D = 64, 176 KB at D = 128 (one
@@ -116,70 +124,31 @@ if HAVE_GLUON:
             i += 1
 
     @gluon.jit
-    def _ws_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE,
-                    stride_ob, stride_ot, b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
-                    TILE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """One consumer warpgroup: the online softmax of query tile ``TILE`` (0 or 1) over the key blocks."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        dtype: gl.constexpr = q_smem.dtype
-
-        mt = m0 + TILE * BLOCK_M
-        offs_m = mt + gl.arange(0, BLOCK_M, layout=row_s)
-        offs_n = gl.arange(0, BLOCK_N, layout=col_s)
-        if IS_CAUSAL:
-            my_hi = gl.minimum(kv_hi, mt + BLOCK_M + causal_shift)  # one past the tile's last row's last key
-            full_hi = gl.minimum(kv_hi, mt + causal_shift + 1)  # every row of the tile sees all keys < full_hi
+    def _softmax_block(qk, m_i, l_i, start_n, offs_m, offs_n, kv_lo, kv_hi, full_hi, causal_shift, qk_scale,
+                       IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The online softmax of one key block's raw scores qk (BLOCK_M, BLOCK_N): (p, alpha, m, l) after it, with
+        the mask built only for a block the tile sees in part (kv_start, kv_end or the causal diagonal inside)."""
+        if (start_n < kv_lo) | (start_n + BLOCK_N > full_hi):
+            cols = start_n + offs_n
+            valid = ((cols >= kv_lo) & (cols < kv_hi))[None, :]
+            if IS_CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            qk = gl.where(valid, qk, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: p = alpha = 0
         else:
-            my_hi = kv_hi
-            full_hi = kv_hi
+            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+            m_use = m_new
+        p = gl.exp2(qk * qk_scale - m_use[:, None])  # the scale rides in exp2's argument: one FMA a score
+        alpha = gl.exp2(m_i - m_use)
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-
-        mbarrier.wait(q_bar, 0)
-        q = q_smem.index(TILE)
-        i = 0
-        for start_n in range(n_lo, n_hi, BLOCK_N):
-            s = i % STAGES
-            phase = (i // STAGES) & 1
-            mbarrier.wait(k_ready.index(s), phase)
-            if start_n < my_hi:
-                qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                qk = warpgroup_mma_wait(num_outstanding=0, deps=[qk])
-                if (start_n < kv_lo) | (start_n + BLOCK_N > full_hi):  # a block the tile sees in part
-                    cols = start_n + offs_n
-                    valid = ((cols >= kv_lo) & (cols < kv_hi))[None, :]
-                    if IS_CAUSAL:
-                        valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
-                    qk = gl.where(valid, qk, float("-inf"))
-                    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-                    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: p = alpha = 0
-                else:
-                    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-                    m_use = m_new
-                p = gl.exp2(qk * qk_scale - m_use[:, None])
-                alpha = gl.exp2(m_i - m_use)
-                l_i = l_i * alpha + gl.sum(p, 1)
-                m_i = m_new
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                mbarrier.wait(v_ready.index(s), phase)
-                acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
-                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])  # p_op alive until done
-            mbarrier.arrive(kv_empty.index(s), count=1)  # this consumer is done with the slot
-            i += 1
-
-        empty = l_i == 0.0  # no valid key: o = 0, lse = -inf
+    @gluon.jit
+    def _ws_epilogue(acc, m_i, l_i, O, LSE, stride_ob, stride_ot, b, h, bh, Tq, mt, offs_m,
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, dtype: gl.constexpr):
+        """o = acc / l and lse = (m + log2 l) ln 2 of the tile's rows < Tq; a row without a valid key: 0, -inf."""
+        row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+        empty = l_i == 0.0
         l_safe = gl.where(empty, 1.0, l_i)
         lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
         gl.store(LSE + bh.to(gl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
@@ -195,10 +164,97 @@ if HAVE_GLUON:
         gl.store(o_ptrs, o, mask=(rows < Tq)[:, None])
 
     @gluon.jit
+    def _ws_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE,
+                    stride_ob, stride_ot, b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
+                    TILE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PIPELINE: gl.constexpr):
+        """One consumer warpgroup: the online softmax of query tile ``TILE`` (0 or 1) over the key blocks.
+
+        PIPELINE (FA3's intra-warpgroup overlap, its Algorithm 2): block j's S = Q K_j^T is issued, then block
+        j-1's O += P V_{j-1}, and block j's softmax runs while that second product is in flight; O is rescaled
+        once it lands. Otherwise each block's two products are waited for in turn."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        dtype: gl.constexpr = q_smem.dtype
+
+        mt = m0 + TILE * BLOCK_M
+        offs_m = mt + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        if IS_CAUSAL:
+            my_hi = gl.minimum(kv_hi, mt + BLOCK_M + causal_shift)  # one past the tile's last row's last key
+            full_hi = gl.minimum(kv_hi, mt + causal_shift + 1)  # every row of the tile sees all keys < full_hi
+        else:
+            my_hi = kv_hi
+            full_hi = kv_hi
+        n_total = gl.maximum(n_hi - n_lo + BLOCK_N - 1, 0) // BLOCK_N  # the ring's blocks (both tiles')
+        n_own = gl.maximum(my_hi - n_lo + BLOCK_N - 1, 0) // BLOCK_N  # this tile's: a prefix of them
+
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+        mbarrier.wait(q_bar, 0)
+        q = q_smem.index(TILE)
+        if PIPELINE:
+            if n_own > 0:
+                mbarrier.wait(k_ready.index(0), 0)
+                qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=0, deps=[qk])
+                p, alpha, m_i, l_i = _softmax_block(qk, m_i, l_i, n_lo, offs_m, offs_n, kv_lo, kv_hi, full_hi,
+                                                    causal_shift, qk_scale, IS_CAUSAL, BLOCK_N)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                for j in range(1, n_own):
+                    s = j % STAGES
+                    sp = (j - 1) % STAGES
+                    mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+                    qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+                    acc = warpgroup_mma(p_op, v_smem.index(sp), acc, is_async=True)
+                    qk = warpgroup_mma_wait(num_outstanding=1, deps=[qk])  # S_j landed; P V_{j-1} in flight
+                    p, alpha, m_i, l_i = _softmax_block(qk, m_i, l_i, n_lo + j * BLOCK_N, offs_m, offs_n, kv_lo,
+                                                        kv_hi, full_hi, causal_shift, qk_scale, IS_CAUSAL, BLOCK_N)
+                    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
+                    mbarrier.arrive(kv_empty.index(sp), count=1)
+                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                sl = (n_own - 1) % STAGES
+                mbarrier.wait(v_ready.index(sl), ((n_own - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(sl), acc, is_async=True)
+                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
+                mbarrier.arrive(kv_empty.index(sl), count=1)
+            for j in range(n_own, n_total):  # past this tile's causal edge: released unread
+                s = j % STAGES
+                mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+                mbarrier.arrive(kv_empty.index(s), count=1)
+        else:
+            for j in range(0, n_total):
+                s = j % STAGES
+                phase = (j // STAGES) & 1
+                mbarrier.wait(k_ready.index(s), phase)
+                if j < n_own:
+                    qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    qk = warpgroup_mma_wait(num_outstanding=0, deps=[qk])
+                    p, alpha, m_i, l_i = _softmax_block(qk, m_i, l_i, n_lo + j * BLOCK_N, offs_m, offs_n, kv_lo,
+                                                        kv_hi, full_hi, causal_shift, qk_scale, IS_CAUSAL, BLOCK_N)
+                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                    mbarrier.wait(v_ready.index(s), phase)
+                    acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
+                    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])  # p_op alive until done
+                mbarrier.arrive(kv_empty.index(s), count=1)  # this consumer is done with the slot
+        _ws_epilogue(acc, m_i, l_i, O, LSE, stride_ob, stride_ot, b, h, bh, Tq, mt, offs_m, HEAD_DIM, BLOCK_M, dtype)
+
+    @gluon.jit
     def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, KV_START, KV_END,
                             stride_ob, stride_ot, Hq, Tq, Tk, group, qk_scale,
                             HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_KV_RANGE: gl.constexpr,
-                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                            PIPELINE: gl.constexpr):
         pair = gl.num_programs(0) - 1 - gl.program_id(0)  # the heaviest (last) causal tiles start first
         bh = gl.program_id(1)
         b = bh // Hq
@@ -237,10 +293,10 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_ws_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE, stride_ob, stride_ot,
                            b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
-                           0, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+                           0, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PIPELINE)),
             (_ws_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE, stride_ob, stride_ot,
                            b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
-                           1, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+                           1, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PIPELINE)),
             (_ws_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                         b * Tq + m0, h * HEAD_DIM, b * Tk, hk * HEAD_DIM, n_lo, n_hi, BLOCK_M, BLOCK_N, STAGES)),
         ], [4, 1], [240, 24])
@@ -270,5 +326,5 @@ def attention_forward_ws(
         _desc(q, bm), _desc(k, bn), _desc(v, bn), o, lse, ks, ke, o.stride(0), o.stride(1),
         Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E,
         HEAD_DIM=D, IS_CAUSAL=causal, HAS_KV_RANGE=kv_start is not None,
-        BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=4)
+        BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PIPELINE=ws_pipeline(), num_warps=4)
     return o, lse

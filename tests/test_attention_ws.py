@@ -60,13 +60,16 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pipeline", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", GPU_CASES)
-def test_ws_forward_gpu(B, T, Hq, Hkv, D, causal, padding, dtype, record_value):
+def test_ws_forward_gpu(B, T, Hq, Hkv, D, causal, padding, dtype, pipeline, record_value, monkeypatch):
     """Against fp64: within 2x of the Triton kernel's own error (+ a floor for 16-bit rounding), no NaN (empty
-    rows give 0), and the same log-sum-exp (what the backward reads)."""
+    rows give 0), and the same log-sum-exp (what the backward reads); with FA3's intra-warpgroup overlap (the
+    default) and without it."""
     if not _hopper():
         pytest.skip("the warp-specialized kernel is for sm_90")
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PIPELINE", pipeline)
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=dtype) for h in (Hq, Hkv, Hkv))
     ks, ke = _ranges(padding, B, T, "cuda")
@@ -77,7 +80,7 @@ def test_ws_forward_gpu(B, T, Hq, Hkv, D, causal, padding, dtype, record_value):
                               softmax_scale=D ** -0.5)
     assert not torch.isnan(o).any() and not torch.isnan(lse).any()
     err, err_k = ((x.double() - ref).abs().max().item() for x in (o, o_ref_k))
-    record_value(f"WS forward B={B} T={T} {Hq}/{Hkv} D={D} {'causal' if causal else 'full'} {padding} {dtype}: "
+    record_value(f"WS forward (pipeline {pipeline}) B={B} T={T} {Hq}/{Hkv} D={D} {'causal' if causal else 'full'} {padding} {dtype}: "
                  "max err vs fp64 (WS / Triton)", f"{err:.3g} / {err_k:.3g}")
     assert err <= 2 * err_k + 2e-3
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref_k))  # the same empty rows
