@@ -22,8 +22,6 @@ GPU tests in ``tests/test_attention_ws.py``.
 """
 from __future__ import annotations
 
-import torch
-
 from .attention_fwd import LOG2E
 from .attention_fwd_ws import HAVE_GLUON, _desc, ws_layout_ok
 

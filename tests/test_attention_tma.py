@@ -4,18 +4,11 @@ Tensor descriptors run under the Triton interpreter on the CPU (fp32, small tile
 import pytest
 import torch
 
-from rlhf_engine.kernels.attention import flash_attention, kv_range_from_lengths
+from rlhf_engine.kernels.attention import flash_attention
 from rlhf_engine.kernels.attention_fwd import attention_forward
 from rlhf_engine.kernels.attention_fwd_tma import attention_forward_tma, tma_eligible
 from rlhf_engine.kernels.reference.attention import attention_reference
-
-
-def _ranges(kind, B, T, device):
-    if kind == "none":
-        return None, None
-    lens = torch.tensor([T - 3 * i - 1 if i % 2 == 0 else T // 2 for i in range(B)])
-    lens[-1] = 0 if B > 2 else lens[-1]  # a sequence with no valid token
-    return [t.to(device) for t in kv_range_from_lengths(lens, T, padding_side=kind)]
+from tiny import key_ranges
 
 
 # (B, T, Hq, Hkv, D, causal, padding, block_m, block_n)
@@ -41,7 +34,7 @@ def test_tma_forward_matches_reference_and_pointer_kernel(B, T, Hq, Hkv, D, caus
     q = torch.randn(B, T, Hq, D, device=device)
     k = torch.randn(B, T, Hkv, D, device=device)
     v = torch.randn(B, T, Hkv, D, device=device)
-    ks, ke = _ranges(padding, B, T, device)
+    ks, ke = key_ranges(padding, B, T, device)
     scale = D ** -0.5
     assert tma_eligible(q, k, v)
     o, lse = attention_forward_tma(q, k, v, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale,
@@ -61,7 +54,7 @@ def test_tma_forward_ignores_nan_outside_the_key_range(device):
     reach the output (masked scores, zeroed V rows)."""
     B, T, Hq, Hkv, D = 2, 45, 4, 2, 64
     q, k, v = (torch.randn(B, T, h, D, device=device) for h in (Hq, Hkv, Hkv))
-    ks, ke = _ranges("left", B, T, device)
+    ks, ke = key_ranges("left", B, T, device)
     for b in range(B):
         k[b, : ks[b]] = float("nan")
         v[b, : ks[b]] = float("nan")
@@ -97,7 +90,7 @@ def test_env_switch_through_flash_attention(device, monkeypatch):
     monkeypatch.setenv("RLHF_ENGINE_ATTN_TMA", "1")
     B, T, Hq, Hkv, D = 2, 29, 4, 2, 64
     q, k, v = (torch.randn(B, T, h, D, device=device, requires_grad=True) for h in (Hq, Hkv, Hkv))
-    ks, ke = _ranges("right", B, T, device)
+    ks, ke = key_ranges("right", B, T, device)
     o = flash_attention(q, k, v, causal=True, kv_start=ks, kv_end=ke, backend="triton")
     assert calls == [1]
     g = torch.randn_like(o)
@@ -117,7 +110,7 @@ def test_tma_forward_bf16_gpu(D, padding, record_value):
     torch.manual_seed(0)
     B, T, Hq, Hkv = 2, 1025, 14, 2
     q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
-    ks, ke = _ranges(padding, B, T, "cuda")
+    ks, ke = key_ranges(padding, B, T, "cuda")
     o_tma, lse_tma = attention_forward_tma(q, k, v, causal=True, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5)
     o_ptr, lse_ptr = attention_forward(q, k, v, causal=True, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5)
     ref = attention_reference(q.double(), k.double(), v.double(), causal=True, kv_start=ks, kv_end=ke,

@@ -6,18 +6,11 @@ import os
 import pytest
 import torch
 
-from rlhf_engine.kernels.attention import flash_attention, kv_range_from_lengths
+from rlhf_engine.kernels.attention import flash_attention
 from rlhf_engine.kernels.attention_fwd import attention_forward
 from rlhf_engine.kernels.attention_fwd_ws import attention_forward_ws, ws_eligible, ws_layout_ok
 from rlhf_engine.kernels.reference.attention import attention_reference
-
-
-def _ranges(kind, B, T, device):
-    if kind == "none":
-        return None, None
-    lens = torch.tensor([T - 3 * i - 1 if i % 2 == 0 else T // 2 for i in range(B)])
-    lens[-1] = 0 if B > 2 else lens[-1]  # a sequence with no valid token
-    return [t.to(device) for t in kv_range_from_lengths(lens, T, padding_side=kind)]
+from tiny import key_ranges
 
 
 def test_layout_rules():
@@ -72,7 +65,7 @@ def test_ws_forward_gpu(B, T, Hq, Hkv, D, causal, padding, dtype, pipeline, reco
     monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PIPELINE", pipeline)
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=dtype) for h in (Hq, Hkv, Hkv))
-    ks, ke = _ranges(padding, B, T, "cuda")
+    ks, ke = key_ranges(padding, B, T, "cuda")
     assert ws_eligible(q, k, v)
     o, lse = attention_forward_ws(q, k, v, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5)
     o_ref_k, lse_ref_k = attention_forward(q, k, v, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5)
@@ -102,7 +95,7 @@ def test_ws_backward_gpu(B, T, Hq, Hkv, D, causal, padding, record_value):
     dt = torch.bfloat16
     q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=dt) for h in (Hq, Hkv, Hkv))
     do = torch.randn(B, T, Hq, D, device="cuda", dtype=dt)
-    ks, ke = _ranges(padding, B, T, "cuda")
+    ks, ke = key_ranges(padding, B, T, "cuda")
     scale = D ** -0.5
     o, lse = attention_forward(q, k, v, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale)
     grads_t = attention_backward(do, q, k, v, o, lse, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale,
@@ -133,7 +126,7 @@ def test_ws_env_switch_and_gradients_gpu(monkeypatch):
     B, T, Hq, Hkv, D = 2, 301, 14, 2, 64
     q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for h in (Hq, Hkv, Hkv))
-    ks, ke = _ranges("left", B, T, "cuda")
+    ks, ke = key_ranges("left", B, T, "cuda")
     g = torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = attention_reference(q64, k64, v64, causal=True, kv_start=ks, kv_end=ke)

@@ -25,6 +25,18 @@ def tiny_model(seed: int = 0, **overrides):
 DTYPES_16 = [pytest.param(torch.bfloat16, marks=pytest.mark.gpu, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
+def key_ranges(kind: str, B: int, T: int, device):
+    """(kv_start, kv_end) of the attention kernels for padding 'none', 'right' or 'left': odd lengths, and with
+    B > 2 a last sequence with no valid token."""
+    from rlhf_engine.kernels.attention import kv_range_from_lengths
+
+    if kind == "none":
+        return None, None
+    lens = torch.tensor([T - 3 * i - 1 if i % 2 == 0 else T // 2 for i in range(B)])
+    lens[-1] = 0 if B > 2 else lens[-1]
+    return [t.to(device) for t in kv_range_from_lengths(lens, T, padding_side=kind)]
+
+
 def rms_norm_fp64(s: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """The RMSNorm definition in fp64: w · s / sqrt(mean(s²) + eps)."""
     s64 = s.double()
