@@ -101,21 +101,19 @@ def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool, names=None):
         TMA: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
         # the warp-specialized Gluon forward and backward (kernels/attention_{fwd,bwd}_ws.py, opt-in, sm_90)
         WS: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
-        WS2: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
         WS_SIMPLE: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
     }
     if os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") == "1":  # ws_probe.py: only the overlap failed
-        impls = {n: f for n, f in impls.items() if n not in (WS, WS2)}
+        impls = {n: f for n, f in impls.items() if n != WS}
     return {n: f for n, f in impls.items() if names is None or n in names or n == "sdpa_default"}
 
 
 ATOMIC = "ours (atomic dQ)"
 TMA = "ours (TMA loads)"
 WS = "ours (warp-specialized)"
-WS2 = "ours (warp-specialized, 2 stages)"  # 2 K/V slots: at D = 64, two programs an SM fit
 WS_SIMPLE = "ours (warp-specialized, no overlap)"  # the forward without FA3's intra-warpgroup overlap
 _ENV = {ATOMIC: {"RLHF_ENGINE_ATTN_DQ": "atomic"}, TMA: {"RLHF_ENGINE_ATTN_TMA": "1"},
-        WS: {"RLHF_ENGINE_ATTN_WS": "1"}, WS2: {"RLHF_ENGINE_ATTN_WS": "1", "RLHF_ENGINE_ATTN_WS_STAGES": "2"},
+        WS: {"RLHF_ENGINE_ATTN_WS": "1"},
         WS_SIMPLE: {"RLHF_ENGINE_ATTN_WS": "1", "RLHF_ENGINE_ATTN_WS_PIPELINE": "0"}}
 
 
@@ -193,7 +191,7 @@ def _measure(impls, shape, fwd_flops, skip=()) -> list[dict]:
 # the variants that choose the defaults (atomic dQ, TMA forward), then FlexAttention. A later pass starts only with ``need`` seconds left before
 # the runner's deadline (common.time_left), so a cold Triton cache (every variant autotunes both head dims) costs
 # the optional rows, never the target ones.
-PASSES = (("targets", ("sdpa_flash_fa2", "ours"), 0.0), ("warp-specialized", (WS, WS2, WS_SIMPLE), 30.0),
+PASSES = (("targets", ("sdpa_flash_fa2", "ours"), 0.0), ("warp-specialized", (WS, WS_SIMPLE), 30.0),
           ("variants", (ATOMIC, TMA), 45.0), ("flex", (), 40.0))
 
 

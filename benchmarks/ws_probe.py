@@ -32,13 +32,15 @@ def main(pipelined: bool) -> int:
         print("ws_probe: needs an sm_90 GPU; not run")
         return 2
     ok = True
-    for B, T, Hq, Hkv, D, causal, pad in [(1, 64, 2, 1, 64, True, False), (2, 300, 14, 2, 64, True, True),
+    # (2, 200, ...): left padding puts the second sequence's first key at 101, where both consumers of the dK/dV
+    # kernel's first key pair skip a query block (a slot both release unread)
+    for B, T, Hq, Hkv, D, causal, pad in [(1, 64, 2, 1, 64, True, False), (2, 200, 14, 2, 64, True, True),
                                           (2, 257, 8, 8, 128, False, True), (1, 1024, 32, 8, 128, True, False)]:
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
         ks = ke = None
         if pad:
-            lens = torch.tensor([T - 5 * i for i in range(B)])
+            lens = torch.tensor([T - 1 - 100 * i for i in range(B)])
             ks, ke = (t.cuda() for t in kv_range_from_lengths(lens, T, padding_side="left"))
         if not ws_eligible(q, k, v):
             print(f"ws_probe: B={B} T={T} {Hq}/{Hkv} D={D}: not eligible")

@@ -22,6 +22,8 @@ GPU tests in ``tests/test_attention_ws.py``.
 """
 from __future__ import annotations
 
+import torch
+
 from .attention_fwd import LOG2E
 from .attention_fwd_ws import HAVE_GLUON, _desc, ws_layout_ok
 
@@ -148,6 +150,8 @@ if HAVE_GLUON:
                     dk = warpgroup_mma(dst_op, q_t, dk, is_async=True)
                     # (the register operands ride in deps: kept alive until their products are done)
                     dv, dk, pt_op, dst_op = warpgroup_mma_wait(num_outstanding=0, deps=[dv, dk, pt_op, dst_op])
+                else:  # both consumers may skip a block (padding, the causal edge): release it only once its dO
+                    mbarrier.wait(do_ready.index(s), phase)  # copy landed too, never with a TMA in flight
                 mbarrier.arrive(empty.index(s), count=1)  # this consumer is done with the slot
                 i += 1
         _store_rows(dk_base, (dk * sm_scale).to(dtype), nt, Tk, stride_dkt, BLOCK, HEAD_DIM)
@@ -289,6 +293,8 @@ if HAVE_GLUON:
                 ds_op = gl.convert_layout(ds.to(dtype), a_layout)
                 dq = warpgroup_mma(ds_op, k_s, dq, is_async=True)
                 dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq, ds_op])
+            else:  # released only once its V copy landed too (no TMA left in flight)
+                mbarrier.wait(v_ready.index(s), phase)
             mbarrier.arrive(empty.index(s), count=1)
             i += 1
         _store_rows(dq_base, (dq * sm_scale).to(dtype), mt, Tq, stride_dqt, BLOCK, HEAD_DIM)
@@ -353,8 +359,8 @@ def ws_backward(do, q, k, v, lse, delta, dq, dk, dv, *, causal: bool, kv_start, 
     must be ``ws_layout_ok``; do is made contiguous if it is not."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    if not ws_layout_ok(do, k, v):
-        do = do.contiguous()
+    if not ws_layout_ok(do, k, v):  # e.g. a broadcast gradient: a fresh, aligned copy in q's dtype
+        do = do.to(q.dtype).clone(memory_format=torch.contiguous_format)
     has_range = kv_start is not None
     ks = kv_start if has_range else lse
     ke = kv_end if has_range else lse

@@ -97,9 +97,10 @@ def ws_pipeline() -> bool:
 def ws_tiles(head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_M rows a consumer warpgroup, BLOCK_N keys a block, STAGES K/V slots) for a head dim; shared memory:
     2 Q tiles + STAGES x (K, V) tiles + the output's 16 KB of staging = 128 KB at D = 64, 176 KB at D = 128 (one
-    program an SM). ``RLHF_ENGINE_ATTN_WS_STAGES`` sets the slots (2 at D = 64: 96 KB, two programs an SM)."""
+    program an SM either way: 12 warps at 168 registers fill the register file). ``RLHF_ENGINE_ATTN_WS_STAGES`` sets
+    the slots (at least 2: the pipelined consumer holds two at once)."""
     stages = int(os.environ.get("RLHF_ENGINE_ATTN_WS_STAGES", "0")) or (3 if head_dim == 64 else 2)
-    return 64, 128, stages
+    return 64, 128, max(stages, 2)  # the pipelined consumer holds two slots at once
 
 
 if HAVE_GLUON:
@@ -227,9 +228,10 @@ if HAVE_GLUON:
                 acc = warpgroup_mma(p_op, v_smem.index(sl), acc, is_async=True)
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
                 mbarrier.arrive(kv_empty.index(sl), count=1)
-            for j in range(n_own, n_total):  # past this tile's causal edge: released unread
+            for j in range(n_own, n_total):  # past this tile's causal edge: released unread, once both copies landed
                 s = j % STAGES
                 mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+                mbarrier.wait(v_ready.index(s), (j // STAGES) & 1)
                 mbarrier.arrive(kv_empty.index(s), count=1)
         else:
             for j in range(0, n_total):
@@ -246,6 +248,8 @@ if HAVE_GLUON:
                     mbarrier.wait(v_ready.index(s), phase)
                     acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
                     acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])  # p_op alive until done
+                else:  # a slot is released only once every copy into it landed (no TMA left in flight)
+                    mbarrier.wait(v_ready.index(s), phase)
                 mbarrier.arrive(kv_empty.index(s), count=1)  # this consumer is done with the slot
         _ws_epilogue(acc, m_i, l_i, O, LSE, stride_ob, stride_ot, b, h, bh, Tq, mt, offs_m, HEAD_DIM, BLOCK_M, dtype)
 

@@ -47,6 +47,7 @@ GPU_CASES = [
     (2, 1025, 32, 8, 128, True, "right"),
     (2, 1, 4, 4, 128, True, "none"),
     (3, 200, 14, 2, 64, False, "left"),
+    (2, 200, 14, 2, 64, True, "left"),  # the 2nd sequence's first key is 100: both dK/dV consumers skip a block
     (2, 333, 4, 4, 128, False, "right"),
     (1, 2048, 14, 2, 64, True, "none"),
 ]
