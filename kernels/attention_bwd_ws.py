@@ -28,10 +28,12 @@ from .attention_fwd import LOG2E
 from .attention_fwd_ws import HAVE_GLUON, _desc, ws_layout_ok
 
 if HAVE_GLUON:
+    from .attention_fwd_ws import key_range, load_kv_ring, ring_barriers, store_rows
+
+if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 BWD_BLOCK = 64  # rows of a consumer's tile, in both kernels (keys in dK/dV, queries in dQ)
 
@@ -47,17 +49,6 @@ if HAVE_GLUON:
     def _mma_layout(N):
         """The wgmma accumulator layout of a 4-warp consumer for an (64, N) tile."""
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
-
-    @gluon.jit
-    def _store_rows(ptr_base, x, rows0, n_rows, stride_t, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """Store x (ROWS, HEAD_DIM) at rows [rows0, rows0 + ROWS) of a (T, ..., HEAD_DIM) head view, rows < n_rows,
-        from a blocked layout (16 bytes a thread along D)."""
-        st_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // HEAD_DIM,
-                                                   HEAD_DIM // 8], warps_per_cta=[4, 1], order=[1, 0])
-        x = gl.convert_layout(x, st_layout)
-        rows = rows0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
-        dcol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_layout))
-        gl.store(ptr_base + rows.to(gl.int64)[:, None] * stride_t + dcol[None, :], x, mask=(rows < n_rows)[:, None])
 
     # ------------------------------------------------------------------------------------------------ dK, dV
     @gluon.jit
@@ -154,8 +145,8 @@ if HAVE_GLUON:
                     mbarrier.wait(do_ready.index(s), phase)  # copy landed too, never with a TMA in flight
                 mbarrier.arrive(empty.index(s), count=1)  # this consumer is done with the slot
                 i += 1
-        _store_rows(dk_base, (dk * sm_scale).to(dtype), nt, Tk, stride_dkt, BLOCK, HEAD_DIM)
-        _store_rows(dv_base, dv.to(dtype), nt, Tk, stride_dvt, BLOCK, HEAD_DIM)
+        store_rows(dk_base, (dk * sm_scale).to(dtype), nt, Tk, stride_dkt, BLOCK, HEAD_DIM)
+        store_rows(dv_base, dv.to(dtype), nt, Tk, stride_dvt, BLOCK, HEAD_DIM)
 
     @gluon.jit
     def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, KV_START, KV_END,
@@ -167,12 +158,7 @@ if HAVE_GLUON:
         bh = gl.program_id(1)
         b = bh // Hkv
         hk = bh % Hkv
-        if HAS_KV_RANGE:
-            kv_lo = gl.maximum(gl.load(KV_START + b), 0)
-            kv_hi = gl.minimum(gl.load(KV_END + b), Tk)
-        else:
-            kv_lo = gl.to_tensor(0)
-            kv_hi = gl.to_tensor(Tk)
+        kv_lo, kv_hi = key_range(KV_START, KV_END, b, Tk, HAS_KV_RANGE)
         causal_shift = Tk - Tq
         n0 = pair * (2 * BLOCK)
         if IS_CAUSAL:  # the query blocks that see the pair's first key (tile 0's; tile 1 skips the first ones)
@@ -188,16 +174,7 @@ if HAVE_GLUON:
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], v_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(do_ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # both consumers release a slot
-        fence_async_shared()
+        kv_bar, q_ready, do_ready, empty = ring_barriers(STAGES)
 
         b64 = b.to(gl.int64)
         dk_base = DK + b64 * stride_dkb + hk * stride_dkh
@@ -227,15 +204,8 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK, q_col], qdo_bar, q_smem.index(1))
         tma.async_copy_global_to_shared(do_desc, [q_row, q_col], qdo_bar, do_smem.index(0))
         tma.async_copy_global_to_shared(do_desc, [q_row + BLOCK, q_col], qdo_bar, do_smem.index(1))
-        i = 0
-        for start_n in range(n_lo, n_hi, BLOCK_N):
-            s = i % STAGES
-            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row + start_n, kv_col], k_ready.index(s), k_smem.index(s))
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [k_row + start_n, kv_col], v_ready.index(s), v_smem.index(s))
-            i += 1
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, empty, k_row, kv_col, n_lo, n_hi,
+                     BLOCK_N, STAGES)
 
     @gluon.jit
     def _dq_consume(q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, empty, LSE, DELTA, dq_base,
@@ -297,7 +267,7 @@ if HAVE_GLUON:
                 mbarrier.wait(v_ready.index(s), phase)
             mbarrier.arrive(empty.index(s), count=1)
             i += 1
-        _store_rows(dq_base, (dq * sm_scale).to(dtype), mt, Tq, stride_dqt, BLOCK, HEAD_DIM)
+        store_rows(dq_base, (dq * sm_scale).to(dtype), mt, Tq, stride_dqt, BLOCK, HEAD_DIM)
 
     @gluon.jit
     def _dq_ws_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, KV_START, KV_END,
@@ -309,12 +279,7 @@ if HAVE_GLUON:
         b = bh // Hq
         h = bh % Hq
         hk = h // group
-        if HAS_KV_RANGE:
-            kv_lo = gl.maximum(gl.load(KV_START + b), 0)
-            kv_hi = gl.minimum(gl.load(KV_END + b), Tk)
-        else:
-            kv_lo = gl.to_tensor(0)
-            kv_hi = gl.to_tensor(Tk)
+        kv_lo, kv_hi = key_range(KV_START, KV_END, b, Tk, HAS_KV_RANGE)
         causal_shift = Tk - Tq
         m0 = pair * (2 * BLOCK)
         n_lo = (kv_lo // BLOCK_N) * BLOCK_N
@@ -328,16 +293,7 @@ if HAVE_GLUON:
         do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(qdo_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
-        fence_async_shared()
+        qdo_bar, k_ready, v_ready, empty = ring_barriers(STAGES)
 
         dq_base = DQ + b.to(gl.int64) * stride_dqb + h * stride_dqh
         gl.warp_specialize([

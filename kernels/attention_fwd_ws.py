@@ -105,6 +105,60 @@ def ws_tiles(head_dim: int) -> tuple[int, int, int]:
 
 if HAVE_GLUON:
     @gluon.jit
+    def key_range(KV_START, KV_END, b, Tk, HAS_KV_RANGE: gl.constexpr):
+        """[kv_lo, kv_hi): the valid keys of sequence b (all Tk without per-sequence ranges), clamped to [0, Tk]."""
+        if HAS_KV_RANGE:
+            kv_lo = gl.maximum(gl.load(KV_START + b), 0)
+            kv_hi = gl.minimum(gl.load(KV_END + b), Tk)
+        else:
+            kv_lo = gl.to_tensor(0)
+            kv_hi = gl.to_tensor(Tk)
+        return kv_lo, kv_hi
+
+    @gluon.jit
+    def ring_barriers(STAGES: gl.constexpr):
+        """The barriers of a two-consumer ring: one for the program's fixed tiles (count 1), per slot two "ready"
+        ones (count 1: the loader's expect, then its TMA bytes) and an "empty" one (count 2: both consumers)."""
+        fixed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready_a = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ready_b = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(fixed, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready_a.index(i), count=1)
+            mbarrier.init(ready_b.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        fence_async_shared()
+        return fixed, ready_a, ready_b, empty
+
+    @gluon.jit
+    def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, empty, k_row, kv_col, n_lo, n_hi,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """The load warp's K and V copies of each key block of [n_lo, n_hi) into the slot ring."""
+        i = 0
+        for start_n in range(n_lo, n_hi, BLOCK_N):
+            s = i % STAGES
+            # A slot is free once both consumers released its previous fill; on the first round the wait on
+            # the opposite parity of a fresh barrier returns at once.
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row + start_n, kv_col], k_ready.index(s), k_smem.index(s))
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [k_row + start_n, kv_col], v_ready.index(s), v_smem.index(s))
+            i += 1
+
+    @gluon.jit
+    def store_rows(ptr_base, x, rows0, n_rows, stride_t, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Store x (ROWS, HEAD_DIM) at rows [rows0, rows0 + ROWS) of a (T, ..., HEAD_DIM) head view, rows < n_rows,
+        from a blocked layout (16 bytes a thread along D)."""
+        st_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // HEAD_DIM,
+                                                   HEAD_DIM // 8], warps_per_cta=[4, 1], order=[1, 0])
+        x = gl.convert_layout(x, st_layout)
+        rows = rows0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
+        dcol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_layout))
+        gl.store(ptr_base + rows.to(gl.int64)[:, None] * stride_t + dcol[None, :], x, mask=(rows < n_rows)[:, None])
+
+    @gluon.jit
     def _ws_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                  q_row, q_col, k_row, kv_col, n_lo, n_hi,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -112,17 +166,8 @@ if HAVE_GLUON:
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
         tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, q_col], q_bar, q_smem.index(1))
-        i = 0
-        for start_n in range(n_lo, n_hi, BLOCK_N):
-            s = i % STAGES
-            # A slot is free once both consumers released its previous fill; on the first round the wait on
-            # the opposite parity of a fresh barrier returns at once.
-            mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row + start_n, kv_col], k_ready.index(s), k_smem.index(s))
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [k_row + start_n, kv_col], v_ready.index(s), v_smem.index(s))
-            i += 1
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_empty, k_row, kv_col, n_lo, n_hi,
+                     BLOCK_N, STAGES)
 
     @gluon.jit
     def _softmax_block(qk, m_i, l_i, start_n, offs_m, offs_n, kv_lo, kv_hi, full_hi, causal_shift, qk_scale,
@@ -154,15 +199,7 @@ if HAVE_GLUON:
         lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
         gl.store(LSE + bh.to(gl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
         o = (acc / gl.convert_layout(l_safe, row_o)[:, None]).to(dtype)
-        # Stored from a blocked layout, 16 bytes a thread along D (the wgmma layout holds 2 columns a thread).
-        st_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // HEAD_DIM,
-                                                   HEAD_DIM // 8], warps_per_cta=[4, 1], order=[1, 0])
-        o = gl.convert_layout(o, st_layout)
-        rows = mt + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_layout))
-        dcol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, st_layout))
-        o_ptrs = (O + b.to(gl.int64) * stride_ob + rows.to(gl.int64)[:, None] * stride_ot
-                  + h * HEAD_DIM + dcol[None, :])
-        gl.store(o_ptrs, o, mask=(rows < Tq)[:, None])
+        store_rows(O + b.to(gl.int64) * stride_ob + h * HEAD_DIM, o, mt, Tq, stride_ot, BLOCK_M, HEAD_DIM)
 
     @gluon.jit
     def _ws_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE,
@@ -264,12 +301,7 @@ if HAVE_GLUON:
         b = bh // Hq
         h = bh % Hq
         hk = h // group  # GQA: query head h reads KV head h // (Hq / Hkv)
-        if HAS_KV_RANGE:
-            kv_lo = gl.maximum(gl.load(KV_START + b), 0)
-            kv_hi = gl.minimum(gl.load(KV_END + b), Tk)
-        else:
-            kv_lo = gl.to_tensor(0)
-            kv_hi = gl.to_tensor(Tk)
+        kv_lo, kv_hi = key_range(KV_START, KV_END, b, Tk, HAS_KV_RANGE)
         causal_shift = Tk - Tq  # bottom-right alignment
         m0 = pair * (2 * BLOCK_M)
         n_lo = (kv_lo // BLOCK_N) * BLOCK_N
@@ -282,16 +314,7 @@ if HAVE_GLUON:
         q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a slot
-        fence_async_shared()
+        q_bar, k_ready, v_ready, kv_empty = ring_barriers(STAGES)
 
         # (tuples spelled out: concatenating them would unwrap the constexprs, which a partition cannot take)
         gl.warp_specialize([
