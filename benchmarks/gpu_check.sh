@@ -330,18 +330,18 @@ EOF
   # tests fail at once (RLHF_ENGINE_ATTN_WS_BROKEN), instead of hanging the run.
   local WSP="skipped (GPU_CHECK_SKIP)"
   if ! skipped wsprobe; then
-    timeout -k 5 90 "$PY" benchmarks/ws_probe.py --simple > "$OUT/ws_probe.txt" 2>&1
+    timeout -k 5 150 "$PY" benchmarks/ws_probe.py --simple > "$OUT/ws_probe.txt" 2>&1
     rc=$?
     case $rc in
       0) WSP="ok"
-         timeout -k 5 60 "$PY" benchmarks/ws_probe.py --pipelined >> "$OUT/ws_probe.txt" 2>&1
+         timeout -k 5 90 "$PY" benchmarks/ws_probe.py --pipelined >> "$OUT/ws_probe.txt" 2>&1
          rc=$?
          if [ "$rc" -ne 0 ]; then
-           WSP="simple forward and backward ok; pipelined forward BROKEN ($(rc_note $rc 60)): turned off"
+           WSP="simple forward and backward ok; pipelined forward BROKEN ($(rc_note $rc 90)): turned off"
            export RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1; FAIL=1
          fi ;;
       2) WSP="not run (no sm_90 device)" ;;
-      *) WSP="BROKEN ($(rc_note $rc 90))"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
+      *) WSP="BROKEN ($(rc_note $rc 150))"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
     esac
     tail -n 12 "$OUT/ws_probe.txt"
   fi

@@ -2,7 +2,8 @@
 
 No interpreter runs Gluon, so a GPU run is the first place where this kernel executes, and a wrong barrier phase
 would hang it rather than fail. ``gpu_check.sh`` runs this script under a timeout before the benchmarks and the
-tests: it launches the forward and the backward on small shapes and compares them with the Triton kernels. If it hangs, crashes or
+tests: it launches the forward and the backward on the shapes of the tests and compares them with the Triton
+kernels. If it hangs, crashes or
 disagrees, gpu_check sets RLHF_ENGINE_ATTN_WS_BROKEN=1 for the rest of the run: the benchmark drops its
 warp-specialized rows and the GPU tests of the kernel fail at once with that reason instead of hanging.
 Two runs, each under its own timeout: ``--simple`` (the forward without FA3's intra-warpgroup overlap, and the
@@ -13,15 +14,15 @@ Run: python benchmarks/ws_probe.py --simple | --pipelined   (exit 0: agrees; 1: 
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
 
 def main(pipelined: bool) -> int:
-    import os
-
     os.environ["RLHF_ENGINE_ATTN_WS_PIPELINE"] = "1" if pipelined else "0"
+    os.environ.setdefault("RLHF_ENGINE_AUTOTUNE", "0")  # the Triton references on fixed tiles: no autotuning here
     from rlhf_engine.kernels.attention import kv_range_from_lengths
     from rlhf_engine.kernels.attention_bwd import attention_backward
     from rlhf_engine.kernels.attention_bwd_ws import ws_backward
@@ -32,16 +33,22 @@ def main(pipelined: bool) -> int:
         print("ws_probe: needs an sm_90 GPU; not run")
         return 2
     ok = True
-    # (2, 200, ...): left padding puts the second sequence's first key at 101, where both consumers of the dK/dV
-    # kernel's first key pair skip a query block (a slot both release unread)
-    for B, T, Hq, Hkv, D, causal, pad in [(1, 64, 2, 1, 64, True, False), (2, 200, 14, 2, 64, True, True),
-                                          (2, 257, 8, 8, 128, False, True), (1, 1024, 32, 8, 128, True, False)]:
+    # every shape of tests/test_attention_ws.py (a hang there would stall the GPU tests), then a shape where left
+    # padding puts the second sequence's first key at 101: both consumers of the dK/dV kernel's first key pair skip
+    # a query block (a slot both release unread)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from test_attention_ws import GPU_CASES
+    from tiny import key_ranges
+
+    for B, T, Hq, Hkv, D, causal, pad in [(1, 64, 2, 1, 64, True, "none"), *GPU_CASES,
+                                          (2, 200, 14, 2, 64, True, "left-skip")]:
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
-        ks = ke = None
-        if pad:
+        if pad == "left-skip":
             lens = torch.tensor([T - 1 - 100 * i for i in range(B)])
             ks, ke = (t.cuda() for t in kv_range_from_lengths(lens, T, padding_side="left"))
+        else:
+            ks, ke = key_ranges(pad, B, T, "cuda")
         if not ws_eligible(q, k, v):
             print(f"ws_probe: B={B} T={T} {Hq}/{Hkv} D={D}: not eligible")
             return 2
@@ -54,9 +61,9 @@ def main(pipelined: bool) -> int:
         same_empty = torch.equal(torch.isinf(lse), torch.isinf(lse_t))
         good = err < 2e-2 and lerr < 1e-2 and same_empty and not torch.isnan(o).any()
         ok &= good
-        print(f"ws_probe: forward ({'pipelined' if pipelined else 'simple'}) B={B} T={T} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} left-padded={pad}: max |o - "
-              f"triton| {err:.3g}, max |lse - triton| {lerr:.3g}, same empty rows {same_empty}: "
-              f"{'ok' if good else 'WRONG'}", flush=True)
+        print(f"ws_probe: forward ({'pipelined' if pipelined else 'simple'}) B={B} T={T} Hq/Hkv={Hq}/{Hkv} D={D} "
+              f"causal={causal} padding={pad}: max |o - triton| {err:.3g}, max |lse - triton| {lerr:.3g}, same "
+              f"empty rows {same_empty}: {'ok' if good else 'WRONG'}", flush=True)
         if pipelined:  # the backward has no variant: checked by the --simple run
             continue
         do = torch.randn_like(q)

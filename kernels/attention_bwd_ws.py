@@ -16,9 +16,9 @@ run the products with wgmma on 64-row tiles, their elementwise work overlapping 
 
 Tiles are boxes of 2-D descriptors over (B * T, H * D), as in the forward: a box past a sequence's end reads the
 next sequence's rows, whose probabilities are masked to exactly 0 (so dS = 0 x finite = 0: the inputs must be
-finite there, as for the forward); rows and keys are stored only inside [0, T). Inputs must satisfy ``attention_fwd_ws.ws_layout_ok`` (do too; it
-is made contiguous otherwise). Not run by any interpreter: sm_90 compiles in ``tests/test_triton_compile.py``,
-GPU tests in ``tests/test_attention_ws.py``.
+finite there, as for the forward); rows and keys are stored only inside [0, T). Inputs must satisfy
+``attention_fwd_ws.ws_layout_ok`` (do too; it is copied otherwise). Not run by any interpreter: sm_90 compiles
+in ``tests/test_triton_compile.py``, GPU tests in ``tests/test_attention_ws.py``.
 """
 from __future__ import annotations
 

@@ -18,14 +18,15 @@ The structure is FlashAttention-3's (Shah et al., 2024, section 3.1), expressed 
 The math is ``attention_fwd``'s, bit for bit in intent (base-2 softmax, the scale folded into exp2's argument,
 the same -inf guards): keys in [kv_start, kv_end), causal bottom-right aligned (key j <= row i + Tk - Tq), a row
 without a valid key writes o = 0 and lse = -inf. Key blocks are walked over the union of the two tiles' ranges;
-a tile skips (but still releases) the blocks past its own causal edge. Blocks that cross kv_start, kv_end or the
-diagonal are masked; the others are not.
+a tile skips the blocks past its own causal edge, releasing each once its copies landed. Blocks that cross
+kv_start, kv_end or the diagonal are masked; the others are not.
 
 Tiles are boxes of 2-D descriptors over (B * T, H * D): a box that crosses the end of a sequence reads the next
 sequence's rows (the last one reads zeros past the tensor). Those keys are masked (score -inf, p = 0), and query
 rows past Tq are never stored. So the variant needs **finite K and V rows everywhere in the tensors**, which holds
 for the training forward and prefill (every row is a computed activation), not for an unwritten cache slot (0 x NaN
-is NaN in the P V product); ``ws_eligible`` leaves it to those callers (``attention_forward`` only). Eligible inputs:
+is NaN in the P V product); ``ws_eligible`` leaves it to those callers (``attention_forward`` and
+``attention_backward`` only dispatch here). Eligible inputs:
 an sm_90 GPU (Hopper; not Blackwell, whose MMA is another instruction), bf16 or fp16, head dim 64 or 128, heads
 packed (stride(2) = D, unit stride on D), 16-byte aligned base and row strides.
 
@@ -51,7 +52,6 @@ except ImportError:  # pragma: no cover - an older Triton
 from .attention_fwd import LOG2E, forward_buffers
 
 WS_HEAD_DIMS = (64, 128)
-LN2 = 0.6931471805599453
 
 
 def ws_requested() -> bool:

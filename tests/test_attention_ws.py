@@ -74,8 +74,8 @@ def test_ws_forward_gpu(B, T, Hq, Hkv, D, causal, padding, dtype, pipeline, reco
                               softmax_scale=D ** -0.5)
     assert not torch.isnan(o).any() and not torch.isnan(lse).any()
     err, err_k = ((x.double() - ref).abs().max().item() for x in (o, o_ref_k))
-    record_value(f"WS forward (pipeline {pipeline}) B={B} T={T} {Hq}/{Hkv} D={D} {'causal' if causal else 'full'} {padding} {dtype}: "
-                 "max err vs fp64 (WS / Triton)", f"{err:.3g} / {err_k:.3g}")
+    record_value(f"WS forward (pipeline {pipeline}) B={B} T={T} {Hq}/{Hkv} D={D} {'causal' if causal else 'full'} "
+                 f"{padding} {dtype}: max err vs fp64 (WS / Triton)", f"{err:.3g} / {err_k:.3g}")
     assert err <= 2 * err_k + 2e-3
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref_k))  # the same empty rows
     finite = torch.isfinite(lse_ref_k)
