@@ -103,7 +103,11 @@ def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool, names=None):
         WS: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
         WS_SIMPLE: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
     }
-    if os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") == "1":  # ws_probe.py: only the overlap failed
+    from rlhf_engine.kernels.attention_fwd_ws import ws_eligible
+
+    if not ws_eligible(qs, ks, vs):  # not an sm_90 GPU (or ws_probe.py found them broken): no row under their name
+        impls = {n: f for n, f in impls.items() if n not in (WS, WS_SIMPLE)}
+    elif os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") == "1":  # ws_probe.py: only the overlap failed
         impls = {n: f for n, f in impls.items() if n != WS}
     return {n: f for n, f in impls.items() if names is None or n in names or n == "sdpa_default"}
 
@@ -187,8 +191,9 @@ def _measure(impls, shape, fwd_flops, skip=()) -> list[dict]:
     return rows
 
 
-# Passes, in order: the target rows (ours and both SDPA baselines, both shapes), the warp-specialized forward, then
-# the variants that choose the defaults (atomic dQ, TMA forward), then FlexAttention. A later pass starts only with ``need`` seconds left before
+# Passes, in order: the target rows (ours and both SDPA baselines, both shapes), the warp-specialized kernels (fwd and
+# fwd+bwd), then the variants that choose the defaults (atomic dQ, TMA forward), then FlexAttention. A later pass
+# starts only with ``need`` seconds left before
 # the runner's deadline (common.time_left), so a cold Triton cache (every variant autotunes both head dims) costs
 # the optional rows, never the target ones.
 PASSES = (("targets", ("sdpa_flash_fa2", "ours"), 0.0), ("warp-specialized", (WS, WS_SIMPLE), 30.0),

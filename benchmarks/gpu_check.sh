@@ -4,8 +4,10 @@
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on the CUDA machine, from anywhere in the repo
 #   bash benchmarks/gpu_check.sh --fingerprint         # print the source fingerprint only (to match a run)
 #
-# Files written to $OUT (default: /tmp/gpu_check_out), eight at most:
+# Files written to $OUT (default: /tmp/gpu_check_out), ten at most:
 #   gpu_check.log     everything this script printed
+#   ws_probe.txt      the warp-specialized attention kernels' guarded first launch (benchmarks/ws_probe.py)
+#   host_train.txt    benchmarks/host_train.py on this machine's CPU
 #   build.log         pip install -e . (CMake + nvcc output; the fallback build's too)
 #   gpu_tests.log     pytest -m gpu tests
 #   kernel_tests.log  the kernel test files' other tests, now on the CUDA device
@@ -16,7 +18,8 @@
 # Installs no dependency (the machine has no internet). A failing step is recorded and the script
 # goes on; it exits non-zero when the build or any test failed (benchmark errors are only reported).
 #
-# Order: environment, build (<= 150 s), the cached-launch check (<= 120 s), benchmarks (all but
+# Order: environment, build (<= 150 s), the cached-launch check (<= 120 s), host_train.py, the warp-specialized
+# attention probe (<= 180 s; a hang or a wrong result turns those kernels off for the run), benchmarks (all but
 # GPU_CHECK_TEST_RESERVE_S = 100 s of what is left),
 # GPU tests (<= 120 s), kernel tests (<= 60 s), summary. The benchmarks come first: they are the numbers the issues
 # ask for and each kernel script checks its kernels against its baseline before timing; a test step with < 45 s left
@@ -115,6 +118,14 @@ run_pytest() {
   local log=$1 secs=$2
   shift 2
   timeout -s INT -k 15 "$secs" "$PY" -m pytest -v -p no:cacheprovider "$@" > "$log" 2>&1
+}
+probe_note() {  # probe_note RC TIMEOUT_S: ws_probe.py's exit codes
+  case "$1" in
+    1) echo "WRONG (disagrees with the reference: see ws_probe.txt)" ;;
+    3) echo "NOT ELIGIBLE on this sm_90 device (no Gluon?)" ;;
+    124|137) echo "TIMEOUT after $2 s (a hang, or slow compiles: the last 'launching' line of ws_probe.txt)" ;;
+    *) echo "FAILED (exit $1: see ws_probe.txt)" ;;
+  esac
 }
 rc_note() {  # rc_note RC TIMEOUT_S
   case "$1" in
@@ -330,18 +341,20 @@ EOF
   # tests fail at once (RLHF_ENGINE_ATTN_WS_BROKEN), instead of hanging the run.
   local WSP="skipped (GPU_CHECK_SKIP)"
   if ! skipped wsprobe; then
-    timeout -k 5 150 "$PY" benchmarks/ws_probe.py --simple > "$OUT/ws_probe.txt" 2>&1
+    c=$(cap 120 "$TEST_RESERVE")
+    timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --simple > "$OUT/ws_probe.txt" 2>&1
     rc=$?
     case $rc in
       0) WSP="ok"
-         timeout -k 5 90 "$PY" benchmarks/ws_probe.py --pipelined >> "$OUT/ws_probe.txt" 2>&1
+         c=$(cap 60 "$TEST_RESERVE")
+         timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --pipelined >> "$OUT/ws_probe.txt" 2>&1
          rc=$?
          if [ "$rc" -ne 0 ]; then
-           WSP="simple forward and backward ok; pipelined forward BROKEN ($(rc_note $rc 90)): turned off"
+           WSP="simple forward and backward ok; pipelined forward $(probe_note $rc "$c"): turned off"
            export RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1; FAIL=1
          fi ;;
       2) WSP="not run (no sm_90 device)" ;;
-      *) WSP="BROKEN ($(rc_note $rc 150))"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
+      *) WSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
     esac
     tail -n 12 "$OUT/ws_probe.txt"
   fi

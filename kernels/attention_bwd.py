@@ -428,15 +428,15 @@ def attention_backward(
         o, do, delta, *o.stride()[:3], *do.stride()[:3],
         Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, FLAT_GRID=flat_grid(B * Hq))
 
-    from .attention_fwd_ws import ws_eligible, ws_requested
+    if not atomic and os.environ.get("RLHF_ENGINE_ATTN_WS") == "1" and block_m is None and block_n is None:
+        from .attention_fwd_ws import ws_eligible  # the warp-specialized Gluon kernels (opt-in, sm_90)
 
-    if (not atomic and ws_requested() and block_m is None and block_n is None and ws_eligible(q, k, v)
-            and dv.stride(3) == 1 and dv.stride(2) == D):  # the warp-specialized Gluon kernels (opt-in, sm_90)
-        from .attention_bwd_ws import ws_backward
+        if ws_eligible(q, k, v):
+            from .attention_bwd_ws import ws_backward
 
-        ws_backward(do, q, k, v, lse, delta, dq, dk, dv, causal=causal, kv_start=kv_start, kv_end=kv_end,
-                    softmax_scale=softmax_scale)
-        return dq, dk, dv
+            ws_backward(do, q, k, v, lse, delta, dq, dk, dv, causal=causal, kv_start=kv_start, kv_end=kv_end,
+                        softmax_scale=softmax_scale)
+            return dq, dk, dv
     has_range = kv_start is not None
     ks = kv_start if has_range else lse
     ke = kv_end if has_range else lse

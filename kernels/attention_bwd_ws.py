@@ -28,14 +28,14 @@ from .attention_fwd import LOG2E
 from .attention_fwd_ws import HAVE_GLUON, _desc, ws_layout_ok
 
 if HAVE_GLUON:
-    from .attention_fwd_ws import key_range, load_kv_ring, ring_barriers, store_rows
-
-if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+    from .attention_fwd_ws import key_range, load_kv_ring, ring_barriers, store_rows
+
 BWD_BLOCK = 64  # rows of a consumer's tile, in both kernels (keys in dK/dV, queries in dQ)
+BWD_STAGES = 2  # ring slots: 82 / 148 KB of shared memory for dK/dV, 115 / 148 KB for dQ at D = 64 / 128
 
 
 def dq_block_n(head_dim: int) -> int:
@@ -308,8 +308,7 @@ if HAVE_GLUON:
         ], [4, 1], [240, 24])
 
 
-def ws_backward(do, q, k, v, lse, delta, dq, dk, dv, *, causal: bool, kv_start, kv_end, softmax_scale: float,
-                stages: int = 2) -> None:
+def ws_backward(do, q, k, v, lse, delta, dq, dk, dv, *, causal: bool, kv_start, kv_end, softmax_scale: float) -> None:
     """dK/dV and dQ on the warp-specialized kernels, written into dq (B, Tq, Hq, D), dk and dv (B, Tk, Hkv, D)
     (unit stride on D, heads D apart); delta (B, Hq, Tq) from ``attention_bwd``'s preprocess kernel. q, k, v
     must be ``ws_layout_ok``; do is made contiguous if it is not."""
@@ -327,9 +326,9 @@ def ws_backward(do, q, k, v, lse, delta, dq, dk, dv, *, causal: bool, kv_start, 
     _dkdv_ws_kernel[(-(-Tk // (2 * blk)), B * Hkv)](
         _desc(q, blk), _desc(do, blk), _desc(k, blk), _desc(v, blk), lse, delta, dk, dv, ks, ke,
         *dk.stride()[:3], *dv.stride()[:3], Hq, Hkv, Tq, Tk, group, qk_scale, softmax_scale,
-        BLOCK=blk, STAGES=stages, **meta)
+        BLOCK=blk, STAGES=BWD_STAGES, **meta)
     bn = dq_block_n(D)
     _dq_ws_kernel[(-(-Tq // (2 * blk)), B * Hq)](
         _desc(q, blk), _desc(do, blk), _desc(k, bn), _desc(v, bn), lse, delta, dq, ks, ke,
         *dq.stride()[:3], Hq, Tq, Tk, group, qk_scale, softmax_scale,
-        BLOCK=blk, BLOCK_N=bn, STAGES=stages, **meta)
+        BLOCK=blk, BLOCK_N=bn, STAGES=BWD_STAGES, **meta)

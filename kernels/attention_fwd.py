@@ -338,11 +338,13 @@ def attention_forward(
     K and V rows outside the key ranges, which the training forward and prefill have).
     """
     from .attention_fwd_tma import attention_forward_tma, tma_eligible, tma_requested
-    from .attention_fwd_ws import attention_forward_ws, ws_eligible, ws_requested
 
-    if ws_requested() and block_m is None and block_n is None and ws_eligible(q, k, v):
-        return attention_forward_ws(q, k, v, causal=causal, kv_start=kv_start, kv_end=kv_end,
-                                    softmax_scale=softmax_scale)
+    if os.environ.get("RLHF_ENGINE_ATTN_WS") == "1" and block_m is None and block_n is None:  # opt-in, sm_90
+        from .attention_fwd_ws import attention_forward_ws, ws_eligible  # (imports Gluon only when asked)
+
+        if ws_eligible(q, k, v):
+            return attention_forward_ws(q, k, v, causal=causal, kv_start=kv_start, kv_end=kv_end,
+                                        softmax_scale=softmax_scale)
     if tma_requested() and tma_eligible(q, k, v):  # opt-in: the same kernel with TMA tile moves
         return attention_forward_tma(q, k, v, causal=causal, kv_start=kv_start, kv_end=kv_end,
                                      softmax_scale=softmax_scale, block_m=block_m, block_n=block_n,

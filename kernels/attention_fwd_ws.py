@@ -54,11 +54,6 @@ from .attention_fwd import LOG2E, forward_buffers
 WS_HEAD_DIMS = (64, 128)
 
 
-def ws_requested() -> bool:
-    """``RLHF_ENGINE_ATTN_WS=1``: the attention forward uses this variant where it is eligible."""
-    return os.environ.get("RLHF_ENGINE_ATTN_WS", "0") == "1"
-
-
 def ws_layout_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The kernel's rules on dtypes, head dim and strides (the device aside): q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D)
     bf16 or fp16, D 64 or 128, each tensor rows of one stride over (B * T) with its heads packed, 16-byte aligned."""
@@ -98,9 +93,9 @@ def ws_tiles(head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_M rows a consumer warpgroup, BLOCK_N keys a block, STAGES K/V slots) for a head dim; shared memory:
     2 Q tiles + STAGES x (K, V) tiles + the output's 16 KB of staging = 128 KB at D = 64, 176 KB at D = 128 (one
     program an SM either way: 12 warps at 168 registers fill the register file). ``RLHF_ENGINE_ATTN_WS_STAGES`` sets
-    the slots (at least 2: the pipelined consumer holds two at once)."""
+    the slots, 2 to 4 at D = 64 and 2 at D = 128 (the pipelined consumer holds two at once)."""
     stages = int(os.environ.get("RLHF_ENGINE_ATTN_WS_STAGES", "0")) or (3 if head_dim == 64 else 2)
-    return 64, 128, max(stages, 2)  # the pipelined consumer holds two slots at once
+    return 64, 128, min(max(stages, 2), 4 if head_dim == 64 else 2)  # 3 at D = 128 would pass 227 KB
 
 
 if HAVE_GLUON:

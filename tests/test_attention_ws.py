@@ -1,16 +1,29 @@
-"""The opt-in warp-specialized Gluon forward for Hopper (``kernels/attention_fwd_ws.py``): its eligibility rules on
-the CPU, and on an sm_90 GPU the kernel against the fp64 reference and the Triton kernel (no interpreter runs
-Gluon; its sm_90 compile is checked on the CPU by ``tests/test_triton_compile.py``)."""
+"""The opt-in warp-specialized Gluon kernels for Hopper (``kernels/attention_fwd_ws.py``, ``attention_bwd_ws.py``).
+
+On the CPU: their eligibility rules, the dispatch of ``attention_forward`` / ``attention_backward`` to them (with
+stand-ins for the kernels), and the GPU probe's exit on a machine without sm_90. On an sm_90 GPU: the forward (both
+variants) and the backward against the fp64 reference and the Triton kernels. No interpreter runs Gluon; the sm_90
+compiles are checked on the CPU by ``tests/test_triton_compile.py``."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from rlhf_engine.kernels import attention_bwd, attention_bwd_ws, attention_fwd, attention_fwd_ws
 from rlhf_engine.kernels.attention import flash_attention
 from rlhf_engine.kernels.attention_fwd import attention_forward
 from rlhf_engine.kernels.attention_fwd_ws import attention_forward_ws, ws_eligible, ws_layout_ok
 from rlhf_engine.kernels.reference.attention import attention_reference
 from tiny import key_ranges
+
+
+@pytest.fixture(autouse=True)
+def _triton_defaults(monkeypatch):
+    """The Triton kernels are the comparison: none of the opt-in switches may be on around them."""
+    for var in ("RLHF_ENGINE_ATTN_WS", "RLHF_ENGINE_ATTN_TMA", "RLHF_ENGINE_ATTN_DQ", "RLHF_ENGINE_ATTN_WS_PIPELINE"):
+        monkeypatch.delenv(var, raising=False)
 
 
 def test_layout_rules():
@@ -28,7 +41,68 @@ def test_layout_rules():
     kv = torch.randn(1, 8, 2, 64, dtype=bf).expand(2, 8, 2, 64)
     assert not ws_layout_ok(q, kv, kv)  # a broadcast batch: not (B * T) rows of one stride
     assert not ws_layout_ok(q[:, :0], q[:, :0, :2], q[:, :0, 2:])  # empty
+    mis = torch.randn(2 * 8 * 4 * 64 + 4, dtype=bf)[4:].view(2, 8, 4, 64)  # a base 8 bytes off 16-byte alignment
+    assert not ws_layout_ok(mis, mis[:, :, :2], mis[:, :, 2:])  # TMA needs 16-byte aligned bases
+    wide = torch.empty(1, 1, 65536, 64, dtype=bf)  # 65536 (batch, head) rows: past the grid's second dimension
+    assert not ws_layout_ok(wide, wide[:, :, :1], wide[:, :, :1])
     assert not ws_eligible(q, q[:, :, :2], q[:, :, 2:])  # on the CPU: never
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dispatch_routes_only_when_asked_and_eligible(monkeypatch, causal):
+    """With RLHF_ENGINE_ATTN_WS=1 and eligible inputs (stand-ins for sm_90 and the kernels here), attention_forward
+    and attention_backward's "split" mode call the Gluon entry points with the caller's arguments; explicit tiles,
+    atomic dQ, ineligible inputs or the switch off never do, and then the Triton kernels still match the reference."""
+    calls = []
+
+    def fake_forward(q, k, v, **kw):
+        calls.append(("fwd", kw["causal"], kw["softmax_scale"]))
+        return torch.zeros_like(q), torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+
+    def fake_backward(do, q, k, v, lse, delta, dq, dk, dv, **kw):
+        calls.append(("bwd", kw["causal"], kw["softmax_scale"]))
+
+    monkeypatch.setattr(attention_fwd_ws, "attention_forward_ws", fake_forward)
+    monkeypatch.setattr(attention_bwd_ws, "ws_backward", fake_backward)
+    eligible = [True]
+    monkeypatch.setattr(attention_fwd_ws, "ws_eligible", lambda q, k, v: eligible[0])
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 13, h, 16) for h in (4, 2, 2))
+    do = torch.randn_like(q)
+    kw = dict(causal=causal, kv_start=None, kv_end=None, softmax_scale=0.25)
+
+    def both(**extra):
+        o, lse = attention_fwd.attention_forward(q, k, v, **kw, **extra)
+        attention_bwd.attention_backward(do, q, k, v, o, lse, **kw, **extra)
+        return o
+
+    both(block_m=16, block_n=16)  # the switch off
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS", "1")
+    both(block_m=16, block_n=16)  # explicit tiles: the Triton kernels' request
+    assert calls == []
+    both()
+    assert calls == [("fwd", causal, 0.25), ("bwd", causal, 0.25)]
+    calls.clear()
+    o, lse = attention_fwd.attention_forward(q, k, v, **kw, block_m=16, block_n=16)
+    attention_bwd.attention_backward(do, q, k, v, o, lse, **kw, dq_mode="atomic")
+    eligible[0] = False
+    o = both()
+    assert calls == []  # atomic dQ and ineligible inputs stay on the Triton kernels
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, softmax_scale=0.25)
+    torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_probe_exits_2_without_sm90():
+    """benchmarks/ws_probe.py on a machine without an sm_90 GPU: exit 2 (gpu_check.sh reads it as "not run"), after
+    importing everything it needs (an import error would otherwise first show on the GPU machine)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("an sm_90 GPU: the probe runs for real in gpu_check.sh")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "ws_probe.py"), "--simple"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "not run" in r.stdout
 
 
 def _hopper():
@@ -37,6 +111,8 @@ def _hopper():
     if os.environ.get("RLHF_ENGINE_ATTN_WS_BROKEN") == "1":
         pytest.fail("benchmarks/ws_probe.py found the warp-specialized kernel broken (hang or mismatch): see "
                     "ws_probe.txt")
+    if os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") == "1":
+        pytest.fail("benchmarks/ws_probe.py found the pipelined forward broken: see ws_probe.txt")
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
@@ -53,10 +129,14 @@ GPU_CASES = [
 ]
 
 
+# The forward: every shape with the default (overlap on, bf16); without the overlap and in fp16 on a few.
+FWD_CASES = ([(*c, torch.bfloat16, "1") for c in GPU_CASES]
+             + [(*GPU_CASES[i], torch.bfloat16, "0") for i in (1, 2, 5)]
+             + [(*GPU_CASES[i], torch.float16, "1") for i in (0, 6)])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("pipeline", ["1", "0"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", GPU_CASES)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding,dtype,pipeline", FWD_CASES)
 def test_ws_forward_gpu(B, T, Hq, Hkv, D, causal, padding, dtype, pipeline, record_value, monkeypatch):
     """Against fp64: within 2x of the Triton kernel's own error (+ a floor for 16-bit rounding), no NaN (empty
     rows give 0), and the same log-sum-exp (what the backward reads); with FA3's intra-warpgroup overlap (the
@@ -89,9 +169,6 @@ def test_ws_backward_gpu(B, T, Hq, Hkv, D, causal, padding, record_value):
     o and lse, with a grad_output that is not all ones: within 2x of the Triton kernels' own error, no NaN."""
     if not _hopper():
         pytest.skip("the warp-specialized kernels are for sm_90")
-    from rlhf_engine.kernels.attention_bwd import attention_backward
-    from rlhf_engine.kernels.attention_bwd_ws import ws_backward
-
     torch.manual_seed(2)
     dt = torch.bfloat16
     q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=dt) for h in (Hq, Hkv, Hkv))
@@ -99,11 +176,11 @@ def test_ws_backward_gpu(B, T, Hq, Hkv, D, causal, padding, record_value):
     ks, ke = key_ranges(padding, B, T, "cuda")
     scale = D ** -0.5
     o, lse = attention_forward(q, k, v, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale)
-    grads_t = attention_backward(do, q, k, v, o, lse, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale,
+    grads_t = attention_bwd.attention_backward(do, q, k, v, o, lse, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale,
                                  dq_mode="split")
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, T), the preprocess kernel's
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    ws_backward(do, q, k, v, lse, delta, dq, dk, dv, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale)
+    attention_bwd_ws.ws_backward(do, q, k, v, lse, delta, dq, dk, dv, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref = attention_reference(q64, k64, v64, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale)
     refs = torch.autograd.grad(ref, (q64, k64, v64), do.double())
@@ -121,8 +198,6 @@ def test_ws_env_switch_and_gradients_gpu(monkeypatch):
     reference output and gradients within 2x of the default path's error."""
     if not _hopper():
         pytest.skip("the warp-specialized kernel is for sm_90")
-    from rlhf_engine.kernels import attention_fwd_ws
-
     torch.manual_seed(1)
     B, T, Hq, Hkv, D = 2, 301, 14, 2, 64
     q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -139,12 +214,13 @@ def test_ws_env_switch_and_gradients_gpu(monkeypatch):
 
     base = run()
     calls = []
-    orig = attention_fwd_ws.attention_forward_ws
+    fwd, bwd = attention_fwd_ws.attention_forward_ws, attention_bwd_ws.ws_backward
     monkeypatch.setattr(attention_fwd_ws, "attention_forward_ws",
-                        lambda *a, **kw: (calls.append(1), orig(*a, **kw))[1])
+                        lambda *a, **kw: (calls.append("fwd"), fwd(*a, **kw))[1])
+    monkeypatch.setattr(attention_bwd_ws, "ws_backward", lambda *a, **kw: (calls.append("bwd"), bwd(*a, **kw))[1])
     monkeypatch.setenv("RLHF_ENGINE_ATTN_WS", "1")
     ws = run()
-    assert calls == [1]
+    assert calls == ["fwd", "bwd"]
     for x, y, r in zip(ws, base, [ref, *ref_grads]):
         assert not torch.isnan(x).any()
         assert (x.double() - r).abs().max().item() <= 2 * (y.double() - r).abs().max().item() + 2e-3

@@ -380,8 +380,8 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_attention_tma_cases(), *_attention_ws_cases(),
-         *_attention_bwd_ws_cases(),
+CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_attention_tma_cases(),
+         *_attention_ws_cases(), *_attention_bwd_ws_cases(),
          *_decode_cases(), *_kv_cache_cases(),
          *_inference_op_cases(), *_norm_linear_cases(), *_autotune_kept_cases()]
 
@@ -455,7 +455,9 @@ def compile_case(case):
     loads = None if wait < 0 else len(re.findall(r"\b(?:ld\.global|cp\.async)", ptx[:wait]))
     prefetches = None if wait < 0 else len(re.findall(r"\bprefetch\.", ptx[:wait]))
     return dict(ok=True, shared=k.metadata.shared, regs=regs, stack=stack, seconds=round(seconds, 2),
-                writes_before_wait=writes, loads_before_wait=loads, prefetches_before_wait=prefetches)
+                writes_before_wait=writes, loads_before_wait=loads, prefetches_before_wait=prefetches,
+                setmaxnreg=len(re.findall(r"\bsetmaxnreg\.", ptx)), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+                wgmma_wait1=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned\s+1;", ptx)))
 
 
 def main():
@@ -525,7 +527,8 @@ def test_compiles_for_sm90(compiled, case, request):
     r = compiled[cid]
     assert r["ok"], f"{case['kernel']} ({cid}) does not compile for sm_90:\n{r['error']}\n{r['traceback']}"
     if (cid in NO_SPILL or cid.startswith(NO_SPILL_PREFIXES)) and r["stack"] is not None:
-        assert r["stack"] <= MAX_STACK, f"{case['kernel']} ({cid}) spills: {r['stack']} B of stack, {r['regs']} registers"
+        assert r["stack"] <= MAX_STACK, f"{case['kernel']} ({cid}) spills: {r['stack']} B of stack, " \
+                                        f"{r['regs']} registers"
     c = case["constexprs"]
     if c.get("PDL") or c.get("PDL_WAIT"):  # griddepcontrol.wait there, no global write before it, and no load but
         # the decode GEMM's first K block of weights (BLOCK_N x BLOCK_K, twice with SwiGLU: at most one scalar load
@@ -540,3 +543,10 @@ def test_compiles_for_sm90(compiled, case, request):
     assert r["shared"] <= H100_SMEM_PER_BLOCK, (
         f"{case['kernel']} ({cid}) needs {r['shared']} B of shared memory, "
         f"H100 allows {H100_SMEM_PER_BLOCK} B per block")
+    if "_ws" in cid:  # the Gluon kernels: warp-specialized (register budgets set per partition), products on wgmma,
+        # and the forward's intra-warpgroup overlap really waits for one product of two (wait_group 1)
+        assert r["setmaxnreg"] > 0 and r["wgmma"] > 0, f"{cid}: setmaxnreg x{r['setmaxnreg']}, wgmma x{r['wgmma']}"
+        if c.get("PIPELINE") or "attn_bwd_ws" in cid:  # the backward kernels overlap S and dP the same way
+            assert r["wgmma_wait1"] > 0, f"{cid}: no wgmma.wait_group 1"
+        if cid.startswith("attn_bwd_ws_dkdv-bf16-d128"):  # at the 240-register cap: 216 B measured here
+            assert r["stack"] is None or r["stack"] <= 256, f"{cid}: {r['stack']} B of stack"
