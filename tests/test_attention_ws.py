@@ -176,11 +176,12 @@ def test_ws_backward_gpu(B, T, Hq, Hkv, D, causal, padding, record_value):
     ks, ke = key_ranges(padding, B, T, "cuda")
     scale = D ** -0.5
     o, lse = attention_forward(q, k, v, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale)
-    grads_t = attention_bwd.attention_backward(do, q, k, v, o, lse, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale,
-                                 dq_mode="split")
+    grads_t = attention_bwd.attention_backward(do, q, k, v, o, lse, causal=causal, kv_start=ks, kv_end=ke,
+                                               softmax_scale=scale, dq_mode="split")
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, T), the preprocess kernel's
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    attention_bwd_ws.ws_backward(do, q, k, v, lse, delta, dq, dk, dv, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale)
+    attention_bwd_ws.ws_backward(do, q, k, v, lse, delta, dq, dk, dv, causal=causal, kv_start=ks, kv_end=ke,
+                                 softmax_scale=scale)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref = attention_reference(q64, k64, v64, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale)
     refs = torch.autograd.grad(ref, (q64, k64, v64), do.double())
