@@ -162,8 +162,10 @@ def test_ws_forward_gpu(B, T, Hq, Hkv, D, causal, padding, dtype, pipeline, reco
     torch.testing.assert_close(lse[finite], lse_ref_k[finite], atol=2e-3, rtol=1e-3)
 
 
+# each specialization of the backward kernels (head dim, causal, key ranges), T = 1, and the case where both dK/dV
+# consumers skip a block (the Triton comparison compiles three kernels a specialization: fewer cases than the forward)
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", GPU_CASES)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", [GPU_CASES[i] for i in (0, 1, 2, 3, 4, 5)])
 def test_ws_backward_gpu(B, T, Hq, Hkv, D, causal, padding, record_value):
     """The Gluon dK/dV and dQ kernels against fp64 (gradients of the reference) and the Triton backward, on the same
     o and lse, with a grad_output that is not all ones: within 2x of the Triton kernels' own error, no NaN."""
