@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ._launch import cdiv
 from .attention_fwd import LOG2E
 from .attention_fwd_ws import HAVE_GLUON, _desc, ws_layout_ok
 
@@ -32,7 +33,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-    from .attention_fwd_ws import key_range, load_kv_ring, ring_barriers, store_rows
+    from .attention_fwd_ws import key_range, load_kv_ring, mma_layout, ring_barriers, store_rows
 
 BWD_BLOCK = 64  # rows of a consumer's tile, in both kernels (keys in dK/dV, queries in dQ)
 BWD_STAGES = 2  # ring slots: 82 / 148 KB of shared memory for dK/dV, 115 / 148 KB for dQ at D = 64 / 128
@@ -45,11 +46,6 @@ def dq_block_n(head_dim: int) -> int:
 
 
 if HAVE_GLUON:
-    @gluon.constexpr_function
-    def _mma_layout(N):
-        """The wgmma accumulator layout of a 4-warp consumer for an (64, N) tile."""
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
-
     # ------------------------------------------------------------------------------------------------ dK, dV
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready,
@@ -75,14 +71,14 @@ if HAVE_GLUON:
                 i += 1
 
     @gluon.jit
-    def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA, DK, DV,
+    def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA,
                       stride_dkt, stride_dvt, dk_base, dv_base, bhq0, Tq, Tk, n0, m_lo, n_m, kv_lo, kv_hi,
                       causal_shift, qk_scale, sm_scale, group,
                       TILE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
                       STAGES: gl.constexpr):
         """Consumer ``TILE``: dK and dV of keys [n0 + TILE * BLOCK, + BLOCK) over the ring's query blocks."""
-        s_layout: gl.constexpr = _mma_layout(BLOCK)  # S^T, dP^T: (keys, query rows)
-        o_layout: gl.constexpr = _mma_layout(HEAD_DIM)  # dK, dV: (keys, D)
+        s_layout: gl.constexpr = mma_layout(BLOCK)  # S^T, dP^T: (keys, query rows)
+        o_layout: gl.constexpr = mma_layout(HEAD_DIM)  # dK, dV: (keys, D)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         key_l: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_l: gl.constexpr = gl.SliceLayout(0, s_layout)
@@ -182,10 +178,10 @@ if HAVE_GLUON:
         bhq0 = b * Hq + hk * group
         # (tuples spelled out: concatenating them would unwrap the constexprs, which a partition cannot take)
         gl.warp_specialize([
-            (_dkdv_consume, (q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA, DK, DV,
+            (_dkdv_consume, (q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA,
                              stride_dkt, stride_dvt, dk_base, dv_base, bhq0, Tq, Tk, n0, m_lo, n_m, kv_lo, kv_hi,
                              causal_shift, qk_scale, sm_scale, group, 0, IS_CAUSAL, HEAD_DIM, BLOCK, STAGES)),
-            (_dkdv_consume, (q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA, DK, DV,
+            (_dkdv_consume, (q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA,
                              stride_dkt, stride_dvt, dk_base, dv_base, bhq0, Tq, Tk, n0, m_lo, n_m, kv_lo, kv_hi,
                              causal_shift, qk_scale, sm_scale, group, 1, IS_CAUSAL, HEAD_DIM, BLOCK, STAGES)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready,
@@ -213,8 +209,8 @@ if HAVE_GLUON:
                     TILE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """Consumer ``TILE``: dQ of query rows [m0 + TILE * BLOCK, + BLOCK) over the ring's key blocks."""
-        s_layout: gl.constexpr = _mma_layout(BLOCK_N)  # S, dP: (query rows, keys)
-        o_layout: gl.constexpr = _mma_layout(HEAD_DIM)  # dQ: (query rows, D)
+        s_layout: gl.constexpr = mma_layout(BLOCK_N)  # S, dP: (query rows, keys)
+        o_layout: gl.constexpr = mma_layout(HEAD_DIM)  # dQ: (query rows, D)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
         col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
@@ -323,12 +319,12 @@ def ws_backward(do, q, k, v, lse, delta, dq, dk, dv, *, causal: bool, kv_start, 
     qk_scale = softmax_scale * LOG2E
     blk = BWD_BLOCK
     meta = dict(HEAD_DIM=D, IS_CAUSAL=causal, HAS_KV_RANGE=has_range, num_warps=4)
-    _dkdv_ws_kernel[(-(-Tk // (2 * blk)), B * Hkv)](
+    _dkdv_ws_kernel[(cdiv(Tk, 2 * blk), B * Hkv)](
         _desc(q, blk), _desc(do, blk), _desc(k, blk), _desc(v, blk), lse, delta, dk, dv, ks, ke,
         *dk.stride()[:3], *dv.stride()[:3], Hq, Hkv, Tq, Tk, group, qk_scale, softmax_scale,
         BLOCK=blk, STAGES=BWD_STAGES, **meta)
     bn = dq_block_n(D)
-    _dq_ws_kernel[(-(-Tq // (2 * blk)), B * Hq)](
+    _dq_ws_kernel[(cdiv(Tq, 2 * blk), B * Hq)](
         _desc(q, blk), _desc(do, blk), _desc(k, bn), _desc(v, bn), lse, delta, dq, ks, ke,
         *dq.stride()[:3], Hq, Tq, Tk, group, qk_scale, softmax_scale,
         BLOCK=blk, BLOCK_N=bn, STAGES=BWD_STAGES, **meta)

@@ -49,6 +49,7 @@ try:  # Gluon ships with Triton >= 3.5; the CPU interpreter does not run it
 except ImportError:  # pragma: no cover - an older Triton
     HAVE_GLUON = False
 
+from ._launch import cdiv
 from .attention_fwd import LOG2E, forward_buffers
 
 WS_HEAD_DIMS = (64, 128)
@@ -99,6 +100,11 @@ def ws_tiles(head_dim: int) -> tuple[int, int, int]:
 
 
 if HAVE_GLUON:
+    @gluon.constexpr_function
+    def mma_layout(N):
+        """The wgmma accumulator layout of a 4-warp consumer for an (64, N) tile."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+
     @gluon.jit
     def key_range(KV_START, KV_END, b, Tk, HAS_KV_RANGE: gl.constexpr):
         """[kv_lo, kv_hi): the valid keys of sequence b (all Tk without per-sequence ranges), clamped to [0, Tk]."""
@@ -206,10 +212,8 @@ if HAVE_GLUON:
         PIPELINE (FA3's intra-warpgroup overlap, its Algorithm 2): block j's S = Q K_j^T is issued, then block
         j-1's O += P V_{j-1}, and block j's softmax runs while that second product is in flight; O is rescaled
         once it lands. Otherwise each block's two products are waited for in turn."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = mma_layout(BLOCK_N)  # S: (query rows, keys)
+        o_layout: gl.constexpr = mma_layout(HEAD_DIM)  # O: (query rows, D)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         dtype: gl.constexpr = q_smem.dtype
@@ -343,7 +347,7 @@ def attention_forward_ws(
     if B * Hq * Tq == 0:
         return o, lse
     bm, bn, stages = ws_tiles(D)
-    grid = (-(-Tq // (2 * bm)), B * Hq)
+    grid = (cdiv(Tq, 2 * bm), B * Hq)
     _attn_fwd_ws_kernel[grid](
         _desc(q, bm), _desc(k, bn), _desc(v, bn), o, lse, ks, ke, o.stride(0), o.stride(1),
         Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E,
