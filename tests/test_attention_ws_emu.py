@@ -1,0 +1,119 @@
+"""The warp-specialized Gluon attention kernels (``kernels/attention_fwd_ws.py``, ``attention_bwd_ws.py``) run on the
+CPU by ``tests/gluon_emu``: their own code, with TMA copies landing in random order, the partitions as threads
+and every barrier wait checked (a hang raises ``GluonDeadlock``, a slot refilled under a product ``GluonHazard``).
+
+Against the fp64 reference, under the issue's rule: within 2x of PyTorch's own error in the same 16-bit dtype
+(``F.scaled_dot_product_attention`` on the CPU, rows it cannot compute aside); the log-sum-exp against fp64's, empty
+rows included. The GPU tests (``tests/test_attention_ws.py``) check the compiled kernels on an sm_90 GPU; the
+sm_90 compiles themselves are in ``tests/test_triton_compile.py``."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton.experimental.gluon")
+
+from gluon_emu import emulate
+from rlhf_engine.kernels import attention_bwd_ws, attention_fwd_ws
+from rlhf_engine.kernels.reference.attention import (
+    attention_mask_bshd,
+    attention_reference,
+)
+from tiny import key_ranges
+
+
+def _sdpa(q, k, v, causal, ks, ke, scale):
+    """PyTorch's own attention in q's dtype (its error is the yardstick); NaN on rows without a valid key."""
+    mask = attention_mask_bshd(q.shape[0], q.shape[1], k.shape[1], causal=causal, kv_start=ks, kv_end=ke,
+                               device=q.device)[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)
+
+
+def _check(name, got, ref, pt):
+    """got within 2x of PyTorch's error pt (both against fp64 ref), no NaN."""
+    assert not torch.isnan(got).any(), name
+    err = (got.double() - ref).abs().max().item()
+    fin = torch.isfinite(pt)
+    err_pt = (pt.double() - ref)[fin].abs().max().item() if fin.any() else 0.0
+    assert err <= 2 * err_pt + 1e-6, f"{name}: max error {err:.3g} against PyTorch's {err_pt:.3g}"
+
+
+# (B, Tq, Tk, Hq, Hkv, D, causal, padding, dtype, PIPELINE, STAGES or 0 for the default): odd lengths, one row, a
+# pair of tiles cut short, Tq < Tk (bottom-right causal), GQA groups 3, 7, 2 and 1, a sequence with no valid key
+# (B = 3 with padding), and the ring at 2, 3 and 4 slots
+FWD_CASES = [
+    (2, 97, 97, 9, 3, 64, True, "none", torch.bfloat16, "1", 0),
+    (3, 200, 200, 14, 2, 64, True, "left", torch.bfloat16, "1", 0),
+    (3, 200, 200, 4, 2, 64, True, "left", torch.bfloat16, "0", 0),
+    (2, 333, 333, 4, 4, 128, False, "right", torch.float16, "1", 0),
+    (3, 150, 150, 2, 1, 128, True, "right", torch.bfloat16, "0", 0),
+    (2, 1, 1, 4, 4, 128, True, "none", torch.bfloat16, "1", 0),
+    (2, 70, 300, 4, 2, 64, True, "none", torch.bfloat16, "1", 0),
+    (1, 300, 300, 2, 1, 64, True, "none", torch.float16, "1", 2),
+    (1, 300, 300, 2, 1, 64, False, "none", torch.bfloat16, "0", 4),
+    (2, 260, 260, 2, 1, 64, True, "left", torch.bfloat16, "1", 4),
+]
+
+
+@pytest.mark.parametrize("B,Tq,Tk,Hq,Hkv,D,causal,padding,dtype,pipeline,stages", FWD_CASES)
+def test_ws_forward_emulated(B, Tq, Tk, Hq, Hkv, D, causal, padding, dtype, pipeline, stages, monkeypatch):
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PIPELINE", pipeline)
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_STAGES", str(stages))
+    seed = FWD_CASES.index((B, Tq, Tk, Hq, Hkv, D, causal, padding, dtype, pipeline, stages))
+    monkeypatch.setattr(attention_fwd_ws, "_attn_fwd_ws_kernel", emulate(attention_fwd_ws._attn_fwd_ws_kernel, seed))
+    torch.manual_seed(seed)
+    q = torch.randn(B, Tq, Hq, D, dtype=dtype)
+    k, v = (torch.randn(B, Tk, Hkv, D, dtype=dtype) for _ in range(2))
+    ks, ke = key_ranges(padding, B, Tk, "cpu")
+    assert attention_fwd_ws.ws_layout_ok(q, k, v)
+    scale = D ** -0.5
+    o, lse = attention_fwd_ws.attention_forward_ws(q, k, v, causal=causal, kv_start=ks, kv_end=ke,
+                                                   softmax_scale=scale)
+    ref, lse_ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, kv_start=ks, kv_end=ke,
+                                       softmax_scale=scale, return_lse=True)
+    _check("o", o, ref, _sdpa(q, k, v, causal, ks, ke, scale))
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))  # the same empty rows, -inf there
+    finite = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[finite].double(), lse_ref[finite], atol=1e-4, rtol=1e-5)
+    if ks is not None and B > 2:
+        assert (o[-1] == 0).all()  # the sequence without a valid key: zeros, not NaN
+
+
+# (B, T, Hq, Hkv, D, causal, padding): both kernels' specializations (head dim, causal, key ranges), T = 1, GQA
+# groups 3, 2 and 1, a sequence with no valid key, and left padding whose first key (100) makes both dK/dV consumers
+# of a program skip a block (the case of the bug fixed in 28fb86f)
+BWD_CASES = [
+    (2, 97, 6, 2, 64, True, "none"),
+    (3, 200, 4, 2, 64, True, "left"),
+    (2, 200, 4, 2, 128, True, "left"),
+    (2, 150, 2, 2, 128, False, "right"),
+    (2, 130, 2, 1, 64, False, "none"),
+    (2, 1, 4, 4, 128, True, "none"),
+]
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", BWD_CASES)
+def test_ws_backward_emulated(B, T, Hq, Hkv, D, causal, padding, monkeypatch):
+    seed = BWD_CASES.index((B, T, Hq, Hkv, D, causal, padding))
+    monkeypatch.setattr(attention_bwd_ws, "_dkdv_ws_kernel", emulate(attention_bwd_ws._dkdv_ws_kernel, seed))
+    monkeypatch.setattr(attention_bwd_ws, "_dq_ws_kernel", emulate(attention_bwd_ws._dq_ws_kernel, seed))
+    torch.manual_seed(seed)
+    dt = torch.bfloat16
+    q, k, v = (torch.randn(B, T, h, D, dtype=dt) for h in (Hq, Hkv, Hkv))
+    do = torch.randn(B, T, Hq, D, dtype=dt)  # not all ones
+    ks, ke = key_ranges(padding, B, T, "cpu")
+    scale = D ** -0.5
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, lse = attention_reference(q64, k64, v64, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale,
+                                   return_lse=True)
+    o = ref.detach().to(dt)
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, T), the preprocess kernel's
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))  # every element must be written
+    attention_bwd_ws.ws_backward(do, q, k, v, lse.detach().float(), delta, dq, dk, dv, causal=causal,
+                                 kv_start=ks, kv_end=ke, softmax_scale=scale)
+    refs = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    q16, k16, v16 = (t.clone().requires_grad_() for t in (q, k, v))
+    pts = torch.autograd.grad(_sdpa(q16, k16, v16, causal, ks, ke, scale), (q16, k16, v16), do)
+    for name, g, r, pt in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, pts):
+        _check(name, g, r, pt)

@@ -1,0 +1,140 @@
+"""``tests/gluon_emu`` catches the bugs it is there for: each test plants one in a copy of a real kernel's source
+(or writes a small kernel with it) and expects the emulator to report it, as a deadlock, a hazard, an out-of-bounds
+access, an int32 overflow or wrong numbers. Without these, a green run of ``test_attention_ws_emu.py`` would say
+little."""
+import importlib.util
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+from gluon_emu import GluonDeadlock, GluonHazard, emulate
+from rlhf_engine.kernels import attention_bwd_ws, attention_fwd_ws
+from rlhf_engine.kernels.reference.attention import attention_reference
+from tiny import key_ranges
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+_count = itertools.count()
+
+
+def _mutant(module, old: str, new: str, tmp_path):
+    """A copy of ``module`` with ``old`` (found exactly once) replaced by ``new``, imported in its package."""
+    with open(module.__file__) as f:
+        src = f.read()
+    assert src.count(old) == 1, f"the text to mutate is not found once in {module.__file__}"
+    path = tmp_path / f"mutant_{next(_count)}.py"
+    path.write_text(src.replace(old, new))
+    spec = importlib.util.spec_from_file_location(f"{module.__package__}.{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _forward(mod, monkeypatch):
+    monkeypatch.setattr(mod, "_attn_fwd_ws_kernel", emulate(mod._attn_fwd_ws_kernel))
+    torch.manual_seed(0)
+    B, T, D = 2, 700, 64
+    q, k, v = (torch.randn(B, T, h, D, dtype=torch.bfloat16) for h in (2, 1, 1))
+    ks, ke = key_ranges("left", B, T, "cpu")
+    o, _ = mod.attention_forward_ws(q, k, v, causal=True, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True, kv_start=ks, kv_end=ke,
+                              softmax_scale=D ** -0.5)
+    return (o.double() - ref).abs().max().item()
+
+
+def _backward(mod, monkeypatch):
+    monkeypatch.setattr(mod, "_dkdv_ws_kernel", emulate(mod._dkdv_ws_kernel))
+    monkeypatch.setattr(mod, "_dq_ws_kernel", emulate(mod._dq_ws_kernel))
+    torch.manual_seed(1)
+    B, T, Hq, Hkv, D = 2, 200, 4, 2, 64
+    q, k, v = (torch.randn(B, T, h, D, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    do = torch.randn(B, T, Hq, D, dtype=torch.bfloat16)
+    ks, ke = key_ranges("left", B, T, "cpu")  # the second sequence's first key is 100: both consumers skip a block
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, lse = attention_reference(q64, k64, v64, causal=True, kv_start=ks, kv_end=ke, softmax_scale=D ** -0.5,
+                                   return_lse=True)
+    delta = (do.float() * ref.detach().to(torch.bfloat16).float()).sum(-1).transpose(1, 2).contiguous()
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    mod.ws_backward(do, q, k, v, lse.detach().float(), delta, dq, dk, dv, causal=True, kv_start=ks, kv_end=ke,
+                    softmax_scale=D ** -0.5)
+    refs = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    return max((g.double() - r).abs().max().item() for g, r in zip((dq, dk, dv), refs))
+
+
+def test_unmutated_kernels_pass(monkeypatch):
+    assert _forward(attention_fwd_ws, monkeypatch) < 0.02
+    assert _backward(attention_bwd_ws, monkeypatch) < 0.05
+
+
+FWD_MUTANTS = {
+    # the loader waits for a slot's release on the wrong parity: nobody ever releases the first round
+    "empty barrier parity": ("mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)",
+                             "mbarrier.wait(empty.index(s), ((i // STAGES) & 1))", GluonDeadlock),
+    # the pipelined consumer releases V's slot before the P V product that reads it has retired
+    "slot released under a product": (
+        ("                    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])\n"
+         "                    mbarrier.arrive(kv_empty.index(sp), count=1)"),
+        ("                    mbarrier.arrive(kv_empty.index(sp), count=1)\n"
+         "                    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])"), GluonHazard),
+    # S is used before the product is waited for
+    "wgmma result not waited for": ("qk = warpgroup_mma_wait(num_outstanding=1, deps=[qk])", "pass", GluonHazard),
+    # K's ready barrier waited on the next round's parity
+    "ready barrier phase": ("mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)\n                    qk =",
+                            "mbarrier.wait(k_ready.index(s), ((j // STAGES) + 1) & 1)\n                    qk =",
+                            (GluonDeadlock, GluonHazard)),
+}
+
+
+@pytest.mark.parametrize("name", list(FWD_MUTANTS))
+def test_forward_mutants_are_reported(name, tmp_path, monkeypatch):
+    old, new, error = FWD_MUTANTS[name]
+    mod = _mutant(attention_fwd_ws, old, new, tmp_path)
+    with pytest.raises(error):
+        _forward(mod, monkeypatch)
+
+
+def test_forward_wrong_mask_gives_wrong_numbers(tmp_path, monkeypatch):
+    mod = _mutant(attention_fwd_ws, "valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)",
+                  "valid = valid & (cols[None, :] < offs_m[:, None] + causal_shift)", tmp_path)
+    assert _forward(mod, monkeypatch) > 0.1
+
+
+def test_backward_early_release_is_reported(tmp_path, monkeypatch):
+    """The bug fixed in 28fb86f: a dK/dV consumer that skips a block released its slot without waiting for the dO
+    copy, which could still be in flight when the loader refilled the slot."""
+    mod = _mutant(attention_bwd_ws,
+                  "                    mbarrier.wait(do_ready.index(s), phase)  # copy landed too, never with a TMA",
+                  "                    pass  # copy landed too, never with a TMA", tmp_path)
+    with pytest.raises(GluonHazard):
+        _backward(mod, monkeypatch)
+
+
+def test_backward_read_before_copy_lands_gives_nan(tmp_path, monkeypatch):
+    """The dQ kernel's dP product issued without waiting for V's copy reads a slot still in flight (NaN here)."""
+    mod = _mutant(attention_bwd_ws,
+                  "                mbarrier.wait(v_ready.index(s), phase)\n                dp = warpgroup_mma(",
+                  "                dp = warpgroup_mma(", tmp_path)
+    with pytest.raises((GluonHazard, AssertionError)):
+        err = _backward(mod, monkeypatch)
+        assert not err < 1.0, err  # NaN (or a large error) expected
+
+
+@gluon.jit
+def _scatter_kernel(X, Y, n, scale, N: gl.constexpr):
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    offs = gl.program_id(0) * N + gl.arange(0, N, layout=layout)
+    gl.store(Y + offs * scale, gl.load(X + offs, mask=offs < n, other=0.0), mask=offs < n)
+
+
+def test_bounds_and_int32_overflow():
+    x = torch.arange(100, dtype=torch.float32)
+    y = torch.zeros(100)
+    emulate(_scatter_kernel)[(1,)](x, y, 100, 1, N=128)
+    assert torch.equal(x, y)
+    with pytest.raises(IndexError, match="out of the bounds"):
+        emulate(_scatter_kernel)[(1,)](x, torch.zeros(100), 100, 2, N=128)  # stores up to element 198
+    with pytest.raises(OverflowError, match="int32"):
+        emulate(_scatter_kernel)[(1,)](x, y, 100, 2**30, N=128)  # offs * scale past int32
