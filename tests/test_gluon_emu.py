@@ -122,6 +122,19 @@ def test_backward_read_before_copy_lands_gives_nan(tmp_path, monkeypatch):
         assert not err < 1.0, err  # NaN (or a large error) expected
 
 
+def test_decode_gemm_slot_refilled_under_a_product(tmp_path, monkeypatch):
+    """The decode GEMM refilling a slot while the product that reads it may still run (two left in flight)."""
+    from rlhf_engine.kernels import decode_gemm_ws
+
+    mod = _mutant(decode_gemm_ws, "acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])",
+                  "acc = warpgroup_mma_wait(num_outstanding=2, deps=[acc])", tmp_path)
+    monkeypatch.setattr(mod, "_decode_gemm_kernel", emulate(mod._decode_gemm_kernel))
+    monkeypatch.setenv("RLHF_ENGINE_DECODE_GEMM_WS_STAGES", "2")
+    x, w = torch.randn(16, 512, dtype=torch.bfloat16), torch.randn(64, 512, dtype=torch.bfloat16)
+    with pytest.raises(GluonHazard):
+        mod.decode_gemm_ws(x, w, splits=1)
+
+
 @gluon.jit
 def _scatter_kernel(X, Y, n, scale, N: gl.constexpr):
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])

@@ -208,6 +208,31 @@ def _attention_bwd_ws_cases():
                            "v_desc": desc(bn)})
 
 
+def _decode_gemm_gluon_cases():
+    # the opt-in Gluon decode GEMM (kernels/decode_gemm_ws.py): Qwen2-0.5B's four projections at batch 64 with the
+    # tiles its host code picks on 132 SMs (split-K on o and down), and a 16-row fp16 one
+    from triton.experimental.gluon import language as gl
+
+    from rlhf_engine.kernels.decode_gemm_ws import BLOCK_K, BLOCK_N, tiles
+
+    for name, dt, M, N, K, bias, swiglu in [("qkv", "bf16", 64, 1152, 896, True, False),
+                                            ("o", "bf16", 64, 896, 896, False, False),
+                                            ("gate_up", "bf16", 64, 4864, 896, False, True),
+                                            ("down", "bf16", 64, 896, 4864, False, False),
+                                            ("gate_up-m16", "fp16", 16, 1536, 576, False, True)]:
+        block_t, splits, stages = tiles(M, N, K, swiglu, 132)
+        gdt = gl.bfloat16 if dt == "bf16" else gl.float16
+
+        def desc(rows):
+            return f"tensordesc<{dt}[{rows},{BLOCK_K}],{gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gdt)!r}>"
+
+        yield _case(f"decode_gemm_gluon-{name}-{dt}-t{block_t}-s{splits}", "decode_gemm_ws", "_decode_gemm_kernel",
+                    {"Y": dt, "BIAS": dt, "WS": "fp32", "CNT": "i32"}, [],
+                    dict(HAS_BIAS=bias, SWIGLU=swiglu, SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                         BLOCK_T=block_t, STAGES=stages), 4,
+                    descs={"w_desc": desc(BLOCK_N), "x_desc": desc(block_t)})
+
+
 def _decode_cases():
     split = {"Q": "{dt}", "K": "{dt}", "V": "{dt}", "O": "{dt}", "O_PART": "fp32", "LSE_PART": "fp32",
              "CACHE_LENS": "i32", "CACHE_START": "i32", "COS": "{dt}", "SIN": "{dt}", "KN": "{dt}", "VN": "{dt}",
@@ -381,7 +406,7 @@ def _pow2(x: int) -> int:
 
 
 CASES = [*_logprob_cases(), *_gae_cases(), *_ppo_cases(), *_attention_cases(), *_attention_tma_cases(),
-         *_attention_ws_cases(), *_attention_bwd_ws_cases(),
+         *_attention_ws_cases(), *_attention_bwd_ws_cases(), *_decode_gemm_gluon_cases(),
          *_decode_cases(), *_kv_cache_cases(),
          *_inference_op_cases(), *_norm_linear_cases(), *_autotune_kept_cases()]
 
@@ -457,7 +482,9 @@ def compile_case(case):
     return dict(ok=True, shared=k.metadata.shared, regs=regs, stack=stack, seconds=round(seconds, 2),
                 writes_before_wait=writes, loads_before_wait=loads, prefetches_before_wait=prefetches,
                 setmaxnreg=len(re.findall(r"\bsetmaxnreg\.", ptx)), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
-                wgmma_wait1=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned\s+1;", ptx)))
+                wgmma_wait1=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned\s+1;", ptx)),
+                wgmma_wait_n=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned\s+"
+                                            + ("2" if case["constexprs"].get("SWIGLU") else "1") + ";", ptx)))
 
 
 def main():
@@ -518,7 +545,7 @@ NO_SPILL = {"attn_fwd-bf16-d128-64x64", "attn_fwd-bf16-d64-64x64", "attn_bwd_dkd
 MAX_STACK = 32
 NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope", "rms_norm",
                      "silu_mul", "sample", "norm_linear", "attn_fwd_ws",
-                     "attn_bwd_ws_dq", "attn_bwd_ws_dkdv-bf16-d64", "attn_bwd_ws_dkdv-fp16-d64")
+                     "attn_bwd_ws_dq", "attn_bwd_ws_dkdv-bf16-d64", "attn_bwd_ws_dkdv-fp16-d64", "decode_gemm_gluon")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -550,3 +577,6 @@ def test_compiles_for_sm90(compiled, case, request):
             assert r["wgmma_wait1"] > 0, f"{cid}: no wgmma.wait_group 1"
         if cid.startswith("attn_bwd_ws_dkdv-bf16-d128"):  # at the 240-register cap: 216 B measured here
             assert r["stack"] is None or r["stack"] <= 256, f"{cid}: {r['stack']} B of stack"
+    if cid.startswith("decode_gemm_gluon"):  # the products on wgmma, one K block's (two with SwiGLU) left in flight
+        assert r["wgmma"] > 0, f"{cid}: no wgmma"
+        assert r["wgmma_wait_n"] > 0, f"{cid}: no wgmma.wait_group {2 if c['SWIGLU'] else 1}"

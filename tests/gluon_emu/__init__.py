@@ -156,6 +156,7 @@ _GL_OVERRIDES = {
     "exp2": _elementwise(torch.exp2), "exp": _elementwise(torch.exp), "log2": _elementwise(torch.log2),
     "log": _elementwise(torch.log), "sqrt": _elementwise(torch.sqrt), "abs": _elementwise(torch.abs, False),
     "where": _where, "convert_layout": _convert_layout, "expand_dims": _expand_dims, "load": _load, "store": _store,
+    "atomic_add": _values._atomic_add, "atomic_xchg": _values._atomic_xchg, "atomic_max": _values._atomic_max,
     "allocate_shared_memory": _allocate_shared_memory, "warp_specialize": _warp_specialize,
     "static_range": _static_range, "thread_barrier": lambda: None,
 }

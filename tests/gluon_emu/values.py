@@ -265,6 +265,27 @@ def _store(pointer, value, mask=None, **_ignored):
             flat[idx[m]] = val[m]
 
 
+def _atomic(update):
+    """An atomic read-modify-write (programs run one at a time here, so any memory order holds): the old values."""
+    def rmw(pointer, val, mask=None, sem=None, scope=None):
+        if not isinstance(pointer, EPtr):
+            raise TypeError("gluon_emu: an atomic needs a pointer")
+        flat, idx, m = pointer._flat(mask)
+        dt = _FROM_TORCH[pointer.base.dtype]
+        with _lock():
+            old = flat[idx].clone()
+            new = torch.broadcast_to(update(old, _lift(val).v.to(old.dtype)), idx.shape)
+            keep = idx if m is None else idx[m]
+            flat[keep] = new if m is None else new[m]
+        return ET(old if _is_float(dt) else old.to(torch.int64), dt)
+    return rmw
+
+
+_atomic_add = _atomic(torch.add)
+_atomic_xchg = _atomic(lambda old, val: val.expand_as(old) if val.dim() == 0 else val)
+_atomic_max = _atomic(torch.maximum)
+
+
 # --------------------------------------------------------------------------------------------- program state
 class _Program:
     """The state of one running program: barriers, the copy engine's queue, the partitions' threads."""

@@ -1,0 +1,259 @@
+"""The decode step's GEMMs for Hopper in Gluon: y = x Wᵀ (+ b), or silu(x W_gateᵀ) · (x W_upᵀ), for the few rows of
+a decode step (M <= 256 tokens), fed by TMA and computed "swap-AB" with wgmma. An opt-in replacement of cuBLAS in
+the triton decode step (``RLHF_ENGINE_DECODE_GEMM_WS=1``).
+
+Why: a decode step at batch 64 is the latency of small GEMMs (RESULTS.md, "Generation": on the H200 the four cuBLAS
+GEMMs of a Qwen2-0.5B layer take 4.2-7.9 us each for 1.6-17 MB of weights, 0.4-2.3 TB/s where the card reads 4.3;
+583 of the step's 1,002 us of kernel time). The split-K Triton GEMM (``norm_linear``) lost to cuBLAS: with the 64
+tokens as the MMA's M, its N tiles were 16-64 weight rows, and each of its 200-600 programs re-read all of x (up to
+69 MB of L2 reads for 17 MB of weights), its loads pipelined by the compiler.
+
+How:
+- **Swap-AB.** The weight rows are wgmma's M (64 a warpgroup) and the tokens its N (16, 32 or 64): a program owns 64
+  output features of up to 64 tokens, so x is read once per 64 weight rows, and a weight tile is never re-read.
+  With ``swiglu`` (W = [W_gate; W_up], 2N rows) a program owns 64 gate rows and the 64 up rows N below them, and
+  writes silu(gate) · up with the eager pair's roundings: the SwiGLU kernel after the GEMM goes.
+- **TMA ring.** The weight and x tiles of each K block (64 columns) are copied by TMA into a ring of ``STAGES``
+  slots, each with its "ready" mbarrier; the products run asynchronously, one in flight while the next block's
+  copies are awaited, and a slot is refilled as soon as the product that read it retired. A program keeps
+  STAGES - 1 blocks in flight: 16-24 KB each.
+- **Split-K where N is small** (o, down: 14 tiles of 64 rows at Qwen2-0.5B's 896): ``splits`` programs share a
+  tile's K range; each stores its fp32 partial tile and takes a ticket from a per-tile counter (a CTA barrier, then
+  one acq_rel atomic, as the Triton GEMM does); the last sums the partials in split order (the same bits whichever
+  program is last), zeroes the counter for the next launch and runs the epilogue. CUDA-graph safe.
+- **Epilogue.** The bias (fp32, before the one rounding, as cuBLAS's), silu · up, the store (16-byte vectors along
+  the features).
+
+Outside the kernel, the same math as ``F.linear`` in fp32 (another summation order, so the last bit may differ
+from cuBLAS's). Inputs (``eligible``): an sm_90 GPU, bf16 or fp16, x (M, K) rows 16-byte aligned with unit stride,
+W (N, K) likewise, K a multiple of 8 (TMA's 16-byte rule), M <= 256. Inference only (no autograd).
+
+Checked on the CPU by ``tests/gluon_emu`` (``tests/test_decode_gemm_ws.py``: the kernel's own code against fp64,
+every epilogue, split-K), compiled for sm_90 by ``tests/test_triton_compile.py``; timed against cuBLAS by
+``benchmarks/bench_decode_gemm.py`` on a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._launch import cdiv, sm_count, tile_counters
+
+try:  # Gluon ships with Triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - an older Triton
+    HAVE_GLUON = False
+
+BLOCK_N = 64  # weight rows a program (wgmma's M for one warpgroup)
+BLOCK_K = 64  # K columns a block: 128 bytes of a 16-bit row, one 128-byte swizzle atom
+MAX_ROWS = 256
+
+
+def enabled() -> bool:
+    """``RLHF_ENGINE_DECODE_GEMM_WS=1``: the triton decode step's projections on this kernel where ``eligible``."""
+    return os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS", "0") == "1"
+
+
+def layout_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The kernel's rules on dtypes and strides (the device aside): x (M, K), weight (N, K), one 16-bit dtype, unit
+    stride on K, 16-byte aligned bases and row strides, 1 <= M <= 256."""
+    if x.dim() != 2 or weight.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        return False
+    M, K = x.shape
+    if not 1 <= M <= MAX_ROWS or weight.shape[1] != K or K % 8 or weight.shape[0] == 0:
+        return False
+    es = x.element_size()
+    return all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (x, weight))
+
+
+def eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x, weight can run this kernel: an sm_90 GPU with Gluon, and ``layout_ok``."""
+    if not HAVE_GLUON or not x.is_cuda or torch.cuda.get_device_capability(x.device) != (9, 0):
+        return False
+    return layout_ok(x, weight)
+
+
+def tiles(M: int, N: int, K: int, swiglu: bool, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_T tokens a program, splits of K, STAGES ring slots) for an (M, N, K) product: one K split while the N
+    tiles alone occupy half of the ``sms`` SMs, else enough splits to reach about one program an SM; slots for
+    ~96-144 KB of shared memory. ``RLHF_ENGINE_DECODE_GEMM_WS_SPLITS`` / ``_STAGES`` override (GPU tuning)."""
+    block_t = 16 if M <= 16 else 32 if M <= 32 else 64
+    n_tiles = cdiv(N, BLOCK_N) * cdiv(M, block_t)
+    n_kb = cdiv(K, BLOCK_K)
+    want = int(os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS_SPLITS", "0")) or (
+        1 if 2 * n_tiles >= sms else cdiv(sms, n_tiles))
+    splits = cdiv(n_kb, cdiv(n_kb, min(max(want, 1), n_kb)))  # no empty split
+    stage_bytes = ((2 if swiglu else 1) * BLOCK_N + block_t) * BLOCK_K * 2
+    stages = int(os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS_STAGES", "0")) or max(2, min(6, 144 * 1024 // stage_bytes))
+    return block_t, splits, max(2, min(stages, 8))
+
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _load_block(w_desc, x_desc, w_smem, u_smem, x_smem, bar, slot, n0, up_row, t0, k,
+                    SWIGLU: gl.constexpr):
+        """TMA copies of one K block into ring slot ``slot``: the weight tile (and the up tile), then x's."""
+        nbytes: gl.constexpr = w_desc.block_type.nbytes * (2 if SWIGLU else 1) + x_desc.block_type.nbytes
+        mbarrier.expect(bar, nbytes)
+        tma.async_copy_global_to_shared(w_desc, [n0, k], bar, w_smem.index(slot))
+        if SWIGLU:
+            tma.async_copy_global_to_shared(w_desc, [up_row, k], bar, u_smem.index(slot))
+        tma.async_copy_global_to_shared(x_desc, [t0, k], bar, x_smem.index(slot))
+
+    @gluon.jit
+    def _store_out(acc, acc_u, Y, BIAS, n0, t0, M, N, stride_ym, HAS_BIAS: gl.constexpr, SWIGLU: gl.constexpr,
+                   BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, dtype: gl.constexpr):
+        """y[t, n] of the (features, tokens) tile: + bias, silu(gate) · up with the eager roundings, one rounding
+        to dtype; stored along the features, 8 elements (16 bytes) a thread."""
+        out_l: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4], warps_per_cta=[1, 4],
+                                               order=[0, 1])
+        acc = gl.convert_layout(acc, out_l)
+        rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
+        rt = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_l))
+        n_ok = rn < N
+        if HAS_BIAS:
+            acc = acc + gl.load(BIAS + rn, mask=n_ok, other=0.0).to(gl.float32)[:, None]
+        if SWIGLU:  # the GEMM outputs rounded, silu(gate) rounded, the product rounded: the eager pair's
+            g = acc.to(dtype).to(gl.float32)
+            u = gl.convert_layout(acc_u, out_l).to(dtype).to(gl.float32)
+            act = (g / (1.0 + gl.exp(-g))).to(dtype)
+            out = (act.to(gl.float32) * u).to(dtype)
+        else:
+            out = acc.to(dtype)
+        gl.store(Y + rt.to(gl.int64)[None, :] * stride_ym + rn[:, None], out, mask=n_ok[:, None] & (rt < M)[None, :])
+
+    @gluon.jit
+    def _decode_gemm_kernel(w_desc, x_desc, Y, BIAS, WS, CNT, M, N, K, stride_ym, kb_per,
+                            HAS_BIAS: gl.constexpr, SWIGLU: gl.constexpr, SPLITS: gl.constexpr,
+                            BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,
+                            STAGES: gl.constexpr):
+        pid_n = gl.program_id(0)
+        pid_s = gl.program_id(1)
+        pid_t = gl.program_id(2)
+        n0 = pid_n * BLOCK_N
+        t0 = pid_t * BLOCK_T
+        kb_lo = pid_s * kb_per
+        nk = gl.minimum((K + BLOCK_K - 1) // BLOCK_K - kb_lo, kb_per)  # this split's K blocks (>= 1: the host's)
+        dtype: gl.constexpr = w_desc.dtype
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_T, 16])
+
+        w_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+        u_smem = w_smem
+        if SWIGLU:
+            u_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+        x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, BLOCK_K], x_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+        fence_async_shared()
+
+        up_row = n0 + N  # the up rows sit N rows below the gate rows in the packed weight
+        for i in range(0, gl.minimum(nk, STAGES)):
+            _load_block(w_desc, x_desc, w_smem, u_smem, x_smem, ready.index(i), i, n0, up_row, t0,
+                        (kb_lo + i) * BLOCK_K, SWIGLU)
+
+        acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=acc_l)
+        acc_u = acc
+        for i in range(0, nk):
+            s = i % STAGES
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            xt = x_smem.index(s).permute((1, 0))  # (BLOCK_K, tokens): x's rows are K-major
+            acc = warpgroup_mma(w_smem.index(s), xt, acc, is_async=True)
+            if SWIGLU:
+                acc_u = warpgroup_mma(u_smem.index(s), xt, acc_u, is_async=True)
+                acc, acc_u = warpgroup_mma_wait(num_outstanding=2, deps=[acc, acc_u])  # block i - 1's retired
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+            j = i - 1 + STAGES  # block i - 1's slot is free: block j goes there
+            if (i > 0) & (j < nk):
+                sp = (i - 1) % STAGES
+                _load_block(w_desc, x_desc, w_smem, u_smem, x_smem, ready.index(sp), sp, n0, up_row, t0,
+                            (kb_lo + j) * BLOCK_K, SWIGLU)
+        if SWIGLU:
+            acc, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=[acc, acc_u])
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+
+        if SPLITS > 1:
+            n_acc: gl.constexpr = 2 if SWIGLU else 1
+            elems: gl.constexpr = BLOCK_N * BLOCK_T
+            tile = pid_t * gl.num_programs(0) + pid_n
+            offs = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_l))[:, None] * BLOCK_T
+                    + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, acc_l))[None, :])
+            base = WS + tile.to(gl.int64) * (SPLITS * n_acc * elems)
+            gl.store(base + pid_s * (n_acc * elems) + offs, acc)
+            if SWIGLU:
+                gl.store(base + pid_s * (n_acc * elems) + elems + offs, acc_u)
+            gl.thread_barrier()  # every thread's partial stored before the ticket's release
+            ticket = gl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLITS - 1:  # the last program of the tile: the partials in split order, then the epilogue
+                acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=acc_l)
+                acc_u = acc
+                for p in gl.static_range(SPLITS):
+                    acc += gl.load(base + p * (n_acc * elems) + offs, cache_modifier=".cg")
+                    if SWIGLU:
+                        acc_u += gl.load(base + p * (n_acc * elems) + elems + offs, cache_modifier=".cg")
+                gl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")  # zero for the next launch
+                _store_out(acc, acc_u, Y, BIAS, n0, t0, M, N, stride_ym, HAS_BIAS, SWIGLU, BLOCK_N, BLOCK_T, dtype)
+        else:
+            _store_out(acc, acc_u, Y, BIAS, n0, t0, M, N, stride_ym, HAS_BIAS, SWIGLU, BLOCK_N, BLOCK_T, dtype)
+
+
+def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":
+    gl_dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gl_dtype)
+    return TensorDescriptor(t, shape=list(t.shape), strides=[t.stride(0), 1], block_shape=[rows, BLOCK_K],
+                            layout=layout)
+
+
+def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, swiglu: bool = False,
+                   splits: int | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)ᵀ (+ bias (N,)) -> (M, N) in x's dtype; with ``swiglu`` weight is [W_gate; W_up]
+    (2 N rows, no bias) and the result silu(x W_gateᵀ) · (x W_upᵀ) (M, N). Inputs must be ``eligible`` (or
+    ``layout_ok`` on the CPU emulator of the tests); ``splits`` forces the K splits (tests)."""
+    M, K = x.shape
+    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if swiglu and (bias is not None or weight.shape[0] % 2):
+        raise ValueError("decode_gemm_ws: swiglu takes a packed [W_gate; W_up] weight of even rows and no bias")
+    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype or bias.stride(0) != 1):
+        raise ValueError(f"decode_gemm_ws: bias must be ({N},) {x.dtype} with unit stride, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    block_t, auto_splits, stages = tiles(M, N, K, swiglu, sm_count(x.device))
+    n_kb = cdiv(K, BLOCK_K)
+    splits = auto_splits if splits is None else splits
+    kb_per = cdiv(n_kb, splits)
+    splits = cdiv(n_kb, kb_per)
+    grid = (cdiv(N, BLOCK_N), splits, cdiv(M, block_t))
+    n_tiles = grid[0] * grid[2]
+    if splits > 1:
+        ws = torch.empty(n_tiles * splits * (2 if swiglu else 1) * BLOCK_N * block_t, device=x.device,
+                         dtype=torch.float32)
+        cnt = tile_counters(x.device, n_tiles, "decode_gemm_ws")
+    else:
+        ws = cnt = y  # (not read)
+    _decode_gemm_kernel[grid](
+        _desc(weight, BLOCK_N), _desc(x, block_t), y, bias if bias is not None else y, ws, cnt,
+        M, N, K, y.stride(0), kb_per,
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_T=block_t, STAGES=stages, num_warps=4)
+    return y
+
+
+def decode_gemm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                          swiglu: bool = False) -> torch.Tensor:
+    """What ``decode_gemm_ws`` computes, in plain PyTorch: the product in fp32 (fp64 for fp64 inputs), one rounding
+    to x's dtype; with ``swiglu``, silu(gate) · up with the eager pair's roundings."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.nn.functional.linear(x.to(ct), weight.to(ct), None if bias is None else bias.to(ct)).to(x.dtype)
+    if not swiglu:
+        return y
+    g, u = y.chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g.to(ct)).to(x.dtype).to(ct) * u.to(ct)).to(x.dtype)

@@ -1,0 +1,109 @@
+"""The Gluon decode GEMM (``kernels/decode_gemm_ws.py``) on the CPU, its own code run by ``tests/gluon_emu``:
+against fp64 within 2x of PyTorch's own 16-bit error (``F.linear`` in the same dtype, one rounding of an fp32
+product), every epilogue (bias, SwiGLU over a packed [gate; up] weight), split-K with its ticket and counters, odd
+sizes (M, N, and K that TMA pads with zeros), strided inputs. The sm_90 compile is in ``test_triton_compile.py``;
+the GPU timing in ``benchmarks/bench_decode_gemm.py``."""
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+from gluon_emu import emulate
+from rlhf_engine.kernels import decode_gemm_ws
+from rlhf_engine.kernels._launch import tile_counters
+from rlhf_engine.kernels.decode_gemm_ws import decode_gemm_reference, decode_gemm_ws as gemm, layout_ok
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(decode_gemm_ws, "_decode_gemm_kernel", emulate(decode_gemm_ws._decode_gemm_kernel))
+
+
+def _check(y, x, w, b, swiglu):
+    ref = decode_gemm_reference(x.double(), w.double(), None if b is None else b.double(), swiglu=swiglu)
+    own = decode_gemm_reference(x, w, b, swiglu=swiglu)  # PyTorch's: the fp32 product, rounded once
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert not torch.isnan(y).any()
+    err = (y.double() - ref).abs().max().item()
+    err_pt = (own.double() - ref).abs().max().item()
+    assert err <= 2 * err_pt + 1e-6, f"max error {err:.3g} against PyTorch's {err_pt:.3g}"
+
+
+# (M, N, K, bias, swiglu, splits or None for the host's choice, dtype): one token, 5, 17, 40, 64, 100 and 256
+# (four 64-token tiles), N not a multiple of the 64-row tile, K not a multiple of the 64-column block (TMA's zeros)
+CASES = [
+    (1, 64, 64, False, False, None, torch.bfloat16),
+    (5, 130, 320, True, False, 3, torch.bfloat16),
+    (17, 200, 200, False, False, 2, torch.float16),
+    (64, 96, 128, False, True, 1, torch.bfloat16),
+    (40, 100, 448, False, True, 4, torch.bfloat16),
+    (64, 72, 576, True, False, None, torch.bfloat16),
+    (100, 64, 136, False, True, None, torch.float16),
+    (256, 72, 64, True, False, None, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("M,N,K,bias,swiglu,splits,dtype", CASES)
+def test_decode_gemm_emulated(emulated, M, N, K, bias, swiglu, splits, dtype):
+    torch.manual_seed(M + N + K)
+    x = torch.randn(M, K, dtype=dtype)
+    w = (torch.randn(2 * N if swiglu else N, K) * K ** -0.5).to(dtype)
+    b = torch.randn(N, dtype=dtype) if bias else None
+    assert layout_ok(x, w)
+    y = gemm(x, w, b, swiglu=swiglu, splits=splits)
+    _check(y, x, w, b, swiglu)
+    assert (tile_counters(x.device, 1, "decode_gemm_ws") == 0).all()  # every ticket counter back at zero
+    assert torch.equal(gemm(x, w, b, swiglu=swiglu, splits=splits), y)  # split-K sums in a fixed order
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_decode_gemm_two_slots(emulated, monkeypatch, swiglu):
+    """A ring of 2 slots over 10 K blocks: every slot refilled 4 times, each once its product retired."""
+    monkeypatch.setenv("RLHF_ENGINE_DECODE_GEMM_WS_STAGES", "2")
+    torch.manual_seed(1)
+    x = torch.randn(33, 640, dtype=torch.bfloat16)
+    w = (torch.randn(256 if swiglu else 128, 640) * 0.04).to(torch.bfloat16)
+    _check(gemm(x, w, swiglu=swiglu, splits=1), x, w, None, swiglu)
+
+
+def test_decode_gemm_views(emulated):
+    """The model's operands: x rows of a wider buffer (row stride > K), W rows of a packed weight (a row offset)."""
+    torch.manual_seed(0)
+    buf = torch.randn(9, 320, dtype=torch.bfloat16)
+    x = buf[:, 8:264]  # (9, 256), row stride 320
+    packed = (torch.randn(3 * 96, 256) * 0.06).to(torch.bfloat16)
+    w, b = packed[96:224], torch.randn(128, dtype=torch.bfloat16)  # rows 96.. of the packed tensor
+    assert layout_ok(x, w)
+    _check(gemm(x, w, b, splits=2), x, w, b, False)
+    gu = packed[:192]  # a [gate; up] pair of 96 rows each
+    _check(gemm(x, gu, swiglu=True), x, gu, None, True)
+
+
+def test_layout_rules_and_errors():
+    bf = torch.bfloat16
+    x, w = torch.randn(4, 64, dtype=bf), torch.randn(32, 64, dtype=bf)
+    assert layout_ok(x, w)
+    assert not layout_ok(x.float(), w.float())  # fp32: cuBLAS's
+    assert not layout_ok(x, w.half())
+    assert not layout_ok(torch.randn(4, 60, dtype=bf), torch.randn(32, 60, dtype=bf))  # K * 2 B not 16-byte rows
+    assert not layout_ok(torch.randn(257, 64, dtype=bf), w)  # more rows than a decode step
+    assert not layout_ok(x.t().contiguous().t(), w)  # K not the unit-stride dim
+    assert not layout_ok(torch.randn(4 * 64 + 1, dtype=bf)[1:].view(4, 64), w)  # base 2 bytes off alignment
+    assert not decode_gemm_ws.eligible(x, w)  # no sm_90 GPU here
+    with pytest.raises(ValueError, match="swiglu"):
+        gemm(x, w, torch.zeros(16, dtype=bf), swiglu=True)
+    with pytest.raises(ValueError, match="bias"):
+        gemm(x, w, torch.zeros(31, dtype=bf))
+
+
+def test_tiles():
+    """The host's choices at Qwen2-0.5B's shapes on 132 SMs: gate/up's 76 tiles need no split; o and down (14
+    tiles) split K to ~100-140 programs; every split has K blocks; the ring fits ~144 KB."""
+    assert decode_gemm_ws.tiles(64, 4864, 896, True, 132) == (64, 1, 6)
+    for N, K in ((896, 896), (896, 4864), (1152, 896)):
+        block_t, splits, stages = decode_gemm_ws.tiles(64, N, K, False, 132)
+        kb = -(-K // 64)
+        programs = -(-N // 64) * splits
+        assert block_t == 64 and 90 <= programs <= 160 and (splits - 1) * -(-kb // splits) < kb
+        assert stages * (64 + block_t) * 64 * 2 <= 144 * 1024
+    assert decode_gemm_ws.tiles(16, 1536, 576, True, 132)[0] == 16
