@@ -13,6 +13,10 @@ Rows:
 - "ours: split-K layer (4 kernels)": norm + q/k/v, o + add (+ sums of squares), norm + gate/up + SwiGLU, down + add,
   each launched with programmatic dependent launch on Hopper (its first weight block read while the previous kernel
   finishes); "no PDL": the same launched the usual way (pdl=False).
+- On an sm_90 GPU, the Gluon decode GEMM (``kernels/decode_gemm_ws.py``, opt-in ``RLHF_ENGINE_DECODE_GEMM_WS=1``):
+  "ours (Gluon, swap-AB)" each projection; "gate/up + SwiGLU": cuBLAS then the silu * up kernel against the Gluon
+  GEMM with its SwiGLU epilogue; "ours: Gluon GEMM layer (6 kernels)": the usual layer with the Gluon GEMMs (the
+  norms on their kernel, silu * up in the gate/up GEMM). Timed last (a hang would lose no other row).
 Each row is timed as a CUDA-graph replay, 10 back to back a sample (a decode step replays its kernels so).
 Run: python benchmarks/bench_decode_gemm.py   (needs a CUDA device; RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1 runs a
 tiny fp32 shape on the CPU without graphs)
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import COPY_TBPS, autotune_report, bench, device, graphed, print_table, record, smoke  # noqa: E402
 
+from rlhf_engine.kernels import decode_gemm_ws as dg  # noqa: E402
 from rlhf_engine.kernels.norm_linear import decode_linear  # noqa: E402
 from rlhf_engine.kernels.rmsnorm import rms_norm  # noqa: E402
 from rlhf_engine.kernels.swiglu import silu_mul  # noqa: E402
@@ -90,18 +95,38 @@ def main() -> list[dict]:
             a = decode_linear(h.out, w["gu"], norm_weight=w["n2"], row_sumsq=h.sumsq, swiglu=True, **kw).out
             return decode_linear(a, w["down"], out_residual=h.out, return_sumsq=True, **kw)
 
+        def gluon_layer():  # the Gluon GEMMs (RLHF_ENGINE_DECODE_GEMM_WS=1): the usual layer, silu * up in gate/up
+            h, s = rms_norm(d, w["n1"], 1e-6, residual=x, backend="triton")
+            attn_in = dg.decode_gemm_ws(h, w["qkv"], w["qkv_b"])[:, :Dq]
+            h2, s2 = rms_norm(dg.decode_gemm_ws(attn_in, w["o"]), w["n2"], 1e-6, residual=s, backend="triton")
+            return s2, dg.decode_gemm_ws(dg.decode_gemm_ws(h2, w["gu"], swiglu=True), w["down"])
+
+        def cublas_swiglu():
+            gate, up = F.linear(x, w["gu"]).chunk(2, dim=-1)
+            return silu_mul(gate, up, backend="triton")
+
+        gluon = dg.eligible(x, w["qkv"])  # an sm_90 GPU
         layer_bytes = sum(t.numel() * t.element_size() for t in (w["qkv"], w["o"], w["gu"], w["down"]))
         cases = [(p, "cuBLAS", wt, base) for p, (wt, base, _) in projections.items()]
         cases += [(p, "ours (split-K)", wt, ours) for p, (wt, _, ours) in projections.items()]
         cases += [("layer", "usual layer (7 kernels)", layer_bytes, usual),
                   ("layer", "ours: split-K layer (4 kernels)", layer_bytes, split_k),
                   ("layer", "ours: split-K layer (4 kernels), no PDL", layer_bytes, lambda: split_k(pdl=False))]
+        if gluon:  # last: a hang here (a wrong barrier phase) loses no other row
+            cases += [("gate/up + SwiGLU", "cuBLAS + silu*up kernel", w["gu"], cublas_swiglu),
+                      ("gate/up + SwiGLU", "ours (Gluon, SwiGLU epilogue)", w["gu"],
+                       lambda: dg.decode_gemm_ws(x, w["gu"], swiglu=True))]
+            operands = {"q/k/v": (x, w["qkv"], w["qkv_b"]), "o": (y, w["o"], None), "gate/up": (x, w["gu"], None),
+                        "down": (act, w["down"], None)}
+            cases += [(p, "ours (Gluon, swap-AB)", args[1], (lambda a, b, c: lambda: dg.decode_gemm_ws(a, b, c))(*args))
+                      for p, args in operands.items()]
+            cases += [("layer", "ours: Gluon GEMM layer (6 kernels)", layer_bytes, gluon_layer)]
         base_ms = {}
         with torch.no_grad():
             for what, impl, wt, fn in cases:
                 nbytes = wt if isinstance(wt, int) else wt.numel() * wt.element_size()
                 ms = bench(graphed(fn) if cuda else fn, **reps)
-                if impl == "cuBLAS" or impl.startswith("usual"):
+                if impl.startswith(("cuBLAS", "usual")):
                     base_ms[what] = ms
                 floor_us = nbytes / (COPY_TBPS * 1e12) * 1e6
                 rows.append({"op": "decode_gemm", "shape": f"{model} {what} M={B}", "impl": impl, "ms": ms,
@@ -114,6 +139,11 @@ def main() -> list[dict]:
             err = ((got - want).abs().max() / want.abs().max()).item()
             print(f"{model}: split-K layer vs usual layer, max rel err {err:.3g}"
                   + ("" if err < 2e-2 else "  MISMATCH"))
+            if gluon:
+                s_g, d_g = gluon_layer()
+                err = ((s_g.float() + d_g.float() - want).abs().max() / want.abs().max()).item()
+                print(f"{model}: Gluon GEMM layer vs usual layer, max rel err {err:.3g}"
+                      + ("" if err < 2e-2 else "  MISMATCH"))
     from rlhf_engine.kernels import norm_linear as nl
     print("\n".join(autotune_report({"decode_linear": nl._decode_linear_kernel_tuned})))
     print_table(rows)

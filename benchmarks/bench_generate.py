@@ -30,6 +30,7 @@ from common import COPY_TBPS, print_table, profiled_op_times, record, smoke, tim
 
 from rlhf_engine.generation import DecodeGraphCache, KVCache, generate  # noqa: E402
 from rlhf_engine.generation.cache import kv_bytes_per_token  # noqa: E402
+from rlhf_engine.kernels import decode_gemm_ws  # noqa: E402
 from rlhf_engine.model import CausalLM, preset  # noqa: E402
 from rlhf_engine.model.loading import to_hf_model  # noqa: E402
 
@@ -62,14 +63,16 @@ def _hf_generate(hf, ids, mask, n, seed):
 
 
 def _ours(model, ids, mask, n, seed, fused_write: bool | None = None, norm_gemm: bool | None = None,
-          batch_invariant: bool | None = None, **kw):
-    """Our generate; ``fused_write`` / ``norm_gemm`` True/False set RLHF_ENGINE_DECODE_FUSED_WRITE /
-    RLHF_ENGINE_DECODE_NORM_GEMM for the call (None: as set); ``batch_invariant`` the model's for the call (the CPU's
-    batch-invariant GEMMs and fp64 attention, model/batch_invariant.py)."""
+          batch_invariant: bool | None = None, gemm_ws: bool | None = None, **kw):
+    """Our generate; ``fused_write`` / ``norm_gemm`` / ``gemm_ws`` True/False set RLHF_ENGINE_DECODE_FUSED_WRITE /
+    RLHF_ENGINE_DECODE_NORM_GEMM / RLHF_ENGINE_DECODE_GEMM_WS for the call (None: as set); ``batch_invariant`` the
+    model's for the call (the CPU's batch-invariant GEMMs and fp64 attention, model/batch_invariant.py)."""
     g = torch.Generator(ids.device).manual_seed(seed)
     env = {} if fused_write is None else {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1" if fused_write else "0"}
     if norm_gemm is not None:
         env["RLHF_ENGINE_DECODE_NORM_GEMM"] = "1" if norm_gemm else "0"
+    if gemm_ws is not None:
+        env["RLHF_ENGINE_DECODE_GEMM_WS"] = "1" if gemm_ws else "0"
     was = model.batch_invariant
     model.batch_invariant = was if batch_invariant is None else batch_invariant
     try:
@@ -249,6 +252,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             "ours (sdpa, cuda graph)": {"attn_backend": "torch"},
                             "ours (triton, eager)": {"use_cuda_graph": False, "fused_write": True,
                                                      "norm_gemm": False}}
+                if decode_gemm_ws.on_hopper(torch.device("cuda")):  # opt-in: the Gluon decode GEMMs (last: a hang
+                    # would lose no other row)
+                    variants["ours (triton, cuda graph reused, Gluon GEMMs)"] = {
+                        "graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": False, "gemm_ws": True}
                 # recorded case by case, before the profile: a run cut short by its timeout keeps what it measured
                 case_rows = run_case(name, B, P, args.new_tokens or N, torch.device("cuda"), torch.bfloat16,
                                      variants=variants, profile_step=True, on_rows=record)

@@ -356,6 +356,16 @@ EOF
       2) WSP="not run (no sm_90 device)" ;;
       *) WSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
     esac
+    # the Gluon decode GEMM (kernels/decode_gemm_ws.py): a failure turns it off (its rows and model path) for the run
+    c=$(cap 60 "$TEST_RESERVE")
+    timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --gemm >> "$OUT/ws_probe.txt" 2>&1
+    rc=$?
+    case $rc in
+      0) WSP="$WSP; decode GEMM ok" ;;
+      2) ;;
+      *) WSP="$WSP; decode GEMM $(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1
+         FAIL=1 ;;
+    esac
     tail -n 12 "$OUT/ws_probe.txt"
   fi
   echo "ws probe: $WSP"

@@ -1,4 +1,5 @@
-"""First launch of the warp-specialized Gluon attention kernels (kernels/attention_{fwd,bwd}_ws.py) on a GPU, guarded.
+"""First launch of the Gluon kernels on a GPU, guarded: the warp-specialized attention (kernels/attention_{fwd,bwd}_ws.py)
+and the decode GEMM (kernels/decode_gemm_ws.py, ``--gemm``).
 
 No interpreter runs Gluon, so a GPU run is the first place where these kernels execute, and a wrong barrier phase
 would hang them rather than fail. ``gpu_check.sh`` runs this script under a timeout before the benchmarks and the
@@ -11,7 +12,11 @@ Two runs, each under its own timeout: ``--simple`` (the forward without FA3's in
 backward) and ``--pipelined`` (the forward's default, with it). gpu_check sets RLHF_ENGINE_ATTN_WS_BROKEN=1 when
 the first fails, RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1 (the forward then runs without the overlap, and the
 benchmark drops the overlap's rows) when only the second does.
-Run: python benchmarks/ws_probe.py --simple | --pipelined
+``--gemm``: the decode GEMM on Qwen2-0.5B's four projections at batch 64 (split-K on o and down, the SwiGLU epilogue
+on gate/up) and at 1 and 100 rows, against the fp32 product; gpu_check sets RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1
+(the kernel is then never eligible) when it fails. The tests (``tests/test_gluon_emu.py`` and the files it names) run
+all these kernels' own code on the CPU first, through an emulator that reports hangs as deadlocks.
+Run: python benchmarks/ws_probe.py --simple | --pipelined | --gemm
 Exit: 0 agrees; 1 disagrees; 2 no sm_90 device (not run); 3 an sm_90 device on which the kernels are not eligible
 (e.g. no Gluon in this Triton): a failure too.
 """
@@ -39,6 +44,39 @@ def _ranges(pad: str, B: int, T: int):
         lens[-1] = 0
     side = "left" if pad.startswith("left") else "right"
     return [t.cuda() for t in kv_range_from_lengths(lens, T, padding_side=side)]
+
+
+def gemm() -> int:
+    os.environ.pop("RLHF_ENGINE_DECODE_GEMM_WS_BROKEN", None)
+    from rlhf_engine.kernels import decode_gemm_ws as dg
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        print("ws_probe: needs an sm_90 GPU; not run")
+        return 2
+    ok = True
+    # (M, N, K, bias, swiglu): Qwen2-0.5B's q/k/v, o, gate/up and down at batch 64; one row; 100 rows (two tiles)
+    for M, N, K, bias, swiglu in [(64, 1152, 896, True, False), (64, 896, 896, False, False),
+                                  (64, 4864, 896, False, True), (64, 896, 4864, False, False),
+                                  (1, 896, 896, True, False), (100, 4864, 896, False, True)]:
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = (torch.randn(2 * N if swiglu else N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
+        b = torch.randn(N, device="cuda", dtype=torch.bfloat16) if bias else None
+        if not dg.eligible(x, w):
+            print(f"ws_probe: decode GEMM M={M} N={N} K={K}: not eligible on this sm_90 device")
+            return 3
+        print(f"ws_probe: launching the decode GEMM, M={M} N={N} K={K} bias={bias} swiglu={swiglu} "
+              f"(tiles {dg.tiles(M, N, K, swiglu, torch.cuda.get_device_properties(0).multi_processor_count)})",
+              flush=True)
+        y = dg.decode_gemm_ws(x, w, b, swiglu=swiglu)
+        torch.cuda.synchronize()
+        ref = dg.decode_gemm_reference(x, w, b, swiglu=swiglu).float()
+        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+        good = err < 2e-2  # the same fp32 product summed in another order, one bf16 rounding (NaN fails too)
+        ok &= good
+        print(f"ws_probe: decode GEMM: max relative |y - fp32 product| {err:.3g}: {'ok' if good else 'WRONG'}",
+              flush=True)
+    return 0 if ok else 1
 
 
 def main(pipelined: bool) -> int:
@@ -91,6 +129,6 @@ def main(pipelined: bool) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("--simple", "--pipelined"):
-        sys.exit("usage: python benchmarks/ws_probe.py --simple | --pipelined")
-    sys.exit(main(sys.argv[1] == "--pipelined"))
+    if len(sys.argv) != 2 or sys.argv[1] not in ("--simple", "--pipelined", "--gemm"):
+        sys.exit("usage: python benchmarks/ws_probe.py --simple | --pipelined | --gemm")
+    sys.exit(gemm() if sys.argv[1] == "--gemm" else main(sys.argv[1] == "--pipelined"))

@@ -1,6 +1,6 @@
-"""The decode step's GEMMs for Hopper in Gluon: y = x Wᵀ (+ b), or silu(x W_gateᵀ) · (x W_upᵀ), for the few rows of
-a decode step (M <= 256 tokens), fed by TMA and computed "swap-AB" with wgmma. An opt-in replacement of cuBLAS in
-the triton decode step (``RLHF_ENGINE_DECODE_GEMM_WS=1``).
+"""The decode step's GEMMs for Hopper in Gluon: y = x Wᵀ (+ b), or silu(x W_gateᵀ) · (x W_upᵀ), for the few rows
+of a decode step (M <= 256 tokens), fed by TMA and computed "swap-AB" with wgmma. An opt-in replacement of cuBLAS in
+the triton decode step (``RLHF_ENGINE_DECODE_GEMM_WS=1``, ``model/attention.decode_gemm_ws_enabled``).
 
 Why: a decode step at batch 64 is the latency of small GEMMs (RESULTS.md, "Generation": on the H200 the four cuBLAS
 GEMMs of a Qwen2-0.5B layer take 4.2-7.9 us each for 1.6-17 MB of weights, 0.4-2.3 TB/s where the card reads 4.3;
@@ -55,28 +55,37 @@ BLOCK_K = 64  # K columns a block: 128 bytes of a 16-bit row, one 128-byte swizz
 MAX_ROWS = 256
 
 
-def enabled() -> bool:
-    """``RLHF_ENGINE_DECODE_GEMM_WS=1``: the triton decode step's projections on this kernel where ``eligible``."""
-    return os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS", "0") == "1"
+def _rows_ok(t: torch.Tensor) -> bool:
+    """A 2-D 16-bit tensor whose rows TMA can read: unit stride on the last dim, 16-byte aligned base and rows."""
+    return (t.dim() == 2 and t.dtype in (torch.bfloat16, torch.float16) and t.shape[1] % 8 == 0 and t.stride(1) == 1
+            and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0)
 
 
 def layout_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The kernel's rules on dtypes and strides (the device aside): x (M, K), weight (N, K), one 16-bit dtype, unit
-    stride on K, 16-byte aligned bases and row strides, 1 <= M <= 256."""
-    if x.dim() != 2 or weight.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+    stride on K, K a multiple of 8, 16-byte aligned bases and row strides, 1 <= M <= 256."""
+    return (_rows_ok(x) and _rows_ok(weight) and weight.dtype == x.dtype and weight.shape[1] == x.shape[1]
+            and 1 <= x.shape[0] <= MAX_ROWS and weight.shape[0] > 0)
+
+
+def on_hopper(device: torch.device) -> bool:
+    """Whether the kernel can run on ``device``: an sm_90 GPU (Hopper's wgmma), and Gluon; never after
+    ``benchmarks/ws_probe.py --gemm`` saw it hang or disagree (``RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1``)."""
+    if os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS_BROKEN") == "1":
         return False
-    M, K = x.shape
-    if not 1 <= M <= MAX_ROWS or weight.shape[1] != K or K % 8 or weight.shape[0] == 0:
-        return False
-    es = x.element_size()
-    return all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (x, weight))
+    return HAVE_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def weight_ok(weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether a projection's weight (and bias) can be this kernel's: ``on_hopper``, TMA-readable 16-bit rows, a bias
+    of the weight's dtype with unit stride (the decode step checks its layers once with this)."""
+    return (on_hopper(weight.device) and _rows_ok(weight)
+            and (bias is None or (bias.dtype == weight.dtype and bias.dim() == 1 and bias.stride(0) == 1)))
 
 
 def eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x, weight can run this kernel: an sm_90 GPU with Gluon, and ``layout_ok``."""
-    if not HAVE_GLUON or not x.is_cuda or torch.cuda.get_device_capability(x.device) != (9, 0):
-        return False
-    return layout_ok(x, weight)
+    """Whether x, weight can run this kernel: ``on_hopper`` and ``layout_ok``."""
+    return on_hopper(x.device) and layout_ok(x, weight)
 
 
 def tiles(M: int, N: int, K: int, swiglu: bool, sms: int) -> tuple[int, int, int]:

@@ -92,14 +92,15 @@ def test_dispatch_routes_only_when_asked_and_eligible(monkeypatch, causal):
     torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=1e-5)
 
 
-def test_probe_exits_2_without_sm90():
+@pytest.mark.parametrize("mode", ["--simple", "--gemm"])
+def test_probe_exits_2_without_sm90(mode):
     """benchmarks/ws_probe.py on a machine without an sm_90 GPU: exit 2 (gpu_check.sh reads it as "not run"), after
     importing everything it needs (an import error would otherwise first show on the GPU machine)."""
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
         pytest.skip("an sm_90 GPU: the probe runs for real in gpu_check.sh")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "ws_probe.py"), "--simple"], env=env,
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "ws_probe.py"), mode], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "not run" in r.stdout

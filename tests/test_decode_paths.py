@@ -14,7 +14,7 @@ from tiny import left_padded_prompts as _prompts
 
 
 @pytest.mark.parametrize("switch", ["RLHF_ENGINE_DECODE_FUSED_WRITE", "RLHF_ENGINE_DECODE_NORM_GEMM",
-                                    "RLHF_ENGINE_PDL"])
+                                    "RLHF_ENGINE_DECODE_GEMM_WS", "RLHF_ENGINE_PDL"])
 def test_graph_cache_keys_on_the_decode_path_switches(switch, monkeypatch):
     """A graph replays the kernels it was captured with: switching an opt-in decode path gets another entry."""
     from rlhf_engine.generation import DecodeGraphCache

@@ -359,9 +359,11 @@ def test_graph_cache_bounded_and_drops_stale_entries():
     assert [(k[0], e[0][0]) for k, e in gc._entries.items()] == [(3, id(m)), (1, id(m)), (5, id(other))]
     cache, _ = gc.get(m, 3, 10, "torch", capture=False)
     from rlhf_engine.kernels._launch import pdl_enabled
-    from rlhf_engine.model.attention import decode_fused_write_enabled, decode_norm_gemm_enabled
+    from rlhf_engine.model.attention import (decode_fused_write_enabled, decode_gemm_ws_enabled,
+                                             decode_norm_gemm_enabled)
 
-    key = (3, 16, "torch", False, decode_fused_write_enabled(), decode_norm_gemm_enabled(), pdl_enabled())
+    key = (3, 16, "torch", False, decode_fused_write_enabled(), decode_norm_gemm_enabled(), decode_gemm_ws_enabled(),
+           pdl_enabled())
     assert cache is gc._entries[key][1]  # a hit returns the kept cache
     m.to(torch.float64).to(torch.float32)  # new parameter tensors: m's entries can no longer replay
     gc.get(m, 4, 10, "torch", capture=False)

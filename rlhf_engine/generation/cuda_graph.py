@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..kernels._launch import pdl_enabled
-from ..model.attention import decode_fused_write_enabled, decode_norm_gemm_enabled
+from ..model.attention import decode_fused_write_enabled, decode_gemm_ws_enabled, decode_norm_gemm_enabled
 from .cache import KVCache
 
 
@@ -138,7 +138,7 @@ class DecodeGraphCache:
         L = self.cache_len(min_len)
         # the decode step's path is part of the key: a graph replays the kernels it was captured with
         key = (batch, L, attn_backend, capture, decode_fused_write_enabled(), decode_norm_gemm_enabled(),
-               pdl_enabled())
+               decode_gemm_ws_enabled(), pdl_enabled())
         fp = model_fingerprint(model)
         entry = self._entries.pop(key, None)
         if entry is not None and entry[0] == fp:

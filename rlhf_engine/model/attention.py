@@ -62,6 +62,9 @@ class AttnMeta:
       the step gathers its rows at the position ids (int32) instead of computing them.
     fuse_norm_gemm: decode with fused_ops: the projections on the split-K decode GEMM with the norms, silu * up and
       the residual adds fused in (``kernels/norm_linear.py``); set once per step when ``decode_norm_gemm_enabled()``.
+    gemm_ws: decode with fused_ops: the projections on the Gluon decode GEMM for Hopper (``kernels/decode_gemm_ws.py``,
+      silu * up in the gate/up one), the norms on their kernel; set once per step when ``decode_gemm_ws_enabled()``
+      (the layers whose weights it cannot take run the usual path).
     batch_invariant: torch backend, fp32 on the CPU: the attention accumulated in fp64 (``_sdpa``); the model's
       ``ModelConfig.batch_invariant``.
     """
@@ -81,6 +84,7 @@ class AttnMeta:
     fuse_cache_write: bool = False
     rope_table: torch.Tensor | None = None
     fuse_norm_gemm: bool = False
+    gemm_ws: bool = False
     batch_invariant: bool = True
 
 
@@ -221,6 +225,14 @@ def decode_norm_gemm_enabled() -> bool:
     cuBLAS). Off by default until a GPU run measures it against cuBLAS plus the separate kernels. Read once per decode
     step; ``DecodeGraphCache`` keys its graphs on it."""
     return os.environ.get("RLHF_ENGINE_DECODE_NORM_GEMM", "0") == "1"
+
+
+def decode_gemm_ws_enabled() -> bool:
+    """``RLHF_ENGINE_DECODE_GEMM_WS=1``: on an sm_90 GPU the triton decode step runs its four projections on the
+    Gluon decode GEMM (``kernels/decode_gemm_ws.py``: TMA-fed, swap-AB wgmma, split-K where N is small; silu * up in
+    the gate/up GEMM, one kernel a layer fewer) instead of cuBLAS. Off by default until a GPU run measures it against
+    cuBLAS. Read once per decode step; ``DecodeGraphCache`` keys its graphs on it."""
+    return os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS", "0") == "1"
 
 
 def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,

@@ -15,7 +15,6 @@ in training as in generation; the torch backend is the eager, reference definiti
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +23,14 @@ from torch import nn
 from rlhf_engine.kernels.reference.norm import rms_norm_reference
 
 from . import fused_layer
-from .attention import (AttnMeta, cache_attention, decode_fused_write_enabled, decode_norm_gemm_enabled,
-                        full_attention, mask_to_kv_range, resolve_backend, write_kv)
+from .attention import (AttnMeta, cache_attention, decode_fused_write_enabled, decode_gemm_ws_enabled,
+                        decode_norm_gemm_enabled, full_attention, mask_to_kv_range, resolve_backend, write_kv)
 from .batch_invariant import Linear, linear
 from .checkpointing import checkpoint_layer, needs_torch_checkpoint
+from .decode_gemms import RowSumSq, decode_gemm_ws_layer, decode_norm_gemm_layer
 from .config import ModelConfig
 from .lora import LoRALinear
-from .packing import (PROJECTION_GROUPS, _one_gemm_may_stand_in, global_hooks, group_linear, pack_linears,
-                      packed_weights)
+from .packing import PROJECTION_GROUPS, global_hooks, group_linear, pack_linears
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -182,7 +181,11 @@ class DecoderLayer(nn.Module):
 
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
         if meta.fuse_norm_gemm:
-            out = self._decode_norm_gemm(x, d, cos, sin, meta)
+            out = decode_norm_gemm_layer(self, x, d, cos, sin, meta)
+            if out is not None:
+                return out
+        if meta.gemm_ws:
+            out = decode_gemm_ws_layer(self, x, d, cos, sin, meta)
             if out is not None:
                 return out
         if d is None or isinstance(d, RowSumSq):  # (RowSumSq: x is the whole stream, after a split-K GEMM layer)
@@ -191,50 +194,6 @@ class DecoderLayer(nn.Module):
             h, x = rms_norm(d, n1.weight, n1.eps, residual=x, backend="triton")
         h, x = rms_norm(self.self_attn(h, cos, sin, meta), n2.weight, n2.eps, residual=x, backend="triton")
         return x, self.mlp(h, fused=True, lora=meta.mode != "full")
-
-    def _decode_norm_gemm(self, x: torch.Tensor, d, cos: torch.Tensor, sin: torch.Tensor,
-                          meta: AttnMeta) -> tuple[torch.Tensor, RowSumSq] | None:
-        """``forward_fused`` of a decode step on the split-K decode GEMMs (``kernels/norm_linear.py``), 5 kernels a
-        layer where ``forward_fused`` runs 8: norm+q/k/v, attention (+ cache write), o + residual add, norm+gate/up
-        +silu*up, down + residual add. The o and down GEMMs add the residual stream in their epilogue and leave
-        the per-row sums of squares of the sum, from which the next GEMM's norm takes its rstd: so the layer
-        returns (x', RowSumSq), x' the whole residual stream. None when it does not apply (a group not packed,
-        e.g. a LoRA adapter on; hooks on the attention, the MLP or a projection; weights of another dtype): the
-        caller runs the usual path."""
-        from rlhf_engine.kernels.norm_linear import decode_linear
-        from rlhf_engine.kernels.rmsnorm import rms_norm
-
-        attn, mlp = self.self_attn, self.mlp
-        n1, n2, o, down = self.input_layernorm, self.post_attention_layernorm, attn.o_proj, mlp.down_proj
-        if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp)) \
-                or not _one_gemm_may_stand_in((o, down)):
-            return None  # mlp and the projections are not called and attn gets no x: their hooks would be skipped
-        wq = packed_weights((attn.q_proj, attn.k_proj, attn.v_proj))
-        wg = packed_weights((mlp.gate_proj, mlp.up_proj))
-        if wq is None or wg is None or wg[1] is not None or any(
-                t is not None and t.dtype != x.dtype
-                for t in (n1.weight, n2.weight, *wq, wg[0], o.weight, o.bias, down.weight, down.bias)):
-            return None
-        # PDL on Hopper: each GEMM reads its first weights before waiting for the kernel before it (parameters)
-        kw = dict(backend="triton", pdl=True)
-        if isinstance(d, RowSumSq):  # x is the whole stream, its rows' sums of squares computed by the last GEMM
-            qkv = decode_linear(x, *wq, norm_weight=n1.weight, eps=n1.eps, row_sumsq=d.sumsq, **kw).out
-        elif d is None:  # the first layer: no GEMM before it left the sums; the norm kernel, not a walk over the
-            # full rows in each of the GEMM's ~250 programs
-            qkv = decode_linear(rms_norm(x, n1.weight, n1.eps, backend="triton"), *wq, **kw).out
-        else:  # after a layer of the usual path: the residual add in the prologue
-            qkv, x, _ = decode_linear(d, *wq, norm_weight=n1.weight, eps=n1.eps, residual=x, **kw)
-        y = attn(None, cos, sin, meta, qkv=qkv, project=False, pdl=True)  # PDL after the q/k/v GEMM
-        h = decode_linear(y, o.weight, o.bias, out_residual=x, return_sumsq=True, **kw)
-        act = decode_linear(h.out, wg[0], norm_weight=n2.weight, eps=n2.eps, row_sumsq=h.sumsq, swiglu=True, **kw).out
-        out = decode_linear(act, down.weight, down.bias, out_residual=h.out, return_sumsq=True, **kw)
-        return out.out, RowSumSq(out.sumsq)
-
-
-class RowSumSq(NamedTuple):
-    """What a decode layer on the split-K GEMM path hands the next in place of an addend: its output is the whole
-    residual stream, and ``sumsq`` (P, rows) fp32 the partial sums of squares of its rows (the next norm's rstd)."""
-    sumsq: torch.Tensor
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -510,6 +469,10 @@ class CausalLM(nn.Module):
                 from rlhf_engine.kernels.norm_linear import MAX_ROWS
 
                 meta.fuse_norm_gemm = B * Tn <= MAX_ROWS
+            if backend == "triton" and decode_gemm_ws_enabled():
+                from rlhf_engine.kernels import decode_gemm_ws
+
+                meta.gemm_ws = B * Tn <= decode_gemm_ws.MAX_ROWS and decode_gemm_ws.on_hopper(dev)
         else:
             slots = cache.lengths.long()[:, None] + torch.arange(Tn, device=dev)  # (B, Tn)
             position_ids = slots - cache.start.long()[:, None]  # (B, Tn)

@@ -150,7 +150,8 @@ def _expand_dims(x, axis):
 _GL_OVERRIDES = {
     "program_id": _program_id, "num_programs": _num_programs, "arange": _arange, "full": _full,
     "zeros": lambda shape, dtype, layout=None: _full(shape, 0, dtype, layout),
-    "to_tensor": _lift, "maximum": _extremum(torch.fmax, torch.maximum), "minimum": _extremum(torch.fmin, torch.minimum),
+    "to_tensor": _lift, "maximum": _extremum(torch.fmax, torch.maximum),
+    "minimum": _extremum(torch.fmin, torch.minimum),
     "max": _reduce(lambda v, d: v.amax(d)), "min": _reduce(lambda v, d: v.amin(d)),
     "sum": _reduce(lambda v, d: v.sum(d, dtype=v.dtype if v.is_floating_point() else torch.int64)),
     "exp2": _elementwise(torch.exp2), "exp": _elementwise(torch.exp), "log2": _elementwise(torch.log2),
