@@ -7,6 +7,7 @@
 # Files written to $OUT (default: /tmp/gpu_check_out), ten at most:
 #   gpu_check.log     everything this script printed
 #   ws_probe.txt      the warp-specialized attention kernels' guarded first launch (benchmarks/ws_probe.py)
+#   gemm_probe.txt    the Gluon decode GEMM's (benchmarks/ws_probe.py --gemm)
 #   host_train.txt    benchmarks/host_train.py on this machine's CPU
 #   build.log         pip install -e . (CMake + nvcc output; the fallback build's too)
 #   gpu_tests.log     pytest -m gpu tests
@@ -27,7 +28,7 @@
 # first skipped, e.g. GPU_CHECK_SKIP=build GPU_CHECK_BENCH="ppo_step generate". Knobs (environment):
 # GPU_CHECK_BUDGET_S (total, default 450), GPU_CHECK_BUILD_S (150), GPU_CHECK_TEST_S (120), GPU_CHECK_KTEST_S (60),
 # GPU_CHECK_TEST_RESERVE_S (100),
-# GPU_CHECK_SKIP (any of "build fastlaunch host wsprobe tests ktests bench"),
+# GPU_CHECK_SKIP (any of "build fastlaunch host wsprobe gemmprobe tests ktests bench"),
 # GPU_CHECK_BENCH (substrings of the benchmarks to run, e.g. "logprob ppo_step"), GPU_CHECK_KTEST_FILES (the kernel
 # test files, space-separated, in order),
 # RLHF_ENGINE_CUDA_ARCHS (default 90a: Hopper only, to save build time), PYTHON (default python),
@@ -121,10 +122,10 @@ run_pytest() {
 }
 probe_note() {  # probe_note RC TIMEOUT_S: ws_probe.py's exit codes
   case "$1" in
-    1) echo "WRONG (disagrees with the reference: see ws_probe.txt)" ;;
+    1) echo "WRONG (disagrees with the reference: see ws_probe.txt / gemm_probe.txt)" ;;
     3) echo "NOT ELIGIBLE on this sm_90 device (no Gluon?)" ;;
-    124|137) echo "TIMEOUT after $2 s (a hang, or slow compiles: the last 'launching' line of ws_probe.txt)" ;;
-    *) echo "FAILED (exit $1: see ws_probe.txt)" ;;
+    124|137) echo "TIMEOUT after $2 s (a hang, or slow compiles: the last 'launching' line of the probe's file)" ;;
+    *) echo "FAILED (exit $1: see ws_probe.txt / gemm_probe.txt)" ;;
   esac
 }
 rc_note() {  # rc_note RC TIMEOUT_S
@@ -336,7 +337,7 @@ EOF
     echo "pytest-xdist: not carried (benchmarks/fetch_baselines.sh); tests run in one process"
   fi
 
-  step "warp-specialized attention probe (benchmarks/ws_probe.py)"
+  step "Gluon kernels' probes (benchmarks/ws_probe.py): the warp-specialized attention, the decode GEMM"
   # The Gluon kernel's first launch on a GPU: a hang or a wrong result turns its benchmark rows off and makes its
   # tests fail at once (RLHF_ENGINE_ATTN_WS_BROKEN), instead of hanging the run.
   local WSP="skipped (GPU_CHECK_SKIP)"
@@ -356,17 +357,21 @@ EOF
       2) WSP="not run (no sm_90 device)" ;;
       *) WSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
     esac
-    # the Gluon decode GEMM (kernels/decode_gemm_ws.py): a failure turns it off (its rows and model path) for the run
+    tail -n 12 "$OUT/ws_probe.txt"
+  fi
+  # The Gluon decode GEMM (kernels/decode_gemm_ws.py), its own skip key (a run that skips the attention's probe
+  # may still time the decode path): a failure turns it off (its benchmark rows, its model path) for the run.
+  if ! skipped gemmprobe; then
     c=$(cap 60 "$TEST_RESERVE")
-    timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --gemm >> "$OUT/ws_probe.txt" 2>&1
+    timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --gemm > "$OUT/gemm_probe.txt" 2>&1
     rc=$?
     case $rc in
       0) WSP="$WSP; decode GEMM ok" ;;
-      2) ;;
+      2) WSP="$WSP; decode GEMM not run (no sm_90 device)" ;;
       *) WSP="$WSP; decode GEMM $(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1
          FAIL=1 ;;
     esac
-    tail -n 12 "$OUT/ws_probe.txt"
+    tail -n 8 "$OUT/gemm_probe.txt"
   fi
   echo "ws probe: $WSP"
 
