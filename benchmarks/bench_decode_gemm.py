@@ -16,7 +16,9 @@ Rows:
 - On an sm_90 GPU, the Gluon decode GEMM (``kernels/decode_gemm_ws.py``, opt-in ``RLHF_ENGINE_DECODE_GEMM_WS=1``):
   "ours (Gluon, swap-AB)" each projection; "gate/up + SwiGLU": cuBLAS then the silu * up kernel against the Gluon
   GEMM with its SwiGLU epilogue; "ours: Gluon GEMM layer (6 kernels)": the usual layer with the Gluon GEMMs (the
-  norms on their kernel, silu * up in the gate/up GEMM). Timed last (a hang would lose no other row).
+  norms on their kernel, silu * up in the gate/up GEMM); "ours: Gluon split-K layer (4 kernels)": the split-K
+  layer's fusions (norms from partial sums of squares, residual adds) on the Gluon GEMM (``decode_linear(backend=
+  "gluon")``, both switches set). Timed last (a hang would lose no other row).
 Each row is timed as a CUDA-graph replay, 10 back to back a sample (a decode step replays its kernels so).
 Run: python benchmarks/bench_decode_gemm.py   (needs a CUDA device; RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1 runs a
 tiny fp32 shape on the CPU without graphs)
@@ -88,8 +90,9 @@ def main() -> list[dict]:
             gate, up = F.linear(h2, w["gu"]).chunk(2, dim=-1)
             return s2, F.linear(silu_mul(gate, up, backend="triton"), w["down"])
 
-        def split_k(pdl=True):  # pdl=False: the same kernels launched without programmatic dependent launch
-            kw = dict(backend="triton", pdl=pdl)
+        def split_k(pdl=True, backend="triton"):  # pdl=False: the same kernels launched without programmatic
+            # dependent launch; backend="gluon": the same fusions on the Gluon decode GEMM
+            kw = dict(backend=backend, pdl=pdl)
             attn_in = decode_linear(s0, w["qkv"], w["qkv_b"], norm_weight=w["n1"], row_sumsq=s0_sq, **kw).out[:, :Dq]
             h = decode_linear(attn_in, w["o"], out_residual=s0, return_sumsq=True, **kw)
             a = decode_linear(h.out, w["gu"], norm_weight=w["n2"], row_sumsq=h.sumsq, swiglu=True, **kw).out
@@ -120,7 +123,9 @@ def main() -> list[dict]:
                         "down": (act, w["down"], None)}
             cases += [(p, "ours (Gluon, swap-AB)", args[1], (lambda a, b, c: lambda: dg.decode_gemm_ws(a, b, c))(*args))
                       for p, args in operands.items()]
-            cases += [("layer", "ours: Gluon GEMM layer (6 kernels)", layer_bytes, gluon_layer)]
+            cases += [("layer", "ours: Gluon GEMM layer (6 kernels)", layer_bytes, gluon_layer),
+                      ("layer", "ours: Gluon split-K layer (4 kernels)", layer_bytes,
+                       lambda: split_k(pdl=False, backend="gluon"))]
         base_ms = {}
         with torch.no_grad():
             for what, impl, wt, fn in cases:
@@ -143,6 +148,10 @@ def main() -> list[dict]:
                 s_g, d_g = gluon_layer()
                 err = ((s_g.float() + d_g.float() - want).abs().max() / want.abs().max()).item()
                 print(f"{model}: Gluon GEMM layer vs usual layer, max rel err {err:.3g}"
+                      + ("" if err < 2e-2 else "  MISMATCH"))
+                got = split_k(pdl=False, backend="gluon").out.float()
+                err = ((got - want).abs().max() / want.abs().max()).item()
+                print(f"{model}: Gluon split-K layer vs usual layer, max rel err {err:.3g}"
                       + ("" if err < 2e-2 else "  MISMATCH"))
     from rlhf_engine.kernels import norm_linear as nl
     print("\n".join(autotune_report({"decode_linear": nl._decode_linear_kernel_tuned})))

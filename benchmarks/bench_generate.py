@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     # would lose no other row)
                     variants["ours (triton, cuda graph reused, Gluon GEMMs)"] = {
                         "graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": False, "gemm_ws": True}
+                    variants["ours (triton, cuda graph reused, Gluon GEMMs, norms in GEMMs)"] = {
+                        "graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": True, "gemm_ws": True}
                 # recorded case by case, before the profile: a run cut short by its timeout keeps what it measured
                 case_rows = run_case(name, B, P, args.new_tokens or N, torch.device("cuda"), torch.bfloat16,
                                      variants=variants, profile_step=True, on_rows=record)

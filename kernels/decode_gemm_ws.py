@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from ._launch import cdiv, sm_count, tile_counters
+from ._launch import cdiv, next_pow2, sm_count, tile_counters
 
 try:  # Gluon ships with Triton >= 3.5
     from triton.experimental import gluon
@@ -116,16 +116,19 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(x_desc, [t0, k], bar, x_smem.index(slot))
 
     @gluon.jit
-    def _store_out(acc, acc_u, Y, BIAS, n0, t0, M, N, stride_ym, HAS_BIAS: gl.constexpr, SWIGLU: gl.constexpr,
-                   BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, dtype: gl.constexpr):
+    def _store_out(acc, acc_u, Y, BIAS, RO, SQO, pid_n, t0, M, N, stride_ym, stride_rom, HAS_BIAS: gl.constexpr,
+                   SWIGLU: gl.constexpr, HAS_ORES: gl.constexpr, HAS_SQO: gl.constexpr, BLOCK_N: gl.constexpr,
+                   BLOCK_T: gl.constexpr, dtype: gl.constexpr):
         """y[t, n] of the (features, tokens) tile: + bias, silu(gate) · up with the eager roundings, one rounding
-        to dtype; stored along the features, 8 elements (16 bytes) a thread."""
+        to dtype, + the residual ro (the eager add's rounding); stored along the features, 8 elements (16 bytes) a
+        thread; with HAS_SQO this tile's share of each row's sum of squares, SQO[pid_n, t]."""
         out_l: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4], warps_per_cta=[1, 4],
                                                order=[0, 1])
         acc = gl.convert_layout(acc, out_l)
-        rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
+        rn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
         rt = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_l))
         n_ok = rn < N
+        ok = n_ok[:, None] & (rt < M)[None, :]
         if HAS_BIAS:
             acc = acc + gl.load(BIAS + rn, mask=n_ok, other=0.0).to(gl.float32)[:, None]
         if SWIGLU:  # the GEMM outputs rounded, silu(gate) rounded, the product rounded: the eager pair's
@@ -135,11 +138,43 @@ if HAVE_GLUON:
             out = (act.to(gl.float32) * u).to(dtype)
         else:
             out = acc.to(dtype)
-        gl.store(Y + rt.to(gl.int64)[None, :] * stride_ym + rn[:, None], out, mask=n_ok[:, None] & (rt < M)[None, :])
+        if HAS_ORES:  # the residual add after the projection, rounded as the eager add
+            ro = gl.load(RO + rt.to(gl.int64)[None, :] * stride_rom + rn[:, None], mask=ok, other=0.0)
+            out = (ro.to(gl.float32) + out.to(gl.float32)).to(dtype)
+        gl.store(Y + rt.to(gl.int64)[None, :] * stride_ym + rn[:, None], out, mask=ok)
+        if HAS_SQO:  # for the next GEMM's norm: the sum over this tile's features, per row
+            of = gl.where(ok, out.to(gl.float32), 0.0)
+            gl.store(SQO + pid_n * M + rt, gl.sum(of * of, axis=0), mask=rt < M)
 
     @gluon.jit
-    def _decode_gemm_kernel(w_desc, x_desc, Y, BIAS, WS, CNT, M, N, K, stride_ym, kb_per,
-                            HAS_BIAS: gl.constexpr, SWIGLU: gl.constexpr, SPLITS: gl.constexpr,
+    def _row_rstd(SQ, P, M, K, eps, t0, SQ_P2: gl.constexpr, BLOCK_T: gl.constexpr, x_l: gl.constexpr):
+        """1 / sqrt(mean of squares + eps) of rows [t0, t0 + BLOCK_T), from the (P, M) partial sums of squares the
+        previous GEMM left (``HAS_SQO``)."""
+        sq_l: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[1, 32], warps_per_cta=[4, 1],
+                                              order=[1, 0])
+        offs_p = gl.arange(0, SQ_P2, layout=gl.SliceLayout(1, sq_l))
+        rows = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, sq_l))
+        sq = gl.load(SQ + offs_p[:, None] * M + rows[None, :], mask=(offs_p[:, None] < P) & (rows[None, :] < M),
+                     other=0.0)
+        rstd = 1.0 / gl.sqrt(gl.sum(sq, axis=0) / K + eps)
+        return gl.convert_layout(rstd, gl.SliceLayout(1, x_l))
+
+    @gluon.jit
+    def _normalize_block(xs, G, k0, K, rstd, x_l: gl.constexpr, BLOCK_K: gl.constexpr, dtype: gl.constexpr):
+        """The x tile in shared memory, normalized in place as the norm kernel rounds it: g * (x * rstd).to(dtype),
+        then made visible to wgmma (the async proxy) and to the whole warpgroup."""
+        offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_l))
+        g = gl.load(G + offs_k, mask=offs_k < K, other=0.0).to(gl.float32)
+        y = (xs.load(x_l).to(gl.float32) * rstd[:, None]).to(dtype)
+        xs.store((g[None, :] * y.to(gl.float32)).to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _decode_gemm_kernel(w_desc, x_desc, Y, BIAS, G, SQ, RO, SQO, WS, CNT, M, N, K, P, stride_ym, stride_rom,
+                            kb_per, eps,
+                            HAS_BIAS: gl.constexpr, SWIGLU: gl.constexpr, NORM: gl.constexpr, SQ_P2: gl.constexpr,
+                            HAS_ORES: gl.constexpr, HAS_SQO: gl.constexpr, SPLITS: gl.constexpr,
                             BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,
                             STAGES: gl.constexpr):
         pid_n = gl.program_id(0)
@@ -168,11 +203,18 @@ if HAVE_GLUON:
             _load_block(w_desc, x_desc, w_smem, u_smem, x_smem, ready.index(i), i, n0, up_row, t0,
                         (kb_lo + i) * BLOCK_K, SWIGLU)
 
+        x_l: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                             order=[1, 0])
+        rstd = gl.zeros([BLOCK_T], gl.float32, layout=gl.SliceLayout(1, x_l))  # (unused without a norm)
+        if NORM:
+            rstd = _row_rstd(SQ, P, M, K, eps, t0, SQ_P2, BLOCK_T, x_l)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=acc_l)
         acc_u = acc
         for i in range(0, nk):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            if NORM:  # RMSNorm of this block of the rows, in place: the projection reads the normalized rows
+                _normalize_block(x_smem.index(s), G, (kb_lo + i) * BLOCK_K, K, rstd, x_l, BLOCK_K, dtype)
             xt = x_smem.index(s).permute((1, 0))  # (BLOCK_K, tokens): x's rows are K-major
             acc = warpgroup_mma(w_smem.index(s), xt, acc, is_async=True)
             if SWIGLU:
@@ -210,9 +252,11 @@ if HAVE_GLUON:
                     if SWIGLU:
                         acc_u += gl.load(base + p * (n_acc * elems) + elems + offs, cache_modifier=".cg")
                 gl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")  # zero for the next launch
-                _store_out(acc, acc_u, Y, BIAS, n0, t0, M, N, stride_ym, HAS_BIAS, SWIGLU, BLOCK_N, BLOCK_T, dtype)
+                _store_out(acc, acc_u, Y, BIAS, RO, SQO, pid_n, t0, M, N, stride_ym, stride_rom, HAS_BIAS, SWIGLU,
+                           HAS_ORES, HAS_SQO, BLOCK_N, BLOCK_T, dtype)
         else:
-            _store_out(acc, acc_u, Y, BIAS, n0, t0, M, N, stride_ym, HAS_BIAS, SWIGLU, BLOCK_N, BLOCK_T, dtype)
+            _store_out(acc, acc_u, Y, BIAS, RO, SQO, pid_n, t0, M, N, stride_ym, stride_rom, HAS_BIAS, SWIGLU,
+                       HAS_ORES, HAS_SQO, BLOCK_N, BLOCK_T, dtype)
 
 
 def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":
@@ -223,10 +267,17 @@ def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":
 
 
 def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, swiglu: bool = False,
-                   splits: int | None = None) -> torch.Tensor:
+                   norm_weight: torch.Tensor | None = None, eps: float = 1e-6, row_sumsq: torch.Tensor | None = None,
+                   out_residual: torch.Tensor | None = None, return_sumsq: bool = False, splits: int | None = None):
     """x (M, K) @ weight (N, K)ᵀ (+ bias (N,)) -> (M, N) in x's dtype; with ``swiglu`` weight is [W_gate; W_up]
-    (2 N rows, no bias) and the result silu(x W_gateᵀ) · (x W_upᵀ) (M, N). Inputs must be ``eligible`` (or
-    ``layout_ok`` on the CPU emulator of the tests); ``splits`` forces the K splits (tests)."""
+    (2 N rows, no bias) and the result silu(x W_gateᵀ) · (x W_upᵀ) (M, N).
+
+    The decode layer's fusions, with ``norm_linear.decode_linear``'s math and roundings: ``norm_weight`` (K,) with
+    ``row_sumsq`` (P, M) fp32 (the partial sums of squares of x's rows a previous call returned): x is RMSNormed
+    first (the rstd from the partials); ``out_residual`` (M, N): out = out_residual + out, rounded as the eager add;
+    ``return_sumsq``: also return the fp32 partial sums of squares of out's rows, (cdiv(N, 64), M): returns
+    (out, sumsq). Inputs must be ``eligible`` (or ``layout_ok`` on the CPU emulator of the tests); ``splits`` forces
+    the K splits (tests)."""
     M, K = x.shape
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     if swiglu and (bias is not None or weight.shape[0] % 2):
@@ -234,7 +285,17 @@ def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype or bias.stride(0) != 1):
         raise ValueError(f"decode_gemm_ws: bias must be ({N},) {x.dtype} with unit stride, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
+    if (norm_weight is None) != (row_sumsq is None):
+        raise ValueError("decode_gemm_ws: norm_weight and row_sumsq go together (the rstd comes from the partials)")
+    if norm_weight is not None and (norm_weight.shape != (K,) or norm_weight.dtype != x.dtype
+                                    or row_sumsq.dtype != torch.float32 or row_sumsq.dim() != 2
+                                    or row_sumsq.shape[1] != M):
+        raise ValueError(f"decode_gemm_ws: norm_weight ({K},) {x.dtype} and row_sumsq (P, {M}) fp32 expected")
+    if out_residual is not None and (out_residual.shape != (M, N) or out_residual.dtype != x.dtype
+                                     or out_residual.stride(1) != 1):
+        raise ValueError(f"decode_gemm_ws: out_residual must be ({M}, {N}) {x.dtype} with unit column stride")
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    sqo = torch.empty(cdiv(N, BLOCK_N), M, device=x.device, dtype=torch.float32) if return_sumsq else None
     block_t, auto_splits, stages = tiles(M, N, K, swiglu, sm_count(x.device))
     n_kb = cdiv(K, BLOCK_K)
     splits = auto_splits if splits is None else splits
@@ -248,12 +309,16 @@ def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         cnt = tile_counters(x.device, n_tiles, "decode_gemm_ws")
     else:
         ws = cnt = y  # (not read)
+    P = 0 if row_sumsq is None else row_sumsq.shape[0]
     _decode_gemm_kernel[grid](
-        _desc(weight, BLOCK_N), _desc(x, block_t), y, bias if bias is not None else y, ws, cnt,
-        M, N, K, y.stride(0), kb_per,
-        HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        _desc(weight, BLOCK_N), _desc(x, block_t), y, bias if bias is not None else y,
+        norm_weight if norm_weight is not None else y, row_sumsq.contiguous() if row_sumsq is not None else ws,
+        out_residual if out_residual is not None else y, sqo if sqo is not None else ws, ws, cnt,
+        M, N, K, P, y.stride(0), out_residual.stride(0) if out_residual is not None else 0, kb_per, float(eps),
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm_weight is not None, SQ_P2=max(2, next_pow2(P)),
+        HAS_ORES=out_residual is not None, HAS_SQO=return_sumsq, SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         BLOCK_T=block_t, STAGES=stages, num_warps=4)
-    return y
+    return (y, sqo) if return_sumsq else y
 
 
 def decode_gemm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -50,7 +50,7 @@ from .reference.norm import rms_norm_reference
 from .rmsnorm import rms_normalize
 from .swiglu import silu_mul_rounded
 
-_BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "triton", "torch", "gluon")
 
 
 @triton.jit
@@ -375,7 +375,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         out_residual: optional (..., N): out = out_residual + (the projection), rounded as the eager add.
         swiglu: return silu(gate) * up (N columns) instead of the (2 N) projection.
         return_sumsq: also return the fp32 sums of squares of out's rows as (P, rows) partial sums.
-        backend: "triton" (CUDA or the interpreter), "torch" (``decode_linear_reference``) or "auto".
+        backend: "triton" (CUDA or the interpreter), "torch" (``decode_linear_reference``), "auto", or "gluon":
+            the Gluon decode GEMM for Hopper (``kernels/decode_gemm_ws.py``: swap-AB wgmma fed by TMA) where it
+            applies (an sm_90 GPU, TMA-readable rows, no ``residual``, a norm only from ``row_sumsq``; ``tile``
+            and ``pdl`` ignored), else "triton".
         tile: a fixed {"BLOCK_N", "BLOCK_K", "SPLITS"} (powers of two, SPLITS <= 8) instead of the default or
             autotuned one (tests, benchmarks).
         pdl: launch with programmatic dependent launch where ``_launch.use_pdl`` allows it (Hopper): the kernel
@@ -438,6 +441,17 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     def rows2d(t):
         t = t.reshape(-1, t.shape[-1])
         return t if t.stride(-1) == 1 else t.contiguous()
+
+    if backend == "gluon" and residual is None and (norm_weight is None or row_sumsq is not None) and rows:
+        from . import decode_gemm_ws as dg
+
+        x2 = rows2d(x)
+        if dg.eligible(x2, weight) and (bias is None or bias.stride(0) == 1):
+            r = dg.decode_gemm_ws(x2, weight, bias, swiglu=swiglu, norm_weight=norm_weight, eps=float(eps),
+                                  row_sumsq=row_sumsq, out_residual=None if out_residual is None
+                                  else rows2d(out_residual), return_sumsq=return_sumsq)
+            out, sq = r if return_sumsq else (r, None)
+            return DecodeLinearOut(out.view(*lead, n_out), None, sq)
 
     r = decode_linear_forward(
         rows2d(x), None if residual is None else rows2d(residual),

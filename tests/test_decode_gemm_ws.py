@@ -79,6 +79,61 @@ def test_decode_gemm_views(emulated):
     _check(gemm(x, gu, swiglu=True), x, gu, None, True)
 
 
+# (M, N, K, swiglu, bias, splits): the norm from partial sums of squares, the residual add and the output's sums of
+# squares, alone and together (the split-K path's decode layer: norm + q/k/v, o + add, norm + gate/up, down + add)
+FUSED = [(64, 96, 128, False, True, 1), (5, 130, 320, True, False, 3), (33, 72, 200, False, False, 2),
+         (100, 64, 136, True, False, None)]
+
+
+@pytest.mark.parametrize("M,N,K,swiglu,bias,splits", FUSED)
+def test_decode_gemm_fused_norm_and_residual(emulated, M, N, K, swiglu, bias, splits):
+    """norm_weight + row_sumsq, out_residual and return_sumsq against ``norm_linear.decode_linear_reference`` (the
+    eager ops): within 2x of the eager 16-bit chain's error against fp64; the returned partial sums add up to the
+    output rows' sums of squares."""
+    from rlhf_engine.kernels.norm_linear import decode_linear_reference
+
+    torch.manual_seed(M * N + K)
+    dt = torch.bfloat16
+    x = torch.randn(M, K, dtype=dt)
+    g = (1 + 0.2 * torch.randn(K)).to(dt)
+    w = (torch.randn(2 * N if swiglu else N, K) * K ** -0.5).to(dt)
+    b = torch.randn(N, dtype=dt) if bias else None
+    ro = torch.randn(M, N, dtype=dt)
+    parts = torch.stack([x[:, :K // 3].float().pow(2).sum(-1), x[:, K // 3:].float().pow(2).sum(-1)])  # P = 2
+    y, sq = gemm(x, w, b, swiglu=swiglu, norm_weight=g, eps=1e-5, row_sumsq=parts, out_residual=ro,
+                 return_sumsq=True, splits=splits)
+    kw = dict(norm_weight=g, eps=1e-5, out_residual=ro, swiglu=swiglu)
+    ref = decode_linear_reference(x.double(), w.double(), None if b is None else b.double(),
+                                  **{**kw, "norm_weight": g.double(), "out_residual": ro.double()}).out
+    own = decode_linear_reference(x, w, b, **kw).out
+    assert not torch.isnan(y).any()
+    err, err_pt = ((t.double() - ref).abs().max().item() for t in (y, own))
+    assert err <= 2 * err_pt + 1e-6, f"max error {err:.3g} against the eager chain's {err_pt:.3g}"
+    assert sq.shape == (-(-N // 64), M)
+    torch.testing.assert_close(sq.sum(0), y.float().pow(2).sum(-1), rtol=1e-5, atol=1e-4)
+
+
+def test_decode_gemm_fused_chain(emulated):
+    """Two GEMMs chained as the split-K layer chains them: o + residual (its sums of squares out), then norm + gate/up
+    + SwiGLU from those sums, against the eager ops."""
+    from rlhf_engine.kernels.norm_linear import decode_linear_reference
+
+    torch.manual_seed(5)
+    dt, M, H, Dq, I = torch.float16, 24, 192, 128, 160
+    y, s = torch.randn(M, Dq, dtype=dt), torch.randn(M, H, dtype=dt)
+    wo, wgu = (torch.randn(H, Dq) * Dq ** -0.5).to(dt), (torch.randn(2 * I, H) * H ** -0.5).to(dt)
+    g = (1 + 0.2 * torch.randn(H)).to(dt)
+    h, sq = gemm(y, wo, out_residual=s, return_sumsq=True)
+    act = gemm(h, wgu, swiglu=True, norm_weight=g, eps=1e-6, row_sumsq=sq)
+    h_ref = decode_linear_reference(y, wo, out_residual=s).out
+    act_ref = decode_linear_reference(h_ref, wgu, norm_weight=g, eps=1e-6, swiglu=True).out
+    h64 = decode_linear_reference(y.double(), wo.double(), out_residual=s.double()).out
+    act64 = decode_linear_reference(h64, wgu.double(), norm_weight=g.double(), eps=1e-6, swiglu=True).out
+    for got, own, ref in ((h, h_ref, h64), (act, act_ref, act64)):
+        err, err_pt = ((t.double() - ref).abs().max().item() for t in (got, own))
+        assert err <= 2 * err_pt + 1e-6, (err, err_pt)
+
+
 def test_layout_rules_and_errors():
     bf = torch.bfloat16
     x, w = torch.randn(4, 64, dtype=bf), torch.randn(32, 64, dtype=bf)
@@ -94,6 +149,10 @@ def test_layout_rules_and_errors():
         gemm(x, w, torch.zeros(16, dtype=bf), swiglu=True)
     with pytest.raises(ValueError, match="bias"):
         gemm(x, w, torch.zeros(31, dtype=bf))
+    with pytest.raises(ValueError, match="row_sumsq"):
+        gemm(x, w, norm_weight=torch.ones(64, dtype=bf))  # the norm needs its partial sums
+    with pytest.raises(ValueError, match="out_residual"):
+        gemm(x, w, out_residual=torch.zeros(4, 31, dtype=bf))
 
 
 def test_tiles():
@@ -109,12 +168,14 @@ def test_tiles():
     assert decode_gemm_ws.tiles(16, 1536, 576, True, 132)[0] == 16
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
-def test_decode_step_on_the_gluon_gemm(name, monkeypatch):
+@pytest.mark.parametrize("name,norm_gemm", [("tiny-llama", False), ("tiny-qwen2", False), ("tiny-qwen2", True)])
+def test_decode_step_on_the_gluon_gemm(name, norm_gemm, monkeypatch):
     """RLHF_ENGINE_DECODE_GEMM_WS=1 (fp16, the triton backend, the kernel emulated and "Hopper" assumed): each decode
     layer's four projections run on the Gluon GEMM and silu * up in its epilogue (the SwiGLU kernel not at all);
     the greedy tokens equal the cuBLAS path's and the log-probs agree to fp16 rounding; q/k/v biases (Qwen2) and
-    left-padded prompts included."""
+    left-padded prompts included. With RLHF_ENGINE_DECODE_NORM_GEMM=1 too, the split-K path's fused GEMMs on the
+    Gluon kernel: every norm but the first layer's and the final one inside a GEMM."""
+    import rlhf_engine.kernels.rmsnorm as rn
     import rlhf_engine.kernels.swiglu as sw
     from rlhf_engine.generation import generate
     from tiny import generation_model, left_padded_prompts
@@ -131,9 +192,11 @@ def test_decode_step_on_the_gluon_gemm(name, monkeypatch):
     runs = {}
     for on in (False, True):
         monkeypatch.setenv("RLHF_ENGINE_DECODE_GEMM_WS", "1" if on else "0")
-        calls = {"gemm": 0, "silu": 0}
+        monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if on and norm_gemm else "0")
+        calls = {"gemm": 0, "silu": 0, "norm": 0}
         with monkeypatch.context() as mp:
-            for mod, fn, key in ((decode_gemm_ws, "decode_gemm_ws", "gemm"), (sw, "silu_mul_forward", "silu")):
+            for mod, fn, key in ((decode_gemm_ws, "decode_gemm_ws", "gemm"), (sw, "silu_mul_forward", "silu"),
+                                 (rn, "rms_norm_forward", "norm")):
                 real = getattr(mod, fn)
                 mp.setattr(mod, fn, lambda *a, _r=real, _k=key, **k: (calls.__setitem__(_k, calls[_k] + 1),
                                                                         _r(*a, **k))[1])
@@ -142,6 +205,8 @@ def test_decode_step_on_the_gluon_gemm(name, monkeypatch):
     L, steps = m.config.num_layers, kw["max_new_tokens"] - 1  # the prefill draws the first token
     assert ca["gemm"] == 0 and cb["gemm"] == 4 * L * steps
     assert cb["silu"] == ca["silu"] - L * steps
+    # the norms: all on their kernel, or all but the first layer's and the final one inside the GEMMs
+    assert cb["norm"] == ca["norm"] - ((2 * L - 1) * steps if norm_gemm else 0)
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-2, rtol=1e-2)
 
@@ -192,9 +257,9 @@ def test_decode_gemm_gpu(M, record_value):
 
 @pytest.mark.gpu
 def test_decode_step_on_the_gluon_gemm_bf16_gpu(monkeypatch, record_value):
-    """RLHF_ENGINE_DECODE_GEMM_WS=1 in bf16 at Qwen2-0.5B widths (2 layers, batch 64): a decode step's logits within
-    2x of the cuBLAS path's error against the fp32 model; a generation through a CUDA graph with it gives finite
-    log-probs equal to its eager run's."""
+    """RLHF_ENGINE_DECODE_GEMM_WS=1 in bf16 at Qwen2-0.5B widths (2 layers, batch 64), alone and with
+    RLHF_ENGINE_DECODE_NORM_GEMM=1: a decode step's logits within 2x of the cuBLAS path's error against the fp32
+    model; a generation through a CUDA graph gives finite log-probs equal to its eager run's."""
     if not _hopper():
         pytest.skip("the Gluon decode GEMM is for sm_90")
     import copy
@@ -210,20 +275,48 @@ def test_decode_step_on_the_gluon_gemm_bf16_gpu(monkeypatch, record_value):
     mask = torch.ones_like(ids)
     mask[::5, :9] = 0  # left padding
 
-    def step_logits(model, on: bool):
+    def step_logits(model, on: bool, norm_gemm: bool = False):
         monkeypatch.setenv("RLHF_ENGINE_DECODE_GEMM_WS", "1" if on else "0")
+        monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if norm_gemm else "0")
         cache = KVCache.allocate(model.config, 64, 40, dtype=model.dtype, device="cuda")
         model.prefill(ids[:, :-1], mask[:, :-1], cache, attn_backend="triton")
         return model.decode_step(ids[:, -1:], cache, attn_backend="triton").float()
 
     ref = step_logits(m32, False)
-    err = {on: (step_logits(m, on) - ref).abs().max().item() for on in (False, True)}
-    record_value("Gluon decode GEMM step, bf16 logits max err vs fp32 (cuBLAS path, Gluon GEMMs)",
-                 (err[False], err[True]))
-    assert err[True] <= 2 * err[False] + 1e-3, err
-    monkeypatch.setenv("RLHF_ENGINE_DECODE_GEMM_WS", "1")
-    runs = [generate(m, ids, mask, max_new_tokens=12, use_cuda_graph=g, eos_token_ids=(),
-                     generator=torch.Generator("cuda").manual_seed(1)) for g in (False, True)]
-    assert torch.isfinite(runs[1].logprobs).all()
-    assert torch.equal(runs[0].sequences, runs[1].sequences)
-    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs)
+    err = {c: (step_logits(m, *c) - ref).abs().max().item() for c in ((False, False), (True, False), (True, True))}
+    record_value("Gluon decode GEMM step, bf16 logits max err vs fp32 (cuBLAS path, Gluon GEMMs, + norms in GEMMs)",
+                 tuple(err.values()))
+    assert max(err[True, False], err[True, True]) <= 2 * err[False, False] + 1e-3, err
+    for norm_gemm in ("0", "1"):
+        monkeypatch.setenv("RLHF_ENGINE_DECODE_GEMM_WS", "1")
+        monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", norm_gemm)
+        runs = [generate(m, ids, mask, max_new_tokens=12, use_cuda_graph=g, eos_token_ids=(),
+                         generator=torch.Generator("cuda").manual_seed(1)) for g in (False, True)]
+        assert torch.isfinite(runs[1].logprobs).all()
+        assert torch.equal(runs[0].sequences, runs[1].sequences)
+        torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs)
+
+
+def test_decode_linear_gluon_backend(emulated, monkeypatch):
+    """``norm_linear.decode_linear(backend="gluon")`` runs the Gluon GEMM where it applies (here with "Hopper"
+    assumed) and the Triton kernel where it does not (a residual in the prologue; a norm without partial sums)."""
+    from rlhf_engine.kernels import norm_linear
+
+    monkeypatch.setattr(decode_gemm_ws, "on_hopper", lambda device: True)
+    calls = []
+    real = decode_gemm_ws.decode_gemm_ws
+    monkeypatch.setattr(decode_gemm_ws, "decode_gemm_ws", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    torch.manual_seed(0)
+    dt = torch.float16
+    x, r = torch.randn(2, 3, 64, dtype=dt), torch.randn(2, 3, 64, dtype=dt)
+    w, g = (torch.randn(48, 64) * 0.125).to(dt), (1 + 0.1 * torch.randn(64)).to(dt)
+    ro = torch.randn(2, 3, 48, dtype=dt)
+    sq = x.float().pow(2).sum(-1).reshape(1, 6)
+    out = norm_linear.decode_linear(x, w, norm_weight=g, row_sumsq=sq, out_residual=ro, return_sumsq=True,
+                                    backend="gluon")
+    assert calls == [1] and out.out.shape == (2, 3, 48) and out.s is None and out.sumsq.shape == (1, 6)
+    ref = norm_linear.decode_linear_reference(x, w, norm_weight=g, out_residual=ro).out
+    torch.testing.assert_close(out.out, ref, atol=1e-2, rtol=1e-2)
+    norm_linear.decode_linear(x, w, norm_weight=g, residual=r, backend="gluon")  # the prologue add: Triton
+    norm_linear.decode_linear(x, w, norm_weight=g, backend="gluon")  # rstd from a walk over the rows: Triton
+    assert calls == [1]

@@ -210,26 +210,34 @@ def _attention_bwd_ws_cases():
 
 def _decode_gemm_gluon_cases():
     # the opt-in Gluon decode GEMM (kernels/decode_gemm_ws.py): Qwen2-0.5B's four projections at batch 64 with the
-    # tiles its host code picks on 132 SMs (split-K on o and down), and a 16-row fp16 one
+    # tiles its host code picks on 132 SMs (split-K on o and down), plain and with the split-K layer's fusions (the
+    # norm from partial sums on q/k/v and gate/up, the residual add and the sums of squares on o and down), and a
+    # 16-row fp16 one
     from triton.experimental.gluon import language as gl
 
     from rlhf_engine.kernels.decode_gemm_ws import BLOCK_K, BLOCK_N, tiles
 
-    for name, dt, M, N, K, bias, swiglu in [("qkv", "bf16", 64, 1152, 896, True, False),
-                                            ("o", "bf16", 64, 896, 896, False, False),
-                                            ("gate_up", "bf16", 64, 4864, 896, False, True),
-                                            ("down", "bf16", 64, 896, 4864, False, False),
-                                            ("gate_up-m16", "fp16", 16, 1536, 576, False, True)]:
+    for name, dt, M, N, K, bias, swiglu, fused in [("qkv", "bf16", 64, 1152, 896, True, False, False),
+                                                   ("o", "bf16", 64, 896, 896, False, False, False),
+                                                   ("gate_up", "bf16", 64, 4864, 896, False, True, False),
+                                                   ("down", "bf16", 64, 896, 4864, False, False, False),
+                                                   ("gate_up-m16", "fp16", 16, 1536, 576, False, True, False),
+                                                   ("qkv-norm", "bf16", 64, 1152, 896, True, False, True),
+                                                   ("o-res", "bf16", 64, 896, 896, False, False, True),
+                                                   ("gate_up-norm", "bf16", 64, 4864, 896, False, True, True),
+                                                   ("down-res", "bf16", 64, 896, 4864, False, False, True)]:
         block_t, splits, stages = tiles(M, N, K, swiglu, 132)
         gdt = gl.bfloat16 if dt == "bf16" else gl.float16
+        norm = fused and name.startswith(("qkv", "gate_up"))
+        res = fused and not norm
 
         def desc(rows):
             return f"tensordesc<{dt}[{rows},{BLOCK_K}],{gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gdt)!r}>"
 
         yield _case(f"decode_gemm_gluon-{name}-{dt}-t{block_t}-s{splits}", "decode_gemm_ws", "_decode_gemm_kernel",
-                    {"Y": dt, "BIAS": dt, "WS": "fp32", "CNT": "i32"}, [],
-                    dict(HAS_BIAS=bias, SWIGLU=swiglu, SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                         BLOCK_T=block_t, STAGES=stages), 4,
+                    {"Y": dt, "BIAS": dt, "G": dt, "SQ": "fp32", "RO": dt, "SQO": "fp32", "WS": "fp32", "CNT": "i32"},
+                    ["eps"], dict(HAS_BIAS=bias, SWIGLU=swiglu, NORM=norm, SQ_P2=16, HAS_ORES=res, HAS_SQO=res,
+                                  SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_T=block_t, STAGES=stages), 4,
                     descs={"w_desc": desc(BLOCK_N), "x_desc": desc(block_t)})
 
 

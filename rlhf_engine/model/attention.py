@@ -63,8 +63,9 @@ class AttnMeta:
     fuse_norm_gemm: decode with fused_ops: the projections on the split-K decode GEMM with the norms, silu * up and
       the residual adds fused in (``kernels/norm_linear.py``); set once per step when ``decode_norm_gemm_enabled()``.
     gemm_ws: decode with fused_ops: the projections on the Gluon decode GEMM for Hopper (``kernels/decode_gemm_ws.py``,
-      silu * up in the gate/up one), the norms on their kernel; set once per step when ``decode_gemm_ws_enabled()``
-      (the layers whose weights it cannot take run the usual path).
+      silu * up in the gate/up one), the norms on their kernel; with ``fuse_norm_gemm`` too, that path's fused GEMMs
+      on the Gluon kernel; set once per step when ``decode_gemm_ws_enabled()`` on an sm_90 GPU (the layers whose
+      weights it cannot take run the usual path).
     batch_invariant: torch backend, fp32 on the CPU: the attention accumulated in fp64 (``_sdpa``); the model's
       ``ModelConfig.batch_invariant``.
     """
@@ -230,8 +231,10 @@ def decode_norm_gemm_enabled() -> bool:
 def decode_gemm_ws_enabled() -> bool:
     """``RLHF_ENGINE_DECODE_GEMM_WS=1``: on an sm_90 GPU the triton decode step runs its four projections on the
     Gluon decode GEMM (``kernels/decode_gemm_ws.py``: TMA-fed, swap-AB wgmma, split-K where N is small; silu * up in
-    the gate/up GEMM, one kernel a layer fewer) instead of cuBLAS. Off by default until a GPU run measures it against
-    cuBLAS. Read once per decode step; ``DecodeGraphCache`` keys its graphs on it."""
+    the gate/up GEMM, one kernel a layer fewer) instead of cuBLAS; with ``RLHF_ENGINE_DECODE_NORM_GEMM=1`` too, that
+    path's fused GEMMs (the norms from partial sums of squares, the residual adds: 5 kernels a layer) run on it. Off
+    by default until a GPU run measures it against cuBLAS. Read once per decode step; ``DecodeGraphCache`` keys its
+    graphs on it."""
     return os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS", "0") == "1"
 
 

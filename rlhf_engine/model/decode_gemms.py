@@ -1,7 +1,9 @@
 """The decode step's opt-in layer paths on other GEMMs than cuBLAS (``DecoderLayer.forward_fused`` calls them when
-the step's ``AttnMeta`` says so): the split-K Triton GEMMs with the norms fused in (``decode_norm_gemm_layer``,
-``RLHF_ENGINE_DECODE_NORM_GEMM=1``) and the Gluon decode GEMM for Hopper (``decode_gemm_ws_layer``,
-``RLHF_ENGINE_DECODE_GEMM_WS=1``). Each returns None where it does not apply, and the layer runs its usual path."""
+the step's ``AttnMeta`` says so): the split-K GEMMs with the norms fused in (``decode_norm_gemm_layer``,
+``RLHF_ENGINE_DECODE_NORM_GEMM=1``: 5 kernels a layer; on the Gluon decode GEMM where it applies when
+``RLHF_ENGINE_DECODE_GEMM_WS=1`` is set too, on the Triton one otherwise) and the usual layer with the Gluon decode GEMM
+in place of cuBLAS (``decode_gemm_ws_layer``, ``RLHF_ENGINE_DECODE_GEMM_WS=1`` alone: 7 kernels a layer). Each returns
+None where it does not apply, and the layer runs its usual path."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -41,8 +43,10 @@ def decode_norm_gemm_layer(layer, x: torch.Tensor, d, cos: torch.Tensor, sin: to
             t is not None and t.dtype != x.dtype
             for t in (n1.weight, n2.weight, *wq, wg[0], o.weight, o.bias, down.weight, down.bias)):
         return None
-    # PDL on Hopper: each GEMM reads its first weights before waiting for the kernel before it (parameters)
-    kw = dict(backend="triton", pdl=True)
+    # PDL on Hopper: each GEMM reads its first weights before waiting for the kernel before it (parameters); with
+    # RLHF_ENGINE_DECODE_GEMM_WS=1 too, the Gluon decode GEMM where it applies (not after a usual-path layer, whose
+    # residual add rides in the prologue)
+    kw = dict(backend="gluon" if meta.gemm_ws else "triton", pdl=True)
     if isinstance(d, RowSumSq):  # x is the whole stream, its rows' sums of squares computed by the last GEMM
         qkv = decode_linear(x, *wq, norm_weight=n1.weight, eps=n1.eps, row_sumsq=d.sumsq, **kw).out
     elif d is None:  # the first layer: no GEMM before it left the sums; the norm kernel, not a walk over the
