@@ -151,3 +151,19 @@ def test_bounds_and_int32_overflow():
         emulate(_scatter_kernel)[(1,)](x, torch.zeros(100), 100, 2, N=128)  # stores up to element 198
     with pytest.raises(OverflowError, match="int32"):
         emulate(_scatter_kernel)[(1,)](x, y, 100, 2**30, N=128)  # offs * scale past int32
+
+
+_PLAIN_GLOBAL = 128
+
+
+@gluon.jit
+def _global_reader_kernel(Y):
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    gl.store(Y + gl.arange(0, _PLAIN_GLOBAL, layout=layout), 1.0)
+
+
+def test_plain_globals_are_refused():
+    """Triton refuses a jit function that reads a module-level int (the decode GEMM's first compile failed so, where
+    the emulator had run it): the emulator refuses it too."""
+    with pytest.raises(NameError, match="_PLAIN_GLOBAL"):
+        emulate(_global_reader_kernel)[(1,)](torch.zeros(128))

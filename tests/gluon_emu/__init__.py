@@ -190,10 +190,23 @@ def _call(fn):
     if isinstance(fn, (GluonJITFunction, ConstexprFunction)):
         if id(fn) not in _FUNCS:
             raw = fn.fn
+            if isinstance(fn, GluonJITFunction):
+                _check_globals(raw)
             _FUNCS[id(fn)] = types.FunctionType(raw.__code__, _globals_of(raw), raw.__name__, raw.__defaults__,
                                                 raw.__closure__)
         return _FUNCS[id(fn)]
     return fn
+
+
+def _check_globals(raw):
+    """Triton's rule: a jit function reads no module-level value but constexprs, functions, modules and types (a
+    global ``BLOCK = 64`` fails to compile). Names the code loads that are such plain values in its module raise
+    here as they would there."""
+    for name in raw.__code__.co_names:
+        val = raw.__globals__.get(name)
+        if isinstance(val, (bool, int, float, str, torch.Tensor)):
+            raise NameError(f"gluon_emu: {raw.__name__} reads the global {name} = {val!r}, which Triton refuses: make "
+                            f"it a gl.constexpr(...) or an argument")
 
 
 class _Lazy:
