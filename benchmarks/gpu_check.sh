@@ -4,12 +4,11 @@
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on the CUDA machine, from anywhere in the repo
 #   bash benchmarks/gpu_check.sh --fingerprint         # print the source fingerprint only (to match a run)
 #
-# Files written to $OUT (default: /tmp/gpu_check_out), ten at most:
-#   gpu_check.log     everything this script printed
-#   ws_probe.txt      the warp-specialized attention kernels' guarded first launch (benchmarks/ws_probe.py)
-#   gemm_probe.txt    the Gluon decode GEMM's (benchmarks/ws_probe.py --gemm)
-#   host_train.txt    benchmarks/host_train.py on this machine's CPU
-#   build.log         pip install -e . (CMake + nvcc output; the fallback build's too)
+# Files written to $OUT (default: /tmp/gpu_check_out), eight at most (the device tool returns 8 files):
+#   gpu_check.log     everything this script printed (with host_train.py's output, and the build log's tail, all
+#                     of it (200 lines) when the build failed)
+#   ws_probe.txt      the Gluon kernels' guarded first launches (benchmarks/ws_probe.py: the warp-specialized
+#                     attention, then the decode GEMM)
 #   gpu_tests.log     pytest -m gpu tests
 #   kernel_tests.log  the kernel test files' other tests, now on the CUDA device
 #   bench.log         benchmarks/run_all.py (every bench_*.py in its own process)
@@ -122,10 +121,10 @@ run_pytest() {
 }
 probe_note() {  # probe_note RC TIMEOUT_S: ws_probe.py's exit codes
   case "$1" in
-    1) echo "WRONG (disagrees with the reference: see ws_probe.txt / gemm_probe.txt)" ;;
+    1) echo "WRONG (disagrees with the reference: see ws_probe.txt)" ;;
     3) echo "NOT ELIGIBLE on this sm_90 device (no Gluon?)" ;;
     124|137) echo "TIMEOUT after $2 s (a hang, or slow compiles: the last 'launching' line of the probe's file)" ;;
-    *) echo "FAILED (exit $1: see ws_probe.txt / gemm_probe.txt)" ;;
+    *) echo "FAILED (exit $1: see ws_probe.txt)" ;;
   esac
 }
 rc_note() {  # rc_note RC TIMEOUT_S
@@ -228,31 +227,32 @@ EOF
   else
     t=$(date +%s); c=$(cap "$BUILD_S")
     timeout -k 5 "$c" "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e . \
-      > "$OUT/build.log" 2>&1
+      > "$TMPD/build.log" 2>&1
     rc=$?
     if [ $rc -eq 0 ]; then
       BUILD="pip install ok ($(( $(date +%s) - t )) s)"
+      tail -n 3 "$TMPD/build.log"
     else
-      echo "pip install failed: $(rc_note $rc "$c"); last lines of build.log:"
-      tail -n 15 "$OUT/build.log"
+      echo "pip install failed: $(rc_note $rc "$c"); the build log (the last 200 lines):"
+      tail -n 200 "$TMPD/build.log"
       if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
         echo "not retrying the compile (it timed out); Python-only imports through a shim"
       elif grep -qE "CMake Error|ninja: build stopped|error: .*(\.cu|\.cpp|\.h)|nvcc fatal|\.cu\([0-9]+\): error" \
-          "$OUT/build.log"; then
-        echo "not retrying: the sources did not compile (see build.log); Python-only imports through a shim"
+          "$TMPD/build.log"; then
+        echo "not retrying: the sources did not compile (the build log above); Python-only imports through a shim"
       else  # e.g. no pip or setuptools in this environment: build as setup.py would, import through a shim
         echo "falling back to a direct CMake build + an import shim"
-        { echo; echo "===== fallback: direct CMake build ====="; } >> "$OUT/build.log"
+        echo "===== fallback: direct CMake build ====="
         t=$(date +%s); c=$(cap "$BUILD_S")
         timeout -k 5 "$c" bash -c "$(declare -f fallback_build); ROOT='$ROOT' TMPD='$TMPD' PY='$PY' fallback_build" \
-          >> "$OUT/build.log" 2>&1
-        rc=$?
+          2>&1 | tail -n 100
+        rc=${PIPESTATUS[0]}
       fi
       make_shim
       if [ $rc -eq 0 ]; then
         BUILD="FAILED with pip; fallback CMake build ok ($(( $(date +%s) - t )) s), imports through a shim"
       else
-        BUILD="FAILED (see build.log): no native extension; Python-only imports through a shim"
+        BUILD="FAILED (the build log is in gpu_check.log): no native extension; Python-only imports through a shim"
       fi
       FAIL=1
     fi
@@ -309,10 +309,10 @@ EOF
   local HOSTT="skipped (GPU_CHECK_SKIP)"
   if ! skipped host; then
     c=$(cap 45)
-    timeout -k 5 "$c" "$PY" benchmarks/host_train.py --rounds 2 --reps 5 > "$OUT/host_train.txt" 2>&1
+    timeout -k 5 "$c" "$PY" benchmarks/host_train.py --rounds 2 --reps 5 > "$TMPD/host_train.txt" 2>&1
     rc=$?
-    tail -n 5 "$OUT/host_train.txt"
-    HOSTT="$(rc_note $rc "$c"): $(grep -m1 'one node' "$OUT/host_train.txt" | tr -s ' ')"
+    cat "$TMPD/host_train.txt"
+    HOSTT="$(rc_note $rc "$c"): $(grep -m1 'one node' "$TMPD/host_train.txt" | tr -s ' ')"
   fi
 
   # Parallel test workers (pytest-xdist, carried: benchmarks/fetch_baselines.sh), if this pytest loads it: the
@@ -340,40 +340,57 @@ EOF
   step "Gluon kernels' probes (benchmarks/ws_probe.py): the warp-specialized attention, the decode GEMM"
   # The Gluon kernel's first launch on a GPU: a hang or a wrong result turns its benchmark rows off and makes its
   # tests fail at once (RLHF_ENGINE_ATTN_WS_BROKEN), instead of hanging the run.
-  local WSP="skipped (GPU_CHECK_SKIP)"
+  local WSP="skipped (GPU_CHECK_SKIP)" GSP="skipped (GPU_CHECK_SKIP)"
+  : > "$OUT/ws_probe.txt"
+  # A probe with less than PROBE_MIN_S left is not started: its kernels stay off for the run ("not run (budget)"),
+  # which is no failure (a probe cut short by the budget would read as a hang).
+  local PROBE_MIN_S=30
   if ! skipped wsprobe; then
     c=$(cap 120 "$TEST_RESERVE")
-    timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --simple > "$OUT/ws_probe.txt" 2>&1
-    rc=$?
-    case $rc in
-      0) WSP="ok"
-         c=$(cap 60 "$TEST_RESERVE")
-         timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --pipelined >> "$OUT/ws_probe.txt" 2>&1
-         rc=$?
-         if [ "$rc" -ne 0 ]; then
-           WSP="simple forward and backward ok; pipelined forward $(probe_note $rc "$c"): turned off"
-           export RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1; FAIL=1
-         fi ;;
-      2) WSP="not run (no sm_90 device)" ;;
-      *) WSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
-    esac
-    tail -n 12 "$OUT/ws_probe.txt"
+    if (( c < PROBE_MIN_S )); then
+      WSP="not run (budget: ${c} s left): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1
+    else
+      timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --simple >> "$OUT/ws_probe.txt" 2>&1
+      rc=$?
+      case $rc in
+        0) WSP="ok"
+           c=$(cap 60 "$TEST_RESERVE")
+           if (( c < PROBE_MIN_S )); then
+             WSP="simple forward and backward ok; pipelined forward not run (budget): turned off"
+             export RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1
+           else
+             timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --pipelined >> "$OUT/ws_probe.txt" 2>&1
+             rc=$?
+             if [ "$rc" -ne 0 ]; then
+               WSP="simple forward and backward ok; pipelined forward $(probe_note $rc "$c"): turned off"
+               export RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1; FAIL=1
+             fi
+           fi ;;
+        2) WSP="not run (no sm_90 device)" ;;
+        *) WSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
+      esac
+      tail -n 12 "$OUT/ws_probe.txt"
+    fi
   fi
   # The Gluon decode GEMM (kernels/decode_gemm_ws.py), its own skip key (a run that skips the attention's probe
   # may still time the decode path): a failure turns it off (its benchmark rows, its model path) for the run.
   if ! skipped gemmprobe; then
     c=$(cap 60 "$TEST_RESERVE")
-    timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --gemm > "$OUT/gemm_probe.txt" 2>&1
-    rc=$?
-    case $rc in
-      0) WSP="$WSP; decode GEMM ok" ;;
-      2) WSP="$WSP; decode GEMM not run (no sm_90 device)" ;;
-      *) WSP="$WSP; decode GEMM $(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1
-         FAIL=1 ;;
-    esac
-    tail -n 8 "$OUT/gemm_probe.txt"
+    if (( c < PROBE_MIN_S )); then
+      GSP="not run (budget: ${c} s left): turned off"; export RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1
+    else
+      { echo; echo "===== decode GEMM (--gemm) ====="; } >> "$OUT/ws_probe.txt"
+      timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --gemm >> "$OUT/ws_probe.txt" 2>&1
+      rc=$?
+      case $rc in
+        0) GSP="ok" ;;
+        2) GSP="not run (no sm_90 device)" ;;
+        *) GSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1; FAIL=1 ;;
+      esac
+      tail -n 8 "$OUT/ws_probe.txt"
+    fi
   fi
-  echo "ws probe: $WSP"
+  echo "probes: warp-specialized attention $WSP; decode GEMM $GSP"
 
   step "benchmarks: benchmarks/run_all.py"
   if skipped bench; then
@@ -449,7 +466,7 @@ EOF
     echo "- build: $BUILD"
     echo "- cached Triton launches: ${FASTLAUNCH:-not checked}"
     echo "- host_train.py (this host's Python): ${HOSTT:-not run}"
-    echo "- warp-specialized attention probe: $WSP"
+    echo "- Gluon probes: warp-specialized attention: $WSP; decode GEMM: $GSP"
     echo "- GPU tests (pytest -m gpu tests): $TESTS"
     echo "- kernel tests on CUDA (not gpu-marked): $KTESTS"
     echo "- benchmarks: $BENCH"

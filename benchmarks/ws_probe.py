@@ -1,5 +1,5 @@
-"""First launch of the Gluon kernels on a GPU, guarded: the warp-specialized attention (kernels/attention_{fwd,bwd}_ws.py)
-and the decode GEMM (kernels/decode_gemm_ws.py, ``--gemm``).
+"""First launch of the Gluon kernels on a GPU, guarded: the warp-specialized attention
+(kernels/attention_{fwd,bwd}_ws.py) and the decode GEMM (kernels/decode_gemm_ws.py, ``--gemm``).
 
 No interpreter runs Gluon, so a GPU run is the first place where these kernels execute, and a wrong barrier phase
 would hang them rather than fail. ``gpu_check.sh`` runs this script under a timeout before the benchmarks and the
@@ -80,7 +80,7 @@ def gemm() -> int:
     from rlhf_engine.kernels.norm_linear import decode_linear_reference
 
     torch.manual_seed(1)
-    y, s = (torch.randn(64, 896, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    y, s = (torch.randn(100, 896, device="cuda", dtype=torch.bfloat16) for _ in range(2))  # 100 rows: two tiles
     wo = (torch.randn(896, 896, device="cuda") * 896 ** -0.5).to(torch.bfloat16)
     wgu = (torch.randn(2 * 4864, 896, device="cuda") * 896 ** -0.5).to(torch.bfloat16)
     g = (1 + 0.1 * torch.randn(896, device="cuda")).to(torch.bfloat16)

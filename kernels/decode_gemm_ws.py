@@ -64,7 +64,7 @@ def _rows_ok(t: torch.Tensor) -> bool:
 def layout_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The kernel's rules on dtypes and strides (the device aside): x (M, K), weight (N, K), one 16-bit dtype, unit
     stride on K, K a multiple of 8, 16-byte aligned bases and row strides, 1 <= M <= 256."""
-    return (_rows_ok(x) and _rows_ok(weight) and weight.dtype == x.dtype and weight.shape[1] == x.shape[1]
+    return (_rows_ok(x) and _rows_ok(weight) and weight.dtype == x.dtype and weight.shape[1] == x.shape[1] > 0
             and 1 <= x.shape[0] <= MAX_ROWS and weight.shape[0] > 0)
 
 
@@ -100,7 +100,7 @@ def tiles(M: int, N: int, K: int, swiglu: bool, sms: int) -> tuple[int, int, int
     splits = cdiv(n_kb, cdiv(n_kb, min(max(want, 1), n_kb)))  # no empty split
     stage_bytes = ((2 if swiglu else 1) * BLOCK_N + block_t) * BLOCK_K * 2
     stages = int(os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS_STAGES", "0")) or max(2, min(6, 144 * 1024 // stage_bytes))
-    return block_t, splits, max(2, min(stages, 8))
+    return block_t, splits, max(2, min(stages, 192 * 1024 // stage_bytes))  # the ring within ~192 KB of the 227
 
 
 if HAVE_GLUON:
@@ -231,6 +231,8 @@ if HAVE_GLUON:
             acc, acc_u = warpgroup_mma_wait(num_outstanding=0, deps=[acc, acc_u])
         else:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        for i in gl.static_range(STAGES):  # every copy landed and was waited for: the barriers' memory may be reused
+            mbarrier.invalidate(ready.index(i))
 
         if SPLITS > 1:
             n_acc: gl.constexpr = 2 if SWIGLU else 1
@@ -312,7 +314,8 @@ def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     P = 0 if row_sumsq is None else row_sumsq.shape[0]
     _decode_gemm_kernel[grid](
         _desc(weight, BLOCK_N), _desc(x, block_t), y, bias if bias is not None else y,
-        norm_weight if norm_weight is not None else y, row_sumsq.contiguous() if row_sumsq is not None else ws,
+        norm_weight.contiguous() if norm_weight is not None else y,
+        row_sumsq.contiguous() if row_sumsq is not None else ws,
         out_residual if out_residual is not None else y, sqo if sqo is not None else ws, ws, cnt,
         M, N, K, P, y.stride(0), out_residual.stride(0) if out_residual is not None else 0, kb_per, float(eps),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm_weight is not None, SQ_P2=max(2, next_pow2(P)),

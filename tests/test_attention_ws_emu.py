@@ -117,3 +117,32 @@ def test_ws_backward_emulated(B, T, Hq, Hkv, D, causal, padding, monkeypatch):
     pts = torch.autograd.grad(_sdpa(q16, k16, v16, causal, ks, ke, scale), (q16, k16, v16), do)
     for name, g, r, pt in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, pts):
         _check(name, g, r, pt)
+
+
+@pytest.mark.parametrize("eager", [0.3, 0.9])
+def test_ws_kernels_with_copies_landing_early(eager, monkeypatch):
+    """The same kernels with TMA copies landing at random points after issue (``emulate(eager=p)``), not only as late
+    as possible: other interleavings of the barriers, the same results."""
+    B, T, Hq, Hkv, D = 3, 200, 4, 2, 64
+    monkeypatch.setattr(attention_fwd_ws, "_attn_fwd_ws_kernel",
+                        emulate(attention_fwd_ws._attn_fwd_ws_kernel, 7, eager=eager))
+    monkeypatch.setattr(attention_bwd_ws, "_dkdv_ws_kernel", emulate(attention_bwd_ws._dkdv_ws_kernel, 7, eager=eager))
+    monkeypatch.setattr(attention_bwd_ws, "_dq_ws_kernel", emulate(attention_bwd_ws._dq_ws_kernel, 7, eager=eager))
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(B, T, h, D, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    do = torch.randn(B, T, Hq, D, dtype=torch.bfloat16)
+    ks, ke = key_ranges("left", B, T, "cpu")
+    scale = D ** -0.5
+    o, lse = attention_fwd_ws.attention_forward_ws(q, k, v, causal=True, kv_start=ks, kv_end=ke, softmax_scale=scale)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=True, kv_start=ks, kv_end=ke, softmax_scale=scale)
+    _check("o", o, ref.detach(), _sdpa(q, k, v, True, ks, ke, scale))
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    attention_bwd_ws.ws_backward(do, q, k, v, lse, delta, dq, dk, dv, causal=True, kv_start=ks, kv_end=ke,
+                                 softmax_scale=scale)
+    refs = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    q16, k16, v16 = (t.clone().requires_grad_() for t in (q, k, v))
+    pts = torch.autograd.grad(_sdpa(q16, k16, v16, True, ks, ke, scale), (q16, k16, v16), do)
+    for name, g, r, pt in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, pts):
+        _check(name, g, r, pt)

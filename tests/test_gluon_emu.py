@@ -135,6 +135,21 @@ def test_decode_gemm_slot_refilled_under_a_product(tmp_path, monkeypatch):
         mod.decode_gemm_ws(x, w, splits=1)
 
 
+@pytest.mark.parametrize("line", ["fence_async_shared()\n        gl.thread_barrier()",
+                                  "gl.thread_barrier()\n\n"])
+def test_decode_gemm_norm_without_fence_or_barrier(line, tmp_path, monkeypatch):
+    """The decode GEMM's norm prologue stores the normalized block to shared memory from registers: without the
+    async-proxy fence, or without the warpgroup barrier after it, wgmma may read stale or partial data."""
+    from rlhf_engine.kernels import decode_gemm_ws
+
+    mod = _mutant(decode_gemm_ws, line, "pass" + ("\n\n" if line.endswith("\n\n") else ""), tmp_path)
+    monkeypatch.setattr(mod, "_decode_gemm_kernel", emulate(mod._decode_gemm_kernel))
+    x, w = torch.randn(16, 128, dtype=torch.bfloat16), torch.randn(64, 128, dtype=torch.bfloat16)
+    with pytest.raises(GluonHazard, match="fence_async_shared|thread_barrier"):
+        mod.decode_gemm_ws(x, w, norm_weight=torch.ones(128, dtype=torch.bfloat16),
+                           row_sumsq=x.float().pow(2).sum(-1)[None], splits=1)
+
+
 @gluon.jit
 def _scatter_kernel(X, Y, n, scale, N: gl.constexpr):
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])

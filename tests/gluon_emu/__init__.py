@@ -31,6 +31,7 @@ What it does not model: timing, bank conflicts, register limits, the layouts' va
 """
 from __future__ import annotations
 
+import dis
 import itertools
 import random
 import types
@@ -48,6 +49,7 @@ from . import values as _values
 from .hopper import (
     _TMA,
     EDesc,
+    _thread_barrier,
     _allocate_shared_memory,
     _fence_async_shared,
     _MBarrier,
@@ -159,7 +161,7 @@ _GL_OVERRIDES = {
     "where": _where, "convert_layout": _convert_layout, "expand_dims": _expand_dims, "load": _load, "store": _store,
     "atomic_add": _values._atomic_add, "atomic_xchg": _values._atomic_xchg, "atomic_max": _values._atomic_max,
     "allocate_shared_memory": _allocate_shared_memory, "warp_specialize": _warp_specialize,
-    "static_range": _static_range, "thread_barrier": lambda: None,
+    "static_range": _static_range, "thread_barrier": _thread_barrier,
 }
 
 
@@ -198,11 +200,20 @@ def _call(fn):
     return fn
 
 
+def _global_loads(code) -> set:
+    """The names a code object (and those nested in it) reads as globals."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"}
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _global_loads(c)
+    return names
+
+
 def _check_globals(raw):
     """Triton's rule: a jit function reads no module-level value but constexprs, functions, modules and types (a
     global ``BLOCK = 64`` fails to compile). Names the code loads that are such plain values in its module raise
     here as they would there."""
-    for name in raw.__code__.co_names:
+    for name in _global_loads(raw.__code__):
         val = raw.__globals__.get(name)
         if isinstance(val, (bool, int, float, str, torch.Tensor)):
             raise NameError(f"gluon_emu: {raw.__name__} reads the global {name} = {val!r}, which Triton refuses: make "
@@ -279,7 +290,9 @@ class _Launcher:
         rng = random.Random(self.seed * 1_000_003 + self.launches)
         self.launches += 1
         with _values._GLOBAL:
-            for pid in itertools.product(*(range(g) for g in grid)):
+            pids = list(itertools.product(*(range(g) for g in grid)))
+            rng.shuffle(pids)  # programs in a seeded order: none may rely on another's running first
+            for pid in pids:
                 prog = _Program(pid, grid, rng, self.eager)
                 _values._CURRENT[0] = prog
                 try:

@@ -83,9 +83,11 @@ class EShared:
         return ET(v if _is_float(self._dt) else v.to(torch.int64), self._dt, layout=layout)
 
     def store(self, value):
-        with _lock():
+        p = _prog()
+        with p.cond:
             self.value().copy_(_lift(value).v.to(self.data.dtype))
             self.alloc.bump(self.key)
+            _sync_state(p)[(id(self.alloc), self.key)] = "stored"  # needs fence_async_shared, then thread_barrier
 
 
 class EBarrier:
@@ -144,6 +146,15 @@ class _MBarrier:
     def init(bar, count):
         b = bar.one()
         b.count = b.pending = int(count)
+
+    @staticmethod
+    def invalidate(bar):
+        p = _prog()
+        with p.cond:
+            b = bar.one()
+            if any(c[2] is b for c in p.queue):
+                raise GluonHazard(f"{b.name} invalidated with a TMA copy still completing on it")
+            b.count = None  # a later use raises (used before mbarrier.init)
 
     @staticmethod
     def expect(bar, bytes, pred=True):
@@ -293,6 +304,7 @@ class _TMA:
 # ------------------------------------------------------------------------------------------------------- wgmma
 def _operand(x, what):
     if isinstance(x, EShared):
+        _check_synced(x)
         return x.value().float(), x._dt, (x, x.version())
     if isinstance(x, ET):
         x._ready()
@@ -320,6 +332,8 @@ def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise
     if is_async:
         r.pending = True
         p.outstanding().append((r, [x for x in (aread, bread) if x is not None]))
+    else:  # a synchronous product waits for every product before it too
+        _warpgroup_mma_wait(0, deps=[r])
     return r
 
 
@@ -340,8 +354,36 @@ def _warpgroup_mma_wait(num_outstanding=0, deps=None):
     return deps[0] if len(deps) == 1 else tuple(deps)
 
 
+def _sync_state(p) -> dict:
+    """This partition's shared-memory stores not yet made visible to the async proxy (wgmma, TMA) and to the rest
+    of its warps: {(allocation, slot): "stored" | "fenced"}."""
+    if not hasattr(p.local, "stores"):
+        p.local.stores = {}
+    return p.local.stores
+
+
 def _fence_async_shared(cluster=False):
-    return None
+    st = _sync_state(_prog())
+    for k in st:
+        st[k] = "fenced"
+
+
+def _thread_barrier():
+    st = _sync_state(_prog())
+    for k in [k for k, v in st.items() if v == "fenced"]:
+        del st[k]  # fenced, then every warp past the barrier: wgmma may read it
+
+
+def _check_synced(sh):
+    """A wgmma reading shared memory this partition stored to needs fence_async_shared() (the async proxy), then
+    gl.thread_barrier() (every warp's stores done) in between."""
+    for key in ((id(sh.alloc), sh.key), (id(sh.alloc), None)):
+        state = _sync_state(_prog()).get(key)
+        if state == "stored":
+            raise GluonHazard("wgmma reads shared memory stored by the threads without fence_async_shared() since")
+        if state == "fenced":
+            raise GluonHazard("wgmma reads shared memory stored by the threads without gl.thread_barrier() after "
+                              "the fence (other warps' stores may not be done)")
 
 
 # ------------------------------------------------------------------------------------------- warp specialization
@@ -380,9 +422,9 @@ def _warp_specialize(functions_and_args, worker_num_warps, worker_num_regs):
         t.start()
     run(0, _call(parts[0][0]), parts[0][1])
     for t in threads:
-        t.join(120)
+        t.join(600)  # (a deadlock raises long before: this is for a partition stuck outside the barriers)
         if t.is_alive():
-            raise GluonDeadlock(f"program {p.pid}: a partition did not finish in 120 s")
+            raise GluonDeadlock(f"program {p.pid}: a partition did not finish in 600 s")
     p.live = 1
     p.local.name = "the kernel"
     for e in errors:
