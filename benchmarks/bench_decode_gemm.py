@@ -18,7 +18,8 @@ Rows:
   GEMM with its SwiGLU epilogue; "ours: Gluon GEMM layer (6 kernels)": the usual layer with the Gluon GEMMs (the
   norms on their kernel, silu * up in the gate/up GEMM); "ours: Gluon split-K layer (4 kernels)": the split-K
   layer's fusions (norms from partial sums of squares, residual adds) on the Gluon GEMM (``decode_linear(backend=
-  "gluon")``, both switches set). Timed last (a hang would lose no other row).
+  "gluon")``, both switches set), "no PDL" the same without programmatic dependent launch (the other Gluon rows
+  are PDL launches, as in the model). Timed last (a hang would lose no other row).
 Each row is timed as a CUDA-graph replay, 10 back to back a sample (a decode step replays its kernels so).
 Run: python benchmarks/bench_decode_gemm.py   (needs a CUDA device; RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1 runs a
 tiny fp32 shape on the CPU without graphs)
@@ -100,9 +101,10 @@ def main() -> list[dict]:
 
         def gluon_layer():  # the Gluon GEMMs (RLHF_ENGINE_DECODE_GEMM_WS=1): the usual layer, silu * up in gate/up
             h, s = rms_norm(d, w["n1"], 1e-6, residual=x, backend="triton")
-            attn_in = dg.decode_gemm_ws(h, w["qkv"], w["qkv_b"])[:, :Dq]
-            h2, s2 = rms_norm(dg.decode_gemm_ws(attn_in, w["o"]), w["n2"], 1e-6, residual=s, backend="triton")
-            return s2, dg.decode_gemm_ws(dg.decode_gemm_ws(h2, w["gu"], swiglu=True), w["down"])
+            attn_in = dg.decode_gemm_ws(h, w["qkv"], w["qkv_b"], pdl=True)[:, :Dq]
+            h2, s2 = rms_norm(dg.decode_gemm_ws(attn_in, w["o"], pdl=True), w["n2"], 1e-6, residual=s,
+                              backend="triton")
+            return s2, dg.decode_gemm_ws(dg.decode_gemm_ws(h2, w["gu"], swiglu=True, pdl=True), w["down"], pdl=True)
 
         def cublas_swiglu():
             gate, up = F.linear(x, w["gu"]).chunk(2, dim=-1)
@@ -118,13 +120,15 @@ def main() -> list[dict]:
         if gluon:  # last: a hang here (a wrong barrier phase) loses no other row
             cases += [("gate/up + SwiGLU", "cuBLAS + silu*up kernel", w["gu"], cublas_swiglu),
                       ("gate/up + SwiGLU", "ours (Gluon, SwiGLU epilogue)", w["gu"],
-                       lambda: dg.decode_gemm_ws(x, w["gu"], swiglu=True))]
+                       lambda: dg.decode_gemm_ws(x, w["gu"], swiglu=True, pdl=True))]
             operands = {"q/k/v": (x, w["qkv"], w["qkv_b"]), "o": (y, w["o"], None), "gate/up": (x, w["gu"], None),
                         "down": (act, w["down"], None)}
-            cases += [(p, "ours (Gluon, swap-AB)", args[1], (lambda a, b, c: lambda: dg.decode_gemm_ws(a, b, c))(*args))
+            cases += [(p, "ours (Gluon, swap-AB)", args[1], (lambda a, b, c: lambda: dg.decode_gemm_ws(a, b, c, pdl=True))(*args))
                       for p, args in operands.items()]
             cases += [("layer", "ours: Gluon GEMM layer (6 kernels)", layer_bytes, gluon_layer),
                       ("layer", "ours: Gluon split-K layer (4 kernels)", layer_bytes,
+                       lambda: split_k(backend="gluon")),
+                      ("layer", "ours: Gluon split-K layer (4 kernels), no PDL", layer_bytes,
                        lambda: split_k(pdl=False, backend="gluon"))]
         base_ms = {}
         with torch.no_grad():
@@ -149,7 +153,7 @@ def main() -> list[dict]:
                 err = ((s_g.float() + d_g.float() - want).abs().max() / want.abs().max()).item()
                 print(f"{model}: Gluon GEMM layer vs usual layer, max rel err {err:.3g}"
                       + ("" if err < 2e-2 else "  MISMATCH"))
-                got = split_k(pdl=False, backend="gluon").out.float()
+                got = split_k(backend="gluon").out.float()
                 err = ((got - want).abs().max() / want.abs().max()).item()
                 print(f"{model}: Gluon split-K layer vs usual layer, max rel err {err:.3g}"
                       + ("" if err < 2e-2 else "  MISMATCH"))

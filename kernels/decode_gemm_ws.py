@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from ._launch import cdiv, next_pow2, sm_count, tile_counters
+from ._launch import cdiv, next_pow2, sm_count, tile_counters, use_pdl
 
 try:  # Gluon ships with Triton >= 3.5
     from triton.experimental import gluon
@@ -105,15 +105,37 @@ def tiles(M: int, N: int, K: int, swiglu: bool, sms: int) -> tuple[int, int, int
 
 if HAVE_GLUON:
     @gluon.jit
-    def _load_block(w_desc, x_desc, w_smem, u_smem, x_smem, bar, slot, n0, up_row, t0, k,
-                    SWIGLU: gl.constexpr):
-        """TMA copies of one K block into ring slot ``slot``: the weight tile (and the up tile), then x's."""
+    def _load_weights(w_desc, x_desc, w_smem, u_smem, bar, slot, n0, up_row, k, SWIGLU: gl.constexpr):
+        """The weight copies of one K block into ring slot ``slot`` (the weight tile, and the up tile), after the
+        barrier's expect of the whole block (x's bytes included: ``_load_x`` completes it)."""
         nbytes: gl.constexpr = w_desc.block_type.nbytes * (2 if SWIGLU else 1) + x_desc.block_type.nbytes
         mbarrier.expect(bar, nbytes)
         tma.async_copy_global_to_shared(w_desc, [n0, k], bar, w_smem.index(slot))
         if SWIGLU:
             tma.async_copy_global_to_shared(w_desc, [up_row, k], bar, u_smem.index(slot))
+
+    @gluon.jit
+    def _load_x(x_desc, x_smem, bar, slot, t0, k):
         tma.async_copy_global_to_shared(x_desc, [t0, k], bar, x_smem.index(slot))
+
+    @gluon.jit
+    def _load_block(w_desc, x_desc, w_smem, u_smem, x_smem, bar, slot, n0, up_row, t0, k,
+                    SWIGLU: gl.constexpr):
+        """TMA copies of one K block into ring slot ``slot``: the weight tile (and the up tile), then x's."""
+        _load_weights(w_desc, x_desc, w_smem, u_smem, bar, slot, n0, up_row, k, SWIGLU)
+        _load_x(x_desc, x_smem, bar, slot, t0, k)
+
+    @gluon.jit
+    def _gdc_launch_dependents():
+        """Programmatic dependent launch: the next kernel on the stream may start now (PTX griddepcontrol)."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _gdc_wait():
+        """Wait until the kernels this one depends on completed and their writes are visible."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
 
     @gluon.jit
     def _store_out(acc, acc_u, Y, BIAS, RO, SQO, pid_n, t0, M, N, stride_ym, stride_rom, HAS_BIAS: gl.constexpr,
@@ -176,7 +198,7 @@ if HAVE_GLUON:
                             HAS_BIAS: gl.constexpr, SWIGLU: gl.constexpr, NORM: gl.constexpr, SQ_P2: gl.constexpr,
                             HAS_ORES: gl.constexpr, HAS_SQO: gl.constexpr, SPLITS: gl.constexpr,
                             BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,
-                            STAGES: gl.constexpr):
+                            STAGES: gl.constexpr, PDL: gl.constexpr = False):
         pid_n = gl.program_id(0)
         pid_s = gl.program_id(1)
         pid_t = gl.program_id(2)
@@ -199,9 +221,18 @@ if HAVE_GLUON:
         fence_async_shared()
 
         up_row = n0 + N  # the up rows sit N rows below the gate rows in the packed weight
-        for i in range(0, gl.minimum(nk, STAGES)):
-            _load_block(w_desc, x_desc, w_smem, u_smem, x_smem, ready.index(i), i, n0, up_row, t0,
-                        (kb_lo + i) * BLOCK_K, SWIGLU)
+        if PDL:  # the next kernel may start; this one's first weight blocks go out before waiting for the last one
+            _gdc_launch_dependents()
+            for i in range(0, gl.minimum(nk, STAGES)):
+                _load_weights(w_desc, x_desc, w_smem, u_smem, ready.index(i), i, n0, up_row, (kb_lo + i) * BLOCK_K,
+                              SWIGLU)
+            _gdc_wait()  # from here on the previous kernel is complete: x, the sums, the residual, any write
+            for i in range(0, gl.minimum(nk, STAGES)):
+                _load_x(x_desc, x_smem, ready.index(i), i, t0, (kb_lo + i) * BLOCK_K)
+        else:
+            for i in range(0, gl.minimum(nk, STAGES)):
+                _load_block(w_desc, x_desc, w_smem, u_smem, x_smem, ready.index(i), i, n0, up_row, t0,
+                            (kb_lo + i) * BLOCK_K, SWIGLU)
 
         x_l: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                              order=[1, 0])
@@ -270,7 +301,8 @@ def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":
 
 def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, swiglu: bool = False,
                    norm_weight: torch.Tensor | None = None, eps: float = 1e-6, row_sumsq: torch.Tensor | None = None,
-                   out_residual: torch.Tensor | None = None, return_sumsq: bool = False, splits: int | None = None):
+                   out_residual: torch.Tensor | None = None, return_sumsq: bool = False, splits: int | None = None,
+                   pdl: bool = False):
     """x (M, K) @ weight (N, K)ᵀ (+ bias (N,)) -> (M, N) in x's dtype; with ``swiglu`` weight is [W_gate; W_up]
     (2 N rows, no bias) and the result silu(x W_gateᵀ) · (x W_upᵀ) (M, N).
 
@@ -279,7 +311,12 @@ def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     first (the rstd from the partials); ``out_residual`` (M, N): out = out_residual + out, rounded as the eager add;
     ``return_sumsq``: also return the fp32 partial sums of squares of out's rows, (cdiv(N, 64), M): returns
     (out, sumsq). Inputs must be ``eligible`` (or ``layout_ok`` on the CPU emulator of the tests); ``splits`` forces
-    the K splits (tests)."""
+    the K splits (tests).
+
+    ``pdl``: a programmatic dependent launch where ``_launch.use_pdl`` allows it (Hopper): the kernel lets the next
+    one start at once, issues its first weight copies, and only then waits for the kernel before it (x, the
+    partial sums and the residual are read after the wait, everything is written after it). Only for a weight that
+    the kernels just before it do not write (the model's parameters); off by default."""
     M, K = x.shape
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     if swiglu and (bias is not None or weight.shape[0] % 2):
@@ -320,7 +357,8 @@ def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         M, N, K, P, y.stride(0), out_residual.stride(0) if out_residual is not None else 0, kb_per, float(eps),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm_weight is not None, SQ_P2=max(2, next_pow2(P)),
         HAS_ORES=out_residual is not None, HAS_SQO=return_sumsq, SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        BLOCK_T=block_t, STAGES=stages, num_warps=4)
+        BLOCK_T=block_t, STAGES=stages, num_warps=4,
+        **({"PDL": True, "launch_pdl": True} if pdl and use_pdl(x.device) else {}))
     return (y, sqo) if return_sumsq else y
 
 

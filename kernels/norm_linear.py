@@ -378,7 +378,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         backend: "triton" (CUDA or the interpreter), "torch" (``decode_linear_reference``), "auto", or "gluon":
             the Gluon decode GEMM for Hopper (``kernels/decode_gemm_ws.py``: swap-AB wgmma fed by TMA) where it
             applies (an sm_90 GPU, TMA-readable rows, no ``residual``, a norm only from ``row_sumsq``; ``tile``
-            and ``pdl`` ignored), else "triton".
+            ignored), else "triton".
         tile: a fixed {"BLOCK_N", "BLOCK_K", "SPLITS"} (powers of two, SPLITS <= 8) instead of the default or
             autotuned one (tests, benchmarks).
         pdl: launch with programmatic dependent launch where ``_launch.use_pdl`` allows it (Hopper): the kernel
@@ -449,7 +449,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if dg.eligible(x2, weight) and (bias is None or bias.stride(0) == 1):
             r = dg.decode_gemm_ws(x2, weight, bias, swiglu=swiglu, norm_weight=norm_weight, eps=float(eps),
                                   row_sumsq=row_sumsq, out_residual=None if out_residual is None
-                                  else rows2d(out_residual), return_sumsq=return_sumsq)
+                                  else rows2d(out_residual), return_sumsq=return_sumsq, pdl=pdl)
             out, sq = r if return_sumsq else (r, None)
             return DecodeLinearOut(out.view(*lead, n_out), None, sq)
 

@@ -79,6 +79,30 @@ def test_decode_gemm_two_slots(emulated, monkeypatch, swiglu, norm, splits):
     assert not torch.isnan(y).any() and err <= 2 * err_pt + 1e-6, (err, err_pt)
 
 
+@pytest.mark.parametrize("swiglu,fused", [(False, False), (True, True), (False, True)])
+def test_decode_gemm_pdl(monkeypatch, swiglu, fused):
+    """The programmatic dependent launch form (``pdl=True`` where Hopper allows it, forced here): the same results,
+    and nothing but the weights read before ``griddepcontrol.wait`` (the emulator refuses any other copy, load or
+    store there)."""
+    monkeypatch.setattr(decode_gemm_ws, "use_pdl", lambda device: True)
+    monkeypatch.setattr(decode_gemm_ws, "_decode_gemm_kernel",
+                        emulate(decode_gemm_ws._decode_gemm_kernel, 3, pdl_early=("w_desc",)))
+    torch.manual_seed(2)
+    M, N, K = 20, 96, 192
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    w = (torch.randn(2 * N if swiglu else N, K) * K ** -0.5).to(torch.bfloat16)
+    kw = {}
+    if fused:
+        kw = dict(norm_weight=(1 + 0.1 * torch.randn(K)).to(torch.bfloat16), row_sumsq=x.float().pow(2).sum(-1)[None])
+        if not swiglu:
+            kw.update(out_residual=torch.randn(M, N, dtype=torch.bfloat16), return_sumsq=True)
+    for splits in (1, 2):
+        got = gemm(x, w, swiglu=swiglu, splits=splits, pdl=True, **kw)
+        want = gemm(x, w, swiglu=swiglu, splits=splits, **kw)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_decode_gemm_views(emulated):
     """The model's operands: x rows of a wider buffer (row stride > K), W rows of a packed weight (a row offset)."""
     torch.manual_seed(0)

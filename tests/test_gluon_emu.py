@@ -150,6 +150,23 @@ def test_decode_gemm_norm_without_fence_or_barrier(line, tmp_path, monkeypatch):
                            row_sumsq=x.float().pow(2).sum(-1)[None], splits=1)
 
 
+def test_decode_gemm_pdl_reading_x_before_the_wait(tmp_path, monkeypatch):
+    """A programmatic dependent launch that copies x (the previous kernel's output) before griddepcontrol.wait."""
+    from rlhf_engine.kernels import decode_gemm_ws
+
+    mod = _mutant(decode_gemm_ws, """            _gdc_wait()  # from here on the previous kernel is complete: x, the sums, the residual, any write
+            for i in range(0, gl.minimum(nk, STAGES)):
+                _load_x(x_desc, x_smem, ready.index(i), i, t0, (kb_lo + i) * BLOCK_K)""",
+                  """            for i in range(0, gl.minimum(nk, STAGES)):
+                _load_x(x_desc, x_smem, ready.index(i), i, t0, (kb_lo + i) * BLOCK_K)
+            _gdc_wait()""", tmp_path)
+    monkeypatch.setattr(mod, "use_pdl", lambda device: True)
+    monkeypatch.setattr(mod, "_decode_gemm_kernel", emulate(mod._decode_gemm_kernel, pdl_early=("w_desc",)))
+    x, w = torch.randn(16, 128, dtype=torch.bfloat16), torch.randn(64, 128, dtype=torch.bfloat16)
+    with pytest.raises(GluonHazard, match="griddepcontrol.wait"):
+        mod.decode_gemm_ws(x, w, splits=1, pdl=True)
+
+
 @gluon.jit
 def _scatter_kernel(X, Y, n, scale, N: gl.constexpr):
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])

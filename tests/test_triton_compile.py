@@ -225,10 +225,13 @@ def _decode_gemm_gluon_cases():
                                                    ("qkv-norm", "bf16", 64, 1152, 896, True, False, True),
                                                    ("o-res", "bf16", 64, 896, 896, False, False, True),
                                                    ("gate_up-norm", "bf16", 64, 4864, 896, False, True, True),
-                                                   ("down-res", "bf16", 64, 896, 4864, False, False, True)]:
+                                                   ("down-res", "bf16", 64, 896, 4864, False, False, True),
+                                                   ("qkv-norm-pdl", "bf16", 64, 1152, 896, True, False, True),
+                                                   ("gate_up-norm-pdl", "bf16", 64, 4864, 896, False, True, True),
+                                                   ("down-res-pdl", "bf16", 64, 896, 4864, False, False, True)]:
         block_t, splits, stages = tiles(M, N, K, swiglu, 132)
         gdt = gl.bfloat16 if dt == "bf16" else gl.float16
-        norm = fused and name.startswith(("qkv", "gate_up"))
+        norm = fused and name.startswith(("qkv", "gate_up"))  # (and "-pdl": a programmatic dependent launch)
         res = fused and not norm
 
         def desc(rows):
@@ -237,7 +240,8 @@ def _decode_gemm_gluon_cases():
         yield _case(f"decode_gemm_gluon-{name}-{dt}-t{block_t}-s{splits}", "decode_gemm_ws", "_decode_gemm_kernel",
                     {"Y": dt, "BIAS": dt, "G": dt, "SQ": "fp32", "RO": dt, "SQO": "fp32", "WS": "fp32", "CNT": "i32"},
                     ["eps"], dict(HAS_BIAS=bias, SWIGLU=swiglu, NORM=norm, SQ_P2=16, HAS_ORES=res, HAS_SQO=res,
-                                  SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_T=block_t, STAGES=stages), 4,
+                                  SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_T=block_t, STAGES=stages,
+                                  PDL=name.endswith("-pdl")), 4,
                     descs={"w_desc": desc(BLOCK_N), "x_desc": desc(block_t)})
 
 
@@ -487,8 +491,10 @@ def compile_case(case):
     writes = None if wait < 0 else len(re.findall(r"\b(?:st\.global|atom\.|red\.)", ptx[:wait]))
     loads = None if wait < 0 else len(re.findall(r"\b(?:ld\.global|cp\.async)", ptx[:wait]))
     prefetches = None if wait < 0 else len(re.findall(r"\bprefetch\.", ptx[:wait]))
+    tma = None if wait < 0 else len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx[:wait]))
     return dict(ok=True, shared=k.metadata.shared, regs=regs, stack=stack, seconds=round(seconds, 2),
                 writes_before_wait=writes, loads_before_wait=loads, prefetches_before_wait=prefetches,
+                tma_before_wait=tma,
                 setmaxnreg=len(re.findall(r"\bsetmaxnreg\.", ptx)), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
                 wgmma_wait1=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned\s+1;", ptx)),
                 wgmma_wait_n=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned\s+"
@@ -587,4 +593,7 @@ def test_compiles_for_sm90(compiled, case, request):
             assert r["stack"] is None or r["stack"] <= 256, f"{cid}: {r['stack']} B of stack"
     if cid.startswith("decode_gemm_gluon"):  # the products on wgmma, one K block's (two with SwiGLU) left in flight
         assert r["wgmma"] > 0, f"{cid}: no wgmma"
+        if c.get("PDL"):  # before the wait only the weight tiles' TMA copies (the prologue loop's one or two)
+            assert r["tma_before_wait"] == (2 if c["SWIGLU"] else 1), f"{cid}: {r['tma_before_wait']} TMA copies"
+            assert r["loads_before_wait"] == r["tma_before_wait"], f"{cid}: a global load before the wait"
         assert r["wgmma_wait_n"] > 0, f"{cid}: no wgmma.wait_group {2 if c['SWIGLU'] else 1}"

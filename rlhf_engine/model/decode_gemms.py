@@ -84,8 +84,10 @@ def decode_gemm_ws_layer(layer, x: torch.Tensor, d, cos: torch.Tensor, sin: torc
         return None
     B, T = x.shape[:2]
 
-    def linear(t, w, b=None, swiglu=False):  # (B, T, K) -> (B, T, N) on the Gluon GEMM
-        return dg.decode_gemm_ws(t.reshape(B * T, t.shape[-1]), w, b, swiglu=swiglu).view(B, T, -1)
+    def linear(t, w, b=None, swiglu=False):  # (B, T, K) -> (B, T, N) on the Gluon GEMM, a PDL launch on Hopper
+        # (its first weight blocks read while the kernel before it finishes: parameters, which no kernel of the step
+        # writes)
+        return dg.decode_gemm_ws(t.reshape(B * T, t.shape[-1]), w, b, swiglu=swiglu, pdl=True).view(B, T, -1)
 
     if d is None:
         h = rms_norm(x, n1.weight, n1.eps, backend="triton")

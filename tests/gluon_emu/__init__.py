@@ -149,6 +149,18 @@ def _expand_dims(x, axis):
     return ET(x.v.unsqueeze(int(axis)), x.dt, layout=x.layout)
 
 
+def _inline_asm_elementwise(asm, constraints, args, dtype, is_pure, pack):
+    """Only PTX's griddepcontrol (programmatic dependent launch), which has no value: the launch's check of what is
+    read before the wait (``emulate(..., pdl_early=...)``) stands in for it."""
+    p = _prog()
+    if "griddepcontrol.wait" in asm:
+        p.pdl_waited = True
+    elif "griddepcontrol.launch_dependents" not in asm:
+        raise NotImplementedError(f"gluon_emu: inline asm {asm!r}")
+    p.pdl = True
+    return ET(torch.zeros((), dtype=torch.int64), "int32")
+
+
 _GL_OVERRIDES = {
     "program_id": _program_id, "num_programs": _num_programs, "arange": _arange, "full": _full,
     "zeros": lambda shape, dtype, layout=None: _full(shape, 0, dtype, layout),
@@ -162,6 +174,7 @@ _GL_OVERRIDES = {
     "atomic_add": _values._atomic_add, "atomic_xchg": _values._atomic_xchg, "atomic_max": _values._atomic_max,
     "allocate_shared_memory": _allocate_shared_memory, "warp_specialize": _warp_specialize,
     "static_range": _static_range, "thread_barrier": _thread_barrier,
+    "inline_asm_elementwise": _inline_asm_elementwise,
 }
 
 
@@ -244,11 +257,11 @@ def _globals_of(raw) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ launches
-def _arg(value, constexpr):
+def _arg(value, constexpr, name="", early=()):
     if constexpr:
         return value.value if isinstance(value, _gl.constexpr) else value
     if isinstance(value, TensorDescriptor):
-        return EDesc(value)
+        return EDesc(value, early=name in early)
     if isinstance(value, torch.Tensor):
         if value.device.type != "cpu":
             raise TypeError("gluon_emu: tensors must be on the CPU")
@@ -261,8 +274,9 @@ def _arg(value, constexpr):
 
 
 class _Launcher:
-    def __init__(self, kernel, seed, eager):
+    def __init__(self, kernel, seed, eager, pdl_early):
         self.kernel, self.seed, self.eager, self.launches = kernel, seed, eager, 0
+        self.pdl_early = tuple(pdl_early)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -273,7 +287,7 @@ class _Launcher:
         kernel = self.kernel
         grid = tuple(grid(kwargs) if callable(grid) else grid)
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
-        for opt in ("num_warps", "num_ctas", "num_stages", "maxnreg"):
+        for opt in ("num_warps", "num_ctas", "num_stages", "maxnreg", "launch_pdl"):
             kwargs.pop(opt, None)
         params = kernel.params
         bound = dict(zip((p.name for p in params), args))
@@ -281,7 +295,7 @@ class _Launcher:
         values = []
         for p in params:
             if p.name in bound:
-                values.append(_arg(bound[p.name], p.is_constexpr))
+                values.append(_arg(bound[p.name], p.is_constexpr, p.name, self.pdl_early))
             elif p.has_default:
                 values.append(p.default)
             else:
@@ -306,9 +320,12 @@ class _Launcher:
                     _values._CURRENT[0] = None
 
 
-def emulate(kernel, seed: int = 0, eager: float = 0.0) -> _Launcher:
+def emulate(kernel, seed: int = 0, eager: float = 0.0, pdl_early=()) -> _Launcher:
     """A launcher that runs a ``@gluon.jit`` kernel on the CPU: ``emulate(kernel)[grid](*args, **meta)``. ``seed``
-    picks the order in which copies land; ``eager`` the chance that one lands early, after any operation."""
+    picks the order in which programs run and copies land; ``eager`` the chance that a copy lands early, after any
+    operation. ``pdl_early``: the descriptor arguments a programmatic dependent launch may read before its
+    ``griddepcontrol.wait`` (what the kernel before it cannot write: weights); in a program that waits, any other
+    TMA copy, load, store or atomic before the wait raises ``GluonHazard``."""
     if not isinstance(kernel, GluonJITFunction):
         raise TypeError("gluon_emu.emulate takes a @gluon.jit kernel")
-    return _Launcher(kernel, seed, eager)
+    return _Launcher(kernel, seed, eager, pdl_early)

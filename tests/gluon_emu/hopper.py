@@ -246,8 +246,8 @@ def _over(b: EBarrier):
 class EDesc:
     """A TMA descriptor: the 2-D (or N-D) view it describes and its box."""
 
-    def __init__(self, td: TensorDescriptor):
-        self.td = td
+    def __init__(self, td: TensorDescriptor, early: bool = False):
+        self.td, self.early = td, early
         self.view = td.base.as_strided(list(td.shape), list(td.strides))  # raises if it overruns the storage
         self.block_shape = [int(s) for s in td.block_shape]
         self.layout = td.layout
@@ -286,6 +286,9 @@ class _TMA:
             raise TypeError(f"gluon_emu: TMA box {tensor_desc.block_shape} into a buffer of {result.shape}")
         if result.perm is not None:
             raise TypeError("gluon_emu: TMA into a permuted view")
+        if p.pdl and not p.pdl_waited and not tensor_desc.early:
+            raise GluonHazard("a TMA copy before griddepcontrol.wait from a tensor the kernel before may write (only "
+                              "the launch's pdl_early descriptors may be read before the wait)")
         with p.cond:
             b = _inited(barrier)
             if any(c[3].alloc is result.alloc and c[3].key == result.key for c in p.queue):

@@ -220,6 +220,10 @@ class EPtr:
         return _gl.pointer_type(getattr(_gl, _GL_NAME[_FROM_TORCH[self.base.dtype]]))
 
     def _flat(self, mask):
+        p = _CURRENT[0]
+        if p is not None and p.pdl and not p.pdl_waited:
+            raise GluonHazard("a global load, store or atomic before griddepcontrol.wait in a programmatic dependent "
+                              "launch: the kernel before it may still be writing")
         t = self.base.detach()
         n = t.untyped_storage().nbytes() // t.element_size()
         flat = torch.as_strided(t, (n,), (1,), 0)
@@ -297,6 +301,7 @@ class _Program:
         self.live = 1
         self.waiting = {}  # thread id -> (barrier, parity, partition name)
         self.abort = None
+        self.pdl = self.pdl_waited = False  # programmatic dependent launch: griddepcontrol seen, its wait passed
         self.woken = set()  # threads a completed phase woke, which the completing one lets run first
         self.blocks = {}  # thread id -> how many times it blocked in a wait
         self.done = set()
