@@ -182,7 +182,8 @@ def run_case(name: str, B: int, P: int, N: int, device: torch.device, dtype: tor
             try:
                 graph = [r["ms_per_step"] for r in rows if r["impl"] == "ours (triton, cuda graph reused across calls)"]
                 n_lo, n_hi = (1, 3) if smoke() else (8, 24)
-                paths = {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1", "RLHF_ENGINE_DECODE_NORM_GEMM": "0"}  # the default
+                paths = {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1", "RLHF_ENGINE_DECODE_NORM_GEMM": "0",
+                         "RLHF_ENGINE_DECODE_GEMM_WS": "0"}  # the default
                 with mock.patch.dict(os.environ, paths):
                     per = decode_step_profile(model, ids, mask, n_lo, n_hi)
                 print_step_profile(shape, per, graph[0] if graph else None)
@@ -194,6 +195,13 @@ def run_case(name: str, B: int, P: int, N: int, device: torch.device, dtype: tor
                         per = decode_step_profile(model, ids, mask, n_lo, n_hi)
                     print_step_profile(f"{shape} [norms in GEMMs, split-K]", per,
                                        norm_gemm[0] if device.type == "cuda" else None)
+                gluon = [r["ms_per_step"] for r in rows
+                         if r["impl"] == "ours (triton, cuda graph reused, Gluon GEMMs, norms in GEMMs)"]
+                if gluon and time_left() >= 20:  # the opt-in Gluon decode GEMMs with the norms fused in
+                    with mock.patch.dict(os.environ, {**paths, "RLHF_ENGINE_DECODE_NORM_GEMM": "1",
+                                                      "RLHF_ENGINE_DECODE_GEMM_WS": "1"}):
+                        per = decode_step_profile(model, ids, mask, n_lo, n_hi)
+                    print_step_profile(f"{shape} [Gluon GEMMs, norms in GEMMs]", per, gluon[0])
             except Exception as e:  # noqa: BLE001 - report and keep the measured rows
                 print(f"{shape}: decode-step profile FAILED {type(e).__name__}: {e}")
     return rows
