@@ -11,7 +11,9 @@ pytest.importorskip("triton.experimental.gluon")
 from gluon_emu import emulate
 from rlhf_engine.kernels import decode_gemm_ws
 from rlhf_engine.kernels._launch import tile_counters
-from rlhf_engine.kernels.decode_gemm_ws import decode_gemm_reference, decode_gemm_ws as gemm, layout_ok
+from rlhf_engine.kernels.decode_gemm_ws import decode_gemm_reference, layout_ok
+from rlhf_engine.kernels.decode_gemm_ws import decode_gemm_ws as gemm
+from tiny import count_calls
 
 
 @pytest.fixture
@@ -214,8 +216,9 @@ def test_decode_step_on_the_gluon_gemm(name, norm_gemm, monkeypatch):
     Gluon kernel: every norm but the first layer's and the final one inside a GEMM."""
     import rlhf_engine.kernels.rmsnorm as rn
     import rlhf_engine.kernels.swiglu as sw
-    from rlhf_engine.generation import generate
     from tiny import generation_model, left_padded_prompts
+
+    from rlhf_engine.generation import generate
 
     monkeypatch.setattr(decode_gemm_ws, "on_hopper", lambda device: True)
     monkeypatch.setattr(decode_gemm_ws, "_decode_gemm_kernel", emulate(decode_gemm_ws._decode_gemm_kernel))
@@ -230,13 +233,9 @@ def test_decode_step_on_the_gluon_gemm(name, norm_gemm, monkeypatch):
     for on in (False, True):
         monkeypatch.setenv("RLHF_ENGINE_DECODE_GEMM_WS", "1" if on else "0")
         monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if on and norm_gemm else "0")
-        calls = {"gemm": 0, "silu": 0, "norm": 0}
         with monkeypatch.context() as mp:
-            for mod, fn, key in ((decode_gemm_ws, "decode_gemm_ws", "gemm"), (sw, "silu_mul_forward", "silu"),
-                                 (rn, "rms_norm_forward", "norm")):
-                real = getattr(mod, fn)
-                mp.setattr(mod, fn, lambda *a, _r=real, _k=key, **k: (calls.__setitem__(_k, calls[_k] + 1),
-                                                                        _r(*a, **k))[1])
+            calls = count_calls(mp, ((decode_gemm_ws, "decode_gemm_ws", "gemm"), (sw, "silu_mul_forward", "silu"),
+                                     (rn, "rms_norm_forward", "norm")))
             runs[on] = (generate(m, ids, mask, **kw), dict(calls))
     (a, ca), (b, cb) = runs[False], runs[True]
     L, steps = m.config.num_layers, kw["max_new_tokens"] - 1  # the prefill draws the first token
@@ -321,15 +320,13 @@ def test_decode_step_on_the_gluon_gemm_bf16_gpu(monkeypatch, record_value):
 
     from rlhf_engine.kernels import decode_gemm_ws as dg
 
-    calls = []
-    real = dg.decode_gemm_ws
-    monkeypatch.setattr(dg, "decode_gemm_ws", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_calls(monkeypatch, ((dg, "decode_gemm_ws", "gemm"),))
     ref = step_logits(m32, False)
     err = {}
     for c in ((False, False), (True, False), (True, True)):
-        calls.clear()
+        calls["gemm"] = 0
         err[c] = (step_logits(m, *c) - ref).abs().max().item()
-        assert len(calls) == (4 * m.config.num_layers if c[0] else 0), (c, len(calls))  # the kernel really ran
+        assert calls["gemm"] == (4 * m.config.num_layers if c[0] else 0), (c, calls)  # the kernel really ran
     record_value("Gluon decode GEMM step, bf16 logits max err vs fp32 (cuBLAS path, Gluon GEMMs, + norms in GEMMs)",
                  tuple(err.values()))
     assert max(err[True, False], err[True, True]) <= 2 * err[False, False] + 1e-3, err
@@ -349,9 +346,7 @@ def test_decode_linear_gluon_backend(emulated, monkeypatch):
     from rlhf_engine.kernels import norm_linear
 
     monkeypatch.setattr(decode_gemm_ws, "on_hopper", lambda device: True)
-    calls = []
-    real = decode_gemm_ws.decode_gemm_ws
-    monkeypatch.setattr(decode_gemm_ws, "decode_gemm_ws", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_calls(monkeypatch, ((decode_gemm_ws, "decode_gemm_ws", "gemm"),))
     torch.manual_seed(0)
     dt = torch.float16
     x, r = torch.randn(2, 3, 64, dtype=dt), torch.randn(2, 3, 64, dtype=dt)
@@ -360,9 +355,9 @@ def test_decode_linear_gluon_backend(emulated, monkeypatch):
     sq = x.float().pow(2).sum(-1).reshape(1, 6)
     out = norm_linear.decode_linear(x, w, norm_weight=g, row_sumsq=sq, out_residual=ro, return_sumsq=True,
                                     backend="gluon")
-    assert calls == [1] and out.out.shape == (2, 3, 48) and out.s is None and out.sumsq.shape == (1, 6)
+    assert calls["gemm"] == 1 and out.out.shape == (2, 3, 48) and out.s is None and out.sumsq.shape == (1, 6)
     ref = norm_linear.decode_linear_reference(x, w, norm_weight=g, out_residual=ro).out
     torch.testing.assert_close(out.out, ref, atol=1e-2, rtol=1e-2)
     norm_linear.decode_linear(x, w, norm_weight=g, residual=r, backend="gluon")  # the prologue add: Triton
     norm_linear.decode_linear(x, w, norm_weight=g, backend="gluon")  # rstd from a walk over the rows: Triton
-    assert calls == [1]
+    assert calls["gemm"] == 1

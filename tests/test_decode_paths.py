@@ -9,6 +9,7 @@ import torch
 
 from rlhf_engine.generation import KVCache, generate
 from rlhf_engine.model import CausalLM, preset
+from tiny import count_calls
 from tiny import generation_model as _model
 from tiny import left_padded_prompts as _prompts
 
@@ -114,13 +115,9 @@ def test_triton_generation_with_norms_in_the_gemms(name, device, monkeypatch):
     runs = {}
     for fused in (False, True):
         monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if fused else "0")
-        calls = {"norm_gemm": 0, "norm": 0, "silu": 0}
         with monkeypatch.context() as mp:
-            for mod, fn, key in ((nl, "decode_linear_forward", "norm_gemm"), (rn, "rms_norm_forward", "norm"),
-                                 (sw, "silu_mul_forward", "silu")):
-                real = getattr(mod, fn)
-                mp.setattr(mod, fn, lambda *a, _r=real, _k=key, **k: (calls.__setitem__(_k, calls[_k] + 1),
-                                                                        _r(*a, **k))[1])
+            calls = count_calls(mp, ((nl, "decode_linear_forward", "norm_gemm"), (rn, "rms_norm_forward", "norm"),
+                                     (sw, "silu_mul_forward", "silu")))
             runs[fused] = (generate(m, ids, mask, greedy=True, **kw), dict(calls))
     (a, ca), (b, cb) = runs[False], runs[True]
     L, steps = m.config.num_layers, kw["max_new_tokens"] - 1  # the prefill draws the first token

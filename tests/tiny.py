@@ -127,3 +127,13 @@ def nan_padded_cache(B, L, Hkv, D, dtype, device, lens, start=None):
             t[b, int(lens[b]):] = float("nan")
             t[b, :lo] = float("nan")
     return k, v
+
+
+def count_calls(mp, targets) -> dict:
+    """Patch each (module, function name, key) of ``targets`` through ``mp`` (a monkeypatch or its context) so that
+    it counts its calls in the returned {key: count} and still runs the real function."""
+    calls = {key: 0 for _, _, key in targets}
+    for mod, fn, key in targets:
+        real = getattr(mod, fn)
+        mp.setattr(mod, fn, lambda *a, _r=real, _k=key, **k: (calls.__setitem__(_k, calls[_k] + 1), _r(*a, **k))[1])
+    return calls
