@@ -298,25 +298,16 @@ def test_decode_step_on_the_gluon_gemm_bf16_gpu(monkeypatch, record_value):
     model; a generation through a CUDA graph gives finite log-probs equal to its eager run's."""
     if not _hopper():
         pytest.skip("the Gluon decode GEMM is for sm_90")
-    import copy
+    from tiny import decode_step_logits, qwen_decode_case
 
-    from rlhf_engine.generation import KVCache, generate
-    from rlhf_engine.model import CausalLM, preset
+    from rlhf_engine.generation import generate
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        m32 = CausalLM(preset("qwen2-0.5b", num_layers=2)).eval()
-    m = copy.deepcopy(m32).to(torch.bfloat16)
-    ids = torch.randint(4, m.config.vocab_size, (64, 33), device="cuda")
-    mask = torch.ones_like(ids)
-    mask[::5, :9] = 0  # left padding
+    m32, m, ids, mask = qwen_decode_case()
 
     def step_logits(model, on: bool, norm_gemm: bool = False):
         monkeypatch.setenv("RLHF_ENGINE_DECODE_GEMM_WS", "1" if on else "0")
         monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if norm_gemm else "0")
-        cache = KVCache.allocate(model.config, 64, 40, dtype=model.dtype, device="cuda")
-        model.prefill(ids[:, :-1], mask[:, :-1], cache, attn_backend="triton")
-        return model.decode_step(ids[:, -1:], cache, attn_backend="triton").float()
+        return decode_step_logits(model, ids, mask)
 
     from rlhf_engine.kernels import decode_gemm_ws as dg
 

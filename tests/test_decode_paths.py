@@ -2,16 +2,13 @@
 RLHF_ENGINE_DECODE_FUSED_WRITE=0 turns it off) and norms inside the GEMMs (opt-in, RLHF_ENGINE_DECODE_NORM_GEMM=1),
 the CUDA-graph cache keyed on them, and the RoPE rows gathered from the model's table. Split from
 test_generation.py."""
-import copy
-
 import pytest
 import torch
-
-from rlhf_engine.generation import KVCache, generate
-from rlhf_engine.model import CausalLM, preset
-from tiny import count_calls
+from tiny import count_calls, decode_step_logits, qwen_decode_case
 from tiny import generation_model as _model
 from tiny import left_padded_prompts as _prompts
+
+from rlhf_engine.generation import KVCache, generate
 
 
 @pytest.mark.parametrize("switch", ["RLHF_ENGINE_DECODE_FUSED_WRITE", "RLHF_ENGINE_DECODE_NORM_GEMM",
@@ -33,19 +30,11 @@ def test_norm_gemm_decode_bf16_gpu(monkeypatch, record_value):
     """RLHF_ENGINE_DECODE_NORM_GEMM=1 in bf16 at Qwen2-0.5B widths (2 layers, batch 64, the autotuned kernel): a
     decode step's logits within 2x of the usual path's error against the fp32 model; and a generation through a
     CUDA graph with it gives finite log-probs equal to its eager run's."""
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        m32 = CausalLM(preset("qwen2-0.5b", num_layers=2)).eval()
-    m = copy.deepcopy(m32).to(torch.bfloat16)
-    ids = torch.randint(4, m.config.vocab_size, (64, 33), device="cuda")
-    mask = torch.ones_like(ids)
-    mask[::5, :9] = 0  # left padding
+    m32, m, ids, mask = qwen_decode_case()
 
     def step_logits(model, fused: bool):
         monkeypatch.setenv("RLHF_ENGINE_DECODE_NORM_GEMM", "1" if fused else "0")
-        cache = KVCache.allocate(model.config, 64, 40, dtype=model.dtype, device="cuda")
-        model.prefill(ids[:, :-1], mask[:, :-1], cache, attn_backend="triton")
-        return model.decode_step(ids[:, -1:], cache, attn_backend="triton").float()
+        return decode_step_logits(model, ids, mask)
 
     ref = step_logits(m32, False)
     err = {f: (step_logits(m, f) - ref).abs().max().item() for f in (False, True)}

@@ -137,3 +137,29 @@ def count_calls(mp, targets) -> dict:
         real = getattr(mod, fn)
         mp.setattr(mod, fn, lambda *a, _r=real, _k=key, **k: (calls.__setitem__(_k, calls[_k] + 1), _r(*a, **k))[1])
     return calls
+
+
+def qwen_decode_case(device="cuda"):
+    """The GPU decode-path tests' case: Qwen2-0.5B widths with 2 layers, fp32 and a bf16 copy, 64 prompts of 33
+    tokens (every fifth left-padded by 9). Returns (m32, m16, ids, mask)."""
+    import copy
+
+    from rlhf_engine.model import CausalLM, preset
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        m32 = CausalLM(preset("qwen2-0.5b", num_layers=2)).eval()
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    ids = torch.randint(4, m16.config.vocab_size, (64, 33), device=device)
+    mask = torch.ones_like(ids)
+    mask[::5, :9] = 0  # left padding
+    return m32, m16, ids, mask
+
+
+def decode_step_logits(model, ids, mask):
+    """fp32 logits of one triton decode step after prefilling all but the last token."""
+    from rlhf_engine.generation import KVCache
+
+    cache = KVCache.allocate(model.config, ids.shape[0], ids.shape[1] + 7, dtype=model.dtype, device=ids.device)
+    model.prefill(ids[:, :-1], mask[:, :-1], cache, attn_backend="triton")
+    return model.decode_step(ids[:, -1:], cache, attn_backend="triton").float()
