@@ -2,7 +2,9 @@
 
 For one row of logits l (V,) and temperature T, with z = l / T:
     token = argmax_i (z_i + G_i),  G_i = -log(-log U_i),  U_i ~ Uniform(0, 1)   (Gumbel-max: P(token = i) =
-            softmax(z)_i; the same draw as the exponential race argmax p_i / E_i with E_i = -log U_i)
+            softmax(z)_i; the same draw as the exponential race argmax p_i / E_i with E_i = -log U_i, which
+            is how it is computed: exp(z_i - m) / E_i against the running max m, sharing the exponentials
+            of the log-sum-exp, one log a logit instead of the Gumbel key's two)
     greedy: token = argmax_i z_i
     logp  = z_token - logsumexp(z)                                             (online over vocab blocks)
 U_i = output i % 4 of Philox(seed, row * ceil(V / 4) + i // 4) (``tl.rand4x``: one Philox call for 4 logits), with
@@ -32,8 +34,8 @@ _SPLIT_ELEMS = 8192  # vocab entries per program: B = 64 rows of V = 151936 make
 
 
 @triton.jit
-def _gumbel_key(z, u):
-    return z - tl.log(-tl.log(u))  # z + Gumbel noise; u = 0 gives -inf (never drawn)
+def _race_key(e, u):
+    return e / -tl.log(u)  # exp(z - m) / E, E = -log U ~ Exp(1); u = 0 gives 0 (never drawn)
 
 
 @triton.jit
@@ -61,7 +63,9 @@ def _sample_partial_kernel(
     quad = tl.arange(0, BLOCK_V // 4)
     m = -float("inf")  # running max of z
     s = 0.0  # running sum of exp(z - m)
-    best = -float("inf")  # best race key so far
+    # best race key so far: greedy, the largest z; sampling, the largest exp(z - m) / E (relative to the running max
+    # m, rescaled as s is; -1: none yet, below every key, and -1 * 0 is no NaN where -inf * 0 would be)
+    best = -float("inf") if GREEDY else -1.0
     best_i = 0
     for v0 in range(lo, hi, BLOCK_V):  # v0 is a multiple of BLOCK_V, so of 4
         i0 = v0 + 4 * quad
@@ -73,15 +77,19 @@ def _sample_partial_kernel(
         m_new = tl.maximum(m, tl.max(tl.maximum(tl.maximum(z0, z1), tl.maximum(z2, z3)), axis=0))
         # m_new = -inf only while every logit so far is -inf: keep s = 0 (exp(-inf - -inf) would be NaN)
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z0 - shift) + tl.exp(z1 - shift) + tl.exp(z2 - shift)
-                                           + tl.exp(z3 - shift), axis=0)
+        alpha = tl.exp(m - shift)  # what the sums (and race keys) so far are rescaled by
+        e0, e1, e2, e3 = tl.exp(z0 - shift), tl.exp(z1 - shift), tl.exp(z2 - shift), tl.exp(z3 - shift)
+        s = s * alpha + tl.sum(e0 + e1 + e2 + e3, axis=0)
         m = m_new
         if GREEDY:
             k0, k1, k2, k3 = z0, z1, z2, z3
         else:
-            # the stream of logit i of a row: output i % 4 of Philox(seed, row * VQ + i // 4)
+            # the stream of logit i of a row: output i % 4 of Philox(seed, row * VQ + i // 4); the exponential race
+            # in linear space, argmax exp(z - m) / E with E = -log U: the Gumbel-max winner argmax z - log(-log U)
+            # with one log a logit instead of two, the exponentials shared with the sum
             u0, u1, u2, u3 = tl.rand4x(seed, row * VQ + v0 // 4 + quad)
-            k0, k1, k2, k3 = _gumbel_key(z0, u0), _gumbel_key(z1, u1), _gumbel_key(z2, u2), _gumbel_key(z3, u3)
+            k0, k1, k2, k3 = _race_key(e0, u0), _race_key(e1, u1), _race_key(e2, u2), _race_key(e3, u3)
+            best = best * alpha
         k0 = tl.where(i0 < hi, k0, -float("inf"))
         k1 = tl.where(i1 < hi, k1, -float("inf"))
         k2 = tl.where(i2 < hi, k2, -float("inf"))
@@ -92,6 +100,10 @@ def _sample_partial_kernel(
                                   tl.minimum(_index_if(k2, i2, k_max), _index_if(k3, i3, k_max))), axis=0)
         best_i = tl.where(k_max > best, first, best_i)
         best = tl.maximum(best, k_max)
+    if not GREEDY:  # the key in log space, comparable across splits: log(exp(z - m) / E) + m = z - log E
+        # (a split's winner has exp(0) / E > 0.05 against its own max: the clamp only keeps log(0) out of the lanes
+        # of a split without a valid key, which tl.where then drops)
+        best = tl.where(best > 0.0, tl.log(tl.maximum(best, 1e-30)) + m, -float("inf"))
     i = row * S + sp
     tl.store(PM + i, m)
     tl.store(PS + i, s)

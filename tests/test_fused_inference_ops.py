@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from rlhf_engine.kernels.reference.norm import rms_norm_reference
 from rlhf_engine.kernels.rmsnorm import rms_norm
@@ -228,6 +230,43 @@ def test_triton_sampler_uses_each_of_the_four_uniforms(device):
     torch.testing.assert_close(lp, torch.full_like(lp, -math.log(V)))
     pairs = (tok[0::2] * V + tok[1::2]).unique().numel()  # 400 pairs of rows over 169 combinations
     assert pairs > 120, pairs  # rows repeating their neighbour's draw would leave 13
+
+
+@triton.jit
+def _philox_uniforms_kernel(SEED, OUT, VQ, BLOCK_Q: tl.constexpr):
+    # the sampler's stream: logit i of row r takes output i % 4 of Philox(seed, r * VQ + i // 4)
+    row = tl.program_id(0)
+    q = tl.arange(0, BLOCK_Q)
+    u0, u1, u2, u3 = tl.rand4x(tl.load(SEED), row * VQ + q)
+    base = OUT + row * 4 * BLOCK_Q + 4 * q
+    tl.store(base, u0)
+    tl.store(base + 1, u1)
+    tl.store(base + 2, u2)
+    tl.store(base + 3, u3)
+
+
+@pytest.mark.parametrize("V", [37, 2500, 20000])
+def test_triton_sampler_draws_the_gumbel_max_of_its_uniforms(V, device):
+    """The kernel's winner is argmax_i z_i - log(-log U_i) for its own Philox uniforms (recomputed here by a kernel
+    of four lines), computed in fp64: the exponential race in linear space that the kernel runs (exp(z - m) / E,
+    rescaled block to block and compared across vocab splits in log space) picks the same token; 37 logits (one
+    block), 2,500 (two blocks), 20,000 (three splits)."""
+    from rlhf_engine.kernels.sample import sample_logits
+
+    B, T = 6, 0.7
+    torch.manual_seed(V)
+    logits = torch.randn(B, V, device=device) * 2
+    logits[0, : V // 2] = float("-inf")  # a row whose first half (a whole split at V = 20,000) is masked
+    g = torch.Generator(device).manual_seed(11)
+    tok, _ = sample_logits(logits, temperature=T, generator=g)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=g.manual_seed(11))
+    vq = -(-V // 4)
+    block_q = triton.next_power_of_2(vq)
+    u = torch.empty(B, 4 * block_q, device=device)
+    _philox_uniforms_kernel[(B,)](seed, u, vq, BLOCK_Q=block_q)
+    z = (logits.float() * (1.0 / T)).double()
+    ref = (z - torch.log(-torch.log(u[:, :V].double()))).argmax(-1)
+    assert torch.equal(tok, ref), (tok, ref)
 
 
 @pytest.mark.gpu
