@@ -107,7 +107,8 @@ def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool, names=None):
 
     if not ws_eligible(qs, ks, vs):  # not an sm_90 GPU (or ws_probe.py found them broken): no row under their name
         impls = {n: f for n, f in impls.items() if n not in (WS, WS_SIMPLE)}
-    elif os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") == "1":  # ws_probe.py: only the overlap failed
+    elif os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") in ("1", "notrun"):  # ws_probe.py: the overlap only
+        # failed (or was not probed)
         impls = {n: f for n, f in impls.items() if n != WS}
     return {n: f for n, f in impls.items() if names is None or n in names or n == "sdpa_default"}
 
@@ -221,7 +222,7 @@ def main(with_flex: bool = True) -> list[dict]:
         if flex_pass and not with_flex:
             continue
         for B, Hq, Hkv, T, D in SMOKE_SHAPES if smoke() else SHAPES:
-            if pass_name == "warp-specialized" and os.environ.get("RLHF_ENGINE_ATTN_WS_BROKEN") == "1":
+            if pass_name == "warp-specialized" and os.environ.get("RLHF_ENGINE_ATTN_WS_BROKEN") in ("1", "notrun"):
                 print("bench_attention: warp-specialized pass skipped: ws_probe.py found the kernel broken")
                 break
             if time_left() < need:

@@ -342,13 +342,13 @@ EOF
   # tests fail at once (RLHF_ENGINE_ATTN_WS_BROKEN), instead of hanging the run.
   local WSP="skipped (GPU_CHECK_SKIP)" GSP="skipped (GPU_CHECK_SKIP)"
   : > "$OUT/ws_probe.txt"
-  # A probe with less than PROBE_MIN_S left is not started: its kernels stay off for the run ("not run (budget)"),
-  # which is no failure (a probe cut short by the budget would read as a hang).
+  # A probe with less than PROBE_MIN_S left is not started: its kernels stay off for the run ("not run (budget)",
+  # ..._BROKEN=notrun: their tests skip), which is no failure (a probe cut short by the budget would read as a hang).
   local PROBE_MIN_S=30
   if ! skipped wsprobe; then
     c=$(cap 120 "$TEST_RESERVE")
     if (( c < PROBE_MIN_S )); then
-      WSP="not run (budget: ${c} s left): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1
+      WSP="not run (budget: ${c} s left): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=notrun
     else
       timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --simple >> "$OUT/ws_probe.txt" 2>&1
       rc=$?
@@ -357,7 +357,7 @@ EOF
            c=$(cap 60 "$TEST_RESERVE")
            if (( c < PROBE_MIN_S )); then
              WSP="simple forward and backward ok; pipelined forward not run (budget): turned off"
-             export RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1
+             export RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=notrun
            else
              timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --pipelined >> "$OUT/ws_probe.txt" 2>&1
              rc=$?
@@ -377,7 +377,7 @@ EOF
   if ! skipped gemmprobe; then
     c=$(cap 60 "$TEST_RESERVE")
     if (( c < PROBE_MIN_S )); then
-      GSP="not run (budget: ${c} s left): turned off"; export RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1
+      GSP="not run (budget: ${c} s left): turned off"; export RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=notrun
     else
       { echo; echo "===== decode GEMM (--gemm) ====="; } >> "$OUT/ws_probe.txt"
       timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --gemm >> "$OUT/ws_probe.txt" 2>&1

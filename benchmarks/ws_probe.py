@@ -84,18 +84,20 @@ def gemm() -> int:
     wo = (torch.randn(896, 896, device="cuda") * 896 ** -0.5).to(torch.bfloat16)
     wgu = (torch.randn(2 * 4864, 896, device="cuda") * 896 ** -0.5).to(torch.bfloat16)
     g = (1 + 0.1 * torch.randn(896, device="cuda")).to(torch.bfloat16)
-    print("ws_probe: launching the decode GEMM's fused forms (o + residual + sums of squares; norm + gate/up)",
-          flush=True)
-    h, sq = dg.decode_gemm_ws(y, wo, out_residual=s, return_sumsq=True)
-    act = dg.decode_gemm_ws(h, wgu, swiglu=True, norm_weight=g, eps=1e-6, row_sumsq=sq)
-    torch.cuda.synchronize()
-    h_ref = decode_linear_reference(y.float(), wo.float(), out_residual=s.float()).out
-    act_ref = decode_linear_reference(h.float(), wgu.float(), norm_weight=g.float(), eps=1e-6, swiglu=True).out
-    for name, got, ref in (("o + residual", h, h_ref), ("norm + gate/up", act, act_ref)):
-        err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
-        good = err < 2e-2
-        ok &= good
-        print(f"ws_probe: decode GEMM {name}: max relative error {err:.3g}: {'ok' if good else 'WRONG'}", flush=True)
+    for pdl in (False, True):  # the model's layers launch them with programmatic dependent launch (Hopper)
+        print(f"ws_probe: launching the decode GEMM's fused forms (o + residual + sums of squares; norm + gate/up), "
+              f"pdl={pdl}", flush=True)
+        h, sq = dg.decode_gemm_ws(y, wo, out_residual=s, return_sumsq=True, pdl=pdl)
+        act = dg.decode_gemm_ws(h, wgu, swiglu=True, norm_weight=g, eps=1e-6, row_sumsq=sq, pdl=pdl)
+        torch.cuda.synchronize()
+        h_ref = decode_linear_reference(y.float(), wo.float(), out_residual=s.float()).out
+        act_ref = decode_linear_reference(h.float(), wgu.float(), norm_weight=g.float(), eps=1e-6, swiglu=True).out
+        for name, got, ref in (("o + residual", h, h_ref), ("norm + gate/up", act, act_ref)):
+            err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+            good = err < 2e-2
+            ok &= good
+            print(f"ws_probe: decode GEMM {name} (pdl={pdl}): max relative error {err:.3g}: "
+                  f"{'ok' if good else 'WRONG'}", flush=True)
     return 0 if ok else 1
 
 

@@ -77,7 +77,8 @@ def ws_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether q, k, v can run the warp-specialized forward: an sm_90 GPU with Gluon, and ``ws_layout_ok``."""
     if not HAVE_GLUON or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    if os.environ.get("RLHF_ENGINE_ATTN_WS_BROKEN") == "1":  # benchmarks/ws_probe.py saw it hang or disagree
+    if os.environ.get("RLHF_ENGINE_ATTN_WS_BROKEN") in ("1", "notrun"):  # ws_probe.py: a hang, a mismatch, or not
+        # probed in gpu_check.sh's budget
         return False
     return ws_layout_ok(q, k, v)
 
@@ -85,7 +86,7 @@ def ws_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def ws_pipeline() -> bool:
     """FA3's intra-warpgroup overlap in the forward's consumers (``_ws_consume``): on unless
     ``RLHF_ENGINE_ATTN_WS_PIPELINE=0``."""
-    if os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") == "1":  # benchmarks/ws_probe.py saw it fail
+    if os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") in ("1", "notrun"):  # ws_probe.py saw it fail
         return False
     return os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE", "1") != "0"
 

@@ -70,8 +70,9 @@ def layout_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def on_hopper(device: torch.device) -> bool:
     """Whether the kernel can run on ``device``: an sm_90 GPU (Hopper's wgmma), and Gluon; never after
-    ``benchmarks/ws_probe.py --gemm`` saw it hang or disagree (``RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1``)."""
-    if os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS_BROKEN") == "1":
+    ``benchmarks/ws_probe.py --gemm`` saw it hang or disagree (``RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1``), or
+    ``gpu_check.sh`` had no time left to run that probe (``=notrun``)."""
+    if os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS_BROKEN") in ("1", "notrun"):
         return False
     return HAVE_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 

@@ -34,6 +34,13 @@ _SPLIT_ELEMS = 8192  # vocab entries per program: B = 64 rows of V = 151936 make
 
 
 @triton.jit
+def _finite_top(z):
+    """+inf (an overflowed logit, or one scaled past fp32 by a tiny temperature) as the largest finite float: such
+    tokens keep winning the race among themselves (exp(z - max) = 1, not inf - inf = NaN); NaN stays NaN."""
+    return tl.where(z == float("inf"), 3.4028234663852886e38, z)
+
+
+@triton.jit
 def _race_key(e, u):
     return e / -tl.log(u)  # exp(z - m) / E, E = -log U ~ Exp(1); u = 0 gives 0 (never drawn)
 
@@ -64,16 +71,17 @@ def _sample_partial_kernel(
     m = -float("inf")  # running max of z
     s = 0.0  # running sum of exp(z - m)
     # best race key so far: greedy, the largest z; sampling, the largest exp(z - m) / E (relative to the running max
-    # m, rescaled as s is; -1: none yet, below every key, and -1 * 0 is no NaN where -inf * 0 would be)
+    # m, rescaled as s is; starting at -1, which the first block's rescaling by exp(-inf) = 0 turns into -0: no NaN,
+    # as -inf * 0 would give, and a split that never sees a positive key ends at -inf below)
     best = -float("inf") if GREEDY else -1.0
     best_i = 0
     for v0 in range(lo, hi, BLOCK_V):  # v0 is a multiple of BLOCK_V, so of 4
         i0 = v0 + 4 * quad
         i1, i2, i3 = i0 + 1, i0 + 2, i0 + 3
-        z0 = tl.load(base + i0, mask=i0 < hi, other=-float("inf")).to(tl.float32) * inv_t
-        z1 = tl.load(base + i1, mask=i1 < hi, other=-float("inf")).to(tl.float32) * inv_t
-        z2 = tl.load(base + i2, mask=i2 < hi, other=-float("inf")).to(tl.float32) * inv_t
-        z3 = tl.load(base + i3, mask=i3 < hi, other=-float("inf")).to(tl.float32) * inv_t
+        z0 = _finite_top(tl.load(base + i0, mask=i0 < hi, other=-float("inf")).to(tl.float32) * inv_t)
+        z1 = _finite_top(tl.load(base + i1, mask=i1 < hi, other=-float("inf")).to(tl.float32) * inv_t)
+        z2 = _finite_top(tl.load(base + i2, mask=i2 < hi, other=-float("inf")).to(tl.float32) * inv_t)
+        z3 = _finite_top(tl.load(base + i3, mask=i3 < hi, other=-float("inf")).to(tl.float32) * inv_t)
         m_new = tl.maximum(m, tl.max(tl.maximum(tl.maximum(z0, z1), tl.maximum(z2, z3)), axis=0))
         # m_new = -inf only while every logit so far is -inf: keep s = 0 (exp(-inf - -inf) would be NaN)
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -101,8 +109,8 @@ def _sample_partial_kernel(
         best_i = tl.where(k_max > best, first, best_i)
         best = tl.maximum(best, k_max)
     if not GREEDY:  # the key in log space, comparable across splits: log(exp(z - m) / E) + m = z - log E
-        # (a split's winner has exp(0) / E > 0.05 against its own max: the clamp only keeps log(0) out of the lanes
-        # of a split without a valid key, which tl.where then drops)
+        # (a split's winner has a key >= exp(0) / E of its max token, > 0.046 for any u < 1 but u = 0 (E = inf,
+        # probability 2^-24 per split): the clamp keeps log(0) out of the lanes tl.where drops)
         best = tl.where(best > 0.0, tl.log(tl.maximum(best, 1e-30)) + m, -float("inf"))
     i = row * S + sp
     tl.store(PM + i, m)

@@ -109,6 +109,9 @@ def test_probe_exits_2_without_sm90(mode):
 def _hopper():
     """Whether this GPU runs the kernel (sm_90); a test fails at once when benchmarks/ws_probe.py, run by
     gpu_check.sh before the tests, saw the kernel hang or disagree (RLHF_ENGINE_ATTN_WS_BROKEN=1)."""
+    flags = (os.environ.get("RLHF_ENGINE_ATTN_WS_BROKEN"), os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN"))
+    if "notrun" in flags:
+        pytest.skip("gpu_check.sh had no time left to probe the warp-specialized kernels: off for this run")
     if os.environ.get("RLHF_ENGINE_ATTN_WS_BROKEN") == "1":
         pytest.fail("benchmarks/ws_probe.py found the warp-specialized kernel broken (hang or mismatch): see "
                     "ws_probe.txt")

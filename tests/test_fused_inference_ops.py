@@ -249,14 +249,19 @@ def _philox_uniforms_kernel(SEED, OUT, VQ, BLOCK_Q: tl.constexpr):
 def test_triton_sampler_draws_the_gumbel_max_of_its_uniforms(V, device):
     """The kernel's winner is argmax_i z_i - log(-log U_i) for its own Philox uniforms (recomputed here by a kernel
     of four lines), computed in fp64: the exponential race in linear space that the kernel runs (exp(z - m) / E,
-    rescaled block to block and compared across vocab splits in log space) picks the same token; 37 logits (one
-    block), 2,500 (two blocks), 20,000 (three splits)."""
+    rescaled block to block and compared across vocab splits in log space) picks the same token (up to fp32
+    rounding on a near-tie); 37 logits (one block), 2,500 (two blocks), 20,000 (three splits); masked prefixes, a
+    jump of the running max, +inf logits (the race among them)."""
     from rlhf_engine.kernels.sample import sample_logits
 
     B, T = 6, 0.7
     torch.manual_seed(V)
     logits = torch.randn(B, V, device=device) * 2
     logits[0, : V // 2] = float("-inf")  # a row whose first half (a whole split at V = 20,000) is masked
+    logits[1, : min(V - 5, 10300)] = float("-inf")  # a split (at 20,000) whose first block is masked, later ones not
+    if V > 2048:
+        logits[2, 2048:] += 200.0  # the running max jumps by 200 between blocks: the keys so far rescale to 0
+    logits[3, V // 3] = logits[3, V - 1] = float("inf")  # overflowed logits: drawn before any finite one
     g = torch.Generator(device).manual_seed(11)
     tok, _ = sample_logits(logits, temperature=T, generator=g)
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=g.manual_seed(11))
@@ -265,7 +270,9 @@ def test_triton_sampler_draws_the_gumbel_max_of_its_uniforms(V, device):
     u = torch.empty(B, 4 * block_q, device=device)
     _philox_uniforms_kernel[(B,)](seed, u, vq, BLOCK_Q=block_q)
     z = (logits.float() * (1.0 / T)).double()
-    ref = (z - torch.log(-torch.log(u[:, :V].double()))).argmax(-1)
+    key = z - torch.log(-torch.log(u[:, :V].double()))
+    key[3] = torch.where(z[3] == float("inf"), -torch.log(-torch.log(u[3, :V].double())), float("-inf"))  # (inf - inf)
+    ref = key.argmax(-1)
     assert torch.equal(tok, ref), (tok, ref)
 
 

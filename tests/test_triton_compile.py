@@ -333,10 +333,10 @@ def _inference_op_cases():
         yield _case(f"silu_mul_bwd-{dt}", "swiglu", "_silu_mul_bwd_kernel",
                     {"DO": dt, "G": dt, "U": dt, "DG": dt, "DU": dt}, [], dict(BLOCK=1024), 4)
     # sample_logits_forward: programs (row, vocab split) with BLOCK_V 2048 and 8 warps, then a 1-warp combine;
-    # fp32 logits (sampling_logits), an int64 seed
-    for greedy in (False, True):
-        yield _case(f"sample_partial-fp32-{'greedy' if greedy else 'gumbel'}", "sample", "_sample_partial_kernel",
-                    {"Z": "fp32", "SEED": "i64", "PM": "fp32", "PS": "fp32", "PK": "fp32", "PI": "i32"}, ["inv_t"],
+    # fp32 logits, and bf16 (the decode step's LM-head output, sampling_logits), an int64 seed
+    for zt, greedy in (("fp32", False), ("fp32", True), ("bf16", False)):
+        yield _case(f"sample_partial-{zt}-{'greedy' if greedy else 'gumbel'}", "sample", "_sample_partial_kernel",
+                    {"Z": zt, "SEED": "i64", "PM": "fp32", "PS": "fp32", "PK": "fp32", "PI": "i32"}, ["inv_t"],
                     dict(GREEDY=greedy, BLOCK_V=2048), 8)
     yield _case("sample_combine-fp32", "sample", "_sample_combine_kernel",
                 {"Z": "fp32", "PM": "fp32", "PS": "fp32", "PK": "fp32", "PI": "i32", "TOK": "i64", "LOGP": "fp32"},

@@ -103,8 +103,8 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 def step_bytes_per_sequence(config: ModelConfig, prefill_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Transient bytes one sequence adds during generation, besides its KV cache: the prefill's largest live
     set in a layer (residual, normed input, q/k/v, attention output, gate and up and their product, all
-    ``prefill_len`` tokens long) and the last position's logits (in ``dtype``, in fp32, and the sampler's fp32
-    copy)."""
+    ``prefill_len`` tokens long) and the last position's logits (in ``dtype``, with room for fp32 copies: the
+    samplers read the LM head's output as it is, an upper bound)."""
     es = dtype.itemsize
     H, I, D = config.hidden_size, config.intermediate_size, config.head_dim
     qkv = (config.num_heads + 2 * config.num_kv_heads) * D

@@ -150,14 +150,15 @@ def _expand_dims(x, axis):
 
 
 def _inline_asm_elementwise(asm, constraints, args, dtype, is_pure, pack):
-    """Only PTX's griddepcontrol (programmatic dependent launch), which has no value: the launch's check of what is
-    read before the wait (``emulate(..., pdl_early=...)``) stands in for it."""
+    """Only PTX's griddepcontrol (programmatic dependent launch), which has no value: a launch with ``launch_pdl=True``
+    is checked from its first instruction to its wait (``emulate(..., pdl_early=...)``), and must wait."""
     p = _prog()
     if "griddepcontrol.wait" in asm:
         p.pdl_waited = True
     elif "griddepcontrol.launch_dependents" not in asm:
         raise NotImplementedError(f"gluon_emu: inline asm {asm!r}")
-    p.pdl = True
+    if not p.pdl:
+        raise GluonHazard("griddepcontrol in a kernel not launched with launch_pdl=True")
     return ET(torch.zeros((), dtype=torch.int64), "int32")
 
 
@@ -275,7 +276,7 @@ def _arg(value, constexpr, name="", early=()):
 
 class _Launcher:
     def __init__(self, kernel, seed, eager, pdl_early):
-        self.kernel, self.seed, self.eager, self.launches = kernel, seed, eager, 0
+        self.kernel, self.seed, self.eager, self.launches, self.pdl_launches = kernel, seed, eager, 0, 0
         self.pdl_early = tuple(pdl_early)
 
     def __getitem__(self, grid):
@@ -287,7 +288,9 @@ class _Launcher:
         kernel = self.kernel
         grid = tuple(grid(kwargs) if callable(grid) else grid)
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
-        for opt in ("num_warps", "num_ctas", "num_stages", "maxnreg", "launch_pdl"):
+        pdl = bool(kwargs.pop("launch_pdl", False))
+        self.pdl_launches += pdl
+        for opt in ("num_warps", "num_ctas", "num_stages", "maxnreg"):
             kwargs.pop(opt, None)
         params = kernel.params
         bound = dict(zip((p.name for p in params), args))
@@ -308,6 +311,7 @@ class _Launcher:
             rng.shuffle(pids)  # programs in a seeded order: none may rely on another's running first
             for pid in pids:
                 prog = _Program(pid, grid, rng, self.eager)
+                prog.pdl = pdl  # a programmatic dependent launch: checked from its first instruction
                 _values._CURRENT[0] = prog
                 try:
                     prog.local.name = "the kernel"
@@ -316,6 +320,9 @@ class _Launcher:
                         raise GluonHazard(f"program {pid} exits with {len(prog.queue)} TMA copies in flight")
                     if prog.outstanding():
                         raise GluonHazard(f"program {pid} exits with a wgmma never waited for")
+                    if prog.pdl and not prog.pdl_waited:
+                        raise GluonHazard(f"program {pid} of a programmatic dependent launch never ran "
+                                          "griddepcontrol.wait")
                 finally:
                     _values._CURRENT[0] = None
 
