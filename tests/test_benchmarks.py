@@ -213,3 +213,22 @@ def test_host_train_script_runs():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for case in ("no checkpointing", "checkpoint_layer (ours)", "torch.utils.checkpoint", "scoring fwd"):
         assert case in proc.stdout, proc.stdout
+
+
+def test_gpu_check_fits_the_device_tools_file_cap(tmp_path):
+    """The device tool returns at most 8 files from $OUT (one session lost nothing only because no GPU run wrote
+    them all): gpu_check.sh writes at most 8 names there, with results.csv (benchmarks/common.py) and measured.txt
+    (tests/conftest.py). And a dry run here (no GPU; every step skipped but the Gluon probes and the summary) runs
+    through: both probes report "not run", and the files it leaves are among those names."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    names = set(re.findall(r'"\$OUT/([\w.]+)"', script)) | {"results.csv", "measured.txt"}
+    assert len(names) <= 8, sorted(names)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path), GPU_CHECK_SKIP="build fastlaunch host tests ktests bench", GPU_CHECK_BUDGET_S="200")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "warp-specialized attention not run (no sm_90 device); decode GEMM not run (no sm_90 device)" in out, \
+        out[-3000:]
+    left = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    assert left and left <= names, (left, names)

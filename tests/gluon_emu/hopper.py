@@ -380,8 +380,12 @@ def _thread_barrier():
 def _check_synced(sh):
     """A wgmma reading shared memory this partition stored to needs fence_async_shared() (the async proxy), then
     gl.thread_barrier() (every warp's stores done) in between."""
-    for key in ((id(sh.alloc), sh.key), (id(sh.alloc), None)):
-        state = _sync_state(_prog()).get(key)
+    pending = _sync_state(_prog())
+    # a slot's own stores and the whole allocation's; reading the whole allocation, any slot's
+    keys = [k for k in pending if k[0] == id(sh.alloc)] if sh.key is None else [(id(sh.alloc), sh.key),
+                                                                                (id(sh.alloc), None)]
+    for key in keys:
+        state = pending.get(key)
         if state == "stored":
             raise GluonHazard("wgmma reads shared memory stored by the threads without fence_async_shared() since")
         if state == "fenced":
