@@ -365,6 +365,19 @@ EOF
                WSP="simple forward and backward ok; pipelined forward $(probe_note $rc "$c"): turned off"
                export RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1; FAIL=1
              fi
+           fi
+           # the backward's atomic-dQ form: a failure keeps dq_mode="atomic" on the Triton kernels
+           c=$(cap 60 "$TEST_RESERVE")
+           if (( c < PROBE_MIN_S )); then
+             WSP="$WSP; atomic-dQ backward not run (budget): turned off"
+             export RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN=notrun
+           else
+             timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --atomic >> "$OUT/ws_probe.txt" 2>&1
+             rc=$?
+             if [ "$rc" -ne 0 ]; then
+               WSP="$WSP; atomic-dQ backward $(probe_note $rc "$c"): turned off"
+               export RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN=1; FAIL=1
+             fi
            fi ;;
         2) WSP="not run (no sm_90 device)" ;;
         *) WSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;

@@ -408,7 +408,8 @@ def attention_backward(
     share of dQ into a zeroed fp32 buffer: no recompute, run-to-run order of the fp32 additions varies);
     None: ``resolve_dq_mode``. dv_out: where to write dv (a (B, Tk, Hkv, D) view with unit stride on D, e.g. the v
     columns of a packed q/k/v gradient); returned as dv. ``RLHF_ENGINE_ATTN_WS=1`` runs dK/dV and dQ on the
-    warp-specialized Gluon kernels (``attention_bwd_ws``) where they are eligible ("split" only).
+    warp-specialized Gluon kernels (``attention_bwd_ws``) where they are eligible, in either dQ mode ("atomic":
+    their dK/dV kernel adds dQ, 5 products a tile).
     """
     dq_mode = resolve_dq_mode(dq_mode)
     atomic = dq_mode == "atomic"
@@ -428,15 +429,16 @@ def attention_backward(
         o, do, delta, *o.stride()[:3], *do.stride()[:3],
         Hq, Tq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, FLAT_GRID=flat_grid(B * Hq))
 
-    if not atomic and os.environ.get("RLHF_ENGINE_ATTN_WS") == "1" and block_m is None and block_n is None:
+    if os.environ.get("RLHF_ENGINE_ATTN_WS") == "1" and block_m is None and block_n is None:
         from .attention_fwd_ws import ws_eligible  # the warp-specialized Gluon kernels (opt-in, sm_90)
 
         if ws_eligible(q, k, v):
-            from .attention_bwd_ws import ws_backward
+            from .attention_bwd_ws import ws_atomic_dq_ok, ws_backward
 
-            ws_backward(do, q, k, v, lse, delta, dq, dk, dv, causal=causal, kv_start=kv_start, kv_end=kv_end,
-                        softmax_scale=softmax_scale)
-            return dq, dk, dv
+            if not atomic or ws_atomic_dq_ok(dq):
+                ws_backward(do, q, k, v, lse, delta, dq, dk, dv, causal=causal, kv_start=kv_start, kv_end=kv_end,
+                            softmax_scale=softmax_scale, atomic_dq=atomic)
+                return (dq.to(q.dtype) if atomic else dq), dk, dv
     has_range = kv_start is not None
     ks = kv_start if has_range else lse
     ke = kv_end if has_range else lse

@@ -93,8 +93,11 @@ BWD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["split", "atomic_dq"])
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", BWD_CASES)
-def test_ws_backward_emulated(B, T, Hq, Hkv, D, causal, padding, monkeypatch):
+def test_ws_backward_emulated(B, T, Hq, Hkv, D, causal, padding, atomic, monkeypatch):
+    """Both dQ schemes: the dQ kernel of its own, and the dK/dV kernel's atomic adds of c dS K into a zeroed fp32
+    buffer (the dQ kernel then never launched: it is replaced by one that fails)."""
     seed = BWD_CASES.index((B, T, Hq, Hkv, D, causal, padding))
     monkeypatch.setattr(attention_bwd_ws, "_dkdv_ws_kernel", emulate(attention_bwd_ws._dkdv_ws_kernel, seed))
     monkeypatch.setattr(attention_bwd_ws, "_dq_ws_kernel", emulate(attention_bwd_ws._dq_ws_kernel, seed))
@@ -110,8 +113,12 @@ def test_ws_backward_emulated(B, T, Hq, Hkv, D, causal, padding, monkeypatch):
     o = ref.detach().to(dt)
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, T), the preprocess kernel's
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))  # every element must be written
+    if atomic:
+        dq = torch.zeros(q.shape, dtype=torch.float32)
+        monkeypatch.setattr(attention_bwd_ws, "_dq_ws_kernel", None)  # (not subscriptable: a launch fails)
     attention_bwd_ws.ws_backward(do, q, k, v, lse.detach().float(), delta, dq, dk, dv, causal=causal,
-                                 kv_start=ks, kv_end=ke, softmax_scale=scale)
+                                 kv_start=ks, kv_end=ke, softmax_scale=scale, atomic_dq=atomic)
+    dq = dq.to(dt)  # (the atomic buffer is fp32; attention_backward casts it so)
     refs = torch.autograd.grad(ref, (q64, k64, v64), do.double())
     q16, k16, v16 = (t.clone().requires_grad_() for t in (q, k, v))
     pts = torch.autograd.grad(_sdpa(q16, k16, v16, causal, ks, ke, scale), (q16, k16, v16), do)

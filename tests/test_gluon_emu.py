@@ -45,9 +45,14 @@ def _forward(mod, monkeypatch):
     return (o.double() - ref).abs().max().item()
 
 
-def _backward(mod, monkeypatch):
-    monkeypatch.setattr(mod, "_dkdv_ws_kernel", emulate(mod._dkdv_ws_kernel))
-    monkeypatch.setattr(mod, "_dq_ws_kernel", emulate(mod._dq_ws_kernel))
+def _backward(mod, monkeypatch, atomic_dq=False, seed=0):
+    with monkeypatch.context() as mp:
+        mp.setattr(mod, "_dkdv_ws_kernel", emulate(mod._dkdv_ws_kernel, seed))
+        mp.setattr(mod, "_dq_ws_kernel", emulate(mod._dq_ws_kernel))
+        return _run_backward(mod, atomic_dq)
+
+
+def _run_backward(mod, atomic_dq):
     torch.manual_seed(1)
     B, T, Hq, Hkv, D = 2, 200, 4, 2, 64
     q, k, v = (torch.randn(B, T, h, D, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
@@ -58,8 +63,10 @@ def _backward(mod, monkeypatch):
                                    return_lse=True)
     delta = (do.float() * ref.detach().to(torch.bfloat16).float()).sum(-1).transpose(1, 2).contiguous()
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    if atomic_dq:
+        dq = torch.zeros(q.shape, dtype=torch.float32)
     mod.ws_backward(do, q, k, v, lse.detach().float(), delta, dq, dk, dv, causal=True, kv_start=ks, kv_end=ke,
-                    softmax_scale=D ** -0.5)
+                    softmax_scale=D ** -0.5, atomic_dq=atomic_dq)
     refs = torch.autograd.grad(ref, (q64, k64, v64), do.double())
     return max((g.double() - r).abs().max().item() for g, r in zip((dq, dk, dv), refs))
 
@@ -67,6 +74,9 @@ def _backward(mod, monkeypatch):
 def test_unmutated_kernels_pass(monkeypatch):
     assert _forward(attention_fwd_ws, monkeypatch) < 0.02
     assert _backward(attention_bwd_ws, monkeypatch) < 0.05
+    assert _backward(attention_bwd_ws, monkeypatch, atomic_dq=True) < 0.05
+    monkeypatch.setattr(attention_bwd_ws, "BWD_STAGES", 3)
+    assert _backward(attention_bwd_ws, monkeypatch, atomic_dq=True) < 0.05
 
 
 FWD_MUTANTS = {
@@ -120,6 +130,46 @@ def test_backward_read_before_copy_lands_gives_nan(tmp_path, monkeypatch):
     with pytest.raises((GluonHazard, AssertionError)):
         err = _backward(mod, monkeypatch)
         assert not err < 1.0, err  # NaN (or a large error) expected
+
+
+ATOMIC_DQ_MUTANTS = {
+    # one consumer takes every block's dQ products instead of the two in turn: the other one, which then never
+    # waits for it, may rewrite a dS^T buffer that the products still read
+    "dQ products not taken in turn": ("                        if buf == TILE:  # this consumer's turn",
+                                      "                        if TILE == 0:  # this consumer's turn",
+                                      (GluonHazard, AssertionError)),
+    # the release of the dS^T slots before every warp has stored its part
+    "dS released before the warps' stores": (
+        "                        gl.thread_barrier()  # ... from all four warps, before the release",
+        "                        pass", GluonHazard),
+    # the consumer whose turn it is reads the other tile's dS^T without waiting for it
+    "dS read before the other consumer stored it": (
+        "                            mbarrier.wait(ds_full.index(buf), (u // 2) & 1)\n",
+        "", (GluonDeadlock, GluonHazard, AssertionError)),
+    # the "full" barrier waited on the next round's parity
+    "dS full barrier parity": ("mbarrier.wait(ds_full.index(buf), (u // 2) & 1)",
+                               "mbarrier.wait(ds_full.index(buf), ((u // 2) & 1) ^ 1)", (GluonDeadlock, GluonHazard,
+                                                                                           AssertionError)),
+    # a tile that does not see a block leaves its slot unwritten (stale dS^T from two blocks back, or NaN)
+    "skipped tile's dS left stale": ("                            ds_slot.store(s_zero.to(dtype))\n",
+                                     "                            pass\n", AssertionError),
+}
+
+
+@pytest.mark.parametrize("name", list(ATOMIC_DQ_MUTANTS))
+def test_backward_atomic_dq_mutants_are_reported(name, tmp_path, monkeypatch):
+    """The atomic-dQ dK/dV kernel's hand-off of dS^T between its two consumers (``_dq_share``): each broken step
+    is reported as a hazard or deadlock, or gives wrong numbers (under one of two seeds)."""
+    old, new, error = ATOMIC_DQ_MUTANTS[name]
+    mod = _mutant(attention_bwd_ws, old, new, tmp_path)
+    # (a 2-slot ring keeps a consumer within two blocks of the other, which hides the turn mutant's race; 3 slots,
+    # which would fit at D = 64, let it run ahead)
+    mod.BWD_STAGES = 3
+    with pytest.raises(error):
+        for seed in (0, 1):
+            err = _backward(mod, monkeypatch, atomic_dq=True, seed=seed)
+            assert err < 0.05, err  # (an AssertionError: the numbers are wrong)
+    # (a mutant that passes both seeds falls through here: pytest.raises fails the test)
 
 
 def test_decode_gemm_slot_refilled_under_a_product(tmp_path, monkeypatch):

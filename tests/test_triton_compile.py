@@ -196,10 +196,12 @@ def _attention_bwd_ws_cases():
 
         tag = f"{dt}-d{d}-{'causal' if causal else 'full'}{'-range' if rng else ''}"
         cx = dict(HEAD_DIM=d, IS_CAUSAL=causal, HAS_KV_RANGE=rng, BLOCK=BWD_BLOCK, STAGES=2)
-        yield _case(f"attn_bwd_ws_dkdv-{tag}", "attention_bwd_ws", "_dkdv_ws_kernel",
-                    {"LSE": "fp32", "DELTA": "fp32", "DK": dt, "DV": dt, "KV_START": "i32", "KV_END": "i32"},
-                    ["qk_scale", "sm_scale"], cx, 4,
-                    descs={n: desc(BWD_BLOCK) for n in ("q_desc", "do_desc", "k_desc", "v_desc")})
+        for atomic in (False, True):  # atomic: the 5-product form, dQ added into an fp32 buffer
+            yield _case(f"attn_bwd_ws_dkdv{'_atomic_dq' if atomic else ''}-{tag}", "attention_bwd_ws",
+                        "_dkdv_ws_kernel", {"LSE": "fp32", "DELTA": "fp32", "DK": dt, "DV": dt, "KV_START": "i32",
+                                            "KV_END": "i32", "DQ": "fp32" if atomic else dt},
+                        ["qk_scale", "sm_scale"], dict(cx, ATOMIC_DQ=atomic), 4,
+                        descs={n: desc(BWD_BLOCK) for n in ("q_desc", "do_desc", "k_desc", "v_desc")})
         bn = dq_block_n(d)
         yield _case(f"attn_bwd_ws_dq-{tag}", "attention_bwd_ws", "_dq_ws_kernel",
                     {"LSE": "fp32", "DELTA": "fp32", "DQ": dt, "KV_START": "i32", "KV_END": "i32"},
@@ -496,6 +498,7 @@ def compile_case(case):
                 writes_before_wait=writes, loads_before_wait=loads, prefetches_before_wait=prefetches,
                 tma_before_wait=tma,
                 setmaxnreg=len(re.findall(r"\bsetmaxnreg\.", ptx)), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+                atomics=len(re.findall(r"\b(?:red|atom)\.global", ptx)),
                 wgmma_wait1=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned\s+1;", ptx)),
                 wgmma_wait_n=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned\s+"
                                             + ("2" if case["constexprs"].get("SWIGLU") else "1") + ";", ptx)))
@@ -559,7 +562,8 @@ NO_SPILL = {"attn_fwd-bf16-d128-64x64", "attn_fwd-bf16-d64-64x64", "attn_bwd_dkd
 MAX_STACK = 32
 NO_SPILL_PREFIXES = ("logprob_", "gae_", "ppo_loss_", "attn_bwd_preprocess", "write_kv", "rope", "rms_norm",
                      "silu_mul", "sample", "norm_linear", "attn_fwd_ws",
-                     "attn_bwd_ws_dq", "attn_bwd_ws_dkdv-bf16-d64", "attn_bwd_ws_dkdv-fp16-d64", "decode_gemm_gluon")
+                     "attn_bwd_ws_dq", "attn_bwd_ws_dkdv-bf16-d64", "attn_bwd_ws_dkdv-fp16-d64",
+                     "attn_bwd_ws_dkdv_atomic_dq-bf16-d64", "attn_bwd_ws_dkdv_atomic_dq-fp16-d64", "decode_gemm_gluon")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -591,6 +595,11 @@ def test_compiles_for_sm90(compiled, case, request):
             assert r["wgmma_wait1"] > 0, f"{cid}: no wgmma.wait_group 1"
         if cid.startswith("attn_bwd_ws_dkdv-bf16-d128"):  # at the 240-register cap: 216 B measured here
             assert r["stack"] is None or r["stack"] <= 256, f"{cid}: {r['stack']} B of stack"
+        if cid.startswith("attn_bwd_ws_dkdv_atomic_dq-bf16-d128"):  # the same, and dQ's 32: 352 B measured here
+            assert r["stack"] is None or r["stack"] <= 400, f"{cid}: {r['stack']} B of stack"
+        if "atomic_dq" in cid:  # dQ's products on wgmma (2 a 64-column chunk) and its fp32 adds as reductions
+            assert r["atomics"] > 0, f"{cid}: no atomic add"
+            assert r["wgmma"] >= 4 + 2 * case["constexprs"]["HEAD_DIM"] // 64, f"{cid}: wgmma x{r['wgmma']}"
     if cid.startswith("decode_gemm_gluon"):  # the products on wgmma, one K block's (two with SwiGLU) left in flight
         assert r["wgmma"] > 0, f"{cid}: no wgmma"
         if c.get("PDL"):  # before the wait only the weight tiles' TMA copies (the prologue loop's one or two)

@@ -71,6 +71,14 @@ class EShared:
     def permute(self, order):
         return EShared(self.alloc, self.data, self._dt, self.layout, self.key, tuple(int(o) for o in order))
 
+    def slice(self, start, length, dim=0):
+        """A sub-view of ``length`` elements from ``start`` along ``dim`` of this view's shape (the same slot)."""
+        start, length, dim = int(start), int(length), int(dim)
+        if not (0 <= start and start + length <= self.shape[dim]):
+            raise IndexError(f"gluon_emu: shared memory slice [{start}, {start + length}) of {self.shape[dim]}")
+        d = dim if self.perm is None else self.perm[dim]
+        return EShared(self.alloc, self.data.narrow(d, start, length), self._dt, self.layout, self.key, self.perm)
+
     def value(self):
         return self.data if self.perm is None else self.data.permute(self.perm)
 
@@ -87,7 +95,7 @@ class EShared:
         with p.cond:
             self.value().copy_(_lift(value).v.to(self.data.dtype))
             self.alloc.bump(self.key)
-            _sync_state(p)[(id(self.alloc), self.key)] = "stored"  # needs fence_async_shared, then thread_barrier
+            _sync_state(p)[(threading.get_ident(), id(self.alloc), self.key)] = "stored"  # needs a fence, a barrier
 
 
 class EBarrier:
@@ -358,39 +366,47 @@ def _warpgroup_mma_wait(num_outstanding=0, deps=None):
 
 
 def _sync_state(p) -> dict:
-    """This partition's shared-memory stores not yet made visible to the async proxy (wgmma, TMA) and to the rest
-    of its warps: {(allocation, slot): "stored" | "fenced"}."""
-    if not hasattr(p.local, "stores"):
-        p.local.stores = {}
-    return p.local.stores
+    """Shared-memory stores not yet made visible to the async proxy (wgmma, TMA) and to the rest of the storing
+    partition's warps, of every partition of the program: {(thread, allocation, slot): "stored" | "fenced"}. A
+    partition publishes its own with fence_async_shared(), then gl.thread_barrier(); a wgmma of any partition reading
+    an unpublished slot is a hazard (another partition's stores reach it through an mbarrier arrive after both)."""
+    if not hasattr(p, "stores"):
+        p.stores = {}
+    return p.stores
 
 
 def _fence_async_shared(cluster=False):
-    st = _sync_state(_prog())
-    for k in st:
-        st[k] = "fenced"
+    p = _prog()
+    me = threading.get_ident()
+    with p.cond:
+        st = _sync_state(p)
+        for k in [k for k in st if k[0] == me]:
+            st[k] = "fenced"
 
 
 def _thread_barrier():
-    st = _sync_state(_prog())
-    for k in [k for k, v in st.items() if v == "fenced"]:
-        del st[k]  # fenced, then every warp past the barrier: wgmma may read it
+    p = _prog()
+    me = threading.get_ident()
+    with p.cond:
+        st = _sync_state(p)
+        for k in [k for k, v in st.items() if k[0] == me and v == "fenced"]:
+            del st[k]  # fenced, then every warp past the barrier: wgmma may read it
 
 
 def _check_synced(sh):
-    """A wgmma reading shared memory this partition stored to needs fence_async_shared() (the async proxy), then
-    gl.thread_barrier() (every warp's stores done) in between."""
-    pending = _sync_state(_prog())
+    """A wgmma reading shared memory stored to needs fence_async_shared() (the async proxy), then
+    gl.thread_barrier() (every warp's stores done) in between, by the partition that stored it."""
+    me = threading.get_ident()
     # a slot's own stores and the whole allocation's; reading the whole allocation, any slot's
-    keys = [k for k in pending if k[0] == id(sh.alloc)] if sh.key is None else [(id(sh.alloc), sh.key),
-                                                                                (id(sh.alloc), None)]
-    for key in keys:
-        state = pending.get(key)
+    for (who, alloc, key), state in list(_sync_state(_prog()).items()):
+        if alloc != id(sh.alloc) or not (sh.key is None or key in (sh.key, None)):
+            continue
+        by = "the threads" if who == me else "another partition"
         if state == "stored":
-            raise GluonHazard("wgmma reads shared memory stored by the threads without fence_async_shared() since")
+            raise GluonHazard(f"wgmma reads shared memory stored by {by} without fence_async_shared() since")
         if state == "fenced":
-            raise GluonHazard("wgmma reads shared memory stored by the threads without gl.thread_barrier() after "
-                              "the fence (other warps' stores may not be done)")
+            raise GluonHazard(f"wgmma reads shared memory stored by {by} without gl.thread_barrier() after the "
+                              "fence (other warps' stores may not be done)")
 
 
 # ------------------------------------------------------------------------------------------- warp specialization

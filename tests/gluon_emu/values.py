@@ -276,8 +276,9 @@ def _atomic(update):
             raise TypeError("gluon_emu: an atomic needs a pointer")
         flat, idx, m = pointer._flat(mask)
         dt = _FROM_TORCH[pointer.base.dtype]
+        safe = idx if m is None else torch.where(m, idx, torch.zeros_like(idx) + pointer.base.storage_offset())
         with _lock():
-            old = flat[idx].clone()
+            old = flat[safe].clone()  # (masked-off lanes read the first element, and write nothing)
             new = torch.broadcast_to(update(old, _lift(val).v.to(old.dtype)), idx.shape)
             keep = idx if m is None else idx[m]
             flat[keep] = new if m is None else new[m]
