@@ -63,12 +63,14 @@ def _hf_generate(hf, ids, mask, n, seed):
 
 
 def _ours(model, ids, mask, n, seed, fused_write: bool | None = None, norm_gemm: bool | None = None,
-          batch_invariant: bool | None = None, gemm_ws: bool | None = None, **kw):
+          batch_invariant: bool | None = None, gemm_ws: bool | None = None, lm_head_sample: bool = False, **kw):
     """Our generate; ``fused_write`` / ``norm_gemm`` / ``gemm_ws`` True/False set RLHF_ENGINE_DECODE_FUSED_WRITE /
-    RLHF_ENGINE_DECODE_NORM_GEMM / RLHF_ENGINE_DECODE_GEMM_WS for the call (None: as set); ``batch_invariant`` the
-    model's for the call (the CPU's batch-invariant GEMMs and fp64 attention, model/batch_invariant.py)."""
+    RLHF_ENGINE_DECODE_NORM_GEMM / RLHF_ENGINE_DECODE_GEMM_WS for the call (None: as set); ``lm_head_sample``
+    RLHF_ENGINE_LM_HEAD_SAMPLE (the tokens drawn in the LM head's epilogue); ``batch_invariant`` the model's for the
+    call (the CPU's batch-invariant GEMMs and fp64 attention, model/batch_invariant.py)."""
     g = torch.Generator(ids.device).manual_seed(seed)
     env = {} if fused_write is None else {"RLHF_ENGINE_DECODE_FUSED_WRITE": "1" if fused_write else "0"}
+    env["RLHF_ENGINE_LM_HEAD_SAMPLE"] = "1" if lm_head_sample else "0"
     if norm_gemm is not None:
         env["RLHF_ENGINE_DECODE_NORM_GEMM"] = "1" if norm_gemm else "0"
     if gemm_ws is not None:
@@ -266,6 +268,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": False, "gemm_ws": True}
                     variants["ours (triton, cuda graph reused, Gluon GEMMs, norms in GEMMs)"] = {
                         "graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": True, "gemm_ws": True}
+                    # the tokens drawn in the LM head's epilogue (kernels/lm_head_sample.py): on the default path,
+                    # and with everything above
+                    variants["ours (triton, cuda graph reused, sampling in the LM head)"] = {
+                        "graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": False,
+                        "lm_head_sample": True}
+                    everything = "ours (triton, cuda graph reused, Gluon GEMMs, norms in GEMMs, sampling in the LM head)"
+                    variants[everything] = {"graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": True,
+                                            "gemm_ws": True, "lm_head_sample": True}
                 # recorded case by case, before the profile: a run cut short by its timeout keeps what it measured
                 case_rows = run_case(name, B, P, args.new_tokens or N, torch.device("cuda"), torch.bfloat16,
                                      variants=variants, profile_step=True, on_rows=record)

@@ -46,6 +46,8 @@ try:  # Gluon ships with Triton >= 3.5
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .lm_head_sample import sample_tile
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - an older Triton
     HAVE_GLUON = False
@@ -194,12 +196,13 @@ if HAVE_GLUON:
         gl.thread_barrier()
 
     @gluon.jit
-    def _decode_gemm_kernel(w_desc, x_desc, Y, BIAS, G, SQ, RO, SQO, WS, CNT, M, N, K, P, stride_ym, stride_rom,
-                            kb_per, eps,
+    def _decode_gemm_kernel(w_desc, x_desc, Y, BIAS, G, SQ, RO, SQO, WS, CNT, SEED, PART, PIDX, M, N, K, P,
+                            stride_ym, stride_rom, kb_per, eps, inv_t, VQ,
                             HAS_BIAS: gl.constexpr, SWIGLU: gl.constexpr, NORM: gl.constexpr, SQ_P2: gl.constexpr,
                             HAS_ORES: gl.constexpr, HAS_SQO: gl.constexpr, SPLITS: gl.constexpr,
                             BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,
-                            STAGES: gl.constexpr, PDL: gl.constexpr = False):
+                            STAGES: gl.constexpr, PDL: gl.constexpr = False, SAMPLE: gl.constexpr = False,
+                            GREEDY: gl.constexpr = False):
         pid_n = gl.program_id(0)
         pid_s = gl.program_id(1)
         pid_t = gl.program_id(2)
@@ -288,6 +291,8 @@ if HAVE_GLUON:
                 gl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")  # zero for the next launch
                 _store_out(acc, acc_u, Y, BIAS, RO, SQO, pid_n, t0, M, N, stride_ym, stride_rom, HAS_BIAS, SWIGLU,
                            HAS_ORES, HAS_SQO, BLOCK_N, BLOCK_T, dtype)
+        elif SAMPLE:  # the LM head: the sampler's partials of this vocabulary tile, no logits written
+            sample_tile(acc, SEED, PART, PIDX, pid_n, t0, M, N, VQ, inv_t, GREEDY, BLOCK_N, BLOCK_T, dtype)
         else:
             _store_out(acc, acc_u, Y, BIAS, RO, SQO, pid_n, t0, M, N, stride_ym, stride_rom, HAS_BIAS, SWIGLU,
                        HAS_ORES, HAS_SQO, BLOCK_N, BLOCK_T, dtype)
@@ -303,7 +308,7 @@ def _desc(t: torch.Tensor, rows: int) -> "TensorDescriptor":
 def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, swiglu: bool = False,
                    norm_weight: torch.Tensor | None = None, eps: float = 1e-6, row_sumsq: torch.Tensor | None = None,
                    out_residual: torch.Tensor | None = None, return_sumsq: bool = False, splits: int | None = None,
-                   pdl: bool = False):
+                   pdl: bool = False, sample: tuple | None = None):
     """x (M, K) @ weight (N, K)ᵀ (+ bias (N,)) -> (M, N) in x's dtype; with ``swiglu`` weight is [W_gate; W_up]
     (2 N rows, no bias) and the result silu(x W_gateᵀ) · (x W_upᵀ) (M, N).
 
@@ -317,7 +322,11 @@ def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     ``pdl``: a programmatic dependent launch where ``_launch.use_pdl`` allows it (Hopper): the kernel lets the next
     one start at once, issues its first weight copies, and only then waits for the kernel before it (x, the
     partial sums and the residual are read after the wait, everything is written after it). Only for a weight that
-    the kernels just before it do not write (the model's parameters); off by default."""
+    the kernels just before it do not write (the model's parameters); off by default.
+
+    ``sample``: (seed, part, idx, 1 / temperature, ceil(N / 4), greedy) from ``lm_head_sample``: the epilogue writes
+    the sampler's partials of each 64-row tile into part (4, M, cdiv(N, 64)) and idx instead of the product (one K
+    split, no fusion); returns None."""
     M, K = x.shape
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     if swiglu and (bias is not None or weight.shape[0] % 2):
@@ -334,11 +343,16 @@ def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if out_residual is not None and (out_residual.shape != (M, N) or out_residual.dtype != x.dtype
                                      or out_residual.stride(1) != 1):
         raise ValueError(f"decode_gemm_ws: out_residual must be ({M}, {N}) {x.dtype} with unit column stride")
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if sample is not None and (swiglu or bias is not None or norm_weight is not None or out_residual is not None
+                               or return_sumsq):
+        raise ValueError("decode_gemm_ws: sample takes the plain product (no bias, SwiGLU, norm or residual)")
+    y = torch.empty(M, N if sample is None else 1, device=x.device, dtype=x.dtype)
     sqo = torch.empty(cdiv(N, BLOCK_N), M, device=x.device, dtype=torch.float32) if return_sumsq else None
     block_t, auto_splits, stages = tiles(M, N, K, swiglu, sm_count(x.device))
     n_kb = cdiv(K, BLOCK_K)
     splits = auto_splits if splits is None else splits
+    if sample is not None:  # the epilogue needs the whole product; 2 programs an SM (~96 KB of shared memory each)
+        splits, stages = 1, min(stages, 6)
     kb_per = cdiv(n_kb, splits)
     splits = cdiv(n_kb, kb_per)
     grid = (cdiv(N, BLOCK_N), splits, cdiv(M, block_t))
@@ -350,16 +364,21 @@ def decode_gemm_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     else:
         ws = cnt = y  # (not read)
     P = 0 if row_sumsq is None else row_sumsq.shape[0]
+    seed, part, idx, inv_t, vq, greedy = sample if sample is not None else (ws, ws, cnt, 1.0, 0, False)
     _decode_gemm_kernel[grid](
         _desc(weight, BLOCK_N), _desc(x, block_t), y, bias if bias is not None else y,
         norm_weight.contiguous() if norm_weight is not None else y,
         row_sumsq.contiguous() if row_sumsq is not None else ws,
-        out_residual if out_residual is not None else y, sqo if sqo is not None else ws, ws, cnt,
+        out_residual if out_residual is not None else y, sqo if sqo is not None else ws, ws, cnt, seed, part, idx,
         M, N, K, P, y.stride(0), out_residual.stride(0) if out_residual is not None else 0, kb_per, float(eps),
+        float(inv_t), vq,
         HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm_weight is not None, SQ_P2=max(2, next_pow2(P)),
         HAS_ORES=out_residual is not None, HAS_SQO=return_sumsq, SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         BLOCK_T=block_t, STAGES=stages, num_warps=4,
+        **({"SAMPLE": True, "GREEDY": bool(greedy)} if sample is not None else {}),
         **({"PDL": True, "launch_pdl": True} if pdl and use_pdl(x.device) else {}))
+    if sample is not None:
+        return None
     return (y, sqo) if return_sumsq else y
 
 

@@ -123,9 +123,10 @@ def _sample_partial_kernel(
 def _sample_combine_kernel(
     Z, PM, PS, PK, PI, TOK, LOGP,
     stride_z, S, inv_t,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_PZ: tl.constexpr = False,
 ):
     # One program per row: lse = M + log(sum_j s_j exp(m_j - M)); the token of the largest key (first split on ties).
+    # HAS_PZ: Z holds each split's winning z (B, S) (``lm_head_sample``: no logits in memory) instead of the logits.
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_S)
     ok = offs < S
@@ -139,7 +140,10 @@ def _sample_combine_kernel(
     total = tl.sum(ps * tl.exp(pm - shift), axis=0)
     j = tl.argmax(pk, axis=0)
     tok = tl.sum(tl.where(offs == j, pi, 0), axis=0)
-    z_tok = tl.load(Z + row.to(tl.int64) * stride_z + tok).to(tl.float32) * inv_t
+    if HAS_PZ:
+        z_tok = tl.sum(tl.where(offs == j, tl.load(Z + i, mask=ok, other=0.0), 0.0), axis=0)
+    else:
+        z_tok = tl.load(Z + row.to(tl.int64) * stride_z + tok).to(tl.float32) * inv_t
     tl.store(TOK + row, tok.to(tl.int64))
     tl.store(LOGP + row, z_tok - (mx + tl.log(total)))
 
@@ -161,6 +165,17 @@ def sample_logits_forward(logits: torch.Tensor, seed: torch.Tensor, temperature:
            cdiv(V, 4), chunk, S, inv_t, GREEDY=greedy, BLOCK_V=_BLOCK_V, num_warps=8)
     launch(_sample_combine_kernel, (B,), logits, part[0], part[1], part[2], idx, tokens, logp, logits.stride(0), S,
            inv_t, BLOCK_S=max(16, next_pow2(S)), num_warps=1)
+    return tokens, logp
+
+
+def sample_combine(part: torch.Tensor, idx: torch.Tensor, B: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The combine kernel over partials that carry each split's winning z: part (4, B, S) fp32 (max, sum of exp,
+    best key, the best's z), idx (B, S) int32 (``lm_head_sample``). Returns tokens (B,) int64, log-probs (B,) fp32."""
+    tokens = torch.empty(B, dtype=torch.int64, device=part.device)
+    logp = torch.empty(B, dtype=torch.float32, device=part.device)
+    if B:
+        launch(_sample_combine_kernel, (B,), part[3], part[0], part[1], part[2], idx, tokens, logp, S, S, 1.0,
+               BLOCK_S=max(16, next_pow2(S)), HAS_PZ=True, num_warps=4 if S > 512 else 1)
     return tokens, logp
 
 

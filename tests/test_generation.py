@@ -363,7 +363,7 @@ def test_graph_cache_bounded_and_drops_stale_entries():
                                              decode_norm_gemm_enabled)
 
     key = (3, 16, "torch", False, decode_fused_write_enabled(), decode_norm_gemm_enabled(), decode_gemm_ws_enabled(),
-           pdl_enabled())
+           pdl_enabled(), "logits")  # (the step's output: logits, or the final norm's for the fused LM head)
     assert cache is gc._entries[key][1]  # a hit returns the kept cache
     m.to(torch.float64).to(torch.float32)  # new parameter tensors: m's entries can no longer replay
     gc.get(m, 4, 10, "torch", capture=False)

@@ -240,11 +240,28 @@ def _decode_gemm_gluon_cases():
             return f"tensordesc<{dt}[{rows},{BLOCK_K}],{gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gdt)!r}>"
 
         yield _case(f"decode_gemm_gluon-{name}-{dt}-t{block_t}-s{splits}", "decode_gemm_ws", "_decode_gemm_kernel",
-                    {"Y": dt, "BIAS": dt, "G": dt, "SQ": "fp32", "RO": dt, "SQO": "fp32", "WS": "fp32", "CNT": "i32"},
-                    ["eps"], dict(HAS_BIAS=bias, SWIGLU=swiglu, NORM=norm, SQ_P2=16, HAS_ORES=res, HAS_SQO=res,
-                                  SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_T=block_t, STAGES=stages,
-                                  PDL=name.endswith("-pdl")), 4,
+                    dict(_GEMM_PTRS, Y=dt, BIAS=dt, G=dt, RO=dt), ["eps", "inv_t"],
+                    dict(HAS_BIAS=bias, SWIGLU=swiglu, NORM=norm, SQ_P2=16, HAS_ORES=res, HAS_SQO=res,
+                         SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_T=block_t, STAGES=stages,
+                         PDL=name.endswith("-pdl")), 4,
                     descs={"w_desc": desc(BLOCK_N), "x_desc": desc(block_t)})
+    # the LM head with the sampler in its epilogue (kernels/lm_head_sample.py): Qwen2-0.5B's vocabulary at batch 64,
+    # sampling and greedy, the model's PDL launch
+    for tag, greedy, pdl in [("sample", False, False), ("greedy", True, False), ("sample-pdl", False, True)]:
+        gdt = gl.bfloat16
+
+        def desc(rows):
+            return f"tensordesc<bf16[{rows},{BLOCK_K}],{gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gdt)!r}>"
+
+        yield _case(f"decode_gemm_gluon-lm_head-{tag}", "decode_gemm_ws", "_decode_gemm_kernel",
+                    dict(_GEMM_PTRS, Y="bf16", BIAS="bf16", G="bf16", RO="bf16"), ["eps", "inv_t"],
+                    dict(HAS_BIAS=False, SWIGLU=False, NORM=False, SQ_P2=16, HAS_ORES=False, HAS_SQO=False, SPLITS=1,
+                         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_T=64, STAGES=6, PDL=pdl, SAMPLE=True,
+                         GREEDY=greedy), 4,
+                    descs={"w_desc": desc(BLOCK_N), "x_desc": desc(64)})
+
+
+_GEMM_PTRS = {"SQ": "fp32", "SQO": "fp32", "WS": "fp32", "CNT": "i32", "SEED": "i64", "PART": "fp32", "PIDX": "i32"}
 
 
 def _decode_cases():
@@ -343,6 +360,10 @@ def _inference_op_cases():
     yield _case("sample_combine-fp32", "sample", "_sample_combine_kernel",
                 {"Z": "fp32", "PM": "fp32", "PS": "fp32", "PK": "fp32", "PI": "i32", "TOK": "i64", "LOGP": "fp32"},
                 ["inv_t"], dict(BLOCK_S=32), 1)
+    # lm_head_sample's combine: 2374 vocabulary tiles of Qwen2-0.5B, the winners' z from the partials
+    yield _case("sample_combine-pz", "sample", "_sample_combine_kernel",
+                {"Z": "fp32", "PM": "fp32", "PS": "fp32", "PK": "fp32", "PI": "i32", "TOK": "i64", "LOGP": "fp32"},
+                ["inv_t"], dict(BLOCK_S=4096, HAS_PZ=True), 4)
 
 
 def _norm_linear_cases():

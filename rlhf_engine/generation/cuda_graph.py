@@ -52,15 +52,17 @@ class CudaGraphDecoder:
 
     model: a CausalLM on CUDA; cache: the KVCache the graph is bound to (the same tensors
     must stay alive and be updated in place); attn_backend: resolved backend name.
-    capture=False runs the same step eagerly instead (any device; for debugging and tests).
+    capture=False runs the same step eagerly instead (any device; for debugging and tests). head="hidden": the step
+    ends at the final norm and returns (B, 1, H) (the LM head fused with the sampler follows it, outside the graph).
     """
 
-    def __init__(self, model, cache: KVCache, *, attn_backend: str, warmup: int = 1, capture: bool = True):
+    def __init__(self, model, cache: KVCache, *, attn_backend: str, warmup: int = 1, capture: bool = True,
+                 head: str = "logits"):
         device = cache.k_all.device
         self.cache = cache
         self.graph = None
         if not capture:
-            self._eager = lambda ids: model.decode_step(ids, cache, attn_backend=attn_backend)
+            self._eager = lambda ids: model.decode_step(ids, cache, attn_backend=attn_backend, head=head)
             return
         if device.type != "cuda":
             raise ValueError(f"CudaGraphDecoder: expected a CUDA cache, got device {device}")
@@ -76,7 +78,7 @@ class CudaGraphDecoder:
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.static_logits = model.decode_step(self.static_ids, cache, attn_backend=attn_backend)
+                self.static_logits = model.decode_step(self.static_ids, cache, attn_backend=attn_backend, head=head)
             cache.lengths.copy_(saved_lengths)  # capture does not execute, but keep the invariant explicit
         self.device = device
 
@@ -132,13 +134,14 @@ class DecodeGraphCache:
         return math.ceil(batch / self.batch_multiple) * self.batch_multiple
 
     def get(self, model, batch: int, min_len: int, attn_backend: str,
-            capture: bool = True) -> tuple[KVCache, CudaGraphDecoder]:
+            capture: bool = True, head: str = "logits") -> tuple[KVCache, CudaGraphDecoder]:
         """(cache, decoder) for ``batch`` rows and at least ``min_len`` slots; captured on first use
-        (``capture=False``: an eager decoder over a reused static cache, on any device)."""
+        (``capture=False``: an eager decoder over a reused static cache, on any device); ``head``: what the step
+        returns (``CausalLM.decode_step``)."""
         L = self.cache_len(min_len)
         # the decode step's path is part of the key: a graph replays the kernels it was captured with
         key = (batch, L, attn_backend, capture, decode_fused_write_enabled(), decode_norm_gemm_enabled(),
-               decode_gemm_ws_enabled(), pdl_enabled())
+               decode_gemm_ws_enabled(), pdl_enabled(), head)
         fp = model_fingerprint(model)
         entry = self._entries.pop(key, None)
         if entry is not None and entry[0] == fp:
@@ -152,7 +155,7 @@ class DecodeGraphCache:
         while len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]
         cache = KVCache.allocate(model.config, batch, L, dtype=model.dtype, device=model.device)
-        decoder = CudaGraphDecoder(model, cache, attn_backend=attn_backend, capture=capture)
+        decoder = CudaGraphDecoder(model, cache, attn_backend=attn_backend, capture=capture, head=head)
         self._entries[key] = (fp, cache, decoder)
         return cache, decoder
 

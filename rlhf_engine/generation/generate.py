@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from rlhf_engine.model.attention import resolve_backend
+from rlhf_engine.model.attention import lm_head_sample_enabled, resolve_backend
 
 from .cache import KVCache
 from .sampling import LOGPROB_DISTS, sample_tokens
@@ -64,17 +64,46 @@ def _check_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         raise ValueError("prompt_mask: expected LEFT-padded prompts (each row: zeros then at least one 1)")
 
 
-def _make_decoder(model, cache: KVCache, backend: str, use_cuda_graph: bool, prompt_len: int, runner=None):
-    """Callable (ids (B,1), step) -> logits (B, V): a given decoder, a new CUDA graph, or an eager step."""
+def _make_decoder(model, cache: KVCache, backend: str, use_cuda_graph: bool, prompt_len: int, runner=None,
+                  head: str = "logits"):
+    """Callable (ids (B,1), step) -> logits (B, V) (head="hidden": the final norm's output (B, H)): a given decoder,
+    a new CUDA graph, or an eager step."""
     if runner is None and use_cuda_graph:
         from .cuda_graph import CudaGraphDecoder
 
-        runner = CudaGraphDecoder(model, cache, attn_backend=backend)
+        runner = CudaGraphDecoder(model, cache, attn_backend=backend, head=head)
     if runner is not None:
         return lambda ids, step: runner(ids)[:, 0]
     # Eager: on the torch path, only attend over the slots written so far (host-known).
-    return lambda ids, step: model.decode_step(ids, cache, attn_backend=backend,
+    return lambda ids, step: model.decode_step(ids, cache, attn_backend=backend, head=head,
                                                kv_len=prompt_len + step + 1 if backend == "torch" else None)[:, 0]
+
+
+def _fused_head(model, device: torch.device, batch: int, *, backend: str, top_k: int, top_p: float, greedy: bool,
+                logprob_dist: str, **_ignored) -> bool:
+    """Whether the decode steps' tokens are drawn in the LM head's epilogue (``kernels.lm_head_sample``):
+    ``RLHF_ENGINE_LM_HEAD_SAMPLE=1``, the triton backend on a device the Gluon GEMM runs on, an LM-head weight it
+    reads, a batch it takes, and what the Triton sampler would draw (greedy, or plain temperature sampling; the
+    tempered log-prob)."""
+    if not lm_head_sample_enabled() or backend != "triton":
+        return False
+    from rlhf_engine.kernels import decode_gemm_ws
+
+    V = model.config.vocab_size
+    plain = top_p >= 1.0 and (top_k <= 0 or top_k >= V)
+    return ((greedy or plain) and (plain or logprob_dist == "tempered") and batch <= decode_gemm_ws.MAX_ROWS
+            and batch * V < 2**31 and decode_gemm_ws.weight_ok(model.lm_head_weight)
+            and model.lm_head_weight.device == device)
+
+
+def _lm_head_sample(model, hidden: torch.Tensor, sample_kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens and log-probs of a decode step drawn in the LM head (``kernels.lm_head_sample``), as
+    ``sample_tokens`` draws them from the logits: hidden (B, H), the final norm's output."""
+    from rlhf_engine.kernels._launch import use_pdl
+    from rlhf_engine.kernels.lm_head_sample import lm_head_sample
+
+    return lm_head_sample(hidden, model.lm_head_weight, temperature=sample_kw["temperature"],
+                          greedy=sample_kw["greedy"], generator=sample_kw["generator"], pdl=use_pdl(hidden.device))
 
 
 @torch.no_grad()
@@ -162,12 +191,17 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     response_mask = torch.zeros((Bb, N), dtype=torch.long, device=device)
     logprobs = torch.zeros((Bb, N), dtype=torch.float32, device=device)
 
+    # with the LM head fused with the sampler the decode step returns the final norm's output, and "logits" in the
+    # loop below holds that after the first token (drawn from the prefill's logits)
+    fused = _fused_head(model, device, Bb, **sample_kw)
+    head = "hidden" if fused else "logits"
+
     was_training = model.training
     model.eval()
     try:
         runner = None
         if pooled:
-            cache, runner = graph_cache.get(model, Bb, P + N, backend, capture=use_cuda_graph)
+            cache, runner = graph_cache.get(model, Bb, P + N, backend, capture=use_cuda_graph, head=head)
         else:
             cache = KVCache.allocate(config, B, P + N, dtype=model.dtype, device=device)
         if Bb > B:  # prefill the real rows through a view of the cache's first B rows
@@ -177,12 +211,15 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
             logits = torch.cat([logits, logits[:1].expand(Bb - B, -1)])  # (Bb, V)
         else:
             logits = model.prefill(prompt_ids, prompt_mask, cache, attn_backend=backend)  # (B, V)
-        decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner)
+        decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner, head)
         rows = torch.arange(Bb, device=device)  # original row of each cache row
         finished = rows >= B  # the bucket's padding rows
         steps = N
         for t in range(N):
-            tok, lp = sample_tokens(logits, **sample_kw)  # (Ba,), (Ba,)
+            if fused and t > 0:  # logits: the final norm's output (Ba, H)
+                tok, lp = _lm_head_sample(model, logits, sample_kw)
+            else:
+                tok, lp = sample_tokens(logits, **sample_kw)  # (Ba,), (Ba,)
             alive = ~finished
             tok = torch.where(alive, tok, pad_token_id)
             response[rows, t] = tok
@@ -202,13 +239,14 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
                     keep = torch.argsort(finished.to(torch.int8), stable=True)[:Bn]  # running rows first
                     del decode
                     if pooled:
-                        small, runner = graph_cache.get(model, Bn, cache.max_len, backend, capture=use_cuda_graph)
+                        small, runner = graph_cache.get(model, Bn, cache.max_len, backend, capture=use_cuda_graph,
+                                                        head=head)
                         cache.copy_rows_to(keep, small)
                     else:
                         small, runner = cache.select(keep), None
                     cache = small
                     rows, finished, logits, tok = rows[keep], finished[keep], logits[keep], tok[keep]
-                    decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner)
+                    decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner, head)
             logits = decode(tok[:, None], t)  # (Ba, V)
     finally:
         model.train(was_training)

@@ -238,6 +238,14 @@ def decode_gemm_ws_enabled() -> bool:
     return os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS", "0") == "1"
 
 
+def lm_head_sample_enabled() -> bool:
+    """``RLHF_ENGINE_LM_HEAD_SAMPLE=1``: on an sm_90 GPU ``generate`` draws each decode step's tokens in the LM head's
+    epilogue (``kernels/lm_head_sample.py``: the Gluon decode GEMM, no logits written; the same draw as the Triton
+    sampler on the same logits) where the sampling is plain (no top-k / top-p). Off by default until a GPU run
+    measures it; ``DecodeGraphCache`` keys its graphs on it (they end at the final norm then)."""
+    return os.environ.get("RLHF_ENGINE_LM_HEAD_SAMPLE", "0") == "1"
+
+
 def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
                     q_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                     kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,

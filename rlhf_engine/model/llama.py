@@ -434,8 +434,10 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, input_ids: torch.Tensor, cache, *, attn_backend: str | None = None,
-                    kv_len: int | None = None) -> torch.Tensor:
-        """Append Tn tokens per sequence to the cache and return their logits (B, Tn, V) in the parameter dtype.
+                    kv_len: int | None = None, head: str = "logits") -> torch.Tensor:
+        """Append Tn tokens per sequence to the cache and return their logits (B, Tn, V) in the parameter dtype
+        (``head="hidden"``: the final norm's output (B, Tn, H) instead, for an LM head fused with the sampler,
+        ``kernels.lm_head_sample``).
 
         input_ids: (B, Tn) int64, written at slots [cache.lengths, cache.lengths + Tn);
         position ids are slot - cache.start. Mutates the cache in place (K/V and
@@ -480,6 +482,8 @@ class CausalLM(nn.Module):
             position_ids = slots - cache.start.long()[:, None]  # (B, Tn)
         hidden = self.model.run_layers(input_ids, position_ids, meta)  # (B, Tn, H)
         cache.lengths.add_(Tn)
+        if head == "hidden":
+            return hidden
         return self.sampling_logits(hidden)  # (B, Tn, V) in the parameter dtype
 
     def _rope_rows(self, B: int, Tn: int, device: torch.device) -> torch.Tensor:

@@ -175,7 +175,7 @@ _GL_OVERRIDES = {
     "atomic_add": _values._atomic_add, "atomic_xchg": _values._atomic_xchg, "atomic_max": _values._atomic_max,
     "allocate_shared_memory": _allocate_shared_memory, "warp_specialize": _warp_specialize,
     "static_range": _static_range, "thread_barrier": _thread_barrier,
-    "inline_asm_elementwise": _inline_asm_elementwise,
+    "inline_asm_elementwise": _inline_asm_elementwise, "umulhi": _values._umulhi,
 }
 
 

@@ -71,6 +71,12 @@ class EShared:
     def permute(self, order):
         return EShared(self.alloc, self.data, self._dt, self.layout, self.key, tuple(int(o) for o in order))
 
+    def reshape(self, shape):
+        """The same bytes in another row-major shape (a view: no transposed or sliced source)."""
+        if self.perm is not None or not self.data.is_contiguous():
+            raise NotImplementedError("gluon_emu: reshape of a permuted or sliced shared-memory view")
+        return EShared(self.alloc, self.data.view([int(s) for s in shape]), self._dt, self.layout, self.key)
+
     def slice(self, start, length, dim=0):
         """A sub-view of ``length`` elements from ``start`` along ``dim`` of this view's shape (the same slot)."""
         start, length, dim = int(start), int(length), int(dim)

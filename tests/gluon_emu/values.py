@@ -20,12 +20,14 @@ class _Aborted(Exception):
 
 
 _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64,
-          "int1": torch.bool, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
+          "int1": torch.bool, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+          "uint32": torch.uint32}
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
 _GL_NAME = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64", "int1": "int1",
-            "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64"}
+            "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64", "uint32": "uint32"}
 _FLOAT_RANK = {"bf16": 1, "fp16": 1, "fp32": 2, "fp64": 3}
-_INT_RANK = {"int1": 0, "int8": 1, "int16": 2, "int32": 3, "int64": 4}
+_INT_RANK = {"int1": 0, "int8": 1, "int16": 2, "int32": 3, "uint32": 3.5, "int64": 4}  # uint32 wins over int32
+_U32 = 0xFFFFFFFF
 
 
 def _is_float(dt):
@@ -75,10 +77,13 @@ class ET:
         return getattr(_gl, _GL_NAME[self.dt])
 
     def to(self, dtype, bitcast=False):
-        if bitcast:
-            raise NotImplementedError("gluon_emu: bitcast")
         name = _dt_name(dtype)
         self._ready()
+        if bitcast:  # only between the 32-bit integers (Philox's uniforms)
+            if {name, self.dt} != {"int32", "uint32"}:
+                raise NotImplementedError(f"gluon_emu: bitcast {self.dt} -> {name}")
+            v = self.v & _U32
+            return ET(torch.where(v >= 2**31, v - 2**32, v) if name == "int32" else v, name, layout=self.layout)
         if _is_float(name):
             return ET(self.v.to(_TORCH[name]), name, layout=self.layout)
         if name == "int1":
@@ -126,7 +131,10 @@ for _op in ("lt", "le", "gt", "ge", "eq", "ne"):
 
 
 def _check_int(x: ET) -> ET:
-    """Triton's int32 arithmetic wraps on a GPU; here it raises, since every such wrap in these kernels is a bug."""
+    """Triton's int32 arithmetic wraps on a GPU; here it raises, since every such wrap in these kernels is a bug.
+    uint32 wraps modulo 2^32 (Philox's arithmetic), as on the GPU."""
+    if x.dt == "uint32":
+        return ET(x.v & _U32, x.dt, weak=x.weak, layout=x.layout)
     if x.dt == "int32" and x.v.numel() and (x.v.max().item() > 2**31 - 1 or x.v.min().item() < -2**31):
         raise OverflowError("gluon_emu: int32 overflow (cast to gl.int64 before this product)")
     return x
@@ -195,6 +203,17 @@ def _binary(a, b, op) -> ET:
            "mod": torch.fmod, "and": torch.bitwise_and, "or": torch.bitwise_or, "xor": torch.bitwise_xor,
            "lshift": torch.bitwise_left_shift, "rshift": torch.bitwise_right_shift}
     return _check_int(ET(fns[op](x, y), dt if dt != "int1" else "int32", weak=weak, layout=layout))
+
+
+def _umulhi(a, b) -> ET:
+    """The high 32 bits of the 64-bit product of two 32-bit unsigned integers (exact in int64: b split in halves)."""
+    a, b = _lift(a), _lift(b)
+    dt = _result_type(a, b)
+    if dt != "uint32":
+        raise NotImplementedError(f"gluon_emu: umulhi on {dt}")
+    x, y = a.v & _U32, b.v & _U32
+    hi = (x * (y >> 16) + ((x * (y & 0xFFFF)) >> 16)) >> 16
+    return ET(hi & _U32, dt, weak=a.weak and b.weak, layout=a.layout or b.layout)
 
 
 # ------------------------------------------------------------------------------------------------------ pointers
