@@ -119,6 +119,22 @@ run_pytest() {
   shift 2
   timeout -s INT -k 15 "$secs" "$PY" -m pytest -v -p no:cacheprovider "$@" > "$log" 2>&1
 }
+# follow_probe MODE LABEL VAR: after ws_probe.py --simple passed, its --MODE run (<= 60 s); on a failure VAR=1 turns
+# that form off for the run, and VAR=notrun when the budget is short (its tests skip). Sets the caller's WSP, FAIL.
+follow_probe() {
+  local c rc
+  c=$(cap 60 "$TEST_RESERVE")
+  if (( c < PROBE_MIN_S )); then
+    WSP="$WSP; $2 not run (budget): turned off"; export "$3=notrun"
+    return
+  fi
+  timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py "--$1" >> "$OUT/ws_probe.txt" 2>&1
+  rc=$?
+  if [ "$rc" -ne 0 ]; then
+    WSP="$WSP; $2 $(probe_note $rc "$c"): turned off"; export "$3=1"; FAIL=1
+  fi
+}
+
 probe_note() {  # probe_note RC TIMEOUT_S: ws_probe.py's exit codes
   case "$1" in
     1) echo "WRONG (disagrees with the reference: see ws_probe.txt)" ;;
@@ -353,32 +369,10 @@ EOF
       timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --simple >> "$OUT/ws_probe.txt" 2>&1
       rc=$?
       case $rc in
-        0) WSP="ok"
-           c=$(cap 60 "$TEST_RESERVE")
-           if (( c < PROBE_MIN_S )); then
-             WSP="simple forward and backward ok; pipelined forward not run (budget): turned off"
-             export RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=notrun
-           else
-             timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --pipelined >> "$OUT/ws_probe.txt" 2>&1
-             rc=$?
-             if [ "$rc" -ne 0 ]; then
-               WSP="simple forward and backward ok; pipelined forward $(probe_note $rc "$c"): turned off"
-               export RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1; FAIL=1
-             fi
-           fi
+        0) WSP="simple forward and backward ok"
+           follow_probe pipelined "pipelined forward" RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN
            # the backward's atomic-dQ form: a failure keeps dq_mode="atomic" on the Triton kernels
-           c=$(cap 60 "$TEST_RESERVE")
-           if (( c < PROBE_MIN_S )); then
-             WSP="$WSP; atomic-dQ backward not run (budget): turned off"
-             export RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN=notrun
-           else
-             timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --atomic >> "$OUT/ws_probe.txt" 2>&1
-             rc=$?
-             if [ "$rc" -ne 0 ]; then
-               WSP="$WSP; atomic-dQ backward $(probe_note $rc "$c"): turned off"
-               export RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN=1; FAIL=1
-             fi
-           fi ;;
+           follow_probe atomic "atomic-dQ backward" RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN ;;
         2) WSP="not run (no sm_90 device)" ;;
         *) WSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
       esac

@@ -125,47 +125,12 @@ def gemm() -> int:
     return 0 if ok else 1
 
 
-def atomic() -> int:
-    """The dK/dV kernel's atomic-dQ form (``ws_backward(..., atomic_dq=True)``) on every shape, against fp32."""
-    os.environ.pop("RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN", None)
-    from rlhf_engine.kernels.attention_bwd_ws import ws_backward
-    from rlhf_engine.kernels.attention_fwd_ws import ws_eligible
-    from rlhf_engine.kernels.reference.attention import attention_reference
-
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        print("ws_probe: needs an sm_90 GPU; not run")
-        return 2
-    ok = True
-    for B, T, Hq, Hkv, D, causal, pad in SHAPES:
-        torch.manual_seed(0)
-        q, k, v, do = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv, Hq))
-        ks, ke = _ranges(pad, B, T)
-        shape = f"B={B} T={T} Hq/Hkv={Hq}/{Hkv} D={D} causal={causal} padding={pad}"
-        if not ws_eligible(q, k, v):
-            print(f"ws_probe: {shape}: not eligible on this sm_90 device")
-            return 3
-        scale = D ** -0.5
-        q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
-        ref, lse = attention_reference(q32, k32, v32, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale,
-                                       return_lse=True)
-        refs = torch.autograd.grad(ref, (q32, k32, v32), do.float())
-        o = ref.detach().to(torch.bfloat16)
-        delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
-        grads = [torch.zeros(q.shape, device="cuda"), torch.empty_like(k), torch.empty_like(v)]
-        print(f"ws_probe: launching the atomic-dQ backward, {shape}", flush=True)
-        ws_backward(do, q, k, v, lse.detach().float(), delta, *grads, causal=causal, kv_start=ks, kv_end=ke,
-                    softmax_scale=scale, atomic_dq=True)
-        torch.cuda.synchronize()
-        errs = [((g.float() - r).abs().max() / r.abs().max().clamp(min=1e-6)).item() for g, r in zip(grads, refs)]
-        good = all(e < 3e-2 for e in errs)  # NaN fails too
-        ok &= good
-        print(f"ws_probe: atomic-dQ backward: max relative |d{{q,k,v}} - fp32 reference| "
-              f"{', '.join(f'{e:.3g}' for e in errs)}: {'ok' if good else 'WRONG'}", flush=True)
-    return 0 if ok else 1
-
-
-def main(pipelined: bool) -> int:
-    for var in ("RLHF_ENGINE_ATTN_WS_BROKEN", "RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN"):
+def main(mode: str) -> int:
+    """mode: "simple" (the forward without the overlap, and the backward), "pipelined" (the forward with it) or
+    "atomic" (the simple forward again, and the backward's atomic-dQ form)."""
+    pipelined, atomic = mode == "pipelined", mode == "atomic"
+    for var in ("RLHF_ENGINE_ATTN_WS_BROKEN", "RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN",
+                "RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN"):
         os.environ.pop(var, None)
     os.environ["RLHF_ENGINE_ATTN_WS_PIPELINE"] = "1" if pipelined else "0"
     from rlhf_engine.kernels.attention_bwd_ws import ws_backward
@@ -177,6 +142,7 @@ def main(pipelined: bool) -> int:
         return 2
     ok = True
     variant = "pipelined" if pipelined else "simple"
+    bwd = "atomic-dQ backward" if atomic else "backward"
     for B, T, Hq, Hkv, D, causal, pad in SHAPES:
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
@@ -201,14 +167,16 @@ def main(pipelined: bool) -> int:
         do = torch.randn_like(q)
         refs = torch.autograd.grad(ref, (q32, k32, v32), do.float())
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
-        grads = [torch.empty_like(t) for t in (q, k, v)]
-        print(f"ws_probe: launching the backward, {shape}", flush=True)
-        ws_backward(do, q, k, v, lse, delta, *grads, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale)
+        grads = [torch.zeros(q.shape, device="cuda") if atomic else torch.empty_like(q), torch.empty_like(k),
+                 torch.empty_like(v)]  # (atomic: an fp32 dQ buffer to add into)
+        print(f"ws_probe: launching the {bwd}, {shape}", flush=True)
+        ws_backward(do, q, k, v, lse, delta, *grads, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale,
+                    atomic_dq=atomic)
         torch.cuda.synchronize()
         errs = [((g.float() - r).abs().max() / r.abs().max().clamp(min=1e-6)).item() for g, r in zip(grads, refs)]
         good = all(e < 3e-2 for e in errs)  # NaN fails too
         ok &= good
-        print(f"ws_probe: backward: max relative |d{{q,k,v}} - fp32 reference| {', '.join(f'{e:.3g}' for e in errs)}: "
+        print(f"ws_probe: {bwd}: max relative |d{{q,k,v}} - fp32 reference| {', '.join(f'{e:.3g}' for e in errs)}: "
               f"{'ok' if good else 'WRONG'}", flush=True)
     return 0 if ok else 1
 
@@ -216,5 +184,4 @@ def main(pipelined: bool) -> int:
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in ("--simple", "--pipelined", "--atomic", "--gemm"):
         sys.exit("usage: python benchmarks/ws_probe.py --simple | --pipelined | --atomic | --gemm")
-    mode = sys.argv[1]
-    sys.exit(gemm() if mode == "--gemm" else atomic() if mode == "--atomic" else main(mode == "--pipelined"))
+    sys.exit(gemm() if sys.argv[1] == "--gemm" else main(sys.argv[1][2:]))

@@ -249,7 +249,7 @@ def test_decode_step_on_the_gluon_gemm(name, norm_gemm, monkeypatch):
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-2, rtol=1e-2)
 
 
-def _hopper():
+def gluon_gemm_gpu():
     """An sm_90 GPU runs the kernel; a test fails at once when benchmarks/ws_probe.py --gemm, run by gpu_check.sh
     before the tests, saw it hang or disagree (RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1)."""
     import os
@@ -267,7 +267,7 @@ def test_decode_gemm_gpu(M, record_value):
     """The compiled kernel at Qwen2-0.5B's four projections: within 2x of cuBLAS's own bf16 error against fp64 (the
     SwiGLU pair: of cuBLAS followed by the eager silu * up), bit-identical on a second launch (split-K counters
     reset), and the same values replayed from a CUDA graph."""
-    if not _hopper():
+    if not gluon_gemm_gpu():
         pytest.skip("the Gluon decode GEMM is for sm_90")
     torch.manual_seed(M)
     for N, K, bias, swiglu in [(1152, 896, True, False), (896, 896, False, False), (4864, 896, False, True),
@@ -300,7 +300,7 @@ def test_decode_step_on_the_gluon_gemm_bf16_gpu(monkeypatch, record_value):
     """RLHF_ENGINE_DECODE_GEMM_WS=1 in bf16 at Qwen2-0.5B widths (2 layers, batch 64), alone and with
     RLHF_ENGINE_DECODE_NORM_GEMM=1: a decode step's logits within 2x of the cuBLAS path's error against the fp32
     model; a generation through a CUDA graph gives finite log-probs equal to its eager run's."""
-    if not _hopper():
+    if not gluon_gemm_gpu():
         pytest.skip("the Gluon decode GEMM is for sm_90")
     from tiny import decode_step_logits, qwen_decode_case
 

@@ -14,6 +14,7 @@ from gluon_emu import emulate
 from rlhf_engine.kernels import decode_gemm_ws, lm_head_sample
 from rlhf_engine.kernels.lm_head_sample import _rand4x
 from rlhf_engine.kernels.sample import sample_logits_forward
+from test_decode_gemm_ws import gluon_gemm_gpu
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
@@ -144,24 +145,12 @@ def test_generate_draws_in_the_lm_head(greedy, pooled, monkeypatch):
         assert len(cache._entries) == 2  # a graph (here an eager decoder) for each head
 
 
-def _hopper():
-    """An sm_90 GPU runs the kernel; fails at once when benchmarks/ws_probe.py --gemm (gpu_check.sh, before the
-    tests) saw the Gluon GEMM hang or disagree, skips when it was not run."""
-    import os
-
-    if os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS_BROKEN") == "notrun":
-        pytest.skip("gpu_check.sh had no time left to probe the Gluon decode GEMM: off for this run")
-    if os.environ.get("RLHF_ENGINE_DECODE_GEMM_WS_BROKEN") == "1":
-        pytest.fail("benchmarks/ws_probe.py --gemm found the Gluon decode GEMM broken: see ws_probe.txt")
-    return torch.cuda.is_available() and decode_gemm_ws.on_hopper(torch.device("cuda"))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("greedy", [False, True])
 def test_lm_head_sample_gpu(greedy, record_value):
     """On an sm_90 GPU, Qwen2-0.5B's LM head at batch 64 (bf16): the Triton sampler's draw on the logits the same
     GEMM writes (a near tie may flip a row: fp32 race keys scaled by other maxima), its log-probs."""
-    if not _hopper():
+    if not gluon_gemm_gpu():
         pytest.skip("the Gluon GEMM is for sm_90")
     torch.manual_seed(3)
     x = torch.randn(64, 896, device="cuda", dtype=torch.bfloat16)
@@ -182,7 +171,7 @@ def test_generate_draws_in_the_lm_head_gpu(monkeypatch):
     CUDA graphs: the fused head runs each decode step, and the tokens and log-probs agree with the unfused path's on
     most rows (the LM head's GEMM differs from cuBLAS in its last bits, which a near tie turns into another token,
     and a sampled sequence then diverges)."""
-    if not _hopper():
+    if not gluon_gemm_gpu():
         pytest.skip("the Gluon GEMM is for sm_90")
     from tiny import count_calls, qwen_decode_case
 
