@@ -119,19 +119,21 @@ run_pytest() {
   shift 2
   timeout -s INT -k 15 "$secs" "$PY" -m pytest -v -p no:cacheprovider "$@" > "$log" 2>&1
 }
-# follow_probe MODE LABEL VAR: after ws_probe.py --simple passed, its --MODE run (<= 60 s); on a failure VAR=1 turns
-# that form off for the run, and VAR=notrun when the budget is short (its tests skip). Sets the caller's WSP, FAIL.
+# follow_probe MODE LABEL VAR STATUS: after a ws_probe.py run passed, its --MODE run (<= 60 s); on a failure VAR=1
+# turns that form off for the run, and VAR=notrun when the budget is short (its tests skip). Appends to the caller's
+# variable named STATUS (WSP, GSP); sets its FAIL.
 follow_probe() {
   local c rc
+  local -n st=$4
   c=$(cap 60 "$TEST_RESERVE")
   if (( c < PROBE_MIN_S )); then
-    WSP="$WSP; $2 not run (budget): turned off"; export "$3=notrun"
+    st="$st; $2 not run (budget): turned off"; export "$3=notrun"
     return
   fi
   timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py "--$1" >> "$OUT/ws_probe.txt" 2>&1
   rc=$?
   if [ "$rc" -ne 0 ]; then
-    WSP="$WSP; $2 $(probe_note $rc "$c"): turned off"; export "$3=1"; FAIL=1
+    st="$st; $2 $(probe_note $rc "$c"): turned off"; export "$3=1"; FAIL=1
   fi
 }
 
@@ -370,9 +372,9 @@ EOF
       rc=$?
       case $rc in
         0) WSP="simple forward and backward ok"
-           follow_probe pipelined "pipelined forward" RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN
+           follow_probe pipelined "pipelined forward" RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN WSP
            # the backward's atomic-dQ form: a failure keeps dq_mode="atomic" on the Triton kernels
-           follow_probe atomic "atomic-dQ backward" RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN ;;
+           follow_probe atomic "atomic-dQ backward" RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN WSP ;;
         2) WSP="not run (no sm_90 device)" ;;
         *) WSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
       esac
@@ -390,7 +392,8 @@ EOF
       timeout -k 5 "$c" "$PY" benchmarks/ws_probe.py --gemm >> "$OUT/ws_probe.txt" 2>&1
       rc=$?
       case $rc in
-        0) GSP="ok" ;;
+        0) GSP="ok"  # the LM head with the sampler in its epilogue: a failure leaves generate on the logits
+           follow_probe lm-head "LM head + sampler" RLHF_ENGINE_LM_HEAD_SAMPLE_BROKEN GSP ;;
         2) GSP="not run (no sm_90 device)" ;;
         *) GSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_DECODE_GEMM_WS_BROKEN=1; FAIL=1 ;;
       esac

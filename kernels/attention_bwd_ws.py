@@ -42,7 +42,8 @@ if HAVE_GLUON:
     from .attention_fwd_ws import key_range, load_kv_ring, mma_layout, ring_barriers, store_rows
 
 BWD_BLOCK = 64  # rows of a consumer's tile, in both kernels (keys in dK/dV, queries in dQ)
-BWD_STAGES = 2  # ring slots: 82 / 148 KB of shared memory for dK/dV, 115 / 148 KB for dQ at D = 64 / 128
+BWD_STAGES = 2  # ring slots: 82 / 148 KB of shared memory for dK/dV (115 / 180 KB with atomic dQ's dS^T buffers),
+# 115 / 148 KB for dQ at D = 64 / 128
 
 
 def dq_block_n(head_dim: int) -> int:
@@ -406,7 +407,9 @@ def ws_backward(do, q, k, v, lse, delta, dq, dk, dv, *, causal: bool, kv_start, 
     Tk, Hkv = k.shape[1], k.shape[2]
     if atomic_dq and not ws_atomic_dq_ok(dq):
         raise ValueError(f"ws_backward: atomic_dq needs dq an fp32 buffer with unit stride on D and Tq x its row "
-                         f"stride below 2^31, got {dq.dtype} of stride {tuple(dq.stride())}")
+                         f"stride below 2^31 (got {dq.dtype} of stride {tuple(dq.stride())}), and the form not turned "
+                         f"off by RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN (set: "
+                         f"{os.environ.get('RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN')!r})")
     if not ws_layout_ok(do, k, v):  # e.g. a broadcast gradient: a fresh, aligned copy in q's dtype
         do = do.to(q.dtype).clone(memory_format=torch.contiguous_format)
     has_range = kv_start is not None

@@ -34,8 +34,6 @@ try:  # Gluon ships with Triton >= 3.5
 except ImportError:  # pragma: no cover - an older Triton
     HAVE_GLUON = False
 
-TILE_ROWS = 64  # vocabulary rows a program: decode_gemm_ws.BLOCK_N
-
 
 if HAVE_GLUON:
     @gluon.jit
@@ -63,7 +61,7 @@ if HAVE_GLUON:
     def _uniform(x):
         """Triton's ``uint_to_uniform_float`` for 32 bits: a uniform fp32 in [0, 1)."""
         x = x.to(gl.int32, bitcast=True)
-        x = gl.where(x < 0, -x - 1, x)
+        x = gl.where(x < 0, ~x, x)  # ~x = -x - 1 (Triton's form), with no int32 wrap at x = -2^31
         return x * 4.6566127342e-10
 
     @gluon.jit
@@ -136,6 +134,8 @@ if HAVE_GLUON:
                                              gl.where(v[:, None] + 1 == first[None, :], z1, -float("inf"))),
                                   gl.maximum(gl.where(v[:, None] + 2 == first[None, :], z2, -float("inf")),
                                              gl.where(v[:, None] + 3 == first[None, :], z3, -float("inf")))), axis=0)
+        z_win = gl.where(z_win == 3.4028234663852886e38, float("inf"), z_win)  # the logit before the clamp (as the
+        # sampler's combine reads it back from the logits: an infinite logit's log-prob stays infinite)
         if GREEDY:
             best = k_max
         else:  # the key in log space, comparable across tiles: log(exp(z - m) / E) + m = z - log E
@@ -149,6 +149,12 @@ if HAVE_GLUON:
         gl.store(PART + 2 * plane + at, best, mask=ok)
         gl.store(PART + 3 * plane + at, z_win, mask=ok)
         gl.store(PIDX + at, first, mask=ok)
+
+
+def lm_head_sample_fits(batch: int, vocab: int) -> bool:
+    """Whether a (batch, vocab) draw's random-stream offsets (row * ceil(vocab / 4) + i // 4, 4 logits a counter)
+    stay in int32."""
+    return batch * cdiv(vocab, 4) * 4 < 2**31
 
 
 def lm_head_sample(x: torch.Tensor, weight: torch.Tensor, *, temperature: float = 1.0, greedy: bool = False,
@@ -170,12 +176,12 @@ def lm_head_sample(x: torch.Tensor, weight: torch.Tensor, *, temperature: float 
         raise ValueError(f"lm_head_sample: x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} "
                          f"{weight.dtype} must be decode_gemm_ws.layout_ok (16-bit, TMA-aligned rows, M <= 256)")
     B, V = x.shape[0], weight.shape[0]
-    if B * cdiv(V, 4) * 4 >= 2**31:
+    if not lm_head_sample_fits(B, V):
         raise ValueError(f"lm_head_sample: B * V = {B * V} exceeds the int32 random-stream offsets")
     if seed is None:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device) if greedy else \
             torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device, generator=generator)
-    S = cdiv(V, TILE_ROWS)
+    S = cdiv(V, dg.BLOCK_N)  # the vocabulary tiles: one partial each
     part = torch.empty((4, B, S), dtype=torch.float32, device=x.device)
     idx = torch.empty((B, S), dtype=torch.int32, device=x.device)
     dg.decode_gemm_ws(x, weight, sample=(seed, part, idx, 1.0 / float(temperature), cdiv(V, 4), bool(greedy)),

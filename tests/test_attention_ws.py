@@ -98,7 +98,7 @@ def test_dispatch_routes_only_when_asked_and_eligible(monkeypatch, causal):
     torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["--simple", "--atomic", "--gemm"])
+@pytest.mark.parametrize("mode", ["--simple", "--atomic", "--gemm", "--lm-head"])
 def test_probe_exits_2_without_sm90(mode):
     """benchmarks/ws_probe.py on a machine without an sm_90 GPU: exit 2 (gpu_check.sh reads it as "not run"), after
     importing everything it needs (an import error would otherwise first show on the GPU machine)."""

@@ -153,3 +153,33 @@ def test_ws_kernels_with_copies_landing_early(eager, monkeypatch):
     pts = torch.autograd.grad(_sdpa(q16, k16, v16, True, ks, ke, scale), (q16, k16, v16), do)
     for name, g, r, pt in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, pts):
         _check(name, g, r, pt)
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["split", "atomic_dq"])
+@pytest.mark.parametrize("Tq,Tk", [(70, 200), (200, 70)])
+def test_ws_backward_cross_lengths_emulated(Tq, Tk, atomic, monkeypatch):
+    """Tq != Tk (bottom-right causal: key j <= row i + Tk - Tq), GQA 4/2 with left padding: the causal shift that
+    places the dK/dV kernel's first query block (m_lo) and each tile's seen blocks; with Tq > Tk the first rows see
+    no key (zero gradients there, not NaN)."""
+    monkeypatch.setattr(attention_bwd_ws, "_dkdv_ws_kernel", emulate(attention_bwd_ws._dkdv_ws_kernel, Tq))
+    monkeypatch.setattr(attention_bwd_ws, "_dq_ws_kernel", emulate(attention_bwd_ws._dq_ws_kernel, Tq))
+    torch.manual_seed(Tq)
+    B, Hq, Hkv, D, dt = 2, 4, 2, 64, torch.bfloat16
+    q, do = (torch.randn(B, Tq, Hq, D, dtype=dt) for _ in range(2))
+    k, v = (torch.randn(B, Tk, Hkv, D, dtype=dt) for _ in range(2))
+    ks, ke = key_ranges("left", B, Tk, "cpu")
+    scale = D ** -0.5
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, lse = attention_reference(q64, k64, v64, causal=True, kv_start=ks, kv_end=ke, softmax_scale=scale,
+                                   return_lse=True)
+    delta = (do.float() * ref.detach().to(dt).float()).sum(-1).transpose(1, 2).contiguous()
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    if atomic:
+        dq = torch.zeros(q.shape, dtype=torch.float32)
+    attention_bwd_ws.ws_backward(do, q, k, v, lse.detach().float(), delta, dq, dk, dv, causal=True, kv_start=ks,
+                                 kv_end=ke, softmax_scale=scale, atomic_dq=atomic)
+    refs = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    q16, k16, v16 = (t.clone().requires_grad_() for t in (q, k, v))
+    pts = torch.autograd.grad(_sdpa(q16, k16, v16, True, ks, ke, scale), (q16, k16, v16), do, allow_unused=True)
+    for name, g, r, pt in zip(("dq", "dk", "dv"), (dq.to(dt), dk, dv), refs, pts):
+        _check(name, g, r, torch.nan_to_num(pt, nan=float("inf")) if pt is not None else r)

@@ -246,8 +246,10 @@ def _decode_gemm_gluon_cases():
                          PDL=name.endswith("-pdl")), 4,
                     descs={"w_desc": desc(BLOCK_N), "x_desc": desc(block_t)})
     # the LM head with the sampler in its epilogue (kernels/lm_head_sample.py): Qwen2-0.5B's vocabulary at batch 64,
-    # sampling and greedy, the model's PDL launch
-    for tag, greedy, pdl in [("sample", False, False), ("greedy", True, False), ("sample-pdl", False, True)]:
+    # sampling and greedy, the model's PDL launch, and the 16- and 32-token tiles of small (or compacted) batches
+    for tag, greedy, pdl, block_t in [("sample", False, False, 64), ("greedy", True, False, 64),
+                                      ("sample-pdl", False, True, 64), ("sample-t16", False, False, 16),
+                                      ("greedy-pdl-t32", True, True, 32)]:
         gdt = gl.bfloat16
 
         def desc(rows):
@@ -256,9 +258,9 @@ def _decode_gemm_gluon_cases():
         yield _case(f"decode_gemm_gluon-lm_head-{tag}", "decode_gemm_ws", "_decode_gemm_kernel",
                     dict(_GEMM_PTRS, Y="bf16", BIAS="bf16", G="bf16", RO="bf16"), ["eps", "inv_t"],
                     dict(HAS_BIAS=False, SWIGLU=False, NORM=False, SQ_P2=16, HAS_ORES=False, HAS_SQO=False, SPLITS=1,
-                         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_T=64, STAGES=6, PDL=pdl, SAMPLE=True,
+                         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_T=block_t, STAGES=6, PDL=pdl, SAMPLE=True,
                          GREEDY=greedy), 4,
-                    descs={"w_desc": desc(BLOCK_N), "x_desc": desc(64)})
+                    descs={"w_desc": desc(BLOCK_N), "x_desc": desc(block_t)})
 
 
 _GEMM_PTRS = {"SQ": "fp32", "SQO": "fp32", "WS": "fp32", "CNT": "i32", "SEED": "i64", "PART": "fp32", "PIDX": "i32"}

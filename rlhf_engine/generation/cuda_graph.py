@@ -101,7 +101,10 @@ def model_fingerprint(model) -> tuple:
 class DecodeGraphCache:
     """Static KV caches and their captured decode graphs, reused across ``generate`` calls.
 
-    Keyed by (batch, cache length rounded up to ``len_multiple``, backend, capture); pass the same
+    Keyed by (batch, cache length rounded up to ``len_multiple``, backend, capture, the decode path's switches, and
+    the step's output: logits, or the final norm's for the LM head fused with the sampler, which plain sampling
+    takes under ``RLHF_ENGINE_LM_HEAD_SAMPLE=1`` and top-k / top-p do not: a loop alternating the two keeps a cache
+    and a graph for each); pass the same
     object to every ``generate(..., graph_cache=...)`` call of a training loop. ``generate`` runs a batch of B
     rows in its bucket ``batch_bucket(B)`` (powers of two up to ``batch_multiple``, then multiples of it), so batch
     sizes that vary from call to call share graphs. Holds the

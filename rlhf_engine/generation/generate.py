@@ -88,11 +88,12 @@ def _fused_head(model, device: torch.device, batch: int, *, backend: str, top_k:
     if not lm_head_sample_enabled() or backend != "triton":
         return False
     from rlhf_engine.kernels import decode_gemm_ws
+    from rlhf_engine.kernels.lm_head_sample import lm_head_sample_fits
 
-    V = model.config.vocab_size
+    V = model.lm_head_weight.shape[0]  # (the logits' width sample_tokens would see)
     plain = top_p >= 1.0 and (top_k <= 0 or top_k >= V)
     return ((greedy or plain) and (plain or logprob_dist == "tempered") and batch <= decode_gemm_ws.MAX_ROWS
-            and batch * V < 2**31 and decode_gemm_ws.weight_ok(model.lm_head_weight)
+            and lm_head_sample_fits(batch, V) and decode_gemm_ws.weight_ok(model.lm_head_weight)
             and model.lm_head_weight.device == device)
 
 

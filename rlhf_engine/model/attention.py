@@ -242,7 +242,11 @@ def lm_head_sample_enabled() -> bool:
     """``RLHF_ENGINE_LM_HEAD_SAMPLE=1``: on an sm_90 GPU ``generate`` draws each decode step's tokens in the LM head's
     epilogue (``kernels/lm_head_sample.py``: the Gluon decode GEMM, no logits written; the same draw as the Triton
     sampler on the same logits) where the sampling is plain (no top-k / top-p). Off by default until a GPU run
-    measures it; ``DecodeGraphCache`` keys its graphs on it (they end at the final norm then)."""
+    measures it; never after ``benchmarks/ws_probe.py --lm-head`` saw it fail or was not run
+    (``RLHF_ENGINE_LM_HEAD_SAMPLE_BROKEN``). ``DecodeGraphCache`` keys its graphs on the step's output (they end at
+    the final norm on this path)."""
+    if os.environ.get("RLHF_ENGINE_LM_HEAD_SAMPLE_BROKEN") in ("1", "notrun"):
+        return False
     return os.environ.get("RLHF_ENGINE_LM_HEAD_SAMPLE", "0") == "1"
 
 

@@ -120,7 +120,7 @@ class ET:
 
     def __invert__(self):
         self._ready()
-        return ET(~self.v, self.dt, layout=self.layout)
+        return _check_int(ET(~self.v, self.dt, layout=self.layout))  # (uint32: the low 32 bits)
 
 
 for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "and", "or", "xor", "lshift", "rshift"):
