@@ -19,7 +19,9 @@ Rows:
   norms on their kernel, silu * up in the gate/up GEMM); "ours: Gluon split-K layer (4 kernels)": the split-K
   layer's fusions (norms from partial sums of squares, residual adds) on the Gluon GEMM (``decode_linear(backend=
   "gluon")``, both switches set), "no PDL" the same without programmatic dependent launch (the other Gluon rows
-  are PDL launches, as in the model). Timed last (a hang would lose no other row).
+  are PDL launches, as in the model); "LM head + sampling": cuBLAS's logits then the Triton sampler against the Gluon
+  LM head with the sampler in its epilogue (``kernels/lm_head_sample.py``). Timed last (a hang would lose no other
+  row).
 Each row is timed as a CUDA-graph replay, 10 back to back a sample (a decode step replays its kernels so).
 Run: python benchmarks/bench_decode_gemm.py   (needs a CUDA device; RLHF_BENCH_SMOKE=1 TRITON_INTERPRET=1 runs a
 tiny fp32 shape on the CPU without graphs)
@@ -36,15 +38,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import COPY_TBPS, autotune_report, bench, device, graphed, print_table, record, smoke  # noqa: E402
 
 from rlhf_engine.kernels import decode_gemm_ws as dg  # noqa: E402
+from rlhf_engine.kernels.lm_head_sample import lm_head_sample  # noqa: E402
 from rlhf_engine.kernels.norm_linear import decode_linear  # noqa: E402
 from rlhf_engine.kernels.rmsnorm import rms_norm  # noqa: E402
+from rlhf_engine.kernels.sample import sample_logits_forward  # noqa: E402
 from rlhf_engine.kernels.swiglu import silu_mul  # noqa: E402
 
-MODELS = {  # name: (hidden, q size, kv size, intermediate, q/k/v bias)
-    "Qwen2-0.5B": (896, 896, 128, 4864, True),
-    "SmolLM2-135M": (576, 576, 192, 1536, False),
+MODELS = {  # name: (hidden, q size, kv size, intermediate, q/k/v bias, vocabulary)
+    "Qwen2-0.5B": (896, 896, 128, 4864, True, 151936),
+    "SmolLM2-135M": (576, 576, 192, 1536, False, 49152),
 }
-SMOKE_MODELS = {"tiny": (64, 64, 32, 96, True)}
+SMOKE_MODELS = {"tiny": (64, 64, 32, 96, True, 256)}
 
 
 def _weights(H, Dq, Dkv, I, bias, dev, dt):
@@ -66,7 +70,7 @@ def main() -> list[dict]:
     reps = dict(warmup=10, rep=50, inner=10) if cuda else dict(warmup=0, rep=1)
     B = 64 if cuda else 4
     rows = []
-    for model, (H, Dq, Dkv, I, bias) in (MODELS if cuda else SMOKE_MODELS).items():
+    for model, (H, Dq, Dkv, I, bias, vocab) in (MODELS if cuda else SMOKE_MODELS).items():
         w = _weights(H, Dq, Dkv, I, bias, dev, dt)
         x, d = torch.randn(B, H, device=dev, dtype=dt), torch.randn(B, H, device=dev, dtype=dt)
         y, act = torch.randn(B, Dq, device=dev, dtype=dt), torch.randn(B, I, device=dev, dtype=dt)
@@ -130,6 +134,14 @@ def main() -> list[dict]:
                        lambda: split_k(backend="gluon")),
                       ("layer", "ours: Gluon split-K layer (4 kernels), no PDL", layer_bytes,
                        lambda: split_k(pdl=False, backend="gluon"))]
+            # the LM head and the sampler: cuBLAS's logits then the Triton sampler, against the Gluon LM head with the
+            # sampler in its epilogue (kernels/lm_head_sample.py: no logits written), the same draw
+            lm_w = (torch.randn(vocab, H, device=dev) * H ** -0.5).to(dt)
+            seed = torch.tensor([12345], device=dev)
+            cases += [("LM head + sampling", "cuBLAS LM head + Triton sampler", lm_w,
+                       lambda: sample_logits_forward(F.linear(x, lm_w), seed, 1.0, False)),
+                      ("LM head + sampling", "ours (Gluon LM head, sampler in its epilogue)", lm_w,
+                       lambda: lm_head_sample(x, lm_w, seed=seed, pdl=True))]
         base_ms = {}
         with torch.no_grad():
             for what, impl, wt, fn in cases:
