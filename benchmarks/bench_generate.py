@@ -268,8 +268,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": False, "gemm_ws": True}
                     variants["ours (triton, cuda graph reused, Gluon GEMMs, norms in GEMMs)"] = {
                         "graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": True, "gemm_ws": True}
-                    # the tokens drawn in the LM head's epilogue (kernels/lm_head_sample.py): on the default path,
-                    # and with everything above
+                if decode_gemm_ws.on_hopper(torch.device("cuda")) and os.environ.get(
+                        "RLHF_ENGINE_LM_HEAD_SAMPLE_BROKEN") not in ("1", "notrun"):  # (else generate would draw from
+                    # the logits under these rows' names) the tokens drawn in the LM head's epilogue
+                    # (kernels/lm_head_sample.py): on the default path, and with everything above
                     variants["ours (triton, cuda graph reused, sampling in the LM head)"] = {
                         "graph_cache": DecodeGraphCache(), "fused_write": True, "norm_gemm": False,
                         "lm_head_sample": True}
