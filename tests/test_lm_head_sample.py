@@ -205,3 +205,34 @@ def test_generate_draws_in_the_lm_head_gpu(monkeypatch):
     same = (a.response_ids == b.response_ids).all(1)
     assert same.float().mean() >= 0.8, same
     torch.testing.assert_close(a.logprobs[same], b.logprobs[same], atol=2e-2, rtol=1e-2)
+
+
+def test_generate_with_every_gluon_switch(monkeypatch):
+    """The three opt-in Gluon paths together, as bench_generate's "everything" row runs them (fp16, emulated,
+    "Hopper" assumed): the decode GEMMs with the norms and residual adds fused in, and the tokens drawn in the LM
+    head. The same greedy tokens as the default path's, the log-probs to fp16 rounding; every decode step's tokens
+    from the fused head."""
+    from tiny import count_calls, generation_model, left_padded_prompts
+
+    from rlhf_engine.generation import generate
+
+    monkeypatch.setattr(decode_gemm_ws, "on_hopper", lambda device: True)
+    monkeypatch.setattr(decode_gemm_ws, "_decode_gemm_kernel", emulate(decode_gemm_ws._decode_gemm_kernel))
+    m = generation_model("tiny-qwen2")
+    with torch.no_grad():  # norm weights that are not ones and biases that are not zeros: the wiring shows
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m = m.half()
+    ids, mask = left_padded_prompts(m.config.vocab_size, lengths=(7, 3), P=7)
+    kw = dict(max_new_tokens=4, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False, greedy=True)
+    runs = {}
+    for on in ("0", "1"):
+        for var in ("RLHF_ENGINE_DECODE_GEMM_WS", "RLHF_ENGINE_DECODE_NORM_GEMM", "RLHF_ENGINE_LM_HEAD_SAMPLE"):
+            monkeypatch.setenv(var, on)
+        with monkeypatch.context() as mp:
+            calls = count_calls(mp, ((lm_head_sample, "lm_head_sample", "fused"),))
+            runs[on] = (generate(m, ids, mask, **kw), dict(calls))
+    (a, ca), (b, cb) = runs["0"], runs["1"]
+    assert ca["fused"] == 0 and cb["fused"] == kw["max_new_tokens"] - 1
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-2, rtol=1e-2)
