@@ -209,6 +209,24 @@ def test_tiles():
     assert decode_gemm_ws.tiles(16, 1536, 576, True, 132)[0] == 16
 
 
+def gluon_decode_case(monkeypatch, name: str):
+    """The Gluon decode tests' case: the kernel emulated and "Hopper" assumed (through ``monkeypatch``), a tiny fp16
+    model of preset ``name`` whose norm weights are not ones and biases not zeros (the wiring shows), two left-padded
+    prompts, and greedy generate's arguments on the triton backend. Returns (model, ids, mask, kwargs)."""
+    from tiny import generation_model, left_padded_prompts
+
+    monkeypatch.setattr(decode_gemm_ws, "on_hopper", lambda device: True)
+    monkeypatch.setattr(decode_gemm_ws, "_decode_gemm_kernel", emulate(decode_gemm_ws._decode_gemm_kernel))
+    m = generation_model(name)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m = m.half()
+    ids, mask = left_padded_prompts(m.config.vocab_size, lengths=(7, 3), P=7)
+    return m, ids, mask, dict(max_new_tokens=4, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False,
+                              greedy=True)
+
+
 @pytest.mark.parametrize("name,norm_gemm", [("tiny-llama", False), ("tiny-qwen2", False), ("tiny-qwen2", True)])
 def test_decode_step_on_the_gluon_gemm(name, norm_gemm, monkeypatch):
     """RLHF_ENGINE_DECODE_GEMM_WS=1 (fp16, the triton backend, the kernel emulated and "Hopper" assumed): each decode
@@ -218,19 +236,10 @@ def test_decode_step_on_the_gluon_gemm(name, norm_gemm, monkeypatch):
     Gluon kernel: every norm but the first layer's and the final one inside a GEMM."""
     import rlhf_engine.kernels.rmsnorm as rn
     import rlhf_engine.kernels.swiglu as sw
-    from tiny import generation_model, left_padded_prompts
 
     from rlhf_engine.generation import generate
 
-    monkeypatch.setattr(decode_gemm_ws, "on_hopper", lambda device: True)
-    monkeypatch.setattr(decode_gemm_ws, "_decode_gemm_kernel", emulate(decode_gemm_ws._decode_gemm_kernel))
-    m = generation_model(name)
-    with torch.no_grad():  # norm weights that are not ones and biases that are not zeros: the wiring shows
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    m = m.half()
-    ids, mask = left_padded_prompts(m.config.vocab_size, lengths=(7, 3), P=7)
-    kw = dict(max_new_tokens=4, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False, greedy=True)
+    m, ids, mask, kw = gluon_decode_case(monkeypatch, name)
     runs = {}
     for on in (False, True):
         monkeypatch.setenv("RLHF_ENGINE_DECODE_GEMM_WS", "1" if on else "0")

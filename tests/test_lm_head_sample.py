@@ -14,7 +14,7 @@ from gluon_emu import emulate
 from rlhf_engine.kernels import decode_gemm_ws, lm_head_sample
 from rlhf_engine.kernels.lm_head_sample import _rand4x
 from rlhf_engine.kernels.sample import sample_logits_forward
-from test_decode_gemm_ws import gluon_gemm_gpu
+from test_decode_gemm_ws import gluon_decode_case, gluon_gemm_gpu
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
@@ -181,7 +181,8 @@ def test_lm_head_sample_gpu(greedy, record_value):
 @pytest.mark.gpu
 def test_generate_draws_in_the_lm_head_gpu(monkeypatch):
     """generate() with RLHF_ENGINE_LM_HEAD_SAMPLE=1 on a bf16 Qwen2-shaped model (2 layers) through its captured
-    CUDA graphs: the fused head runs each decode step, and the tokens and log-probs agree with the unfused path's on
+    CUDA graphs: each decode step's graph ends with the fused head, and the tokens and log-probs agree with the
+    unfused path's on
     most rows (the LM head's GEMM differs from cuBLAS in its last bits, which a near tie turns into another token,
     and a sampled sequence then diverges)."""
     if not _lm_head_gpu():
@@ -191,17 +192,21 @@ def test_generate_draws_in_the_lm_head_gpu(monkeypatch):
     from rlhf_engine.generation import generate
     from rlhf_engine.generation.cuda_graph import DecodeGraphCache
 
+    from rlhf_engine.generation import cuda_graph
+
     _, m16, ids, mask = qwen_decode_case()
     outs = {}
     for on in ("0", "1"):
         monkeypatch.setenv("RLHF_ENGINE_LM_HEAD_SAMPLE", on)
         with monkeypatch.context() as mp:
-            calls = count_calls(mp, ((lm_head_sample, "lm_head_sample", "fused"),))
+            calls = count_calls(mp, ((cuda_graph.CudaGraphDecoder, "draw_seed", "seeds"),))
             g = torch.Generator("cuda").manual_seed(5)
-            outs[on] = (generate(m16, ids, mask, max_new_tokens=12, eos_token_ids=(), generator=g,
-                                 graph_cache=DecodeGraphCache()), calls["fused"])
-    (a, na), (b, nb) = outs["0"], outs["1"]
-    assert na == 0 and nb == 11
+            gc = DecodeGraphCache()
+            outs[on] = (generate(m16, ids, mask, max_new_tokens=12, eos_token_ids=(), generator=g, graph_cache=gc),
+                        calls["seeds"], [k[-1] for k in gc._entries])
+    (a, na, ha), (b, nb, hb) = outs["0"], outs["1"]
+    # a seed drawn before each of the 11 decode steps, whose captured graphs end with the draw
+    assert na == 0 and nb == 11 and ha == ["logits"] and hb == [cuda_graph.sample_head_name(1.0, False)]
     same = (a.response_ids == b.response_ids).all(1)
     assert same.float().mean() >= 0.8, same
     torch.testing.assert_close(a.logprobs[same], b.logprobs[same], atol=2e-2, rtol=1e-2)
@@ -212,19 +217,11 @@ def test_generate_with_every_gluon_switch(monkeypatch):
     "Hopper" assumed): the decode GEMMs with the norms and residual adds fused in, and the tokens drawn in the LM
     head. The same greedy tokens as the default path's, the log-probs to fp16 rounding; every decode step's tokens
     from the fused head."""
-    from tiny import count_calls, generation_model, left_padded_prompts
+    from tiny import count_calls
 
     from rlhf_engine.generation import generate
 
-    monkeypatch.setattr(decode_gemm_ws, "on_hopper", lambda device: True)
-    monkeypatch.setattr(decode_gemm_ws, "_decode_gemm_kernel", emulate(decode_gemm_ws._decode_gemm_kernel))
-    m = generation_model("tiny-qwen2")
-    with torch.no_grad():  # norm weights that are not ones and biases that are not zeros: the wiring shows
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    m = m.half()
-    ids, mask = left_padded_prompts(m.config.vocab_size, lengths=(7, 3), P=7)
-    kw = dict(max_new_tokens=4, attn_backend="triton", eos_token_ids=(), use_cuda_graph=False, greedy=True)
+    m, ids, mask, kw = gluon_decode_case(monkeypatch, "tiny-qwen2")
     runs = {}
     for on in ("0", "1"):
         for var in ("RLHF_ENGINE_DECODE_GEMM_WS", "RLHF_ENGINE_DECODE_NORM_GEMM", "RLHF_ENGINE_LM_HEAD_SAMPLE"):

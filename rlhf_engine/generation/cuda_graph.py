@@ -29,19 +29,24 @@ from ..model.attention import decode_fused_write_enabled, decode_gemm_ws_enabled
 from .cache import KVCache
 
 
-def warm_up_decode(model, cache: KVCache, ids: torch.Tensor, *, attn_backend: str, steps: int = 1) -> None:
+def warm_up_decode(model, cache: KVCache, ids: torch.Tensor, *, attn_backend: str, steps: int = 1,
+                   step=None) -> None:
     """Run ``steps`` decode steps before a capture (Triton compiles and autotunes, lazy imports, cuBLAS
     workspaces), on a FULL cache: every row's valid range set to [0, max_len - 1), so that the decode
     attention kernel is autotuned on the longest walk over the cache it will make, not on the empty cache a
     graph is built for before its prefill (the tuned config is cached by shape bucket and then used at every
     length). ``lengths`` and ``start`` are restored afterwards; the K/V written at slot max_len - 1 is
-    overwritten before any real step reads that slot."""
+    overwritten before any real step reads that slot. ``step``: the step to run instead of ``model.decode_step``
+    (a callable of ids: ``CudaGraphDecoder``'s, with its head)."""
     saved_lengths, saved_start = cache.lengths.clone(), cache.start.clone()
     try:
         for _ in range(steps):
             cache.lengths.fill_(cache.max_len - 1)
             cache.start.zero_()
-            model.decode_step(ids, cache, attn_backend=attn_backend)
+            if step is None:
+                model.decode_step(ids, cache, attn_backend=attn_backend)
+            else:
+                step(ids)
     finally:
         cache.lengths.copy_(saved_lengths)
         cache.start.copy_(saved_start)
@@ -53,7 +58,9 @@ class CudaGraphDecoder:
     model: a CausalLM on CUDA; cache: the KVCache the graph is bound to (the same tensors
     must stay alive and be updated in place); attn_backend: resolved backend name.
     capture=False runs the same step eagerly instead (any device; for debugging and tests). head="hidden": the step
-    ends at the final norm and returns (B, 1, H) (the LM head fused with the sampler follows it, outside the graph).
+    ends at the final norm and returns (B, 1, H); ``sample_head_name(temperature, greedy)``: it ends with the LM head
+    fused with the sampler (``kernels.lm_head_sample``) and returns (tokens (B,), log-probs (B,)), drawn from the
+    seed ``draw_seed`` put in ``static_seed`` before the replay.
     """
 
     def __init__(self, model, cache: KVCache, *, attn_backend: str, warmup: int = 1, capture: bool = True,
@@ -61,8 +68,23 @@ class CudaGraphDecoder:
         device = cache.k_all.device
         self.cache = cache
         self.graph = None
+        self.head = head
+        sample = sample_head(head)
+        # a sampling head draws from the seed in this buffer: the caller fills it before each step (``draw_seed``)
+        self.static_seed = torch.zeros(1, dtype=torch.long, device=device) if sample is not None else None
+
+        def step(ids):
+            out = model.decode_step(ids, cache, attn_backend=attn_backend, head="hidden" if sample else head)
+            if sample is None:
+                return out
+            from rlhf_engine.kernels._launch import use_pdl
+            from rlhf_engine.kernels.lm_head_sample import lm_head_sample
+
+            return lm_head_sample(out[:, 0], model.lm_head_weight, temperature=sample[0], greedy=sample[1],
+                                  seed=self.static_seed, pdl=use_pdl(device))
+
         if not capture:
-            self._eager = lambda ids: model.decode_step(ids, cache, attn_backend=attn_backend, head=head)
+            self._eager = step
             return
         if device.type != "cuda":
             raise ValueError(f"CudaGraphDecoder: expected a CUDA cache, got device {device}")
@@ -74,21 +96,43 @@ class CudaGraphDecoder:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                warm_up_decode(model, cache, self.static_ids, attn_backend=attn_backend, steps=warmup)
+                # (the whole step: with a sampling head, the LM head + sampler's kernels compiled before the capture)
+                warm_up_decode(model, cache, self.static_ids, attn_backend=attn_backend, steps=warmup, step=step)
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.static_logits = model.decode_step(self.static_ids, cache, attn_backend=attn_backend, head=head)
+                self.static_logits = step(self.static_ids)
             cache.lengths.copy_(saved_lengths)  # capture does not execute, but keep the invariant explicit
         self.device = device
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def draw_seed(self, generator: torch.Generator | None) -> None:
+        """A sampling head's seed for the next step: one 62-bit draw from ``generator`` (None: the device's default
+        one), as ``kernels.sample.sample_logits`` draws it; nothing for greedy."""
+        if self.static_seed is not None and not sample_head(self.head)[1]:
+            torch.randint(0, 2**62, (1,), generator=generator, out=self.static_seed)
+
+    def __call__(self, input_ids: torch.Tensor):
         if self.graph is None:
             return self._eager(input_ids)
         self.static_ids.copy_(input_ids)
         with torch.cuda.device(self.device):
             self.graph.replay()
         return self.static_logits
+
+
+def sample_head(head: str) -> tuple[float, bool] | None:
+    """(temperature, greedy) of a decode step that draws its tokens in the LM head (``sample_head_name``), else
+    None (the step returns logits or the final norm's output)."""
+    if not head.startswith("sample:"):
+        return None
+    _, temperature, greedy = head.split(":")
+    return float(temperature), greedy == "1"
+
+
+def sample_head_name(temperature: float, greedy: bool) -> str:
+    """The ``head`` of a decode step (and graph) that ends with ``kernels.lm_head_sample``: the draw's settings are
+    part of what the graph replays, so of its cache key."""
+    return f"sample:{float(temperature)!r}:{int(bool(greedy))}"
 
 
 def model_fingerprint(model) -> tuple:
@@ -102,9 +146,9 @@ class DecodeGraphCache:
     """Static KV caches and their captured decode graphs, reused across ``generate`` calls.
 
     Keyed by (batch, cache length rounded up to ``len_multiple``, backend, capture, the decode path's switches, and
-    the step's output: logits, or the final norm's for the LM head fused with the sampler, which plain sampling
-    takes under ``RLHF_ENGINE_LM_HEAD_SAMPLE=1`` and top-k / top-p do not: a loop alternating the two keeps a cache
-    and a graph for each); pass the same
+    the step's output: logits, or the tokens the LM head fused with the sampler draws at given settings, which plain
+    sampling takes under ``RLHF_ENGINE_LM_HEAD_SAMPLE=1`` and top-k / top-p do not: a loop alternating the two, or
+    two temperatures, keeps a cache and a graph for each); pass the same
     object to every ``generate(..., graph_cache=...)`` call of a training loop. ``generate`` runs a batch of B
     rows in its bucket ``batch_bucket(B)`` (powers of two up to ``batch_multiple``, then multiples of it), so batch
     sizes that vary from call to call share graphs. Holds the

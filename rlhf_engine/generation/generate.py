@@ -16,6 +16,7 @@ import torch
 from rlhf_engine.model.attention import lm_head_sample_enabled, resolve_backend
 
 from .cache import KVCache
+from .cuda_graph import sample_head_name
 from .sampling import LOGPROB_DISTS, sample_tokens
 
 
@@ -65,17 +66,21 @@ def _check_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
 
 
 def _make_decoder(model, cache: KVCache, backend: str, use_cuda_graph: bool, prompt_len: int, runner=None,
-                  head: str = "logits"):
-    """Callable (ids (B,1), step) -> logits (B, V) (head="hidden": the final norm's output (B, H)): a given decoder,
-    a new CUDA graph, or an eager step."""
-    if runner is None and use_cuda_graph:
+                  head: str = "logits", generator: torch.Generator | None = None):
+    """Callable (ids (B,1), step) -> logits (B, V): a given decoder, a new CUDA graph, or an eager step. With a
+    sampling head (``cuda_graph.sample_head_name``) -> (tokens (B,), log-probs (B,)) drawn in the LM head, the seed
+    drawn from ``generator`` before each step (inside the graph with one, else eagerly)."""
+    sampled = head.startswith("sample:")
+    if runner is None and (use_cuda_graph or sampled):
         from .cuda_graph import CudaGraphDecoder
 
-        runner = CudaGraphDecoder(model, cache, attn_backend=backend, head=head)
+        runner = CudaGraphDecoder(model, cache, attn_backend=backend, head=head, capture=use_cuda_graph)
+    if sampled:
+        return lambda ids, step: (runner.draw_seed(generator), runner(ids))[1]
     if runner is not None:
         return lambda ids, step: runner(ids)[:, 0]
     # Eager: on the torch path, only attend over the slots written so far (host-known).
-    return lambda ids, step: model.decode_step(ids, cache, attn_backend=backend, head=head,
+    return lambda ids, step: model.decode_step(ids, cache, attn_backend=backend,
                                                kv_len=prompt_len + step + 1 if backend == "torch" else None)[:, 0]
 
 
@@ -95,16 +100,6 @@ def _fused_head(model, device: torch.device, batch: int, *, backend: str, top_k:
     return ((greedy or plain) and (plain or logprob_dist == "tempered") and batch <= decode_gemm_ws.MAX_ROWS
             and lm_head_sample_fits(batch, V) and decode_gemm_ws.weight_ok(model.lm_head_weight)
             and model.lm_head_weight.device == device)
-
-
-def _lm_head_sample(model, hidden: torch.Tensor, sample_kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens and log-probs of a decode step drawn in the LM head (``kernels.lm_head_sample``), as
-    ``sample_tokens`` draws them from the logits: hidden (B, H), the final norm's output."""
-    from rlhf_engine.kernels._launch import use_pdl
-    from rlhf_engine.kernels.lm_head_sample import lm_head_sample
-
-    return lm_head_sample(hidden, model.lm_head_weight, temperature=sample_kw["temperature"],
-                          greedy=sample_kw["greedy"], generator=sample_kw["generator"], pdl=use_pdl(hidden.device))
 
 
 @torch.no_grad()
@@ -192,10 +187,10 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     response_mask = torch.zeros((Bb, N), dtype=torch.long, device=device)
     logprobs = torch.zeros((Bb, N), dtype=torch.float32, device=device)
 
-    # with the LM head fused with the sampler the decode step returns the final norm's output, and "logits" in the
-    # loop below holds that after the first token (drawn from the prefill's logits)
+    # with the LM head fused with the sampler each decode step (and its graph) ends with the draw, and "logits" in
+    # the loop below holds (tokens, log-probs) after the first token (drawn from the prefill's logits)
     fused = _fused_head(model, device, Bb, **sample_kw)
-    head = "hidden" if fused else "logits"
+    head = sample_head_name(temperature, greedy) if fused else "logits"
 
     was_training = model.training
     model.eval()
@@ -212,13 +207,13 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
             logits = torch.cat([logits, logits[:1].expand(Bb - B, -1)])  # (Bb, V)
         else:
             logits = model.prefill(prompt_ids, prompt_mask, cache, attn_backend=backend)  # (B, V)
-        decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner, head)
+        decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner, head, generator)
         rows = torch.arange(Bb, device=device)  # original row of each cache row
         finished = rows >= B  # the bucket's padding rows
         steps = N
         for t in range(N):
-            if fused and t > 0:  # logits: the final norm's output (Ba, H)
-                tok, lp = _lm_head_sample(model, logits, sample_kw)
+            if fused and t > 0:  # drawn in the decode step's LM head
+                tok, lp = logits
             else:
                 tok, lp = sample_tokens(logits, **sample_kw)  # (Ba,), (Ba,)
             alive = ~finished
@@ -246,8 +241,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
                     else:
                         small, runner = cache.select(keep), None
                     cache = small
-                    rows, finished, logits, tok = rows[keep], finished[keep], logits[keep], tok[keep]
-                    decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner, head)
+                    rows, finished, tok = rows[keep], finished[keep], tok[keep]  # (logits: replaced below)
+                    decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner, head, generator)
             logits = decode(tok[:, None], t)  # (Ba, V)
     finally:
         model.train(was_training)

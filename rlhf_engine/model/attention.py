@@ -243,8 +243,8 @@ def lm_head_sample_enabled() -> bool:
     epilogue (``kernels/lm_head_sample.py``: the Gluon decode GEMM, no logits written; the same draw as the Triton
     sampler on the same logits) where the sampling is plain (no top-k / top-p). Off by default until a GPU run
     measures it; never after ``benchmarks/ws_probe.py --lm-head`` saw it fail or was not run
-    (``RLHF_ENGINE_LM_HEAD_SAMPLE_BROKEN``). ``DecodeGraphCache`` keys its graphs on the step's output (they end at
-    the final norm on this path)."""
+    (``RLHF_ENGINE_LM_HEAD_SAMPLE_BROKEN``). ``DecodeGraphCache`` keys its graphs on the step's output (on this
+    path they end with the draw, their seed an input filled before each replay)."""
     if os.environ.get("RLHF_ENGINE_LM_HEAD_SAMPLE_BROKEN") in ("1", "notrun"):
         return False
     return os.environ.get("RLHF_ENGINE_LM_HEAD_SAMPLE", "0") == "1"
