@@ -168,7 +168,7 @@ def lm_head_sample(x: torch.Tensor, weight: torch.Tensor, *, temperature: float 
     Returns tokens (B,) int64 and log softmax(logits / temperature)[token] (B,) fp32, where logits = (x weightᵀ)
     rounded to x's dtype; the same draw as ``sample_logits`` on those logits. Never syncs the host."""
     from . import decode_gemm_ws as dg
-    from .sample import sample_combine
+    from .sample import sample_combine, sample_seed
 
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
@@ -179,8 +179,7 @@ def lm_head_sample(x: torch.Tensor, weight: torch.Tensor, *, temperature: float 
     if not lm_head_sample_fits(B, V):
         raise ValueError(f"lm_head_sample: B * V = {B * V} exceeds the int32 random-stream offsets")
     if seed is None:
-        seed = torch.zeros(1, dtype=torch.int64, device=x.device) if greedy else \
-            torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device, generator=generator)
+        seed = sample_seed(x.device, greedy, generator)
     S = cdiv(V, dg.BLOCK_N)  # the vocabulary tiles: one partial each
     part = torch.empty((4, B, S), dtype=torch.float32, device=x.device)
     idx = torch.empty((B, S), dtype=torch.int32, device=x.device)

@@ -198,8 +198,18 @@ def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, greedy: boo
     if B * V >= 2**31:
         raise ValueError(f"logits: B * V = {B * V} exceeds the int32 random-stream offsets (< 2**31)")
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    return sample_logits_forward(logits, sample_seed(logits.device, greedy, generator), float(temperature),
+                                 bool(greedy))
+
+
+def sample_seed(device: torch.device, greedy: bool, generator: torch.Generator | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """A sampling call's seed, (1,) int64 on ``device`` (into ``out`` if given): 62 random bits from ``generator``
+    (Philox takes a 64-bit key, so steps do not share noise after ~2^16 calls), one draw a call; greedy: zeros,
+    unused, and the generator not advanced. The Triton sampler, the fused LM head and its CUDA graph input draw it
+    so, which keeps their random streams equal."""
+    if out is None:
+        out = torch.empty(1, dtype=torch.int64, device=device)
     if greedy:
-        seed = torch.zeros(1, dtype=torch.int64, device=logits.device)  # unused; the generator is not advanced
-    else:  # 62 random bits: Philox takes a 64-bit key, so steps do not share noise after ~2^16 calls
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=logits.device, generator=generator)
-    return sample_logits_forward(logits, seed, float(temperature), bool(greedy))
+        return out.zero_()
+    return torch.randint(0, 2**62, (1,), generator=generator, out=out)

@@ -109,7 +109,9 @@ class CudaGraphDecoder:
         """A sampling head's seed for the next step: one 62-bit draw from ``generator`` (None: the device's default
         one), as ``kernels.sample.sample_logits`` draws it; nothing for greedy."""
         if self.static_seed is not None and not sample_head(self.head)[1]:
-            torch.randint(0, 2**62, (1,), generator=generator, out=self.static_seed)
+            from rlhf_engine.kernels.sample import sample_seed
+
+            sample_seed(self.static_seed.device, False, generator, out=self.static_seed)
 
     def __call__(self, input_ids: torch.Tensor):
         if self.graph is None:
