@@ -373,6 +373,12 @@ EOF
       case $rc in
         0) WSP="simple forward and backward ok"
            follow_probe pipelined "pipelined forward" RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN WSP
+           # FA3's ping-pong on the pipelined forward (opt-in): probed only where that forward works
+           if [ -z "${RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN:-}" ]; then
+             follow_probe pingpong "ping-pong forward" RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN WSP
+           else
+             export RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN=notrun
+           fi
            # the backward's atomic-dQ form: a failure keeps dq_mode="atomic" on the Triton kernels
            follow_probe atomic "atomic-dQ backward" RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN WSP ;;
         2) WSP="not run (no sm_90 device)" ;;

@@ -12,6 +12,8 @@ Two runs, each under its own timeout: ``--simple`` (the forward without FA3's in
 backward) and ``--pipelined`` (the forward's default, with it). gpu_check sets RLHF_ENGINE_ATTN_WS_BROKEN=1 when
 the first fails, RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1 (the forward then runs without the overlap, and the
 benchmark drops the overlap's rows) when only the second does.
+``--pingpong`` (after ``--pipelined`` passed): the pipelined forward with FA3's ping-pong between its consumers
+(``RLHF_ENGINE_ATTN_WS_PINGPONG=1``); gpu_check sets RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN=1 when it fails.
 ``--atomic``: the backward's atomic-dQ form (5 products) on the same shapes; gpu_check sets
 RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN=1 when it fails (dq_mode="atomic" then stays on the Triton kernels).
 ``--gemm``: the decode GEMM on Qwen2-0.5B's four projections at batch 64 (split-K on o and down, the SwiGLU epilogue
@@ -20,7 +22,7 @@ on gate/up) and at 1 and 100 rows, against the fp32 product; gpu_check sets RLHF
 all these kernels' own code on the CPU first, through an emulator that reports hangs as deadlocks.
 ``--lm-head`` (after ``--gemm`` passed): the LM head with the sampler in its epilogue against the Triton sampler;
 gpu_check sets RLHF_ENGINE_LM_HEAD_SAMPLE_BROKEN=1 when it fails (generate then draws from the logits).
-Run: python benchmarks/ws_probe.py --simple | --pipelined | --atomic | --gemm | --lm-head
+Run: python benchmarks/ws_probe.py --simple | --pipelined | --pingpong | --atomic | --gemm | --lm-head
 Exit: 0 agrees; 1 disagrees; 2 no sm_90 device (not run); 3 an sm_90 device on which the kernels are not eligible
 (e.g. no Gluon in this Triton): a failure too.
 """
@@ -140,13 +142,15 @@ def lm_head() -> int:
 
 
 def main(mode: str) -> int:
-    """mode: "simple" (the forward without the overlap, and the backward), "pipelined" (the forward with it) or
-    "atomic" (the simple forward again, and the backward's atomic-dQ form)."""
-    pipelined, atomic = mode == "pipelined", mode == "atomic"
+    """mode: "simple" (the forward without the overlap, and the backward), "pipelined" (the forward with it),
+    "pingpong" (the pipelined forward with ping-pong turns) or "atomic" (the simple forward again, and the
+    backward's atomic-dQ form)."""
+    pipelined, atomic = mode in ("pipelined", "pingpong"), mode == "atomic"
     for var in ("RLHF_ENGINE_ATTN_WS_BROKEN", "RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN",
-                "RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN"):
+                "RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN", "RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN"):
         os.environ.pop(var, None)
     os.environ["RLHF_ENGINE_ATTN_WS_PIPELINE"] = "1" if pipelined else "0"
+    os.environ["RLHF_ENGINE_ATTN_WS_PINGPONG"] = "1" if mode == "pingpong" else "0"
     from rlhf_engine.kernels.attention_bwd_ws import ws_backward
     from rlhf_engine.kernels.attention_fwd_ws import attention_forward_ws, ws_eligible
     from rlhf_engine.kernels.reference.attention import attention_reference
@@ -155,7 +159,7 @@ def main(mode: str) -> int:
         print("ws_probe: needs an sm_90 GPU; not run")
         return 2
     ok = True
-    variant = "pipelined" if pipelined else "simple"
+    variant = "ping-pong" if mode == "pingpong" else "pipelined" if pipelined else "simple"
     bwd = "atomic-dQ backward" if atomic else "backward"
     for B, T, Hq, Hkv, D, causal, pad in SHAPES:
         torch.manual_seed(0)
@@ -196,7 +200,8 @@ def main(mode: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("--simple", "--pipelined", "--atomic", "--gemm", "--lm-head"):
-        sys.exit("usage: python benchmarks/ws_probe.py --simple | --pipelined | --atomic | --gemm | --lm-head")
+    modes = ("--simple", "--pipelined", "--pingpong", "--atomic", "--gemm", "--lm-head")
+    if len(sys.argv) != 2 or sys.argv[1] not in modes:
+        sys.exit(f"usage: python benchmarks/ws_probe.py {' | '.join(modes)}")
     mode = sys.argv[1]
     sys.exit(gemm() if mode == "--gemm" else lm_head() if mode == "--lm-head" else main(mode[2:]))

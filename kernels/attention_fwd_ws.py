@@ -12,8 +12,11 @@ The structure is FlashAttention-3's (Shah et al., 2024, section 3.1), expressed 
   online softmax on its own rows with ``wgmma`` (S = Q Kᵀ with Q and K from shared memory; O += P V with P from
   registers, as FA3's "RS" product). Both read the same K and V slots, so a key block is fetched once for 2 x
   BLOCK_M query rows. The two warpgroups are independent instruction streams: while one runs its softmax
-  (exponentials, reductions) the other's products keep the tensor cores busy, which is the overlap FA3 gets
-  from its ping-pong schedule, here left to the warp schedulers.
+  (exponentials, reductions) the other's products can keep the tensor cores busy. By default that overlap is left
+  to the warp schedulers; two warpgroups doing the same work tend to run in step, though (both issue their products,
+  both wait, both run their exponentials while the tensor cores idle), which is why FA3 forces **ping-pong**: with
+  ``RLHF_ENGINE_ATTN_WS_PINGPONG=1`` (on the pipelined schedule) the consumers issue their products in turn, each
+  passing the turn right after its issue, so one's softmax runs under the other's products (``_turn_take``).
 
 The math is ``attention_fwd``'s, bit for bit in intent (base-2 softmax, the scale folded into exp2's argument,
 the same -inf guards): keys in [kv_start, kv_end), causal bottom-right aligned (key j <= row i + Tk - Tq), a row
@@ -89,6 +92,14 @@ def ws_pipeline() -> bool:
     if os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") in ("1", "notrun"):  # ws_probe.py saw it fail
         return False
     return os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE", "1") != "0"
+
+
+def ws_pingpong() -> bool:
+    """FA3's ping-pong between the forward's two consumers (``_turn_take``): opt-in with
+    ``RLHF_ENGINE_ATTN_WS_PINGPONG=1``, on the pipelined schedule only (``ws_pipeline``)."""
+    if os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN") in ("1", "notrun"):  # ws_probe.py saw it fail
+        return False
+    return os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG", "0") == "1" and ws_pipeline()
 
 
 def ws_tiles(head_dim: int) -> tuple[int, int, int]:
@@ -172,6 +183,28 @@ if HAVE_GLUON:
                      BLOCK_N, STAGES)
 
     @gluon.jit
+    def _turn_take(turns, e, TILE: gl.constexpr):
+        """Ping-pong: wait for consumer TILE's turn e (0-based) to issue its products. The turns alternate, tile 0
+        first: tile 0's turn e follows tile 1's e passes (barrier 0 has completed e phases), tile 1's follows tile
+        0's e + 1. A wait on parity P returns once phase P completed, so n completions are parity (n - 1) & 1 (tile
+        0's first wait, parity 1 on a fresh barrier, returns at once). No parity can alias: a consumer passes its
+        turn e + 1 only after the other took turn e, so a barrier is never two phases past its waiter."""
+        mbarrier.wait(turns.index(TILE), (e + TILE + 1) & 1)
+
+    @gluon.jit
+    def _turn_pass(turns, TILE: gl.constexpr):
+        """Ping-pong: hand the turn to the other consumer (right after this one's products were issued)."""
+        mbarrier.arrive(turns.index(1 - TILE), count=1)
+
+    @gluon.jit
+    def _tile_hi(mt, kv_hi, causal_shift, BLOCK_M: gl.constexpr, IS_CAUSAL: gl.constexpr):
+        """One past the last key any row of the query tile starting at mt sees."""
+        if IS_CAUSAL:
+            return gl.minimum(kv_hi, mt + BLOCK_M + causal_shift)
+        else:
+            return kv_hi
+
+    @gluon.jit
     def _softmax_block(qk, m_i, l_i, start_n, offs_m, offs_n, kv_lo, kv_hi, full_hi, causal_shift, qk_scale,
                        IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
         """The online softmax of one key block's raw scores qk (BLOCK_M, BLOCK_N): (p, alpha, m, l) after it, with
@@ -204,15 +237,20 @@ if HAVE_GLUON:
         store_rows(O + b.to(gl.int64) * stride_ob + h * HEAD_DIM, o, mt, Tq, stride_ot, BLOCK_M, HEAD_DIM)
 
     @gluon.jit
-    def _ws_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE,
+    def _ws_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, O, LSE,
                     stride_ob, stride_ot, b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
                     TILE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PIPELINE: gl.constexpr):
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PIPELINE: gl.constexpr,
+                    PINGPONG: gl.constexpr):
         """One consumer warpgroup: the online softmax of query tile ``TILE`` (0 or 1) over the key blocks.
 
         PIPELINE (FA3's intra-warpgroup overlap, its Algorithm 2): block j's S = Q K_j^T is issued, then block
         j-1's O += P V_{j-1}, and block j's softmax runs while that second product is in flight; O is rescaled
-        once it lands. Otherwise each block's two products are waited for in turn."""
+        once it lands. Otherwise each block's two products are waited for in turn.
+        PINGPONG (with PIPELINE; FA3's inter-warpgroup schedule): each issue of products (S_0; S_j with P V_{j-1};
+        the last P V) takes a turn once its operands landed and passes it right after, so the two consumers' issues
+        alternate. A tile has n_own + 1 issues (none without a block); the one with fewer passes the other's extra
+        turns before it releases its unread blocks (their copies need slots that only the other's turns free)."""
         s_layout: gl.constexpr = mma_layout(BLOCK_N)  # S: (query rows, keys)
         o_layout: gl.constexpr = mma_layout(HEAD_DIM)  # O: (query rows, D)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -222,11 +260,10 @@ if HAVE_GLUON:
         mt = m0 + TILE * BLOCK_M
         offs_m = mt + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        my_hi = _tile_hi(mt, kv_hi, causal_shift, BLOCK_M, IS_CAUSAL)  # one past the tile's last row's last key
         if IS_CAUSAL:
-            my_hi = gl.minimum(kv_hi, mt + BLOCK_M + causal_shift)  # one past the tile's last row's last key
             full_hi = gl.minimum(kv_hi, mt + causal_shift + 1)  # every row of the tile sees all keys < full_hi
         else:
-            my_hi = kv_hi
             full_hi = kv_hi
         n_total = gl.maximum(n_hi - n_lo + BLOCK_N - 1, 0) // BLOCK_N  # the ring's blocks (both tiles')
         n_own = gl.maximum(my_hi - n_lo + BLOCK_N - 1, 0) // BLOCK_N  # this tile's: a prefix of them
@@ -241,7 +278,11 @@ if HAVE_GLUON:
         if PIPELINE:
             if n_own > 0:
                 mbarrier.wait(k_ready.index(0), 0)
+                if PINGPONG:
+                    _turn_take(turns, 0, TILE)
                 qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                if PINGPONG:
+                    _turn_pass(turns, TILE)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=[qk])
                 p, alpha, m_i, l_i = _softmax_block(qk, m_i, l_i, n_lo, offs_m, offs_n, kv_lo, kv_hi, full_hi,
                                                     causal_shift, qk_scale, IS_CAUSAL, BLOCK_N)
@@ -250,9 +291,15 @@ if HAVE_GLUON:
                     s = j % STAGES
                     sp = (j - 1) % STAGES
                     mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+                    if PINGPONG:  # both operands landed before the turn is taken: a turn never waits on a copy
+                        mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+                        _turn_take(turns, j, TILE)
                     qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                    mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+                    if not PINGPONG:
+                        mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
                     acc = warpgroup_mma(p_op, v_smem.index(sp), acc, is_async=True)
+                    if PINGPONG:
+                        _turn_pass(turns, TILE)
                     qk = warpgroup_mma_wait(num_outstanding=1, deps=[qk])  # S_j landed; P V_{j-1} in flight
                     p, alpha, m_i, l_i = _softmax_block(qk, m_i, l_i, n_lo + j * BLOCK_N, offs_m, offs_n, kv_lo,
                                                         kv_hi, full_hi, causal_shift, qk_scale, IS_CAUSAL, BLOCK_N)
@@ -262,9 +309,20 @@ if HAVE_GLUON:
                     p_op = gl.convert_layout(p.to(dtype), p_layout)
                 sl = (n_own - 1) % STAGES
                 mbarrier.wait(v_ready.index(sl), ((n_own - 1) // STAGES) & 1)
+                if PINGPONG:
+                    _turn_take(turns, n_own, TILE)
                 acc = warpgroup_mma(p_op, v_smem.index(sl), acc, is_async=True)
+                if PINGPONG:
+                    _turn_pass(turns, TILE)
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
                 mbarrier.arrive(kv_empty.index(sl), count=1)
+            if PINGPONG:  # the other tile's extra issues (at most one block more: the tiles are 64 rows apart)
+                n_other = gl.maximum(_tile_hi(m0 + (1 - TILE) * BLOCK_M, kv_hi, causal_shift, BLOCK_M, IS_CAUSAL)
+                                     - n_lo + BLOCK_N - 1, 0) // BLOCK_N
+                issues = gl.where(n_own > 0, n_own + 1, 0)
+                for e in range(issues, gl.where(n_other > 0, n_other + 1, 0)):
+                    _turn_take(turns, e, TILE)
+                    _turn_pass(turns, TILE)
             for j in range(n_own, n_total):  # past this tile's causal edge: released unread, once both copies landed
                 s = j % STAGES
                 mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
@@ -295,7 +353,7 @@ if HAVE_GLUON:
                             stride_ob, stride_ot, Hq, Tq, Tk, group, qk_scale,
                             HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_KV_RANGE: gl.constexpr,
                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                            PIPELINE: gl.constexpr):
+                            PIPELINE: gl.constexpr, PINGPONG: gl.constexpr = False):
         pair = gl.num_programs(0) - 1 - gl.program_id(0)  # the heaviest (last) causal tiles start first
         bh = gl.program_id(1)
         b = bh // Hq
@@ -315,15 +373,20 @@ if HAVE_GLUON:
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         q_bar, k_ready, v_ready, kv_empty = ring_barriers(STAGES)
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong: a consumer's turn
+        if PINGPONG:
+            for i in gl.static_range(2):
+                mbarrier.init(turns.index(i), count=1)
+            fence_async_shared()
 
         # (tuples spelled out: concatenating them would unwrap the constexprs, which a partition cannot take)
         gl.warp_specialize([
-            (_ws_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE, stride_ob, stride_ot,
-                           b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
-                           0, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PIPELINE)),
-            (_ws_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, O, LSE, stride_ob, stride_ot,
-                           b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
-                           1, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PIPELINE)),
+            (_ws_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, O, LSE, stride_ob,
+                           stride_ot, b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
+                           0, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PIPELINE, PINGPONG)),
+            (_ws_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, O, LSE, stride_ob,
+                           stride_ot, b, h, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale,
+                           1, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PIPELINE, PINGPONG)),
             (_ws_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                         b * Tq + m0, h * HEAD_DIM, b * Tk, hk * HEAD_DIM, n_lo, n_hi, BLOCK_M, BLOCK_N, STAGES)),
         ], [4, 1], [240, 24])
@@ -353,5 +416,5 @@ def attention_forward_ws(
         _desc(q, bm), _desc(k, bn), _desc(v, bn), o, lse, ks, ke, o.stride(0), o.stride(1),
         Hq, Tq, Tk, Hq // Hkv, softmax_scale * LOG2E,
         HEAD_DIM=D, IS_CAUSAL=causal, HAS_KV_RANGE=kv_start is not None,
-        BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PIPELINE=ws_pipeline(), num_warps=4)
+        BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PIPELINE=ws_pipeline(), PINGPONG=ws_pingpong(), num_warps=4)
     return o, lse

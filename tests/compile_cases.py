@@ -16,9 +16,11 @@ def _attention_ws_cases():
 
     from rlhf_engine.kernels.attention_fwd_ws import ws_tiles
 
+    # pipe: the pipelined consumers (True), the simple ones (False) or the pipelined ones with ping-pong ("pp")
     for dt, d, causal, rng, pipe in [("bf16", 64, True, False, True), ("bf16", 128, True, True, True),
                                      ("fp16", 64, False, True, True), ("fp16", 128, False, False, True),
-                                     ("bf16", 64, True, True, False), ("bf16", 128, True, False, False)]:
+                                     ("bf16", 64, True, True, False), ("bf16", 128, True, False, False),
+                                     ("bf16", 64, True, False, "pp"), ("bf16", 128, True, True, "pp")]:
         bm, bn, stages = ws_tiles(d)
         gdt = gl.bfloat16 if dt == "bf16" else gl.float16
 
@@ -26,10 +28,10 @@ def _attention_ws_cases():
             return f"tensordesc<{dt}[{rows},{d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gdt)!r}>"
 
         yield case(f"attn_fwd_ws-{dt}-d{d}-{'causal' if causal else 'full'}{'-range' if rng else ''}"
-                    f"{'' if pipe else '-simple'}", "attention_fwd_ws", "_attn_fwd_ws_kernel",
-                    {"O": dt, "LSE": "fp32", "KV_START": "i32", "KV_END": "i32"}, ["qk_scale"],
+                    f"{'-pingpong' if pipe == 'pp' else '' if pipe else '-simple'}", "attention_fwd_ws",
+                    "_attn_fwd_ws_kernel", {"O": dt, "LSE": "fp32", "KV_START": "i32", "KV_END": "i32"}, ["qk_scale"],
                     dict(HEAD_DIM=d, IS_CAUSAL=causal, HAS_KV_RANGE=rng, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-                         PIPELINE=pipe), 4,
+                         PIPELINE=bool(pipe), PINGPONG=pipe == "pp"), 4,
                     descs={"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn)})
 
 

@@ -22,7 +22,8 @@ from tiny import key_ranges
 @pytest.fixture(autouse=True)
 def _triton_defaults(monkeypatch):
     """The Triton kernels are the comparison: none of the opt-in switches may be on around them."""
-    for var in ("RLHF_ENGINE_ATTN_WS", "RLHF_ENGINE_ATTN_TMA", "RLHF_ENGINE_ATTN_DQ", "RLHF_ENGINE_ATTN_WS_PIPELINE"):
+    for var in ("RLHF_ENGINE_ATTN_WS", "RLHF_ENGINE_ATTN_TMA", "RLHF_ENGINE_ATTN_DQ", "RLHF_ENGINE_ATTN_WS_PIPELINE",
+                "RLHF_ENGINE_ATTN_WS_PINGPONG"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -98,7 +99,7 @@ def test_dispatch_routes_only_when_asked_and_eligible(monkeypatch, causal):
     torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["--simple", "--atomic", "--gemm", "--lm-head"])
+@pytest.mark.parametrize("mode", ["--simple", "--pipelined", "--pingpong", "--atomic", "--gemm", "--lm-head"])
 def test_probe_exits_2_without_sm90(mode):
     """benchmarks/ws_probe.py on a machine without an sm_90 GPU: exit 2 (gpu_check.sh reads it as "not run"), after
     importing everything it needs (an import error would otherwise first show on the GPU machine)."""
@@ -139,9 +140,11 @@ GPU_CASES = [
 ]
 
 
-# The forward: every shape with the default (overlap on, bf16); without the overlap and in fp16 on a few.
+# The forward: every shape with the default (overlap on, bf16); without the overlap, with ping-pong ("pp") and in
+# fp16 on a few.
 FWD_CASES = ([(*c, torch.bfloat16, "1") for c in GPU_CASES]
              + [(*GPU_CASES[i], torch.bfloat16, "0") for i in (1, 2, 5)]
+             + [(*GPU_CASES[i], torch.bfloat16, "pp") for i in (0, 1, 2, 3, 6)]
              + [(*GPU_CASES[i], torch.float16, "1") for i in (0, 6)])
 
 
@@ -153,7 +156,12 @@ def test_ws_forward_gpu(B, T, Hq, Hkv, D, causal, padding, dtype, pipeline, reco
     default) and without it."""
     if not _hopper():
         pytest.skip("the warp-specialized kernel is for sm_90")
-    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PIPELINE", pipeline)
+    if pipeline == "pp" and os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN") == "notrun":
+        pytest.skip("gpu_check.sh did not probe the ping-pong forward: off for this run")
+    if pipeline == "pp" and os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN") == "1":
+        pytest.fail("benchmarks/ws_probe.py --pingpong found the ping-pong forward broken: see ws_probe.txt")
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PIPELINE", "0" if pipeline == "0" else "1")
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PINGPONG", "1" if pipeline == "pp" else "0")
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=dtype) for h in (Hq, Hkv, Hkv))
     ks, ke = key_ranges(padding, B, T, "cuda")

@@ -40,8 +40,10 @@ def _check(name, got, ref, pt):
 
 
 # (B, Tq, Tk, Hq, Hkv, D, causal, padding, dtype, PIPELINE, STAGES or 0 for the default): odd lengths, one row, a
-# pair of tiles cut short, Tq < Tk (bottom-right causal), GQA groups 3, 7, 2 and 1, a sequence with no valid key
-# (B = 3 with padding), and the ring at 2, 3 and 4 slots
+# pair of tiles cut short, Tq < Tk and Tq > Tk (bottom-right causal), GQA groups 3, 7, 2 and 1, a sequence with no
+# valid key (B = 3 with padding), and the ring at 2, 3 and 4 slots. PIPELINE "pp": pipelined with the ping-pong
+# turns (RLHF_ENGINE_ATTN_WS_PINGPONG=1); Tk - Tq = 64 and Tq > Tk give the two tiles of a program different block
+# counts (one tile passes the other's extra turns)
 FWD_CASES = [
     (2, 97, 97, 9, 3, 64, True, "none", torch.bfloat16, "1", 0),
     (3, 200, 200, 14, 2, 64, True, "left", torch.bfloat16, "1", 0),
@@ -53,12 +55,23 @@ FWD_CASES = [
     (1, 300, 300, 2, 1, 64, True, "none", torch.float16, "1", 2),
     (1, 300, 300, 2, 1, 64, False, "none", torch.bfloat16, "0", 4),
     (2, 260, 260, 2, 1, 64, True, "left", torch.bfloat16, "1", 4),
+    (2, 300, 70, 4, 2, 64, True, "none", torch.bfloat16, "1", 0),
+    (2, 97, 97, 9, 3, 64, True, "none", torch.bfloat16, "pp", 0),
+    (3, 200, 200, 14, 2, 64, True, "left", torch.bfloat16, "pp", 2),
+    (2, 333, 333, 4, 4, 128, False, "right", torch.float16, "pp", 0),
+    (2, 1, 1, 4, 4, 128, True, "none", torch.bfloat16, "pp", 0),
+    (2, 200, 264, 4, 2, 64, True, "none", torch.bfloat16, "pp", 0),
+    (2, 300, 70, 4, 2, 128, True, "none", torch.bfloat16, "pp", 0),
+    (3, 260, 324, 2, 1, 64, True, "right", torch.float16, "pp", 4),
 ]
 
 
 @pytest.mark.parametrize("B,Tq,Tk,Hq,Hkv,D,causal,padding,dtype,pipeline,stages", FWD_CASES)
 def test_ws_forward_emulated(B, Tq, Tk, Hq, Hkv, D, causal, padding, dtype, pipeline, stages, monkeypatch):
-    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PIPELINE", pipeline)
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PIPELINE", "0" if pipeline == "0" else "1")
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PINGPONG", "1" if pipeline == "pp" else "0")
+    monkeypatch.delenv("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN", raising=False)
+    assert attention_fwd_ws.ws_pingpong() == (pipeline == "pp")
     monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_STAGES", str(stages))
     seed = FWD_CASES.index((B, Tq, Tk, Hq, Hkv, D, causal, padding, dtype, pipeline, stages))
     monkeypatch.setattr(attention_fwd_ws, "_attn_fwd_ws_kernel", emulate(attention_fwd_ws._attn_fwd_ws_kernel, seed))

@@ -232,3 +232,34 @@ def test_gpu_check_fits_the_device_tools_file_cap(tmp_path):
         out[-3000:]
     left = {p.name for p in tmp_path.rglob("*") if p.is_file()}
     assert left and left <= names, (left, names)
+
+
+@pytest.mark.parametrize("pipelined_rc,pingpong_rc,expected", [
+    (0, 1, "simple forward and backward ok; ping-pong forward WRONG"),
+    (1, 0, "simple forward and backward ok; pipelined forward WRONG"),
+    (0, 0, "probes: warp-specialized attention simple forward and backward ok; decode GEMM"),
+])
+def test_gpu_check_follows_the_attention_probes(pipelined_rc, pingpong_rc, expected, tmp_path):
+    """gpu_check.sh's chain of ws_probe.py runs, with a stand-in python whose probes exit as told: after the simple
+    probe passed, the pipelined one runs, then the ping-pong one only where the pipelined passed; a failure is
+    named in the summary line (and turns that form off)."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = benchmarks/ws_probe.py ]; then
+  echo "probe $2" >> "{tmp_path}/probes.log"
+  case "$2" in --pipelined) exit {pipelined_rc} ;; --pingpong) exit {pingpong_rc} ;; --gemm) exit 2 ;; *) exit 0 ;; esac
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path / "out"), PYTHON=str(fake), GPU_CHECK_SKIP="build fastlaunch host tests ktests bench",
+               GPU_CHECK_BUDGET_S="400")
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert expected in out, out[-3000:]
+    probes = (tmp_path / "probes.log").read_text().split()
+    assert ("--pingpong" in probes) == (pipelined_rc == 0), probes
+    assert "--atomic" in probes and "--gemm" in probes, probes

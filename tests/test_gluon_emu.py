@@ -92,8 +92,8 @@ FWD_MUTANTS = {
     # S is used before the product is waited for
     "wgmma result not waited for": ("qk = warpgroup_mma_wait(num_outstanding=1, deps=[qk])", "pass", GluonHazard),
     # K's ready barrier waited on the next round's parity
-    "ready barrier phase": ("mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)\n                    qk =",
-                            "mbarrier.wait(k_ready.index(s), ((j // STAGES) + 1) & 1)\n                    qk =",
+    "ready barrier phase": ("mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)\n                    if PINGPONG:",
+                            "mbarrier.wait(k_ready.index(s), ((j // STAGES) + 1) & 1)\n                    if PINGPONG:",
                             (GluonDeadlock, GluonHazard)),
 }
 
@@ -104,6 +104,49 @@ def test_forward_mutants_are_reported(name, tmp_path, monkeypatch):
     mod = _mutant(attention_fwd_ws, old, new, tmp_path)
     with pytest.raises(error):
         _forward(mod, monkeypatch)
+
+
+def _forward_pingpong(mod, monkeypatch, Tq, Tk):
+    """The pipelined forward with ping-pong turns, causal, Tq != Tk (whose tiles may own different block counts)."""
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PIPELINE", "1")
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PINGPONG", "1")
+    monkeypatch.delenv("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN", raising=False)
+    monkeypatch.setattr(mod, "_attn_fwd_ws_kernel", emulate(mod._attn_fwd_ws_kernel))
+    torch.manual_seed(2)
+    D = 64
+    q = torch.randn(1, Tq, 2, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, Tk, 1, D, dtype=torch.bfloat16) for _ in range(2))
+    o, _ = mod.attention_forward_ws(q, k, v, causal=True, kv_start=None, kv_end=None, softmax_scale=D ** -0.5)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True, softmax_scale=D ** -0.5)
+    return (o.double() - ref).nan_to_num().abs().max().item()
+
+
+PINGPONG_MUTANTS = {
+    # the tile with fewer blocks does not pass the other's extra turns: the other waits for a turn forever
+    "extra turns not passed": ("_turn_take(turns, e, TILE)\n                    _turn_pass(turns, TILE)",
+                               "pass", GluonDeadlock),
+    # the last P V issue keeps the turn
+    "last turn kept": ("acc = warpgroup_mma(p_op, v_smem.index(sl), acc, is_async=True)\n"
+                       "                if PINGPONG:\n                    _turn_pass(turns, TILE)",
+                       "acc = warpgroup_mma(p_op, v_smem.index(sl), acc, is_async=True)", GluonDeadlock),
+    # both tiles wait for the same count of passes: neither goes first
+    "no first turn": ("mbarrier.wait(turns.index(TILE), (e + TILE + 1) & 1)",
+                      "mbarrier.wait(turns.index(TILE), (e + 2) & 1)", GluonDeadlock),
+}
+
+
+@pytest.mark.parametrize("Tq,Tk", [(200, 264), (300, 70), (333, 333)])
+def test_pingpong_forward_passes(Tq, Tk, monkeypatch):
+    # (200, 264): a program's first tile owns one block fewer; (300, 70): a tile owns none, the other one block
+    assert _forward_pingpong(attention_fwd_ws, monkeypatch, Tq, Tk) < 0.02
+
+
+@pytest.mark.parametrize("name", list(PINGPONG_MUTANTS))
+def test_pingpong_mutants_are_reported(name, tmp_path, monkeypatch):
+    old, new, error = PINGPONG_MUTANTS[name]
+    mod = _mutant(attention_fwd_ws, old, new, tmp_path)
+    with pytest.raises(error):
+        _forward_pingpong(mod, monkeypatch, 200, 264)
 
 
 def test_forward_wrong_mask_gives_wrong_numbers(tmp_path, monkeypatch):
