@@ -141,6 +141,7 @@ probe_note() {  # probe_note RC TIMEOUT_S: ws_probe.py's exit codes
   case "$1" in
     1) echo "WRONG (disagrees with the reference: see ws_probe.txt)" ;;
     3) echo "NOT ELIGIBLE on this sm_90 device (no Gluon?)" ;;
+    4) echo "CRASHED (an exception, e.g. a compile error: its traceback is in ws_probe.txt)" ;;
     124|137) echo "TIMEOUT after $2 s (a hang, or slow compiles: the last 'launching' line of the probe's file)" ;;
     *) echo "FAILED (exit $1: see ws_probe.txt)" ;;
   esac

@@ -24,12 +24,13 @@ all these kernels' own code on the CPU first, through an emulator that reports h
 gpu_check sets RLHF_ENGINE_LM_HEAD_SAMPLE_BROKEN=1 when it fails (generate then draws from the logits).
 Run: python benchmarks/ws_probe.py --simple | --pipelined | --pingpong | --atomic | --gemm | --lm-head
 Exit: 0 agrees; 1 disagrees; 2 no sm_90 device (not run); 3 an sm_90 device on which the kernels are not eligible
-(e.g. no Gluon in this Triton): a failure too.
+(e.g. no Gluon in this Triton): a failure too; 4 an exception (a compile error, a failed launch: its traceback).
 """
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import torch
 
@@ -204,4 +205,8 @@ if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in modes:
         sys.exit(f"usage: python benchmarks/ws_probe.py {' | '.join(modes)}")
     mode = sys.argv[1]
-    sys.exit(gemm() if mode == "--gemm" else lm_head() if mode == "--lm-head" else main(mode[2:]))
+    try:
+        sys.exit(gemm() if mode == "--gemm" else lm_head() if mode == "--lm-head" else main(mode[2:]))
+    except Exception:  # a compile error or a launch failure, not a wrong number: its own exit status
+        traceback.print_exc()
+        sys.exit(4)
