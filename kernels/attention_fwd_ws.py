@@ -193,7 +193,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _turn_pass(turns, TILE: gl.constexpr):
-        """Ping-pong: hand the turn to the other consumer (right after this one's products were issued)."""
+        """Ping-pong: hand the turn to the other consumer (right after this one's products were issued). One thread
+        arrives for the warpgroup, and an issue does not wait for the other warps: the barrier first makes sure all
+        four warps are past this turn's wait, or a late one could wait on a parity the other consumer's next pass
+        has already flipped back (Triton inserts one here today; it is spelled out so that it stays)."""
+        gl.thread_barrier()
         mbarrier.arrive(turns.index(1 - TILE), count=1)
 
     @gluon.jit
@@ -249,8 +253,9 @@ if HAVE_GLUON:
         once it lands. Otherwise each block's two products are waited for in turn.
         PINGPONG (with PIPELINE; FA3's inter-warpgroup schedule): each issue of products (S_0; S_j with P V_{j-1};
         the last P V) takes a turn once its operands landed and passes it right after, so the two consumers' issues
-        alternate. A tile has n_own + 1 issues (none without a block); the one with fewer passes the other's extra
-        turns before it releases its unread blocks (their copies need slots that only the other's turns free)."""
+        alternate. A tile has n_own + 1 issues (none without a block); the one with fewer (tile 0, by at most one
+        block: the tiles are 64 rows apart and a block is 128 keys) passes the other's extra turns, then releases
+        its unread block."""
         s_layout: gl.constexpr = mma_layout(BLOCK_N)  # S: (query rows, keys)
         o_layout: gl.constexpr = mma_layout(HEAD_DIM)  # O: (query rows, D)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)

@@ -180,6 +180,33 @@ def test_ws_forward_gpu(B, T, Hq, Hkv, D, causal, padding, dtype, pipeline, reco
     torch.testing.assert_close(lse[finite], lse_ref_k[finite], atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("Tq,Tk,D", [(200, 264, 64), (300, 70, 128)])
+def test_ws_pingpong_unequal_tiles_gpu(Tq, Tk, D, record_value, monkeypatch):
+    """The ping-pong forward where a program's two tiles own different block counts ((Tk - Tq) mod 128 in 1..64, or
+    a tile with no key): tile 0 passes tile 1's extra turns. Against fp64 within 2x of the Triton kernel's error."""
+    if not _hopper():
+        pytest.skip("the warp-specialized kernel is for sm_90")
+    if os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN") == "notrun":
+        pytest.skip("gpu_check.sh did not probe the ping-pong forward: off for this run")
+    if os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN") == "1":
+        pytest.fail("benchmarks/ws_probe.py --pingpong found the ping-pong forward broken: see ws_probe.txt")
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PIPELINE", "1")
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PINGPONG", "1")
+    torch.manual_seed(3)
+    q = torch.randn(2, Tq, 4, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, Tk, 2, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    o, lse = attention_forward_ws(q, k, v, causal=True, kv_start=None, kv_end=None, softmax_scale=D ** -0.5)
+    o_k, lse_k = attention_forward(q, k, v, causal=True, kv_start=None, kv_end=None, softmax_scale=D ** -0.5)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True, softmax_scale=D ** -0.5)
+    assert not torch.isnan(o).any()
+    err, err_k = ((x.double() - ref).abs().max().item() for x in (o, o_k))
+    record_value(f"WS forward (ping-pong) Tq={Tq} Tk={Tk} D={D}: max err vs fp64 (WS / Triton)",
+                 f"{err:.3g} / {err_k:.3g}")
+    assert err <= 2 * err_k + 2e-3
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_k))
+
+
 # each specialization of the backward kernels (head dim, causal, key ranges), T = 1, and the case where both dK/dV
 # consumers skip a block (the Triton comparison compiles three kernels a specialization: fewer cases than the forward)
 @pytest.mark.gpu

@@ -61,6 +61,7 @@ FWD_CASES = [
     (2, 333, 333, 4, 4, 128, False, "right", torch.float16, "pp", 0),
     (2, 1, 1, 4, 4, 128, True, "none", torch.bfloat16, "pp", 0),
     (2, 200, 264, 4, 2, 64, True, "none", torch.bfloat16, "pp", 0),
+    (1, 200, 264, 2, 1, 64, True, "none", torch.float16, "pp", 2),
     (2, 300, 70, 4, 2, 128, True, "none", torch.bfloat16, "pp", 0),
     (3, 260, 324, 2, 1, 64, True, "right", torch.float16, "pp", 4),
 ]
