@@ -8,8 +8,8 @@ FLOP counts (causal: half of the T x T score matrix is computed):
     the "ours (TMA loads)" row runs the opt-in forward with tensor-descriptor tile moves, attention_fwd_tma.py;
     the "ours (warp-specialized ...)" rows the opt-in Gluon kernels for Hopper, attention_fwd_ws.py and
     attention_bwd_ws.py: forward, dK/dV and dQ; the 7 backward matmuls of the split scheme, or 5 and fp32 atomics
-    in the "..., atomic dQ" row; "..., ping-pong": the forward's two consumers issuing their products in turn,
-    forward rows only, its backward is the warp-specialized row's)
+    in the "..., atomic dQ" row; "..., ping-pong": each kernel's two consumers issuing their products in turn,
+    in both dQ forms)
     forward + backward = 3.5 x forward
 Floor: the bf16 dense matmul ceiling of the card (764 TFLOP/s on an H100, ../shared/BASELINES.md).
 Run: python benchmarks/bench_attention.py [--no-flex]   (needs a CUDA device; exits with a message otherwise;
@@ -104,22 +104,23 @@ def _impls(B, Hq, Hkv, T, D, dev, with_flex: bool, names=None):
         # the warp-specialized Gluon forward and backward (kernels/attention_{fwd,bwd}_ws.py, opt-in, sm_90)
         WS: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
         WS_SIMPLE: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
-        # the forward with FA3's ping-pong between its consumers (RLHF_ENGINE_ATTN_WS_PINGPONG=1; fwd rows only)
+        # FA3's ping-pong between each kernel's consumers (RLHF_ENGINE_ATTN_WS_PINGPONG=1), both dQ forms
         WS_PINGPONG: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
+        WS_ATOMIC_PINGPONG: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
         # the same forward; the backward's atomic-dQ form (5 products: no dQ kernel; fwd+bwd rows only)
         WS_ATOMIC: (lambda: flash_attention(qs, ks, vs, causal=True, backend="triton"), (qs, ks, vs)),
     }
     from rlhf_engine.kernels.attention_fwd_ws import ws_eligible
 
     if not ws_eligible(qs, ks, vs):  # not an sm_90 GPU (or ws_probe.py found them broken): no row under their name
-        impls = {n: f for n, f in impls.items() if n not in (WS, WS_SIMPLE, WS_ATOMIC, WS_PINGPONG)}
+        impls = {n: f for n, f in impls.items() if n not in (WS, WS_SIMPLE, WS_ATOMIC, *PINGPONGS)}
     elif os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN") in ("1", "notrun"):  # ws_probe.py: the overlap only
         # failed (or was not probed)
-        impls = {n: f for n, f in impls.items() if n not in (WS, WS_PINGPONG)}
+        impls = {n: f for n, f in impls.items() if n not in (WS, *PINGPONGS)}
     if os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN") in ("1", "notrun"):  # ws_probe.py --pingpong
-        impls = {n: f for n, f in impls.items() if n != WS_PINGPONG}
+        impls = {n: f for n, f in impls.items() if n not in PINGPONGS}
     if os.environ.get("RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN") in ("1", "notrun"):  # ws_probe.py --atomic
-        impls = {n: f for n, f in impls.items() if n != WS_ATOMIC}
+        impls = {n: f for n, f in impls.items() if n not in (WS_ATOMIC, WS_ATOMIC_PINGPONG)}
     return {n: f for n, f in impls.items() if names is None or n in names or n == "sdpa_default"}
 
 
@@ -129,10 +130,14 @@ WS = "ours (warp-specialized)"
 WS_SIMPLE = "ours (warp-specialized, no overlap)"  # the forward without FA3's intra-warpgroup overlap
 WS_ATOMIC = "ours (warp-specialized, atomic dQ)"
 WS_PINGPONG = "ours (warp-specialized, ping-pong)"
+WS_ATOMIC_PINGPONG = "ours (warp-specialized, atomic dQ, ping-pong)"
+PINGPONGS = (WS_PINGPONG, WS_ATOMIC_PINGPONG)
 _ENV = {ATOMIC: {"RLHF_ENGINE_ATTN_DQ": "atomic"}, TMA: {"RLHF_ENGINE_ATTN_TMA": "1"},
         WS: {"RLHF_ENGINE_ATTN_WS": "1"}, WS_ATOMIC: {"RLHF_ENGINE_ATTN_WS": "1", "RLHF_ENGINE_ATTN_DQ": "atomic"},
         WS_SIMPLE: {"RLHF_ENGINE_ATTN_WS": "1", "RLHF_ENGINE_ATTN_WS_PIPELINE": "0"},
-        WS_PINGPONG: {"RLHF_ENGINE_ATTN_WS": "1", "RLHF_ENGINE_ATTN_WS_PINGPONG": "1"}}
+        WS_PINGPONG: {"RLHF_ENGINE_ATTN_WS": "1", "RLHF_ENGINE_ATTN_WS_PINGPONG": "1"},
+        WS_ATOMIC_PINGPONG: {"RLHF_ENGINE_ATTN_WS": "1", "RLHF_ENGINE_ATTN_DQ": "atomic",
+                             "RLHF_ENGINE_ATTN_WS_PINGPONG": "1"}}
 
 
 def _dq_mode(name: str):
@@ -178,10 +183,8 @@ def _measure(impls, shape, fwd_flops, skip=()) -> list[dict]:
     reps = dict(warmup=1, rep=2) if smoke() else dict(warmup=5, rep=30)
     for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
         for name, (fn, leaves) in impls.items():
-            if name in skip or (name in (ATOMIC, WS_ATOMIC) and mode == "fwd") or (name == WS_PINGPONG
-                                                                                   and mode == "fwd+bwd"):
-                continue  # measured in an earlier pass; atomic dQ: the forward is another row's; ping-pong: the
-                # backward is the warp-specialized row's
+            if name in skip or (name in (ATOMIC, WS_ATOMIC, WS_ATOMIC_PINGPONG) and mode == "fwd"):
+                continue  # measured in an earlier pass; atomic dQ: the forward is another row's
             if mode == "fwd":
                 def step(fn=fn):
                     with torch.no_grad():
@@ -212,7 +215,7 @@ def _measure(impls, shape, fwd_flops, skip=()) -> list[dict]:
 # starts only with ``need`` seconds left before
 # the runner's deadline (common.time_left), so a cold Triton cache (every variant autotunes both head dims) costs
 # the optional rows, never the target ones.
-PASSES = (("targets", ("sdpa_flash_fa2", "ours"), 0.0), ("warp-specialized", (WS, WS_ATOMIC, WS_PINGPONG, WS_SIMPLE), 30.0),
+PASSES = (("targets", ("sdpa_flash_fa2", "ours"), 0.0), ("warp-specialized", (WS, WS_ATOMIC, *PINGPONGS, WS_SIMPLE), 30.0),
           ("variants", (ATOMIC, TMA), 45.0), ("flex", (), 40.0))
 
 

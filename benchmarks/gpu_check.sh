@@ -119,13 +119,14 @@ run_pytest() {
   shift 2
   timeout -s INT -k 15 "$secs" "$PY" -m pytest -v -p no:cacheprovider "$@" > "$log" 2>&1
 }
-# follow_probe MODE LABEL VAR STATUS: after a ws_probe.py run passed, its --MODE run (<= 60 s); on a failure VAR=1
+# follow_probe MODE LABEL VAR STATUS [CAP_S]: after a ws_probe.py run passed, its --MODE run (<= CAP_S, default 60 s);
+# on a failure VAR=1
 # turns that form off for the run, and VAR=notrun when the budget is short (its tests skip). Appends to the caller's
 # variable named STATUS (WSP, GSP); sets its FAIL.
 follow_probe() {
   local c rc
   local -n st=$4
-  c=$(cap 60 "$TEST_RESERVE")
+  c=$(cap "${5:-60}" "$TEST_RESERVE")
   if (( c < PROBE_MIN_S )); then
     st="$st; $2 not run (budget): turned off"; export "$3=notrun"
     return
@@ -374,9 +375,9 @@ EOF
       case $rc in
         0) WSP="simple forward and backward ok"
            follow_probe pipelined "pipelined forward" RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN WSP
-           # FA3's ping-pong on the pipelined forward (opt-in): probed only where that forward works
+           # FA3's ping-pong (opt-in) on the pipelined forward and the backward: probed only where that forward works
            if [ -z "${RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN:-}" ]; then
-             follow_probe pingpong "ping-pong forward" RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN WSP
+             follow_probe pingpong "ping-pong" RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN WSP 120  # fwd + both bwd forms
            else
              export RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN=notrun
            fi

@@ -12,8 +12,9 @@ Two runs, each under its own timeout: ``--simple`` (the forward without FA3's in
 backward) and ``--pipelined`` (the forward's default, with it). gpu_check sets RLHF_ENGINE_ATTN_WS_BROKEN=1 when
 the first fails, RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1 (the forward then runs without the overlap, and the
 benchmark drops the overlap's rows) when only the second does.
-``--pingpong`` (after ``--pipelined`` passed): the pipelined forward with FA3's ping-pong between its consumers
-(``RLHF_ENGINE_ATTN_WS_PINGPONG=1``); gpu_check sets RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN=1 when it fails.
+``--pingpong`` (after ``--pipelined`` passed): FA3's ping-pong between the consumers (``RLHF_ENGINE_ATTN_WS_PINGPONG
+=1``): the pipelined forward (also with Tq != Tk), and the backward in both dQ forms; gpu_check sets
+RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN=1 when it fails.
 ``--atomic``: the backward's atomic-dQ form (5 products) on the same shapes; gpu_check sets
 RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN=1 when it fails (dq_mode="atomic" then stays on the Triton kernels).
 ``--gemm``: the decode GEMM on Qwen2-0.5B's four projections at batch 64 (split-K on o and down, the SwiGLU epilogue
@@ -166,7 +167,6 @@ def main(mode: str) -> int:
         return 2
     ok = True
     variant = "ping-pong" if mode == "pingpong" else "pipelined" if pipelined else "simple"
-    bwd = "atomic-dQ backward" if atomic else "backward"
     for B, T, Hq, Hkv, D, causal, pad in SHAPES:
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
@@ -186,22 +186,26 @@ def main(mode: str) -> int:
         ok &= good
         print(f"ws_probe: forward ({variant}): max |o - fp32 reference| {err:.3g}: {'ok' if good else 'WRONG'}",
               flush=True)
-        if pipelined:  # the backward has no variant: checked by the --simple run
+        if mode == "pipelined":  # the backward has no variant but ping-pong: checked by the --simple run
             continue
         do = torch.randn_like(q)
         refs = torch.autograd.grad(ref, (q32, k32, v32), do.float())
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
-        grads = [torch.zeros(q.shape, device="cuda") if atomic else torch.empty_like(q), torch.empty_like(k),
-                 torch.empty_like(v)]  # (atomic: an fp32 dQ buffer to add into)
-        print(f"ws_probe: launching the {bwd}, {shape}", flush=True)
-        ws_backward(do, q, k, v, lse, delta, *grads, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale,
-                    atomic_dq=atomic)
-        torch.cuda.synchronize()
-        errs = [((g.float() - r).abs().max() / r.abs().max().clamp(min=1e-6)).item() for g, r in zip(grads, refs)]
-        good = all(e < 3e-2 for e in errs)  # NaN fails too
-        ok &= good
-        print(f"ws_probe: {bwd}: max relative |d{{q,k,v}} - fp32 reference| {', '.join(f'{e:.3g}' for e in errs)}: "
-              f"{'ok' if good else 'WRONG'}", flush=True)
+        # --pingpong: both dQ forms with the turns (the backward kernels follow the same switch)
+        for atomic_dq in (False, True) if mode == "pingpong" else (atomic,):
+            what = f"{'atomic-dQ ' if atomic_dq else ''}backward{' (ping-pong)' if mode == 'pingpong' else ''}"
+            grads = [torch.zeros(q.shape, device="cuda") if atomic_dq else torch.empty_like(q), torch.empty_like(k),
+                     torch.empty_like(v)]  # (atomic: an fp32 dQ buffer to add into)
+            print(f"ws_probe: launching the {what}, {shape}", flush=True)
+            ws_backward(do, q, k, v, lse, delta, *grads, causal=causal, kv_start=ks, kv_end=ke, softmax_scale=scale,
+                        atomic_dq=atomic_dq)
+            torch.cuda.synchronize()
+            errs = [((g.float() - r).abs().max() / r.abs().max().clamp(min=1e-6)).item()
+                    for g, r in zip(grads, refs)]
+            good = all(e < 3e-2 for e in errs)  # NaN fails too
+            ok &= good
+            print(f"ws_probe: {what}: max relative |d{{q,k,v}} - fp32 reference| "
+                  f"{', '.join(f'{e:.3g}' for e in errs)}: {'ok' if good else 'WRONG'}", flush=True)
     if mode == "pingpong":
         for B, Tq, Tk, Hq, Hkv, D in PINGPONG_SHAPES:
             torch.manual_seed(0)

@@ -5,7 +5,8 @@
 
 Both kernels have ``attention_fwd_ws``'s shape: a one-warp TMA load partition fills a ring of shared-memory slots
 (ready barriers per operand, an "empty" barrier that two consumers release), and two 4-warp consumer warpgroups
-run the products with wgmma on 64-row tiles, their elementwise work overlapping each other's products.
+run the products with wgmma on 64-row tiles, their elementwise work overlapping each other's products (left to the
+warp schedulers, or forced by the forward's ping-pong turns with ``RLHF_ENGINE_ATTN_WS_PINGPONG=1``).
 - ``_dkdv_ws_kernel``: a program owns 2 x 64 keys of one (batch, KV head), K and V loaded once; its ring carries
   the Q and dO tiles of every query block of the ``group`` query heads that read this KV head (GQA summed inside,
   K/V never expanded). Consumer t holds dK and dV of its 64 keys in registers: S^T = K Q^T, P^T from the saved
@@ -31,7 +32,7 @@ import torch
 
 from ._launch import cdiv
 from .attention_fwd import LOG2E
-from .attention_fwd_ws import HAVE_GLUON, _desc, ws_layout_ok
+from .attention_fwd_ws import HAVE_GLUON, _desc, ws_layout_ok, ws_pingpong
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -39,7 +40,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from .attention_fwd_ws import key_range, load_kv_ring, mma_layout, ring_barriers, store_rows
+    from .attention_fwd_ws import (_turn_pass, _turn_take, key_range, load_kv_ring, mma_layout, ring_barriers,
+                                   store_rows, turn_barriers)
 
 BWD_BLOCK = 64  # rows of a consumer's tile, in both kernels (keys in dK/dV, queries in dQ)
 BWD_STAGES = 2  # ring slots: 82 / 148 KB of shared memory for dK/dV (115 / 180 KB with atomic dQ's dS^T buffers),
@@ -117,11 +119,13 @@ if HAVE_GLUON:
     def _dkdv_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA,
                       stride_dkt, stride_dvt, dk_base, dv_base, bhq0, Tq, Tk, n0, m_lo, n_m, kv_lo, kv_hi,
                       causal_shift, qk_scale, sm_scale, group, ds_smem, ds_full, dq_base, stride_dqt,
-                      stride_dqh,
+                      stride_dqh, turns,
                       TILE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-                      STAGES: gl.constexpr, ATOMIC_DQ: gl.constexpr):
+                      STAGES: gl.constexpr, ATOMIC_DQ: gl.constexpr, PINGPONG: gl.constexpr):
         """Consumer ``TILE``: dK and dV of keys [n0 + TILE * BLOCK, + BLOCK) over the ring's query blocks; with
-        ``ATOMIC_DQ`` also its dS^T to shared memory for ``_dq_share``, run by the two consumers in turn."""
+        ``ATOMIC_DQ`` also its dS^T to shared memory for ``_dq_share``, run by the two consumers in turn.
+        PINGPONG (the forward's): both consumers walk the same blocks, two issues a block (S^T with dP^T, then dV
+        with dK), turns 2i and 2i + 1 of block i, taken and passed empty on a block the tile skips."""
         s_layout: gl.constexpr = mma_layout(BLOCK)  # S^T, dP^T: (keys, query rows)
         o_layout: gl.constexpr = mma_layout(HEAD_DIM)  # dK, dV: (keys, D)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -167,10 +171,16 @@ if HAVE_GLUON:
                     lse = gl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
                     delta = gl.load(DELTA + bhq * Tq + rows, mask=row_ok, other=0.0)
                     q_t = q_smem.index(s)
+                    if PINGPONG:  # both operands landed before the turn is taken
+                        mbarrier.wait(do_ready.index(s), phase)
+                        _turn_take(turns, 2 * i, TILE)
                     st = warpgroup_mma(k_t, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                    mbarrier.wait(do_ready.index(s), phase)
+                    if not PINGPONG:
+                        mbarrier.wait(do_ready.index(s), phase)
                     do_t = do_smem.index(s)
                     dpt = warpgroup_mma(v_t, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    if PINGPONG:
+                        _turn_pass(turns, TILE)
                     st = warpgroup_mma_wait(num_outstanding=1, deps=[st])  # S^T done; dP^T runs on
                     pt = gl.exp2(st * qk_scale - lse[None, :])
                     masked = edge | (m < full) | (m + BLOCK > Tq)
@@ -184,14 +194,23 @@ if HAVE_GLUON:
                     pt_op = gl.convert_layout(pt.to(dtype), a_layout)
                     dst16 = dst.to(dtype)
                     dst_op = gl.convert_layout(dst16, a_layout)
+                    if PINGPONG:
+                        _turn_take(turns, 2 * i + 1, TILE)
                     dv = warpgroup_mma(pt_op, do_t, dv, is_async=True)
                     dk = warpgroup_mma(dst_op, q_t, dk, is_async=True)
+                    if PINGPONG:
+                        _turn_pass(turns, TILE)
                     if ATOMIC_DQ:  # dS^T for the dQ product (the slot is free: see _dkdv_ws_kernel)
                         ds_slot.store(dst16)
                     # (the register operands ride in deps: kept alive until their products are done)
                     dv, dk, pt_op, dst_op = warpgroup_mma_wait(num_outstanding=0, deps=[dv, dk, pt_op, dst_op])
                 else:  # both consumers may skip a block (padding, the causal edge): release it only once its dO
                     mbarrier.wait(do_ready.index(s), phase)  # copy landed too, never with a TMA in flight
+                    if PINGPONG:  # the block's two turns, passed empty
+                        _turn_take(turns, 2 * i, TILE)
+                        _turn_pass(turns, TILE)
+                        _turn_take(turns, 2 * i + 1, TILE)
+                        _turn_pass(turns, TILE)
                     if ATOMIC_DQ:
                         if joint:  # the other tile sees it: this tile's share of dQ is zero
                             ds_slot.store(s_zero.to(dtype))
@@ -215,7 +234,8 @@ if HAVE_GLUON:
                         stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
                         DQ, stride_dqb, stride_dqt, stride_dqh, Hq, Hkv, Tq, Tk, group, qk_scale, sm_scale,
                         HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_KV_RANGE: gl.constexpr,
-                        BLOCK: gl.constexpr, STAGES: gl.constexpr, ATOMIC_DQ: gl.constexpr):
+                        BLOCK: gl.constexpr, STAGES: gl.constexpr, ATOMIC_DQ: gl.constexpr,
+                        PINGPONG: gl.constexpr = False):
         pair = gl.program_id(0)  # causal: the first key tiles are read by the most query blocks, and start first
         bh = gl.program_id(1)
         b = bh // Hkv
@@ -248,6 +268,7 @@ if HAVE_GLUON:
             for t in gl.static_range(2):
                 mbarrier.init(ds_full.index(t), count=2)
             fence_async_shared()
+        turns = turn_barriers(PINGPONG)
 
         b64 = b.to(gl.int64)
         dk_base = DK + b64 * stride_dkb + hk * stride_dkh
@@ -259,11 +280,13 @@ if HAVE_GLUON:
             (_dkdv_consume, (q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA,
                              stride_dkt, stride_dvt, dk_base, dv_base, bhq0, Tq, Tk, n0, m_lo, n_m, kv_lo, kv_hi,
                              causal_shift, qk_scale, sm_scale, group, ds_smem, ds_full, dq_base,
-                             stride_dqt, stride_dqh, 0, IS_CAUSAL, HEAD_DIM, BLOCK, STAGES, ATOMIC_DQ)),
+                             stride_dqt, stride_dqh, turns, 0, IS_CAUSAL, HEAD_DIM, BLOCK, STAGES, ATOMIC_DQ,
+                             PINGPONG)),
             (_dkdv_consume, (q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, empty, LSE, DELTA,
                              stride_dkt, stride_dvt, dk_base, dv_base, bhq0, Tq, Tk, n0, m_lo, n_m, kv_lo, kv_hi,
                              causal_shift, qk_scale, sm_scale, group, ds_smem, ds_full, dq_base,
-                             stride_dqt, stride_dqh, 1, IS_CAUSAL, HEAD_DIM, BLOCK, STAGES, ATOMIC_DQ)),
+                             stride_dqt, stride_dqh, turns, 1, IS_CAUSAL, HEAD_DIM, BLOCK, STAGES, ATOMIC_DQ,
+                             PINGPONG)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready,
                           do_ready, empty, b * Tq, b * Tk + n0, hk * HEAD_DIM, hk * group, m_lo, n_m, group,
                           BLOCK, HEAD_DIM, STAGES)),
@@ -285,10 +308,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dq_consume(q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, empty, LSE, DELTA, dq_base,
-                    stride_dqt, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale, sm_scale,
+                    stride_dqt, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale, sm_scale, turns,
                     TILE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """Consumer ``TILE``: dQ of query rows [m0 + TILE * BLOCK, + BLOCK) over the ring's key blocks."""
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+        """Consumer ``TILE``: dQ of query rows [m0 + TILE * BLOCK, + BLOCK) over the ring's key blocks.
+        PINGPONG: as in ``_dkdv_consume``, two turns a block (S with dP, then dQ), passed empty past the tile's
+        causal edge (both consumers walk every block of the ring)."""
         s_layout: gl.constexpr = mma_layout(BLOCK_N)  # S, dP: (query rows, keys)
         o_layout: gl.constexpr = mma_layout(HEAD_DIM)  # dQ: (query rows, D)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -322,9 +347,15 @@ if HAVE_GLUON:
             mbarrier.wait(k_ready.index(s), phase)
             if start_n < my_hi:
                 k_s = k_smem.index(s)
+                if PINGPONG:  # both operands landed before the turn is taken
+                    mbarrier.wait(v_ready.index(s), phase)
+                    _turn_take(turns, 2 * i, TILE)
                 sc = warpgroup_mma(q_t, k_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_ready.index(s), phase)
+                if not PINGPONG:
+                    mbarrier.wait(v_ready.index(s), phase)
                 dp = warpgroup_mma(do_t, v_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                if PINGPONG:
+                    _turn_pass(turns, TILE)
                 sc = warpgroup_mma_wait(num_outstanding=1, deps=[sc])
                 p = gl.exp2(sc * qk_scale - lse[:, None])
                 masked = (start_n < kv_lo) | (start_n + BLOCK_N > full_hi)
@@ -337,10 +368,19 @@ if HAVE_GLUON:
                 dp = warpgroup_mma_wait(num_outstanding=0, deps=[dp])
                 ds = p * (dp - delta[:, None])  # masked: 0 x finite (the kernels' input contract) = 0
                 ds_op = gl.convert_layout(ds.to(dtype), a_layout)
+                if PINGPONG:
+                    _turn_take(turns, 2 * i + 1, TILE)
                 dq = warpgroup_mma(ds_op, k_s, dq, is_async=True)
+                if PINGPONG:
+                    _turn_pass(turns, TILE)
                 dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq, ds_op])
             else:  # released only once its V copy landed too (no TMA left in flight)
                 mbarrier.wait(v_ready.index(s), phase)
+                if PINGPONG:  # the block's two turns, passed empty
+                    _turn_take(turns, 2 * i, TILE)
+                    _turn_pass(turns, TILE)
+                    _turn_take(turns, 2 * i + 1, TILE)
+                    _turn_pass(turns, TILE)
             mbarrier.arrive(empty.index(s), count=1)
             i += 1
         store_rows(dq_base, (dq * sm_scale).to(dtype), mt, Tq, stride_dqt, BLOCK, HEAD_DIM)
@@ -349,7 +389,8 @@ if HAVE_GLUON:
     def _dq_ws_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, KV_START, KV_END,
                       stride_dqb, stride_dqt, stride_dqh, Hq, Tq, Tk, group, qk_scale, sm_scale,
                       HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_KV_RANGE: gl.constexpr,
-                      BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                      BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      PINGPONG: gl.constexpr = False):
         pair = gl.num_programs(0) - 1 - gl.program_id(0)  # the heaviest (last) causal tiles start first
         bh = gl.program_id(1)
         b = bh // Hq
@@ -370,15 +411,16 @@ if HAVE_GLUON:
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         qdo_bar, k_ready, v_ready, empty = ring_barriers(STAGES)
+        turns = turn_barriers(PINGPONG)
 
         dq_base = DQ + b.to(gl.int64) * stride_dqb + h * stride_dqh
         gl.warp_specialize([
             (_dq_consume, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, empty, LSE, DELTA, dq_base,
                            stride_dqt, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale, sm_scale,
-                           0, IS_CAUSAL, HEAD_DIM, BLOCK, BLOCK_N, STAGES)),
+                           turns, 0, IS_CAUSAL, HEAD_DIM, BLOCK, BLOCK_N, STAGES, PINGPONG)),
             (_dq_consume, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, empty, LSE, DELTA, dq_base,
                            stride_dqt, bh, Tq, m0, n_lo, n_hi, kv_lo, kv_hi, causal_shift, qk_scale, sm_scale,
-                           1, IS_CAUSAL, HEAD_DIM, BLOCK, BLOCK_N, STAGES)),
+                           turns, 1, IS_CAUSAL, HEAD_DIM, BLOCK, BLOCK_N, STAGES, PINGPONG)),
             (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready,
                         empty, b * Tq + m0, h * HEAD_DIM, b * Tk, hk * HEAD_DIM, n_lo, n_hi, BLOCK, BLOCK_N, STAGES)),
         ], [4, 1], [240, 24])
@@ -423,11 +465,11 @@ def ws_backward(do, q, k, v, lse, delta, dq, dk, dv, *, causal: bool, kv_start, 
     _dkdv_ws_kernel[(cdiv(Tk, 2 * blk), B * Hkv)](
         _desc(q, blk), _desc(do, blk), _desc(k, blk), _desc(v, blk), lse, delta, dk, dv, ks, ke,
         *dk.stride()[:3], *dv.stride()[:3], dq_acc, *dq_acc.stride()[:3], Hq, Hkv, Tq, Tk, group, qk_scale,
-        softmax_scale, BLOCK=blk, STAGES=BWD_STAGES, ATOMIC_DQ=atomic_dq, **meta)
+        softmax_scale, BLOCK=blk, STAGES=BWD_STAGES, ATOMIC_DQ=atomic_dq, PINGPONG=ws_pingpong(forward=False), **meta)
     if atomic_dq:
         return
     bn = dq_block_n(D)
     _dq_ws_kernel[(cdiv(Tq, 2 * blk), B * Hq)](
         _desc(q, blk), _desc(do, blk), _desc(k, bn), _desc(v, bn), lse, delta, dq, ks, ke,
         *dq.stride()[:3], Hq, Tq, Tk, group, qk_scale, softmax_scale,
-        BLOCK=blk, BLOCK_N=bn, STAGES=BWD_STAGES, **meta)
+        BLOCK=blk, BLOCK_N=bn, STAGES=BWD_STAGES, PINGPONG=ws_pingpong(forward=False), **meta)

@@ -94,12 +94,13 @@ def ws_pipeline() -> bool:
     return os.environ.get("RLHF_ENGINE_ATTN_WS_PIPELINE", "1") != "0"
 
 
-def ws_pingpong() -> bool:
-    """FA3's ping-pong between the forward's two consumers (``_turn_take``): opt-in with
-    ``RLHF_ENGINE_ATTN_WS_PINGPONG=1``, on the pipelined schedule only (``ws_pipeline``)."""
+def ws_pingpong(forward: bool = True) -> bool:
+    """FA3's ping-pong between the two consumers (``_turn_take``) of the forward and of both backward kernels
+    (``attention_bwd_ws``, ``forward=False``): opt-in with ``RLHF_ENGINE_ATTN_WS_PINGPONG=1``; in the forward on
+    the pipelined schedule only (``ws_pipeline``), the backward having one schedule."""
     if os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN") in ("1", "notrun"):  # ws_probe.py saw it fail
         return False
-    return os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG", "0") == "1" and ws_pipeline()
+    return os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG", "0") == "1" and (ws_pipeline() or not forward)
 
 
 def ws_tiles(head_dim: int) -> tuple[int, int, int]:
@@ -181,6 +182,16 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, q_col], q_bar, q_smem.index(1))
         load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_empty, k_row, kv_col, n_lo, n_hi,
                      BLOCK_N, STAGES)
+
+    @gluon.jit
+    def turn_barriers(PINGPONG: gl.constexpr):
+        """The two turn barriers of the ping-pong schedule (count 1: one arrive a pass), initialized when it is on."""
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        if PINGPONG:
+            for i in gl.static_range(2):
+                mbarrier.init(turns.index(i), count=1)
+            fence_async_shared()
+        return turns
 
     @gluon.jit
     def _turn_take(turns, e, TILE: gl.constexpr):
@@ -378,11 +389,7 @@ if HAVE_GLUON:
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         q_bar, k_ready, v_ready, kv_empty = ring_barriers(STAGES)
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong: a consumer's turn
-        if PINGPONG:
-            for i in gl.static_range(2):
-                mbarrier.init(turns.index(i), count=1)
-            fence_async_shared()
+        turns = turn_barriers(PINGPONG)
 
         # (tuples spelled out: concatenating them would unwrap the constexprs, which a partition cannot take)
         gl.warp_specialize([

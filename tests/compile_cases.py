@@ -47,20 +47,21 @@ def _attention_bwd_ws_cases():
         def desc(rows):
             return f"tensordesc<{dt}[{rows},{d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gdt)!r}>"
 
-        tag = f"{dt}-d{d}-{'causal' if causal else 'full'}{'-range' if rng else ''}"
-        cx = dict(HEAD_DIM=d, IS_CAUSAL=causal, HAS_KV_RANGE=rng, BLOCK=BWD_BLOCK, STAGES=2)
-        for atomic in (False, True):  # atomic: the 5-product form, dQ added into an fp32 buffer
-            yield case(f"attn_bwd_ws_dkdv{'_atomic_dq' if atomic else ''}-{tag}", "attention_bwd_ws",
-                        "_dkdv_ws_kernel", {"LSE": "fp32", "DELTA": "fp32", "DK": dt, "DV": dt, "KV_START": "i32",
-                                            "KV_END": "i32", "DQ": "fp32" if atomic else dt},
-                        ["qk_scale", "sm_scale"], dict(cx, ATOMIC_DQ=atomic), 4,
-                        descs={n: desc(BWD_BLOCK) for n in ("q_desc", "do_desc", "k_desc", "v_desc")})
-        bn = dq_block_n(d)
-        yield case(f"attn_bwd_ws_dq-{tag}", "attention_bwd_ws", "_dq_ws_kernel",
-                    {"LSE": "fp32", "DELTA": "fp32", "DQ": dt, "KV_START": "i32", "KV_END": "i32"},
-                    ["qk_scale", "sm_scale"], dict(cx, BLOCK_N=bn), 4,
-                    descs={"q_desc": desc(BWD_BLOCK), "do_desc": desc(BWD_BLOCK), "k_desc": desc(bn),
-                           "v_desc": desc(bn)})
+        for pp in (False, True) if dt == "bf16" else (False,):  # pp: the ping-pong turns between the consumers
+            tag = f"{dt}-d{d}-{'causal' if causal else 'full'}{'-range' if rng else ''}{'-pingpong' if pp else ''}"
+            cx = dict(HEAD_DIM=d, IS_CAUSAL=causal, HAS_KV_RANGE=rng, BLOCK=BWD_BLOCK, STAGES=2, PINGPONG=pp)
+            for atomic in (False, True):  # atomic: the 5-product form, dQ added into an fp32 buffer
+                yield case(f"attn_bwd_ws_dkdv{'_atomic_dq' if atomic else ''}-{tag}", "attention_bwd_ws",
+                           "_dkdv_ws_kernel", {"LSE": "fp32", "DELTA": "fp32", "DK": dt, "DV": dt, "KV_START": "i32",
+                                               "KV_END": "i32", "DQ": "fp32" if atomic else dt},
+                           ["qk_scale", "sm_scale"], dict(cx, ATOMIC_DQ=atomic), 4,
+                           descs={n: desc(BWD_BLOCK) for n in ("q_desc", "do_desc", "k_desc", "v_desc")})
+            bn = dq_block_n(d)
+            yield case(f"attn_bwd_ws_dq-{tag}", "attention_bwd_ws", "_dq_ws_kernel",
+                       {"LSE": "fp32", "DELTA": "fp32", "DQ": dt, "KV_START": "i32", "KV_END": "i32"},
+                       ["qk_scale", "sm_scale"], dict(cx, BLOCK_N=bn), 4,
+                       descs={"q_desc": desc(BWD_BLOCK), "do_desc": desc(BWD_BLOCK), "k_desc": desc(bn),
+                              "v_desc": desc(bn)})
 
 
 def _decode_gemm_gluon_cases():

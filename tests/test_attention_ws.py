@@ -211,8 +211,10 @@ def test_ws_pingpong_unequal_tiles_gpu(Tq, Tk, D, record_value, monkeypatch):
 # consumers skip a block (the Triton comparison compiles three kernels a specialization: fewer cases than the forward)
 @pytest.mark.gpu
 @pytest.mark.parametrize("atomic", [False, True], ids=["split", "atomic_dq"])
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", [GPU_CASES[i] for i in (0, 1, 2, 3, 4, 5)])
-def test_ws_backward_gpu(B, T, Hq, Hkv, D, causal, padding, atomic, record_value):
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding,pingpong",
+                         [(*GPU_CASES[i], False) for i in (0, 1, 2, 3, 4, 5)]
+                         + [(*GPU_CASES[i], True) for i in (0, 2, 5)])
+def test_ws_backward_gpu(B, T, Hq, Hkv, D, causal, padding, atomic, pingpong, record_value, monkeypatch):
     """The Gluon dK/dV and dQ kernels against fp64 (gradients of the reference) and the Triton backward, on the same
     o and lse, with a grad_output that is not all ones: within 2x of the Triton kernels' own error, no NaN. Both dQ
     schemes: the dQ kernel, and the dK/dV kernel's atomic adds (5 products)."""
@@ -222,6 +224,11 @@ def test_ws_backward_gpu(B, T, Hq, Hkv, D, causal, padding, atomic, record_value
         pytest.skip("gpu_check.sh had no time left to probe the atomic-dQ form: off for this run")
     if atomic and os.environ.get("RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN") == "1":
         pytest.fail("benchmarks/ws_probe.py --atomic found the atomic-dQ backward broken: see ws_probe.txt")
+    if pingpong and os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN") == "notrun":
+        pytest.skip("gpu_check.sh did not probe the ping-pong kernels: off for this run")
+    if pingpong and os.environ.get("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN") == "1":
+        pytest.fail("benchmarks/ws_probe.py --pingpong found the ping-pong kernels broken: see ws_probe.txt")
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PINGPONG", "1" if pingpong else "0")
     torch.manual_seed(2)
     dt = torch.bfloat16
     q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=dt) for h in (Hq, Hkv, Hkv))
@@ -244,7 +251,7 @@ def test_ws_backward_gpu(B, T, Hq, Hkv, D, causal, padding, atomic, record_value
     for name, g, g_t, r in zip(("dq", "dk", "dv"), (dq, dk, dv), grads_t, refs):
         assert not torch.isnan(g).any(), name
         err, err_t = ((x.double() - r).abs().max().item() for x in (g, g_t))
-        tag = f"WS backward{' (atomic dQ)' if atomic else ''}"
+        tag = f"WS backward{' (atomic dQ)' if atomic else ''}{' (ping-pong)' if pingpong else ''}"
         record_value(f"{tag} {name} B={B} T={T} {Hq}/{Hkv} D={D} {'causal' if causal else 'full'} {padding}: "
                      "max err vs fp64 (WS / Triton)", f"{err:.3g} / {err_t:.3g}")
         assert err <= 2 * err_t + 2e-3, name

@@ -107,11 +107,20 @@ BWD_CASES = [
 ]
 
 
+def _pingpong(monkeypatch, on: bool):
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PINGPONG", "1" if on else "0")
+    monkeypatch.delenv("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN", raising=False)
+    assert attention_fwd_ws.ws_pingpong(forward=False) == on
+
+
+@pytest.mark.parametrize("pingpong", [False, True], ids=["", "pingpong"])
 @pytest.mark.parametrize("atomic", [False, True], ids=["split", "atomic_dq"])
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,causal,padding", BWD_CASES)
-def test_ws_backward_emulated(B, T, Hq, Hkv, D, causal, padding, atomic, monkeypatch):
+def test_ws_backward_emulated(B, T, Hq, Hkv, D, causal, padding, atomic, pingpong, monkeypatch):
     """Both dQ schemes: the dQ kernel of its own, and the dK/dV kernel's atomic adds of c dS K into a zeroed fp32
-    buffer (the dQ kernel then never launched: it is replaced by one that fails)."""
+    buffer (the dQ kernel then never launched: it is replaced by one that fails); with and without the ping-pong
+    turns between each kernel's two consumers."""
+    _pingpong(monkeypatch, pingpong)
     seed = BWD_CASES.index((B, T, Hq, Hkv, D, causal, padding))
     monkeypatch.setattr(attention_bwd_ws, "_dkdv_ws_kernel", emulate(attention_bwd_ws._dkdv_ws_kernel, seed))
     monkeypatch.setattr(attention_bwd_ws, "_dq_ws_kernel", emulate(attention_bwd_ws._dq_ws_kernel, seed))
@@ -169,12 +178,14 @@ def test_ws_kernels_with_copies_landing_early(eager, monkeypatch):
         _check(name, g, r, pt)
 
 
+@pytest.mark.parametrize("pingpong", [False, True], ids=["", "pingpong"])
 @pytest.mark.parametrize("atomic", [False, True], ids=["split", "atomic_dq"])
 @pytest.mark.parametrize("Tq,Tk", [(70, 200), (200, 70)])
-def test_ws_backward_cross_lengths_emulated(Tq, Tk, atomic, monkeypatch):
+def test_ws_backward_cross_lengths_emulated(Tq, Tk, atomic, pingpong, monkeypatch):
     """Tq != Tk (bottom-right causal: key j <= row i + Tk - Tq), GQA 4/2 with left padding: the causal shift that
     places the dK/dV kernel's first query block (m_lo) and each tile's seen blocks; with Tq > Tk the first rows see
     no key (zero gradients there, not NaN)."""
+    _pingpong(monkeypatch, pingpong)
     monkeypatch.setattr(attention_bwd_ws, "_dkdv_ws_kernel", emulate(attention_bwd_ws._dkdv_ws_kernel, Tq))
     monkeypatch.setattr(attention_bwd_ws, "_dq_ws_kernel", emulate(attention_bwd_ws._dq_ws_kernel, Tq))
     torch.manual_seed(Tq)

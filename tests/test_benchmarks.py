@@ -235,10 +235,10 @@ def test_gpu_check_fits_the_device_tools_file_cap(tmp_path):
 
 
 @pytest.mark.parametrize("pipelined_rc,pingpong_rc,expected", [
-    (0, 1, "simple forward and backward ok; ping-pong forward WRONG"),
+    (0, 1, "simple forward and backward ok; ping-pong WRONG"),
     (1, 0, "simple forward and backward ok; pipelined forward WRONG"),
     (0, 0, "probes: warp-specialized attention simple forward and backward ok; decode GEMM"),
-    (0, 4, "ping-pong forward CRASHED (an exception"),  # ws_probe.py's exit status for a raised exception
+    (0, 4, "ping-pong CRASHED (an exception"),  # ws_probe.py's exit status for a raised exception
 ])
 def test_gpu_check_follows_the_attention_probes(pipelined_rc, pingpong_rc, expected, tmp_path):
     """gpu_check.sh's chain of ws_probe.py runs, with a stand-in python whose probes exit as told: after the simple

@@ -149,6 +149,33 @@ def test_pingpong_mutants_are_reported(name, tmp_path, monkeypatch):
         _forward_pingpong(mod, monkeypatch, 200, 264)
 
 
+BWD_PINGPONG_MUTANTS = {
+    # dK/dV: a block this tile skips (the causal edge, padding) takes no turns: the other consumer waits forever
+    "dK/dV skipped block's turns not passed": (
+        "copy landed too, never with a TMA in flight\n                    if PINGPONG:",
+        "copy landed too, never with a TMA in flight\n                    if False:", GluonDeadlock),
+    # dQ: the dQ product's issue keeps the turn
+    "dQ issue keeps the turn": ("dq = warpgroup_mma(ds_op, k_s, dq, is_async=True)\n                if PINGPONG:\n"
+                                "                    _turn_pass(turns, TILE)",
+                                "dq = warpgroup_mma(ds_op, k_s, dq, is_async=True)", GluonDeadlock),
+}
+
+
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["split", "atomic_dq"])
+def test_backward_pingpong_passes(atomic_dq, monkeypatch):
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PINGPONG", "1")
+    assert _backward(attention_bwd_ws, monkeypatch, atomic_dq=atomic_dq) < 0.05
+
+
+@pytest.mark.parametrize("name", list(BWD_PINGPONG_MUTANTS))
+def test_backward_pingpong_mutants_are_reported(name, tmp_path, monkeypatch):
+    old, new, error = BWD_PINGPONG_MUTANTS[name]
+    monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PINGPONG", "1")
+    mod = _mutant(attention_bwd_ws, old, new, tmp_path)
+    with pytest.raises(error):
+        _backward(mod, monkeypatch)
+
+
 def test_forward_wrong_mask_gives_wrong_numbers(tmp_path, monkeypatch):
     mod = _mutant(attention_fwd_ws, "valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)",
                   "valid = valid & (cols[None, :] < offs_m[:, None] + causal_shift)", tmp_path)
