@@ -29,7 +29,7 @@
 # GPU_CHECK_TEST_RESERVE_S (100),
 # GPU_CHECK_SKIP (any of "build fastlaunch host wsprobe gemmprobe tests ktests bench"),
 # GPU_CHECK_BENCH (substrings of the benchmarks to run, e.g. "logprob ppo_step"), GPU_CHECK_KTEST_FILES (the kernel
-# test files, space-separated, in order),
+# test files, space-separated, in order), GPU_CHECK_TEST_FILES (where the GPU tests are collected: default "tests"),
 # RLHF_ENGINE_CUDA_ARCHS (default 90a: Hopper only, to save build time), PYTHON (default python),
 # GPU_CHECK_TEST_WORKERS (4, whole files per worker: the big bf16 tests of one file never overlap) and
 # GPU_CHECK_KTEST_WORKERS (8) when pytest-xdist is carried in benchmarks/.vendor/xdist_site (0 or 1: one process).
@@ -64,6 +64,7 @@ TEST_RESERVE=${GPU_CHECK_TEST_RESERVE_S:-100}  # the benchmarks stop starting sc
 [[ $TEST_RESERVE =~ ^[0-9]+$ ]] || { echo "GPU_CHECK_TEST_RESERVE_S=$TEST_RESERVE: not a count; 100"; TEST_RESERVE=100; }
 MIN_TEST_S=45  # a test step with less than this left is skipped (reported as such), not started and cut
 SKIP=" ${GPU_CHECK_SKIP:-} "
+TEST_FILES=${GPU_CHECK_TEST_FILES:-tests}  # the GPU tests' files (or folder), space-separated
 BENCH_ONLY=${GPU_CHECK_BENCH:-}
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
@@ -430,7 +431,7 @@ EOF
   fi
 
 
-  step "GPU tests: pytest -m gpu tests"
+  step "GPU tests: pytest -m gpu $TEST_FILES"
   if skipped tests; then
     echo "skipped (GPU_CHECK_SKIP)"
   else
@@ -441,7 +442,8 @@ EOF
     # fixed attention tiles (RLHF_ENGINE_AUTOTUNE=0): tests check correctness, and autotuning every head dim
     # and dtype would spend the test budget in ptxas; the benchmarks autotune (and check against SDPA)
     RLHF_ENGINE_AUTOTUNE=0 OMP_NUM_THREADS=$(( ${#XDIST_T[@]} ? (NCPU + TEST_WORKERS - 1) / TEST_WORKERS : NCPU )) \
-      run_pytest "$OUT/gpu_tests.log" "$c" -m gpu tests --durations=10 ${XDIST_T[@]+"${XDIST_T[@]}"}
+      # shellcheck disable=SC2086 # TEST_FILES is a list of words
+      run_pytest "$OUT/gpu_tests.log" "$c" -m gpu $TEST_FILES --durations=10 ${XDIST_T[@]+"${XDIST_T[@]}"}
     rc=$?
     TESTS="$(rc_note $rc "$c"): $(pytest_line "$OUT/gpu_tests.log")"
     case $rc in 0|5) ;; *) FAIL=1 ;; esac
@@ -485,7 +487,7 @@ EOF
     echo "- cached Triton launches: ${FASTLAUNCH:-not checked}"
     echo "- host_train.py (this host's Python): ${HOSTT:-not run}"
     echo "- Gluon probes: warp-specialized attention: $WSP; decode GEMM: $GSP"
-    echo "- GPU tests (pytest -m gpu tests): $TESTS"
+    echo "- GPU tests (pytest -m gpu $TEST_FILES): $TESTS"
     echo "- kernel tests on CUDA (not gpu-marked): $KTESTS"
     echo "- benchmarks: $BENCH"
     grep -hE "^(FAILED|ERROR) " "$OUT/gpu_tests.log" "$OUT/kernel_tests.log" 2>/dev/null | head -n 20 \
