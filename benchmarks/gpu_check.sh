@@ -376,14 +376,15 @@ EOF
       case $rc in
         0) WSP="simple forward and backward ok"
            follow_probe pipelined "pipelined forward" RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN WSP
-           # FA3's ping-pong (opt-in) on the pipelined forward and the backward: probed only where that forward works
+           # the backward's atomic-dQ form: a failure keeps dq_mode="atomic" on the Triton kernels
+           follow_probe atomic "atomic-dQ backward" RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN WSP
+           # FA3's ping-pong (opt-in) on the pipelined forward and the backward (the atomic-dQ form only where it
+           # passed alone): probed only where the pipelined forward works
            if [ -z "${RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN:-}" ]; then
-             follow_probe pingpong "ping-pong" RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN WSP 120  # fwd + both bwd forms
+             follow_probe pingpong "ping-pong" RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN WSP 120
            else
              export RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN=notrun
-           fi
-           # the backward's atomic-dQ form: a failure keeps dq_mode="atomic" on the Triton kernels
-           follow_probe atomic "atomic-dQ backward" RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN WSP ;;
+           fi ;;
         2) WSP="not run (no sm_90 device)" ;;
         *) WSP="$(probe_note $rc "$c"): turned off"; export RLHF_ENGINE_ATTN_WS_BROKEN=1; FAIL=1 ;;
       esac
@@ -441,8 +442,8 @@ EOF
     else
     # fixed attention tiles (RLHF_ENGINE_AUTOTUNE=0): tests check correctness, and autotuning every head dim
     # and dtype would spend the test budget in ptxas; the benchmarks autotune (and check against SDPA)
+    # shellcheck disable=SC2086 # TEST_FILES is a list of words
     RLHF_ENGINE_AUTOTUNE=0 OMP_NUM_THREADS=$(( ${#XDIST_T[@]} ? (NCPU + TEST_WORKERS - 1) / TEST_WORKERS : NCPU )) \
-      # shellcheck disable=SC2086 # TEST_FILES is a list of words
       run_pytest "$OUT/gpu_tests.log" "$c" -m gpu $TEST_FILES --durations=10 ${XDIST_T[@]+"${XDIST_T[@]}"}
     rc=$?
     TESTS="$(rc_note $rc "$c"): $(pytest_line "$OUT/gpu_tests.log")"

@@ -12,9 +12,9 @@ Two runs, each under its own timeout: ``--simple`` (the forward without FA3's in
 backward) and ``--pipelined`` (the forward's default, with it). gpu_check sets RLHF_ENGINE_ATTN_WS_BROKEN=1 when
 the first fails, RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN=1 (the forward then runs without the overlap, and the
 benchmark drops the overlap's rows) when only the second does.
-``--pingpong`` (after ``--pipelined`` passed): FA3's ping-pong between the consumers (``RLHF_ENGINE_ATTN_WS_PINGPONG
-=1``): the pipelined forward (also with Tq != Tk), and the backward in both dQ forms; gpu_check sets
-RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN=1 when it fails.
+``--pingpong`` (after ``--pipelined`` passed, and after ``--atomic``): FA3's ping-pong between the consumers
+(``RLHF_ENGINE_ATTN_WS_PINGPONG=1``): the pipelined forward (also with Tq != Tk), and the backward in both dQ forms
+(the atomic one only if ``--atomic`` passed); gpu_check sets RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN=1 when it fails.
 ``--atomic``: the backward's atomic-dQ form (5 products) on the same shapes; gpu_check sets
 RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN=1 when it fails (dq_mode="atomic" then stays on the Triton kernels).
 ``--gemm``: the decode GEMM on Qwen2-0.5B's four projections at batch 64 (split-K on o and down, the SwiGLU epilogue
@@ -153,6 +153,8 @@ def main(mode: str) -> int:
     "pingpong" (the pipelined forward with ping-pong turns) or "atomic" (the simple forward again, and the
     backward's atomic-dQ form)."""
     pipelined, atomic = mode in ("pipelined", "pingpong"), mode == "atomic"
+    # --pingpong: the atomic-dQ form with the turns only where --atomic passed it alone (run before this one)
+    atomic_ok = os.environ.get("RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN") not in ("1", "notrun")
     for var in ("RLHF_ENGINE_ATTN_WS_BROKEN", "RLHF_ENGINE_ATTN_WS_PIPELINE_BROKEN",
                 "RLHF_ENGINE_ATTN_WS_ATOMIC_BROKEN", "RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN"):
         os.environ.pop(var, None)
@@ -192,7 +194,7 @@ def main(mode: str) -> int:
         refs = torch.autograd.grad(ref, (q32, k32, v32), do.float())
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
         # --pingpong: both dQ forms with the turns (the backward kernels follow the same switch)
-        for atomic_dq in (False, True) if mode == "pingpong" else (atomic,):
+        for atomic_dq in ((False, True) if atomic_ok else (False,)) if mode == "pingpong" else (atomic,):
             what = f"{'atomic-dQ ' if atomic_dq else ''}backward{' (ping-pong)' if mode == 'pingpong' else ''}"
             grads = [torch.zeros(q.shape, device="cuda") if atomic_dq else torch.empty_like(q), torch.empty_like(k),
                      torch.empty_like(v)]  # (atomic: an fp32 dQ buffer to add into)

@@ -264,3 +264,30 @@ exec {sys.executable} "$@"
     probes = (tmp_path / "probes.log").read_text().split()
     assert ("--pingpong" in probes) == (pipelined_rc == 0), probes
     assert "--atomic" in probes and "--gemm" in probes, probes
+
+
+def test_gpu_check_runs_the_gpu_tests_with_their_settings(tmp_path):
+    """The GPU test step hands pytest its settings (fixed attention tiles, the threads a worker) and the files of
+    GPU_CHECK_TEST_FILES: checked with a stand-in python that logs how pytest was called (a comment line once cut
+    the environment off the command, and the tests ran autotuning every tile)."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -m ] && [ "$2" = pytest ]; then
+  echo "AUTOTUNE=${{RLHF_ENGINE_AUTOTUNE:-unset}} OMP=${{OMP_NUM_THREADS:-unset}} $*" >> "{tmp_path}/pytest.log"
+  exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RLHF_ENGINE_AUTOTUNE",
+                                                            "OMP_NUM_THREADS")}
+    env.update(OUT=str(tmp_path / "out"), PYTHON=str(fake), GPU_CHECK_BUDGET_S="400",
+               GPU_CHECK_SKIP="build fastlaunch host wsprobe gemmprobe ktests bench",
+               GPU_CHECK_TEST_FILES="tests/test_decode_gemm_ws.py tests/test_lm_head_sample.py")
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    calls = [ln for ln in (tmp_path / "pytest.log").read_text().splitlines() if "-m gpu" in ln]
+    assert len(calls) == 1, (calls, proc.stdout[-2000:])
+    assert calls[0].startswith("AUTOTUNE=0 OMP=") and "OMP=unset" not in calls[0], calls[0]
+    assert "-m gpu tests/test_decode_gemm_ws.py tests/test_lm_head_sample.py --durations" in calls[0], calls[0]

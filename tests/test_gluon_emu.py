@@ -164,6 +164,7 @@ BWD_PINGPONG_MUTANTS = {
 @pytest.mark.parametrize("atomic_dq", [False, True], ids=["split", "atomic_dq"])
 def test_backward_pingpong_passes(atomic_dq, monkeypatch):
     monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PINGPONG", "1")
+    monkeypatch.delenv("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN", raising=False)
     assert _backward(attention_bwd_ws, monkeypatch, atomic_dq=atomic_dq) < 0.05
 
 
@@ -171,6 +172,7 @@ def test_backward_pingpong_passes(atomic_dq, monkeypatch):
 def test_backward_pingpong_mutants_are_reported(name, tmp_path, monkeypatch):
     old, new, error = BWD_PINGPONG_MUTANTS[name]
     monkeypatch.setenv("RLHF_ENGINE_ATTN_WS_PINGPONG", "1")
+    monkeypatch.delenv("RLHF_ENGINE_ATTN_WS_PINGPONG_BROKEN", raising=False)
     mod = _mutant(attention_bwd_ws, old, new, tmp_path)
     with pytest.raises(error):
         _backward(mod, monkeypatch)
