@@ -40,8 +40,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from .attention_fwd_ws import (_turn_pass, _turn_take, key_range, load_kv_ring, mma_layout, ring_barriers,
-                                   store_rows, turn_barriers)
+    from .attention_fwd_ws import (_turn_pass, _turn_skip, _turn_take, key_range, load_kv_ring, mma_layout,
+                                   ring_barriers, store_rows, turn_barriers)
 
 BWD_BLOCK = 64  # rows of a consumer's tile, in both kernels (keys in dK/dV, queries in dQ)
 BWD_STAGES = 2  # ring slots: 82 / 148 KB of shared memory for dK/dV (115 / 180 KB with atomic dQ's dS^T buffers),
@@ -207,10 +207,8 @@ if HAVE_GLUON:
                 else:  # both consumers may skip a block (padding, the causal edge): release it only once its dO
                     mbarrier.wait(do_ready.index(s), phase)  # copy landed too, never with a TMA in flight
                     if PINGPONG:  # the block's two turns, passed empty
-                        _turn_take(turns, 2 * i, TILE)
-                        _turn_pass(turns, TILE)
-                        _turn_take(turns, 2 * i + 1, TILE)
-                        _turn_pass(turns, TILE)
+                        _turn_skip(turns, 2 * i, TILE)
+                        _turn_skip(turns, 2 * i + 1, TILE)
                     if ATOMIC_DQ:
                         if joint:  # the other tile sees it: this tile's share of dQ is zero
                             ds_slot.store(s_zero.to(dtype))
@@ -377,10 +375,8 @@ if HAVE_GLUON:
             else:  # released only once its V copy landed too (no TMA left in flight)
                 mbarrier.wait(v_ready.index(s), phase)
                 if PINGPONG:  # the block's two turns, passed empty
-                    _turn_take(turns, 2 * i, TILE)
-                    _turn_pass(turns, TILE)
-                    _turn_take(turns, 2 * i + 1, TILE)
-                    _turn_pass(turns, TILE)
+                    _turn_skip(turns, 2 * i, TILE)
+                    _turn_skip(turns, 2 * i + 1, TILE)
             mbarrier.arrive(empty.index(s), count=1)
             i += 1
         store_rows(dq_base, (dq * sm_scale).to(dtype), mt, Tq, stride_dqt, BLOCK, HEAD_DIM)

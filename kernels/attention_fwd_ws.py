@@ -212,6 +212,13 @@ if HAVE_GLUON:
         mbarrier.arrive(turns.index(1 - TILE), count=1)
 
     @gluon.jit
+    def _turn_skip(turns, e, TILE: gl.constexpr):
+        """Ping-pong: take turn e and pass it at once (an issue this tile does not have: a skipped block's, or the
+        other tile's extra one)."""
+        _turn_take(turns, e, TILE)
+        _turn_pass(turns, TILE)
+
+    @gluon.jit
     def _tile_hi(mt, kv_hi, causal_shift, BLOCK_M: gl.constexpr, IS_CAUSAL: gl.constexpr):
         """One past the last key any row of the query tile starting at mt sees."""
         if IS_CAUSAL:
@@ -337,8 +344,7 @@ if HAVE_GLUON:
                                      - n_lo + BLOCK_N - 1, 0) // BLOCK_N
                 issues = gl.where(n_own > 0, n_own + 1, 0)
                 for e in range(issues, gl.where(n_other > 0, n_other + 1, 0)):
-                    _turn_take(turns, e, TILE)
-                    _turn_pass(turns, TILE)
+                    _turn_skip(turns, e, TILE)
             for j in range(n_own, n_total):  # past this tile's causal edge: released unread, once both copies landed
                 s = j % STAGES
                 mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
