@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rlhf_engine.model.batch_invariant as bi
 from rlhf_engine.model.attention import torch_attention, torch_decode_attention
 from rlhf_engine.model.batch_invariant import (MAX_K_CHUNK, MIN_ROWS, InvariantLinearFunction, Linear, applies,
                                                invariant_mm, k_chunks, linear, logsumexp)
@@ -166,3 +167,99 @@ def test_one_row_log_sum_exp_as_among_many():
     if torch.get_num_threads() > 1:  # what the helper is for
         plain = torch.cat([torch.logsumexp(z[i:i + 1], dim=-1) for i in range(50)])
         assert not torch.equal(plain, full)
+
+
+# ----------------------------------------------------------------------------- packed GEMMs (decode steps)
+needs_packed = pytest.mark.skipif(not bi.packed_available(), reason="this torch has no MKL packed GEMM")
+
+
+@needs_packed
+@pytest.mark.parametrize("K,N", [(576, 192), (896, 4864), (1536, 576), (97, 9)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_rows_equal_the_padded_ones(K, N, threads, monkeypatch):
+    """Inside ``packed_gemms``, rows of 1 to 64 (the weights packed for each count) equal the padded GEMM's rows of
+    any other count bit for bit, with a bias, and the packed GEMM was the one used (its first-use check passed)."""
+    monkeypatch.setattr(bi, "_CHECKED", {})
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(K + N)
+        w = torch.randn(N, K, generator=g) / K ** 0.5
+        b = torch.randn(N, generator=g)
+        x = torch.randn(700, K, generator=g)[:, :K]
+        full = invariant_mm(x, w, b)
+        with bi.packed_gemms():
+            for m, o in [(1, 3), (2, 0), (5, 77), (MIN_ROWS - 1, 40), (MIN_ROWS, 7), (33, 600), (64, 1)]:
+                for _ in range(2):  # the first call checks against the padded GEMM; the second is the packed one
+                    assert torch.equal(invariant_mm(x[o:o + m], w, b), full[o:o + m]), (m, o)
+                assert bi._CHECKED[(N, K, max(m, 2), threads)] is True, m
+    finally:
+        torch.set_num_threads(was)
+
+
+@needs_packed
+def test_packs_follow_the_weights_and_go_with_the_context(monkeypatch):
+    """A weight changed in place (an optimizer step) is packed again; packs of another row count are dropped (a
+    compaction); nothing stays packed after the context, nor outside one."""
+    w, x = torch.randn(40, 24), torch.randn(16, 24)
+    with bi.packed_gemms():
+        with bi.packed_gemms():  # nested: the outer context's packs
+            a = invariant_mm(x[:4], w)
+        assert len(bi._PACKS.cache) == 1
+        w.mul_(2.0)  # in place: a new version of the same storage
+        assert torch.equal(invariant_mm(x[:4], w), 2.0 * a)
+        assert len(bi._PACKS.cache) == 2
+        invariant_mm(x[:2], w)
+        assert len(bi._PACKS.cache) == 1 and bi._PACKS.rows == 2
+    assert bi._PACKS.cache is None
+    invariant_mm(x[:4], w)
+    assert bi._PACKS.cache is None
+    monkeypatch.setenv("RLHF_ENGINE_CPU_PACKED_GEMM", "0")
+    assert not bi.packed_available()
+
+
+@needs_packed
+def test_a_packed_gemm_that_rounds_otherwise_is_not_used(monkeypatch):
+    """The first-use check: where the packed GEMM's rows differ from the padded GEMM's (planted here), the shape keeps
+    the padded GEMM, so the results stay batch-invariant."""
+    monkeypatch.setattr(bi, "_CHECKED", {})
+    real = torch.ops.mkl._mkl_linear
+
+    class Ops:  # torch.ops.mkl with a packed GEMM one ulp off
+        _mkl_reorder_linear_weight = torch.ops.mkl._mkl_reorder_linear_weight
+
+        @staticmethod
+        def _mkl_linear(*a):
+            y = real(*a)
+            return torch.nextafter(y, torch.full_like(y, float("inf")))
+
+    monkeypatch.setattr(torch.ops, "mkl", Ops)
+    w, x = torch.randn(40, 24), torch.randn(16, 24)
+    full = invariant_mm(x, w)
+    with bi.packed_gemms():
+        for _ in range(2):
+            assert torch.equal(invariant_mm(x[:3], w), full[:3])
+    assert bi._CHECKED[(40, 24, 3, torch.get_num_threads())] is False
+
+
+@needs_packed
+def test_generation_uses_packed_gemms_with_exact_logprob_parity(monkeypatch):
+    """fp32 on the CPU: generation's decode steps run on the packed GEMMs (each used, none refused) and their log-probs
+    equal the training forward's bit for bit; with the packed GEMMs off, the same tokens and log-probs."""
+    from rlhf_engine.generation import generate
+    from rlhf_engine.model import CausalLM, preset
+    from rlhf_engine.model.logprobs import sequence_logprobs
+
+    monkeypatch.setattr(bi, "_CHECKED", {})
+    torch.manual_seed(0)
+    m = CausalLM(preset("tiny-qwen2")).eval()
+    ids = torch.randint(3, m.config.vocab_size, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    out = generate(m, ids, mask, max_new_tokens=9, generator=torch.Generator().manual_seed(1), eos_token_ids=())
+    assert bi._CHECKED and all(bi._CHECKED.values()) and {k[2] for k in bi._CHECKED} == {3}
+    lp = sequence_logprobs(m, out.sequences, out.attention_mask, start=out.prompt_len)
+    assert torch.equal(lp * out.response_mask, out.logprobs)
+    monkeypatch.setenv("RLHF_ENGINE_CPU_PACKED_GEMM", "0")
+    off = generate(m, ids, mask, max_new_tokens=9, generator=torch.Generator().manual_seed(1), eos_token_ids=())
+    assert torch.equal(off.sequences, out.sequences) and torch.equal(off.logprobs, out.logprobs)

@@ -8,12 +8,14 @@ and, optionally, to compact the batch so finished rows stop costing compute.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from rlhf_engine.model.attention import lm_head_sample_enabled, resolve_backend
+from rlhf_engine.model.batch_invariant import packed_gemms
 
 from .cache import KVCache
 from .cuda_graph import sample_head_name
@@ -211,39 +213,41 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
         rows = torch.arange(Bb, device=device)  # original row of each cache row
         finished = rows >= B  # the bucket's padding rows
         steps = N
-        for t in range(N):
-            if fused and t > 0:  # drawn in the decode step's LM head
-                tok, lp = logits
-            else:
-                tok, lp = sample_tokens(logits, **sample_kw)  # (Ba,), (Ba,)
-            alive = ~finished
-            tok = torch.where(alive, tok, pad_token_id)
-            response[rows, t] = tok
-            response_mask[rows, t] = alive.long()
-            logprobs[rows, t] = torch.where(alive, lp, 0.0)
-            finished = finished | torch.isin(tok, eos)
-            if t == N - 1:
-                break
-            if (t + 1) % check_every == 0:
-                n_alive = int((~finished).sum())  # host sync, once every check_every steps
-                if n_alive == 0:
-                    steps = t + 1
+        # on the CPU the decode steps' batch-invariant GEMMs run on the weights packed once for their batch
+        with packed_gemms() if device.type == "cpu" else contextlib.nullcontext():
+            for t in range(N):
+                if fused and t > 0:  # drawn in the decode step's LM head
+                    tok, lp = logits
+                else:
+                    tok, lp = sample_tokens(logits, **sample_kw)  # (Ba,), (Ba,)
+                alive = ~finished
+                tok = torch.where(alive, tok, pad_token_id)
+                response[rows, t] = tok
+                response_mask[rows, t] = alive.long()
+                logprobs[rows, t] = torch.where(alive, lp, 0.0)
+                finished = finished | torch.isin(tok, eos)
+                if t == N - 1:
                     break
-                Ba = rows.numel()
-                if compact and Ba > min_compact_batch and n_alive <= Ba // 2:
-                    Bn = max(min_compact_batch, 1 << (n_alive - 1).bit_length())
-                    keep = torch.argsort(finished.to(torch.int8), stable=True)[:Bn]  # running rows first
-                    del decode
-                    if pooled:
-                        small, runner = graph_cache.get(model, Bn, cache.max_len, backend, capture=use_cuda_graph,
-                                                        head=head)
-                        cache.copy_rows_to(keep, small)
-                    else:
-                        small, runner = cache.select(keep), None
-                    cache = small
-                    rows, finished, tok = rows[keep], finished[keep], tok[keep]  # (logits: replaced below)
-                    decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner, head, generator)
-            logits = decode(tok[:, None], t)  # (Ba, V)
+                if (t + 1) % check_every == 0:
+                    n_alive = int((~finished).sum())  # host sync, once every check_every steps
+                    if n_alive == 0:
+                        steps = t + 1
+                        break
+                    Ba = rows.numel()
+                    if compact and Ba > min_compact_batch and n_alive <= Ba // 2:
+                        Bn = max(min_compact_batch, 1 << (n_alive - 1).bit_length())
+                        keep = torch.argsort(finished.to(torch.int8), stable=True)[:Bn]  # running rows first
+                        del decode
+                        if pooled:
+                            small, runner = graph_cache.get(model, Bn, cache.max_len, backend, capture=use_cuda_graph,
+                                                            head=head)
+                            cache.copy_rows_to(keep, small)
+                        else:
+                            small, runner = cache.select(keep), None
+                        cache = small
+                        rows, finished, tok = rows[keep], finished[keep], tok[keep]  # (logits: replaced below)
+                        decode = _make_decoder(model, cache, backend, use_cuda_graph, P, runner, head, generator)
+                logits = decode(tok[:, None], t)  # (Ba, V)
     finally:
         model.train(was_training)
 

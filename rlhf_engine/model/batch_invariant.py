@@ -6,30 +6,44 @@ runs another kernel, and with more than one thread it splits long reductions (K 
 depending on the shape. Over a 30-layer model that puts ~1e-5 between the two log-probs of a token (SmolLM2-135M,
 fp32), where the issue asks for parity within 1e-5.
 
-``linear`` removes both causes: fewer than 16 rows are padded to 16, and K is cut into chunks of at most 512
-(``MAX_K_CHUNK``: no thread split of the reduction seen up to 768, any N from 8 to 151936, any M from 16, 1 to 4
-threads) accumulated in a fixed order (addmm into the output). The sum per output element is then the same
-sequence of fp32 operations whatever M is, so a row's result is bit for bit the same in a decode step and in the
-training forward (``tests/test_batch_invariant.py``). Elsewhere (CUDA, other dtypes, torch.compile) it is
-``F.linear``: on a GPU the log-prob parity is measured, not bitwise (bf16, cuBLAS).
+``linear`` removes both causes: fewer than 16 rows are padded to 16, and K is cut into chunks of at most 640
+(``MAX_K_CHUNK``: with 1, 2, 4 or 8 threads no split of the reduction is seen up to 768 and one is from 800, for any N
+from 8 to 49152 and M from 16; with 3 threads one is seen from 704), each chunk's product summed into the output by
+an elementwise add in a fixed order (not ``addmm_``, whose beta = 1 adds C after MKL's first K block: an order that
+the packed GEMM below does not share). The sum per output element is then the same sequence of fp32 operations
+whatever M is, so a row's result is bit for bit the same in a decode step and in the training forward
+(``tests/test_batch_invariant.py``). Elsewhere (CUDA, other dtypes, torch.compile) it is ``F.linear``: on a GPU the
+log-prob parity is measured, not bitwise (bf16, cuBLAS).
 
-The cost on the CPU: a decode step of B < 16 rows computes 16 (a GEMV becomes a small GEMM: the weights are read
-once either way), and K > 512 takes ceil(K / 512) GEMMs into one output. Measured with the fp64 attention
-(model/attention.py ``_sdpa``) on SmolLM2-135M: a decode step at B = 4 65.6 -> 94.8 ms, a B = 8 generation +21%, a
-scoring forward +9%, a training forward + backward (B = 8, ~42 tokens) within noise (1.18 s). ``ModelConfig.
-batch_invariant = False`` when a model is built, or ``CausalLM.batch_invariant = False`` on a built one, turns both off.
+The cost of the padding, and what takes it back in generation. Padded to 16 rows, a decode step's GEMM at B = 4
+costs ~2-3x the unpadded one on this CPU (MKL repacks the weights every call, and computes 16 rows). Inside
+``packed_gemms()`` (which ``generate`` enters) a GEMM of at most ``PACKED_MAX_ROWS`` rows runs instead on MKL's
+packed GEMM (``torch.ops.mkl._mkl_linear``, the op inductor's CPU freezing uses), on the weights packed once per
+call for exactly that row count (at least 2): its rows are the padded GEMM's bit for bit, on every shape and thread
+count tried, and it reads weights already laid out for the kernel. Each (N, K, rows, threads) is checked against the
+padded GEMM the first time it is seen in a process (the check returns the padded result): where MKL rounds
+otherwise, that shape keeps the padded GEMM. The packs live until the context exits (a full copy of the weights:
+540 MB for SmolLM2-135M in fp32), one row count at a time. ``RLHF_ENGINE_CPU_PACKED_GEMM=0`` turns it off.
+SmolLM2-135M, B = 4, fp32 (``bench_generate.py --cpu``): RESULTS.md, "CPU". ``ModelConfig.batch_invariant = False``
+when a model is built, or ``CausalLM.batch_invariant = False`` on a built one, turns the padding, the chunks and the
+fp64 attention (model/attention.py ``_sdpa``) off.
 
 ``logsumexp`` does the same for the log-sum-exp of a log-prob: ATen splits one row's sum across threads, and
 several rows' by row.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 MIN_ROWS = 16  # MKL's fp32 GEMM takes another kernel below this many rows
-MAX_K_CHUNK = 512  # K per GEMM: below MKL's thread split of the reduction (seen from K = 832)
+MAX_K_CHUNK = 640  # K per GEMM: below MKL's thread split of the reduction (seen from K = 704 with 3 threads)
+PACKED_MAX_ROWS = 64  # packed GEMMs inside ``packed_gemms()`` up to this many rows (a decode step's)
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -49,18 +63,96 @@ def k_chunks(K: int) -> list[tuple[int, int]]:
     return [(k0, min(K, k0 + size)) for k0 in range(0, K, size)]
 
 
-def invariant_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)ᵀ (+ bias (N,)) -> (M, N), each row computed as in any other M (no autograd)."""
+def _padded_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The reference order: M < 16 padded to 16 rows, one GEMM per K chunk, summed in chunk order, then the bias."""
     M, K = x.shape
     if M < MIN_ROWS:  # padded to the GEMM kernel the larger batches take
         x = torch.cat([x, x.new_zeros(MIN_ROWS - M, K)])
-    chunks = k_chunks(K)
-    k0, k1 = chunks[0]
-    out = (torch.mm(x[:, k0:k1], weight[:, k0:k1].t()) if bias is None
-           else torch.addmm(bias, x[:, k0:k1], weight[:, k0:k1].t()))
-    for k0, k1 in chunks[1:]:
-        out.addmm_(x[:, k0:k1], weight[:, k0:k1].t())
+    out = None
+    for k0, k1 in k_chunks(K):
+        part = torch.mm(x[:, k0:k1], weight[:, k0:k1].t())
+        out = part if out is None else out.add_(part)
+    if bias is not None:
+        out.add_(bias)
     return out[:M].clone() if M < MIN_ROWS else out  # a tensor of its own, not a view: callers may write in place
+
+
+class _Packs(threading.local):
+    """The packed weights of the ``packed_gemms()`` context this thread is in (``cache`` None outside one)."""
+    cache: dict | None = None
+    rows: int = 0
+
+
+_PACKS = _Packs()
+_CHECKED: dict[tuple, bool] = {}  # (N, K, rows, threads) -> the packed GEMM rounds as the padded one
+
+
+def packed_available() -> bool:
+    """Whether this torch has MKL's packed GEMM ops (x86 builds with MKL and oneDNN) and it is not turned off."""
+    if os.environ.get("RLHF_ENGINE_CPU_PACKED_GEMM", "1") == "0":
+        return False
+    return (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkl, "_mkl_linear") and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+
+
+@contextlib.contextmanager
+def packed_gemms():
+    """Inside, batch-invariant GEMMs of up to ``PACKED_MAX_ROWS`` rows run on weights packed once for their row
+    count (module docstring): for a loop of decode steps over weights that do not change meanwhile. Nested uses share
+    the outer one's packs; they are dropped when the outermost exits."""
+    outer = _PACKS.cache is not None
+    if not outer:
+        _PACKS.cache, _PACKS.rows = {}, 0
+    try:
+        yield
+    finally:
+        if not outer:
+            _PACKS.cache, _PACKS.rows = None, 0
+
+
+def _packed_mm(x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """x (rows, K) @ weight (N, K)ᵀ on the packed weights (packed now if need be), or None where they cannot be."""
+    cache = _PACKS.cache
+    if rows != _PACKS.rows:  # compaction only shrinks the batch: the other count's packs are not needed again
+        cache.clear()
+        _PACKS.rows = rows
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight._version)
+    packs = cache.get(key)
+    if packs is None:
+        try:
+            packs = [(torch.ops.mkl._mkl_reorder_linear_weight(weight[:, k0:k1], rows), weight[:, k0:k1], k0, k1)
+                     for k0, k1 in k_chunks(x.shape[1])]
+        except RuntimeError:  # e.g. a layout MKL's packing refuses: the padded GEMM
+            return None
+        cache[key] = packs
+    out = None
+    for pw, w, k0, k1 in packs:
+        part = torch.ops.mkl._mkl_linear(x[:, k0:k1], pw, w, None, rows)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def invariant_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)ᵀ (+ bias (N,)) -> (M, N), each row computed as in any other M (no autograd)."""
+    M, K = x.shape
+    if _PACKS.cache is None or M > PACKED_MAX_ROWS or weight.dtype != torch.float32 or not packed_available():
+        return _padded_mm(x, weight, bias)
+    rows = max(M, 2)  # one row is not: its packed GEMM rounds otherwise
+    xp = torch.cat([x, x.new_zeros(rows - M, K)]) if rows > M else x
+    check = (weight.shape[0], K, rows, torch.get_num_threads())
+    ok = _CHECKED.get(check)
+    if ok is False:
+        return _padded_mm(x, weight, bias)
+    out = _packed_mm(xp, weight, rows)
+    if out is None:
+        return _padded_mm(x, weight, bias)
+    if ok is None:  # first time in this process: the packed GEMM must round as the padded one, else it is not used
+        ref = _padded_mm(xp, weight, None)
+        _CHECKED[check] = torch.equal(out, ref)
+        out = ref
+    if bias is not None:
+        out.add_(bias)
+    return out[:M].clone() if rows > M else out  # not a view (as _padded_mm's)
 
 
 class InvariantLinearFunction(torch.autograd.Function):
