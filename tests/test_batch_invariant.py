@@ -198,9 +198,9 @@ def test_packed_rows_equal_the_padded_ones(K, N, threads, monkeypatch):
 
 
 @needs_packed
-def test_packs_follow_the_weights_and_go_with_the_context(monkeypatch):
+def test_packs_follow_the_weights_and_go_with_the_context():
     """A weight changed in place (an optimizer step) is packed again; packs of another row count are dropped (a
-    compaction); nothing stays packed after the context, nor outside one."""
+    compaction); nothing stays packed after the scope, outside one, nor in a disabled one."""
     w, x = torch.randn(40, 24), torch.randn(16, 24)
     with bi.packed_gemms():
         with bi.packed_gemms():  # nested: the outer context's packs
@@ -213,9 +213,9 @@ def test_packs_follow_the_weights_and_go_with_the_context(monkeypatch):
         assert len(bi._PACKS.cache) == 1 and bi._PACKS.rows == 2
     assert bi._PACKS.cache is None
     invariant_mm(x[:4], w)
+    with bi.packed_gemms(enabled=False):
+        invariant_mm(x[:4], w)
     assert bi._PACKS.cache is None
-    monkeypatch.setenv("RLHF_ENGINE_CPU_PACKED_GEMM", "0")
-    assert not bi.packed_available()
 
 
 @needs_packed
@@ -260,6 +260,6 @@ def test_generation_uses_packed_gemms_with_exact_logprob_parity(monkeypatch):
     assert bi._CHECKED and all(bi._CHECKED.values()) and {k[2] for k in bi._CHECKED} == {3}
     lp = sequence_logprobs(m, out.sequences, out.attention_mask, start=out.prompt_len)
     assert torch.equal(lp * out.response_mask, out.logprobs)
-    monkeypatch.setenv("RLHF_ENGINE_CPU_PACKED_GEMM", "0")
+    monkeypatch.setattr(bi, "packed_available", lambda: False)
     off = generate(m, ids, mask, max_new_tokens=9, generator=torch.Generator().manual_seed(1), eos_token_ids=())
     assert torch.equal(off.sequences, out.sequences) and torch.equal(off.logprobs, out.logprobs)

@@ -23,7 +23,7 @@ call for exactly that row count (at least 2): its rows are the padded GEMM's bit
 count tried, and it reads weights already laid out for the kernel. Each (N, K, rows, threads) is checked against the
 padded GEMM the first time it is seen in a process (the check returns the padded result): where MKL rounds
 otherwise, that shape keeps the padded GEMM. The packs live until the context exits (a full copy of the weights:
-540 MB for SmolLM2-135M in fp32), one row count at a time. ``RLHF_ENGINE_CPU_PACKED_GEMM=0`` turns it off.
+540 MB for SmolLM2-135M in fp32), one row count at a time.
 SmolLM2-135M, B = 4, fp32 (``bench_generate.py --cpu``): RESULTS.md, "CPU". ``ModelConfig.batch_invariant = False``
 when a model is built, or ``CausalLM.batch_invariant = False`` on a built one, turns the padding, the chunks and the
 fp64 attention (model/attention.py ``_sdpa``) off.
@@ -34,7 +34,7 @@ several rows' by row.
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
 import threading
 
 import torch
@@ -87,20 +87,20 @@ _PACKS = _Packs()
 _CHECKED: dict[tuple, bool] = {}  # (N, K, rows, threads) -> the packed GEMM rounds as the padded one
 
 
+@functools.cache
 def packed_available() -> bool:
-    """Whether this torch has MKL's packed GEMM ops (x86 builds with MKL and oneDNN) and it is not turned off."""
-    if os.environ.get("RLHF_ENGINE_CPU_PACKED_GEMM", "1") == "0":
-        return False
+    """Whether this torch has MKL's packed GEMM ops (x86 builds with MKL and oneDNN)."""
     return (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkl, "_mkl_linear") and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
 
 
 @contextlib.contextmanager
-def packed_gemms():
-    """Inside, batch-invariant GEMMs of up to ``PACKED_MAX_ROWS`` rows run on weights packed once for their row
-    count (module docstring): for a loop of decode steps over weights that do not change meanwhile. Nested uses share
-    the outer one's packs; they are dropped when the outermost exits."""
-    outer = _PACKS.cache is not None
+def packed_gemms(enabled: bool = True):
+    """A scope (like ``torch.autocast``, for this thread) inside which batch-invariant GEMMs of up to
+    ``PACKED_MAX_ROWS`` rows run on weights packed once for their row count (module docstring): for a loop of decode
+    steps over weights that do not change meanwhile. Nested scopes share the outermost one's packs, which are dropped
+    when it exits; ``enabled=False`` is a no-op scope."""
+    outer = _PACKS.cache is not None or not enabled or not packed_available()
     if not outer:
         _PACKS.cache, _PACKS.rows = {}, 0
     try:
@@ -135,7 +135,7 @@ def _packed_mm(x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor
 def invariant_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ weight (N, K)ᵀ (+ bias (N,)) -> (M, N), each row computed as in any other M (no autograd)."""
     M, K = x.shape
-    if _PACKS.cache is None or M > PACKED_MAX_ROWS or weight.dtype != torch.float32 or not packed_available():
+    if _PACKS.cache is None or M > PACKED_MAX_ROWS or weight.dtype != torch.float32:
         return _padded_mm(x, weight, bias)
     rows = max(M, 2)  # one row is not: its packed GEMM rounds otherwise
     xp = torch.cat([x, x.new_zeros(rows - M, K)]) if rows > M else x
