@@ -37,6 +37,19 @@ def card_ceilings(name: str | None = None) -> tuple[str, float, float]:
 CARD, BF16_TFLOPS, COPY_TBPS = card_ceilings()
 
 
+def cpu_copy_tbps(mb: int = 256, reps: int = 5) -> float:
+    """This machine's CPU memory copy rate in TB/s (bytes read + written, best of ``reps`` copies of ``mb`` MB, all
+    threads): the ceiling a CPU floor is computed against, where the GPU's would mean nothing."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first copy touches dst's pages
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e12
+
+
 def smoke() -> bool:
     """True under ``RLHF_BENCH_SMOKE=1`` (``run_all.py --smoke``): each script runs its whole code path on tiny
     shapes, on the CPU under ``TRITON_INTERPRET=1`` when there is no GPU, so that a script that would crash is
