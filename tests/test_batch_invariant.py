@@ -11,18 +11,32 @@ from rlhf_engine.model.batch_invariant import (MAX_K_CHUNK, MIN_ROWS, InvariantL
 
 
 @pytest.mark.parametrize("K", [1, 40, 512, 576, 1536, 4864])
-def test_k_chunks_cover_k_in_order(K):
-    chunks = k_chunks(K)
+@pytest.mark.parametrize("threads", [2, 12])
+def test_k_chunks_cover_k_in_order(K, threads):
+    width = bi.max_k_chunk(threads)
+    assert width == (MAX_K_CHUNK if threads <= bi.FEW_THREADS else bi.MAX_K_CHUNK_MANY_THREADS)
+    chunks = k_chunks(K, width)
     assert chunks[0][0] == 0 and chunks[-1][1] == K
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
-    assert all(0 < k1 - k0 <= MAX_K_CHUNK for k0, k1 in chunks)
+    assert all(0 < k1 - k0 <= width for k0, k1 in chunks)
 
 
-@pytest.mark.parametrize("K,N", [(576, 192), (896, 4864), (1536, 576), (4864, 896), (97, 9)])
+@pytest.fixture
+def threads(request):
+    """Run the test with torch set to ``request.param`` threads (MKL's split of a reduction depends on it)."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(was)
+
+
+@pytest.mark.parametrize("K,N", [(576, 192), (896, 4864), (1536, 576), (4864, 896), (97, 9), (384, 64)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_rows_equal_whatever_the_row_count(K, N, bias):
+@pytest.mark.parametrize("threads", [2, 3, 12], indirect=True)
+def test_rows_equal_whatever_the_row_count(K, N, bias, threads):
     """Bit for bit: rows computed among 1, 3, 15, 16, 17, 97 or 700 rows, at any offset (F.linear differs below 16
-    rows, and for K > ~768 with two threads)."""
+    rows, and, by shape and thread count, where MKL splits the reduction: K = 384 with 12 threads, 576 with 12 and
+    24, 704 with 3)."""
     g = torch.Generator().manual_seed(K + N)
     w = torch.randn(N, K, generator=g) / K ** 0.5
     b = torch.randn(N, generator=g) if bias else None
@@ -175,26 +189,22 @@ needs_packed = pytest.mark.skipif(not bi.packed_available(), reason="this torch 
 
 @needs_packed
 @pytest.mark.parametrize("K,N", [(576, 192), (896, 4864), (1536, 576), (97, 9)])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 12], indirect=True)
 def test_packed_rows_equal_the_padded_ones(K, N, threads, monkeypatch):
-    """Inside ``packed_gemms``, rows of 1 to 64 (the weights packed for each count) equal the padded GEMM's rows of
-    any other count bit for bit, with a bias, and the packed GEMM was the one used (its first-use check passed)."""
+    """Inside ``packed_gemms``, rows of 1 to 64 (the weights packed for each count; a strided input) equal the
+    padded GEMM's rows of any other count bit for bit, with a bias. With up to 4 threads the packed GEMM was the one
+    used (its first-use check passed); with more, MKL's packed GEMM splits some small-N shapes otherwise (N = 192 from
+    7 rows at 6 threads, 13 at 12), the check refuses them, and the padded GEMM keeps the rows exact."""
     monkeypatch.setattr(bi, "_CHECKED", {})
-    was = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(K + N)
-        w = torch.randn(N, K, generator=g) / K ** 0.5
-        b = torch.randn(N, generator=g)
-        x = torch.randn(700, K, generator=g)[:, :K]
-        full = invariant_mm(x, w, b)
-        with bi.packed_gemms():
-            for m, o in [(1, 3), (2, 0), (5, 77), (MIN_ROWS - 1, 40), (MIN_ROWS, 7), (33, 600), (64, 1)]:
-                for _ in range(2):  # the first call checks against the padded GEMM; the second is the packed one
-                    assert torch.equal(invariant_mm(x[o:o + m], w, b), full[o:o + m]), (m, o)
-                assert bi._CHECKED[(N, K, max(m, 2), threads)] is True, m
-    finally:
-        torch.set_num_threads(was)
+    g = torch.Generator().manual_seed(K + N)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    b = torch.randn(N, generator=g)
+    x = torch.randn(700, K + 3, generator=g)[:, 2:K + 2]  # rows K + 3 apart
+    full = invariant_mm(x, w, b)
+    with bi.packed_gemms():
+        for m, o in [(1, 3), (2, 0), (5, 77), (MIN_ROWS - 1, 40), (MIN_ROWS, 7), (33, 600), (64, 1)]:
+            assert torch.equal(invariant_mm(x[o:o + m], w, b), full[o:o + m]), (m, o)
+            assert bi._CHECKED[(N, K, max(m, 2), threads)] is True or threads > bi.FEW_THREADS, m
 
 
 @needs_packed
@@ -208,9 +218,12 @@ def test_packs_follow_the_weights_and_go_with_the_context():
         assert len(bi._PACKS.cache) == 1
         w.mul_(2.0)  # in place: a new version of the same storage
         assert torch.equal(invariant_mm(x[:4], w), 2.0 * a)
-        assert len(bi._PACKS.cache) == 2
+        assert len(bi._PACKS.cache) == 1  # packed again in place of the old pack
         invariant_mm(x[:2], w)
         assert len(bi._PACKS.cache) == 1 and bi._PACKS.rows == 2
+        with torch.inference_mode():  # inference tensors keep no version counter
+            wi, xi = w.clone(), x.clone()
+        assert torch.equal(invariant_mm(xi[:2], wi), invariant_mm(x[:2], w))
     assert bi._PACKS.cache is None
     invariant_mm(x[:4], w)
     with bi.packed_gemms(enabled=False):
@@ -243,6 +256,19 @@ def test_a_packed_gemm_that_rounds_otherwise_is_not_used(monkeypatch):
 
 
 @needs_packed
+def test_the_first_use_check_does_not_read_the_callers_input(monkeypatch):
+    """A first input holding NaN does not turn the packed GEMM off for its shape (the check runs on its own input)."""
+    monkeypatch.setattr(bi, "_CHECKED", {})
+    w, x = torch.randn(40, 24), torch.randn(16, 24)
+    x[1, 3] = float("nan")
+    full = invariant_mm(x, w)
+    with bi.packed_gemms():
+        assert torch.equal(invariant_mm(x[:3], w).isnan(), full[:3].isnan())
+        assert torch.equal(invariant_mm(x[4:7], w), full[4:7])
+    assert bi._CHECKED[(40, 24, 3, torch.get_num_threads())] is True
+
+
+@needs_packed
 def test_generation_uses_packed_gemms_with_exact_logprob_parity(monkeypatch):
     """fp32 on the CPU: generation's decode steps run on the packed GEMMs (each used, none refused) and their log-probs
     equal the training forward's bit for bit; with the packed GEMMs off, the same tokens and log-probs."""
@@ -260,6 +286,17 @@ def test_generation_uses_packed_gemms_with_exact_logprob_parity(monkeypatch):
     assert bi._CHECKED and all(bi._CHECKED.values()) and {k[2] for k in bi._CHECKED} == {3}
     lp = sequence_logprobs(m, out.sequences, out.attention_mask, start=out.prompt_len)
     assert torch.equal(lp * out.response_mask, out.logprobs)
+    # a compaction inside the scope (4 rows -> 2 once most rows have stopped): packed again for 2 rows, still exact
+    rows = []
+    real = bi._packed_mm
+    monkeypatch.setattr(bi, "_packed_mm", lambda x, w, r: rows.append(r) or real(x, w, r))
+    ids4 = torch.randint(3, m.config.vocab_size, (4, 5), generator=torch.Generator().manual_seed(2))
+    stops = tuple(range(m.config.vocab_size // 3))
+    comp = generate(m, ids4, None, max_new_tokens=12, generator=torch.Generator().manual_seed(4), eos_token_ids=stops,
+                    check_every=2, min_compact_batch=2)
+    assert set(rows) == {4, 2}
+    lp = sequence_logprobs(m, comp.sequences, comp.attention_mask, start=comp.prompt_len)
+    assert torch.equal(lp * comp.response_mask, comp.logprobs)
     monkeypatch.setattr(bi, "packed_available", lambda: False)
     off = generate(m, ids, mask, max_new_tokens=9, generator=torch.Generator().manual_seed(1), eos_token_ids=())
     assert torch.equal(off.sequences, out.sequences) and torch.equal(off.logprobs, out.logprobs)

@@ -6,13 +6,14 @@ runs another kernel, and with more than one thread it splits long reductions (K 
 depending on the shape. Over a 30-layer model that puts ~1e-5 between the two log-probs of a token (SmolLM2-135M,
 fp32), where the issue asks for parity within 1e-5.
 
-``linear`` removes both causes: fewer than 16 rows are padded to 16, and K is cut into chunks of at most 640
-(``MAX_K_CHUNK``: with 1, 2, 4 or 8 threads no split of the reduction is seen up to 768 and one is from 800, for any N
-from 8 to 49152 and M from 16; with 3 threads one is seen from 704), each chunk's product summed into the output by
-an elementwise add in a fixed order (not ``addmm_``, whose beta = 1 adds C after MKL's first K block: an order that
-the packed GEMM below does not share). The sum per output element is then the same sequence of fp32 operations
-whatever M is, so a row's result is bit for bit the same in a decode step and in the training forward
-(``tests/test_batch_invariant.py``). Elsewhere (CUDA, other dtypes, torch.compile) it is ``F.linear``: on a GPU the
+``linear`` removes both causes: fewer than 16 rows are padded to 16, and K is cut into chunks of at most 640 with
+up to 4 threads and 320 with more (``max_k_chunk``: MKL's split of the reduction depends on the shape and the thread
+count, not monotonically: with 8 to 128 threads it is seen at K = 384 and not at 512; none was seen up to 640 with 1
+to 7 threads, nor up to 320 with 8 to 128, for N from 8 to 49152 and M from 16 to 4096), each chunk's product summed
+into the output by an elementwise add in a fixed order (not ``addmm_``, whose beta = 1 adds C after MKL's first K
+block: an order that the packed GEMM below does not share). The sum per output element is then the same sequence of
+fp32 operations whatever M is, so a row's result is bit for bit the same in a decode step and in the training
+forward (``tests/test_batch_invariant.py``, at 1, 2, 3 and 12 threads). Elsewhere (CUDA, other dtypes, torch.compile) it is ``F.linear``: on a GPU the
 log-prob parity is measured, not bitwise (bf16, cuBLAS).
 
 The cost of the padding, and what takes it back in generation. Padded to 16 rows, a decode step's GEMM at B = 4
@@ -21,8 +22,8 @@ costs ~2-3x the unpadded one on this CPU (MKL repacks the weights every call, an
 packed GEMM (``torch.ops.mkl._mkl_linear``, the op inductor's CPU freezing uses), on the weights packed once per
 call for exactly that row count (at least 2): its rows are the padded GEMM's bit for bit, on every shape and thread
 count tried, and it reads weights already laid out for the kernel. Each (N, K, rows, threads) is checked against the
-padded GEMM the first time it is seen in a process (the check returns the padded result): where MKL rounds
-otherwise, that shape keeps the padded GEMM. The packs live until the context exits (a full copy of the weights:
+padded GEMM, bit for bit on a fixed input, the first time it is seen in a process: where MKL rounds otherwise, that
+shape keeps the padded GEMM. The packs live until the context exits (a full copy of the weights:
 540 MB for SmolLM2-135M in fp32), one row count at a time.
 SmolLM2-135M, B = 4, fp32 (``bench_generate.py --cpu``): RESULTS.md, "CPU". ``ModelConfig.batch_invariant = False``
 when a model is built, or ``CausalLM.batch_invariant = False`` on a built one, turns the padding, the chunks and the
@@ -42,7 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_ROWS = 16  # MKL's fp32 GEMM takes another kernel below this many rows
-MAX_K_CHUNK = 640  # K per GEMM: below MKL's thread split of the reduction (seen from K = 704 with 3 threads)
+# K per GEMM, below the widths at which MKL splits the reduction across threads (by shape: seen from K = 704 with 3
+# threads, 800 with 1-2 and 4-7, 384 with 8 to 128; none up to 640 with 1-7 threads, none up to 320 with 8-128)
+MAX_K_CHUNK = 640  # with up to FEW_THREADS threads
+FEW_THREADS = 4
+MAX_K_CHUNK_MANY_THREADS = 320
 PACKED_MAX_ROWS = 64  # packed GEMMs inside ``packed_gemms()`` up to this many rows (a decode step's)
 
 
@@ -55,11 +60,19 @@ def applies(x: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-def k_chunks(K: int) -> list[tuple[int, int]]:
-    """[k0, k1) ranges cutting K into ceil(K / MAX_K_CHUNK) near-equal chunks (multiples of 16 but the last)."""
-    n = max(1, -(-K // MAX_K_CHUNK))
+def max_k_chunk(threads: int | None = None) -> int:
+    """The widest K chunk whose GEMM MKL does not split across ``threads`` (default: torch's current count)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return MAX_K_CHUNK if threads <= FEW_THREADS else MAX_K_CHUNK_MANY_THREADS
+
+
+def k_chunks(K: int, max_chunk: int | None = None) -> list[tuple[int, int]]:
+    """[k0, k1) ranges cutting K into ceil(K / max_chunk) near-equal chunks (multiples of 16 but the last);
+    ``max_chunk`` defaults to ``max_k_chunk()``."""
+    max_chunk = max_k_chunk() if max_chunk is None else max_chunk
+    n = max(1, -(-K // max_chunk))
     size = -(-K // n)
-    size = -(-size // 16) * 16  # still <= MAX_K_CHUNK, a multiple of 16
+    size = -(-size // 16) * 16  # still <= max_chunk (a multiple of 16), a multiple of 16
     return [(k0, min(K, k0 + size)) for k0 in range(0, K, size)]
 
 
@@ -78,7 +91,7 @@ def _padded_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 class _Packs(threading.local):
-    """The packed weights of the ``packed_gemms()`` context this thread is in (``cache`` None outside one)."""
+    """The packed weights of the ``packed_gemms()`` scope this thread is in (``cache`` None outside one)."""
     cache: dict | None = None
     rows: int = 0
 
@@ -96,10 +109,12 @@ def packed_available() -> bool:
 
 @contextlib.contextmanager
 def packed_gemms(enabled: bool = True):
-    """A scope (like ``torch.autocast``, for this thread) inside which batch-invariant GEMMs of up to
-    ``PACKED_MAX_ROWS`` rows run on weights packed once for their row count (module docstring): for a loop of decode
-    steps over weights that do not change meanwhile. Nested scopes share the outermost one's packs, which are dropped
-    when it exits; ``enabled=False`` is a no-op scope."""
+    """A scope (per thread) inside which batch-invariant GEMMs of up to ``PACKED_MAX_ROWS`` rows run on weights
+    packed once for their row count (module docstring): for a loop of decode steps over weights that do not change
+    meanwhile. A weight written in place through autograd-visible ops (an optimizer step) is packed again; writes
+    that bypass its version counter (``p.data.mul_(...)``, a write through another tensor sharing its storage) are
+    not seen, so do not make them inside a scope. Nested scopes share the outermost one's packs, which are dropped
+    when it exits; ``enabled=False`` opens no scope of its own (an enclosing one still applies)."""
     outer = _PACKS.cache is not None or not enabled or not packed_available()
     if not outer:
         _PACKS.cache, _PACKS.rows = {}, 0
@@ -116,20 +131,35 @@ def _packed_mm(x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor
     if rows != _PACKS.rows:  # compaction only shrinks the batch: the other count's packs are not needed again
         cache.clear()
         _PACKS.rows = rows
-    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight._version)
-    packs = cache.get(key)
-    if packs is None:
+    chunks = k_chunks(x.shape[1])
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), chunks[0][1])
+    version = None if weight.is_inference() else weight._version  # inference tensors keep no version counter
+    hit = cache.get(key)
+    if hit is None or hit[0] != version:  # new, or written in place since: packed again (the old pack goes)
         try:
             packs = [(torch.ops.mkl._mkl_reorder_linear_weight(weight[:, k0:k1], rows), weight[:, k0:k1], k0, k1)
-                     for k0, k1 in k_chunks(x.shape[1])]
+                     for k0, k1 in chunks]
         except RuntimeError:  # e.g. a layout MKL's packing refuses: the padded GEMM
+            cache.pop(key, None)
             return None
-        cache[key] = packs
+        hit = cache[key] = (version, packs)
     out = None
-    for pw, w, k0, k1 in packs:
+    for pw, w, k0, k1 in hit[1]:
         part = torch.ops.mkl._mkl_linear(x[:, k0:k1], pw, w, None, rows)
         out = part if out is None else out.add_(part)
     return out
+
+
+def _packed_rounds_as_padded(weight: torch.Tensor, rows: int) -> bool:
+    """The first-use check of a shape: the packed GEMM's rows against the padded GEMM's, bit for bit, on a fixed
+    finite input of ``rows`` rows (not the caller's, which may hold NaN or inf)."""
+    g = torch.Generator().manual_seed(rows)
+    probe = torch.randn(rows, weight.shape[1], generator=g)
+    out = _packed_mm(probe, weight, rows)
+    if out is None:
+        return False
+    ref = _padded_mm(probe, weight, None)
+    return torch.equal(out.view(torch.int32), ref.view(torch.int32))
 
 
 def invariant_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,18 +168,14 @@ def invariant_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if _PACKS.cache is None or M > PACKED_MAX_ROWS or weight.dtype != torch.float32:
         return _padded_mm(x, weight, bias)
     rows = max(M, 2)  # one row is not: its packed GEMM rounds otherwise
-    xp = torch.cat([x, x.new_zeros(rows - M, K)]) if rows > M else x
     check = (weight.shape[0], K, rows, torch.get_num_threads())
-    ok = _CHECKED.get(check)
-    if ok is False:
-        return _padded_mm(x, weight, bias)
-    out = _packed_mm(xp, weight, rows)
+    if check not in _CHECKED:  # first time in this process: used only where it rounds as the padded GEMM
+        _CHECKED[check] = _packed_rounds_as_padded(weight, rows)
+    out = None
+    if _CHECKED[check]:
+        out = _packed_mm(torch.cat([x, x.new_zeros(rows - M, K)]) if rows > M else x, weight, rows)
     if out is None:
         return _padded_mm(x, weight, bias)
-    if ok is None:  # first time in this process: the packed GEMM must round as the padded one, else it is not used
-        ref = _padded_mm(xp, weight, None)
-        _CHECKED[check] = torch.equal(out, ref)
-        out = ref
     if bias is not None:
         out.add_(bias)
     return out[:M].clone() if rows > M else out  # not a view (as _padded_mm's)
