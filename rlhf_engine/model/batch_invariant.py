@@ -13,8 +13,8 @@ to 7 threads, nor up to 320 with 8 to 128, for N from 8 to 49152 and M from 16 t
 into the output by an elementwise add in a fixed order (not ``addmm_``, whose beta = 1 adds C after MKL's first K
 block: an order that the packed GEMM below does not share). The sum per output element is then the same sequence of
 fp32 operations whatever M is, so a row's result is bit for bit the same in a decode step and in the training
-forward (``tests/test_batch_invariant.py``, at 1, 2, 3 and 12 threads). Elsewhere (CUDA, other dtypes, torch.compile) it is ``F.linear``: on a GPU the
-log-prob parity is measured, not bitwise (bf16, cuBLAS).
+forward (``tests/test_batch_invariant.py``, at 1, 2, 3 and 12 threads). Elsewhere (CUDA, other dtypes,
+torch.compile) it is ``F.linear``: on a GPU the log-prob parity is measured, not bitwise (bf16, cuBLAS).
 
 The cost of the padding, and what takes it back in generation. Padded to 16 rows, a decode step's GEMM at B = 4
 costs ~2-3x the unpadded one on this CPU (MKL repacks the weights every call, and computes 16 rows). Inside
