@@ -15,6 +15,12 @@ from rlhf_engine.model.batch_invariant import (MAX_K_CHUNK, MIN_ROWS, InvariantL
 def test_k_chunks_cover_k_in_order(K, threads):
     width = bi.max_k_chunk(threads)
     assert width == (MAX_K_CHUNK if threads <= bi.FEW_THREADS else bi.MAX_K_CHUNK_MANY_THREADS)
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert bi.max_k_chunk() == width and k_chunks(K) == k_chunks(K, width)  # the default follows torch's count
+    finally:
+        torch.set_num_threads(was)
     chunks = k_chunks(K, width)
     assert chunks[0][0] == 0 and chunks[-1][1] == K
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
@@ -232,6 +238,22 @@ def test_packs_follow_the_weights_and_go_with_the_context():
 
 
 @needs_packed
+def test_an_optimizer_step_inside_the_scope_is_seen():
+    """``MasterWeightAdamW`` on the CPU (the fused AdamW, which writes the masters behind autograd's back) bumps the
+    weights' version counters, so a GEMM after a step inside a scope runs on the new weights, not a stale pack."""
+    from rlhf_engine.trainer.optim import MasterWeightAdamW
+
+    w = torch.nn.Parameter(torch.randn(40, 24))
+    x = torch.randn(3, 24)
+    opt = MasterWeightAdamW([w], lr=0.1)
+    with bi.packed_gemms():
+        invariant_mm(x, w.detach())
+        w.grad = torch.randn_like(w)
+        opt.step()
+        assert torch.equal(invariant_mm(x, w.detach()), bi._padded_mm(x, w.detach(), None))  # a stale pack is not
+
+
+@needs_packed
 def test_a_packed_gemm_that_rounds_otherwise_is_not_used(monkeypatch):
     """The first-use check: where the packed GEMM's rows differ from the padded GEMM's (planted here), the shape keeps
     the padded GEMM, so the results stay batch-invariant."""
@@ -294,7 +316,7 @@ def test_generation_uses_packed_gemms_with_exact_logprob_parity(monkeypatch):
     stops = tuple(range(m.config.vocab_size // 3))
     comp = generate(m, ids4, None, max_new_tokens=12, generator=torch.Generator().manual_seed(4), eos_token_ids=stops,
                     check_every=2, min_compact_batch=2)
-    assert set(rows) == {4, 2}
+    assert set(rows) == {4, 2} and {k[2] for k in bi._CHECKED} == {3, 4, 2} and all(bi._CHECKED.values())
     lp = sequence_logprobs(m, comp.sequences, comp.attention_mask, start=comp.prompt_len)
     assert torch.equal(lp * comp.response_mask, comp.logprobs)
     monkeypatch.setattr(bi, "packed_available", lambda: False)

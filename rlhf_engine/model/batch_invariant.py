@@ -125,6 +125,11 @@ def packed_gemms(enabled: bool = True):
             _PACKS.cache, _PACKS.rows = None, 0
 
 
+def _pack_key(weight: torch.Tensor, chunks: list[tuple[int, int]]) -> tuple:
+    """A weight's packs: its storage, layout and K chunking (the first chunk's end fixes the rest for its K)."""
+    return weight.data_ptr(), tuple(weight.shape), weight.stride(), chunks[0][1]
+
+
 def _packed_mm(x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     """x (rows, K) @ weight (N, K)ᵀ on the packed weights (packed now if need be), or None where they cannot be."""
     cache = _PACKS.cache
@@ -132,7 +137,7 @@ def _packed_mm(x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor
         cache.clear()
         _PACKS.rows = rows
     chunks = k_chunks(x.shape[1])
-    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), chunks[0][1])
+    key = _pack_key(weight, chunks)
     version = None if weight.is_inference() else weight._version  # inference tensors keep no version counter
     hit = cache.get(key)
     if hit is None or hit[0] != version:  # new, or written in place since: packed again (the old pack goes)
@@ -154,12 +159,14 @@ def _packed_rounds_as_padded(weight: torch.Tensor, rows: int) -> bool:
     """The first-use check of a shape: the packed GEMM's rows against the padded GEMM's, bit for bit, on a fixed
     finite input of ``rows`` rows (not the caller's, which may hold NaN or inf)."""
     g = torch.Generator().manual_seed(rows)
-    probe = torch.randn(rows, weight.shape[1], generator=g)
+    probe = torch.randn(rows, weight.shape[1], generator=g, dtype=weight.dtype, device=weight.device)
     out = _packed_mm(probe, weight, rows)
     if out is None:
         return False
-    ref = _padded_mm(probe, weight, None)
-    return torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    same = torch.equal(out.view(torch.int32), _padded_mm(probe, weight, None).view(torch.int32))
+    if not same:  # the pack will not be used: not kept either
+        _PACKS.cache.pop(_pack_key(weight, k_chunks(weight.shape[1])), None)
+    return same
 
 
 def invariant_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -121,6 +121,12 @@ class MasterWeightAdamW:
     def step(self) -> None:
         self._with_grad()
         self.inner.step()
+        if self.inner.defaults.get("fused"):
+            # the fused kernel writes the masters without telling autograd: bump their version counters as an
+            # in-place op would, so that autograd's check of saved tensors and batch_invariant.packed_gemms's
+            # repacking see the step (one call each: torch 2.11's increment_version takes a single tensor)
+            for m in self.masters:
+                torch.autograd.graph.increment_version(m)
         if self._low:  # in place, one call for all (~290 copy_ calls at Qwen2-0.5B): generation reads the same tensors
             torch._foreach_copy_(self._low[0], self._low[1])
 
