@@ -10,23 +10,6 @@ from rlhf_engine.model.batch_invariant import (MAX_K_CHUNK, MIN_ROWS, InvariantL
                                                invariant_mm, k_chunks, linear, logsumexp)
 
 
-@pytest.mark.parametrize("K", [1, 40, 512, 576, 1536, 4864])
-@pytest.mark.parametrize("threads", [2, 12])
-def test_k_chunks_cover_k_in_order(K, threads):
-    width = bi.max_k_chunk(threads)
-    assert width == (MAX_K_CHUNK if threads <= bi.FEW_THREADS else bi.MAX_K_CHUNK_MANY_THREADS)
-    was = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert bi.max_k_chunk() == width and k_chunks(K) == k_chunks(K, width)  # the default follows torch's count
-    finally:
-        torch.set_num_threads(was)
-    chunks = k_chunks(K, width)
-    assert chunks[0][0] == 0 and chunks[-1][1] == K
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
-    assert all(0 < k1 - k0 <= width for k0, k1 in chunks)
-
-
 @pytest.fixture
 def threads(request):
     """Run the test with torch set to ``request.param`` threads (MKL's split of a reduction depends on it)."""
@@ -34,6 +17,18 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(was)
+
+
+@pytest.mark.parametrize("K", [1, 40, 512, 576, 1536, 4864])
+@pytest.mark.parametrize("threads", [2, 12], indirect=True)
+def test_k_chunks_cover_k_in_order(K, threads):
+    width = bi.max_k_chunk(threads)
+    assert width == (MAX_K_CHUNK if threads <= bi.FEW_THREADS else bi.MAX_K_CHUNK_MANY_THREADS)
+    assert bi.max_k_chunk() == width and k_chunks(K) == k_chunks(K, width)  # the default follows torch's count
+    chunks = k_chunks(K, width)
+    assert chunks[0][0] == 0 and chunks[-1][1] == K
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all(0 < k1 - k0 <= width for k0, k1 in chunks)
 
 
 @pytest.mark.parametrize("K,N", [(576, 192), (896, 4864), (1536, 576), (4864, 896), (97, 9), (384, 64)])

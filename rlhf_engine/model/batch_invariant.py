@@ -76,15 +76,21 @@ def k_chunks(K: int, max_chunk: int | None = None) -> list[tuple[int, int]]:
     return [(k0, min(K, k0 + size)) for k0 in range(0, K, size)]
 
 
+def _sum_in_order(parts) -> torch.Tensor:
+    """The K chunks' products summed into the first, one elementwise add each, in chunk order (both GEMM paths)."""
+    parts = iter(parts)
+    out = next(parts)
+    for part in parts:
+        out.add_(part)
+    return out
+
+
 def _padded_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The reference order: M < 16 padded to 16 rows, one GEMM per K chunk, summed in chunk order, then the bias."""
     M, K = x.shape
     if M < MIN_ROWS:  # padded to the GEMM kernel the larger batches take
         x = torch.cat([x, x.new_zeros(MIN_ROWS - M, K)])
-    out = None
-    for k0, k1 in k_chunks(K):
-        part = torch.mm(x[:, k0:k1], weight[:, k0:k1].t())
-        out = part if out is None else out.add_(part)
+    out = _sum_in_order(torch.mm(x[:, k0:k1], weight[:, k0:k1].t()) for k0, k1 in k_chunks(K))
     if bias is not None:
         out.add_(bias)
     return out[:M].clone() if M < MIN_ROWS else out  # a tensor of its own, not a view: callers may write in place
@@ -148,11 +154,7 @@ def _packed_mm(x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor
             cache.pop(key, None)
             return None
         hit = cache[key] = (version, packs)
-    out = None
-    for pw, w, k0, k1 in hit[1]:
-        part = torch.ops.mkl._mkl_linear(x[:, k0:k1], pw, w, None, rows)
-        out = part if out is None else out.add_(part)
-    return out
+    return _sum_in_order(torch.ops.mkl._mkl_linear(x[:, k0:k1], pw, w, None, rows) for pw, w, k0, k1 in hit[1])
 
 
 def _packed_rounds_as_padded(weight: torch.Tensor, rows: int) -> bool:
