@@ -246,3 +246,22 @@ def test_bad_ppo_inputs(tmp_path):
         _engine(tmp_path, model=tiny_model().half()).train_ppo(PROMPTS, reward=score_fn)
     with pytest.raises(TypeError, match="optim.lr"):
         Engine({"optim": {"lr": True}})
+
+
+@pytest.mark.parametrize("agg", algo.AGG_MODES)
+def test_logged_entropy_is_a_token_mean_whatever_the_aggregation(tmp_path, agg):
+    """``policy/entropy`` is the mean entropy of a response token under every ``ppo.agg`` (the loss's own entropy
+    term is a per-sequence sum under the token-sum modes), and it adds up over micro-batches."""
+    eng = _engine(tmp_path, ppo={"agg": agg})
+    trainer = eng.build_ppo_trainer(score_fn)
+    ro, _ = trainer.make_rollout(PROMPTS, PhaseTimer(torch.device("cpu")))
+    N = ro.response_ids.shape[1]
+    with torch.no_grad():
+        logits = eng._model(ro.input_ids, attention_mask=ro.attention_mask).float()[:, -N - 1:-1]
+    logp = torch.log_softmax(logits.double(), -1)  # temperature 1.0
+    m = ro.response_mask.double()
+    expect = (-(logp.exp() * logp).sum(-1) * m).sum() / m.sum()
+    num_tokens, num_seqs = m.sum().float(), (m.sum(1) > 0).sum().float()
+    halves = [trainer._micro_batch_loss(ro.select(torch.arange(i, i + 2)), num_tokens, num_seqs)[1]["entropy"]
+              for i in (0, 2)]
+    assert sum(halves).item() == pytest.approx(expect.item(), rel=1e-5)

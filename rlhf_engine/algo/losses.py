@@ -11,8 +11,10 @@ N_tokens / N_seqs count the valid tokens / non-empty rows of the *global* batch:
 micro-batch losses and gradients equal the full-batch ones. When omitted they are taken from
 the tensors given. T_max (``max_len``) defaults to T. An empty row contributes nothing.
 
-Metrics are detached 0-dim tensors, token-means over ``num_tokens`` (so they too add up over
-micro-batches); nothing here calls ``.item()``.
+Metrics are detached 0-dim tensors that add up over micro-batches; nothing here calls ``.item()``.
+The loss terms (pg_loss, vf_loss, entropy, kl) are aggregated as the loss aggregates them (``agg``): with the
+"seq-mean-token-sum" modes ``entropy`` is a per-sequence sum, not a per-token mean. The fractions and
+approx_kl (clip_frac, vf_clip_frac, approx_kl) are token-means over ``num_tokens`` whatever ``agg`` is.
 """
 from __future__ import annotations
 

@@ -22,23 +22,31 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return num / den.clamp(min=1)
 
 
-def _global_moments(x: torch.Tensor, mask: torch.Tensor, distributed: bool):
-    """(count, sum, sum of squares) over the mask, all-reduced over ranks if asked."""
-    m = mask.to(x.dtype)
-    stats = torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])
+def _all_reduce(stats: torch.Tensor, distributed: bool) -> torch.Tensor:
     if distributed and dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    return stats[0], stats[1], stats[2]
+    return stats
+
+
+def _global_mean_var(x: torch.Tensor, mask: torch.Tensor, distributed: bool, unbiased: bool = True):
+    """(mean, variance) of ``x`` over the mask, all-reduced over ranks if asked.
+
+    Two passes (the mean, then the squared deviations from it): the one-pass E[x²] - E[x]² cancels in fp32 when
+    |mean| >> std (returns that carry a reward model's offset: a 2% variance error at 3.0 +- 0.01)."""
+    m = mask.to(x.dtype)
+    n, s = _all_reduce(torch.stack([m.sum(), (x * m).sum()]), distributed)
+    n1 = n.clamp(min=1)
+    mean = s / n1
+    d = (x - mean) * m
+    var = _all_reduce((d * d).sum(), distributed) / n1
+    if unbiased:
+        var = var * n / (n - 1).clamp(min=1)
+    return mean, var
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, distributed: bool = False) -> torch.Tensor:
     """Variance of ``x`` over the mask (Bessel-corrected by default), optionally across ranks."""
-    n, s, ss = _global_moments(x, mask, distributed)
-    mean = s / n.clamp(min=1)
-    var = (ss / n.clamp(min=1) - mean * mean).clamp(min=0)
-    if unbiased:
-        var = var * n / (n - 1).clamp(min=1)
-    return var
+    return _global_mean_var(x, mask, distributed, unbiased)[1]
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
@@ -54,9 +62,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     Returns:
         (B, T) whitened tensor, zero outside the mask.
     """
-    n, s, ss = _global_moments(x, mask, distributed)
-    mean = s / n.clamp(min=1)
-    var = (ss / n.clamp(min=1) - mean * mean).clamp(min=0) * n / (n - 1).clamp(min=1)
+    mean, var = _global_mean_var(x, mask, distributed)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -356,6 +356,10 @@ class PPOTrainer:
             clip_low=pc.clip_low, clip_high=pc.clip_high, dual_clip=pc.dual_clip, value_clip=pc.value_clip,
             vf_coef=pc.vf_coef, ent_coef=pc.ent_coef, kl_coef=pc.kl_loss_coef, kl_kind=pc.kl_loss_kind,
             agg=pc.agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=gc.max_new_tokens, backend="auto")
+        # the loss's "entropy" is its aggregated bonus term (a per-sequence sum under the token-sum modes); the log
+        # reports the mean entropy of a token, whatever ppo.agg is (it adds up over micro-batches as the others do)
+        metrics = dict(metrics)
+        metrics["entropy"] = (fwd["entropy"].detach().float() * part.response_mask).sum() / num_tokens
         return loss, metrics
 
     # ------------------------------------------------------------------ one step
