@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+# the estimators whose rewards carry the KL penalty (ppo.kl_coef); the others take the KL in the loss only
+# (ppo.kl_loss_coef, as GRPO does)
+KL_IN_REWARD_ESTIMATORS = ("gae", "reinforce_pp", "reinforce_pp_baseline")
 
 
 def _check(cond: bool, name: str, expected: str, got: Any) -> None:
@@ -104,7 +107,7 @@ class PPOConfig:
     value_clip: float | None = 0.2
     vf_coef: float = 0.5
     ent_coef: float = 0.0
-    kl_coef: float = 0.05  # beta of the KL penalty in the reward
+    kl_coef: float = 0.05  # beta of the KL penalty in the reward (gae, reinforce_pp, reinforce_pp_baseline only)
     kl_kind: str = "k1"  # estimator in the reward
     kl_loss_coef: float = 0.0  # KL term in the loss (GRPO style); 0 disables
     kl_loss_kind: str = "k3"
@@ -148,6 +151,9 @@ class PPOConfig:
             _check(getattr(self, name) >= 0, f"ppo.{name}", ">= 0", getattr(self, name))
         _choice("ppo.kl_kind", self.kl_kind, ("k1", "k2", "k3"))
         _choice("ppo.kl_loss_kind", self.kl_loss_kind, ("k1", "k2", "k3"))
+        _check(not self.adaptive_kl or self.advantage in KL_IN_REWARD_ESTIMATORS, "ppo.adaptive_kl",
+               f"false with ppo.advantage={self.advantage!r}, whose rewards carry no KL penalty (use ppo.kl_loss_coef)",
+               self.adaptive_kl)
         _check(self.kl_target > 0, "ppo.kl_target", "> 0", self.kl_target)
         _check(self.kl_horizon > 0, "ppo.kl_horizon", "> 0", self.kl_horizon)
         _check(self.reward_clip is None or self.reward_clip > 0, "ppo.reward_clip", "> 0 or null", self.reward_clip)
@@ -168,6 +174,11 @@ class PPOConfig:
     @property
     def uses_critic(self) -> bool:
         return self.advantage == "gae"
+
+    @property
+    def kl_in_reward(self) -> bool:
+        """Whether the rewards carry the KL penalty (``kl_coef``, adapted with ``adaptive_kl``)."""
+        return self.advantage in KL_IN_REWARD_ESTIMATORS
 
 
 @dataclass

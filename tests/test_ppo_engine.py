@@ -100,6 +100,8 @@ def test_critic_free_estimators_run(tmp_path, advantage):
     summary = eng.train_ppo(PROMPTS, reward=length_reward)
     h = [h for h in summary["history"] if "loss/policy" in h][0]
     assert math.isfinite(h["loss/policy"]) and "loss/value" not in h
+    # kl/coef is the beta the rewards carried: the group estimators take the KL in the loss only
+    assert h["kl/coef"] == (0.05 if advantage.startswith("reinforce_pp") else 0.0)
 
 
 def test_lora_reference_is_the_base_model_without_a_copy(tmp_path):
@@ -204,10 +206,11 @@ def test_response_mean_reward_model_gets_the_response_mask(tmp_path):
     ("optim.lr=-1", "optim.lr"), ("ppo.advantage=ppo2", "ppo.advantage"), ("run.device=tpu", "run.device"),
     ("ppo.minibatch_size=64", "ppo.minibatch_size"), ("ppo.advantage=grpo", "samples_per_prompt"),
     ("generation.top_p=0", "generation.top_p"), ("reward.kind=model", "reward.path"),
+    ("ppo.advantage=rloo ppo.samples_per_prompt=2 ppo.adaptive_kl=true", "ppo.adaptive_kl"),
 ])
 def test_bad_config_gives_clear_error(override, match):
     with pytest.raises(ValueError, match=match):
-        EngineConfig.from_dict({}, [override])
+        EngineConfig.from_dict({}, override.split())
 
 
 def test_config_file_round_trip(tmp_path):

@@ -377,7 +377,7 @@ class PPOTrainer:
         if ro is not None:
             with timer("train"):
                 stats.update(self.update(ro))
-        kl_coef_used = self.kl_ctl.value
+        kl_coef_used = self.kl_ctl.value if self.cfg.ppo.kl_in_reward else 0.0  # the beta the rewards carried
         self.step_idx += 1
         elapsed = time.perf_counter() - t0
         keys = list(stats)
@@ -389,7 +389,7 @@ class PPOTrainer:
             for i, v in zip(tensor_idx, synced):
                 vals[i] = v
         out = dict(zip(keys, vals))
-        if ro is not None:
+        if ro is not None and self.cfg.ppo.kl_in_reward:
             self.kl_ctl.update(out["kl/mean"], n_steps=ro.batch_size)
         out["kl/coef"] = kl_coef_used
         out.update(timer.metrics)
