@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,43 @@ KL_IN_REWARD_ESTIMATORS = ("gae", "reinforce_pp", "reinforce_pp_baseline")
 def _check(cond: bool, name: str, expected: str, got: Any) -> None:
     if not cond:
         raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+
+def _check_fields(section) -> None:
+    """Every field of a config section against its annotation, before the section's own checks: null only where the
+    annotation admits None, floats finite (an inf learning rate or KL coefficient passes every ``> 0`` check and
+    fills the weights with NaN), and the scalar types (a dataclass built in Python skips ``_coerce``)."""
+    name = _SECTION_NAMES[type(section)]
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, tp, key = getattr(section, f.name), hints[f.name], f"{name}.{f.name}"
+        args = set(typing.get_args(tp)) if typing.get_origin(tp) is not tuple else set()
+        if value is None:
+            _check(type(None) in args, key, "a value (null is not allowed here)", value)
+            continue
+        allowed = (args - {type(None)}) or {typing.get_origin(tp) or tp}
+        if allowed == {bool}:
+            _check(isinstance(value, bool), key, "true or false", value)
+        elif allowed == {int}:
+            _check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        elif float in allowed:
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
+                   "a finite number", value)
+        elif allowed == {str}:
+            _check(isinstance(value, str), key, "a string", value)
+        elif allowed == {tuple}:
+            _check(isinstance(value, (tuple, list)), key, "a list", value)
+            elem = typing.get_args(tp)[0]
+            if elem is float:
+                _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in value), key, "a list of finite numbers", value)
+            elif elem is str:
+                _check(all(isinstance(v, str) for v in value), key, "a list of strings", value)
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit() and index.isascii()
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
@@ -49,6 +89,7 @@ class ModelSpec:
     cache_dir: str | None = None  # where the converted GGUF checkpoint is cached
 
     def __post_init__(self):
+        _check_fields(self)
         _check(isinstance(self.name_or_path, str) and self.name_or_path != "", "model.name_or_path",
                "a non-empty string", self.name_or_path)
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -65,6 +106,7 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def __post_init__(self):
+        _check_fields(self)
         self.target_modules = tuple(self.target_modules)
         _check(isinstance(self.rank, int) and self.rank > 0, "lora.rank", "a positive int", self.rank)
         _check(self.alpha > 0, "lora.alpha", "> 0", self.alpha)
@@ -81,6 +123,7 @@ class GenerationConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
+        _check_fields(self)
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "generation.max_new_tokens",
                "a positive int", self.max_new_tokens)
         _check(isinstance(self.max_prompt_len, int) and self.max_prompt_len > 0, "generation.max_prompt_len",
@@ -132,6 +175,7 @@ class PPOConfig:
     train_cuda_graph_pad: int = 64
 
     def __post_init__(self):
+        _check_fields(self)
         from rlhf_engine.algo import AGG_MODES
 
         _choice("ppo.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
@@ -193,7 +237,9 @@ class OptimConfig:
     schedule: str = "constant"
 
     def __post_init__(self):
+        _check_fields(self)
         self.betas = tuple(self.betas)
+        _check(self.eps > 0, "optim.eps", "> 0", self.eps)
         _check(self.lr > 0, "optim.lr", "> 0", self.lr)
         _check(self.critic_lr is None or self.critic_lr > 0, "optim.critic_lr", "> 0 or null", self.critic_lr)
         _check(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
@@ -215,6 +261,7 @@ class RewardSpec:
     path: str | None = None
 
     def __post_init__(self):
+        _check_fields(self)
         _choice("reward.kind", self.kind, ("vader", "model"))
         _check(self.kind != "model" or bool(self.path), "reward.path", "a directory when reward.kind is 'model'",
                self.path)
@@ -228,7 +275,8 @@ class RunConfig:
     device: str = "auto"
     output_dir: str = "runs/ppo"
     checkpoint_every: int = 0  # steps; 0: only at the end
-    resume: bool = False  # continue from output_dir/checkpoint if present
+    resume: bool = False  # continue from output_dir/checkpoints if present
+    overwrite: bool = False  # a fresh run may replace an earlier run's checkpoints and metrics in output_dir
     deterministic: bool = False
     eval_prompts: int = 0  # held-out prompts scored before and after training (0: none)
     eval_samples: int = 2
@@ -238,12 +286,13 @@ class RunConfig:
     plot: bool = True
 
     def __post_init__(self):
+        _check_fields(self)
         _check(isinstance(self.steps, int) and self.steps >= 0, "run.steps", "an int >= 0", self.steps)
         _check(isinstance(self.prompts_per_step, int) and self.prompts_per_step >= 1, "run.prompts_per_step",
                "an int >= 1", self.prompts_per_step)
-        _check(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
-               "run.device",
-               "'auto', 'cpu' or 'cuda[:N]'", self.device)
+        _check(self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device), "run.device",
+               "'auto', 'cpu', 'cuda' or 'cuda:N' (N >= 0)", self.device)
+        _check(0 <= self.seed < 2**63, "run.seed", "an integer in [0, 2**63)", self.seed)
         _check(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0, "run.checkpoint_every",
                "an int >= 0", self.checkpoint_every)
         _check(isinstance(self.eval_prompts, int) and self.eval_prompts >= 0, "run.eval_prompts", "an int >= 0",
@@ -278,7 +327,11 @@ class EngineConfig:
     # --- construction -----------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict, overrides: list[str] | None = None) -> "EngineConfig":
-        data = json.loads(json.dumps(data or {}))  # deep copy of plain data
+        if not isinstance(data or {}, dict):
+            raise TypeError(f"config: expected a mapping of sections, got {type(data).__name__}")
+        if isinstance(overrides, str):
+            raise TypeError(f"overrides: expected a list of 'section.key=value' strings, got the string {overrides!r}")
+        data = _plain(data or {})
         for ov in overrides or []:
             _apply_override(data, ov)
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
@@ -292,25 +345,51 @@ class EngineConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
+        if path.suffix not in (".yaml", ".yml", ".toml", ".json"):
             raise ValueError(f"config file: expected a .yaml, .yml, .toml or .json file, got {path.name!r}")
+        text = path.read_text()
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            elif path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except Exception as e:  # the parsers' own errors name neither the file nor, for some, the line
+            raise ValueError(f"config file {path}: cannot parse it: {e}") from e
         if not isinstance(data, dict):
             raise ValueError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
         return cls.from_dict(data, overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_SECTION_NAMES = {ModelSpec: "model", LoRAConfig: "lora", GenerationConfig: "generation", PPOConfig: "ppo",
+                  OptimConfig: "optim", RewardSpec: "reward", RunConfig: "run"}
+
+
+def _plain(value, name: str = "config"):
+    """A deep copy of config data as plain values: paths as strings, NumPy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {k: _plain(v, f"{name}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, name) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if type(value).__name__ == "bool_":  # numpy.bool_
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{name}: expected a number, string, bool, list or mapping, got {type(value).__name__}")
 
 
 def _section_type(name: str):

@@ -198,6 +198,7 @@ def test_response_mean_reward_model_gets_the_response_mask(tmp_path):
     P = int(resp.any(0).int().argmax())
     assert (resp.int().argmax(1) == P).all() and (attn[:, P - 1] == 1).all()
     assert not resp[:, :P].any() and torch.equal(resp[:, P:].bool(), attn[:, P:].bool())
+    eng.config.run.overwrite = True  # a second run into the same output_dir
     summary = eng.train_ppo(PROMPTS[:4], reward=rm)  # the reward model itself, as reward.kind=model passes it
     assert all(math.isfinite(h["reward/mean"]) for h in summary["history"] if "reward/mean" in h)
 

@@ -18,9 +18,11 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -112,6 +114,68 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _step_number(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def resume_point(root: str | Path) -> Path | None:
+    """The checkpoint a resumed run starts from, or None when ``root`` holds no checkpoint at all.
+
+    The one ``latest`` names; if that pointer is missing or names no complete checkpoint (``latest`` is replaced
+    last, so that takes a damaged directory, or a crash between the two renames of a re-saved step, which leaves
+    only ``.old-step-N``), the newest complete checkpoint, with a warning (a ``.old-`` copy is moved back and
+    ``latest`` rewritten). Raises ValueError when checkpoint directories exist but none is complete: a resumed run
+    must never restart from the initial weights and prune the directory."""
+    root = Path(root)
+    latest = latest_checkpoint(root)
+    if latest is not None:
+        return latest
+    dirs = [p for pattern in ("step-*", ".old-step-*") for p in root.glob(pattern) if p.is_dir()]
+    complete = sorted((p for p in dirs if (p / "state.json").is_file()), key=_step_number)
+    if not complete:
+        if dirs or (root / "latest").exists():
+            raise ValueError(f"run.resume: {root} holds checkpoint directories but none is complete (no state.json "
+                             f"in {', '.join(sorted(p.name for p in dirs)) or 'any'}); nothing to resume from. Set "
+                             "run.resume=false with run.overwrite=true to start again, or restore a checkpoint")
+        return None
+    chosen = complete[-1]
+    if chosen.name.startswith(".old-"):
+        target = root / chosen.name[len(".old-"):]
+        if not target.exists():
+            os.replace(chosen, target)
+            chosen = target
+    pointer = root / "latest"
+    said = pointer.read_text().strip() if pointer.is_file() else None
+    what = f"names {said!r}, which is not a complete checkpoint" if said else "is missing"
+    warnings.warn(f"run.resume: {root}/latest {what}; resuming from the newest complete checkpoint, {chosen.name}",
+                  stacklevel=2)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(chosen.name)
+    os.replace(latest_tmp, pointer)
+    return chosen
+
+
+def clear_run(output_dir: str | Path, *, overwrite: bool) -> None:
+    """Before a fresh (not resumed) run: refuse an ``output_dir`` that holds an earlier run's checkpoints or
+    metrics, unless ``overwrite``, which deletes them (``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``).
+    A fresh run in an earlier run's directory would otherwise mix the two runs' checkpoints and metrics, and could
+    leave the earlier run's weights as the newest checkpoint."""
+    out = Path(output_dir)
+    owned = [out / "checkpoints", out / "metrics.jsonl", out / "tensorboard"]
+    found = [p for p in owned if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"run.output_dir: {out} holds an earlier run ({', '.join(p.name for p in found)}); set "
+                         "run.resume=true to continue it, run.overwrite=true to replace it, or choose another "
+                         "run.output_dir")
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     root = Path(root)
     pointer = root / "latest"
@@ -127,7 +191,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     meta_file = path / "state.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"checkpoint: no state.json in {path}")
-    meta = json.loads(meta_file.read_text())
-    tensors = load_file(str(path / "optim.safetensors"))
-    models = {f.stem: load_file(str(f)) for f in path.glob("*.safetensors") if f.stem != "optim"}
-    return models, _unflatten(meta["state"], tensors), int(meta["step"])
+    try:
+        meta = json.loads(meta_file.read_text())
+        tensors = load_file(str(path / "optim.safetensors"))
+        models = {f.stem: load_file(str(f)) for f in path.glob("*.safetensors") if f.stem != "optim"}
+        if "actor" not in models:
+            raise FileNotFoundError("no actor.safetensors")
+        return models, _unflatten(meta["state"], tensors), int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt ({type(e).__name__}: {e}); delete that "
+                         "directory to resume from the newest complete one before it") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -21,7 +22,7 @@ from rlhf_engine.model.lora import disable_adapters, lora_parameters
 from rlhf_engine.rewards import as_score_tensor
 
 from .actor_critic import ValueHead, critic_forward, policy_forward
-from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import clear_run, latest_checkpoint, load_checkpoint, prune_checkpoints, resume_point, save_checkpoint
 from .logging import MetricsLogger, plot_curves
 from .optim import MasterWeightAdamW, lr_schedule
 from .rollout import PromptSampler, Rollout, pad_rollout
@@ -103,6 +104,9 @@ class PPOTrainer:
                     raise ValueError("critic: required when ppo.critic is 'separate'")
                 self.critic = critic
         actor_params = (lora_parameters(actor) if self.lora else [p for p in actor.parameters() if p.requires_grad])
+        if not any(p.requires_grad for p in actor_params):  # the value head alone would "train" a frozen policy
+            raise ValueError("model: the policy has no trainable parameters (requires_grad is False everywhere); "
+                             "call model.requires_grad_(True), or enable lora")
         if self.value_head is not None:
             actor_params = actor_params + list(self.value_head.parameters())
         oc = cfg.optim
@@ -123,6 +127,7 @@ class PPOTrainer:
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.run.seed)
         self.step_idx = 0
         self.skip_old_logp = False  # set once generation/training log-prob parity is verified
+        self.weights_touched = False  # an optimizer step of the current PPO step has run (train())
         self.sampler = PolicySampler(actor, tokenizer, cfg.generation, self.device, self.gen)
         self.eos_ids = self.sampler.eos_ids
         self.eos_tensor = torch.tensor(self.eos_ids, device=self.device)
@@ -287,6 +292,7 @@ class PPOTrainer:
                         o.zero_grad(set_to_none=drop)
                     n_skipped += 1
                     continue
+                self.weights_touched = True  # from here a failure leaves this step's weights half made
                 for o in self._optimizers():
                     o.step()
                 for s in self.schedulers:
@@ -488,15 +494,19 @@ class PPOTrainer:
 
         out_dir = Path(rc.output_dir)
         ckpt_root = out_dir / "checkpoints"
+        self.sampler.check_prompts(prompts, "prompts")  # every prompt now, not when its batch comes up
+        if eval_prompts:
+            self.sampler.check_prompts(list(eval_prompts), "eval_prompts")
         sampler = PromptSampler(prompts, rc.prompts_per_step, rc.seed)
         history: list[dict] = []
-        resumed = rc.resume and latest_checkpoint(ckpt_root) is not None
-        if resumed:
-            history = self.load(latest_checkpoint(ckpt_root), sampler)
-        # A resumed run rewrites metrics.jsonl from the checkpoint, so steps logged after the
-        # last checkpoint by the interrupted run do not appear twice.
-        logger = MetricsLogger(out_dir, tensorboard=rc.tensorboard, stdout=not rc.progress,
-                               history=history if resumed else None)
+        start = resume_point(ckpt_root) if rc.resume else None
+        if start is not None:
+            history = self.load(start, sampler)
+        else:  # a fresh run: never into an earlier run's checkpoints (unless run.overwrite clears them)
+            clear_run(out_dir, overwrite=rc.overwrite or rc.resume)
+        # metrics.jsonl restarts from the checkpoint's records (none for a fresh run), so steps logged after the
+        # last checkpoint by an interrupted run do not appear twice.
+        logger = MetricsLogger(out_dir, tensorboard=rc.tensorboard, stdout=not rc.progress, history=history)
         summary: dict = {"output_dir": str(out_dir)}
         eval_prompts = list(eval_prompts or [])
         if eval_prompts and self.step_idx == 0:
@@ -509,8 +519,11 @@ class PPOTrainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=rc.steps, initial=self.step_idx, desc="PPO", unit="step", dynamic_ncols=True)
+        saved_step = self.step_idx
         try:
             while self.step_idx < rc.steps:
+                before_step = (sampler.state_dict(), self.gen.get_state(), torch.get_rng_state())
+                self.weights_touched = False
                 metrics = self.train_step(sampler.next_batch())
                 history.append({"step": self.step_idx, **metrics})
                 logger.log(self.step_idx, metrics)
@@ -521,6 +534,26 @@ class PPOTrainer:
                 if rc.checkpoint_every and self.step_idx % rc.checkpoint_every == 0:
                     self.save(ckpt_root, sampler, history)
                     prune_checkpoints(ckpt_root, rc.keep_checkpoints)
+                    saved_step = self.step_idx
+        except BaseException:
+            # A step that raised before its first optimizer step (a reward function's exception, an empty prompt)
+            # left the weights as the last completed step made them: checkpoint that step, its prompts not yet
+            # drawn, so that run.resume=true continues from it. A step that failed after changing weights saves
+            # nothing (its weights are neither the last step's nor its own).
+            if self.step_idx > saved_step and not self.weights_touched:
+                sampler.load_state_dict(before_step[0])
+                self.gen.set_state(before_step[1])
+                torch.set_rng_state(before_step[2])
+                try:
+                    self.save(ckpt_root, sampler, history)
+                    prune_checkpoints(ckpt_root, rc.keep_checkpoints)
+                    warnings.warn(f"PPO step {self.step_idx + 1} raised; the {self.step_idx} completed steps were "
+                                  f"checkpointed in {ckpt_root} (run.resume=true continues from them)", stacklevel=2)
+                except Exception as e:  # the original error matters more
+                    warnings.warn(f"PPO step {self.step_idx + 1} raised, and checkpointing the completed steps "
+                                  f"failed too: {e!r}", stacklevel=2)
+            logger.close()
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -1,0 +1,123 @@
+"""What a PPO run does with its output directory: a fresh run never mixes with an earlier one, a resumed run never
+restarts from the initial weights, a failed step keeps the completed ones."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_ppo_engine import PROMPTS, _cfg, length_reward  # noqa: E402
+from tiny import byte_tokenizer, tiny_model  # noqa: E402
+
+from rlhf_engine import Engine  # noqa: E402
+from rlhf_engine.trainer.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+
+
+def _run(tmp_path, out, steps, reward=length_reward, seed=3, **run):
+    cfg = _cfg(tmp_path, run={"steps": steps, "output_dir": str(out), **run})
+    eng = Engine(cfg, model=tiny_model(seed=seed), tokenizer=byte_tokenizer())
+    summary = eng.train_ppo(PROMPTS, reward=reward)
+    return eng, summary
+
+
+def _actor(ckpt: Path) -> dict:
+    return {k: v for k, v in load_checkpoint(ckpt)[0]["actor"].items() if not k.startswith("value_head.")}
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_directory_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    _run(tmp_path, out, 2, seed=3)
+    with pytest.raises(ValueError, match="run.output_dir.*run.overwrite"):
+        _run(tmp_path, out, 2, seed=4)
+    eng, summary = _run(tmp_path, out, 2, seed=4, overwrite=True)
+    # the final checkpoint holds this run's weights (it had been the earlier run's step-000002), and the metrics
+    # file holds this run's steps only
+    saved = _actor(Path(summary["checkpoint"]))
+    for k, v in eng._model.state_dict().items():
+        assert torch.equal(saved[k], v), k
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(1) == 1
+
+
+@pytest.mark.parametrize("damage", ["state_json", "pointer_missing", "pointer_dangling", "crash_in_resave"])
+def test_resume_with_a_damaged_latest_takes_the_newest_complete_checkpoint(tmp_path, damage):
+    full, _ = _run(tmp_path, tmp_path / "a", 4, checkpoint_every=1, keep_checkpoints=3)
+    out = tmp_path / "b"
+    _run(tmp_path, out, 3, checkpoint_every=1, keep_checkpoints=3)
+    root = out / "checkpoints"
+    if damage == "state_json":  # the newest checkpoint lost a file: resume from step 2
+        (root / "step-000003" / "state.json").unlink()
+    elif damage == "pointer_missing":
+        (root / "latest").unlink()
+    elif damage == "pointer_dangling":
+        (root / "latest").write_text("step-000009")
+    else:  # a re-save of step 3 crashed between its two renames: only .old-step-000003 is left
+        (root / "step-000003").rename(root / ".old-step-000003")
+    with pytest.warns(UserWarning, match="run.resume"):
+        resumed, _ = _run(tmp_path, out, 4, resume=True, checkpoint_every=1, keep_checkpoints=3)
+    for k, v in full._model.state_dict().items():  # it did not restart from the initial weights
+        assert torch.equal(resumed._model.state_dict()[k], v), k
+    assert latest_checkpoint(root).name == "step-000004"
+    assert (root / "step-000002" / "state.json").is_file()  # the earlier checkpoints were kept
+
+
+def test_resume_refuses_checkpoint_directories_none_complete(tmp_path):
+    out = tmp_path / "b"
+    _run(tmp_path, out, 2, checkpoint_every=1)
+    for d in (out / "checkpoints").glob("step-*"):
+        (d / "state.json").unlink()
+    with pytest.raises(ValueError, match="run.resume.*none is complete"):
+        _run(tmp_path, out, 3, resume=True)
+
+
+def test_a_corrupt_checkpoint_is_named(tmp_path):
+    out = tmp_path / "b"
+    _run(tmp_path, out, 2)
+    ckpt = latest_checkpoint(out / "checkpoints")
+    (ckpt / "actor.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=f"checkpoint {ckpt}.*corrupt"):
+        _run(tmp_path, out, 3, resume=True)
+
+
+def test_a_step_that_raises_keeps_the_completed_steps(tmp_path):
+    """The reward function raises in step 3 (no checkpoint_every): steps 1-2 are checkpointed with step 3's
+    prompts not yet drawn, and a resumed run ends where an uninterrupted one does, bit for bit."""
+    full, _ = _run(tmp_path, tmp_path / "a", 4)
+    calls = []
+
+    def flaky(prompts, responses):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("reward server down")
+        return length_reward(prompts, responses)
+
+    out = tmp_path / "b"
+    with pytest.warns(UserWarning, match="2 completed steps were checkpointed"), \
+            pytest.raises(RuntimeError, match="reward server down"):
+        _run(tmp_path, out, 4, reward=flaky)
+    assert latest_checkpoint(out / "checkpoints").name == "step-000002"
+    resumed, _ = _run(tmp_path, out, 4, resume=True)
+    for k, v in full._model.state_dict().items():
+        assert torch.equal(resumed._model.state_dict()[k], v), k
+
+
+def test_a_step_that_fails_after_changing_weights_saves_nothing(tmp_path):
+    eng = Engine(_cfg(tmp_path, run={"steps": 3}), model=tiny_model(), tokenizer=byte_tokenizer())
+    trainer = eng.build_ppo_trainer(length_reward)
+    real, n = trainer.update, []
+
+    def failing_update(ro):
+        n.append(1)
+        out = real(ro)
+        if len(n) == 2:
+            raise RuntimeError("out of memory after the optimizer step")
+        return out
+
+    trainer.update = failing_update
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train(PROMPTS)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
+    shutil.rmtree(tmp_path / "run")
