@@ -76,6 +76,14 @@ def load_model(spec, device: torch.device):
     return model, tok
 
 
+def _tokenizer_size(tokenizer) -> int | None:
+    """The number of ids a tokenizer can produce (added tokens included), None where it does not say."""
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return getattr(tokenizer, "vocab_size", None)
+
+
 class Engine:
     """Builds the roles and runs the RLHF stages.
 
@@ -108,6 +116,10 @@ class Engine:
             self._tokenizer = self._tokenizer or tok
         if self._tokenizer is None:
             raise ValueError("tokenizer: the model has no tokenizer; pass Engine(..., tokenizer=...)")
+        n_tok, vocab = _tokenizer_size(self._tokenizer), self._model.config.vocab_size
+        if n_tok is not None and n_tok > vocab:
+            raise ValueError(f"tokenizer: it has {n_tok} tokens but the model's vocab_size is {vocab}: ids from "
+                             f"{vocab} up would index past the embedding; pass the model's own tokenizer")
         dev = self._model.lm_head_weight.device
         if dev.type != self.device.type or (self.device.index is not None and dev.index != self.device.index):
             raise ValueError(f"model: expected its parameters on run.device = {self.device}, got {dev}")

@@ -11,6 +11,8 @@ a step whose rewards hold NaN or inf and reports it.
 """
 from __future__ import annotations
 
+import numbers
+
 from typing import Callable, Sequence
 
 import torch
@@ -55,7 +57,23 @@ def token_reward(fn: Callable | None = None, *, response_mask: bool = False) -> 
 def as_score_tensor(scores, batch: int, device: torch.device) -> torch.Tensor:
     """Validate a reward's output: B finite-or-not floats -> (B,) float32 tensor (NaN is kept and
     caught by the trainer, which then skips the step)."""
-    t = scores.detach().float() if isinstance(scores, torch.Tensor) else torch.tensor(list(scores), dtype=torch.float32)
+    expected = f"reward: expected {batch} numbers (one per response) as a sequence or a ({batch},) tensor"
+    if isinstance(scores, torch.Tensor):
+        if scores.dtype.is_complex:
+            raise TypeError(f"{expected}, got a {scores.dtype} tensor")
+        t = scores.detach().float()
+    else:
+        if isinstance(scores, (str, bytes, dict, set, frozenset)) or not hasattr(scores, "__iter__"):
+            raise TypeError(f"{expected}, got {type(scores).__name__}")  # a dict would be scored by its keys
+        values = list(scores)
+        bad = [i for i, v in enumerate(values)
+               if isinstance(v, complex) or not isinstance(v, (numbers.Real, torch.Tensor))]  # bools count 0/1
+        if bad:
+            raise TypeError(f"{expected}, got {type(values[bad[0]]).__name__} {values[bad[0]]!r} at index {bad[0]}")
+        try:
+            t = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:  # e.g. a tensor of several elements in the list
+            raise TypeError(f"{expected}: {e}") from e
     if t.shape != (batch,):
         raise ValueError(f"reward: expected {batch} scores (one per response), got shape {tuple(t.shape)}")
     return t.to(device)

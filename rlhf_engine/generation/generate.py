@@ -50,7 +50,7 @@ class GenerationOutput:
         return self.response_mask.sum(1)
 
 
-def _check_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+def _check_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size: int | None = None) -> None:
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids: expected (B, P), got {tuple(prompt_ids.shape)}")
     if prompt_ids.dtype not in (torch.int64, torch.int32):
@@ -63,8 +63,14 @@ def _check_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
     m = prompt_mask.bool()
     n = m.sum(1)
     expected = torch.arange(P, device=m.device)[None, :] >= (P - n)[:, None]
-    if bool((expected != m).any() | (n == 0).any()):  # the one host sync of the prompt checks
+    bad_mask = (expected != m).any() | (n == 0).any()
+    bad_ids = (prompt_ids < 0).any() | ((prompt_ids >= vocab_size).any() if vocab_size else False)  # padding too
+    flags = torch.stack([bad_mask, bad_ids]).tolist()  # the one host sync of the prompt checks
+    if flags[0]:
         raise ValueError("prompt_mask: expected LEFT-padded prompts (each row: zeros then at least one 1)")
+    if flags[1]:
+        raise ValueError(f"prompt_ids: expected token ids in [0, {vocab_size}) (the model's vocab_size; padding "
+                         f"included, it is embedded too), got [{int(prompt_ids.min())}, {int(prompt_ids.max())}]")
 
 
 def _make_decoder(model, cache: KVCache, backend: str, use_cuda_graph: bool, prompt_len: int, runner=None,
@@ -147,7 +153,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     """
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompt_ids)
-    _check_prompt(prompt_ids, prompt_mask)
+    _check_prompt(prompt_ids, prompt_mask, getattr(getattr(model, "config", None), "vocab_size", None))
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected > 0, got {max_new_tokens}")
     if check_every <= 0:

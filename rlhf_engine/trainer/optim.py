@@ -33,6 +33,11 @@ def _grad_to_master(p: torch.Tensor) -> None:
     p.grad = None
 
 
+def _check_number(name: str, value, expected: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
 class MasterWeightAdamW:
     """AdamW over fp32 masters of the given parameters (see the module docstring).
 
@@ -42,6 +47,16 @@ class MasterWeightAdamW:
     """
 
     def __init__(self, params, *, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        # the checks torch's AdamW does not make (an inf lr, eps = 0: NaN weights after one step) or that the
+        # param groups below bypass (weight_decay)
+        _check_number("lr", lr, "a finite number > 0", lambda v: v > 0)
+        _check_number("eps", eps, "a finite number > 0", lambda v: v > 0)
+        _check_number("weight_decay", weight_decay, "a finite number >= 0", lambda v: v >= 0)
+        betas = tuple(betas)
+        if len(betas) != 2:
+            raise ValueError(f"betas: expected two values in [0, 1), got {betas!r}")
+        for b in betas:
+            _check_number("betas", b, "two values in [0, 1)", lambda v: 0 <= v < 1)
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("params: expected at least one trainable parameter")
@@ -110,6 +125,8 @@ class MasterWeightAdamW:
     def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
         """Total gradient norm over the fp32 gradients (a 0-dim tensor, no host sync); clips in place when
         ``max_norm`` is set."""
+        if max_norm is not None:
+            _check_number("max_norm", max_norm, "a finite number > 0, or None", lambda v: v > 0)
         owners = self._with_grad()
         if not owners:
             return torch.zeros((), device=self.params[0].device)

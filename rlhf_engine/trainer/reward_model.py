@@ -371,7 +371,8 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
         summary dict: ``reward_model`` (the trained RewardModel), ``tokenizer``, ``train_loss``
         and ``train_accuracy`` (per optimizer step), ``eval`` (evaluate_reward_model's dict on the
         held-out pairs, None without any), ``eval_accuracy`` (float or None), ``eval_per_epoch``,
-        ``steps``, ``n_train``, ``n_eval``, ``time_s``, ``pairs_per_s``.
+        ``steps``, ``skipped_steps`` (steps whose loss or gradient was not finite: no update), ``n_train``,
+        ``n_eval``, ``time_s``, ``pairs_per_s``.
     """
     if epochs < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError(f"epochs, batch_size, grad_accum: expected >= 1, got {epochs}, {batch_size}, {grad_accum}")
@@ -411,7 +412,7 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, desc="reward model", disable=not progress, dynamic_ncols=True)
-    summary: dict[str, Any] = {"train_loss": [], "train_accuracy": [], "eval_per_epoch": [],
+    summary: dict[str, Any] = {"train_loss": [], "train_accuracy": [], "eval_per_epoch": [], "skipped_steps": 0,
                                "n_train": len(train_rows), "n_eval": len(eval_rows)}
     was_training = rm.training
     t0 = time.perf_counter()
@@ -441,11 +442,15 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
                 loss_sum += loss.detach() * w
                 acc_sum += acc * (len(idx) / n_step)  # the pair mean, as the held-out accuracy
             grad_norm = opt.clip_grad_norm_(max_grad_norm)
-            opt.step()
-            sched.step()
+            loss_f, acc_f, gn_f = torch.stack([loss_sum, acc_sum, grad_norm.to(loss_sum)]).tolist()  # one sync
+            if math.isfinite(loss_f) and math.isfinite(gn_f):
+                opt.step()
+                sched.step()
+            else:  # a NaN/inf loss or gradient never reaches the weights
+                opt.zero_grad()
+                summary["skipped_steps"] += 1
             step += 1
             n_pairs += n_step
-            loss_f, acc_f, gn_f = torch.stack([loss_sum, acc_sum, grad_norm.to(loss_sum)]).tolist()  # one sync
             metrics = {"loss": loss_f, "accuracy": acc_f, "grad_norm": gn_f, "lr": sched.get_last_lr()[0]}
             summary["train_loss"].append(metrics["loss"])
             summary["train_accuracy"].append(metrics["accuracy"])

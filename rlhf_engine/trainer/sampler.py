@@ -2,6 +2,8 @@
 and preference-pair sampling share."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from rlhf_engine.generation.cuda_graph import DecodeGraphCache
@@ -31,6 +33,23 @@ class PolicySampler:
         # On a GPU the static KV caches and captured decode graphs are kept across rollouts
         # (reused, not reallocated, each step); on the CPU each call allocates its own cache.
         self.graph_cache = DecodeGraphCache() if torch.device(device).type == "cuda" else None
+
+    def check_prompts(self, prompts: list[str], name: str = "prompts") -> None:
+        """Before a run: a ValueError naming the first prompt that is not a string or encodes to no tokens, and a
+        warning for prompts longer than ``max_prompt_len`` tokens (the model sees their last ``max_prompt_len``
+        tokens; a text reward still gets the whole prompt)."""
+        limit, long = self.cfg.max_prompt_len, 0
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"{name}[{i}]: expected a string, got {type(p).__name__}")
+            n = len(self.tok.encode(p, add_special_tokens=False))
+            if n == 0:
+                raise ValueError(f"{name}[{i}]: {p!r} encodes to no tokens")
+            long += n > limit
+        if long:
+            warnings.warn(f"{name}: {long} of {len(prompts)} are longer than generation.max_prompt_len = {limit} "
+                          f"tokens; the model sees the last {limit} tokens of each (a text reward gets the whole "
+                          "prompt)", stacklevel=3)
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (B, P) prompt ids and mask; each prompt keeps its last ``max_prompt_len`` tokens."""

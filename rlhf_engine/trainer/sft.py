@@ -105,7 +105,8 @@ def train_sft(model, tokenizer, dataset: Any, *, epochs: int = 1, batch_size: in
         log_fn: called as ``log_fn(step, metrics)`` after each optimizer step (floats).
         progress: show a tqdm bar.
     Returns:
-        summary dict: ``losses`` (per optimizer step), ``lr``, ``grad_norm``, ``steps``, ``tokens``
+        summary dict: ``losses`` (per optimizer step), ``lr``, ``grad_norm``, ``steps``, ``skipped_steps`` (steps
+        whose loss or gradient was not finite: no update), ``tokens``
         (trained response tokens), ``tokens_seen`` (non-pad input tokens), ``time_s``,
         ``tokens_per_s`` (non-pad input tokens per second), ``n_examples``, ``n_rows``.
     """
@@ -147,7 +148,7 @@ def train_sft(model, tokenizer, dataset: Any, *, epochs: int = 1, batch_size: in
 
     bar = tqdm(total=total_steps, desc="sft", disable=not progress, dynamic_ncols=True)
     summary: dict[str, Any] = {"losses": [], "lr": [], "grad_norm": [], "steps": 0, "tokens": 0, "tokens_seen": 0,
-                               "n_examples": len(examples), "n_rows": len(rows)}
+                               "n_examples": len(examples), "n_rows": len(rows), "skipped_steps": 0}
     was_training = model.training
     model.train()
     t0 = time.perf_counter()
@@ -171,10 +172,14 @@ def train_sft(model, tokenizer, dataset: Any, *, epochs: int = 1, batch_size: in
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = opt.clip_grad_norm_(max_grad_norm)
-            opt.step()
-            sched.step()
-            step += 1
             loss_f, gn_f = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()  # the step's one host sync
+            if math.isfinite(loss_f) and math.isfinite(gn_f):
+                opt.step()
+                sched.step()
+            else:  # a NaN/inf loss or gradient never reaches the weights
+                opt.zero_grad()
+                summary["skipped_steps"] += 1
+            step += 1
             metrics = {"loss": loss_f, "grad_norm": gn_f, "lr": sched.get_last_lr()[0], "tokens": n_step}
             summary["losses"].append(metrics["loss"])
             summary["grad_norm"].append(metrics["grad_norm"])

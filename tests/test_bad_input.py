@@ -1,0 +1,141 @@
+"""Bad input gets a ValueError/TypeError that names the argument, before anything is lost: configs, optimizer
+settings, rewards, prompts, tokenizers, and non-finite training steps of SFT and the reward model."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_ppo_engine import PROMPTS, _cfg, length_reward  # noqa: E402
+from tiny import byte_tokenizer, left_padded_prompts, tiny_model  # noqa: E402
+
+from rlhf_engine import Engine, EngineConfig  # noqa: E402
+from rlhf_engine.generation import generate  # noqa: E402
+from rlhf_engine.model import CausalLM, preset  # noqa: E402
+from rlhf_engine.trainer import reward_model as rm_mod  # noqa: E402
+from rlhf_engine.trainer import sft as sft_mod  # noqa: E402
+from rlhf_engine.trainer.checkpoint import latest_checkpoint  # noqa: E402
+from rlhf_engine.trainer.optim import MasterWeightAdamW  # noqa: E402
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lr=.inf", "optim.lr: expected a finite number"), ("optim.lr=1e400", "optim.lr"),
+    ("optim.eps=0", "optim.eps"), ("optim.weight_decay=.inf", "optim.weight_decay"),
+    ("ppo.kl_coef=.inf", "ppo.kl_coef"), ("generation.temperature=.nan", "generation.temperature"),
+    ("optim.lr=null", "optim.lr: expected a value"), ("run.resume=null", "run.resume"),
+    ("run.output_dir=", "run.output_dir"), ("run.seed=1.5", "run.seed"), ("run.seed=-1", "run.seed"),
+    ("run.device=cuda:abc", "run.device"), ("run.device=cuda:-1", "run.device"),
+    ("ppo.kl_horizon=2.5", "ppo.kl_horizon"), ("lora.target_modules=[1,2]", "lora.target_modules"),
+    ("optim.betas=[0.9,a]", "optim.betas"),
+])
+def test_config_values_are_checked_by_name(override, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig.from_dict({}, [override])
+
+
+def test_config_takes_paths_and_numpy_scalars_and_names_bad_files(tmp_path):
+    cfg = EngineConfig.from_dict({"run": {"output_dir": tmp_path / "x", "steps": np.int64(3)},
+                                  "optim": {"lr": np.float64(2e-5)}})
+    assert (cfg.run.output_dir, cfg.run.steps, cfg.optim.lr) == (str(tmp_path / "x"), 3, 2e-5)
+    with pytest.raises(TypeError, match="overrides: expected a list"):
+        EngineConfig.from_dict({}, "run.steps=3")
+    for name, text in (("bad.yaml", "run: [steps: 3\n"), ("bad.toml", "[run\n"), ("bad.json", "{run:")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"config file {tmp_path / name}: cannot parse"):
+            EngineConfig.from_file(tmp_path / name)
+
+
+@pytest.mark.parametrize("kw, match", [({"lr": float("inf")}, "lr"), ({"eps": 0.0}, "eps"),
+                                       ({"weight_decay": -1.0}, "weight_decay"), ({"betas": (0.9, 1.0)}, "betas")])
+def test_optimizer_settings_that_would_corrupt_the_weights_raise(kw, match):
+    kw = {"lr": 1e-3, **kw}
+    with pytest.raises(ValueError, match=match):
+        MasterWeightAdamW(tiny_model().parameters(), **kw)
+    opt = MasterWeightAdamW(tiny_model().parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="max_norm"):  # a negative max_norm would flip the gradient
+        opt.clip_grad_norm_(-1.0)
+
+
+@pytest.mark.parametrize("bad, exc", [({0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}, TypeError), ("good", TypeError),
+                                      (None, TypeError), (1.0, TypeError), ([None] * 4, TypeError),
+                                      (["1.0"] * 4, TypeError), ([1.0] * 3, ValueError)])
+def test_a_reward_of_the_wrong_type_is_named(tmp_path, bad, exc):
+    eng = Engine(_cfg(tmp_path, run={"steps": 1}), model=tiny_model(), tokenizer=byte_tokenizer())
+    with pytest.raises(exc, match="reward: expected"):
+        eng.train_ppo(PROMPTS, reward=lambda p, r: bad)
+
+
+def test_rewards_as_bools_or_generators_are_taken(tmp_path):
+    eng = Engine(_cfg(tmp_path, run={"steps": 1}), model=tiny_model(), tokenizer=byte_tokenizer())
+    eng.train_ppo(PROMPTS, reward=lambda p, r: (len(x) > 3 for x in r))
+
+
+def test_a_frozen_policy_is_refused(tmp_path):
+    eng = Engine(_cfg(tmp_path), model=tiny_model().requires_grad_(False), tokenizer=byte_tokenizer())
+    with pytest.raises(ValueError, match="model: the policy has no trainable parameters"):
+        eng.train_ppo(PROMPTS, reward=length_reward)
+
+
+def test_prompts_are_checked_before_the_first_step(tmp_path):
+    eng = Engine(_cfg(tmp_path), model=tiny_model(), tokenizer=byte_tokenizer())
+    with pytest.raises(ValueError, match=r"prompts\[8\]: '' encodes to no tokens"):
+        eng.train_ppo(PROMPTS + [""], reward=length_reward)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None  # nothing ran
+    with pytest.raises(TypeError, match=r"eval_prompts\[1\]"):
+        eng.train_ppo(PROMPTS, reward=length_reward, eval_prompts=["ok", 3])
+    with pytest.warns(UserWarning, match="1 of 8 are longer than generation.max_prompt_len = 16"):
+        Engine(_cfg(tmp_path, run={"steps": 1}), model=tiny_model(), tokenizer=byte_tokenizer()).train_ppo(
+            PROMPTS[:7] + ["x" * 40], reward=length_reward)
+
+
+def test_a_tokenizer_larger_than_the_vocab_is_refused(tmp_path):
+    model = CausalLM(preset("tiny-llama", vocab_size=100, attn_backend="torch"))
+    eng = Engine(_cfg(tmp_path), model=model, tokenizer=byte_tokenizer())
+    with pytest.raises(ValueError, match="tokenizer: it has 263 tokens but the model's vocab_size is 100"):
+        eng.train_ppo(PROMPTS, reward=length_reward)
+
+
+def test_generate_names_out_of_range_prompt_ids():
+    model = tiny_model()
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    for bad in (model.config.vocab_size, -1):
+        wrong = ids.clone()
+        wrong[0, -1] = bad
+        with pytest.raises(ValueError, match="prompt_ids: expected token ids in"):
+            generate(model, wrong, mask, max_new_tokens=2)
+    padded = ids.masked_fill(mask == 0, -7)  # padding is embedded too
+    with pytest.raises(ValueError, match="padding included"):
+        generate(model, padded, mask, max_new_tokens=2, greedy=True)
+
+
+def _poison(module, name, monkeypatch, at=2):
+    real, calls = getattr(module, name), []
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        return (out[0] * float("nan"), *out[1:]) if len(calls) == at else out
+
+    monkeypatch.setattr(module, name, poisoned)
+
+
+def test_sft_skips_a_nonfinite_step(monkeypatch):
+    tok = byte_tokenizer()
+    rows = [{"prompt": f"Q{i}? ", "response": "A" * (2 + i % 3)} for i in range(8)]
+    _poison(sft_mod, "sft_loss", monkeypatch)
+    model = tiny_model()
+    out = sft_mod.train_sft(model, tok, rows, epochs=1, batch_size=2, lr=1e-3, device="cpu", progress=False)
+    assert out["skipped_steps"] == 1 and out["steps"] == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_reward_model_training_skips_a_nonfinite_step(monkeypatch):
+    tok = byte_tokenizer()
+    pairs = [{"prompt": f"Q{i}? ", "chosen": "good" * (1 + i % 2), "rejected": "bad"} for i in range(8)]
+    _poison(rm_mod, "pairwise_reward_loss", monkeypatch)
+    out = rm_mod.train_reward_model(tiny_model(), tok, pairs, epochs=1, batch_size=2, lr=1e-3, eval_fraction=0.0,
+                                    device="cpu", progress=False, group_by_prompt=False)
+    assert out["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in out["reward_model"].parameters())
