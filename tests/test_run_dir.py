@@ -121,3 +121,20 @@ def test_a_step_that_fails_after_changing_weights_saves_nothing(tmp_path):
         trainer.train(PROMPTS)
     assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
     shutil.rmtree(tmp_path / "run")
+
+
+def test_resume_names_changed_settings_before_touching_the_model(tmp_path):
+    out = tmp_path / "b"
+    _run(tmp_path, out, 2, checkpoint_every=1)
+    cfg = _cfg(tmp_path, run={"steps": 3, "output_dir": str(out), "resume": True}, ppo={"critic": "separate"})
+    model = tiny_model(seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="run.resume: the checkpoint .* ppo.critic was 'shared', is 'separate'"):
+        Engine(cfg, model=model, tokenizer=byte_tokenizer()).train_ppo(PROMPTS, reward=length_reward)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="started from other weights"):  # another initial model
+        _run(tmp_path, out, 3, seed=5, resume=True)
+    cfg = _cfg(tmp_path, run={"steps": 3, "output_dir": str(out), "resume": True}, optim={"lr": 1e-4})
+    with pytest.warns(UserWarning, match=r"optim.lr 0.001 -> 0.0001"):
+        Engine(cfg, model=tiny_model(seed=3), tokenizer=byte_tokenizer()).train_ppo(PROMPTS, reward=length_reward)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 import warnings
 from contextlib import nullcontext
@@ -68,6 +69,23 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# settings that give the trainer another set of tensors or another meaning of its state: a checkpoint of one does
+# not resume under another (model.* and lora.* too)
+_RESUME_STRUCTURE = ("ppo.critic", "ppo.critic_init", "ppo.advantage", "ppo.samples_per_prompt", "ppo.adaptive_kl",
+                     "ppo.normalize_rewards")
+
+
+def _plain_value(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _weights_fingerprint(model, base_only: bool = False) -> float:
+    """A number that tells two models' weights apart: the sum of every parameter (LoRA adapters left out with
+    ``base_only``), in fp64. One reduction a tensor and one host sync, once per trainer."""
+    sums = [p.detach().double().sum() for n, p in model.named_parameters() if not (base_only and "lora_" in n)]
+    return float(torch.stack(sums).sum()) if sums else 0.0
+
+
 class PPOTrainer:
     """Runs PPO for an actor ``CausalLM`` against a reward.
 
@@ -93,6 +111,7 @@ class PPOTrainer:
         else:
             self.reference = copy.deepcopy(actor).eval()
             self.reference.requires_grad_(False)
+        self.reference_fingerprint = _weights_fingerprint(actor if self.lora else self.reference, base_only=True)
         hidden = actor.config.hidden_size
         self.value_head = None
         self.critic = None
@@ -452,11 +471,13 @@ class PPOTrainer:
             "gen_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "sampler": sampler.state_dict(), "skip_old_logp": self.skip_old_logp, "history": history,
+            "config": self.cfg.to_dict(), "reference_fingerprint": self.reference_fingerprint,
         }
         return save_checkpoint(root, self.step_idx, models=self.trainable_state(), state=state)
 
     def load(self, path, sampler: PromptSampler) -> list[dict]:
         models, state, step = load_checkpoint(path)
+        self._check_resumable(path, state)  # before anything is overwritten
         actor_sd = {k: v for k, v in models["actor"].items() if not k.startswith("value_head.")}
         with torch.no_grad():
             if self.lora:
@@ -485,6 +506,33 @@ class PPOTrainer:
         self.skip_old_logp = bool(state["skip_old_logp"])
         self.step_idx = step
         return list(state["history"])
+
+    def _check_resumable(self, path, state: dict) -> None:
+        """ValueError naming what differs when the checkpoint's run had another shape (model, LoRA, critic,
+        estimator) or started from other reference weights; a warning for other settings that differ, since the
+        resumed run continues the checkpoint's optimizer, schedule and KL coefficient."""
+        saved = state.get("config")
+        if saved is None:  # a checkpoint from before the config was saved
+            return
+        now = self.cfg.to_dict()
+        diff = {f"{sec}.{k}": (v, now.get(sec, {}).get(k)) for sec, vals in saved.items() for k, v in vals.items()
+                if _plain_value(now.get(sec, {}).get(k)) != _plain_value(v)}
+        structural = [k for k in diff if k.split(".")[0] in ("model", "lora") or k in _RESUME_STRUCTURE]
+        if structural:
+            raise ValueError(f"run.resume: the checkpoint {path} was written by a run with other settings: "
+                             + "; ".join(f"{k} was {diff[k][0]!r}, is {diff[k][1]!r}" for k in structural)
+                             + ". Resume with the same settings, or start a new run (run.resume=false)")
+        fp = state.get("reference_fingerprint")
+        if fp is not None and not math.isclose(fp, self.reference_fingerprint, rel_tol=1e-9, abs_tol=1e-9):
+            raise ValueError(f"run.resume: the checkpoint {path} was written by a run that started from other "
+                             "weights (the reference model's fingerprint differs): resume with the model the run "
+                             "started from")
+        other = [k for k in diff if k.split(".")[0] != "run" and k not in structural]
+        if other:
+            warnings.warn("run.resume: settings changed since the checkpoint: "
+                          + "; ".join(f"{k} {diff[k][0]!r} -> {diff[k][1]!r}" for k in other)
+                          + " (the optimizer's learning rate, the schedule and the KL coefficient continue from the "
+                          "checkpoint)", stacklevel=3)
 
     # ------------------------------------------------------------------ the loop
     def train(self, prompts: list[str], eval_prompts: list[str] | None = None) -> dict:
