@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
 
@@ -26,6 +28,20 @@ def as_float(name: str, x) -> float:
     if not math.isfinite(v):
         raise ValueError(f"{name}: expected a finite number, got {v}")
     return v
+
+
+def check_counts(num_tokens, num_seqs) -> None:
+    """``num_tokens`` / ``num_seqs`` given as numbers (or CPU tensors, read without a device sync) must be positive
+    and finite: 0 gives NaN, a negative count flips the objective's sign. A CUDA tensor is the kernel's to read."""
+    for name, x in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
+        if x is None or (isinstance(x, torch.Tensor) and (x.device.type != "cpu" or x.numel() != 1
+                                                           or torch.compiler.is_compiling())):
+            continue  # (a tensor of several elements: the callers' own checks name it)
+        if isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0:
+            continue  # the common case, before any tensor method
+        v = as_float(name, x)
+        if v <= 0:
+            raise ValueError(f"{name}: expected a positive finite count, got {v}")
 
 
 def grad_scale_value(x) -> float:

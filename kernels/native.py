@@ -24,7 +24,7 @@ import numbers
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._args import AGG_MODES, KL_KINDS, ConfigCache, grad_scale_value, ppo_hyperparameters
+from ._args import AGG_MODES, KL_KINDS, ConfigCache, check_counts, grad_scale_value, ppo_hyperparameters
 from ._metrics import METRIC_KEYS, PPOMetrics, metric_keys  # METRIC_KEYS: the csrc order of the metrics too
 
 try:
@@ -404,6 +404,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
         loss (0-dim, differentiable), metrics: dict of detached 0-dim tensors: pg_loss, clip_frac,
         approx_kl, and vf_loss, vf_clip_frac / entropy / kl when their inputs are given.
     """
+    check_counts(num_tokens, num_seqs)
     _check_ppo_tensors(logp, (old_logp, advantages, values, old_values, returns, ref_logp, entropy), mask)
     critic = [values is None, old_values is None, returns is None]
     if any(critic) and not all(critic):
@@ -478,6 +479,7 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
         :func:`ppo_loss`'s keys; grads: {"logp": (B, T), plus "values" and "entropy" when given}, each
         ``grad_scale`` times d loss / d input (0 on masked tokens).
     """
+    check_counts(num_tokens, num_seqs)
     others = (old_logp, advantages, values, old_values, returns, ref_logp, entropy)
     try:  # one pass over the tensors; any doubt runs the descriptive checks, which raise
         shape, dev, dt = logp.shape, logp.device, logp.dtype

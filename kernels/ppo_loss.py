@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._args import ConfigCache, grad_scale_value, ppo_hyperparameters
+from ._args import ConfigCache, check_counts, grad_scale_value, ppo_hyperparameters
 from ._metrics import PPOMetrics, metric_keys
 from .ppo_loss_kernels import (  # noqa: F401 - the launch layer is re-exported with the API
     AGG_MODES,
@@ -188,6 +188,7 @@ def ppo_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         pg_loss, clip_frac, approx_kl, plus vf_loss, vf_clip_frac with values, entropy with entropy,
         kl with ref_logp. Gradients flow to logp, values and entropy only.
     """
+    check_counts(num_tokens, num_seqs)
     cfg = _checked_config(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, values=values,
                                old_values=old_values, returns=returns, ref_logp=ref_logp, entropy=entropy),
                           clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
@@ -240,6 +241,7 @@ def ppo_loss_with_grads(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
         grads: {"logp": (B, T), plus "values" when values is given, "entropy" when entropy is given},
         each in its input's dtype (fp32 inputs: written into the kernel's own buffers, no extra copy).
     """
+    check_counts(num_tokens, num_seqs)
     grad_scale = grad_scale_value(grad_scale)
     others = (old_logp, advantages, values, old_values, returns, ref_logp, entropy)
     if torch.compiler.is_compiling():  # traceable: the custom op, then u * grad_scale / N as graph ops

@@ -139,3 +139,83 @@ def test_reward_model_training_skips_a_nonfinite_step(monkeypatch):
                                     device="cpu", progress=False, group_by_prompt=False)
     assert out["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in out["reward_model"].parameters())
+
+
+def _rl_inputs(B=4, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r, v, lp, olp, adv = (torch.randn(B, T, generator=g) for _ in range(5))
+    mask = (torch.arange(T)[None] < torch.tensor([7, 3, 5, 1])[:, None]).float()
+    return r, v, lp, olp, adv, mask
+
+
+def test_nonfinite_values_at_masked_positions_stay_out_of_the_torch_reference():
+    """The C++ and Triton kernels never read a masked position; the reference must not either (NaN * 0 is NaN)."""
+    from rlhf_engine import algo
+
+    r, v, lp, olp, adv, mask = _rl_inputs()
+    clean = [algo.gae(r, v, mask, backend=b, lam=0.9) for b in ("torch", "cpp")]
+    dirty = r.masked_fill(mask == 0, float("nan")), v.masked_fill(mask == 0, float("inf"))
+    for b, (a0, g0) in zip(("torch", "cpp"), clean):
+        a, g = algo.gae(*dirty, mask, backend=b, lam=0.9)
+        torch.testing.assert_close(a, a0)
+        torch.testing.assert_close(g, g0)
+    adv_nan = adv.masked_fill(mask == 0, float("nan"))
+    for b in ("torch", "cpp", "triton"):
+        loss, _ = algo.ppo_loss(lp, olp, adv_nan, mask, values=v, old_values=v, returns=r, backend=b)
+        loss0, _ = algo.ppo_loss(lp, olp, adv, mask, values=v, old_values=v, returns=r, backend=b)
+        torch.testing.assert_close(loss, loss0)
+    w = algo.masked_whiten(adv_nan, mask)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w, algo.masked_whiten(adv, mask))
+
+
+def test_a_nonzero_mask_value_means_valid_in_every_backend():
+    from rlhf_engine import algo
+
+    r, v, lp, olp, adv, mask = _rl_inputs()
+    for scale in (2.0, 0.5):
+        for b in ("torch", "cpp", "triton"):
+            torch.testing.assert_close(algo.gae(r, v, mask * scale, backend=b)[0], algo.gae(r, v, mask, backend=b)[0])
+            got = algo.ppo_loss(lp, olp, adv, mask * scale, ref_logp=olp, kl_coef=1.0, backend=b)[0]
+            torch.testing.assert_close(got, algo.ppo_loss(lp, olp, adv, mask, ref_logp=olp, kl_coef=1.0,
+                                                          backend="torch")[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("count", [0, -2, float("nan"), torch.tensor(0.0)])
+def test_loss_counts_must_be_positive(backend, count):
+    from rlhf_engine import algo
+
+    _, v, lp, olp, adv, mask = _rl_inputs()
+    with pytest.raises(ValueError, match="num_tokens"):
+        algo.ppo_loss(lp, olp, adv, mask, num_tokens=count, backend=backend)
+
+
+def test_rl_helpers_name_mismatched_masks_and_take_empty_responses():
+    from rlhf_engine import algo
+
+    x, mask = torch.randn(4, 5), torch.ones(4, 5)
+    for call in (lambda: algo.masked_whiten(x, torch.ones(5)), lambda: algo.masked_mean(x, torch.ones(4, 1)),
+                 lambda: algo.aggregate(x, torch.ones(5)), lambda: algo.sequence_kl(x, torch.ones(5)),
+                 lambda: algo.explained_variance(x, x[:, :1], mask), lambda: algo.broadcast_to_tokens(x[:, 0], mask[0])):
+        with pytest.raises(ValueError):
+            call()
+    z = torch.zeros(3, 0)
+    a, g = algo.gae(z, z, z, backend="torch")
+    assert a.shape == g.shape == (3, 0)
+    assert algo.last_valid_index(z).tolist() == [-1, -1, -1]
+    rewards, kl = algo.kl_penalized_rewards(torch.zeros(3), z, z, z, kl_coef=0.1)
+    assert rewards.shape == kl.shape == (3, 0)
+
+
+def test_kl_controllers_stay_finite_and_positive():
+    from rlhf_engine import algo
+
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="kl_coef"):
+            algo.FixedKLController(bad)
+    ctl = algo.AdaptiveKLController(0.1, target=1.0, horizon=10)
+    ctl.update(0.0, n_steps=10_000)  # far more samples than the horizon: the factor is capped at 0.8
+    assert ctl.value == pytest.approx(0.08)
+    with pytest.raises(ValueError, match="n_steps"):
+        ctl.update(1.0, n_steps=-5)

@@ -1,6 +1,8 @@
 """Argument checks shared by the RL functions: clear errors that name the argument."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -43,3 +45,45 @@ def check_1d(name: str, x: torch.Tensor, n: int | None = None) -> None:
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def valid(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as booleans: nonzero is a valid position, as the C++ and Triton kernels read it (a float mask of 0.5
+    is not a weight)."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def valid_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``valid(mask)`` as 0/1 values of ``dtype``."""
+    return valid(mask).to(dtype)
+
+
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` where the mask is valid, 0 elsewhere: a NaN or inf at a masked position does not leak into sums (a
+    product with the mask would turn it into NaN)."""
+    return torch.where(valid(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def check_mask_for(name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+    """``mask`` must have ``x``'s shape (no silent broadcasting) and device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != x.shape:
+        raise ValueError(f"mask: expected shape {tuple(x.shape)} (as {name}), got {tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask: expected device {x.device} (as {name}), got {mask.device}")
+
+
+def check_normalizer(name: str, value) -> None:
+    """A token or sequence count given by the caller (None: taken from the mask): a positive finite number. A
+    tensor is checked where that costs no device sync (on the CPU)."""
+    if value is None or torch.compiler.is_compiling():
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if value.device.type != "cpu":
+            return
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")

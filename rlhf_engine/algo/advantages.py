@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_1d, check_same
+from ._checks import check_1d, check_2d, check_same, valid_mask
 from .gae import discounted_returns, last_valid_index
 from .normalize import masked_whiten
 
@@ -21,6 +21,8 @@ def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
         raise ValueError(f"group_size: expected an int >= 2 (samples per prompt), got {group_size!r}")
     if scores.shape[0] % group_size != 0:
         raise ValueError(f"scores: expected a length divisible by group_size={group_size}, got {scores.shape[0]}")
+    if not scores.is_floating_point():  # integer (pass/fail) scores: means need a float type
+        scores = scores.float()
     return scores.reshape(-1, group_size)  # (n_prompts, group_size)
 
 
@@ -47,8 +49,10 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def broadcast_to_tokens(seq_advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) sequence advantages -> (B, T) token advantages, zero outside the mask."""
+    check_2d("mask", mask)
     check_1d("seq_advantages", seq_advantages, mask.shape[0])
-    return seq_advantages[:, None].to(torch.promote_types(seq_advantages.dtype, torch.float32)) * mask
+    dtype = torch.promote_types(seq_advantages.dtype, torch.float32)
+    return seq_advantages[:, None].to(dtype) * valid_mask(mask, dtype)
 
 
 def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,

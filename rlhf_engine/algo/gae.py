@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_1d, check_choice, check_same
+from ._checks import check_1d, check_choice, check_same, masked, valid, valid_mask
 
 MASK_MODES = ("zero", "carry")
 
@@ -48,9 +48,11 @@ def _check_gae_args(rewards, values, mask, last_value, gamma, lam, mask_mode):
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
     """(B,) index of the last position where ``mask`` is 1, or -1 for an empty row."""
-    T = mask.shape[1]
+    B, T = mask.shape
+    if T == 0:
+        return torch.full((B,), -1, dtype=torch.long, device=mask.device)
     idx = torch.arange(T, device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), idx, torch.full_like(idx, -1)).amax(dim=1)
+    return torch.where(valid(mask), idx, torch.full_like(idx, -1)).amax(dim=1)
 
 
 def gae_reference(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
@@ -62,13 +64,15 @@ def gae_reference(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
     Args and returns as :func:`gae`.
     """
     B, T = rewards.shape
-    m = mask.to(rewards.dtype)
+    if T == 0:
+        return torch.zeros_like(rewards), torch.zeros_like(rewards)
+    m = valid_mask(mask, rewards.dtype)
     lv = torch.zeros(B, dtype=rewards.dtype, device=rewards.device) if last_value is None \
         else last_value.to(rewards.dtype)
     adv = [None] * T
     last_adv = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
     if mask_mode == "zero":
-        r, v = rewards * m, values * m
+        r, v = masked(rewards, mask), masked(values, mask)  # a NaN at a masked position stays out
         is_last = torch.arange(T, device=mask.device)[None, :] == last_valid_index(mask)[:, None]  # (B, T)
         for t in reversed(range(T)):
             next_v = v[:, t + 1] if t + 1 < T else torch.zeros_like(lv)
@@ -84,8 +88,8 @@ def gae_reference(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
             last_adv = torch.where(valid, delta + gamma * lam * last_adv, last_adv)
             next_v = torch.where(valid, values[:, t], next_v)
             adv[t] = last_adv
-    advantages = torch.stack(adv, dim=1) * m
-    returns = (advantages + values) * m
+    advantages = masked(torch.stack(adv, dim=1), mask)
+    returns = masked(advantages + values, mask)
     return advantages, returns
 
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._checks import check_1d, check_choice, check_same
+from ._checks import check_1d, check_choice, check_same, masked
 from .gae import last_valid_index
 from .normalize import clip_rewards
 
@@ -65,9 +65,10 @@ def kl_penalized_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: tor
     """
     B, _ = check_same({"logp": logp, "ref_logp": ref_logp, "mask": mask})
     check_1d("scores", scores, B)
-    m = mask.to(logp.dtype)
-    kl = kl_estimate(logp, ref_logp, kind=kind, clamp=clamp) * m
+    kl = masked(kl_estimate(logp, ref_logp, kind=kind, clamp=clamp), mask)
     rewards = -kl_coef * kl
+    if mask.shape[1] == 0:  # no response token: no place for a score
+        return rewards, kl
     last = last_valid_index(mask)  # (B,)
     has_token = last >= 0
     s = clip_rewards(scores.to(rewards.dtype), reward_clip) * has_token.to(rewards.dtype)
@@ -79,8 +80,8 @@ class FixedKLController:
     """A constant KL coefficient."""
 
     def __init__(self, kl_coef: float) -> None:
-        if kl_coef < 0:
-            raise ValueError(f"kl_coef: expected >= 0, got {kl_coef}")
+        if not (math.isfinite(kl_coef) and kl_coef >= 0):
+            raise ValueError(f"kl_coef: expected a finite number >= 0, got {kl_coef}")
         self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:  # noqa: ARG002 - same interface as adaptive
@@ -100,10 +101,10 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int = 10000) -> None:
-        if init_kl_coef < 0:
-            raise ValueError(f"init_kl_coef: expected >= 0, got {init_kl_coef}")
-        if target <= 0:
-            raise ValueError(f"target: expected > 0, got {target}")
+        if not (math.isfinite(init_kl_coef) and init_kl_coef >= 0):
+            raise ValueError(f"init_kl_coef: expected a finite number >= 0, got {init_kl_coef}")
+        if not (math.isfinite(target) and target > 0):
+            raise ValueError(f"target: expected a finite number > 0, got {target}")
         if horizon <= 0:
             raise ValueError(f"horizon: expected > 0, got {horizon}")
         self.value = float(init_kl_coef)
@@ -113,10 +114,13 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         """``current_kl``: mean per-sequence KL of the last batch (a float); ``n_steps``: samples seen.
         A non-finite KL is ignored (it would otherwise turn the coefficient into NaN for good)."""
+        if n_steps < 0:
+            raise ValueError(f"n_steps: expected >= 0, got {n_steps}")
         if not math.isfinite(float(current_kl)):
             return
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        # at most a factor of 0.8..1.2 an update: n_steps > horizon / 0.2 would otherwise make the coefficient negative
+        self.value *= 1.0 + error * min(n_steps / self.horizon, 1.0)
 
     def state_dict(self) -> dict:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}

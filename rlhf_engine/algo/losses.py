@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_choice, check_same
+from ._checks import check_choice, check_mask_for, check_normalizer, check_same, masked, valid_mask
 from .kl import kl_estimate
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -30,7 +30,11 @@ def loss_weights(mask: torch.Tensor, agg: str = "token-mean", *, num_tokens=None
                  max_len: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, T) weights w with aggregate(l) = sum(w * l) for every aggregation mode."""
     check_choice("agg", agg, AGG_MODES)
-    m = mask.to(dtype)
+    check_normalizer("num_tokens", num_tokens)
+    check_normalizer("num_seqs", num_seqs)
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+        raise ValueError(f"max_len: expected an int >= 1 or None, got {max_len!r}")
+    m = valid_mask(mask, dtype)
     if agg == "token-mean":
         n = m.sum().clamp(min=1) if num_tokens is None else num_tokens
         return m / n
@@ -47,8 +51,9 @@ def loss_weights(mask: torch.Tensor, agg: str = "token-mean", *, num_tokens=None
 def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", *, num_tokens=None,
               num_seqs=None, max_len: int | None = None) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a scalar with one of :data:`AGG_MODES`."""
+    check_mask_for("loss_mat", loss_mat, mask)
     w = loss_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len, dtype=loss_mat.dtype)
-    return (loss_mat * w).sum()
+    return (masked(loss_mat, mask) * w).sum()
 
 
 def policy_loss_per_token(logp, old_logp, advantages, *, clip_low=0.2, clip_high=None, dual_clip=None):
@@ -167,14 +172,14 @@ def ppo_loss_reference(logp, old_logp, advantages, mask, *, values=None, old_val
                        agg="token-mean", num_tokens=None, num_seqs=None, max_len=None):
     """Plain PyTorch PPO loss (autograd); the reference for the fused kernels. See :func:`ppo_loss`."""
     dtype = logp.dtype
-    m = mask.to(dtype)
     w = loss_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len, dtype=dtype)
     wm = loss_weights(mask, "token-mean", num_tokens=num_tokens, dtype=dtype)  # metric weights
     pg, clipped, _ = policy_loss_per_token(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
                                            dual_clip=dual_clip)
-    pg_loss = (pg * w).sum()
+    # every per-token term through masked(): a NaN or inf at a masked position stays out, as in the kernels
+    pg_loss = (masked(pg, mask) * w).sum()
     loss = pg_loss
-    delta = (logp - old_logp).detach()
+    delta = masked((logp - old_logp).detach(), mask)
     metrics = {
         "pg_loss": pg_loss.detach(),
         "clip_frac": (clipped.to(dtype) * wm).sum(),
@@ -182,16 +187,16 @@ def ppo_loss_reference(logp, old_logp, advantages, mask, *, values=None, old_val
     }
     if values is not None:
         vf, vclipped = value_loss_per_token(values, old_values, returns, value_clip=value_clip)
-        vf_loss = (vf * w).sum()
+        vf_loss = (masked(vf, mask) * w).sum()
         loss = loss + vf_coef * vf_loss
         metrics["vf_loss"] = vf_loss.detach()
         metrics["vf_clip_frac"] = (vclipped.to(dtype) * wm).sum()
     if entropy is not None:
-        ent = (entropy * w).sum()
+        ent = (masked(entropy, mask) * w).sum()
         loss = loss - ent_coef * ent
         metrics["entropy"] = ent.detach()
     if ref_logp is not None:
-        kl = (kl_estimate(logp, ref_logp, kind=kl_kind) * m * w).sum()
+        kl = (masked(kl_estimate(logp, ref_logp, kind=kl_kind), mask) * w).sum()
         loss = loss + kl_coef * kl
         metrics["kl"] = kl.detach()
     return loss, metrics
