@@ -314,6 +314,17 @@ def write_kv_cache(
         _check_table("sin", sin, D, k_cache.device)
         if cos.dim() != 2 or sin.shape[0] != cos.shape[0]:
             raise ValueError(f"cos, sin: expected (P, D) tables, got {tuple(cos.shape)}, {tuple(sin.shape)}")
+        rp = positions if rope_positions is None else rope_positions
+        if not isinstance(rp, torch.Tensor) or rp.shape != (B,) or rp.dtype.is_floating_point:
+            raise ValueError(f"rope_positions: expected a ({B},) integer tensor, got {rp!r:.80}")
+        if rp.device.type == "cpu" and B and not torch.compiler.is_compiling():  # (no device sync to check a GPU's)
+            lo, hi = int(rp.min()), int(rp.max()) + k_new.shape[1]
+            if lo < 0 or hi > cos.shape[0]:
+                raise ValueError(f"rope_positions: rows [{lo}, {hi}) of the RoPE tables are needed, the tables have "
+                                 f"{cos.shape[0]} (on a GPU, keys outside the tables would be written unrotated)")
+    for name, t in (("k_cache", k_cache), ("k_new", k_new), ("v_new", v_new)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
     if not _use_triton(backend, k_cache):
         write_kv_cache_reference(k_cache, v_cache, k_new, v_new, positions, cos=cos, sin=sin,
                                  rope_positions=rope_positions)
@@ -361,6 +372,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend
     width D/2 works too). Returns (B, T, H, D) in x.dtype, computed in fp32.
     """
     _check_rope_args(x, cos, sin)
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
     if not _use_triton(backend, x):
         D = x.shape[-1]
         c, s = cos[..., : D // 2], sin[..., : D // 2]

@@ -219,3 +219,22 @@ def test_kl_controllers_stay_finite_and_positive():
     assert ctl.value == pytest.approx(0.08)
     with pytest.raises(ValueError, match="n_steps"):
         ctl.update(1.0, n_steps=-5)
+
+
+def test_kernels_name_a_bad_scale_rope_table_or_integer_input():
+    from rlhf_engine import kernels as K
+
+    q = torch.randn(1, 5, 2, 8)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="softmax_scale"):
+            K.flash_attention(q, q, q, softmax_scale=bad)
+    kc, new = torch.zeros(2, 6, 1, 8), torch.randn(2, 2, 1, 8)
+    cos, sin = torch.ones(4, 8), torch.zeros(4, 8)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=r"rope_positions: rows \[0, 5\)"):  # the table has 4 rows
+            K.write_kv_cache(kc, kc.clone(), new, new, torch.tensor([0, 3]), cos=cos, sin=sin, backend=backend)
+        with pytest.raises(ValueError, match="rope_positions"):
+            K.write_kv_cache(kc, kc.clone(), new, new, torch.tensor([0, 1]), cos=cos, sin=sin,
+                             rope_positions=torch.tensor([-1, 0]), backend=backend)
+        with pytest.raises(TypeError, match="x: expected a floating-point"):
+            K.apply_rope(torch.ones(1, 4, 2, 8, dtype=torch.long), cos, sin, backend=backend)
