@@ -238,3 +238,24 @@ def test_kernels_name_a_bad_scale_rope_table_or_integer_input():
                              rope_positions=torch.tensor([-1, 0]), backend=backend)
         with pytest.raises(TypeError, match="x: expected a floating-point"):
             K.apply_rope(torch.ones(1, 4, 2, 8, dtype=torch.long), cos, sin, backend=backend)
+
+
+def test_a_corrupt_model_directory_is_named(tmp_path):
+    from rlhf_engine.model.loading import load_pretrained, save_pretrained
+
+    good = save_pretrained(tiny_model(), tmp_path / "m")
+    load_pretrained(good)
+    with pytest.raises(TypeError, match="dtype"):
+        load_pretrained(good, dtype="float32")
+    cfg_text = (good / "config.json").read_text()
+    (good / "config.json").write_text("{hidden_size: ")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        load_pretrained(good)
+    (good / "config.json").write_text(cfg_text.replace('"hidden_size"', '"hidden_sz"'))
+    with pytest.raises(ValueError, match="config.json: missing the key 'hidden_size'"):
+        load_pretrained(good)
+    (good / "config.json").write_text(cfg_text)
+    weights = good / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read the weights"):
+        load_pretrained(good)

@@ -140,11 +140,32 @@ def load_pretrained(path_or_dir: str | Path, *, gguf_file: str | None = None, dt
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {path} (expected a Hugging Face model directory)")
-    config = ModelConfig.from_hf(json.loads(config_path.read_text()), attn_backend=attn_backend)
-    model = model_from_state_dict(config, read_safetensors_dir(path), dtype=dtype, device=device, source=str(path))
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    try:
+        config = ModelConfig.from_hf(hf_config, attn_backend=attn_backend)
+    except KeyError as e:
+        raise ValueError(f"{config_path}: missing the key {e} (expected a Hugging Face model config)") from e
+    try:
+        state_dict = read_safetensors_dir(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError on a truncated or corrupt file, a bad index json
+        raise ValueError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from e
+    bad = [k for k, v in state_dict.items() if not v.is_floating_point()]
+    if bad:
+        raise ValueError(f"{path}: expected floating-point weights, got {state_dict[bad[0]].dtype} for {bad[0]}")
+    model = model_from_state_dict(config, state_dict, dtype=dtype, device=device, source=str(path))
     tok = None
     if load_tokenizer and any((path / f).is_file() for f in _TOKENIZER_FILES):
-        tok = _load_tokenizer(path)
+        try:
+            tok = _load_tokenizer(path)
+        except Exception as e:  # a corrupt tokenizer.json raises a JSON or tokenizers error naming no file
+            raise ValueError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
     return model, tok
 
 
