@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from .logprob import _check_backend, _check_common, token_logprobs_backward, token_logprobs_forward
+from .logprob import _check_backend, _check_common, _check_targets, token_logprobs_backward, token_logprobs_forward
 from .reference.logprob import linear_logprobs_reference
 
 DEFAULT_CHUNK_SIZE = 2**27  # logits elements per chunk: 256 MB in bf16
@@ -340,6 +340,7 @@ def fused_linear_logprobs(
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), got {tuple(targets.shape)}")
+    _check_targets(targets, weight.shape[0], ignore_index)
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
     if not isinstance(chunk_size, int) or chunk_size < 1:

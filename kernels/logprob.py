@@ -16,6 +16,7 @@ Layers: ``_logprob_fwd_kernel`` / ``_logprob_bwd_kernel`` → ``token_logprobs_f
 ``token_logprobs_backward`` → ``TokenLogprobsFunction`` and the custom ops
 ``rlhf_engine::token_logprobs`` (+ ``_backward``) → ``token_logprobs``.
 """
+import math
 from typing import Optional
 
 import torch
@@ -338,8 +339,22 @@ def _check_common(name: str, x: torch.Tensor, targets: torch.Tensor, temperature
         raise TypeError(f"targets: expected int64 or int32, got {targets.dtype}")
     if targets.device != x.device:
         raise ValueError(f"targets: expected device {x.device} (that of {name}), got {targets.device}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
+            and math.isfinite(temperature)):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+
+
+def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Targets in [0, V) or ``ignore_index``, checked where that needs no device sync (CPU tensors): the Triton
+    path returns NaN for an id outside the vocab (and its backward finite, meaningless gradients)."""
+    if vocab < 1:
+        raise ValueError(f"vocab: expected V >= 1 entries, got {vocab}")
+    if targets.device.type != "cpu" or targets.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(f"targets: expected ids in [0, {vocab}) or ignore_index={ignore_index}, got "
+                         f"{int(targets[bad][0])}")
 
 
 def token_logprobs(
@@ -358,7 +373,7 @@ def token_logprobs(
         logits: (..., V) fp32/fp16/bf16. A 3-D (B, T, V) view such as ``logits[:, :-1]`` is read in
             place (only the vocab dim must be contiguous); other layouts are reshaped to (N, V).
         targets: (...) int64/int32, the leading shape of ``logits``; ids in [0, V) or ``ignore_index``
-            (an id outside [0, V) gives NaN on the Triton path).
+            (an id outside [0, V) is a ValueError for CPU tensors; on a GPU, unchecked, it gives NaN).
         temperature: sampling temperature T > 0; the softmax is over logits / T.
         ignore_index: target value of rows to skip: logp = 0, entropy = 0, zero gradient.
         with_entropy: also return H = logsumexp(z) − Σ softmax(z)·z, z = logits / T.
@@ -374,6 +389,7 @@ def token_logprobs(
     """
     _check_backend(backend)
     _check_common("logits", logits, targets, temperature)
+    _check_targets(targets, logits.shape[-1] if logits.dim() else 0, ignore_index)
     if logits.dim() < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"targets: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), got {tuple(targets.shape)}"

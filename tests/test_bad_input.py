@@ -259,3 +259,20 @@ def test_a_corrupt_model_directory_is_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot read the weights"):
         load_pretrained(good)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logprob_kernels_name_out_of_range_targets(backend):
+    from rlhf_engine import kernels as K
+
+    logits, hidden, weight = torch.randn(6, 11), torch.randn(6, 4), torch.randn(11, 4)
+    for bad in (11, -1):
+        t = torch.tensor([0, 3, bad, 10, -100, 2])
+        with pytest.raises(ValueError, match=f"targets: expected ids in \\[0, 11\\) or ignore_index=-100, got {bad}"):
+            K.token_logprobs(logits, t, backend=backend)
+        with pytest.raises(ValueError, match="targets: expected ids"):
+            K.fused_linear_logprobs(hidden, weight, t, backend=backend)
+    for bad in (float("inf"), 0.0):
+        with pytest.raises(ValueError, match="temperature"):
+            K.token_logprobs(logits, torch.zeros(6, dtype=torch.long), temperature=bad, backend=backend)
+    K.token_logprobs(logits, torch.tensor([0, 3, 10, 10, -100, 2]), backend=backend)  # ignore_index is fine
