@@ -276,3 +276,25 @@ def test_logprob_kernels_name_out_of_range_targets(backend):
         with pytest.raises(ValueError, match="temperature"):
             K.token_logprobs(logits, torch.zeros(6, dtype=torch.long), temperature=bad, backend=backend)
     K.token_logprobs(logits, torch.tensor([0, 3, 10, 10, -100, 2]), backend=backend)  # ignore_index is fine
+
+
+@pytest.mark.parametrize("kw, exc", [({"max_new_tokens": 2.5}, ValueError), ({"top_k": -1}, ValueError),
+                                     ({"top_k": 2.5}, ValueError), ({"temperature": float("inf")}, ValueError),
+                                     ({"eos_token_ids": "2"}, TypeError), ({"pad_token_id": "0"}, TypeError),
+                                     ({"check_every": 0}, ValueError)])
+def test_generate_names_bad_arguments(kw, exc):
+    model = tiny_model()
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    name = next(iter(kw))
+    with pytest.raises(exc, match=name):
+        generate(model, ids, mask, **{"max_new_tokens": 2, **kw})
+
+
+@pytest.mark.parametrize("kw, match", [({"epochs": 1.5}, "epochs"), ({"batch_size": 0}, "batch_size"),
+                                       ({"lr": "1e-3"}, "lr"), ({"max_grad_norm": -1.0}, "max_norm"),
+                                       ({"weight_decay": -10.0}, "weight_decay"), ({"device": "gpu"}, "device")]
+                         + ([({"device": "cuda"}, "CUDA is not available")] if not torch.cuda.is_available() else []))
+def test_sft_names_bad_arguments(kw, match):
+    rows = [{"prompt": "Q? ", "response": "A"}] * 2
+    with pytest.raises(ValueError, match=match):
+        sft_mod.train_sft(tiny_model(), byte_tokenizer(), rows, **{"lr": 1e-3, "progress": False, **kw})

@@ -9,6 +9,7 @@ and, optionally, to compact the batch so finished rows stop costing compute.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -154,10 +155,19 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompt_ids)
     _check_prompt(prompt_ids, prompt_mask, getattr(getattr(model, "config", None), "vocab_size", None))
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens: expected > 0, got {max_new_tokens}")
-    if check_every <= 0:
-        raise ValueError(f"check_every: expected > 0, got {check_every}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("check_every", check_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: expected an int > 0, got {value!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k: expected an int >= 0 (0: off), got {top_k!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    ids_ok = eos_token_ids is None or isinstance(eos_token_ids, int) or (
+        isinstance(eos_token_ids, (list, tuple)) and all(isinstance(i, int) for i in eos_token_ids))
+    if not ids_ok or isinstance(eos_token_ids, bool):
+        raise TypeError(f"eos_token_ids: expected an int, a list of ints or None, got {eos_token_ids!r}")
+    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
+        raise TypeError(f"pad_token_id: expected an int or None, got {pad_token_id!r}")
     if logprob_dist not in LOGPROB_DISTS:
         raise ValueError(f"logprob_dist: expected one of {LOGPROB_DISTS}, got {logprob_dist!r}")
     config = model.config

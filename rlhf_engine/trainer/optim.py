@@ -38,6 +38,25 @@ def _check_number(name: str, value, expected: str, ok) -> None:
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
+def check_training_args(epochs, batch_size, grad_accum, max_steps, device) -> torch.device | None:
+    """The loop arguments of ``train_sft`` / ``train_reward_model``; returns ``device`` as a torch.device (None: the
+    model's), a ValueError naming a CUDA device where CUDA is not available."""
+    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps: expected None or an int >= 1, got {max_steps!r}")
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} was asked for but CUDA is not available")
+    return dev
+
+
 class MasterWeightAdamW:
     """AdamW over fp32 masters of the given parameters (see the module docstring).
 

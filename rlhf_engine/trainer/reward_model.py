@@ -45,7 +45,7 @@ from rlhf_engine.algo import pairwise_reward_loss
 from rlhf_engine.data.datasets import collate_preference, last_token_index, load_preference_dataset
 from rlhf_engine.model.heads import ScalarHead
 
-from .optim import MasterWeightAdamW, lr_schedule
+from .optim import MasterWeightAdamW, check_training_args, lr_schedule
 
 HEAD_FILE = "score_head.safetensors"
 META_FILE = "reward_model.json"
@@ -374,10 +374,7 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
         ``steps``, ``skipped_steps`` (steps whose loss or gradient was not finite: no update), ``n_train``,
         ``n_eval``, ``time_s``, ``pairs_per_s``.
     """
-    if epochs < 1 or batch_size < 1 or grad_accum < 1:
-        raise ValueError(f"epochs, batch_size, grad_accum: expected >= 1, got {epochs}, {batch_size}, {grad_accum}")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps: expected None or >= 1, got {max_steps}")
+    device = check_training_args(epochs, batch_size, grad_accum, max_steps, device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rm, tokenizer = _as_reward_model(model_or_path, tokenizer, device, dtype, copy_model, pooling)

@@ -23,7 +23,7 @@ from rlhf_engine.data.datasets import (load_sft_dataset, pack_examples, pad_sft_
                                        tokenize_sft_example)
 from rlhf_engine.model.logprobs import sequence_logprobs
 
-from .optim import MasterWeightAdamW, lr_schedule
+from .optim import MasterWeightAdamW, check_training_args, lr_schedule
 
 IGNORE_INDEX = -100
 
@@ -110,10 +110,7 @@ def train_sft(model, tokenizer, dataset: Any, *, epochs: int = 1, batch_size: in
         (trained response tokens), ``tokens_seen`` (non-pad input tokens), ``time_s``,
         ``tokens_per_s`` (non-pad input tokens per second), ``n_examples``, ``n_rows``.
     """
-    if epochs < 1 or batch_size < 1 or grad_accum < 1:
-        raise ValueError(f"epochs, batch_size, grad_accum: expected >= 1, got {epochs}, {batch_size}, {grad_accum}")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps: expected None or >= 1, got {max_steps}")
+    device = check_training_args(epochs, batch_size, grad_accum, max_steps, device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = torch.device(device) if device is not None else _device_of(model)
