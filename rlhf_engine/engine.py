@@ -194,6 +194,8 @@ class Engine:
         for name, value in (("prompts", prompts), ("eval_prompts", eval_prompts)):
             if isinstance(value, str):
                 raise TypeError(f"{name}: expected a list of strings, got a single string")
+            if isinstance(value, (dict, set, frozenset)):  # a dict's keys or a set's order would be taken silently
+                raise TypeError(f"{name}: expected a list of strings, got a {type(value).__name__}")
         prompts = list(train_default if prompts is None else prompts)
         if not prompts:
             raise ValueError("prompts: expected at least one prompt, got an empty list")

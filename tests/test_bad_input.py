@@ -298,3 +298,20 @@ def test_sft_names_bad_arguments(kw, match):
     rows = [{"prompt": "Q? ", "response": "A"}] * 2
     with pytest.raises(ValueError, match=match):
         sft_mod.train_sft(tiny_model(), byte_tokenizer(), rows, **{"lr": 1e-3, "progress": False, **kw})
+
+
+def test_rl_function_arguments_are_named_on_every_backend(tmp_path):
+    from rlhf_engine import algo
+
+    r, v, lp, olp, adv, mask = _rl_inputs()
+    for kw, exc, match in (({"vf_coef": float("nan")}, ValueError, "vf_coef"), ({"clip_low": "0.2"}, TypeError,
+                                                                                   "clip_low")):
+        with pytest.raises(exc, match=match):
+            algo.ppo_loss(lp, olp, adv, mask, values=v, old_values=v, returns=r, backend="torch", **kw)
+    with pytest.raises(TypeError, match="logp: expected a floating-point"):
+        algo.ppo_loss(lp.long(), olp, adv, mask)
+    with pytest.raises(TypeError, match="gamma"):
+        algo.gae(r, v, mask, gamma="0.9")
+    eng = Engine(_cfg(tmp_path), model=tiny_model(), tokenizer=byte_tokenizer())
+    with pytest.raises(TypeError, match="prompts: expected a list of strings, got a dict"):
+        eng.train_ppo({"a": 1, "b": 2}, reward=length_reward)

@@ -94,17 +94,6 @@ def value_loss_per_token(values, old_values, returns, *, value_clip=0.2):
     return 0.5 * torch.maximum(err, err_clipped), err_clipped > err
 
 
-def _check_ppo_args(clip_low, clip_high, dual_clip, value_clip):
-    if not clip_low > 0:
-        raise ValueError(f"clip_low: expected > 0, got {clip_low}")
-    if clip_high is not None and not clip_high > 0:
-        raise ValueError(f"clip_high: expected > 0 or None, got {clip_high}")
-    if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip: expected > 1 or None, got {dual_clip}")
-    if value_clip is not None and not value_clip > 0:
-        raise ValueError(f"value_clip: expected > 0 or None, got {value_clip}")
-
-
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
              values: torch.Tensor | None = None, old_values: torch.Tensor | None = None,
              returns: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
@@ -140,8 +129,12 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     critic = [values is None, old_values is None, returns is None]
     if any(critic) and not all(critic):
         raise ValueError("values, old_values, returns: expected all three or none")
-    _check_ppo_args(clip_low, clip_high, dual_clip, value_clip)
-    check_choice("kl_kind", kl_kind, ("k1", "k2", "k3"))
+    if not logp.is_floating_point():  # "auto" would route an integer tensor to the reference, which truncates
+        raise TypeError(f"logp: expected a floating-point tensor, got {logp.dtype}")
+    # the kernels' own checks, for every backend: clips, finite coefficients, kl_kind, agg, max_len
+    from rlhf_engine.kernels._args import ppo_hyperparameters
+
+    ppo_hyperparameters(clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
     check_choice("backend", backend, ("auto", "torch", "triton", "cpp", "cuda"))
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError("ref_logp: required when kl_coef != 0")
