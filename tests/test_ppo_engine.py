@@ -86,8 +86,9 @@ def test_nan_reward_skips_the_step_and_keeps_weights(tmp_path):
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())
     eng = Engine(_cfg(tmp_path, run={"steps": 2}), model=model, tokenizer=byte_tokenizer())
-    summary = eng.train_ppo(PROMPTS, reward=lambda p, r: [float("nan")] * len(r))
-    assert summary["skipped_steps"] == 2
+    with pytest.warns(UserWarning, match="none of the 2 steps of this run updated the weights"):
+        summary = eng.train_ppo(PROMPTS, reward=lambda p, r: [float("nan")] * len(r))
+    assert summary["skipped_steps"] == 2 and summary["skipped_updates"] == 0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
 

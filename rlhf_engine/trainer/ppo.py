@@ -326,6 +326,7 @@ class PPOTrainer:
         out["optim/grad_norm"] = grad_norm / max(1, n_updates)
         out["optim/lr"] = self.schedulers[0].get_last_lr()[0]
         out["skipped/nonfinite_updates"] = float(n_skipped)
+        out["optim/updates"] = float(n_updates)
         for o in self._optimizers():
             o.zero_grad(set_to_none=drop)
         return out
@@ -567,7 +568,7 @@ class PPOTrainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=rc.steps, initial=self.step_idx, desc="PPO", unit="step", dynamic_ncols=True)
-        saved_step = self.step_idx
+        saved_step, first_new = self.step_idx, len(history)
         try:
             while self.step_idx < rc.steps:
                 before_step = (sampler.state_dict(), self.gen.get_state(), torch.get_rng_state())
@@ -621,4 +622,10 @@ class PPOTrainer:
         summary["history"] = history
         summary["steps"] = self.step_idx
         summary["skipped_steps"] = sum(1 for h in history if h.get("skipped/nonfinite_reward"))
+        summary["skipped_updates"] = int(sum(h.get("skipped/nonfinite_updates", 0.0) for h in history))
+        ran = [h for h in history[first_new:] if "step" in h and "eval/reward" not in h]
+        if ran and not any(h.get("optim/updates", 0.0) for h in ran):
+            warnings.warn(f"PPO: none of the {len(ran)} steps of this run updated the weights (skipped steps: "
+                          f"{summary['skipped_steps']}, optimizer steps skipped for a non-finite loss or gradient: "
+                          f"{summary['skipped_updates']}); check the reward and ppo/optim settings", stacklevel=2)
         return summary
