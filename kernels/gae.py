@@ -384,7 +384,9 @@ def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
         in fp32) and zero outside the mask. Differentiable w.r.t. rewards, values and last_value.
     """
     _check(rewards, values, mask, last_value, gamma, lam)
-    args = (float(gamma), float(lam), bool(carry))
+    if not isinstance(carry, bool):  # bool("no") is True
+        raise TypeError(f"carry: expected True or False, got {carry!r}")
+    args = (float(gamma), float(lam), carry)
     if torch.compiler.is_compiling():
         return _gae_op(rewards, values, mask, last_value, *args)
     if torch.is_grad_enabled() and (rewards.requires_grad or values.requires_grad

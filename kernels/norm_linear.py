@@ -392,7 +392,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.dtype not in (torch.bfloat16, torch.float16,
                                                                           torch.float32):
-        raise TypeError(f"x: expected a bf16/fp16/fp32 tensor (..., K), got {x!r:.80}")
+        got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x: expected a bf16/fp16/fp32 tensor (..., K), got {got}")
     K, lead = x.shape[-1], x.shape[:-1]
     if K == 0:
         raise ValueError("x: expected K >= 1 columns, got 0")

@@ -107,9 +107,10 @@ def _check_tensors(tensors: dict) -> None:
             continue
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape != ref.shape:
-            raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (as logp, a (B, T) tensor), "
-                             f"got {tuple(x.shape)}")
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a (B, T) tensor, got shape {tuple(x.shape)}")
+        if x.shape != ref.shape:
+            raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (as logp), got {tuple(x.shape)}")
         if x.device != ref.device:
             raise ValueError(f"{name}: expected device {ref.device} (as logp), got {x.device}")
         if name != "mask" and x.dtype not in _FLOAT_DTYPES:

@@ -275,6 +275,10 @@ rms_norm_op.register_autograd(_norm_backward, setup_context=_norm_setup_context)
 add_rms_norm_op.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
 
 
+def _describe(x) -> str:
+    return f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Optional[torch.Tensor] = None,
              backend: str = "auto"):
     """RMSNorm over the last dim, optionally after a residual add; differentiable in x, weight and residual.
@@ -293,7 +297,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Opt
         ValueError/TypeError: on shapes, dtypes or devices that do not match.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.dtype.is_floating_point:
-        raise TypeError(f"x: expected a floating-point tensor (..., H), got {x!r:.80}")
+        raise TypeError(f"x: expected a floating-point tensor (..., H), got {_describe(x)}")
     H = x.shape[-1]
     if not isinstance(weight, torch.Tensor) or weight.shape != (H,) or not weight.dtype.is_floating_point:
         raise ValueError(f"weight: expected a floating-point ({H},) tensor, got "

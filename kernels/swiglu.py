@@ -177,7 +177,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     """
     for name, t in (("gate", gate), ("up", up)):
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
-            raise TypeError(f"{name}: expected a floating-point tensor, got {t!r:.80}")
+            raise TypeError(f"{name}: expected a floating-point tensor, got "
+                            f"{f'a {t.dtype} tensor' if isinstance(t, torch.Tensor) else type(t).__name__}")
     if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device:
         raise ValueError(f"up: expected {tuple(gate.shape)} {gate.dtype} on {gate.device} like gate, got "
                          f"{tuple(up.shape)} {up.dtype} on {up.device}")

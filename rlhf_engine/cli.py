@@ -109,7 +109,8 @@ def cmd_pipeline(args) -> int:
 
     # PPO against a small learned reward model: a stronger KL anchor and a gentler step than the
     # VADER demo, since the reward model is wrong on a fair share of held-out pairs.
-    overrides = ["run.output_dir=runs/pipeline", "run.overwrite=true", "ppo.kl_coef=0.1", "optim.lr=2e-5", "run.steps=30",
+    overrides = ["run.output_dir=runs/pipeline", "run.overwrite=true", "ppo.kl_coef=0.1", "optim.lr=2e-5",
+                 "run.steps=30",
                  *args.overrides]
     engine = Engine(args.config or DEMO_CONFIG, overrides=overrides)
     opts = PipelineOptions(pair_prompts=args.pair_prompts, samples_per_prompt=args.samples_per_prompt,

@@ -189,6 +189,10 @@ class Engine:
         Returns:
             a summary dict: per-step history, eval reward before/after with samples, checkpoint and
             plot paths.
+
+        Each call is a run of its own, from the policy as it is now: its KL reference is a copy of these weights
+        (after an earlier call, the trained ones). Its ``run.output_dir`` must hold no earlier run unless
+        ``run.overwrite`` (replace it) or ``run.resume`` (continue it, from the same initial weights).
         """
         train_default, heldout_default = default_prompts()
         for name, value in (("prompts", prompts), ("eval_prompts", eval_prompts)):

@@ -197,7 +197,8 @@ def test_rl_helpers_name_mismatched_masks_and_take_empty_responses():
     x, mask = torch.randn(4, 5), torch.ones(4, 5)
     for call in (lambda: algo.masked_whiten(x, torch.ones(5)), lambda: algo.masked_mean(x, torch.ones(4, 1)),
                  lambda: algo.aggregate(x, torch.ones(5)), lambda: algo.sequence_kl(x, torch.ones(5)),
-                 lambda: algo.explained_variance(x, x[:, :1], mask), lambda: algo.broadcast_to_tokens(x[:, 0], mask[0])):
+                 lambda: algo.explained_variance(x, x[:, :1], mask),
+                 lambda: algo.broadcast_to_tokens(x[:, 0], mask[0])):
         with pytest.raises(ValueError):
             call()
     z = torch.zeros(3, 0)
