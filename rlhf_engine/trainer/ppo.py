@@ -70,9 +70,9 @@ def _peak_rss_mb() -> float:
 
 
 # settings that give the trainer another set of tensors or another meaning of its state: a checkpoint of one does
-# not resume under another (model.* and lora.* too)
-_RESUME_STRUCTURE = ("ppo.critic", "ppo.critic_init", "ppo.advantage", "ppo.samples_per_prompt", "ppo.adaptive_kl",
-                     "ppo.normalize_rewards")
+# not resume under another (lora.* too); how the model runs (attn_backend, recomputation, cache_dir) may change
+_RESUME_STRUCTURE = ("model.name_or_path", "model.dtype", "ppo.critic", "ppo.critic_init", "ppo.advantage",
+                     "ppo.samples_per_prompt", "ppo.adaptive_kl", "ppo.normalize_rewards")
 
 
 def _plain_value(v):
@@ -518,7 +518,7 @@ class PPOTrainer:
         now = self.cfg.to_dict()
         diff = {f"{sec}.{k}": (v, now.get(sec, {}).get(k)) for sec, vals in saved.items() for k, v in vals.items()
                 if _plain_value(now.get(sec, {}).get(k)) != _plain_value(v)}
-        structural = [k for k in diff if k.split(".")[0] in ("model", "lora") or k in _RESUME_STRUCTURE]
+        structural = [k for k in diff if k.startswith("lora.") or k in _RESUME_STRUCTURE]
         if structural:
             raise ValueError(f"run.resume: the checkpoint {path} was written by a run with other settings: "
                              + "; ".join(f"{k} was {diff[k][0]!r}, is {diff[k][1]!r}" for k in structural)
@@ -528,7 +528,7 @@ class PPOTrainer:
             raise ValueError(f"run.resume: the checkpoint {path} was written by a run that started from other "
                              "weights (the reference model's fingerprint differs): resume with the model the run "
                              "started from")
-        other = [k for k in diff if k.split(".")[0] != "run" and k not in structural]
+        other = [k for k in diff if not k.startswith(("run.", "model.")) and k not in structural]
         if other:
             warnings.warn("run.resume: settings changed since the checkpoint: "
                           + "; ".join(f"{k} {diff[k][0]!r} -> {diff[k][1]!r}" for k in other)
