@@ -57,6 +57,18 @@ def check_training_args(epochs, batch_size, grad_accum, max_steps, device) -> to
     return dev
 
 
+def finite_step(opt, sched, *values: float) -> bool:
+    """``opt.step()`` and ``sched.step()`` when every value (the step's loss, its gradient norm) is finite; else the
+    gradients are dropped and nothing moves: a NaN/inf loss or gradient never reaches the weights. Returns whether
+    it stepped."""
+    if all(math.isfinite(v) for v in values):
+        opt.step()
+        sched.step()
+        return True
+    opt.zero_grad()
+    return False
+
+
 class MasterWeightAdamW:
     """AdamW over fp32 masters of the given parameters (see the module docstring).
 

@@ -45,7 +45,7 @@ from rlhf_engine.algo import pairwise_reward_loss
 from rlhf_engine.data.datasets import collate_preference, last_token_index, load_preference_dataset
 from rlhf_engine.model.heads import ScalarHead
 
-from .optim import MasterWeightAdamW, check_training_args, lr_schedule
+from .optim import MasterWeightAdamW, check_training_args, finite_step, lr_schedule
 
 HEAD_FILE = "score_head.safetensors"
 META_FILE = "reward_model.json"
@@ -440,12 +440,7 @@ def train_reward_model(model_or_path: Any, tokenizer, pairs: Any, *, eval_fracti
                 acc_sum += acc * (len(idx) / n_step)  # the pair mean, as the held-out accuracy
             grad_norm = opt.clip_grad_norm_(max_grad_norm)
             loss_f, acc_f, gn_f = torch.stack([loss_sum, acc_sum, grad_norm.to(loss_sum)]).tolist()  # one sync
-            if math.isfinite(loss_f) and math.isfinite(gn_f):
-                opt.step()
-                sched.step()
-            else:  # a NaN/inf loss or gradient never reaches the weights
-                opt.zero_grad()
-                summary["skipped_steps"] += 1
+            summary["skipped_steps"] += not finite_step(opt, sched, loss_f, gn_f)
             step += 1
             n_pairs += n_step
             metrics = {"loss": loss_f, "accuracy": acc_f, "grad_norm": gn_f, "lr": sched.get_last_lr()[0]}

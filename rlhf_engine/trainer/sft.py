@@ -23,7 +23,7 @@ from rlhf_engine.data.datasets import (load_sft_dataset, pack_examples, pad_sft_
                                        tokenize_sft_example)
 from rlhf_engine.model.logprobs import sequence_logprobs
 
-from .optim import MasterWeightAdamW, check_training_args, lr_schedule
+from .optim import MasterWeightAdamW, check_training_args, finite_step, lr_schedule
 
 IGNORE_INDEX = -100
 
@@ -170,12 +170,7 @@ def train_sft(model, tokenizer, dataset: Any, *, epochs: int = 1, batch_size: in
                 loss_sum += loss.detach()
             grad_norm = opt.clip_grad_norm_(max_grad_norm)
             loss_f, gn_f = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()  # the step's one host sync
-            if math.isfinite(loss_f) and math.isfinite(gn_f):
-                opt.step()
-                sched.step()
-            else:  # a NaN/inf loss or gradient never reaches the weights
-                opt.zero_grad()
-                summary["skipped_steps"] += 1
+            summary["skipped_steps"] += not finite_step(opt, sched, loss_f, gn_f)
             step += 1
             metrics = {"loss": loss_f, "grad_norm": gn_f, "lr": sched.get_last_lr()[0], "tokens": n_step}
             summary["losses"].append(metrics["loss"])
