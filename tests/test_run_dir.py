@@ -82,24 +82,65 @@ def test_a_corrupt_checkpoint_is_named(tmp_path):
         _run(tmp_path, out, 3, resume=True)
 
 
-def test_a_step_that_raises_keeps_the_completed_steps(tmp_path):
-    """The reward function raises in step 3 (no checkpoint_every): steps 1-2 are checkpointed with step 3's
-    prompts not yet drawn, and a resumed run ends where an uninterrupted one does, bit for bit."""
-    full, _ = _run(tmp_path, tmp_path / "a", 4)
-    calls = []
+@pytest.mark.parametrize("where", ["reward", "update"])
+def test_a_step_that_raises_keeps_the_completed_steps(tmp_path, where):
+    """Step 3 raises before its first optimizer step, in the reward function or in the update's forward (no
+    checkpoint_every): steps 1-2 are checkpointed with step 3's prompts not yet drawn and, with normalize_rewards,
+    its scores not yet counted, and a resumed run ends where an uninterrupted one does, bit for bit."""
+    def trainer(out, steps, **kw):
+        cfg = _cfg(tmp_path, run={"steps": steps, "output_dir": str(out), **kw}, ppo={"normalize_rewards": True})
+        eng = Engine(cfg, model=tiny_model(seed=3), tokenizer=byte_tokenizer())
+        return eng, eng.build_ppo_trainer(length_reward)
 
-    def flaky(prompts, responses):
+    full, t = trainer(tmp_path / "a", 4)
+    t.train(PROMPTS)
+    out = tmp_path / "b"
+    _, t = trainer(out, 4)
+    calls, real_reward, real_update = [], t.reward, t.update
+
+    def flaky_reward(prompts, responses):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("reward server down")
-        return length_reward(prompts, responses)
+        return real_reward(prompts, responses)
 
-    out = tmp_path / "b"
-    with pytest.warns(UserWarning, match="2 completed steps were checkpointed"), \
-            pytest.raises(RuntimeError, match="reward server down"):
-        _run(tmp_path, out, 4, reward=flaky)
+    def flaky_update(ro):
+        if t.step_idx == 2:
+            raise RuntimeError("out of memory in the forward")
+        return real_update(ro)
+
+    if where == "reward":
+        t.reward = flaky_reward
+    else:
+        t.update = flaky_update
+    with pytest.warns(UserWarning, match="2 completed steps were checkpointed"), pytest.raises(RuntimeError):
+        t.train(PROMPTS)
     assert latest_checkpoint(out / "checkpoints").name == "step-000002"
-    resumed, _ = _run(tmp_path, out, 4, resume=True)
+    resumed, t = trainer(out, 4, resume=True)
+    t.train(PROMPTS)
+    for k, v in full._model.state_dict().items():
+        assert torch.equal(resumed._model.state_dict()[k], v), k
+
+
+def test_an_error_after_a_completed_step_checkpoints_that_step(tmp_path):
+    """An error once step 3 is done (its counter moved: the metrics' sync, logging) keeps step 3 as it is."""
+    full, _ = _run(tmp_path, tmp_path / "a", 4)
+    eng = Engine(_cfg(tmp_path, run={"steps": 4, "output_dir": str(tmp_path / "b")}), model=tiny_model(seed=3),
+                 tokenizer=byte_tokenizer())
+    trainer = eng.build_ppo_trainer(length_reward)
+    real = trainer.train_step
+
+    def failing_after(prompts):
+        out = real(prompts)
+        if trainer.step_idx == 3:
+            raise OSError("disk full while logging")
+        return out
+
+    trainer.train_step = failing_after
+    with pytest.warns(UserWarning, match="3 completed steps"), pytest.raises(OSError):
+        trainer.train(PROMPTS)
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000003"
+    resumed, _ = _run(tmp_path, tmp_path / "b", 4, resume=True)
     for k, v in full._model.state_dict().items():
         assert torch.equal(resumed._model.state_dict()[k], v), k
 

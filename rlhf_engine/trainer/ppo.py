@@ -535,6 +535,22 @@ class PPOTrainer:
                           + " (the optimizer's learning rate, the schedule and the KL coefficient continue from the "
                           "checkpoint)", stacklevel=3)
 
+    def _rewind_point(self, sampler: PromptSampler) -> tuple:
+        """What a step changes before its first optimizer step: the prompt position, the random states and the
+        running score statistics (``_rewind`` puts them back)."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return (sampler.state_dict(), self.gen.get_state(), torch.get_rng_state(), cuda,
+                copy.deepcopy(self.score_moments.state_dict()))
+
+    def _rewind(self, sampler: PromptSampler, point: tuple) -> None:
+        sampler_state, gen_state, cpu_rng, cuda_rng, moments = point
+        sampler.load_state_dict(sampler_state)
+        self.gen.set_state(gen_state)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        self.score_moments.load_state_dict(moments)
+
     # ------------------------------------------------------------------ the loop
     def train(self, prompts: list[str], eval_prompts: list[str] | None = None) -> dict:
         """Run ``run.steps`` PPO steps. Returns a summary (history, eval before/after, paths)."""
@@ -569,9 +585,10 @@ class PPOTrainer:
 
             bar = tqdm(total=rc.steps, initial=self.step_idx, desc="PPO", unit="step", dynamic_ncols=True)
         saved_step, first_new = self.step_idx, len(history)
+        step_at_start, before_step = self.step_idx, None
         try:
             while self.step_idx < rc.steps:
-                before_step = (sampler.state_dict(), self.gen.get_state(), torch.get_rng_state())
+                step_at_start, before_step = self.step_idx, self._rewind_point(sampler)
                 self.weights_touched = False
                 metrics = self.train_step(sampler.next_batch())
                 history.append({"step": self.step_idx, **metrics})
@@ -585,22 +602,25 @@ class PPOTrainer:
                     prune_checkpoints(ckpt_root, rc.keep_checkpoints)
                     saved_step = self.step_idx
         except BaseException:
-            # A step that raised before its first optimizer step (a reward function's exception, an empty prompt)
-            # left the weights as the last completed step made them: checkpoint that step, its prompts not yet
-            # drawn, so that run.resume=true continues from it. A step that failed after changing weights saves
+            # A step that raised before its first optimizer step (a reward function's exception, Ctrl-C in
+            # generation) left the weights as the last completed step made them: checkpoint that step, with the
+            # failed step's prompts not yet drawn and its random state and score statistics as they were, so that
+            # run.resume=true continues as an uninterrupted run would. An error after a step completed (logging,
+            # the periodic save) checkpoints that step as it is. A step that failed after changing weights saves
             # nothing (its weights are neither the last step's nor its own).
-            if self.step_idx > saved_step and not self.weights_touched:
-                sampler.load_state_dict(before_step[0])
-                self.gen.set_state(before_step[1])
-                torch.set_rng_state(before_step[2])
+            inside = self.step_idx == step_at_start  # the step itself raised: its counter had not moved
+            if inside and not self.weights_touched and before_step is not None:
+                self._rewind(sampler, before_step)
+            if self.step_idx > saved_step and not (inside and self.weights_touched):
                 try:
                     self.save(ckpt_root, sampler, history)
                     prune_checkpoints(ckpt_root, rc.keep_checkpoints)
-                    warnings.warn(f"PPO step {self.step_idx + 1} raised; the {self.step_idx} completed steps were "
-                                  f"checkpointed in {ckpt_root} (run.resume=true continues from them)", stacklevel=2)
+                    warnings.warn(f"PPO: an error in step {step_at_start + 1}; the {self.step_idx} completed steps "
+                                  f"were checkpointed in {ckpt_root} (run.resume=true continues from them)",
+                                  stacklevel=2)
                 except Exception as e:  # the original error matters more
-                    warnings.warn(f"PPO step {self.step_idx + 1} raised, and checkpointing the completed steps "
-                                  f"failed too: {e!r}", stacklevel=2)
+                    warnings.warn(f"PPO: an error in step {step_at_start + 1}, and checkpointing the completed "
+                                  f"steps failed too: {e!r}", stacklevel=2)
             logger.close()
             raise
         finally:
