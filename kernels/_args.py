@@ -30,12 +30,38 @@ def as_float(name: str, x) -> float:
     return v
 
 
+def real_value(x) -> float | None:
+    """``float(x)`` for a real number (Python, NumPy or a one-element tensor); None for anything else, bools
+    included."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, numbers.Real):
+        return float(x)
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex() and x.dtype != torch.bool:
+        return float(x)
+    return None
+
+
+def int_value(x) -> int | None:
+    """``int(x)`` for an integer (Python, NumPy or a one-element integer tensor); None for anything else, bools
+    included."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if (isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point() and not x.is_complex()
+            and x.dtype != torch.bool):
+        return int(x)
+    return None
+
+
 def check_counts(num_tokens, num_seqs) -> None:
     """``num_tokens`` / ``num_seqs`` given as numbers (or CPU tensors, read without a device sync) must be positive
     and finite: 0 gives NaN, a negative count flips the objective's sign. A CUDA tensor is the kernel's to read."""
+    if torch.compiler.is_compiling():  # a Python count is a symbolic value there: no branch on it
+        return
     for name, x in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
-        if x is None or (isinstance(x, torch.Tensor) and (x.device.type != "cpu" or x.numel() != 1
-                                                           or torch.compiler.is_compiling())):
+        if x is None or (isinstance(x, torch.Tensor) and (x.device.type != "cpu" or x.numel() != 1)):
             continue  # (a tensor of several elements: the callers' own checks name it)
         if isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0:
             continue  # the common case, before any tensor method

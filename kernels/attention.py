@@ -273,7 +273,7 @@ def flash_attention(
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     kv_start, kv_end = check_attention_inputs(q, k, v, kv_start, kv_end)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if not (math.isfinite(scale) and scale > 0):  # the kernels' exp2 trick assumes a positive scale
+    if not torch.compiler.is_compiling() and not (math.isfinite(scale) and scale > 0):  # (symbolic when compiling)
         raise ValueError(f"softmax_scale: expected a finite number > 0 or None, got {softmax_scale!r}")
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
     if not use_triton:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._args import real_value
 from ._fastlaunch import launch
 from ._launch import next_pow2
 from .reference.logprob import logprobs_reference
@@ -339,8 +340,10 @@ def _check_common(name: str, x: torch.Tensor, targets: torch.Tensor, temperature
         raise TypeError(f"targets: expected int64 or int32, got {targets.dtype}")
     if targets.device != x.device:
         raise ValueError(f"targets: expected device {x.device} (that of {name}), got {targets.device}")
-    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
-            and math.isfinite(temperature)):
+    if torch.compiler.is_compiling():  # a Python scalar is symbolic there: no branch on its value
+        return
+    t = real_value(temperature)
+    if t is None or not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
 
 

@@ -54,6 +54,7 @@ its cost is host overhead: one Python call and two launches, against the autogra
 launches, the engine and three elementwise ops.
 """
 import functools
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -350,7 +351,7 @@ def _normalizer(n, name: str, device: torch.device) -> tuple[int, float, Optiona
         if n.numel() != 1:
             raise ValueError(f"{name}: expected a number or a 0-dim tensor, got shape {tuple(n.shape)}")
         return 2, 0.0, n.detach().reshape(()).to(device)   # no copy when already on the device
-    if isinstance(n, bool) or not isinstance(n, (int, float)):
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):  # (NumPy scalars are numbers.Real)
         raise TypeError(f"{name}: expected None, a number or a 0-dim tensor, got {type(n).__name__}")
     return 1, float(n), None
 

@@ -161,7 +161,10 @@ def test_nonfinite_values_at_masked_positions_stay_out_of_the_torch_reference():
         torch.testing.assert_close(g, g0)
     adv_nan = adv.masked_fill(mask == 0, float("nan"))
     for b in ("torch", "cpp", "triton"):
-        loss, _ = algo.ppo_loss(lp, olp, adv_nan, mask, values=v, old_values=v, returns=r, backend=b)
+        lp_g = lp.clone().requires_grad_()
+        loss, _ = algo.ppo_loss(lp_g, olp, adv_nan, mask, values=v, old_values=v, returns=r, backend=b)
+        loss.backward()
+        assert torch.isfinite(lp_g.grad).all(), b  # 0 * NaN must not reach the gradient either
         loss0, _ = algo.ppo_loss(lp, olp, adv, mask, values=v, old_values=v, returns=r, backend=b)
         torch.testing.assert_close(loss, loss0)
     w = algo.masked_whiten(adv_nan, mask)
@@ -316,3 +319,41 @@ def test_rl_function_arguments_are_named_on_every_backend(tmp_path):
     eng = Engine(_cfg(tmp_path), model=tiny_model(), tokenizer=byte_tokenizer())
     with pytest.raises(TypeError, match="prompts: expected a list of strings, got a dict"):
         eng.train_ppo({"a": 1, "b": 2}, reward=length_reward)
+
+
+def test_argument_checks_trace_under_torch_compile():
+    """The scalar checks step aside under torch.compile(fullgraph=True), where a Python scalar that varies
+    between calls is symbolic and a branch on its value would break the graph."""
+    from rlhf_engine import algo
+    from rlhf_engine import kernels as K
+
+    _, _, lp, olp, adv, mask = _rl_inputs()
+    logits, tg, q = torch.randn(6, 11), torch.randint(0, 11, (6,)), torch.randn(1, 5, 2, 8)
+    cases = [(lambda k: algo.ppo_loss(lp, olp, adv, mask, ref_logp=olp * 0, kl_coef=k, backend="torch")[0], (0.1, 0.2)),
+             (lambda n: algo.ppo_loss(lp, olp, adv, mask, num_tokens=n, backend="triton")[0], (10, 11)),
+             (lambda t: K.token_logprobs(logits, tg, temperature=t, backend="triton"), (0.7, 0.8)),
+             (lambda s: K.flash_attention(q, q, q, softmax_scale=s, backend="torch"), (0.3, 0.4)),
+             (lambda g: algo.gae(adv, adv, mask, gamma=g, backend="torch")[0], (0.9, 0.95))]
+    for fn, args in cases:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="eager", fullgraph=True)
+        for a in args:
+            torch.testing.assert_close(compiled(a), fn(a))
+
+
+def test_numpy_scalars_and_one_element_tensors_are_numbers():
+    from rlhf_engine import algo
+    from rlhf_engine import kernels as K
+
+    r, v, lp, olp, adv, mask = _rl_inputs()
+    for b in ("torch", "cpp", "triton"):
+        algo.ppo_loss(lp, olp, adv, mask, num_tokens=np.int64(10), backend=b)
+    K.token_logprobs(torch.randn(6, 11), torch.zeros(6, dtype=torch.long), temperature=np.float32(0.7))
+    algo.gae(r, v, mask, gamma=torch.tensor(0.99))
+    MasterWeightAdamW(tiny_model().parameters(), lr=np.float32(1e-3))
+    MasterWeightAdamW(tiny_model().parameters(), lr=torch.tensor(1e-3))
+    model = tiny_model()
+    ids, pm = left_padded_prompts(model.config.vocab_size)
+    out = generate(model, ids, pm, max_new_tokens=np.int64(2), top_k=np.int64(5), temperature=np.float32(0.7),
+                   eos_token_ids=torch.tensor([3, 4]), pad_token_id=np.int64(0))
+    assert out.response_ids.shape[1] <= 2

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from rlhf_engine.kernels._args import real_value
+
 
 def check_2d(name: str, x: torch.Tensor, shape: tuple[int, int] | None = None) -> None:
     if not isinstance(x, torch.Tensor):
@@ -84,6 +86,6 @@ def check_normalizer(name: str, value) -> None:
             raise ValueError(f"{name}: expected a number or a one-element tensor, got shape {tuple(value.shape)}")
         if value.device.type != "cpu":
             return
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    v = real_value(value)
+    if v is None or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name}: expected a positive finite number, got {value!r}")

@@ -25,11 +25,9 @@ the C++ op on CPU tensors when it is built, else the reference).
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from ._checks import check_1d, check_choice, check_same, masked, valid, valid_mask
+from ._checks import check_1d, check_choice, check_same, masked, real_value, valid, valid_mask
 
 MASK_MODES = ("zero", "carry")
 
@@ -40,11 +38,12 @@ def _check_gae_args(rewards, values, mask, last_value, gamma, lam, mask_mode):
         raise TypeError(f"rewards: expected a floating-point tensor, got {rewards.dtype}")
     if last_value is not None:
         check_1d("last_value", last_value, B)
-    for name, x in (("gamma", gamma), ("lam", lam)):
-        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+    for name, x in (("gamma", gamma), ("lam", lam)) if not torch.compiler.is_compiling() else ():
+        v = real_value(x)
+        if v is None:
             raise TypeError(f"{name}: expected a number in [0, 1], got {x!r}")
-        if not 0.0 <= x <= 1.0:
-            raise ValueError(f"{name}: expected a value in [0, 1], got {x}")
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name}: expected a value in [0, 1], got {v}")
     check_choice("mask_mode", mask_mode, MASK_MODES)
     return B, T
 

@@ -134,7 +134,9 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     # the kernels' own checks, for every backend: clips, finite coefficients, kl_kind, agg, max_len
     from rlhf_engine.kernels._args import ppo_hyperparameters
 
-    ppo_hyperparameters(clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg, max_len)
+    if not torch.compiler.is_compiling():  # Python scalars are symbolic there: no branch on their values
+        ppo_hyperparameters(clip_low, clip_high, dual_clip, value_clip, vf_coef, ent_coef, kl_coef, kl_kind, agg,
+                            max_len)
     check_choice("backend", backend, ("auto", "torch", "triton", "cpp", "cuda"))
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError("ref_logp: required when kl_coef != 0")
@@ -167,9 +169,13 @@ def ppo_loss_reference(logp, old_logp, advantages, mask, *, values=None, old_val
     dtype = logp.dtype
     w = loss_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len, dtype=dtype)
     wm = loss_weights(mask, "token-mean", num_tokens=num_tokens, dtype=dtype)  # metric weights
+    # every input zeroed at the masked positions first, as the kernels never read them: a NaN or inf there stays
+    # out of the loss and of the gradients (masking only the per-token terms would still send 0 * NaN backward)
+    logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy = (
+        None if t is None else masked(t, mask)
+        for t in (logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy))
     pg, clipped, _ = policy_loss_per_token(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
                                            dual_clip=dual_clip)
-    # every per-token term through masked(): a NaN or inf at a masked position stays out, as in the kernels
     pg_loss = (masked(pg, mask) * w).sum()
     loss = pg_loss
     delta = masked((logp - old_logp).detach(), mask)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from rlhf_engine.kernels._args import int_value, real_value
 from rlhf_engine.model.attention import lm_head_sample_enabled, resolve_backend
 from rlhf_engine.model.batch_invariant import packed_gemms
 
@@ -156,18 +157,33 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
         prompt_mask = torch.ones_like(prompt_ids)
     _check_prompt(prompt_ids, prompt_mask, getattr(getattr(model, "config", None), "vocab_size", None))
     for name, value in (("max_new_tokens", max_new_tokens), ("check_every", check_every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        v = int_value(value)
+        if v is None or v <= 0:
             raise ValueError(f"{name}: expected an int > 0, got {value!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    max_new_tokens, check_every = int(max_new_tokens), int(check_every)
+    k = int_value(top_k)
+    if k is None or k < 0:
         raise ValueError(f"top_k: expected an int >= 0 (0: off), got {top_k!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    top_k = k
+    t = real_value(temperature)
+    if t is None or not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
-    ids_ok = eos_token_ids is None or isinstance(eos_token_ids, int) or (
-        isinstance(eos_token_ids, (list, tuple)) and all(isinstance(i, int) for i in eos_token_ids))
-    if not ids_ok or isinstance(eos_token_ids, bool):
-        raise TypeError(f"eos_token_ids: expected an int, a list of ints or None, got {eos_token_ids!r}")
-    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
-        raise TypeError(f"pad_token_id: expected an int or None, got {pad_token_id!r}")
+    if eos_token_ids is not None:
+        one = int_value(eos_token_ids)
+        if one is not None:
+            ids = [one]
+        elif isinstance(eos_token_ids, (list, tuple, set, frozenset, torch.Tensor)):
+            ids = [int_value(i) for i in eos_token_ids]
+        else:
+            ids = [None]
+        if any(i is None for i in ids):
+            raise TypeError(f"eos_token_ids: expected an int, a sequence of ints or None, got {eos_token_ids!r}")
+        eos_token_ids = tuple(ids)
+    if pad_token_id is not None:
+        pad = int_value(pad_token_id)
+        if pad is None:
+            raise TypeError(f"pad_token_id: expected an int or None, got {pad_token_id!r}")
+        pad_token_id = pad
     if logprob_dist not in LOGPROB_DISTS:
         raise ValueError(f"logprob_dist: expected one of {LOGPROB_DISTS}, got {logprob_dist!r}")
     config = model.config

@@ -20,6 +20,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from rlhf_engine.kernels._args import int_value, real_value
+
 
 def _grad_to_master(p: torch.Tensor) -> None:
     """Post-accumulate-grad hook of a low-precision parameter: move its gradient into its fp32 master."""
@@ -34,7 +36,8 @@ def _grad_to_master(p: torch.Tensor) -> None:
 
 
 def _check_number(name: str, value, expected: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+    v = real_value(value)  # Python, NumPy, or a one-element tensor (torch's AdamW takes a tensor lr)
+    if v is None or not math.isfinite(v) or not ok(v):
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
@@ -42,9 +45,9 @@ def check_training_args(epochs, batch_size, grad_accum, max_steps, device) -> to
     """The loop arguments of ``train_sft`` / ``train_reward_model``; returns ``device`` as a torch.device (None: the
     model's), a ValueError naming a CUDA device where CUDA is not available."""
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if int_value(v) is None or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+    if max_steps is not None and (int_value(max_steps) is None or max_steps < 1):
         raise ValueError(f"max_steps: expected None or an int >= 1, got {max_steps!r}")
     if device is None:
         return None
