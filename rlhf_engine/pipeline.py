@@ -96,9 +96,12 @@ def run_pipeline(engine: Engine, options: PipelineOptions | None = None) -> dict
     """Run the four stages; returns a summary (pairs, RM accuracy, VADER before/after, timings)."""
     from .trainer.reward_model import save_reward_model, train_reward_model
 
+    from .trainer.checkpoint import check_run_dir
+
     opt = options or PipelineOptions()
     cfg = engine.config
     out = Path(cfg.run.output_dir)
+    check_run_dir(out, overwrite=cfg.run.overwrite or cfg.run.resume)  # now, not after minutes of sampling
     out.mkdir(parents=True, exist_ok=True)
     train_prompts, heldout = default_prompts()
     vader = VaderSentimentReward()

@@ -251,10 +251,15 @@ def test_bad_ppo_inputs(tmp_path):
 @pytest.mark.parametrize("agg", algo.AGG_MODES)
 def test_logged_entropy_is_a_token_mean_whatever_the_aggregation(tmp_path, agg):
     """``policy/entropy`` is the mean entropy of a response token under every ``ppo.agg`` (the loss's own entropy
-    term is a per-sequence sum under the token-sum modes), and it adds up over micro-batches."""
-    eng = _engine(tmp_path, ppo={"agg": agg})
+    term is a per-sequence sum under the token-sum modes), and it adds up over micro-batches. Responses of
+    different lengths (a likelier EOS), so that no aggregation equals the token mean by accident."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head_weight[2].mul_(50.0)  # EOS (id 2)
+    eng = _engine(tmp_path, model=model, ppo={"agg": agg})
     trainer = eng.build_ppo_trainer(score_fn)
     ro, _ = trainer.make_rollout(PROMPTS, PhaseTimer(torch.device("cpu")))
+    assert len(set(ro.response_mask.sum(1).tolist())) > 1
     N = ro.response_ids.shape[1]
     with torch.no_grad():
         logits = eng._model(ro.input_ids, attention_mask=ro.attention_mask).float()[:, -N - 1:-1]

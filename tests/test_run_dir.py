@@ -3,6 +3,7 @@ restarts from the initial weights, a failed step keeps the completed ones."""
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,26 @@ def test_resume_names_changed_settings_before_touching_the_model(tmp_path):
     cfg = _cfg(tmp_path, run={"steps": 3, "output_dir": str(out), "resume": True}, optim={"lr": 1e-4})
     with pytest.warns(UserWarning, match=r"optim.lr 0.001 -> 0.0001"):
         Engine(cfg, model=tiny_model(seed=3), tokenizer=byte_tokenizer()).train_ppo(PROMPTS, reward=length_reward)
+
+
+def test_resume_takes_changes_that_leave_the_run_the_same(tmp_path):
+    """How the model runs, and LoRA settings while LoRA is off, are not the run's shape; the weights decide."""
+    out = tmp_path / "b"
+    _run(tmp_path, out, 2, checkpoint_every=1)
+    cfg = _cfg(tmp_path, run={"steps": 3, "output_dir": str(out), "resume": True},
+               model={"gradient_checkpointing": True, "dtype": "float32"}, lora={"rank": 4})
+    eng = Engine(cfg, model=tiny_model(seed=3), tokenizer=byte_tokenizer())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even a warning
+        assert eng.train_ppo(PROMPTS, reward=length_reward)["steps"] == 3
+
+
+def test_the_pipeline_refuses_an_earlier_run_before_sampling(tmp_path):
+    from rlhf_engine.pipeline import run_pipeline
+
+    out = tmp_path / "b"
+    _run(tmp_path, out, 1)
+    eng = Engine(_cfg(tmp_path, run={"output_dir": str(out)}), model=tiny_model(), tokenizer=byte_tokenizer())
+    with pytest.raises(ValueError, match="run.output_dir"):
+        run_pipeline(eng)
+    assert not (out / "preference_pairs.jsonl").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -130,7 +131,8 @@ def resume_point(root: str | Path) -> Path | None:
     latest = latest_checkpoint(root)
     if latest is not None:
         return latest
-    dirs = [p for pattern in ("step-*", ".old-step-*") for p in root.glob(pattern) if p.is_dir()]
+    dirs = [p for pattern in ("step-*", ".old-step-*") for p in root.glob(pattern)
+            if p.is_dir() and re.fullmatch(r"(\.old-)?step-\d+", p.name)]
     complete = sorted((p for p in dirs if (p / "state.json").is_file()), key=_step_number)
     if not complete:
         if dirs or (root / "latest").exists():
@@ -155,21 +157,25 @@ def resume_point(root: str | Path) -> Path | None:
     return chosen
 
 
+def check_run_dir(output_dir: str | Path, *, overwrite: bool) -> list[Path]:
+    """What of an earlier run ``output_dir`` holds (``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``); a
+    ValueError naming ``run.output_dir`` when there is any and not ``overwrite``. Deletes nothing (``clear_run``)."""
+    out = Path(output_dir)
+    owned = [out / "checkpoints", out / "metrics.jsonl", out / "tensorboard"]
+    found = [p for p in owned if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if found and not overwrite:
+        raise ValueError(f"run.output_dir: {out} holds an earlier run ({', '.join(p.name for p in found)}); set "
+                         "run.resume=true to continue it, run.overwrite=true to replace it, or choose another "
+                         "run.output_dir")
+    return found
+
+
 def clear_run(output_dir: str | Path, *, overwrite: bool) -> None:
     """Before a fresh (not resumed) run: refuse an ``output_dir`` that holds an earlier run's checkpoints or
     metrics, unless ``overwrite``, which deletes them (``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``).
     A fresh run in an earlier run's directory would otherwise mix the two runs' checkpoints and metrics, and could
     leave the earlier run's weights as the newest checkpoint."""
-    out = Path(output_dir)
-    owned = [out / "checkpoints", out / "metrics.jsonl", out / "tensorboard"]
-    found = [p for p in owned if p.is_file() or (p.is_dir() and any(p.iterdir()))]
-    if not found:
-        return
-    if not overwrite:
-        raise ValueError(f"run.output_dir: {out} holds an earlier run ({', '.join(p.name for p in found)}); set "
-                         "run.resume=true to continue it, run.overwrite=true to replace it, or choose another "
-                         "run.output_dir")
-    for p in found:
+    for p in check_run_dir(output_dir, overwrite=overwrite):
         if p.is_dir():
             shutil.rmtree(p)
         else:

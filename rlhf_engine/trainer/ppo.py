@@ -70,9 +70,10 @@ def _peak_rss_mb() -> float:
 
 
 # settings that give the trainer another set of tensors or another meaning of its state: a checkpoint of one does
-# not resume under another (lora.* too); how the model runs (attn_backend, recomputation, cache_dir) may change
-_RESUME_STRUCTURE = ("model.name_or_path", "model.dtype", "ppo.critic", "ppo.critic_init", "ppo.advantage",
-                     "ppo.samples_per_prompt", "ppo.adaptive_kl", "ppo.normalize_rewards")
+# not resume under another (lora.* too, where LoRA is on). The model itself is told by its weights' fingerprint, not
+# by its path or dtype string (a moved directory, "auto" for "float32"); how it runs may change
+_RESUME_STRUCTURE = ("ppo.critic", "ppo.critic_init", "ppo.advantage", "ppo.samples_per_prompt", "ppo.adaptive_kl",
+                     "ppo.normalize_rewards")
 
 
 def _plain_value(v):
@@ -82,7 +83,8 @@ def _plain_value(v):
 def _weights_fingerprint(model, base_only: bool = False) -> float:
     """A number that tells two models' weights apart: the sum of every parameter (LoRA adapters left out with
     ``base_only``), in fp64. One reduction a tensor and one host sync, once per trainer."""
-    sums = [p.detach().double().sum() for n, p in model.named_parameters() if not (base_only and "lora_" in n)]
+    sums = [p.detach().sum(dtype=torch.float64) for n, p in model.named_parameters()
+            if not (base_only and "lora_" in n)]
     return float(torch.stack(sums).sum()) if sums else 0.0
 
 
@@ -385,7 +387,7 @@ class PPOTrainer:
         # the loss's "entropy" is its aggregated bonus term (a per-sequence sum under the token-sum modes); the log
         # reports the mean entropy of a token, whatever ppo.agg is (it adds up over micro-batches as the others do)
         metrics = dict(metrics)
-        metrics["entropy"] = (fwd["entropy"].detach().float() * part.response_mask).sum() / num_tokens
+        metrics["entropy"] = algo.masked_sum(fwd["entropy"].detach().float(), part.response_mask) / num_tokens
         return loss, metrics
 
     # ------------------------------------------------------------------ one step
@@ -518,7 +520,8 @@ class PPOTrainer:
         now = self.cfg.to_dict()
         diff = {f"{sec}.{k}": (v, now.get(sec, {}).get(k)) for sec, vals in saved.items() for k, v in vals.items()
                 if _plain_value(now.get(sec, {}).get(k)) != _plain_value(v)}
-        structural = [k for k in diff if k.startswith("lora.") or k in _RESUME_STRUCTURE]
+        lora_on = saved.get("lora", {}).get("enabled") or now["lora"]["enabled"]
+        structural = [k for k in diff if (lora_on and k.startswith("lora.")) or k in _RESUME_STRUCTURE]
         if structural:
             raise ValueError(f"run.resume: the checkpoint {path} was written by a run with other settings: "
                              + "; ".join(f"{k} was {diff[k][0]!r}, is {diff[k][1]!r}" for k in structural)
@@ -528,7 +531,7 @@ class PPOTrainer:
             raise ValueError(f"run.resume: the checkpoint {path} was written by a run that started from other "
                              "weights (the reference model's fingerprint differs): resume with the model the run "
                              "started from")
-        other = [k for k in diff if not k.startswith(("run.", "model.")) and k not in structural]
+        other = [k for k in diff if not k.startswith(("run.", "model.", "lora.")) and k not in structural]
         if other:
             warnings.warn("run.resume: settings changed since the checkpoint: "
                           + "; ".join(f"{k} {diff[k][0]!r} -> {diff[k][1]!r}" for k in other)
