@@ -547,4 +547,5 @@ def _write_first(kv_write, k_cache, v_cache, q_cos, q_sin, backend: str) -> None
         cos = q_cos[..., : D // 2].reshape(B * Tn, D // 2)
         sin = q_sin[..., : D // 2].reshape(B * Tn, D // 2)
         rows = torch.arange(0, B * Tn, Tn, device=k_new.device, dtype=torch.int32)
-    write_kv_cache(k_cache, v_cache, k_new, v_new, write_pos, cos=cos, sin=sin, rope_positions=rows, backend=backend)
+    write_kv_cache(k_cache, v_cache, k_new, v_new, write_pos, cos=cos, sin=sin, rope_positions=rows, backend=backend,
+                   check_positions=False)  # rows b * Tn of tables of B * Tn rows

@@ -277,6 +277,7 @@ def write_kv_cache(
     sin: Optional[torch.Tensor] = None,
     rope_positions: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    check_positions: bool = True,
 ) -> None:
     """Write k_new/v_new into the caches in place: cache[b, positions[b] + t] = new[b, t].
 
@@ -289,6 +290,8 @@ def write_kv_cache(
         rope_positions: optional (B,) int rotation start per sequence (default: positions; with left-padded
             prompts pass positions - cache_start so that RoPE positions count valid tokens only).
         backend: "auto" | "triton" | "torch".
+        check_positions: with RoPE, check that the table rows exist where the positions are on the CPU (a min and a
+            max: two ops); callers that made the positions themselves (the model's decode step) pass False.
     """
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -317,7 +320,7 @@ def write_kv_cache(
         rp = positions if rope_positions is None else rope_positions
         if not isinstance(rp, torch.Tensor) or rp.shape != (B,) or rp.dtype.is_floating_point:
             raise ValueError(f"rope_positions: expected a ({B},) integer tensor, got {rp!r:.80}")
-        if rp.device.type == "cpu" and B and not torch.compiler.is_compiling():  # (no device sync to check a GPU's)
+        if check_positions and rp.device.type == "cpu" and B and not torch.compiler.is_compiling():  # (no GPU sync)
             lo, hi = int(rp.min()), int(rp.max()) + k_new.shape[1]
             if lo < 0 or hi > cos.shape[0]:
                 raise ValueError(f"rope_positions: rows [{lo}, {hi}) of the RoPE tables are needed, the tables have "

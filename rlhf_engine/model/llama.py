@@ -121,7 +121,8 @@ class Attention(nn.Module):
                     from rlhf_engine.kernels.kv_cache import write_kv_cache
 
                     write_kv_cache(k_cache, v_cache, k, v, meta.write_pos, cos=cos.reshape(B * T, -1),
-                                   sin=sin.reshape(B * T, -1), rope_positions=meta.rope_rows, backend="triton")
+                                   sin=sin.reshape(B * T, -1), rope_positions=meta.rope_rows, backend="triton",
+                                   check_positions=False)  # rows 0..B*T-1 of the tables made above
                 else:
                     write_kv(k_cache, v_cache, k, v, meta)
                 y = cache_attention(q, k_cache, v_cache, meta, q_rope=(cos, sin) if rope_in_write else None,
