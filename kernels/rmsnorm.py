@@ -315,8 +315,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: Opt
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return rms_norm_reference(x, weight, eps, residual)
-    if H > MAX_HIDDEN:
-        raise ValueError(f"x: hidden size {H} exceeds {MAX_HIDDEN} (one row per program)")
+    if not 1 <= H <= MAX_HIDDEN:
+        raise ValueError(f"x: expected a hidden size in [1, {MAX_HIDDEN}] (one row per program), got {H}")
     lead = x.shape[:-1]
     x2 = _unit_rows(x.reshape(-1, H))
     weight = weight.contiguous()

@@ -357,3 +357,13 @@ def test_numpy_scalars_and_one_element_tensors_are_numbers():
     out = generate(model, ids, pm, max_new_tokens=np.int64(2), top_k=np.int64(5), temperature=np.float32(0.7),
                    eos_token_ids=torch.tensor([3, 4]), pad_token_id=np.int64(0))
     assert out.response_ids.shape[1] <= 2
+
+
+def test_reward_clip_and_empty_hidden_are_named():
+    from rlhf_engine import algo
+    from rlhf_engine import kernels as K
+
+    with pytest.raises(ValueError, match="clip"):
+        algo.clip_rewards(torch.ones(3), float("nan"))
+    with pytest.raises(ValueError, match="hidden size"):
+        K.rms_norm(torch.ones(2, 0), torch.ones(0), 1e-6, backend="triton")

@@ -5,6 +5,8 @@ positions where it is 1. Nothing here syncs with the host.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -78,8 +80,8 @@ def clip_rewards(rewards: torch.Tensor, clip: float | None) -> torch.Tensor:
     """Clamp rewards to [-clip, clip]; ``None`` leaves them unchanged."""
     if clip is None:
         return rewards
-    if clip <= 0:
-        raise ValueError(f"clip: expected a positive number or None, got {clip}")
+    if not torch.compiler.is_compiling() and not (math.isfinite(clip) and clip > 0):  # NaN would clamp to NaN
+        raise ValueError(f"clip: expected a positive finite number or None, got {clip}")
     return rewards.clamp(-clip, clip)
 
 
