@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 import warnings
 from contextlib import nullcontext
@@ -26,6 +25,7 @@ from .actor_critic import ValueHead, critic_forward, policy_forward
 from .checkpoint import clear_run, latest_checkpoint, load_checkpoint, prune_checkpoints, resume_point, save_checkpoint
 from .logging import MetricsLogger, plot_curves
 from .optim import MasterWeightAdamW, lr_schedule
+from .resume import check_resumable, rewind, rewind_point, weights_fingerprint
 from .rollout import PromptSampler, Rollout, pad_rollout
 from .sampler import PolicySampler
 
@@ -69,25 +69,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# settings that give the trainer another set of tensors or another meaning of its state: a checkpoint of one does
-# not resume under another (lora.* too, where LoRA is on). The model itself is told by its weights' fingerprint, not
-# by its path or dtype string (a moved directory, "auto" for "float32"); how it runs may change
-_RESUME_STRUCTURE = ("ppo.critic", "ppo.critic_init", "ppo.advantage", "ppo.samples_per_prompt", "ppo.adaptive_kl",
-                     "ppo.normalize_rewards")
-
-
-def _plain_value(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _weights_fingerprint(model, base_only: bool = False) -> float:
-    """A number that tells two models' weights apart: the sum of every parameter (LoRA adapters left out with
-    ``base_only``), in fp64. One reduction a tensor and one host sync, once per trainer."""
-    sums = [p.detach().sum(dtype=torch.float64) for n, p in model.named_parameters()
-            if not (base_only and "lora_" in n)]
-    return float(torch.stack(sums).sum()) if sums else 0.0
-
-
 class PPOTrainer:
     """Runs PPO for an actor ``CausalLM`` against a reward.
 
@@ -113,7 +94,7 @@ class PPOTrainer:
         else:
             self.reference = copy.deepcopy(actor).eval()
             self.reference.requires_grad_(False)
-        self.reference_fingerprint = _weights_fingerprint(actor if self.lora else self.reference, base_only=True)
+        self.reference_fingerprint = weights_fingerprint(actor if self.lora else self.reference, base_only=True)
         hidden = actor.config.hidden_size
         self.value_head = None
         self.critic = None
@@ -480,7 +461,7 @@ class PPOTrainer:
 
     def load(self, path, sampler: PromptSampler) -> list[dict]:
         models, state, step = load_checkpoint(path)
-        self._check_resumable(path, state)  # before anything is overwritten
+        check_resumable(self.cfg, self.reference_fingerprint, path, state)  # before anything is overwritten
         actor_sd = {k: v for k, v in models["actor"].items() if not k.startswith("value_head.")}
         with torch.no_grad():
             if self.lora:
@@ -509,50 +490,6 @@ class PPOTrainer:
         self.skip_old_logp = bool(state["skip_old_logp"])
         self.step_idx = step
         return list(state["history"])
-
-    def _check_resumable(self, path, state: dict) -> None:
-        """ValueError naming what differs when the checkpoint's run had another shape (model, LoRA, critic,
-        estimator) or started from other reference weights; a warning for other settings that differ, since the
-        resumed run continues the checkpoint's optimizer, schedule and KL coefficient."""
-        saved = state.get("config")
-        if saved is None:  # a checkpoint from before the config was saved
-            return
-        now = self.cfg.to_dict()
-        diff = {f"{sec}.{k}": (v, now.get(sec, {}).get(k)) for sec, vals in saved.items() for k, v in vals.items()
-                if _plain_value(now.get(sec, {}).get(k)) != _plain_value(v)}
-        lora_on = saved.get("lora", {}).get("enabled") or now["lora"]["enabled"]
-        structural = [k for k in diff if (lora_on and k.startswith("lora.")) or k in _RESUME_STRUCTURE]
-        if structural:
-            raise ValueError(f"run.resume: the checkpoint {path} was written by a run with other settings: "
-                             + "; ".join(f"{k} was {diff[k][0]!r}, is {diff[k][1]!r}" for k in structural)
-                             + ". Resume with the same settings, or start a new run (run.resume=false)")
-        fp = state.get("reference_fingerprint")
-        if fp is not None and not math.isclose(fp, self.reference_fingerprint, rel_tol=1e-9, abs_tol=1e-9):
-            raise ValueError(f"run.resume: the checkpoint {path} was written by a run that started from other "
-                             "weights (the reference model's fingerprint differs): resume with the model the run "
-                             "started from")
-        other = [k for k in diff if not k.startswith(("run.", "model.", "lora.")) and k not in structural]
-        if other:
-            warnings.warn("run.resume: settings changed since the checkpoint: "
-                          + "; ".join(f"{k} {diff[k][0]!r} -> {diff[k][1]!r}" for k in other)
-                          + " (the optimizer's learning rate, the schedule and the KL coefficient continue from the "
-                          "checkpoint)", stacklevel=3)
-
-    def _rewind_point(self, sampler: PromptSampler) -> tuple:
-        """What a step changes before its first optimizer step: the prompt position, the random states and the
-        running score statistics (``_rewind`` puts them back)."""
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        return (sampler.state_dict(), self.gen.get_state(), torch.get_rng_state(), cuda,
-                copy.deepcopy(self.score_moments.state_dict()))
-
-    def _rewind(self, sampler: PromptSampler, point: tuple) -> None:
-        sampler_state, gen_state, cpu_rng, cuda_rng, moments = point
-        sampler.load_state_dict(sampler_state)
-        self.gen.set_state(gen_state)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        self.score_moments.load_state_dict(moments)
 
     # ------------------------------------------------------------------ the loop
     def train(self, prompts: list[str], eval_prompts: list[str] | None = None) -> dict:
@@ -591,7 +528,7 @@ class PPOTrainer:
         step_at_start, before_step = self.step_idx, None
         try:
             while self.step_idx < rc.steps:
-                step_at_start, before_step = self.step_idx, self._rewind_point(sampler)
+                step_at_start, before_step = self.step_idx, rewind_point(self, sampler)
                 self.weights_touched = False
                 metrics = self.train_step(sampler.next_batch())
                 history.append({"step": self.step_idx, **metrics})
@@ -613,7 +550,7 @@ class PPOTrainer:
             # nothing (its weights are neither the last step's nor its own).
             inside = self.step_idx == step_at_start  # the step itself raised: its counter had not moved
             if inside and not self.weights_touched and before_step is not None:
-                self._rewind(sampler, before_step)
+                rewind(self, sampler, before_step)
             if self.step_idx > saved_step and not (inside and self.weights_touched):
                 try:
                     self.save(ckpt_root, sampler, history)
