@@ -381,7 +381,7 @@ def _plain(value, name: str = "config"):
         return [_plain(v, name) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    if isinstance(value, (bool, str)) or value is None:
+    if isinstance(value, (bool, str)) or value is None or dataclasses.is_dataclass(value):  # (a section given whole)
         return value
     if type(value).__name__ == "bool_":  # numpy.bool_
         return bool(value)

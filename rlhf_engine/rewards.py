@@ -12,7 +12,6 @@ a step whose rewards hold NaN or inf and reports it.
 from __future__ import annotations
 
 import numbers
-
 from typing import Callable, Sequence
 
 import torch
