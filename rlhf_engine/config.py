@@ -375,13 +375,15 @@ _SECTION_NAMES = {ModelSpec: "model", LoRAConfig: "lora", GenerationConfig: "gen
 
 def _plain(value, name: str = "config"):
     """A deep copy of config data as plain values: paths as strings, NumPy scalars as Python numbers."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a section given whole: copied, overridable
+        value = dataclasses.asdict(value)
     if isinstance(value, dict):
         return {k: _plain(v, f"{name}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v, name) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    if isinstance(value, (bool, str)) or value is None or dataclasses.is_dataclass(value):  # (a section given whole)
+    if isinstance(value, (bool, str)) or value is None:
         return value
     if type(value).__name__ == "bool_":  # numpy.bool_
         return bool(value)

@@ -123,27 +123,57 @@ def test_a_step_that_raises_keeps_the_completed_steps(tmp_path, where):
         assert torch.equal(resumed._model.state_dict()[k], v), k
 
 
-def test_an_error_after_a_completed_step_checkpoints_that_step(tmp_path):
-    """An error once step 3 is done (its counter moved: the metrics' sync, logging) keeps step 3 as it is."""
-    full, _ = _run(tmp_path, tmp_path / "a", 4)
-    eng = Engine(_cfg(tmp_path, run={"steps": 4, "output_dir": str(tmp_path / "b")}), model=tiny_model(seed=3),
-                 tokenizer=byte_tokenizer())
-    trainer = eng.build_ppo_trainer(length_reward)
-    real = trainer.train_step
+def _adaptive(tmp_path, out, steps, **run):
+    cfg = _cfg(tmp_path, run={"steps": steps, "output_dir": str(out), **run}, ppo={"adaptive_kl": True,
+                                                                                    "kl_target": 0.01})
+    eng = Engine(cfg, model=tiny_model(seed=3), tokenizer=byte_tokenizer())
+    return eng, eng.build_ppo_trainer(length_reward)
 
-    def failing_after(prompts):
-        out = real(prompts)
-        if trainer.step_idx == 3:
-            raise OSError("disk full while logging")
-        return out
 
-    trainer.train_step = failing_after
+def test_an_error_after_a_completed_step_checkpoints_that_step(tmp_path, monkeypatch):
+    """An error once step 3 is complete (in the history: logging, the periodic save) keeps step 3 as it is: its
+    weights, its KL coefficient and its history, so that a resumed run ends as an uninterrupted one does."""
+    full, t_full = _adaptive(tmp_path, tmp_path / "a", 4)
+    t_full.train(PROMPTS)
+    eng, trainer = _adaptive(tmp_path, tmp_path / "b", 4)
+
+    import rlhf_engine.trainer.ppo as ppo_mod
+
+    class FailingAt3(ppo_mod.MetricsLogger):
+        def log(self, step, metrics):
+            if step == 3:
+                raise OSError("disk full while logging")
+            super().log(step, metrics)
+
+    monkeypatch.setattr(ppo_mod, "MetricsLogger", FailingAt3)
     with pytest.warns(UserWarning, match="3 completed steps"), pytest.raises(OSError):
         trainer.train(PROMPTS)
-    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000003"
-    resumed, _ = _run(tmp_path, tmp_path / "b", 4, resume=True)
+    monkeypatch.undo()
+    ckpt = latest_checkpoint(tmp_path / "b" / "checkpoints")
+    assert ckpt.name == "step-000003"
+    assert [h["step"] for h in load_checkpoint(ckpt)[1]["history"]] == [1, 2, 3]
+    resumed, t_res = _adaptive(tmp_path, tmp_path / "b", 4, resume=True)
+    t_res.train(PROMPTS)
+    assert t_res.kl_ctl.value == t_full.kl_ctl.value
     for k, v in full._model.state_dict().items():
         assert torch.equal(resumed._model.state_dict()[k], v), k
+
+
+def test_an_error_between_a_steps_update_and_its_record_saves_nothing(tmp_path):
+    """Step 3 raises after its optimizer steps, before it is complete (here in the KL controller's update, as
+    Ctrl-C in its metrics' sync would): neither step 2's state nor step 3's can be written, so nothing is."""
+    _, trainer = _adaptive(tmp_path, tmp_path / "b", 4)
+    real = trainer.kl_ctl.update
+
+    def failing(kl, n_steps):
+        if trainer.step_idx == 3:
+            raise KeyboardInterrupt
+        real(kl, n_steps)
+
+    trainer.kl_ctl.update = failing
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(PROMPTS)
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints") is None
 
 
 def test_a_step_that_fails_after_changing_weights_saves_nothing(tmp_path):

@@ -172,8 +172,10 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None =
         one = int_value(eos_token_ids)
         if one is not None:
             ids = [one]
-        elif isinstance(eos_token_ids, (list, tuple, set, frozenset, torch.Tensor)):
-            ids = [int_value(i) for i in eos_token_ids]
+        elif hasattr(eos_token_ids, "__iter__") and not isinstance(eos_token_ids, (str, bytes, dict)):
+            ids = [int_value(i) for i in eos_token_ids]  # a list, tuple, range, array or tensor of ids
+            if isinstance(eos_token_ids, (set, frozenset)) and None not in ids:
+                ids = sorted(ids)  # the first is the default pad id: not the set's iteration order
         else:
             ids = [None]
         if any(i is None for i in ids):

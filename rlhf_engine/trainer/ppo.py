@@ -525,13 +525,14 @@ class PPOTrainer:
 
             bar = tqdm(total=rc.steps, initial=self.step_idx, desc="PPO", unit="step", dynamic_ncols=True)
         saved_step, first_new = self.step_idx, len(history)
-        step_at_start, before_step = self.step_idx, None
+        step_at_start, before_step, recorded = self.step_idx, None, True
         try:
             while self.step_idx < rc.steps:
                 step_at_start, before_step = self.step_idx, rewind_point(self, sampler)
-                self.weights_touched = False
+                self.weights_touched, recorded = False, False
                 metrics = self.train_step(sampler.next_batch())
                 history.append({"step": self.step_idx, **metrics})
+                recorded = True  # the step is complete: weights, counter, KL coefficient, history
                 logger.log(self.step_idx, metrics)
                 if bar is not None:
                     bar.update(1)
@@ -544,15 +545,19 @@ class PPOTrainer:
         except BaseException:
             # A step that raised before its first optimizer step (a reward function's exception, Ctrl-C in
             # generation) left the weights as the last completed step made them: checkpoint that step, with the
-            # failed step's prompts not yet drawn and its random state and score statistics as they were, so that
-            # run.resume=true continues as an uninterrupted run would. An error after a step completed (logging,
-            # the periodic save) checkpoints that step as it is. A step that failed after changing weights saves
-            # nothing (its weights are neither the last step's nor its own).
-            inside = self.step_idx == step_at_start  # the step itself raised: its counter had not moved
-            if inside and not self.weights_touched and before_step is not None:
-                rewind(self, sampler, before_step)
-            if self.step_idx > saved_step and not (inside and self.weights_touched):
+            # failed step's counter, prompts, random states, score statistics and KL coefficient as they were, so
+            # that run.resume=true continues as an uninterrupted run would. An error once a step is complete (in
+            # the history: logging, the periodic save) checkpoints that step as it is. A step that raised after
+            # changing weights, before it was complete (even in its metrics' sync), saves nothing: its weights are
+            # neither the last step's nor, with the rest of its state, its own.
+            if recorded:
+                done = self.step_idx
+            else:
+                done = None if self.weights_touched else step_at_start
+            if done is not None and done > saved_step:
                 try:
+                    if not recorded:
+                        rewind(self, sampler, before_step)
                     self.save(ckpt_root, sampler, history)
                     prune_checkpoints(ckpt_root, rc.keep_checkpoints)
                     warnings.warn(f"PPO: an error in step {step_at_start + 1}; the {self.step_idx} completed steps "

@@ -56,19 +56,27 @@ def check_resumable(cfg, reference_fingerprint: float, path, state: dict) -> Non
                       "checkpoint)", stacklevel=4)
 
 
+_MOMENTS = ("count", "mean", "m2")
+
+
 def rewind_point(trainer, sampler) -> tuple:
-    """What a step changes before its first optimizer step: the prompt position, the random states and the running
-    score statistics (``rewind`` puts them back)."""
+    """What a step changes besides the weights and the optimizer: the step counter, the prompt position, the random
+    states, the running score statistics and the KL coefficient (``rewind`` puts them back). No device sync: the
+    statistics are kept by reference (``RunningMoments.update`` replaces its tensors, never writes them)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return (sampler.state_dict(), trainer.gen.get_state(), torch.get_rng_state(), cuda,
-            copy.deepcopy(trainer.score_moments.state_dict()))
+    moments = tuple(getattr(trainer.score_moments, k) for k in _MOMENTS)
+    return (trainer.step_idx, sampler.state_dict(), trainer.gen.get_state(), torch.get_rng_state(), cuda, moments,
+            copy.deepcopy(trainer.kl_ctl.state_dict()))
 
 
 def rewind(trainer, sampler, point: tuple) -> None:
-    sampler_state, gen_state, cpu_rng, cuda_rng, moments = point
+    step, sampler_state, gen_state, cpu_rng, cuda_rng, moments, kl_ctl = point
+    trainer.step_idx = step
     sampler.load_state_dict(sampler_state)
     trainer.gen.set_state(gen_state)
     torch.set_rng_state(cpu_rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
-    trainer.score_moments.load_state_dict(moments)
+    for k, t in zip(_MOMENTS, moments):
+        setattr(trainer.score_moments, k, t)
+    trainer.kl_ctl.load_state_dict(kl_ctl)
