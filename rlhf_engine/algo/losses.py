@@ -170,15 +170,16 @@ def ppo_loss_reference(logp, old_logp, advantages, mask, *, values=None, old_val
     w = loss_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len, dtype=dtype)
     wm = loss_weights(mask, "token-mean", num_tokens=num_tokens, dtype=dtype)  # metric weights
     # every input zeroed at the masked positions first, as the kernels never read them: a NaN or inf there stays
-    # out of the loss and of the gradients (masking only the per-token terms would still send 0 * NaN backward)
+    # out of the loss and of the gradients (masking only the per-token terms would still send 0 * NaN backward);
+    # the per-token terms are then finite everywhere, and the weights (0 where masked) do the rest
     logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy = (
         None if t is None else masked(t, mask)
         for t in (logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy))
     pg, clipped, _ = policy_loss_per_token(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
                                            dual_clip=dual_clip)
-    pg_loss = (masked(pg, mask) * w).sum()
+    pg_loss = (pg * w).sum()
     loss = pg_loss
-    delta = masked((logp - old_logp).detach(), mask)
+    delta = (logp - old_logp).detach()
     metrics = {
         "pg_loss": pg_loss.detach(),
         "clip_frac": (clipped.to(dtype) * wm).sum(),
@@ -186,16 +187,16 @@ def ppo_loss_reference(logp, old_logp, advantages, mask, *, values=None, old_val
     }
     if values is not None:
         vf, vclipped = value_loss_per_token(values, old_values, returns, value_clip=value_clip)
-        vf_loss = (masked(vf, mask) * w).sum()
+        vf_loss = (vf * w).sum()
         loss = loss + vf_coef * vf_loss
         metrics["vf_loss"] = vf_loss.detach()
         metrics["vf_clip_frac"] = (vclipped.to(dtype) * wm).sum()
     if entropy is not None:
-        ent = (masked(entropy, mask) * w).sum()
+        ent = (entropy * w).sum()
         loss = loss - ent_coef * ent
         metrics["entropy"] = ent.detach()
     if ref_logp is not None:
-        kl = (masked(kl_estimate(logp, ref_logp, kind=kl_kind), mask) * w).sum()
+        kl = (kl_estimate(logp, ref_logp, kind=kl_kind) * w).sum()
         loss = loss + kl_coef * kl
         metrics["kl"] = kl.detach()
     return loss, metrics
